@@ -1,0 +1,36 @@
+import { Command } from 'commander';
+import { client, fail, shellJoin } from '../../util.js';
+
+export function infoCommand(): Command {
+  return new Command('info')
+    .alias('inspect')
+    .description('show one instance')
+    .argument('<instance>', 'handle, id or id prefix')
+    .option('--json', 'print JSON')
+    .action(async (ref: string, o: { json?: boolean }) => {
+      try {
+        const i = await client().getInstance(ref);
+        if (o.json) {
+          process.stdout.write(JSON.stringify(i, null, 2) + '\n');
+          return;
+        }
+        const lines: [string, string | number | null | undefined][] = [
+          ['Handle', i.handle],
+          ['ID', i.id],
+          ['State', i.state],
+          ['Reason', i.stateReason],
+          ['Exit code', i.exitCode],
+          ['Command', shellJoin(i.command)],
+          ['Memory', `${i.memoryMiB} MiB`],
+          ['vCPUs', i.vcpuCount],
+          ['Backend', i.backend],
+          ['Created', i.createdAt],
+          ['Started', i.startedAt],
+          ['Stopped', i.stoppedAt],
+        ];
+        for (const [k, v] of lines) if (v !== undefined && v !== null) process.stdout.write(`${`${k}:`.padEnd(11)}${v}\n`);
+      } catch (err) {
+        fail(err);
+      }
+    });
+}

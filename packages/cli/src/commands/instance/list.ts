@@ -1,0 +1,28 @@
+import { Command } from 'commander';
+import { age, client, fail, shellJoin, table } from '../../util.js';
+
+export function listCommand(): Command {
+  return new Command('list')
+    .alias('ls')
+    .description('list instances (running ones; --all for every one)')
+    .option('-a, --all', 'include stopped and failed instances')
+    .option('--json', 'print JSON')
+    .action(async (o: { all?: boolean; json?: boolean }) => {
+      try {
+        const list = await client().listInstances({ all: o.all === true });
+        if (o.json) {
+          process.stdout.write(JSON.stringify(list, null, 2) + '\n');
+          return;
+        }
+        const rows = [['HANDLE', 'ID', 'STATE', 'AGE', 'COMMAND']];
+        for (const i of list) {
+          const state = i.exitCode !== null && i.state === 'stopped' ? `stopped (${i.exitCode})` : i.state;
+          const cmd = shellJoin(i.command);
+          rows.push([i.handle, i.id.slice(0, 12), state, age(i.createdAt), cmd.length > 40 ? `${cmd.slice(0, 37)}...` : cmd]);
+        }
+        process.stdout.write(table(rows));
+      } catch (err) {
+        fail(err);
+      }
+    });
+}

@@ -1,0 +1,46 @@
+import { Command } from 'commander';
+import type { CreateInstanceRequest } from '@aegis/client';
+import { client, collectEnv, fail, positiveInt } from '../../util.js';
+
+export interface StartOptions {
+  name?: string;
+  env?: Record<string, string>;
+  workdir?: string;
+  memory?: number;
+  cpus?: number;
+}
+
+/** Options shared by `instance start` and `run`. */
+export function withStartOptions(cmd: Command): Command {
+  return cmd
+    .option('--name <handle>', 'handle for the instance (unique)')
+    .option('-e, --env <KEY=VALUE>', 'environment variable for the workload (repeatable)', collectEnv)
+    .option('-w, --workdir <dir>', 'working directory in the guest')
+    .option('--memory <MiB>', 'guest memory in MiB (default 512)', positiveInt('--memory', 128, 65536))
+    .option('--cpus <n>', 'virtual CPUs (default 1)', positiveInt('--cpus', 1, 64))
+    .argument('<command...>', 'command to run in the VM (after --)')
+    .passThroughOptions();
+}
+
+export function createRequest(command: string[], o: StartOptions): CreateInstanceRequest {
+  const req: CreateInstanceRequest = { command };
+  if (o.name !== undefined) req.handle = o.name;
+  if (o.env !== undefined) req.env = o.env;
+  if (o.workdir !== undefined) req.workdir = o.workdir;
+  if (o.memory !== undefined) req.memoryMiB = o.memory;
+  if (o.cpus !== undefined) req.vcpuCount = o.cpus;
+  return req;
+}
+
+export function startCommand(): Command {
+  return withStartOptions(new Command('start').description('start an instance in the background and print its handle')).action(
+    async (command: string[], o: StartOptions) => {
+      try {
+        const inst = await client().createInstance(createRequest(command, o));
+        process.stdout.write(`${inst.handle}\n`);
+      } catch (err) {
+        fail(err);
+      }
+    },
+  );
+}

@@ -1,0 +1,98 @@
+import { spawn } from 'node:child_process';
+import { mkdirSync, openSync, closeSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Command } from 'commander';
+import { AegisClient, isAegisError } from '@aegis/client';
+import { client, fail } from '../../util.js';
+
+/** aegisd's entry point in this checkout (the CLI never imports daemon code). */
+const DAEMON_MAIN = fileURLToPath(new URL('../../../../daemon/dist/main.js', import.meta.url));
+
+async function running(api: AegisClient): Promise<number | undefined> {
+  try {
+    return (await api.status()).pid;
+  } catch (err) {
+    if (isAegisError(err, 'UNAVAILABLE')) return undefined;
+    throw err;
+  }
+}
+
+export function upCommand(): Command {
+  return new Command('up').description('start aegisd in the background').action(async () => {
+    try {
+      const api = client();
+      const pid = await running(api);
+      if (pid !== undefined) {
+        process.stdout.write(`aegisd is already running (pid ${pid})\n`);
+        return;
+      }
+      const home = path.dirname(api.socketPath);
+      mkdirSync(home, { recursive: true, mode: 0o700 });
+      const logFile = path.join(home, 'aegisd.log');
+      const log = openSync(logFile, 'a', 0o600);
+      const child = spawn(process.execPath, [DAEMON_MAIN], { detached: true, stdio: ['ignore', log, log] });
+      closeSync(log);
+      child.unref();
+      const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+      const deadline = Date.now() + 20_000;
+      for (;;) {
+        const up = await running(api);
+        if (up !== undefined) {
+          process.stdout.write(`aegisd started (pid ${up}); log: ${logFile}\n`);
+          return;
+        }
+        const code = await Promise.race([exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 100))]);
+        if (code !== undefined) throw new Error(`aegisd exited with status ${code}; see ${logFile}`);
+        if (Date.now() > deadline) throw new Error(`aegisd did not answer within 20 s; see ${logFile}`);
+      }
+    } catch (err) {
+      fail(err);
+    }
+  });
+}
+
+export function downCommand(): Command {
+  return new Command('down').description('stop aegisd (running VMs keep running; the next aegisd finds them)').action(async () => {
+    try {
+      const api = client();
+      const pid = await running(api);
+      if (pid === undefined) {
+        process.stdout.write('aegisd is not running\n');
+        return;
+      }
+      await api.shutdown();
+      const deadline = Date.now() + 10_000;
+      while ((await running(api)) !== undefined) {
+        if (Date.now() > deadline) throw new Error('aegisd did not stop within 10 s');
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      process.stdout.write(`aegisd stopped (pid ${pid})\n`);
+    } catch (err) {
+      fail(err);
+    }
+  });
+}
+
+export function statusCommand(): Command {
+  return new Command('status')
+    .description('show whether aegisd runs, its backend and instance counts')
+    .option('--json', 'print JSON')
+    .action(async (o: { json?: boolean }) => {
+      try {
+        const s = await client().status();
+        if (o.json) {
+          process.stdout.write(JSON.stringify(s, null, 2) + '\n');
+          return;
+        }
+        process.stdout.write(
+          `aegisd ${s.version} running (pid ${s.pid}, up ${Math.round(s.uptimeMs / 1000)}s)\n` +
+            `home:      ${s.home}\n` +
+            `backend:   ${s.backend.name} (${s.backend.detail})\n` +
+            `instances: ${s.instances.running} running, ${s.instances.total} total\n`,
+        );
+      } catch (err) {
+        fail(err);
+      }
+    });
+}

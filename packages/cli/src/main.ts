@@ -1,0 +1,34 @@
+#!/usr/bin/env node
+/** aegis: the command line over the aegisd API. */
+import { Command } from 'commander';
+import { infoCommand } from './commands/instance/info.js';
+import { deleteCommand, pauseCommand, resumeCommand, stopCommand } from './commands/instance/lifecycle.js';
+import { listCommand } from './commands/instance/list.js';
+import { startCommand } from './commands/instance/start.js';
+import { execCommand } from './commands/exec.js';
+import { logsCommand } from './commands/logs.js';
+import { runCommand } from './commands/run.js';
+import { doctorCommand } from './commands/system/doctor.js';
+import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
+import { ExitSignal } from './util.js';
+
+const program = new Command('aegis')
+  .description('Run untrusted workloads in throwaway microVMs')
+  .version('0.1.0')
+  .enablePositionalOptions()
+  .showHelpAfterError();
+
+const instance = new Command('instance').description('manage instances (a VM running one command)').enablePositionalOptions();
+for (const c of [startCommand(), listCommand(), infoCommand(), stopCommand(), deleteCommand(), pauseCommand(), resumeCommand()]) {
+  instance.addCommand(c);
+}
+program.addCommand(instance);
+for (const c of [runCommand(), execCommand(), logsCommand(), upCommand(), downCommand(), statusCommand(), doctorCommand()]) {
+  program.addCommand(c);
+}
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (!(err instanceof ExitSignal)) throw err;
+}

@@ -1,0 +1,80 @@
+import { AegisClient, AegisError, type Instance, type Stream } from '@aegis/client';
+import { InvalidArgumentError } from 'commander';
+
+export function client(): AegisClient {
+  return new AegisClient();
+}
+
+/** Writes a chunk of guest output to our own stdout or stderr, keeping the streams apart. */
+export function writeOutput(stream: Stream, base64: string): void {
+  (stream === 'stdout' ? process.stdout : process.stderr).write(Buffer.from(base64, 'base64'));
+}
+
+/** Exits once stdout and stderr have been flushed. */
+export function exit(code: number): never {
+  let pending = 2;
+  const done = (): void => {
+    if (--pending === 0) process.exit(code);
+  };
+  process.stdout.write('', done);
+  process.stderr.write('', done);
+  // Keep the type honest: control never returns to the caller.
+  throw new ExitSignal(code);
+}
+
+export class ExitSignal extends Error {
+  constructor(readonly code: number) {
+    super(`exit ${code}`);
+  }
+}
+
+/** One line on stderr, non-zero exit. */
+export function fail(err: unknown): never {
+  if (err instanceof ExitSignal) throw err;
+  const e = AegisError.from(err);
+  process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+  exit(e.code === 'INVALID_ARGUMENT' ? 2 : 1);
+}
+
+export function collectEnv(value: string, previous: Record<string, string> = {}): Record<string, string> {
+  const eq = value.indexOf('=');
+  const key = eq === -1 ? value : value.slice(0, eq);
+  if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(key)) throw new InvalidArgumentError(`"${value}" is not KEY=VALUE`);
+  // Like docker: `--env KEY` takes KEY from our own environment.
+  const val = eq === -1 ? process.env[key] : value.slice(eq + 1);
+  if (val === undefined) throw new InvalidArgumentError(`${key} is not set in this environment`);
+  return { ...previous, [key]: val };
+}
+
+export function positiveInt(what: string, min: number, max: number): (v: string) => number {
+  return (v) => {
+    if (!/^\d+$/.test(v) || Number(v) < min || Number(v) > max) {
+      throw new InvalidArgumentError(`${what} must be an integer from ${min} to ${max}`);
+    }
+    return Number(v);
+  };
+}
+
+export function age(iso: string | undefined, now = Date.now()): string {
+  if (!iso) return '-';
+  const s = Math.max(0, Math.round((now - Date.parse(iso)) / 1000));
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h`;
+  return `${Math.floor(s / 86400)}d`;
+}
+
+export function table(rows: string[][]): string {
+  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
+  return rows.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ')).join('\n') + '\n';
+}
+
+export function shellJoin(argv: string[]): string {
+  return argv.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replaceAll("'", `'\\''`)}'`)).join(' ');
+}
+
+export function describeEnd(inst: Pick<Instance, 'state' | 'exitCode' | 'stateReason'>): number {
+  if (inst.exitCode !== null) return inst.exitCode;
+  process.stderr.write(`aegis: instance ${inst.state}${inst.stateReason ? `: ${inst.stateReason}` : ''}\n`);
+  return 125;
+}

@@ -1,0 +1,144 @@
+/**
+ * Typed client of the aegisd API over its unix socket. The CLI and the tests use it; so can
+ * anyone embedding Aegis. Errors arrive as AegisError with the daemon's code unchanged.
+ */
+import http from 'node:http';
+import os from 'node:os';
+import path from 'node:path';
+import { AegisError, LineDecoder } from '@aegis/protocol';
+import type { CreateInstanceRequest, ExecEvent, ExecRequest, Instance, LogEvent, Status } from './types.js';
+
+export function defaultSocketPath(env: NodeJS.ProcessEnv = process.env): string {
+  return path.join(env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis'), 'aegisd.sock');
+}
+
+interface RequestOptions {
+  method: string;
+  path: string;
+  body?: unknown;
+  signal?: AbortSignal;
+}
+
+export class AegisClient {
+  constructor(readonly socketPath: string = defaultSocketPath()) {}
+
+  private open(opts: RequestOptions): Promise<http.IncomingMessage> {
+    return new Promise((resolve, reject) => {
+      const payload = opts.body === undefined ? undefined : JSON.stringify(opts.body);
+      const req = http.request({
+        socketPath: this.socketPath,
+        method: opts.method,
+        path: opts.path,
+        headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) },
+        ...(opts.signal ? { signal: opts.signal } : {}),
+      });
+      req.once('response', resolve);
+      req.once('error', (err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') {
+          reject(new AegisError('UNAVAILABLE', `aegisd is not running (no daemon at ${this.socketPath}); start it with: aegis up`));
+        } else if (err.name === 'AbortError') {
+          reject(new AegisError('CANCELLED', 'request cancelled'));
+        } else {
+          reject(new AegisError('UNAVAILABLE', `cannot reach aegisd at ${this.socketPath}: ${err.message}`));
+        }
+      });
+      req.end(payload);
+    });
+  }
+
+  private async call<T>(opts: RequestOptions): Promise<T> {
+    const res = await this.open(opts);
+    const chunks: Buffer[] = [];
+    for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
+    const text = Buffer.concat(chunks).toString('utf8');
+    const status = res.statusCode ?? 500;
+    if (status >= 400) throw errorFromBody(text, status);
+    return (text === '' ? undefined : JSON.parse(text)) as T;
+  }
+
+  /** An NDJSON stream; a final `{type:"error"}` event is thrown as an AegisError. */
+  private async *stream<T>(opts: RequestOptions): AsyncGenerator<T> {
+    const res = await this.open(opts);
+    const status = res.statusCode ?? 500;
+    if (status >= 400) {
+      const chunks: Buffer[] = [];
+      for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
+      throw errorFromBody(Buffer.concat(chunks).toString('utf8'), status);
+    }
+    const decoder = new LineDecoder();
+    try {
+      for await (const chunk of res as AsyncIterable<Buffer>) {
+        for (const line of decoder.push(chunk).lines) {
+          if (line === '') continue;
+          const ev = JSON.parse(line) as { type?: string };
+          if (ev.type === 'error') throw AegisError.fromWire(ev);
+          yield ev as T;
+        }
+      }
+    } catch (err) {
+      if (err instanceof AegisError) throw err;
+      throw new AegisError('UNAVAILABLE', `stream from aegisd broke: ${(err as Error).message}`);
+    }
+  }
+
+  status(): Promise<Status> {
+    return this.call({ method: 'GET', path: '/v1/status' });
+  }
+
+  shutdown(): Promise<void> {
+    return this.call({ method: 'POST', path: '/v1/shutdown' });
+  }
+
+  createInstance(req: CreateInstanceRequest, signal?: AbortSignal): Promise<Instance> {
+    return this.call({ method: 'POST', path: '/v1/instances', body: req, ...(signal ? { signal } : {}) });
+  }
+
+  async listInstances(options: { all?: boolean } = {}): Promise<Instance[]> {
+    const r = await this.call<{ instances: Instance[] }>({ method: 'GET', path: `/v1/instances${options.all ? '?all=true' : ''}` });
+    return r.instances;
+  }
+
+  getInstance(ref: string): Promise<Instance> {
+    return this.call({ method: 'GET', path: `/v1/instances/${encodeURIComponent(ref)}` });
+  }
+
+  stopInstance(ref: string, options: { timeoutMs?: number } = {}): Promise<Instance> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/stop`, body: options });
+  }
+
+  deleteInstance(ref: string, options: { force?: boolean } = {}): Promise<void> {
+    return this.call({ method: 'DELETE', path: `/v1/instances/${encodeURIComponent(ref)}${options.force ? '?force=true' : ''}` });
+  }
+
+  pauseInstance(ref: string): Promise<Instance> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/pause` });
+  }
+
+  resumeInstance(ref: string): Promise<Instance> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/resume` });
+  }
+
+  exec(ref: string, req: ExecRequest, signal?: AbortSignal): AsyncGenerator<ExecEvent> {
+    return this.stream({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/exec`, body: req, ...(signal ? { signal } : {}) });
+  }
+
+  logs(ref: string, options: { follow?: boolean; tail?: number; signal?: AbortSignal } = {}): AsyncGenerator<LogEvent> {
+    const q = new URLSearchParams();
+    if (options.follow) q.set('follow', 'true');
+    if (options.tail !== undefined) q.set('tail', String(options.tail));
+    const qs = q.toString();
+    return this.stream({
+      method: 'GET',
+      path: `/v1/instances/${encodeURIComponent(ref)}/logs${qs ? `?${qs}` : ''}`,
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+  }
+}
+
+function errorFromBody(text: string, status: number): AegisError {
+  try {
+    return AegisError.fromWire(JSON.parse(text), `aegisd answered HTTP ${status}`);
+  } catch {
+    return new AegisError('UNKNOWN', `aegisd answered HTTP ${status}: ${text.slice(0, 200)}`);
+  }
+}

@@ -1,0 +1,52 @@
+/** Types of the daemon API (spec/openapi.json is the contract; these mirror it). */
+export type InstanceState = 'starting' | 'running' | 'paused' | 'stopping' | 'stopped' | 'failed';
+
+export interface Instance {
+  id: string;
+  handle: string;
+  state: InstanceState;
+  command: string[];
+  createdAt: string;
+  startedAt?: string;
+  stoppedAt?: string;
+  exitCode: number | null;
+  stateReason?: string;
+  memoryMiB: number;
+  vcpuCount: number;
+  backend?: string;
+}
+
+export interface CreateInstanceRequest {
+  command: string[];
+  handle?: string;
+  env?: Record<string, string>;
+  workdir?: string;
+  memoryMiB?: number;
+  vcpuCount?: number;
+}
+
+export interface ExecRequest {
+  command: string[];
+  env?: Record<string, string>;
+  workdir?: string;
+}
+
+export interface Status {
+  version: string;
+  pid: number;
+  uptimeMs: number;
+  home: string;
+  backend: { name: string; detail: string; acceleration: string };
+  instances: { total: number; running: number };
+}
+
+export type Stream = 'stdout' | 'stderr';
+
+export type ExecEvent =
+  | { type: 'started'; execId: string }
+  | { type: 'output'; stream: Stream; data: string }
+  | { type: 'exit'; exitCode: number | null; signal: string | null };
+
+export type LogEvent =
+  | { type: 'output'; stream: Stream; data: string; timeMs: number }
+  | { type: 'end'; state: InstanceState; exitCode: number | null; stateReason?: string };

@@ -1,0 +1,126 @@
+import { AegisError } from '@aegis/protocol';
+import type { DaemonContext } from '../../daemon.js';
+import type { CreateRequest, ExecRequest } from '../../instances/manager.js';
+import { fileSize } from '../../instances/logs.js';
+import { validateBody } from '../validate.js';
+import { boolQuery, intQuery, startStream, STREAMED, type Route } from '../server.js';
+
+function param(params: Record<string, string>, name: string): string {
+  const v = params[name];
+  if (v === undefined) throw new AegisError('INVALID_ARGUMENT', `missing ${name}`);
+  return v;
+}
+
+export function instanceRoutes(d: DaemonContext): Route[] {
+  const m = d.instances;
+  return [
+    {
+      method: 'GET',
+      path: '/v1/instances',
+      handler: ({ query }) => Promise.resolve({ status: 200, body: { instances: m.list(boolQuery(query, 'all')) } }),
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances',
+      handler: async ({ body, signal }) => ({
+        status: 201,
+        body: await m.create(validateBody<CreateRequest>('CreateInstanceRequest', body), signal),
+      }),
+    },
+    {
+      method: 'GET',
+      path: '/v1/instances/{ref}',
+      handler: ({ params }) => Promise.resolve({ status: 200, body: m.get(param(params, 'ref')) }),
+    },
+    {
+      method: 'DELETE',
+      path: '/v1/instances/{ref}',
+      handler: async ({ params, query }) => {
+        await m.delete(param(params, 'ref'), boolQuery(query, 'force'));
+        return { status: 204 };
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/stop',
+      handler: async ({ params, body }) => {
+        const req = validateBody<{ timeoutMs?: number }>('StopRequest', body ?? {});
+        return { status: 200, body: await m.stop(param(params, 'ref'), req.timeoutMs) };
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/pause',
+      handler: async ({ params }) => ({ status: 200, body: await m.pause(param(params, 'ref')) }),
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/resume',
+      handler: async ({ params }) => ({ status: 200, body: await m.resume(param(params, 'ref')) }),
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/exec',
+      handler: async ({ params, body, signal, res }) => {
+        const req = validateBody<ExecRequest>('ExecRequest', body);
+        let write: ((ev: unknown) => void) | undefined;
+        // Errors before the exec starts are plain HTTP errors; after, the stream's last event.
+        await m.exec(
+          param(params, 'ref'),
+          req,
+          (ev) => {
+            write ??= startStream(res);
+            write(ev);
+          },
+          signal,
+        );
+        res.end();
+        return STREAMED;
+      },
+    },
+    {
+      method: 'GET',
+      path: '/v1/instances/{ref}/logs',
+      handler: async ({ params, query, signal, res }) => {
+        const follow = boolQuery(query, 'follow');
+        const tail = intQuery(query, 'tail');
+        const { store, live } = m.logs(param(params, 'ref'));
+        const write = startStream(res);
+        if (!follow || !live) {
+          for await (const e of store.read(tail)) write({ type: 'output', ...e });
+          if (follow) {
+            const row = m.get(param(params, 'ref'));
+            write({ type: 'end', state: row.state, exitCode: row.exitCode, ...(row.stateReason ? { stateReason: row.stateReason } : {}) });
+          }
+          res.end();
+          return STREAMED;
+        }
+        // Subscribe first, then replay the file up to this instant: no gap, no duplicate.
+        const pending: unknown[] = [];
+        let replaying = true;
+        const onEntry = (e: object): void => {
+          const ev = { type: 'output', ...e };
+          if (replaying) pending.push(ev);
+          else write(ev);
+        };
+        const ended = new Promise<object>((resolve) => {
+          if (store.endInfo) resolve(store.endInfo);
+          else store.once('end', resolve);
+        });
+        store.on('entry', onEntry);
+        try {
+          for await (const e of store.read(tail, fileSize(store.file))) write({ type: 'output', ...e });
+          for (const ev of pending) write(ev);
+          replaying = false;
+          const gone = new Promise<void>((r) => signal.addEventListener('abort', () => r(), { once: true }));
+          const end = await Promise.race([ended, gone]);
+          if (end) write({ type: 'end', ...end });
+        } finally {
+          store.off('entry', onEntry);
+        }
+        res.end();
+        return STREAMED;
+      },
+    },
+  ];
+}

@@ -1,0 +1,35 @@
+import type { Route } from '../server.js';
+import type { DaemonContext } from '../../daemon.js';
+
+export function systemRoutes(d: DaemonContext): Route[] {
+  return [
+    {
+      method: 'GET',
+      path: '/v1/status',
+      handler: () =>
+        Promise.resolve({
+          status: 200,
+          body: {
+            version: d.version,
+            pid: process.pid,
+            uptimeMs: Math.round(process.uptime() * 1000),
+            home: d.config.home,
+            backend: {
+              name: d.backend.name,
+              detail: d.probe.detail,
+              acceleration: d.probe.capabilities?.acceleration ?? 'unknown',
+            },
+            instances: d.instances.counts(),
+          },
+        }),
+    },
+    {
+      method: 'POST',
+      path: '/v1/shutdown',
+      handler: () => {
+        setImmediate(() => void d.shutdown());
+        return Promise.resolve({ status: 202 });
+      },
+    },
+  ];
+}

@@ -1,0 +1,41 @@
+import os from 'node:os';
+import path from 'node:path';
+
+export interface DaemonConfig {
+  home: string;
+  socketPath: string;
+  dbPath: string;
+  instancesDir: string;
+  kernelPath: string;
+  rootfsPath: string;
+  /** Backend to prefer (AEGIS_BACKEND); otherwise the first usable one. */
+  backend: string | undefined;
+  defaultMemoryMiB: number;
+  defaultVcpuCount: number;
+  /** Size of each instance's sparse scratch disk (its writable layer). */
+  scratchDiskMiB: number;
+  /** How long a boot may take before the instance fails (TCG boots take seconds). */
+  bootTimeoutMs: number;
+}
+
+export function aegisHome(env: NodeJS.ProcessEnv = process.env): string {
+  return env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis');
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
+  const home = aegisHome(env);
+  const cache = path.join(home, 'cache');
+  return {
+    home,
+    socketPath: path.join(home, 'aegisd.sock'),
+    dbPath: path.join(home, 'aegis.db'),
+    instancesDir: path.join(home, 'instances'),
+    kernelPath: env['AEGIS_KERNEL'] ?? path.join(cache, 'kernel', 'vmlinux'),
+    rootfsPath: env['AEGIS_ROOTFS'] ?? path.join(cache, 'rootfs', 'base.erofs'),
+    backend: env['AEGIS_BACKEND'],
+    defaultMemoryMiB: 512,
+    defaultVcpuCount: 1,
+    scratchDiskMiB: 4096,
+    bootTimeoutMs: Number(env['AEGIS_BOOT_TIMEOUT_MS'] ?? 60_000),
+  };
+}

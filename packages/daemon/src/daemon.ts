@@ -1,0 +1,96 @@
+/**
+ * aegisd: wires the registry, the VMM backend, the instance manager and the HTTP API
+ * together, and owns the socket and the process's lifetime.
+ */
+import { promises as fs } from 'node:fs';
+import net from 'node:net';
+import type http from 'node:http';
+import { AegisError } from '@aegis/protocol';
+import { selectBackend, type Backend, type Probe } from '@aegis/vmm';
+import { QemuBackend } from '@aegis/vmm-qemu';
+import type { DaemonConfig } from './config.js';
+import { InstanceManager } from './instances/manager.js';
+import { Registry } from './registry/db.js';
+import { createServer } from './api/server.js';
+import { instanceRoutes } from './api/routes/instances.js';
+import { systemRoutes } from './api/routes/system.js';
+import type { Logger } from './log.js';
+
+export const VERSION = '0.1.0';
+
+/** Backends compiled into this daemon, in order of preference. */
+export function knownBackends(): Backend[] {
+  return [new QemuBackend()];
+}
+
+export interface DaemonContext {
+  version: string;
+  config: DaemonConfig;
+  backend: Backend;
+  probe: Probe;
+  instances: InstanceManager;
+  shutdown(): Promise<void>;
+}
+
+/** Is another daemon answering on this socket? */
+function socketAlive(file: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(file);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ ctx: DaemonContext; closed: Promise<void> }> {
+  await fs.mkdir(config.home, { recursive: true, mode: 0o700 });
+  await fs.mkdir(config.instancesDir, { recursive: true, mode: 0o700 });
+  if (await socketAlive(config.socketPath)) {
+    throw new AegisError('ALREADY_EXISTS', `aegisd is already running on ${config.socketPath}`);
+  }
+  await fs.rm(config.socketPath, { force: true });
+
+  const { backend, probe } = await selectBackend(knownBackends(), config.backend);
+  log.info(`backend ${backend.name}: ${probe.detail}`);
+  const registry = new Registry(config.dbPath);
+  const instances = new InstanceManager(config, registry, backend, log);
+  await instances.recover();
+
+  let resolveClosed!: () => void;
+  const closed = new Promise<void>((r) => (resolveClosed = r));
+  let stopping = false;
+  const ctx: DaemonContext = {
+    version: VERSION,
+    config,
+    backend,
+    probe,
+    instances,
+    async shutdown() {
+      if (stopping) return closed;
+      stopping = true;
+      log.info('shutting down (running VMs keep running)');
+      instances.detachAll();
+      server.close();
+      server.closeAllConnections();
+      await fs.rm(config.socketPath, { force: true });
+      registry.close();
+      resolveClosed();
+    },
+  };
+  const server: http.Server = createServer([...systemRoutes(ctx), ...instanceRoutes(ctx)], log);
+  // The socket is the daemon's whole authority: only its owner may connect.
+  const oldUmask = process.umask(0o177);
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(config.socketPath, () => resolve());
+    });
+  } finally {
+    process.umask(oldUmask);
+  }
+  await fs.chmod(config.socketPath, 0o600);
+  log.info(`aegisd ${VERSION} listening on ${config.socketPath}`);
+  return { ctx, closed };
+}

@@ -1,0 +1,176 @@
+/**
+ * The registry: instances (and later secrets, images) in one SQLite file, WAL mode, with
+ * numbered migrations tracked in `PRAGMA user_version`. Only this module speaks SQL.
+ */
+import Database from 'better-sqlite3';
+import { AegisError } from '@aegis/protocol';
+import type { InstanceState } from '../instances/state.js';
+
+const MIGRATIONS: string[] = [
+  `CREATE TABLE instances (
+     id          TEXT PRIMARY KEY,
+     handle      TEXT NOT NULL UNIQUE,
+     state       TEXT NOT NULL,
+     command     TEXT NOT NULL,          -- JSON argv
+     workdir     TEXT,
+     memory_mib  INTEGER NOT NULL,
+     vcpu_count  INTEGER NOT NULL,
+     backend     TEXT NOT NULL,
+     vm_record   TEXT,                   -- JSON, opaque to us: the backend finds its VM with it
+     exit_code   INTEGER,
+     state_reason TEXT,
+     created_at  INTEGER NOT NULL,
+     started_at  INTEGER,
+     stopped_at  INTEGER,
+     updated_at  INTEGER NOT NULL
+   )`,
+];
+
+export interface InstanceRow {
+  id: string;
+  handle: string;
+  state: InstanceState;
+  command: string[];
+  workdir: string | null;
+  memoryMiB: number;
+  vcpuCount: number;
+  backend: string;
+  vmRecord: Record<string, unknown> | null;
+  exitCode: number | null;
+  stateReason: string | null;
+  createdAt: number;
+  startedAt: number | null;
+  stoppedAt: number | null;
+}
+
+interface RawRow {
+  id: string;
+  handle: string;
+  state: string;
+  command: string;
+  workdir: string | null;
+  memory_mib: number;
+  vcpu_count: number;
+  backend: string;
+  vm_record: string | null;
+  exit_code: number | null;
+  state_reason: string | null;
+  created_at: number;
+  started_at: number | null;
+  stopped_at: number | null;
+}
+
+function fromRaw(r: RawRow): InstanceRow {
+  return {
+    id: r.id,
+    handle: r.handle,
+    state: r.state as InstanceState,
+    command: JSON.parse(r.command) as string[],
+    workdir: r.workdir,
+    memoryMiB: r.memory_mib,
+    vcpuCount: r.vcpu_count,
+    backend: r.backend,
+    vmRecord: r.vm_record === null ? null : (JSON.parse(r.vm_record) as Record<string, unknown>),
+    exitCode: r.exit_code,
+    stateReason: r.state_reason,
+    createdAt: r.created_at,
+    startedAt: r.started_at,
+    stoppedAt: r.stopped_at,
+  };
+}
+
+export type InstancePatch = Partial<Pick<InstanceRow, 'state' | 'vmRecord' | 'exitCode' | 'stateReason' | 'startedAt' | 'stoppedAt'>>;
+
+const COLUMNS: Record<keyof InstancePatch, string> = {
+  state: 'state',
+  vmRecord: 'vm_record',
+  exitCode: 'exit_code',
+  stateReason: 'state_reason',
+  startedAt: 'started_at',
+  stoppedAt: 'stopped_at',
+};
+
+export class Registry {
+  private readonly db: Database.Database;
+
+  constructor(file: string) {
+    this.db = new Database(file);
+    this.db.pragma('journal_mode = WAL');
+    this.db.pragma('synchronous = NORMAL');
+    this.db.pragma('foreign_keys = ON');
+    this.db.pragma('busy_timeout = 5000');
+    this.migrate();
+  }
+
+  private migrate(): void {
+    const current = this.db.pragma('user_version', { simple: true }) as number;
+    if (current > MIGRATIONS.length) {
+      throw new AegisError(
+        'FAILED_PRECONDITION',
+        `registry schema v${current} is newer than this aegisd (v${MIGRATIONS.length}); upgrade aegis`,
+      );
+    }
+    for (let v = current; v < MIGRATIONS.length; v++) {
+      this.db.transaction(() => {
+        this.db.exec(MIGRATIONS[v] ?? '');
+        this.db.pragma(`user_version = ${v + 1}`);
+      })();
+    }
+  }
+
+  close(): void {
+    this.db.close();
+  }
+
+  insertInstance(row: InstanceRow): void {
+    try {
+      this.db
+        .prepare(
+          `INSERT INTO instances (id, handle, state, command, workdir, memory_mib, vcpu_count, backend, vm_record,
+             exit_code, state_reason, created_at, started_at, stopped_at, updated_at)
+           VALUES (@id, @handle, @state, @command, @workdir, @memoryMiB, @vcpuCount, @backend, @vmRecord,
+             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt)`,
+        )
+        .run({ ...row, command: JSON.stringify(row.command), vmRecord: row.vmRecord && JSON.stringify(row.vmRecord) });
+    } catch (err) {
+      if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {
+        throw new AegisError('ALREADY_EXISTS', `an instance named "${row.handle}" already exists; pick another --name or delete it`);
+      }
+      throw err;
+    }
+  }
+
+  updateInstance(id: string, patch: InstancePatch): void {
+    const sets: string[] = ['updated_at = @updatedAt'];
+    const params: Record<string, unknown> = { id, updatedAt: Date.now() };
+    for (const [k, v] of Object.entries(patch) as [keyof InstancePatch, unknown][]) {
+      sets.push(`${COLUMNS[k]} = @${k}`);
+      params[k] = k === 'vmRecord' && v !== null ? JSON.stringify(v) : v;
+    }
+    this.db.prepare(`UPDATE instances SET ${sets.join(', ')} WHERE id = @id`).run(params);
+  }
+
+  deleteInstance(id: string): void {
+    this.db.prepare('DELETE FROM instances WHERE id = ?').run(id);
+  }
+
+  getInstance(id: string): InstanceRow | undefined {
+    const r = this.db.prepare('SELECT * FROM instances WHERE id = ?').get(id) as RawRow | undefined;
+    return r && fromRaw(r);
+  }
+
+  listInstances(): InstanceRow[] {
+    return (this.db.prepare('SELECT * FROM instances ORDER BY created_at').all() as RawRow[]).map(fromRaw);
+  }
+
+  /** Resolves a handle, a full id, or a unique id prefix (as Docker does). */
+  resolveInstance(ref: string): InstanceRow {
+    const byHandle = this.db.prepare('SELECT * FROM instances WHERE handle = ?').get(ref) as RawRow | undefined;
+    if (byHandle) return fromRaw(byHandle);
+    const escaped = ref.replace(/[\\%_]/g, (c) => `\\${c}`);
+    const rows = this.db.prepare(`SELECT * FROM instances WHERE id LIKE ? ESCAPE '\\' LIMIT 2`).all(`${escaped}%`) as RawRow[];
+    if (rows.length === 1 && rows[0]) return fromRaw(rows[0]);
+    if (rows.length > 1) throw new AegisError('INVALID_ARGUMENT', `"${ref}" matches more than one instance id; give more characters`);
+    throw new AegisError('NOT_FOUND', `no instance "${ref}" (see: aegis instance list --all)`);
+  }
+}

@@ -1,0 +1,183 @@
+/*
+ * aegis-init: the first instruction of PID 1 in every Aegis VM.
+ *
+ * It does in C what Node cannot: mount the filesystems, switch to an overlay root whose upper
+ * layer is this VM's own scratch disk, bring up loopback, and, above all, reap every orphaned
+ * process (only PID 1 inherits orphans, and Node has no waitpid(-1)). It then runs the Node
+ * harness as its one supervised child and stays in a wait() loop. When the harness exits
+ * (workload done, or a `shutdown` request), it syncs and resets the VM; with QEMU's
+ * -no-reboot (and reboot=t on the kernel command line) that ends the VMM process.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AGENT_PORT_NAME "aegis.agent"
+#define SCRATCH_DEV "/dev/vdb"
+#define HARNESS "/aegis/harness.mjs"
+
+static void say(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fputs("aegis-init: ", stderr);
+  vfprintf(stderr, fmt, ap);
+  fputc('\n', stderr);
+  va_end(ap);
+}
+
+static void end_vm(void) {
+  sync();
+  reboot(RB_AUTOBOOT);
+  for (;;) pause();
+}
+
+static void die(const char *what) {
+  say("%s: %s", what, strerror(errno));
+  end_vm();
+}
+
+static void must_mount(const char *src, const char *dst, const char *type, unsigned long flags, const char *data) {
+  mkdir(dst, 0755);
+  if (mount(src, dst, type, flags, data) != 0 && errno != EBUSY) {
+    say("mount %s on %s", type, dst);
+    die("mount");
+  }
+}
+
+/* Overlay the read-only root with this VM's scratch disk, then make the overlay the root. */
+static void enter_overlay_root(void) {
+  struct stat st;
+  if (stat(SCRATCH_DEV, &st) != 0) {
+    say("no scratch disk: root stays read-only");
+    return;
+  }
+  must_mount(SCRATCH_DEV, "/aegis/scratch", "ext4", MS_NOATIME, "");
+  mkdir("/aegis/scratch/upper", 0755);
+  mkdir("/aegis/scratch/work", 0755);
+  must_mount("overlay", "/aegis/newroot", "overlay", MS_NOATIME,
+             "lowerdir=/,upperdir=/aegis/scratch/upper,workdir=/aegis/scratch/work");
+  if (chdir("/aegis/newroot") != 0) die("chdir newroot");
+  /* pivot_root(".", ".") stacks the old root under the new one; detaching it leaves the new. */
+  if (syscall(SYS_pivot_root, ".", ".") != 0) die("pivot_root");
+  if (umount2(".", MNT_DETACH) != 0) die("umount old root");
+  if (chdir("/") != 0) die("chdir /");
+}
+
+static void loopback_up(void) {
+  int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
+  if (ioctl(fd, SIOCGIFFLAGS, &ifr) == 0) {
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(fd, SIOCSIFFLAGS, &ifr) != 0) say("loopback up: %s", strerror(errno));
+  }
+  close(fd);
+}
+
+/* Finds /dev/vportNpM whose name is AGENT_PORT_NAME; virtio probing may lag init slightly. */
+static int find_agent_port(char *out, size_t outlen) {
+  for (int attempt = 0; attempt < 200; attempt++) {
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (d) {
+      struct dirent *e;
+      while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char p[512], name[128] = {0};
+        snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
+        int fd = open(p, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t n = read(fd, name, sizeof name - 1);
+        close(fd);
+        if (n > 0 && name[n - 1] == '\n') name[n - 1] = 0;
+        if (strcmp(name, AGENT_PORT_NAME) == 0) {
+          snprintf(out, outlen, "/dev/%s", e->d_name);
+          closedir(d);
+          return 0;
+        }
+      }
+      closedir(d);
+    }
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  return -1;
+}
+
+int main(void) {
+  if (getpid() != 1) {
+    say("must run as PID 1");
+    return 2;
+  }
+  umask(022);
+  enter_overlay_root();
+  must_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+  must_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+  must_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+  must_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "mode=0620,ptmxmode=0666");
+  must_mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+  must_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+  must_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+  must_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+  loopback_up();
+  const char *hostname = getenv("aegis.hostname");
+  if (!hostname) hostname = "aegis";
+  sethostname(hostname, strlen(hostname));
+
+  char port[300];
+  if (find_agent_port(port, sizeof port) != 0) {
+    say("no virtio-serial port named %s", AGENT_PORT_NAME);
+    end_vm();
+  }
+
+  pid_t harness = fork();
+  if (harness < 0) die("fork");
+  if (harness == 0) {
+    setsid();
+    char agent_env[320];
+    snprintf(agent_env, sizeof agent_env, "AEGIS_AGENT_PORT=%s", port);
+    char *const argv[] = {"node", "--max-old-space-size=96", HARNESS, NULL};
+    char *const envp[] = {
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME=/root",
+        "LANG=C.UTF-8",
+        agent_env,
+        NULL,
+    };
+    execve("/usr/bin/node", argv, envp);
+    say("exec node: %s", strerror(errno));
+    _exit(127);
+  }
+
+  /* Reap everything; the VM's life is the harness's life. */
+  for (;;) {
+    int status;
+    pid_t pid = wait(&status);
+    if (pid == harness) {
+      if (WIFSIGNALED(status)) say("harness killed by signal %d", WTERMSIG(status));
+      else if (WEXITSTATUS(status) != 0) say("harness exited with %d", WEXITSTATUS(status));
+      break;
+    }
+    if (pid < 0 && errno == ECHILD) break;
+  }
+  kill(-1, SIGKILL);
+  end_vm();
+  return 0;
+}

@@ -1,0 +1,138 @@
+/**
+ * aegis-harness: the guest agent. aegis-init (PID 1, C) starts it once the filesystems are
+ * mounted; it serves the JSON-RPC methods of the guest contract (@aegis/protocol guest.ts)
+ * on the agent channel and runs the workload and exec'd commands. When it exits, aegis-init
+ * ends the VM.
+ */
+import {
+  AegisError,
+  GUEST_PROTOCOL_VERSION,
+  RpcPeer,
+  isGuestMethod,
+  parseParams,
+  type ExecParams,
+  type ExitEvent,
+  type GuestMethods,
+  type RunParams,
+  type ShutdownParams,
+  type SignalParams,
+  type Stream,
+} from '@aegis/protocol';
+import { Channel } from './channel.js';
+import { GuestProcess } from './processes.js';
+
+/** After the workload exits, how long we wait for the host's `shutdown` before powering off. */
+const UNACKED_EXIT_POWEROFF_MS = 10_000;
+const DEFAULT_STOP_TIMEOUT_MS = 3_000;
+
+class Harness {
+  private workload: GuestProcess | undefined;
+  private readonly execs = new Map<string, GuestProcess>();
+  private shuttingDown = false;
+  readonly peer: RpcPeer;
+
+  constructor(private readonly channel: Channel) {
+    this.peer = new RpcPeer({
+      send: (line) => channel.write(line),
+      onRequest: (method, params) => this.handle(method, params),
+      onProtocolError: (err) => console.error(`aegis-harness: ${err.message}`),
+    });
+  }
+
+  private handle(method: string, raw: unknown): Promise<unknown> {
+    if (!isGuestMethod(method)) return Promise.reject(new AegisError('UNSUPPORTED', `unknown method ${method}`));
+    switch (method) {
+      case 'run':
+        return this.run(parseParams.run(raw));
+      case 'exec':
+        return this.exec(parseParams.exec(raw));
+      case 'signal':
+        return this.signal(parseParams.signal(raw));
+      case 'health':
+        return Promise.resolve(this.health());
+      case 'shutdown':
+        return this.shutdown(parseParams.shutdown(raw));
+    }
+  }
+
+  private output(stream: Stream, data: Buffer, execId?: string): void {
+    const base64 = data.toString('base64');
+    this.peer.notify('output', execId === undefined ? { stream, data: base64 } : { execId, stream, data: base64 });
+  }
+
+  private async run(p: RunParams): Promise<GuestMethods['run']['result']> {
+    if (this.workload) throw new AegisError('ALREADY_EXISTS', 'the workload is already running; use exec for more commands');
+    if (this.shuttingDown) throw new AegisError('FAILED_PRECONDITION', 'the VM is shutting down');
+    const proc = await GuestProcess.start(p, {
+      onOutput: (stream, data) => this.output(stream, data),
+      onExit: (exit) => this.workloadExited(exit),
+    });
+    this.workload = proc;
+    return { pid: proc.pid, startedAtMs: Date.now() };
+  }
+
+  private workloadExited(exit: ExitEvent): void {
+    this.peer.notify('exit', exit);
+    // The host normally answers with `shutdown` at once; if it is away (restarting), give it
+    // a while to collect the exit status, then power off anyway so no VM is left behind.
+    setTimeout(() => void this.powerOff(), UNACKED_EXIT_POWEROFF_MS).unref();
+  }
+
+  private async exec(p: ExecParams): Promise<GuestMethods['exec']['result']> {
+    if (this.execs.has(p.execId)) throw new AegisError('ALREADY_EXISTS', `exec ${p.execId} exists`);
+    if (this.shuttingDown) throw new AegisError('FAILED_PRECONDITION', 'the VM is shutting down');
+    const proc = await GuestProcess.start(p, {
+      onOutput: (stream, data) => this.output(stream, data, p.execId),
+      onExit: (exit) => {
+        this.execs.delete(p.execId);
+        this.peer.notify('execExit', { execId: p.execId, ...exit });
+      },
+    });
+    this.execs.set(p.execId, proc);
+    return { pid: proc.pid };
+  }
+
+  private signal(p: SignalParams): Promise<Record<string, never>> {
+    const target = p.execId === undefined ? this.workload : this.execs.get(p.execId);
+    if (!target) throw new AegisError('NOT_FOUND', p.execId === undefined ? 'no workload is running' : `no exec ${p.execId}`);
+    target.signal(p.signal);
+    return Promise.resolve({});
+  }
+
+  private health(): GuestMethods['health']['result'] {
+    return {
+      version: GUEST_PROTOCOL_VERSION,
+      uptimeMs: Math.round(process.uptime() * 1000),
+      workload: this.workload ? { pid: this.workload.pid, running: this.workload.running } : null,
+    };
+  }
+
+  private async shutdown(p: ShutdownParams): Promise<Record<string, never>> {
+    this.shuttingDown = true;
+    const timeoutMs = p.timeoutMs ?? DEFAULT_STOP_TIMEOUT_MS;
+    await Promise.all([this.workload, ...this.execs.values()].map((proc) => proc?.terminate(timeoutMs)));
+    // Answer first, then go: the reply must reach the host before the VM ends.
+    setImmediate(() => void this.powerOff());
+    return {};
+  }
+
+  private async powerOff(): Promise<never> {
+    await this.channel.drain();
+    process.exit(0);
+  }
+}
+
+async function main(): Promise<void> {
+  const port = process.env['AEGIS_AGENT_PORT'];
+  if (!port) throw new Error('AEGIS_AGENT_PORT is not set (aegis-init sets it)');
+  delete process.env['AEGIS_AGENT_PORT'];
+  const channel = await Channel.open(port);
+  const harness = new Harness(channel);
+  harness.peer.notify('ready', { version: GUEST_PROTOCOL_VERSION });
+  await channel.readLoop((chunk) => harness.peer.receive(chunk));
+}
+
+main().catch((err: unknown) => {
+  console.error(`aegis-harness: ${err instanceof Error ? err.message : String(err)}`);
+  process.exit(1);
+});

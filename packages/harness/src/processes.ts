@@ -1,0 +1,127 @@
+/**
+ * The workload and exec'd processes: spawning, streaming output, signals, exit reporting.
+ * Each process leads its own process group so a stop reaches everything it started.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { stat } from 'node:fs/promises';
+import { constants as osConstants } from 'node:os';
+import { AegisError, type ExitEvent, type Stream } from '@aegis/protocol';
+
+export interface ProcessSpec {
+  command: string[];
+  env: Record<string, string>;
+  workdir?: string;
+}
+
+export interface ProcessEvents {
+  onOutput: (stream: Stream, data: Buffer) => void;
+  onExit: (exit: ExitEvent) => void;
+}
+
+/** After the main process exits, how long its pipes may stay open (held by background children). */
+const PIPE_GRACE_MS = 100;
+
+export const BASE_ENV: Record<string, string> = {
+  PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
+  HOME: '/root',
+  LANG: 'C.UTF-8',
+};
+
+export class GuestProcess {
+  private exited = false;
+
+  private constructor(readonly child: ChildProcess) {}
+
+  get pid(): number {
+    return this.child.pid ?? -1;
+  }
+
+  get running(): boolean {
+    return !this.exited;
+  }
+
+  /** Resolves once the process runs; NOT_FOUND or INVALID_ARGUMENT when it cannot start. */
+  static async start(spec: ProcessSpec, events: ProcessEvents): Promise<GuestProcess> {
+    const [file, ...args] = spec.command;
+    if (file === undefined) throw new AegisError('INVALID_ARGUMENT', 'command is empty');
+    if (spec.workdir !== undefined) {
+      const st = await stat(spec.workdir).catch(() => undefined);
+      if (!st?.isDirectory()) throw new AegisError('INVALID_ARGUMENT', `workdir ${spec.workdir} is not a directory in the guest`);
+    }
+    const child = spawn(file, args, {
+      cwd: spec.workdir ?? '/',
+      env: { ...BASE_ENV, ...spec.env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
+    });
+    const gp = new GuestProcess(child);
+    return new Promise((resolve, reject) => {
+      child.once('error', (err: NodeJS.ErrnoException) => {
+        if (child.pid !== undefined) return; // errors after spawn surface through exit
+        if (err.code === 'ENOENT') {
+          reject(new AegisError('NOT_FOUND', `command not found: ${file}`));
+        } else if (err.code === 'EACCES') {
+          reject(new AegisError('INVALID_ARGUMENT', `permission denied: ${file}`));
+        } else {
+          reject(new AegisError('INTERNAL', `cannot start ${file}: ${err.message}`));
+        }
+      });
+      child.once('spawn', () => {
+        gp.wire(events);
+        resolve(gp);
+      });
+    });
+  }
+
+  private wire(events: ProcessEvents): void {
+    const child = this.child;
+    child.stdout?.on('data', (d: Buffer) => events.onOutput('stdout', d));
+    child.stderr?.on('data', (d: Buffer) => events.onOutput('stderr', d));
+    let closed = false;
+    child.once('close', () => (closed = true));
+    child.once('exit', (code, signal) => {
+      this.exited = true;
+      const report = (): void => events.onExit({ exitCode: code, signal });
+      if (closed) return report();
+      // Let buffered output arrive first, but don't wait for background children holding
+      // the pipes: the process's life is what the user asked about.
+      const timer = setTimeout(() => {
+        child.stdout?.destroy();
+        child.stderr?.destroy();
+        report();
+      }, PIPE_GRACE_MS);
+      child.once('close', () => {
+        clearTimeout(timer);
+        report();
+      });
+    });
+  }
+
+  signal(name: string): void {
+    if (!Object.hasOwn(osConstants.signals, name)) {
+      throw new AegisError('INVALID_ARGUMENT', `unknown signal ${name}`);
+    }
+    if (this.exited) return;
+    this.child.kill(name as NodeJS.Signals);
+  }
+
+  /** Signals the whole process group. */
+  signalGroup(name: NodeJS.Signals): void {
+    if (this.exited || this.child.pid === undefined) return;
+    try {
+      process.kill(-this.child.pid, name);
+    } catch {
+      // group already gone
+    }
+  }
+
+  /** SIGTERM to the group, SIGKILL after `timeoutMs`; resolves when the process has exited. */
+  async terminate(timeoutMs: number): Promise<void> {
+    if (this.exited) return;
+    const done = new Promise<void>((r) => this.child.once('exit', () => r()));
+    this.signalGroup('SIGTERM');
+    const timer = setTimeout(() => this.signalGroup('SIGKILL'), timeoutMs);
+    await done;
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,253 @@
+/**
+ * The guest <-> host contract: every method and notification on the agent channel, with
+ * the parsers that check what arrives. This file is the whole contract; change it on purpose.
+ *
+ * Transport: newline-delimited JSON-RPC 2.0 over the VM's agent channel (virtio-serial on
+ * QEMU, vsock on Firecracker and libkrun). The host is the client; the guest (the harness)
+ * answers requests and sends notifications. Binary data travels base64-encoded.
+ */
+import { AegisError } from './errors.js';
+
+export const GUEST_PROTOCOL_VERSION = 1;
+
+export type Stream = 'stdout' | 'stderr';
+
+// ---- host -> guest requests -------------------------------------------------------------
+
+export interface RunParams {
+  /** argv of the workload; argv[0] is looked up on PATH. */
+  command: string[];
+  env: Record<string, string>;
+  workdir?: string;
+}
+export interface RunResult {
+  pid: number;
+  startedAtMs: number;
+}
+
+export interface ExecParams {
+  /** Chosen by the host; names the exec in `output` and `execExit`. */
+  execId: string;
+  command: string[];
+  env: Record<string, string>;
+  workdir?: string;
+}
+export interface ExecResult {
+  pid: number;
+}
+
+export interface SignalParams {
+  /** Omitted: the workload. */
+  execId?: string;
+  signal: string;
+}
+
+export type HealthParams = Record<string, never>;
+export interface HealthResult {
+  version: number;
+  uptimeMs: number;
+  workload: { pid: number; running: boolean } | null;
+}
+
+export interface ShutdownParams {
+  /** How long the workload gets after SIGTERM before SIGKILL. */
+  timeoutMs?: number;
+}
+export type ShutdownResult = Record<string, never>;
+
+export interface GuestMethods {
+  run: { params: RunParams; result: RunResult };
+  exec: { params: ExecParams; result: ExecResult };
+  signal: { params: SignalParams; result: Record<string, never> };
+  health: { params: HealthParams; result: HealthResult };
+  shutdown: { params: ShutdownParams; result: ShutdownResult };
+}
+export type GuestMethod = keyof GuestMethods;
+
+// ---- guest -> host notifications ---------------------------------------------------------
+
+export interface ReadyEvent {
+  version: number;
+}
+export interface OutputEvent {
+  /** Omitted: output of the workload. */
+  execId?: string;
+  stream: Stream;
+  /** base64 */
+  data: string;
+}
+export interface ExitEvent {
+  exitCode: number | null;
+  signal: string | null;
+}
+export interface ExecExitEvent extends ExitEvent {
+  execId: string;
+}
+
+export interface GuestEvents {
+  ready: ReadyEvent;
+  output: OutputEvent;
+  exit: ExitEvent;
+  execExit: ExecExitEvent;
+}
+export type GuestEvent = keyof GuestEvents;
+
+// ---- parsers ----------------------------------------------------------------------------
+// Everything from the guest is untrusted: the host parses each notification and result with
+// these before use. The harness uses the same parsers on what the host asks.
+
+type Obj = Record<string, unknown>;
+
+function obj(v: unknown, what: string): Obj {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) {
+    throw new AegisError('INVALID_ARGUMENT', `${what} must be an object`);
+  }
+  return v as Obj;
+}
+function onlyKeys(o: Obj, keys: readonly string[], what: string): void {
+  for (const k of Object.keys(o)) {
+    if (!keys.includes(k)) throw new AegisError('INVALID_ARGUMENT', `${what}: unknown field "${k}"`);
+  }
+}
+function str(v: unknown, what: string, maxLength = 1 << 20): string {
+  if (typeof v !== 'string' || v.length > maxLength) {
+    throw new AegisError('INVALID_ARGUMENT', `${what} must be a string`);
+  }
+  return v;
+}
+function optStr(v: unknown, what: string): string | undefined {
+  return v === undefined ? undefined : str(v, what, 4096);
+}
+function int(v: unknown, what: string): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v)) {
+    throw new AegisError('INVALID_ARGUMENT', `${what} must be an integer`);
+  }
+  return v;
+}
+function intOrNull(v: unknown, what: string): number | null {
+  return v === null ? null : int(v, what);
+}
+function strOrNull(v: unknown, what: string): string | null {
+  return v === null ? null : str(v, what, 64);
+}
+function argv(v: unknown, what: string): string[] {
+  if (!Array.isArray(v) || v.length === 0) {
+    throw new AegisError('INVALID_ARGUMENT', `${what} must be a non-empty array of strings`);
+  }
+  return v.map((a, i) => str(a, `${what}[${i}]`));
+}
+function env(v: unknown, what: string): Record<string, string> {
+  const o = obj(v, what);
+  const out: Record<string, string> = {};
+  for (const [k, val] of Object.entries(o)) out[k] = str(val, `${what}.${k}`);
+  return out;
+}
+function stream(v: unknown): Stream {
+  if (v !== 'stdout' && v !== 'stderr') throw new AegisError('INVALID_ARGUMENT', 'stream must be stdout or stderr');
+  return v;
+}
+
+function withWorkdir<T extends object>(base: T, workdir: unknown): T & { workdir?: string } {
+  const w = optStr(workdir, 'workdir');
+  return w === undefined ? base : { ...base, workdir: w };
+}
+
+export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M]['params'] } = {
+  run(v) {
+    const o = obj(v ?? {}, 'run params');
+    onlyKeys(o, ['command', 'env', 'workdir'], 'run params');
+    return withWorkdir({ command: argv(o['command'], 'command'), env: env(o['env'] ?? {}, 'env') }, o['workdir']);
+  },
+  exec(v) {
+    const o = obj(v ?? {}, 'exec params');
+    onlyKeys(o, ['execId', 'command', 'env', 'workdir'], 'exec params');
+    return withWorkdir(
+      {
+        execId: str(o['execId'], 'execId', 128),
+        command: argv(o['command'], 'command'),
+        env: env(o['env'] ?? {}, 'env'),
+      },
+      o['workdir'],
+    );
+  },
+  signal(v) {
+    const o = obj(v ?? {}, 'signal params');
+    onlyKeys(o, ['execId', 'signal'], 'signal params');
+    const execId = optStr(o['execId'], 'execId');
+    const signal = str(o['signal'], 'signal', 16);
+    return execId === undefined ? { signal } : { execId, signal };
+  },
+  health(v) {
+    onlyKeys(obj(v ?? {}, 'health params'), [], 'health params');
+    return {};
+  },
+  shutdown(v) {
+    const o = obj(v ?? {}, 'shutdown params');
+    onlyKeys(o, ['timeoutMs'], 'shutdown params');
+    return o['timeoutMs'] === undefined ? {} : { timeoutMs: int(o['timeoutMs'], 'timeoutMs') };
+  },
+};
+
+export const parseResult: { [M in GuestMethod]: (v: unknown) => GuestMethods[M]['result'] } = {
+  run(v) {
+    const o = obj(v, 'run result');
+    return { pid: int(o['pid'], 'pid'), startedAtMs: int(o['startedAtMs'], 'startedAtMs') };
+  },
+  exec(v) {
+    return { pid: int(obj(v, 'exec result')['pid'], 'pid') };
+  },
+  signal() {
+    return {};
+  },
+  health(v) {
+    const o = obj(v, 'health result');
+    let workload: HealthResult['workload'] = null;
+    if (o['workload'] !== null && o['workload'] !== undefined) {
+      const w = obj(o['workload'], 'workload');
+      workload = { pid: int(w['pid'], 'pid'), running: w['running'] === true };
+    }
+    return { version: int(o['version'], 'version'), uptimeMs: int(o['uptimeMs'], 'uptimeMs'), workload };
+  },
+  shutdown() {
+    return {};
+  },
+};
+
+export const parseEvent: { [E in GuestEvent]: (v: unknown) => GuestEvents[E] } = {
+  ready(v) {
+    return { version: int(obj(v, 'ready').version, 'version') };
+  },
+  output(v) {
+    const o = obj(v, 'output');
+    const execId = optStr(o['execId'], 'execId');
+    const ev: OutputEvent = { stream: stream(o['stream']), data: str(o['data'], 'data', 16 << 20) };
+    if (execId !== undefined) ev.execId = execId;
+    return ev;
+  },
+  exit(v) {
+    const o = obj(v, 'exit');
+    return { exitCode: intOrNull(o['exitCode'], 'exitCode'), signal: strOrNull(o['signal'], 'signal') };
+  },
+  execExit(v) {
+    const o = obj(v, 'execExit');
+    return {
+      execId: str(o['execId'], 'execId', 128),
+      exitCode: intOrNull(o['exitCode'], 'exitCode'),
+      signal: strOrNull(o['signal'], 'signal'),
+    };
+  },
+};
+
+export function isGuestMethod(m: string): m is GuestMethod {
+  return Object.hasOwn(parseParams, m);
+}
+export function isGuestEvent(m: string): m is GuestEvent {
+  return Object.hasOwn(parseEvent, m);
+}
+
+/** Conventional shell exit status for a process killed by a signal (128 + signal number). */
+export function exitStatus(ev: ExitEvent, signalNumber: (name: string) => number | undefined): number {
+  if (ev.exitCode !== null) return ev.exitCode;
+  const n = ev.signal === null ? undefined : signalNumber(ev.signal);
+  return n === undefined ? 255 : 128 + n;
+}

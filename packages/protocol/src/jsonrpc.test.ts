@@ -1,0 +1,98 @@
+import { describe, expect, it } from 'vitest';
+import { AegisError } from './errors.js';
+import { LineDecoder, errorFromFailure, failure, parseMessage } from './jsonrpc.js';
+import { RpcPeer } from './rpc-peer.js';
+
+describe('LineDecoder', () => {
+  it('reassembles lines split across chunks, in order', () => {
+    const d = new LineDecoder();
+    expect(d.push(Buffer.from('{"a":')).lines).toEqual([]);
+    expect(d.push(Buffer.from('1}\n{"b"')).lines).toEqual(['{"a":1}']);
+    expect(d.push(Buffer.from(':2}\n\n')).lines).toEqual(['{"b":2}', '']);
+  });
+
+  it('keeps a multibyte character split between chunks intact', () => {
+    const d = new LineDecoder();
+    const bytes = Buffer.from('héllo\n');
+    expect(d.push(bytes.subarray(0, 2)).lines).toEqual([]);
+    expect(d.push(bytes.subarray(2)).lines).toEqual(['héllo']);
+  });
+
+  it('drops a line over the limit and recovers on the next one', () => {
+    const d = new LineDecoder(8);
+    const r1 = d.push(Buffer.from('0123456789'));
+    expect(r1.oversized).toBe(1);
+    const r2 = d.push(Buffer.from('abc\nok\n'));
+    expect(r2.lines).toEqual(['ok']);
+  });
+});
+
+describe('parseMessage', () => {
+  it('rejects what is not a JSON-RPC 2.0 envelope', () => {
+    for (const bad of [null, [], 'x', { jsonrpc: '1.0', method: 'a' }, { jsonrpc: '2.0', id: {}, method: 'a' }, { jsonrpc: '2.0' }]) {
+      expect(() => parseMessage(bad)).toThrow(AegisError);
+    }
+  });
+
+  it('classifies requests, notifications and responses', () => {
+    expect(parseMessage({ jsonrpc: '2.0', id: 1, method: 'run' })).toHaveProperty('id', 1);
+    expect(parseMessage({ jsonrpc: '2.0', method: 'output' })).not.toHaveProperty('id');
+    expect(parseMessage({ jsonrpc: '2.0', id: 1, result: null })).toHaveProperty('result', null);
+  });
+});
+
+describe('error codes across the wire', () => {
+  it('carry the string code unchanged through a JSON-RPC failure', () => {
+    const f = failure(7, new AegisError('NOT_FOUND', 'command not found: x'));
+    const back = errorFromFailure(JSON.parse(JSON.stringify(f)).error);
+    expect(back.code).toBe('NOT_FOUND');
+    expect(back.message).toBe('command not found: x');
+  });
+
+  it('map an unknown code from a peer to UNKNOWN instead of crashing', () => {
+    expect(AegisError.fromWire({ code: 'WHATEVER', message: 'm' }).code).toBe('UNKNOWN');
+    expect(errorFromFailure({ code: 12345, message: 'm' }).code).toBe('UNKNOWN');
+  });
+});
+
+describe('RpcPeer', () => {
+  function pair(): { a: RpcPeer; b: RpcPeer } {
+    const a: RpcPeer = new RpcPeer({ send: (l) => queueMicrotask(() => b.receive(Buffer.from(l))) });
+    const b: RpcPeer = new RpcPeer({
+      send: (l) => queueMicrotask(() => a.receive(Buffer.from(l))),
+      onRequest: (method, params) => {
+        if (method === 'echo') return Promise.resolve(params);
+        return Promise.reject(new AegisError('FAILED_PRECONDITION', 'nope'));
+      },
+    });
+    return { a, b };
+  }
+
+  it('matches responses to requests and carries error codes', async () => {
+    const { a } = pair();
+    await expect(a.request('echo', { x: 1 })).resolves.toEqual({ x: 1 });
+    await expect(a.request('other')).rejects.toMatchObject({ code: 'FAILED_PRECONDITION', message: 'nope' });
+  });
+
+  it('times out a request that gets no answer', async () => {
+    const silent = new RpcPeer({ send: () => undefined });
+    await expect(silent.request('health', {}, { timeoutMs: 20 })).rejects.toMatchObject({ code: 'TIMEOUT' });
+  });
+
+  it('answers garbage with a parse error and keeps serving', async () => {
+    const sent: string[] = [];
+    const p = new RpcPeer({ send: (l) => sent.push(l), onRequest: () => Promise.resolve('ok') });
+    p.receive(Buffer.from('not json\n{"jsonrpc":"2.0","id":1,"method":"x"}\n'));
+    await new Promise((r) => setTimeout(r, 0));
+    expect(JSON.parse(sent[0] ?? '{}')).toMatchObject({ id: null, error: { code: -32700 } });
+    expect(JSON.parse(sent[1] ?? '{}')).toMatchObject({ id: 1, result: 'ok' });
+  });
+
+  it('fails pending requests when closed', async () => {
+    const p = new RpcPeer({ send: () => undefined });
+    const pending = p.request('health');
+    p.close(new AegisError('UNAVAILABLE', 'gone'));
+    await expect(pending).rejects.toMatchObject({ code: 'UNAVAILABLE' });
+    await expect(p.request('health')).rejects.toMatchObject({ code: 'UNAVAILABLE' });
+  });
+});

@@ -1,0 +1,362 @@
+/**
+ * QEMU backend: one detached QEMU process per VM, `microvm` machine on x86_64 (`virt` on
+ * arm64), KVM when /dev/kvm is usable and TCG otherwise. Control through QMP; the agent
+ * channel is a virtio-serial port whose host end is a unix socket QEMU listens on.
+ */
+import { spawn, execFile } from 'node:child_process';
+import { constants as fsc, promises as fs, openSync, closeSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import type { Duplex } from 'node:stream';
+import { AegisError } from '@aegis/protocol';
+import type { Backend, Capabilities, Probe, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
+import { QmpClient, type QmpEvent } from './qmp.js';
+
+const execFileP = promisify(execFile);
+
+/** The name of the virtio-serial port the harness looks for. */
+export const AGENT_PORT_NAME = 'aegis.agent';
+
+interface ArchProfile {
+  binary: string;
+  machine: string;
+  /** Kernel console device for early and panic messages. */
+  console: string;
+}
+
+const ARCH: Record<string, ArchProfile> = {
+  // microvm boots fastest under TCG (see shared notes). acpi=off makes QEMU describe each
+  // virtio-mmio device on the kernel command line; rtc stays on (turning it off cost 1.8 s).
+  x64: { binary: 'qemu-system-x86_64', machine: 'microvm,acpi=off,x-option-roms=off,rtc=on', console: 'ttyS0' },
+  arm64: { binary: 'qemu-system-aarch64', machine: 'virt,gic-version=max', console: 'ttyAMA0' },
+};
+
+function profile(): ArchProfile {
+  const p = ARCH[process.arch];
+  if (!p) throw new AegisError('UNSUPPORTED', `QEMU backend does not support ${process.arch}`);
+  return p;
+}
+
+async function kvmUsable(): Promise<boolean> {
+  try {
+    await fs.access('/dev/kvm', fsc.R_OK | fsc.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Under TCG the guest's TSC runs at the host's rate; telling the kernel that rate up front
+ * avoids a calibration loop that hung 4 boots in 10 on microvm (shared notes).
+ */
+async function hostTscKhz(): Promise<number | undefined> {
+  if (process.arch !== 'x64') return undefined;
+  const cpuinfo = await fs.readFile('/proc/cpuinfo', 'utf8').catch(() => '');
+  const m = /^cpu MHz\s*:\s*([\d.]+)/m.exec(cpuinfo);
+  return m?.[1] ? Math.round(Number(m[1]) * 1000) : undefined;
+}
+
+function capabilitiesFor(kvm: boolean): Capabilities {
+  return {
+    pause: true,
+    snapshot: false,
+    survivesDaemonRestart: true,
+    agentTransport: 'virtio-serial',
+    acceleration: kvm ? 'kvm' : 'tcg',
+  };
+}
+
+interface QemuRecord {
+  backend: 'qemu';
+  id: string;
+  pid: number;
+  stateDir: string;
+}
+
+function paths(stateDir: string): { qmp: string; agent: string; console: string; vmmLog: string; pid: string } {
+  return {
+    qmp: path.join(stateDir, 'qmp.sock'),
+    agent: path.join(stateDir, 'agent.sock'),
+    console: path.join(stateDir, 'console.log'),
+    vmmLog: path.join(stateDir, 'qemu.log'),
+    pid: path.join(stateDir, 'qemu.pid'),
+  };
+}
+
+export class QemuBackend implements Backend {
+  readonly name = 'qemu' as const;
+
+  constructor(private readonly options: { binary?: string } = {}) {}
+
+  async probe(): Promise<Probe> {
+    let binary: string;
+    try {
+      binary = this.options.binary ?? profile().binary;
+    } catch (err) {
+      return { available: false, detail: (err as Error).message };
+    }
+    let version: string;
+    try {
+      const { stdout } = await execFileP(binary, ['--version'], { timeout: 10_000 });
+      version = stdout.split('\n')[0]?.trim() ?? binary;
+    } catch {
+      return { available: false, detail: `${binary} not found (Debian: apt-get install qemu-system-x86)` };
+    }
+    const kvm = await kvmUsable();
+    return {
+      available: true,
+      detail: `${version}; ${kvm ? 'KVM' : 'TCG (software emulation: /dev/kvm is missing or not accessible)'}`,
+      capabilities: capabilitiesFor(kvm),
+    };
+  }
+
+  async create(config: VmConfig): Promise<Vm> {
+    const kvm = await kvmUsable();
+    const args = await qemuArgs(config, kvm);
+    return new QemuVm(config.id, config.stateDir, { binary: this.options.binary ?? profile().binary, args });
+  }
+
+  async attach(record: VmRecord): Promise<Vm> {
+    const r = record as Partial<QemuRecord>;
+    if (r.backend !== 'qemu' || typeof r.pid !== 'number' || typeof r.id !== 'string' || typeof r.stateDir !== 'string') {
+      throw new AegisError('INVALID_ARGUMENT', 'not a QEMU VM record');
+    }
+    if (!(await isOurQemu(r.pid, r.id))) throw new AegisError('NOT_FOUND', `QEMU process of VM ${r.id} is gone`);
+    const vm = new QemuVm(r.id, r.stateDir, undefined);
+    await vm.adopt(r.pid);
+    return vm;
+  }
+}
+
+async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
+  const p = paths(config.stateDir);
+  const arch = profile();
+  const tscKhz = kvm ? undefined : await hostTscKhz();
+  const cmdline = [
+    `console=${arch.console}`,
+    'quiet',
+    'panic=-1', // with -no-reboot, a guest panic ends QEMU instead of hanging
+    'reboot=t', // no ACPI on microvm: the harness ends the VM by a triple-fault reset
+    'cryptomgr.notests',
+    'root=/dev/vda',
+    'rootfstype=erofs',
+    'ro',
+    'init=/aegis/init',
+    ...(tscKhz ? [`tsc_early_khz=${tscKhz}`] : []),
+    ...config.kernelArgs,
+  ];
+  return [
+    '-name',
+    `aegis-${config.id},process=aegis-vm-${config.id}`,
+    '-machine',
+    arch.machine,
+    ...(kvm ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg', '-cpu', 'max']),
+    '-m',
+    String(config.memoryMiB),
+    '-smp',
+    String(config.vcpuCount),
+    '-nodefaults',
+    '-no-user-config',
+    '-nographic',
+    '-no-reboot',
+    '-kernel',
+    config.kernelPath,
+    '-append',
+    cmdline.join(' '),
+    '-drive',
+    `id=root,file=${config.rootfsPath},format=raw,if=none,readonly=on`,
+    '-device',
+    'virtio-blk-device,drive=root',
+    '-drive',
+    `id=scratch,file=${config.scratchDiskPath},format=raw,if=none,discard=unmap`,
+    '-device',
+    'virtio-blk-device,drive=scratch',
+    '-device',
+    'virtio-rng-device',
+    '-device',
+    'virtio-serial-device,max_ports=2',
+    '-chardev',
+    `socket,id=agent,path=${p.agent},server=on,wait=off`,
+    '-device',
+    `virtserialport,chardev=agent,name=${AGENT_PORT_NAME}`,
+    '-qmp',
+    `unix:${p.qmp},server=on,wait=off`,
+    '-serial',
+    `file:${p.console}`,
+    '-pidfile',
+    p.pid,
+  ];
+}
+
+async function isOurQemu(pid: number, id: string): Promise<boolean> {
+  try {
+    const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8');
+    return cmdline.includes(`aegis-${id},`);
+  } catch {
+    return false;
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+class QemuVm implements Vm {
+  readonly exited: Promise<VmExit>;
+  private resolveExit!: (e: VmExit) => void;
+  private pid: number | undefined;
+  private qmp: QmpClient | undefined;
+  private shutdownEvent: QmpEvent | undefined;
+  private stopRequested = false;
+  private readonly p: ReturnType<typeof paths>;
+
+  constructor(
+    readonly id: string,
+    private readonly stateDir: string,
+    private readonly launch: { binary: string; args: string[] } | undefined,
+  ) {
+    this.p = paths(stateDir);
+    this.exited = new Promise((resolve) => (this.resolveExit = resolve));
+  }
+
+  record(): VmRecord {
+    if (this.pid === undefined) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
+    const r: QemuRecord = { backend: 'qemu', id: this.id, pid: this.pid, stateDir: this.stateDir };
+    return { ...r };
+  }
+
+  async start(signal?: AbortSignal): Promise<void> {
+    if (!this.launch) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} is already running`);
+    const log = openSync(this.p.vmmLog, 'a');
+    // Detached in its own session with no pipes to us: the VM outlives a daemon restart.
+    const child = spawn(this.launch.binary, this.launch.args, { detached: true, stdio: ['ignore', log, log] });
+    closeSync(log);
+    child.unref();
+    const spawned = await new Promise<number>((resolve, reject) => {
+      child.once('spawn', () => resolve(child.pid ?? -1));
+      child.once('error', (err) => reject(new AegisError('UNAVAILABLE', `cannot start ${this.launch?.binary}: ${err.message}`)));
+    });
+    this.pid = spawned;
+    child.once('exit', (code, sig) => this.onProcessGone(code, sig));
+    try {
+      await this.connectQmp(signal);
+    } catch (err) {
+      child.kill('SIGKILL');
+      const tail = await fs.readFile(this.p.vmmLog, 'utf8').catch(() => '');
+      throw new AegisError('UNAVAILABLE', `QEMU did not start: ${tail.trim().split('\n').slice(-3).join(' | ') || (err as Error).message}`);
+    }
+  }
+
+  /** Takes over a QEMU process started by an earlier daemon (not our child). */
+  async adopt(pid: number): Promise<void> {
+    this.pid = pid;
+    await this.connectQmp();
+    // Not our child: no 'exit' event. The QMP socket closing tells us it went; confirm by pid.
+    this.qmp?.once('close', () => {
+      const poll = setInterval(() => {
+        if (!processAlive(pid)) {
+          clearInterval(poll);
+          this.onProcessGone(null, null);
+        }
+      }, 100);
+    });
+  }
+
+  private async connectQmp(signal?: AbortSignal): Promise<void> {
+    const opts = signal ? { timeoutMs: 10_000, signal } : { timeoutMs: 10_000 };
+    this.qmp = await QmpClient.connect(this.p.qmp, opts);
+    this.qmp.on('event', (ev) => {
+      if (ev.event === 'SHUTDOWN') this.shutdownEvent = ev;
+    });
+  }
+
+  private onProcessGone(code: number | null, sig: NodeJS.Signals | null): void {
+    this.qmp?.close();
+    const reason = String(this.shutdownEvent?.data?.['reason'] ?? '');
+    let exit: VmExit;
+    if (this.stopRequested) exit = { reason: 'host-stop', detail: 'stopped by the host' };
+    else if (reason === 'guest-reset' || reason === 'guest-shutdown')
+      exit = { reason: 'guest-poweroff', detail: `guest ended the VM (${reason})` };
+    else if (reason === 'guest-panic') exit = { reason: 'guest-panic', detail: 'guest kernel panicked' };
+    else if (sig) exit = { reason: 'killed', detail: `QEMU was killed by ${sig}` };
+    else if (code !== null && code !== 0) exit = { reason: 'vmm-error', detail: `QEMU exited with status ${code}` };
+    else exit = { reason: 'killed', detail: 'QEMU process ended without a guest shutdown' };
+    this.resolveExit(exit);
+  }
+
+  async pause(): Promise<void> {
+    await this.requireQmp().execute('stop');
+  }
+
+  async resume(): Promise<void> {
+    await this.requireQmp().execute('cont');
+  }
+
+  connectAgent(signal?: AbortSignal): Promise<Duplex> {
+    return new Promise((resolve, reject) => {
+      const s = net.connect(this.p.agent);
+      const onAbort = (): void => {
+        s.destroy();
+        reject(new AegisError('CANCELLED', 'agent connect cancelled'));
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      s.once('connect', () => {
+        signal?.removeEventListener('abort', onAbort);
+        resolve(s);
+      });
+      s.once('error', (err) => {
+        signal?.removeEventListener('abort', onAbort);
+        reject(new AegisError('UNAVAILABLE', `agent channel of VM ${this.id}: ${err.message}`));
+      });
+    });
+  }
+
+  async stop(options: { timeoutMs?: number } = {}): Promise<void> {
+    if (this.pid === undefined) return;
+    this.stopRequested = true;
+    const timeoutMs = options.timeoutMs ?? 3000;
+    const gone = this.exited.then(() => true);
+    try {
+      await this.qmp?.execute('quit');
+    } catch {
+      // QMP already closed: fall through to the signal.
+    }
+    const timer = new Promise<boolean>((r) => setTimeout(() => r(false), timeoutMs).unref());
+    if (await Promise.race([gone, timer])) return;
+    try {
+      process.kill(this.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+    await this.exited;
+  }
+
+  async consoleTail(maxBytes = 4096): Promise<string> {
+    try {
+      const fh = await fs.open(this.p.console, 'r');
+      try {
+        const { size } = await fh.stat();
+        const len = Math.min(size, maxBytes);
+        const buf = Buffer.alloc(len);
+        await fh.read(buf, 0, len, size - len);
+        return buf.toString('utf8');
+      } finally {
+        await fh.close();
+      }
+    } catch {
+      return '';
+    }
+  }
+
+  private requireQmp(): QmpClient {
+    if (!this.qmp || this.qmp.isClosed) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} is not running`);
+    return this.qmp;
+  }
+}

@@ -1,0 +1,2 @@
+export type * from './vmm.js';
+export { selectBackend, type BackendChoice } from './select.js';

@@ -1,0 +1,87 @@
+/**
+ * The VMM interface: everything the daemon may ask of a hypervisor backend. It is kept small
+ * on purpose and must fit QEMU, Firecracker and libkrun unchanged; docs/backends.md is its
+ * contract in MUST/SHOULD language. Differences between backends are data (`capabilities`),
+ * never `instanceof` checks. An operation a backend lacks fails with UNSUPPORTED.
+ */
+import type { Duplex } from 'node:stream';
+
+export type BackendName = 'qemu' | 'firecracker' | 'libkrun';
+
+export interface Capabilities {
+  /** Guest execution can be frozen and continued (QMP stop/cont, PATCH /vm, SIGSTOP). */
+  pause: boolean;
+  /** Memory + device state can be saved and restored. */
+  snapshot: boolean;
+  /** The VM keeps running when the daemon exits, and `attach` finds it again. */
+  survivesDaemonRestart: boolean;
+  /** How the agent channel is carried to the guest. */
+  agentTransport: 'virtio-serial' | 'vsock';
+  /** Acceleration in use: hardware, or software emulation. */
+  acceleration: 'kvm' | 'hvf' | 'tcg';
+}
+
+export interface Probe {
+  available: boolean;
+  /** Why not, or what was found (binary, version, accelerator), in one line. */
+  detail: string;
+  capabilities?: Capabilities;
+}
+
+export interface VmConfig {
+  /** Unique per VM; used in process titles and file names. */
+  id: string;
+  /** A directory the backend owns for this VM's sockets, pid and logs; created by the caller. */
+  stateDir: string;
+  kernelPath: string;
+  /** Shared by every VM, attached read-only. */
+  rootfsPath: string;
+  /** This VM's own writable disk (the upper layer over the rootfs). */
+  scratchDiskPath: string;
+  memoryMiB: number;
+  vcpuCount: number;
+  /** Extra kernel command-line words (the backend adds its own). */
+  kernelArgs: string[];
+}
+
+/** What the daemon stores to find a running VM again after it restarts. Opaque to the daemon. */
+export type VmRecord = Record<string, unknown>;
+
+export type VmExitReason = 'guest-poweroff' | 'guest-panic' | 'host-stop' | 'killed' | 'vmm-error';
+
+export interface VmExit {
+  reason: VmExitReason;
+  /** Human detail (signal, VMM message); never contains workload data. */
+  detail: string;
+}
+
+export interface Vm {
+  readonly id: string;
+  /** Stable data to persist; passing it to `Backend.attach` yields this VM again. */
+  record(): VmRecord;
+  /** Boots the VM. Resolves once the VMM runs the guest (not when the guest is ready). */
+  start(signal?: AbortSignal): Promise<void>;
+  /** Freezes guest execution. UNSUPPORTED where `capabilities.pause` is false. */
+  pause(signal?: AbortSignal): Promise<void>;
+  resume(signal?: AbortSignal): Promise<void>;
+  /**
+   * Opens the agent channel: a byte stream to the harness. May be called again after the
+   * stream closes (for example after a daemon restart); the guest keeps its state.
+   */
+  connectAgent(signal?: AbortSignal): Promise<Duplex>;
+  /** Ends the VMM process: graceful where the VMM has a way, then forced after `timeoutMs`. */
+  stop(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<void>;
+  /** Resolves once, when the VMM process has gone, for any reason. */
+  readonly exited: Promise<VmExit>;
+  /** A short tail of the serial console, for error reports. Never secret-bearing by design. */
+  consoleTail(maxBytes?: number): Promise<string>;
+}
+
+export interface Backend {
+  readonly name: BackendName;
+  probe(): Promise<Probe>;
+  /** Prepares a VM without booting it. */
+  create(config: VmConfig, signal?: AbortSignal): Promise<Vm>;
+  /** Finds a VM started by an earlier daemon; NOT_FOUND when its process has gone. */
+  attach(record: VmRecord, signal?: AbortSignal): Promise<Vm>;
+}
