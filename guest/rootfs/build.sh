@@ -46,7 +46,7 @@ fi
 
 init_bin="$cache/aegis-init-$(sha256sum "$init_src" | cut -c1-16)"
 if [ ! -x "$init_bin" ]; then
-  gcc -static -O2 -Wall -o "$init_bin.tmp" "$init_src"
+  gcc -static -O2 -Wall -pthread -o "$init_bin.tmp" "$init_src"
   mv "$init_bin.tmp" "$init_bin"
 fi
 

@@ -7,12 +7,21 @@
  * harness as its one supervised child and stays in a wait() loop. When the harness exits
  * (workload done, or a `shutdown` request), it syncs and resets the VM; with QEMU's
  * -no-reboot (and reboot=t on the kernel command line) that ends the VMM process.
+ *
+ * It also owns the agent channel device and relays it to the harness over a socketpair
+ * (the harness's fd 3). Node cannot use a virtio-serial port well itself: libuv treats a
+ * character device as a file, so reads block a thread-pool thread, and a thread blocked in
+ * read() keeps Node from ever exiting. A unix socket is something libuv polls natively; the
+ * port's quirks (EOF and POLLHUP while the host is away, writes that block until it returns)
+ * are handled here, once.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -121,6 +130,68 @@ static int find_agent_port(char *out, size_t outlen) {
   return -1;
 }
 
+/* ---- agent channel relay: port <-> socketpair -------------------------------------------- */
+
+#define RELAY_BUF (256 * 1024)
+
+struct relay {
+  int port; /* the virtio-serial port, non-blocking */
+  int sock; /* our end of the socketpair */
+  volatile int done;
+};
+
+struct buf {
+  char data[RELAY_BUF];
+  size_t len;
+};
+
+static void consume(struct buf *b, size_t n) {
+  memmove(b->data, b->data + n, b->len - n);
+  b->len -= n;
+}
+
+static void *relay_main(void *arg) {
+  struct relay *r = arg;
+  static struct buf to_host, to_harness;
+  int harness_open = 1, host_away = 0;
+  for (;;) {
+    /* With the host away the port reports POLLHUP continuously; leave it out and look again
+     * in a while, rather than spin. Data for it stays buffered (the harness is throttled). */
+    struct pollfd p[2] = {
+        {.fd = host_away ? -1 : r->port,
+         .events = (to_harness.len < RELAY_BUF ? POLLIN : 0) | (to_host.len > 0 ? POLLOUT : 0)},
+        {.fd = harness_open ? r->sock : -1,
+         .events = (to_host.len < RELAY_BUF ? POLLIN : 0) | (to_harness.len > 0 ? POLLOUT : 0)},
+    };
+    if (!harness_open && to_host.len == 0) break;
+    int n = poll(p, 2, host_away ? 20 : -1);
+    if (n < 0 && errno != EINTR) break;
+    host_away = 0;
+    if (p[0].revents & POLLIN) {
+      ssize_t k = read(r->port, to_harness.data + to_harness.len, RELAY_BUF - to_harness.len);
+      if (k > 0) to_harness.len += (size_t)k;
+      else if (k == 0) host_away = 1;
+    } else if (p[0].revents & (POLLHUP | POLLERR)) {
+      host_away = 1;
+    }
+    if ((p[0].revents & POLLOUT) && to_host.len > 0) {
+      ssize_t k = write(r->port, to_host.data, to_host.len);
+      if (k > 0) consume(&to_host, (size_t)k);
+    }
+    if (p[1].revents & (POLLIN | POLLHUP)) {
+      ssize_t k = read(r->sock, to_host.data + to_host.len, RELAY_BUF - to_host.len);
+      if (k > 0) to_host.len += (size_t)k;
+      else if (k == 0 || (k < 0 && errno != EAGAIN && errno != EINTR)) harness_open = 0;
+    }
+    if ((p[1].revents & POLLOUT) && to_harness.len > 0) {
+      ssize_t k = write(r->sock, to_harness.data, to_harness.len);
+      if (k > 0) consume(&to_harness, (size_t)k);
+    }
+  }
+  r->done = 1;
+  return NULL;
+}
+
 int main(void) {
   if (getpid() != 1) {
     say("must run as PID 1");
@@ -147,24 +218,35 @@ int main(void) {
     end_vm();
   }
 
+  static struct relay relay;
+  int sv[2];
+  relay.port = open(port, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  if (relay.port < 0) die("open agent port");
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) die("socketpair");
+  relay.sock = sv[0];
+  fcntl(relay.sock, F_SETFL, O_NONBLOCK);
+
   pid_t harness = fork();
   if (harness < 0) die("fork");
   if (harness == 0) {
     setsid();
-    char agent_env[320];
-    snprintf(agent_env, sizeof agent_env, "AEGIS_AGENT_PORT=%s", port);
+    if (dup2(sv[1], 3) != 3) _exit(127); /* dup2 clears close-on-exec */
     char *const argv[] = {"node", "--max-old-space-size=96", HARNESS, NULL};
     char *const envp[] = {
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME=/root",
         "LANG=C.UTF-8",
-        agent_env,
+        "AEGIS_AGENT_FD=3",
         NULL,
     };
     execve("/usr/bin/node", argv, envp);
     say("exec node: %s", strerror(errno));
     _exit(127);
   }
+
+  close(sv[1]);
+  pthread_t relay_thread;
+  if (pthread_create(&relay_thread, NULL, relay_main, &relay) != 0) die("relay thread");
 
   /* Reap everything; the VM's life is the harness's life. */
   for (;;) {
@@ -178,6 +260,11 @@ int main(void) {
     if (pid < 0 && errno == ECHILD) break;
   }
   kill(-1, SIGKILL);
+  /* Let the relay hand the harness's last words (its final replies) to the host. */
+  for (int i = 0; i < 300 && !relay.done; i++) {
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
   end_vm();
   return 0;
 }

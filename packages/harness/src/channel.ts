@@ -1,65 +1,36 @@
 /**
- * The guest end of the agent channel: a virtio-serial character device.
- *
- * Its quirks (shared notes) shape this code: while the host end is disconnected, reads return
- * EOF again and again (so we poll), and writes block (so they run on libuv's thread pool via
- * fs promises, one at a time, never on the main thread). Data written during a disconnect is
- * delivered when the host reconnects, so nothing here needs to know about reconnects.
+ * The harness end of the agent channel: a unix socket (fd 3) that aegis-init relays to the
+ * VM's virtio-serial port (or vsock). Because it is a socket, libuv polls it like any other
+ * and the process can exit at any time; the device's quirks stay in aegis-init.
  */
-import { open, type FileHandle } from 'node:fs/promises';
-
-const EOF_POLL_MS = 20;
+import net from 'node:net';
 
 export class Channel {
-  private queue: Buffer[] = [];
-  private writing: Promise<void> | undefined;
+  private constructor(private readonly socket: net.Socket) {}
 
-  private constructor(private readonly fh: FileHandle) {}
-
-  static async open(path: string): Promise<Channel> {
-    return new Channel(await open(path, 'r+'));
+  static open(fd: number): Channel {
+    const socket = new net.Socket({ fd, readable: true, writable: true });
+    socket.setNoDelay?.(true);
+    return new Channel(socket);
   }
 
-  /** Reads forever, handing each chunk to `onData` (the buffer is reused after it returns). */
-  async readLoop(onData: (chunk: Buffer) => void): Promise<never> {
-    const buf = Buffer.alloc(64 * 1024);
-    for (;;) {
-      let n = 0;
-      try {
-        n = (await this.fh.read(buf, 0, buf.length, null)).bytesRead;
-      } catch {
-        n = 0;
-      }
-      if (n === 0) {
-        await new Promise((r) => setTimeout(r, EOF_POLL_MS));
-        continue;
-      }
-      onData(buf.subarray(0, n));
-    }
+  onData(handler: (chunk: Buffer) => void): void {
+    this.socket.on('data', handler);
+  }
+
+  onClose(handler: () => void): void {
+    this.socket.on('close', handler);
   }
 
   write(line: string): void {
-    this.queue.push(Buffer.from(line, 'utf8'));
-    this.writing ??= this.flushQueue();
+    this.socket.write(line);
   }
 
-  /** Resolves when everything written so far has reached the host side. */
-  async drain(): Promise<void> {
-    while (this.writing) await this.writing;
-  }
-
-  private async flushQueue(): Promise<void> {
-    try {
-      while (this.queue.length > 0) {
-        // Coalesce queued lines into one write: fewer syscalls and thread-pool hops.
-        const data = Buffer.concat(this.queue.splice(0));
-        let off = 0;
-        while (off < data.length) {
-          off += (await this.fh.write(data, off, data.length - off, null)).bytesWritten;
-        }
-      }
-    } finally {
-      this.writing = undefined;
-    }
+  /** Resolves once everything written so far has been handed to aegis-init. */
+  drain(): Promise<void> {
+    return new Promise((resolve) => {
+      if (this.socket.writableLength === 0) return resolve();
+      this.socket.write('', () => resolve());
+    });
   }
 }

@@ -122,17 +122,21 @@ class Harness {
   }
 }
 
-async function main(): Promise<void> {
-  const port = process.env['AEGIS_AGENT_PORT'];
-  if (!port) throw new Error('AEGIS_AGENT_PORT is not set (aegis-init sets it)');
-  delete process.env['AEGIS_AGENT_PORT'];
-  const channel = await Channel.open(port);
+function main(): void {
+  const fd = Number(process.env['AEGIS_AGENT_FD']);
+  if (!Number.isInteger(fd)) throw new Error('AEGIS_AGENT_FD is not set (aegis-init sets it)');
+  delete process.env['AEGIS_AGENT_FD'];
+  const channel = Channel.open(fd);
   const harness = new Harness(channel);
+  channel.onData((chunk) => harness.peer.receive(chunk));
+  // aegis-init holds the other end for the VM's whole life; losing it means init is gone.
+  channel.onClose(() => process.exit(1));
   harness.peer.notify('ready', { version: GUEST_PROTOCOL_VERSION });
-  await channel.readLoop((chunk) => harness.peer.receive(chunk));
 }
 
-main().catch((err: unknown) => {
+try {
+  main();
+} catch (err) {
   console.error(`aegis-harness: ${err instanceof Error ? err.message : String(err)}`);
   process.exit(1);
-});
+}
