@@ -36,8 +36,9 @@ if [ ! -d "$tree" ]; then
   printf '127.0.0.1 localhost aegis\n::1 localhost\n' > "$t/etc/hosts"
   [ -e "$t/usr/bin/node" ] || ln -s nodejs "$t/usr/bin/node"
   ldconfig -r "$t" 2>/dev/null || true
-  mkdir -p "$t"/{proc,sys,dev,tmp,run,root,aegis/scratch,aegis/newroot}
-  chmod 1777 "$t/tmp"; chmod 700 "$t/root"
+  mkdir -p "$t"/{proc,sys,dev,tmp,run,root,home,mnt,opt,srv,var/tmp,aegis/scratch,aegis/newroot} \
+    "$t"/usr/local/{bin,sbin,lib,share,src,include}
+  chmod 1777 "$t/tmp" "$t/var/tmp"; chmod 700 "$t/root"
   rm -rf "$t/usr/share/doc" "$t/usr/share/man" "$t/usr/share/info" "$t/usr/share/locale"
   mv "$work/tree" "$tree"
   rm -rf "$work"

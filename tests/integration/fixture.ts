@@ -153,8 +153,12 @@ export function useDaemon(): () => TestDaemon {
     d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'));
     await d.start();
   });
-  afterEach((ctx) => {
+  afterEach(async (ctx) => {
     if (ctx.task.result?.state === 'fail') anyFailed = true;
+    // Each test starts from an empty daemon, whatever the last one left.
+    for (const i of (await d?.client.listInstances({ all: true }).catch(() => [])) ?? []) {
+      await d?.client.deleteInstance(i.id, { force: true }).catch(() => undefined);
+    }
   });
   afterAll(async () => {
     if (d) await teardown(d, anyFailed);

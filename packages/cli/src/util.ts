@@ -78,3 +78,8 @@ export function describeEnd(inst: Pick<Instance, 'state' | 'exitCode' | 'stateRe
   process.stderr.write(`aegis: instance ${inst.state}${inst.stateReason ? `: ${inst.stateReason}` : ''}\n`);
   return 125;
 }
+
+/** With pass-through options, a `--` after a positional argument arrives as part of the command. */
+export function commandArgs(argv: string[]): string[] {
+  return argv[0] === '--' ? argv.slice(1) : argv;
+}

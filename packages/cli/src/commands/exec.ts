@@ -1,6 +1,6 @@
 import { constants as osConstants } from 'node:os';
 import { Command } from 'commander';
-import { client, collectEnv, exit, fail, writeOutput } from '../util.js';
+import { client, collectEnv, commandArgs, exit, fail, writeOutput } from '../util.js';
 
 export function execCommand(): Command {
   return new Command('exec')
@@ -13,7 +13,7 @@ export function execCommand(): Command {
     .action(async (ref: string, command: string[], o: { env?: Record<string, string>; workdir?: string }) => {
       let code = 1;
       try {
-        const req = { command, ...(o.env ? { env: o.env } : {}), ...(o.workdir ? { workdir: o.workdir } : {}) };
+        const req = { command: commandArgs(command), ...(o.env ? { env: o.env } : {}), ...(o.workdir ? { workdir: o.workdir } : {}) };
         for await (const ev of client().exec(ref, req)) {
           if (ev.type === 'output') writeOutput(ev.stream, ev.data);
           else if (ev.type === 'exit') code = ev.exitCode ?? 128 + signalNumber(ev.signal);

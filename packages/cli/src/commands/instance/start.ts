@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import type { CreateInstanceRequest } from '@aegis/client';
-import { client, collectEnv, fail, positiveInt } from '../../util.js';
+import { client, collectEnv, commandArgs, fail, positiveInt } from '../../util.js';
 
 export interface StartOptions {
   name?: string;
@@ -23,7 +23,7 @@ export function withStartOptions(cmd: Command): Command {
 }
 
 export function createRequest(command: string[], o: StartOptions): CreateInstanceRequest {
-  const req: CreateInstanceRequest = { command };
+  const req: CreateInstanceRequest = { command: commandArgs(command) };
   if (o.name !== undefined) req.handle = o.name;
   if (o.env !== undefined) req.env = o.env;
   if (o.workdir !== undefined) req.workdir = o.workdir;
