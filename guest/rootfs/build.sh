@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Aegis base rootfs, a read-only erofs image, from Debian packages plus our guest
-# PID 1 (aegis-init, C) and the harness bundle (Node). Never needs a mount or root: packages
-# are unpacked with `dpkg -x` and the image is written by mkfs.erofs.
+# PID 1 (aegis-init, C), the harness bundle and the Node runtime it runs on (node.lock, from
+# the npm registry). Never needs a mount or root: packages are unpacked with `dpkg -x` and
+# the image is written by mkfs.erofs.
 # Prints the image path. Cached: the unpacked tree by the package list, the image by its inputs.
 # Usage: guest/rootfs/build.sh HARNESS_BUNDLE INIT_SOURCE [CACHE_DIR]
 set -euo pipefail
@@ -13,7 +14,7 @@ arch=$(dpkg --print-architecture)
 mkdir -p "$cache"
 
 pkgs=$(grep -v '^#' "$here/packages.txt" | xargs)
-tree_key=$( (echo "$arch"; cat "$here/packages.txt" "$here/build.sh") | sha256sum | cut -c1-16)
+tree_key=$( (echo "$arch"; cat "$here/packages.txt" "$here/node.lock" "$here/build.sh") | sha256sum | cut -c1-16)
 tree="$cache/tree-$tree_key"
 
 if [ ! -d "$tree" ]; then
@@ -34,10 +35,21 @@ if [ ! -d "$tree" ]; then
   cp "$t/usr/share/base-passwd/group.master" "$t/etc/group"
   echo "aegis" > "$t/etc/hostname"
   printf '127.0.0.1 localhost aegis\n::1 localhost\n' > "$t/etc/hosts"
-  [ -e "$t/usr/bin/node" ] || ln -s nodejs "$t/usr/bin/node"
-  ldconfig -r "$t" 2>/dev/null || true
   mkdir -p "$t"/{proc,sys,dev,tmp,run,root,home,mnt,opt,srv,var/tmp,aegis/scratch,aegis/newroot} \
     "$t"/usr/local/{bin,sbin,lib,share,src,include}
+  # The harness's runtime: official Node build from the npm registry, integrity-checked.
+  node_ver=$(sed -n 's/^version=//p' "$here/node.lock")
+  case "$arch" in amd64) narch=x64 ;; arm64) narch=arm64 ;; *) echo "no Node runtime pinned for $arch" >&2; exit 1 ;; esac
+  want=$(sed -n "s/^$narch=//p" "$here/node.lock")
+  (cd "$work" && npm pack --silent "node-linux-$narch@$node_ver" >/dev/null)
+  tgz="$work/node-linux-$narch-$node_ver.tgz"
+  got=$(node -e 'const c=require("crypto");process.stdout.write("sha512-"+c.createHash("sha512").update(require("fs").readFileSync(process.argv[1])).digest("base64"))' "$tgz")
+  [ "$got" = "$want" ] || { echo "node-linux-$narch@$node_ver integrity mismatch: $got" >&2; exit 1; }
+  mkdir -p "$t/aegis"
+  tar -xzf "$tgz" -C "$work" package/bin/node
+  install -m 0755 "$work/package/bin/node" "$t/aegis/node"
+  ln -sf /aegis/node "$t/usr/local/bin/node"
+  ldconfig -r "$t" 2>/dev/null || true
   chmod 1777 "$t/tmp" "$t/var/tmp"; chmod 700 "$t/root"
   rm -rf "$t/usr/share/doc" "$t/usr/share/man" "$t/usr/share/info" "$t/usr/share/locale"
   mv "$work/tree" "$tree"
@@ -49,6 +61,7 @@ init_bin="$cache/aegis-init-$(sha256sum "$init_src" | cut -c1-16)"
 if [ ! -x "$init_bin" ]; then
   gcc -static -O2 -Wall -pthread -o "$init_bin.tmp" "$init_src"
   mv "$init_bin.tmp" "$init_bin"
+  find "$cache" -maxdepth 1 -name "aegis-init-*" ! -name "$(basename "$init_bin")" -delete
 fi
 
 image_key=$( (echo "$tree_key"; sha256sum "$init_bin" "$bundle" | cut -d' ' -f1) | sha256sum | cut -c1-16)

@@ -239,7 +239,7 @@ int main(void) {
         "AEGIS_AGENT_FD=3",
         NULL,
     };
-    execve("/usr/bin/node", argv, envp);
+    execve("/aegis/node", argv, envp);
     say("exec node: %s", strerror(errno));
     _exit(127);
   }

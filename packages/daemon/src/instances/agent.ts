@@ -20,6 +20,8 @@ export type AgentEventHandler = <E extends keyof GuestEvents>(event: E, params: 
 export class AgentConnection {
   private readonly peer: RpcPeer;
   readonly closed: Promise<void>;
+  private sawReady!: () => void;
+  private readonly ready = new Promise<void>((r) => (this.sawReady = r));
 
   constructor(
     private readonly stream: Duplex,
@@ -36,6 +38,7 @@ export class AgentConnection {
           // A switch keeps each event's parser and type together.
           switch (method) {
             case 'ready':
+              this.sawReady();
               return onEvent('ready', parseEvent.ready(params));
             case 'output':
               return onEvent('output', parseEvent.output(params));
@@ -74,22 +77,28 @@ export class AgentConnection {
   }
 
   /**
-   * Waits until the harness answers. Requests sent before the guest opened its port may be
-   * lost, so `health` is re-sent until one is answered.
+   * Waits until the harness is there: its `ready` notification (sent once, at its start) or
+   * an answer to `health`, which is re-sent because a request that reaches the port before
+   * the guest opened it may be lost, and a daemon that reconnects never sees `ready`.
    */
   async waitReady(timeoutMs: number, signal?: AbortSignal): Promise<void> {
     const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      signal?.throwIfAborted();
-      const left = deadline - Date.now();
-      if (left <= 0) throw new AegisError('TIMEOUT', `the guest agent did not answer within ${timeoutMs} ms`);
-      try {
-        await this.call('health', {}, { timeoutMs: Math.min(500, left), ...(signal ? { signal } : {}) });
-        return;
-      } catch (err) {
-        if (!(err instanceof AegisError) || err.code !== 'TIMEOUT') throw err;
+    let ready = false;
+    void this.ready.then(() => (ready = true));
+    const polling = (async (): Promise<void> => {
+      while (!ready) {
+        signal?.throwIfAborted();
+        const left = deadline - Date.now();
+        if (left <= 0) throw new AegisError('TIMEOUT', `the guest agent did not answer within ${timeoutMs} ms`);
+        try {
+          await this.call('health', {}, { timeoutMs: Math.min(250, left), ...(signal ? { signal } : {}) });
+          return;
+        } catch (err) {
+          if (!(err instanceof AegisError) || err.code !== 'TIMEOUT') throw err;
+        }
       }
-    }
+    })();
+    await Promise.race([this.ready, polling]);
   }
 
   close(): void {
