@@ -215,6 +215,7 @@ class QemuVm implements Vm {
   private qmp: QmpClient | undefined;
   private shutdownEvent: QmpEvent | undefined;
   private stopRequested = false;
+  private detached = false;
   private readonly p: ReturnType<typeof paths>;
 
   constructor(
@@ -260,6 +261,7 @@ class QemuVm implements Vm {
     await this.connectQmp();
     // Not our child: no 'exit' event. The QMP socket closing tells us it went; confirm by pid.
     this.qmp?.once('close', () => {
+      if (this.detached) return;
       const poll = setInterval(() => {
         if (!processAlive(pid)) {
           clearInterval(poll);
@@ -277,7 +279,13 @@ class QemuVm implements Vm {
     });
   }
 
+  detach(): void {
+    this.detached = true;
+    this.qmp?.close();
+  }
+
   private onProcessGone(code: number | null, sig: NodeJS.Signals | null): void {
+    if (this.detached) return;
     this.qmp?.close();
     const reason = String(this.shutdownEvent?.data?.['reason'] ?? '');
     let exit: VmExit;

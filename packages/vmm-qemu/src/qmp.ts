@@ -44,8 +44,15 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
           s.once('error', reject);
         });
         const client = new QmpClient(socket);
-        await client.next(); // greeting: {"QMP": {...}}
-        await client.execute('qmp_capabilities');
+        // QEMU serves one QMP client at a time: a second one gets no greeting until the
+        // first leaves, so the handshake has a deadline too.
+        const timer = setTimeout(() => client.close(), Math.max(0, deadline - Date.now()));
+        try {
+          await client.next(); // greeting: {"QMP": {...}}
+          await client.execute('qmp_capabilities');
+        } finally {
+          clearTimeout(timer);
+        }
         return client;
       } catch (err) {
         if (Date.now() > deadline) {

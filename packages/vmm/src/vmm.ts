@@ -71,6 +71,11 @@ export interface Vm {
   connectAgent(signal?: AbortSignal): Promise<Duplex>;
   /** Ends the VMM process: graceful where the VMM has a way, then forced after `timeoutMs`. */
   stop(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<void>;
+  /**
+   * Lets go of the VM without stopping it (the daemon is exiting; `Backend.attach` takes it
+   * over later). After this, `exited` never resolves through this object.
+   */
+  detach(): void;
   /** Resolves once, when the VMM process has gone, for any reason. */
   readonly exited: Promise<VmExit>;
   /** A short tail of the serial console, for error reports. Never secret-bearing by design. */

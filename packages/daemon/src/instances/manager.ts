@@ -455,7 +455,10 @@ export class InstanceManager {
 
   /** Lets go of every VM without stopping it: the next daemon takes them over. */
   detachAll(): void {
-    for (const live of this.live.values()) live.agent?.close();
+    for (const live of this.live.values()) {
+      live.agent?.close();
+      live.vm.detach();
+    }
   }
 }
 
