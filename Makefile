@@ -38,6 +38,7 @@ demo: all
 	./bin/aegis run -- echo hello
 
 test: all
+	npm run typecheck
 	npm run lint
 	npm test
 

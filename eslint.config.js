@@ -29,6 +29,7 @@ export default tseslint.config(
         clearInterval: 'readonly',
         setImmediate: 'readonly',
         queueMicrotask: 'readonly',
+        performance: 'readonly',
       },
     },
     rules: {

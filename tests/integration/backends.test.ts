@@ -76,7 +76,16 @@ for (const c of candidates) {
       execFileSync('truncate', ['-s', '256M', scratch]);
       execFileSync('mkfs.ext4', ['-q', '-F', '-O', '^has_journal', scratch]);
       const a = artifacts();
-      return { id, stateDir, kernelPath: a.kernel, rootfsPath: a.rootfs, scratchDiskPath: scratch, memoryMiB: 512, vcpuCount: 1, kernelArgs: [] };
+      return {
+        id,
+        stateDir,
+        kernelPath: a.kernel,
+        rootfsPath: a.rootfs,
+        scratchDiskPath: scratch,
+        memoryMiB: 512,
+        vcpuCount: 1,
+        kernelArgs: [],
+      };
     }
 
     async function boot(): Promise<{ vm: Vm; agent: ReturnType<typeof agentClient> }> {

@@ -120,9 +120,7 @@ export async function qemuProcessesFor(home: string): Promise<string[]> {
   const out = await new Promise<string>((resolve) =>
     execFile('ps', ['-eo', 'pid=,args='], { maxBuffer: 16 << 20 }, (_e, stdout) => resolve(stdout)),
   );
-  return out
-    .split('\n')
-    .filter((l) => l.includes('qemu-system') && l.includes(home));
+  return out.split('\n').filter((l) => l.includes('qemu-system') && l.includes(home));
 }
 
 /** Removes everything a test daemon left: instances, the daemon, stray QEMU, its home. */

@@ -313,7 +313,9 @@ describe('boolQuery', () => {
 
   it('refuses anything else with INVALID_ARGUMENT naming the parameter', () => {
     for (const v of ['yes', 'TRUE', '2', 'on']) {
-      expect(() => boolQuery(q(`force=${v}`), 'force')).toThrow(new AegisError('INVALID_ARGUMENT', 'query parameter force must be true or false'));
+      expect(() => boolQuery(q(`force=${v}`), 'force')).toThrow(
+        new AegisError('INVALID_ARGUMENT', 'query parameter force must be true or false'),
+      );
       expect(codeOf(() => boolQuery(q(`force=${v}`), 'force'))).toBe('INVALID_ARGUMENT');
     }
   });
