@@ -50,6 +50,9 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
         try {
           await client.next(); // greeting: {"QMP": {...}}
           await client.execute('qmp_capabilities');
+        } catch (err) {
+          client.close(); // never leave a half-open attempt holding QEMU's one QMP slot
+          throw err;
         } finally {
           clearTimeout(timer);
         }

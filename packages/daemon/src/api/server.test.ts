@@ -252,9 +252,8 @@ describe('createServer', () => {
     expect(seen[0]?.params).toEqual({ ref: 'abc' });
   });
 
-  // BUG: a malformed escape makes decodeURIComponent throw a URIError, which becomes a 500
-  // INTERNAL (and a warning in the daemon log) instead of a 400 for the client's mistake.
-  it.fails('refuses a malformed percent-escape in a path parameter as INVALID_ARGUMENT', async () => {
+  // Regression: a malformed escape used to surface as a 500 INTERNAL (URIError).
+  it('refuses a malformed percent-escape in a path parameter as INVALID_ARGUMENT', async () => {
     const r = await request('GET', '/v1/things/%E0%A4%A');
     expect(r.status).toBe(400);
     expect((json(r) as { code: string }).code).toBe('INVALID_ARGUMENT');

@@ -87,7 +87,13 @@ export function createServer(routes: Route[], log: Logger): http.Server {
           pathMatched = true;
           if (route.method !== req.method) continue;
           const params: Record<string, string> = {};
-          for (const [k, v] of Object.entries(m.groups ?? {})) params[k] = decodeURIComponent(v);
+          for (const [k, v] of Object.entries(m.groups ?? {})) {
+            try {
+              params[k] = decodeURIComponent(v);
+            } catch {
+              throw new AegisError('INVALID_ARGUMENT', `malformed escape in path parameter ${k}`);
+            }
+          }
           const body = await readBody(req);
           const out = await route.handler({ params, query: url.searchParams, body, signal: abort.signal, res });
           if (out !== STREAMED) sendJson(res, out.status, out.body);

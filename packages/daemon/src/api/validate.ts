@@ -30,10 +30,15 @@ export function validateBody<T>(schemaName: string, body: unknown): T {
   if (!fn(body)) {
     const e = fn.errors?.[0];
     const where = e?.instancePath ? `${e.instancePath.slice(1).replaceAll('/', '.')}` : 'body';
+    const params = (e?.params ?? {}) as { additionalProperty?: unknown };
+    // Errors inside `propertyNames` carry the offending key here.
+    const badName = (e as { propertyName?: string } | undefined)?.propertyName;
     const detail =
       e?.keyword === 'additionalProperties'
-        ? `unknown field "${String((e.params as { additionalProperty?: unknown }).additionalProperty)}"`
-        : (e?.message ?? 'is invalid');
+        ? `unknown field "${String(params.additionalProperty)}"`
+        : badName !== undefined
+          ? `has an invalid name "${badName}"`
+          : (e?.message ?? 'is invalid');
     throw new AegisError('INVALID_ARGUMENT', `invalid request: ${where} ${detail}`);
   }
   return body as T;

@@ -5,7 +5,7 @@
  * no gap and no duplicate.
  */
 import { EventEmitter } from 'node:events';
-import { appendFileSync, createReadStream, statSync } from 'node:fs';
+import { appendFileSync, closeSync, createReadStream, openSync, readSync, statSync } from 'node:fs';
 import readline from 'node:readline';
 import type { Stream } from '@aegis/protocol';
 
@@ -24,6 +24,7 @@ export interface LogEnd {
 
 export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd] }> {
   private ended: LogEnd | undefined;
+  private checkedTail = false;
 
   constructor(readonly file: string) {
     super();
@@ -32,7 +33,10 @@ export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd] }>
 
   append(stream: Stream, data: Buffer): void {
     const entry: LogEntry = { timeMs: Date.now(), stream, data: data.toString('base64') };
-    appendFileSync(this.file, JSON.stringify({ t: entry.timeMs, s: stream, d: entry.data }) + '\n', { mode: 0o600 });
+    // A crash may have left a torn last line; start ours on a fresh one so it is not lost too.
+    const sep = this.checkedTail ? '' : endsTorn(this.file) ? '\n' : '';
+    this.checkedTail = true;
+    appendFileSync(this.file, sep + JSON.stringify({ t: entry.timeMs, s: stream, d: entry.data }) + '\n', { mode: 0o600 });
     this.emit('entry', entry);
   }
 
@@ -62,6 +66,19 @@ export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd] }>
       }
     }
     yield* ring;
+  }
+}
+
+function endsTorn(file: string): boolean {
+  const size = fileSize(file);
+  if (size === 0) return false;
+  const fd = openSync(file, 'r');
+  try {
+    const b = Buffer.alloc(1);
+    readSync(fd, b, 0, 1, size - 1);
+    return b[0] !== 0x0a;
+  } finally {
+    closeSync(fd);
   }
 }
 

@@ -99,7 +99,12 @@ export class Registry {
     this.db.pragma('synchronous = NORMAL');
     this.db.pragma('foreign_keys = ON');
     this.db.pragma('busy_timeout = 5000');
-    this.migrate();
+    try {
+      this.migrate();
+    } catch (err) {
+      this.db.close();
+      throw err;
+    }
   }
 
   private migrate(): void {
@@ -167,8 +172,9 @@ export class Registry {
   resolveInstance(ref: string): InstanceRow {
     const byHandle = this.db.prepare('SELECT * FROM instances WHERE handle = ?').get(ref) as RawRow | undefined;
     if (byHandle) return fromRaw(byHandle);
-    const escaped = ref.replace(/[\\%_]/g, (c) => `\\${c}`);
-    const rows = this.db.prepare(`SELECT * FROM instances WHERE id LIKE ? ESCAPE '\\' LIMIT 2`).all(`${escaped}%`) as RawRow[];
+    // Ids are lowercase hex: a prefix is compared exactly (LIKE would ignore case and wildcards).
+    const rows =
+      ref === '' ? [] : (this.db.prepare('SELECT * FROM instances WHERE substr(id, 1, ?) = ? LIMIT 2').all(ref.length, ref) as RawRow[]);
     if (rows.length === 1 && rows[0]) return fromRaw(rows[0]);
     if (rows.length > 1) throw new AegisError('INVALID_ARGUMENT', `"${ref}" matches more than one instance id; give more characters`);
     throw new AegisError('NOT_FOUND', `no instance "${ref}" (see: aegis instance list --all)`);

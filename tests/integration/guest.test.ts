@@ -1,0 +1,69 @@
+/** What the guest looks like from inside: PID 1's work, as the workload sees it. */
+import { describe, expect, it } from 'vitest';
+import { useDaemon } from './fixture.js';
+
+const daemon = useDaemon();
+
+describe('inside the guest', () => {
+  it('has /proc, /sys, /dev, /dev/pts, /tmp and /run mounted and loopback up', async () => {
+    const r = await daemon().cli([
+      'run',
+      '--',
+      'sh',
+      '-c',
+      'for m in /proc /sys /dev /dev/pts /tmp /run; do grep -q " $m " /proc/mounts && echo "$m ok"; done; cat /sys/class/net/lo/flags; grep " / " /proc/mounts | cut -d" " -f3',
+    ]);
+    expect(r.stdout).toBe('/proc ok\n/sys ok\n/dev ok\n/dev/pts ok\n/tmp ok\n/run ok\n0x9\noverlay\n');
+  });
+
+  it('reaps orphaned processes: no zombie is left after a daemonized child exits', async () => {
+    const r = await daemon().cli([
+      'run',
+      '--',
+      'sh',
+      '-c',
+      // The inner shell exits at once, orphaning `sleep`, which PID 1 inherits and must reap.
+      'sh -c "sleep 0.3 &"; sleep 2; ps -eo stat=,comm= | grep "^Z" || echo no-zombies',
+    ]);
+    expect(r.stdout).toBe('no-zombies\n');
+  });
+
+  it('runs the workload with the environment and working directory it was given', async () => {
+    const r = await daemon().cli(['run', '-e', 'GREETING=hi there', '-w', '/tmp', '--', 'sh', '-c', 'echo "$GREETING from $(pwd)"']);
+    expect(r.stdout).toBe('hi there from /tmp\n');
+  });
+
+  it('reports a workload killed by a signal as 128 + the signal number', async () => {
+    const r = await daemon().cli(['run', '--', 'sh', '-c', 'kill -TERM $$']);
+    expect(r.code).toBe(143);
+  });
+});
+
+describe('daemon control from the CLI', () => {
+  it('aegis status and aegis doctor say which backend and acceleration are in use', async () => {
+    const d = daemon();
+    const status = await d.cli(['status']);
+    expect(status.code).toBe(0);
+    expect(status.stdout).toMatch(/backend:\s+qemu \(.*(KVM|TCG)/);
+    const doctor = await d.cli(['doctor']);
+    expect(doctor.stdout).toMatch(/ok\s+backend qemu/);
+    expect(doctor.stdout).toMatch(/acceleration\s+(KVM|TCG)/);
+    expect(doctor.stdout).toMatch(/ok\s+aegisd\s+running/);
+    expect(doctor.code).toBe(0);
+  });
+
+  it('aegis down stops the daemon and aegis up starts it again, finding its instances', async () => {
+    const d = daemon();
+    await d.client.createInstance({ handle: 'keep', command: ['sleep', '600'] });
+    const down = await d.cli(['down']);
+    expect(down.stdout).toMatch(/^aegisd stopped/);
+    expect((await d.cli(['status'])).code).toBe(1);
+    const up = await d.cli(['up']);
+    expect(up.stdout).toMatch(/^aegisd started/);
+    expect((await d.cli(['up'])).stdout).toMatch(/already running/);
+    expect((await d.cli(['exec', 'keep', '--', 'echo', 'ok'])).stdout).toBe('ok\n');
+    // Hand the daemon back to the fixture, which owns the process it started.
+    await d.cli(['down']);
+    await d.start();
+  });
+});
