@@ -8,6 +8,7 @@ import { startCommand } from './commands/instance/start.js';
 import { execCommand } from './commands/exec.js';
 import { logsCommand } from './commands/logs.js';
 import { runCommand } from './commands/run.js';
+import { secretCommand } from './commands/secret/secret.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
 import { ExitSignal } from './util.js';
@@ -23,7 +24,16 @@ for (const c of [startCommand(), listCommand(), infoCommand(), stopCommand(), de
   instance.addCommand(c);
 }
 program.addCommand(instance);
-for (const c of [runCommand(), execCommand(), logsCommand(), upCommand(), downCommand(), statusCommand(), doctorCommand()]) {
+for (const c of [
+  runCommand(),
+  execCommand(),
+  logsCommand(),
+  secretCommand(),
+  upCommand(),
+  downCommand(),
+  statusCommand(),
+  doctorCommand(),
+]) {
   program.addCommand(c);
 }
 

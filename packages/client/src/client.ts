@@ -6,7 +6,7 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { AegisError, LineDecoder } from '@aegis/protocol';
-import type { CreateInstanceRequest, ExecEvent, ExecRequest, Instance, LogEvent, Status } from './types.js';
+import type { CreateInstanceRequest, ExecEvent, ExecRequest, Instance, LogEvent, SecretMeta, Status } from './types.js';
 
 export function defaultSocketPath(env: NodeJS.ProcessEnv = process.env): string {
   return path.join(env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis'), 'aegisd.sock');
@@ -116,6 +116,18 @@ export class AegisClient {
 
   resumeInstance(ref: string): Promise<Instance> {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/resume` });
+  }
+
+  setSecret(name: string, value: string): Promise<SecretMeta> {
+    return this.call({ method: 'PUT', path: `/v1/secrets/${encodeURIComponent(name)}`, body: { value } });
+  }
+
+  async listSecrets(): Promise<SecretMeta[]> {
+    return (await this.call<{ secrets: SecretMeta[] }>({ method: 'GET', path: '/v1/secrets' })).secrets;
+  }
+
+  deleteSecret(name: string): Promise<void> {
+    return this.call({ method: 'DELETE', path: `/v1/secrets/${encodeURIComponent(name)}` });
   }
 
   exec(ref: string, req: ExecRequest, signal?: AbortSignal): AsyncGenerator<ExecEvent> {

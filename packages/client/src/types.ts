@@ -20,6 +20,8 @@ export interface CreateInstanceRequest {
   command: string[];
   handle?: string;
   env?: Record<string, string>;
+  /** Secret names for the workload's environment; `*` for all. */
+  secrets?: string[];
   workdir?: string;
   memoryMiB?: number;
   vcpuCount?: number;
@@ -50,3 +52,9 @@ export type ExecEvent =
 export type LogEvent =
   | { type: 'output'; stream: Stream; data: string; timeMs: number }
   | { type: 'end'; state: InstanceState; exitCode: number | null; stateReason?: string };
+
+export interface SecretMeta {
+  name: string;
+  createdAt: string;
+  updatedAt: string;
+}

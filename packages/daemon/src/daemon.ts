@@ -4,6 +4,7 @@
  */
 import { promises as fs } from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import type http from 'node:http';
 import { AegisError } from '@aegis/protocol';
 import { selectBackend, type Backend, type Probe } from '@aegis/vmm';
@@ -13,6 +14,8 @@ import { InstanceManager } from './instances/manager.js';
 import { Registry } from './registry/db.js';
 import { createServer } from './api/server.js';
 import { instanceRoutes } from './api/routes/instances.js';
+import { secretRoutes } from './api/routes/secrets.js';
+import { SecretStore } from './secrets/store.js';
 import { systemRoutes } from './api/routes/system.js';
 import type { Logger } from './log.js';
 
@@ -29,6 +32,7 @@ export interface DaemonContext {
   backend: Backend;
   probe: Probe;
   instances: InstanceManager;
+  secrets: SecretStore;
   shutdown(): Promise<void>;
 }
 
@@ -55,7 +59,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   const { backend, probe } = await selectBackend(knownBackends(), config.backend);
   log.info(`backend ${backend.name}: ${probe.detail}`);
   const registry = new Registry(config.dbPath);
-  const instances = new InstanceManager(config, registry, backend, log);
+  const secrets = new SecretStore(registry, path.join(config.home, 'secrets.key'));
+  const instances = new InstanceManager(config, registry, backend, log, secrets);
   await instances.recover();
 
   let resolveClosed!: () => void;
@@ -67,6 +72,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     backend,
     probe,
     instances,
+    secrets,
     async shutdown() {
       if (stopping) return closed;
       stopping = true;
@@ -79,7 +85,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
       resolveClosed();
     },
   };
-  const server: http.Server = createServer([...systemRoutes(ctx), ...instanceRoutes(ctx)], log);
+  const server: http.Server = createServer([...systemRoutes(ctx), ...instanceRoutes(ctx), ...secretRoutes(ctx)], log);
   // The socket is the daemon's whole authority: only its owner may connect.
   const oldUmask = process.umask(0o177);
   try {

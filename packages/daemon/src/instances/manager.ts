@@ -14,6 +14,7 @@ import type { Backend, Vm, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
 import type { Logger } from '../log.js';
+import type { SecretStore } from '../secrets/store.js';
 import { AgentConnection } from './agent.js';
 import { LogStore } from './logs.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
@@ -31,6 +32,8 @@ export interface CreateRequest {
   command: string[];
   handle?: string;
   env?: Record<string, string>;
+  /** Secret names for the workload's environment; `*` for all. */
+  secrets?: string[];
   workdir?: string;
   memoryMiB?: number;
   vcpuCount?: number;
@@ -108,6 +111,7 @@ export class InstanceManager {
     private readonly registry: Registry,
     private readonly backend: Backend,
     private readonly log: Logger,
+    private readonly secrets: SecretStore,
   ) {}
 
   list(all: boolean): InstanceView[] {
@@ -145,6 +149,14 @@ export class InstanceManager {
 
   async create(req: CreateRequest, signal?: AbortSignal): Promise<InstanceView> {
     await this.checkArtifacts();
+    // Secrets are resolved first: an unknown name fails before anything exists. The values
+    // live only in this request's memory and the guest's; the registry never sees them.
+    const secretEnv = this.secrets.resolve(req.secrets ?? []);
+    for (const k of Object.keys(secretEnv)) {
+      if (req.env && Object.hasOwn(req.env, k)) {
+        throw new AegisError('INVALID_ARGUMENT', `${k} is given both as an environment variable and as a secret`);
+      }
+    }
     const id = randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
     const dir = this.dirOf(id);
@@ -194,7 +206,7 @@ export class InstanceManager {
       await this.connectAgent(live, this.config.bootTimeoutMs, signal);
       const agent = live.agent;
       if (!agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
-      const params = { command: req.command, env: req.env ?? {}, ...(req.workdir ? { workdir: req.workdir } : {}) };
+      const params = { command: req.command, env: { ...req.env, ...secretEnv }, ...(req.workdir ? { workdir: req.workdir } : {}) };
       await agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS });
       // A workload that exits at once may already have moved us on to stopping.
       this.transition(id, 'running', { startedAt: Date.now() });

@@ -4,7 +4,7 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError, isAegisError, type ErrorCode } from '@aegis/protocol';
-import { Registry, type InstanceRow } from './db.js';
+import { Registry, SCHEMA_VERSION, type InstanceRow } from './db.js';
 
 function row(overrides: Partial<InstanceRow> = {}): InstanceRow {
   return {
@@ -261,7 +261,7 @@ describe('Registry', () => {
 
       const raw = new Database(file, { readonly: true });
       try {
-        expect(raw.pragma('user_version', { simple: true })).toBe(1);
+        expect(raw.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
       } finally {
         raw.close();
       }
@@ -271,7 +271,7 @@ describe('Registry', () => {
       open().close();
       const raw = new Database(file, { readonly: true });
       try {
-        expect(raw.pragma('user_version', { simple: true })).toBe(1);
+        expect(raw.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
         const tables = raw.prepare("SELECT name FROM sqlite_master WHERE type = 'table'").all() as { name: string }[];
         expect(tables.map((t) => t.name)).toContain('instances');
       } finally {

@@ -24,7 +24,32 @@ const MIGRATIONS: string[] = [
      stopped_at  INTEGER,
      updated_at  INTEGER NOT NULL
    )`,
+  `CREATE TABLE secrets (
+     name        TEXT PRIMARY KEY,
+     value       BLOB NOT NULL,          -- iv || GCM tag || ciphertext; never plaintext
+     created_at  INTEGER NOT NULL,
+     updated_at  INTEGER NOT NULL
+   )`,
 ];
+
+/** The schema version this build writes (PRAGMA user_version). */
+export const SCHEMA_VERSION = MIGRATIONS.length;
+
+export interface SecretRow {
+  name: string;
+  value: Buffer;
+  createdAt: number;
+  updatedAt: number;
+}
+
+interface RawSecret {
+  name: string;
+  value: Buffer;
+  created_at: number;
+  updated_at: number;
+}
+
+const secretFromRaw = (r: RawSecret): SecretRow => ({ name: r.name, value: r.value, createdAt: r.created_at, updatedAt: r.updated_at });
 
 export interface InstanceRow {
   id: string;
@@ -166,6 +191,31 @@ export class Registry {
 
   listInstances(): InstanceRow[] {
     return (this.db.prepare('SELECT * FROM instances ORDER BY created_at').all() as RawRow[]).map(fromRaw);
+  }
+
+  putSecret(name: string, value: Buffer, now: number): SecretRow {
+    this.db
+      .prepare(
+        `INSERT INTO secrets (name, value, created_at, updated_at) VALUES (?, ?, ?, ?)
+         ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at`,
+      )
+      .run(name, value, now, now);
+    const row = this.getSecret(name);
+    if (!row) throw new AegisError('INTERNAL', 'secret vanished after write');
+    return row;
+  }
+
+  getSecret(name: string): SecretRow | undefined {
+    const r = this.db.prepare('SELECT * FROM secrets WHERE name = ?').get(name) as RawSecret | undefined;
+    return r && secretFromRaw(r);
+  }
+
+  listSecrets(): SecretRow[] {
+    return (this.db.prepare('SELECT * FROM secrets ORDER BY name').all() as RawSecret[]).map(secretFromRaw);
+  }
+
+  deleteSecret(name: string): boolean {
+    return this.db.prepare('DELETE FROM secrets WHERE name = ?').run(name).changes > 0;
   }
 
   /** Resolves a handle, a full id, or a unique id prefix (as Docker does). */

@@ -5,6 +5,7 @@ import { client, collectEnv, commandArgs, fail, positiveInt } from '../../util.j
 export interface StartOptions {
   name?: string;
   env?: Record<string, string>;
+  secret?: string[];
   workdir?: string;
   memory?: number;
   cpus?: number;
@@ -15,6 +16,11 @@ export function withStartOptions(cmd: Command): Command {
   return cmd
     .option('--name <handle>', 'handle for the instance (unique)')
     .option('-e, --env <KEY=VALUE>', 'environment variable for the workload (repeatable)', collectEnv)
+    .option(
+      '--secret <KEY>',
+      "put a stored secret in the workload's environment (repeatable; '*' for all)",
+      (v: string, prev: string[] = []) => [...prev, v],
+    )
     .option('-w, --workdir <dir>', 'working directory in the guest')
     .option('--memory <MiB>', 'guest memory in MiB (default 512)', positiveInt('--memory', 128, 65536))
     .option('--cpus <n>', 'virtual CPUs (default 1)', positiveInt('--cpus', 1, 64))
@@ -26,6 +32,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   const req: CreateInstanceRequest = { command: commandArgs(command) };
   if (o.name !== undefined) req.handle = o.name;
   if (o.env !== undefined) req.env = o.env;
+  if (o.secret !== undefined) req.secrets = o.secret;
   if (o.workdir !== undefined) req.workdir = o.workdir;
   if (o.memory !== undefined) req.memoryMiB = o.memory;
   if (o.cpus !== undefined) req.vcpuCount = o.cpus;

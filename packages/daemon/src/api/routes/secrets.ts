@@ -1,0 +1,36 @@
+import { AegisError } from '@aegis/protocol';
+import type { DaemonContext } from '../../daemon.js';
+import { validateBody } from '../validate.js';
+import type { Route } from '../server.js';
+
+function name(params: Record<string, string>): string {
+  const n = params['name'];
+  if (n === undefined) throw new AegisError('INVALID_ARGUMENT', 'missing secret name');
+  return n;
+}
+
+export function secretRoutes(d: DaemonContext): Route[] {
+  return [
+    {
+      method: 'GET',
+      path: '/v1/secrets',
+      handler: () => Promise.resolve({ status: 200, body: { secrets: d.secrets.list() } }),
+    },
+    {
+      method: 'PUT',
+      path: '/v1/secrets/{name}',
+      handler: ({ params, body }) => {
+        const req = validateBody<{ value: string }>('SetSecretRequest', body);
+        return Promise.resolve({ status: 200, body: d.secrets.set(name(params), req.value) });
+      },
+    },
+    {
+      method: 'DELETE',
+      path: '/v1/secrets/{name}',
+      handler: ({ params }) => {
+        d.secrets.delete(name(params));
+        return Promise.resolve({ status: 204 });
+      },
+    },
+  ];
+}
