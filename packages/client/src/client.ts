@@ -118,6 +118,22 @@ export class AegisClient {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/resume` });
   }
 
+  signalInstance(ref: string, signal: string): Promise<void> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/signal`, body: { signal } });
+  }
+
+  signalExec(ref: string, execId: string, signal: string): Promise<void> {
+    const p = `/v1/instances/${encodeURIComponent(ref)}/execs/${encodeURIComponent(execId)}/signal`;
+    return this.call({ method: 'POST', path: p, body: { signal } });
+  }
+
+  /** Writes to an exec's stdin (it must have been started with `stdin: true`). */
+  execInput(ref: string, execId: string, input: { data?: Buffer; eof?: boolean }): Promise<void> {
+    const p = `/v1/instances/${encodeURIComponent(ref)}/execs/${encodeURIComponent(execId)}/input`;
+    const body = { ...(input.data ? { data: input.data.toString('base64') } : {}), ...(input.eof ? { eof: true } : {}) };
+    return this.call({ method: 'POST', path: p, body });
+  }
+
   setSecret(name: string, value: string): Promise<SecretMeta> {
     return this.call({ method: 'PUT', path: `/v1/secrets/${encodeURIComponent(name)}`, body: { value } });
   }

@@ -31,6 +31,7 @@ export interface ExecRequest {
   command: string[];
   env?: Record<string, string>;
   workdir?: string;
+  stdin?: boolean;
 }
 
 export interface Status {

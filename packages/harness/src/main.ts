@@ -16,6 +16,7 @@ import {
   type RunParams,
   type ShutdownParams,
   type SignalParams,
+  type StdinParams,
   type Stream,
 } from '@aegis/protocol';
 import { Channel } from './channel.js';
@@ -39,8 +40,8 @@ class Harness {
     });
   }
 
-  private handle(method: string, raw: unknown): Promise<unknown> {
-    if (!isGuestMethod(method)) return Promise.reject(new AegisError('UNSUPPORTED', `unknown method ${method}`));
+  private async handle(method: string, raw: unknown): Promise<unknown> {
+    if (!isGuestMethod(method)) throw new AegisError('UNSUPPORTED', `unknown method ${method}`);
     switch (method) {
       case 'run':
         return this.run(parseParams.run(raw));
@@ -48,8 +49,10 @@ class Harness {
         return this.exec(parseParams.exec(raw));
       case 'signal':
         return this.signal(parseParams.signal(raw));
+      case 'stdin':
+        return this.stdin(parseParams.stdin(raw));
       case 'health':
-        return Promise.resolve(this.health());
+        return this.health();
       case 'shutdown':
         return this.shutdown(parseParams.shutdown(raw));
     }
@@ -96,6 +99,13 @@ class Harness {
     const target = p.execId === undefined ? this.workload : this.execs.get(p.execId);
     if (!target) throw new AegisError('NOT_FOUND', p.execId === undefined ? 'no workload is running' : `no exec ${p.execId}`);
     target.signal(p.signal);
+    return Promise.resolve({});
+  }
+
+  private stdin(p: StdinParams): Promise<Record<string, never>> {
+    const target = p.execId === undefined ? this.workload : this.execs.get(p.execId);
+    if (!target) throw new AegisError('NOT_FOUND', p.execId === undefined ? 'no workload is running' : `no exec ${p.execId}`);
+    target.write(p.data === undefined ? undefined : Buffer.from(p.data, 'base64'), p.eof === true);
     return Promise.resolve({});
   }
 

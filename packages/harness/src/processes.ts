@@ -11,6 +11,7 @@ export interface ProcessSpec {
   command: string[];
   env: Record<string, string>;
   workdir?: string;
+  stdin?: boolean;
 }
 
 export interface ProcessEvents {
@@ -51,7 +52,7 @@ export class GuestProcess {
     const child = spawn(file, args, {
       cwd: spec.workdir ?? '/',
       env: { ...BASE_ENV, ...spec.env },
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
       detached: true,
     });
     const gp = new GuestProcess(child);
@@ -95,6 +96,16 @@ export class GuestProcess {
         report();
       });
     });
+  }
+
+  /** Feeds the process's stdin; FAILED_PRECONDITION when it was started without one. */
+  write(data: Buffer | undefined, eof: boolean): void {
+    const stdin = this.child.stdin;
+    if (!stdin) throw new AegisError('FAILED_PRECONDITION', 'this process was started without stdin (use -i)');
+    if (stdin.destroyed || stdin.writableEnded) return; // it stopped reading: drop, like a closed pipe
+    stdin.on('error', () => undefined); // EPIPE when the process exits first
+    if (data && data.length > 0) stdin.write(data);
+    if (eof) stdin.end();
   }
 
   signal(name: string): void {

@@ -31,6 +31,8 @@ export interface ExecParams {
   command: string[];
   env: Record<string, string>;
   workdir?: string;
+  /** Give the process a stdin pipe fed by `stdin` requests (otherwise /dev/null). */
+  stdin?: boolean;
 }
 export interface ExecResult {
   pid: number;
@@ -40,6 +42,15 @@ export interface SignalParams {
   /** Omitted: the workload. */
   execId?: string;
   signal: string;
+}
+
+export interface StdinParams {
+  /** Omitted: the workload. */
+  execId?: string;
+  /** base64 */
+  data?: string;
+  /** Close the process's stdin after `data`. */
+  eof?: boolean;
 }
 
 export type HealthParams = Record<string, never>;
@@ -59,6 +70,7 @@ export interface GuestMethods {
   run: { params: RunParams; result: RunResult };
   exec: { params: ExecParams; result: ExecResult };
   signal: { params: SignalParams; result: Record<string, never> };
+  stdin: { params: StdinParams; result: Record<string, never> };
   health: { params: HealthParams; result: HealthResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
@@ -160,8 +172,8 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
   },
   exec(v) {
     const o = obj(v ?? {}, 'exec params');
-    onlyKeys(o, ['execId', 'command', 'env', 'workdir'], 'exec params');
-    return withWorkdir(
+    onlyKeys(o, ['execId', 'command', 'env', 'workdir', 'stdin'], 'exec params');
+    const p = withWorkdir(
       {
         execId: str(o['execId'], 'execId', 128),
         command: argv(o['command'], 'command'),
@@ -169,6 +181,17 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
       },
       o['workdir'],
     );
+    return o['stdin'] === true ? { ...p, stdin: true } : p;
+  },
+  stdin(v) {
+    const o = obj(v ?? {}, 'stdin params');
+    onlyKeys(o, ['execId', 'data', 'eof'], 'stdin params');
+    const out: StdinParams = {};
+    const execId = optStr(o['execId'], 'execId');
+    if (execId !== undefined) out.execId = execId;
+    if (o['data'] !== undefined) out.data = str(o['data'], 'data', 16 << 20);
+    if (o['eof'] === true) out.eof = true;
+    return out;
   },
   signal(v) {
     const o = obj(v ?? {}, 'signal params');
@@ -197,6 +220,9 @@ export const parseResult: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
     return { pid: int(obj(v, 'exec result')['pid'], 'pid') };
   },
   signal() {
+    return {};
+  },
+  stdin() {
     return {};
   },
   health(v) {

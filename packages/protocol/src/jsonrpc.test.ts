@@ -88,6 +88,19 @@ describe('RpcPeer', () => {
     expect(JSON.parse(sent[1] ?? '{}')).toMatchObject({ id: 1, result: 'ok' });
   });
 
+  it('answers a handler that throws synchronously with an error instead of dying', async () => {
+    const sent: string[] = [];
+    const p = new RpcPeer({
+      send: (l) => sent.push(l),
+      onRequest: () => {
+        throw new AegisError('INVALID_ARGUMENT', 'bad params');
+      },
+    });
+    p.receive(Buffer.from('{"jsonrpc":"2.0","id":3,"method":"x"}\n'));
+    await new Promise((r) => setTimeout(r, 0));
+    expect(JSON.parse(sent[0] ?? '{}')).toMatchObject({ id: 3, error: { data: { code: 'INVALID_ARGUMENT', message: 'bad params' } } });
+  });
+
   it('fails pending requests when closed', async () => {
     const p = new RpcPeer({ send: () => undefined });
     const pending = p.request('health');

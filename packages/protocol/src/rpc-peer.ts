@@ -118,10 +118,13 @@ export class RpcPeer {
         this.opts.send(encode(failure(msg.id, new AegisError('UNSUPPORTED', `method ${msg.method} not served here`))));
         return;
       }
-      handler(msg.method, msg.params).then(
-        (result) => this.opts.send(encode(success(msg.id, result))),
-        (err: unknown) => this.opts.send(encode(failure(msg.id, AegisError.from(err)))),
-      );
+      // A handler that throws synchronously must still answer, not take the peer down.
+      Promise.resolve()
+        .then(() => handler(msg.method, msg.params))
+        .then(
+          (result) => this.opts.send(encode(success(msg.id, result))),
+          (err: unknown) => this.opts.send(encode(failure(msg.id, AegisError.from(err)))),
+        );
       return;
     }
     if (isNotification(msg)) {

@@ -10,11 +10,14 @@ export function runCommand(): Command {
     .action(async (command: string[], o: StartOptions & { rm?: boolean }) => {
       const api = new AegisClient();
       let handle: string | undefined;
-      let interrupted = false;
+      let interrupts = 0;
+      // First Ctrl-C: SIGINT to the workload (it may clean up and exit as it likes).
+      // Second: stop the instance. Either way `run` then deletes it, so nothing is left.
       const onSigint = (): void => {
-        if (interrupted || !handle) process.exit(130);
-        interrupted = true;
-        void api.stopInstance(handle, { timeoutMs: 2000 }).catch(() => undefined);
+        interrupts++;
+        if (!handle || interrupts > 2) process.exit(130);
+        if (interrupts === 1) void api.signalInstance(handle, 'SIGINT').catch(() => undefined);
+        else void api.stopInstance(handle, { timeoutMs: 2000 }).catch(() => undefined);
       };
       process.on('SIGINT', onSigint);
       let code = 1;
@@ -25,7 +28,7 @@ export function runCommand(): Command {
           if (ev.type === 'output') writeOutput(ev.stream, ev.data);
           else if (ev.type === 'end') code = describeEnd(ev);
         }
-        if (interrupted) code = 130;
+        if (interrupts > 1) code = 130;
         if (o.rm !== false) await api.deleteInstance(inst.id, { force: true });
       } catch (err) {
         if (handle && o.rm !== false) await api.deleteInstance(handle, { force: true }).catch(() => undefined);

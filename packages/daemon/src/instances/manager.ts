@@ -43,6 +43,8 @@ export interface ExecRequest {
   command: string[];
   env?: Record<string, string>;
   workdir?: string;
+  /** Keep the command's stdin open for `execInput` (otherwise it reads /dev/null). */
+  stdin?: boolean;
 }
 
 export type ExecEvent =
@@ -403,7 +405,13 @@ export class InstanceManager {
       });
     });
     try {
-      const params = { execId, command: req.command, env: req.env ?? {}, ...(req.workdir ? { workdir: req.workdir } : {}) };
+      const params = {
+        execId,
+        command: req.command,
+        env: req.env ?? {},
+        ...(req.workdir ? { workdir: req.workdir } : {}),
+        ...(req.stdin ? { stdin: true } : {}),
+      };
       await agent.call('exec', params, { timeoutMs: RUN_TIMEOUT_MS });
     } catch (err) {
       live.execs.delete(execId);
@@ -420,6 +428,27 @@ export class InstanceManager {
     } finally {
       signal?.removeEventListener('abort', onAbort);
     }
+  }
+
+  private runningAgent(ref: string, op: string): AgentConnection {
+    const row = this.registry.resolveInstance(ref);
+    requireState(row.handle, row.state, ['running'], op);
+    const agent = this.requireLive(row, op).agent;
+    if (!agent) throw new AegisError('UNAVAILABLE', `agent of instance "${row.handle}" is not connected`);
+    return agent;
+  }
+
+  /** Sends a signal to the workload, or to one exec. */
+  async signal(ref: string, signal: string, execId?: string): Promise<void> {
+    const agent = this.runningAgent(ref, 'signal');
+    await agent.call('signal', execId === undefined ? { signal } : { execId, signal }, { timeoutMs: 10_000 });
+  }
+
+  /** Feeds an exec's stdin (base64 `data`, then optionally end of file). */
+  async execInput(ref: string, execId: string, data: string | undefined, eof: boolean): Promise<void> {
+    const agent = this.runningAgent(ref, 'write to');
+    const params = { execId, ...(data !== undefined ? { data } : {}), ...(eof ? { eof: true } : {}) };
+    await agent.call('stdin', params, { timeoutMs: 30_000 });
   }
 
   /** The log store of an instance plus whether more output can still come. */

@@ -79,6 +79,33 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       },
     },
     {
+      method: 'POST',
+      path: '/v1/instances/{ref}/signal',
+      handler: async ({ params, body }) => {
+        const req = validateBody<{ signal: string }>('SignalRequest', body);
+        await m.signal(param(params, 'ref'), req.signal);
+        return { status: 204 };
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/execs/{execId}/signal',
+      handler: async ({ params, body }) => {
+        const req = validateBody<{ signal: string }>('SignalRequest', body);
+        await m.signal(param(params, 'ref'), req.signal, param(params, 'execId'));
+        return { status: 204 };
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/execs/{execId}/input',
+      handler: async ({ params, body }) => {
+        const req = validateBody<{ data?: string; eof?: boolean }>('ExecInputRequest', body);
+        await m.execInput(param(params, 'ref'), param(params, 'execId'), req.data, req.eof === true);
+        return { status: 204 };
+      },
+    },
+    {
       method: 'GET',
       path: '/v1/instances/{ref}/logs',
       handler: async ({ params, query, signal, res }) => {
