@@ -150,10 +150,15 @@ export class AegisClient {
     return this.stream({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/exec`, body: req, ...(signal ? { signal } : {}) });
   }
 
-  logs(ref: string, options: { follow?: boolean; tail?: number; signal?: AbortSignal } = {}): AsyncGenerator<LogEvent> {
+  logs(
+    ref: string,
+    options: { follow?: boolean; tail?: number; sinceMs?: number; execs?: boolean; signal?: AbortSignal } = {},
+  ): AsyncGenerator<LogEvent> {
     const q = new URLSearchParams();
     if (options.follow) q.set('follow', 'true');
     if (options.tail !== undefined) q.set('tail', String(options.tail));
+    if (options.sinceMs !== undefined) q.set('since', String(Math.max(0, Math.floor(options.sinceMs))));
+    if (options.execs) q.set('execs', 'true');
     const qs = q.toString();
     return this.stream({
       method: 'GET',

@@ -51,7 +51,7 @@ export type ExecEvent =
   | { type: 'exit'; exitCode: number | null; signal: string | null };
 
 export type LogEvent =
-  | { type: 'output'; stream: Stream; data: string; timeMs: number }
+  | { type: 'output'; stream: Stream; data: string; timeMs: number; execId?: string }
   | { type: 'end'; state: InstanceState; exitCode: number | null; stateReason?: string };
 
 export interface SecretMeta {

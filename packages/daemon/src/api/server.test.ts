@@ -336,10 +336,11 @@ describe('intQuery', () => {
     expect(intQuery(q('tail=42'), 'tail')).toBe(42);
     expect(intQuery(q('tail=007'), 'tail')).toBe(7);
     expect(intQuery(q('tail=999999999'), 'tail')).toBe(999_999_999);
+    expect(intQuery(q('since=1795496272000'), 'since')).toBe(1_795_496_272_000);
   });
 
-  it('refuses negatives, fractions, words, empty values and numbers over nine digits', () => {
-    for (const v of ['-1', '1.5', 'ten', '', '1e3', ' 1', '1000000000', '0x10']) {
+  it('refuses negatives, fractions, words, empty values and numbers over fifteen digits', () => {
+    for (const v of ['-1', '1.5', 'ten', '', '1e3', ' 1', '1000000000000000', '0x10']) {
       let err: unknown;
       try {
         intQuery(new URLSearchParams([['tail', v]]), 'tail');

@@ -127,6 +127,7 @@ export function boolQuery(q: URLSearchParams, name: string): boolean {
 export function intQuery(q: URLSearchParams, name: string): number | undefined {
   const v = q.get(name);
   if (v === null) return undefined;
-  if (!/^\d{1,9}$/.test(v)) throw new AegisError('INVALID_ARGUMENT', `query parameter ${name} must be a non-negative integer`);
+  // 15 digits: enough for epoch milliseconds, safely inside Number's exact range.
+  if (!/^\d{1,15}$/.test(v)) throw new AegisError('INVALID_ARGUMENT', `query parameter ${name} must be a non-negative integer`);
   return Number(v);
 }

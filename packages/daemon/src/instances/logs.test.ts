@@ -219,3 +219,39 @@ describe('fileSize', () => {
     expect(fileSize(path.join(os.tmpdir(), 'aegis-no-such-file-' + process.pid))).toBe(0);
   });
 });
+
+describe('LogStore bounds and filters', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aegis-logs-bound-'));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it('rotates past the bound, keeps one generation, and reads both in order', async () => {
+    const file = path.join(dir, 'output.ndjson');
+    const store = new LogStore(file, 1000);
+    for (let i = 0; i < 40; i++) store.append('stdout', Buffer.from(`chunk ${i} `.padEnd(40, '.')));
+    expect(fs.statSync(file).size).toBeLessThanOrEqual(1000);
+    expect(fs.statSync(`${file}.1`).size).toBeLessThanOrEqual(1000);
+    const got = (await collect(store.read())).map((e) => Buffer.from(e.data, 'base64').toString().split(' ')[1]);
+    // The oldest chunks are gone; what is kept is the newest, contiguous and in order.
+    expect(got.at(-1)).toBe('39');
+    expect(got).toEqual(got.map((_, i) => String(40 - got.length + i)));
+    expect(got.length).toBeGreaterThan(10);
+  });
+
+  it('marks exec output and leaves it out unless asked', async () => {
+    const store = new LogStore(path.join(dir, 'o.ndjson'));
+    store.append('stdout', Buffer.from('workload'));
+    store.append('stderr', Buffer.from('exec'), 'e1');
+    expect((await collect(store.read())).map((e) => e.execId)).toEqual([undefined]);
+    expect((await collect(store.read(undefined, undefined, { execs: true }))).map((e) => e.execId)).toEqual([undefined, 'e1']);
+  });
+
+  it('filters by time with since', async () => {
+    const file = path.join(dir, 's.ndjson');
+    fs.writeFileSync(file, ['{"t":1000,"s":"stdout","d":"YQ=="}', '{"t":2000,"s":"stdout","d":"Yg=="}'].join('\n') + '\n');
+    const store = new LogStore(file);
+    expect((await collect(store.read(undefined, undefined, { sinceMs: 1500 }))).map((e) => e.timeMs)).toEqual([2000]);
+  });
+});

@@ -1,11 +1,12 @@
 /**
- * The workload's output, kept on the host per instance as NDJSON (one chunk per line:
- * time, stream, base64 data), so it survives the VM, the daemon, and a stopped instance.
- * Appends are synchronous: a follower can read the file and then switch to live events with
- * no gap and no duplicate.
+ * An instance's output, kept on the host as NDJSON (one chunk per line: time, stream, base64
+ * data, and the exec id for exec output), so it survives the VM, the daemon, and a stopped
+ * instance. Bounded: past `maxFileBytes` the file is rotated to `<file>.1` (one generation is
+ * kept), so an instance holds at most about twice that. Appends are synchronous: a follower
+ * can read the file and then switch to live events with no gap and no duplicate.
  */
 import { EventEmitter } from 'node:events';
-import { appendFileSync, closeSync, createReadStream, openSync, readSync, statSync } from 'node:fs';
+import { appendFileSync, closeSync, createReadStream, openSync, readSync, renameSync, statSync } from 'node:fs';
 import readline from 'node:readline';
 import type { Stream } from '@aegis/protocol';
 
@@ -14,6 +15,8 @@ export interface LogEntry {
   stream: Stream;
   /** base64 */
   data: string;
+  /** Set for the output of an exec; absent for the workload's. */
+  execId?: string;
 }
 
 export interface LogEnd {
@@ -22,21 +25,47 @@ export interface LogEnd {
   stateReason?: string;
 }
 
+export interface LogFilter {
+  /** Only entries at or after this time. */
+  sinceMs?: number;
+  /** Include exec output (by default only the workload's). */
+  execs?: boolean;
+}
+
+/** Per-file bound before rotation: 8 MiB, so at most ~16 MiB of output per instance. */
+export const DEFAULT_MAX_LOG_BYTES = 8 * 1024 * 1024;
+
 export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd] }> {
   private ended: LogEnd | undefined;
   private checkedTail = false;
+  private size = -1;
 
-  constructor(readonly file: string) {
+  constructor(
+    readonly file: string,
+    private readonly maxFileBytes = DEFAULT_MAX_LOG_BYTES,
+  ) {
     super();
     this.setMaxListeners(0);
   }
 
-  append(stream: Stream, data: Buffer): void {
+  get rotatedFile(): string {
+    return `${this.file}.1`;
+  }
+
+  append(stream: Stream, data: Buffer, execId?: string): void {
     const entry: LogEntry = { timeMs: Date.now(), stream, data: data.toString('base64') };
+    if (execId !== undefined) entry.execId = execId;
+    if (this.size < 0) this.size = fileSize(this.file);
     // A crash may have left a torn last line; start ours on a fresh one so it is not lost too.
     const sep = this.checkedTail ? '' : endsTorn(this.file) ? '\n' : '';
     this.checkedTail = true;
-    appendFileSync(this.file, sep + JSON.stringify({ t: entry.timeMs, s: stream, d: entry.data }) + '\n', { mode: 0o600 });
+    const line = sep + JSON.stringify({ t: entry.timeMs, s: stream, d: entry.data, ...(execId !== undefined ? { x: execId } : {}) }) + '\n';
+    if (this.size > 0 && this.size + line.length > this.maxFileBytes) {
+      renameSync(this.file, this.rotatedFile);
+      this.size = 0;
+    }
+    appendFileSync(this.file, line, { mode: 0o600 });
+    this.size += Buffer.byteLength(line);
     this.emit('entry', entry);
   }
 
@@ -50,23 +79,37 @@ export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd] }>
     return this.ended;
   }
 
-  /** Stored entries, oldest first, up to the file's size now; `tail` keeps only the last N. */
-  async *read(tail?: number, uptoBytes?: number): AsyncGenerator<LogEntry> {
-    const size = uptoBytes ?? fileSize(this.file);
-    if (size === 0) return;
-    const rl = readline.createInterface({ input: createReadStream(this.file, { end: size - 1 }), crlfDelay: Infinity });
+  /**
+   * Stored entries, oldest first (the rotated file, then the current one up to `uptoBytes`,
+   * default: its size now); `tail` keeps only the last N that pass `filter`.
+   */
+  async *read(tail?: number, uptoBytes?: number, filter: LogFilter = {}): AsyncGenerator<LogEntry> {
     const ring: LogEntry[] = [];
-    for await (const line of rl) {
-      const entry = parseLine(line);
-      if (!entry) continue;
-      if (tail === undefined) yield entry;
-      else {
-        ring.push(entry);
-        if (ring.length > tail) ring.shift();
+    const sources: [string, number][] = [
+      [this.rotatedFile, fileSize(this.rotatedFile)],
+      [this.file, uptoBytes ?? fileSize(this.file)],
+    ];
+    for (const [file, size] of sources) {
+      if (size === 0) continue;
+      const rl = readline.createInterface({ input: createReadStream(file, { end: size - 1 }), crlfDelay: Infinity });
+      for await (const line of rl) {
+        const entry = parseLine(line);
+        if (!entry || !matches(entry, filter)) continue;
+        if (tail === undefined) yield entry;
+        else {
+          ring.push(entry);
+          if (ring.length > tail) ring.shift();
+        }
       }
     }
     yield* ring;
   }
+}
+
+export function matches(e: LogEntry, filter: LogFilter): boolean {
+  if (filter.sinceMs !== undefined && e.timeMs < filter.sinceMs) return false;
+  if (e.execId !== undefined && !filter.execs) return false;
+  return true;
 }
 
 function endsTorn(file: string): boolean {
@@ -92,9 +135,11 @@ export function fileSize(file: string): number {
 
 function parseLine(line: string): LogEntry | undefined {
   try {
-    const o = JSON.parse(line) as { t?: unknown; s?: unknown; d?: unknown };
+    const o = JSON.parse(line) as { t?: unknown; s?: unknown; d?: unknown; x?: unknown };
     if (typeof o.t !== 'number' || (o.s !== 'stdout' && o.s !== 'stderr') || typeof o.d !== 'string') return undefined;
-    return { timeMs: o.t, stream: o.s, data: o.d };
+    const e: LogEntry = { timeMs: o.t, stream: o.s, data: o.d };
+    if (typeof o.x === 'string') e.execId = o.x;
+    return e;
   } catch {
     return undefined; // a torn last line after a crash
   }

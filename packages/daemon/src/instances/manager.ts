@@ -278,8 +278,8 @@ export class InstanceManager {
     switch (event) {
       case 'output': {
         const ev = params as GuestEvents['output'];
-        if (ev.execId === undefined) live.logs.append(ev.stream, Buffer.from(ev.data, 'base64'));
-        else live.execs.get(ev.execId)?.emit({ type: 'output', stream: ev.stream, data: ev.data });
+        live.logs.append(ev.stream, Buffer.from(ev.data, 'base64'), ev.execId);
+        if (ev.execId !== undefined) live.execs.get(ev.execId)?.emit({ type: 'output', stream: ev.stream, data: ev.data });
         return;
       }
       case 'execExit': {

@@ -1,7 +1,7 @@
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../../daemon.js';
 import type { CreateRequest, ExecRequest } from '../../instances/manager.js';
-import { fileSize } from '../../instances/logs.js';
+import { fileSize, matches, type LogEntry } from '../../instances/logs.js';
 import { validateBody } from '../validate.js';
 import { boolQuery, intQuery, startStream, STREAMED, type Route } from '../server.js';
 
@@ -111,10 +111,12 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       handler: async ({ params, query, signal, res }) => {
         const follow = boolQuery(query, 'follow');
         const tail = intQuery(query, 'tail');
+        const since = intQuery(query, 'since');
+        const filter = { ...(since !== undefined ? { sinceMs: since } : {}), execs: boolQuery(query, 'execs') };
         const { store, live } = m.logs(param(params, 'ref'));
         const write = startStream(res);
         if (!follow || !live) {
-          for await (const e of store.read(tail)) write({ type: 'output', ...e });
+          for await (const e of store.read(tail, undefined, filter)) write({ type: 'output', ...e });
           if (follow) {
             const row = m.get(param(params, 'ref'));
             write({ type: 'end', state: row.state, exitCode: row.exitCode, ...(row.stateReason ? { stateReason: row.stateReason } : {}) });
@@ -125,7 +127,8 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         // Subscribe first, then replay the file up to this instant: no gap, no duplicate.
         const pending: unknown[] = [];
         let replaying = true;
-        const onEntry = (e: object): void => {
+        const onEntry = (e: LogEntry): void => {
+          if (!matches(e, filter)) return;
           const ev = { type: 'output', ...e };
           if (replaying) pending.push(ev);
           else write(ev);
@@ -136,7 +139,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         });
         store.on('entry', onEntry);
         try {
-          for await (const e of store.read(tail, fileSize(store.file))) write({ type: 'output', ...e });
+          for await (const e of store.read(tail, fileSize(store.file), filter)) write({ type: 'output', ...e });
           for (const ev of pending) write(ev);
           replaying = false;
           const gone = new Promise<void>((r) => signal.addEventListener('abort', () => r(), { once: true }));
