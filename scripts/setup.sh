@@ -11,7 +11,8 @@ esac
 # qemu: the VMM; erofs-utils/e2fsprogs: guest disks without mounting; linux-source and the
 # toolchain: our guest kernel; gcc/libc6-dev: the static guest init; python3/make/g++: node-gyp.
 pkgs=("$qemu" erofs-utils e2fsprogs linux-source bc bison flex libelf-dev libssl-dev gcc g++ make
-      libc6-dev ccache xz-utils python3 dpkg-dev ca-certificates)
+      libc6-dev ccache xz-utils python3 dpkg-dev ca-certificates
+      tmux) # tmux: the tests drive `aegis exec -it` under a real terminal
 
 if ! command -v apt-get >/dev/null || ! command -v dpkg-query >/dev/null; then
   echo "This system has no apt-get. Install the equivalents of: ${pkgs[*]} and Node.js >= 20, then run make again." >&2

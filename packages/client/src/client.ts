@@ -127,6 +127,11 @@ export class AegisClient {
     return this.call({ method: 'POST', path: p, body: { signal } });
   }
 
+  resizeExec(ref: string, execId: string, size: { rows: number; cols: number }): Promise<void> {
+    const p = `/v1/instances/${encodeURIComponent(ref)}/execs/${encodeURIComponent(execId)}/resize`;
+    return this.call({ method: 'POST', path: p, body: size });
+  }
+
   /** Writes to an exec's stdin (it must have been started with `stdin: true`). */
   execInput(ref: string, execId: string, input: { data?: Buffer; eof?: boolean }): Promise<void> {
     const p = `/v1/instances/${encodeURIComponent(ref)}/execs/${encodeURIComponent(execId)}/input`;

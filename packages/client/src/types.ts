@@ -32,6 +32,8 @@ export interface ExecRequest {
   env?: Record<string, string>;
   workdir?: string;
   stdin?: boolean;
+  /** Run on a pseudo-terminal of this size. */
+  tty?: { rows: number; cols: number };
 }
 
 export interface Status {

@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
@@ -192,7 +193,116 @@ static void *relay_main(void *arg) {
   return NULL;
 }
 
-int main(void) {
+/* ---- `aegis-init pty ROWS COLS -- CMD...`: a command on a new pseudo-terminal ------------
+ * Run by the harness for `exec -t` (Node cannot allocate a PTY). fd 0 feeds the terminal,
+ * fd 1 receives what it prints, fd 3 takes "ROWS COLS\n" lines to resize it (the kernel then
+ * sends SIGWINCH). Ctrl-C arrives as a 0x03 byte and the terminal turns it into SIGINT for
+ * the foreground process group, as on any terminal. Exits with the command's status
+ * (128 + N when killed by signal N). */
+
+static int write_all(int fd, const char *p, size_t n) {
+  while (n > 0) {
+    ssize_t k = write(fd, p, n);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) {
+        struct pollfd w = {.fd = fd, .events = POLLOUT};
+        poll(&w, 1, 100);
+        continue;
+      }
+      return -1;
+    }
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+static int pty_main(int argc, char **argv) {
+  if (argc < 6 || strcmp(argv[4], "--") != 0) {
+    say("usage: aegis-init pty ROWS COLS -- CMD [ARG...]");
+    return 2;
+  }
+  struct winsize ws = {.ws_row = (unsigned short)atoi(argv[2]), .ws_col = (unsigned short)atoi(argv[3])};
+  int master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+  if (master < 0 || grantpt(master) != 0 || unlockpt(master) != 0) {
+    say("cannot allocate a pty: %s", strerror(errno));
+    return 126;
+  }
+  char slave_name[128];
+  if (ptsname_r(master, slave_name, sizeof slave_name) != 0) return 126;
+  ioctl(master, TIOCSWINSZ, &ws);
+  pid_t child = fork();
+  if (child < 0) return 126;
+  if (child == 0) {
+    setsid();
+    int slave = open(slave_name, O_RDWR);
+    if (slave < 0) _exit(126);
+    ioctl(slave, TIOCSCTTY, 0);
+    dup2(slave, 0);
+    dup2(slave, 1);
+    dup2(slave, 2);
+    if (slave > 2) close(slave);
+    close(3);
+    if (!getenv("TERM")) setenv("TERM", "xterm", 1);
+    execvp(argv[5], &argv[5]);
+    fprintf(stderr, "%s: %s\n", argv[5], strerror(errno));
+    _exit(errno == ENOENT ? 127 : 126);
+  }
+  fcntl(master, F_SETFL, O_NONBLOCK);
+  char buf[16384], ctl[128];
+  size_t ctl_len = 0;
+  int in_open = 1, ctl_open = 1, status = 0, exited = 0;
+  for (;;) {
+    struct pollfd p[3] = {
+        {.fd = master, .events = POLLIN},
+        {.fd = in_open ? 0 : -1, .events = POLLIN},
+        {.fd = ctl_open ? 3 : -1, .events = POLLIN},
+    };
+    int n = poll(p, 3, exited ? 0 : 100);
+    if (n < 0 && errno != EINTR) break;
+    if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      ssize_t k = read(master, buf, sizeof buf);
+      if (k > 0) {
+        if (write_all(1, buf, (size_t)k) != 0) break;
+        continue; /* drain before looking at anything else */
+      }
+      if (k < 0 && errno != EAGAIN && errno != EINTR) break; /* EIO: every slave fd closed */
+    }
+    if (p[1].revents & (POLLIN | POLLHUP)) {
+      ssize_t k = read(0, buf, sizeof buf);
+      if (k > 0) write_all(master, buf, (size_t)k);
+      else if (k == 0 || errno != EINTR) in_open = 0;
+    }
+    if (p[2].revents & (POLLIN | POLLHUP)) {
+      ssize_t k = read(3, ctl + ctl_len, sizeof ctl - 1 - ctl_len);
+      if (k <= 0) ctl_open = 0;
+      else {
+        ctl_len += (size_t)k;
+        char *nl;
+        while ((nl = memchr(ctl, '\n', ctl_len)) != NULL) {
+          *nl = 0;
+          unsigned rows = 0, cols = 0;
+          if (sscanf(ctl, "%u %u", &rows, &cols) == 2) {
+            struct winsize w = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+            ioctl(master, TIOCSWINSZ, &w);
+          }
+          size_t used = (size_t)(nl - ctl) + 1;
+          memmove(ctl, nl + 1, ctl_len - used);
+          ctl_len -= used;
+        }
+        if (ctl_len == sizeof ctl - 1) ctl_len = 0; /* a line too long: drop it */
+      }
+    }
+    if (exited) break; /* one last pass drained what the command left */
+    if (waitpid(child, &status, WNOHANG) == child) exited = 1;
+  }
+  if (!exited) waitpid(child, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+int main(int argc, char **argv) {
+  if (argc > 1 && strcmp(argv[1], "pty") == 0) return pty_main(argc, argv);
   if (getpid() != 1) {
     say("must run as PID 1");
     return 2;

@@ -51,6 +51,13 @@ class Harness {
         return this.signal(parseParams.signal(raw));
       case 'stdin':
         return this.stdin(parseParams.stdin(raw));
+      case 'resize': {
+        const p = parseParams.resize(raw);
+        const target = this.execs.get(p.execId);
+        if (!target) throw new AegisError('NOT_FOUND', `no exec ${p.execId}`);
+        target.resize(p);
+        return {};
+      }
       case 'health':
         return this.health();
       case 'shutdown':

@@ -5,14 +5,18 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
-import { AegisError, type ExitEvent, type Stream } from '@aegis/protocol';
+import { AegisError, type ExitEvent, type Stream, type TtySize } from '@aegis/protocol';
 
 export interface ProcessSpec {
   command: string[];
   env: Record<string, string>;
   workdir?: string;
   stdin?: boolean;
+  tty?: TtySize;
 }
+
+/** aegis-init doubles as the PTY helper (`aegis-init pty ROWS COLS -- CMD`): Node has no openpty. */
+const PTY_HELPER = '/aegis/init';
 
 export interface ProcessEvents {
   onOutput: (stream: Stream, data: Buffer) => void;
@@ -49,12 +53,20 @@ export class GuestProcess {
       const st = await stat(spec.workdir).catch(() => undefined);
       if (!st?.isDirectory()) throw new AegisError('INVALID_ARGUMENT', `workdir ${spec.workdir} is not a directory in the guest`);
     }
-    const child = spawn(file, args, {
-      cwd: spec.workdir ?? '/',
-      env: { ...BASE_ENV, ...spec.env },
-      stdio: [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
-      detached: true,
-    });
+    const tty = spec.tty;
+    const child = tty
+      ? spawn(PTY_HELPER, ['pty', String(tty.rows), String(tty.cols), '--', file, ...args], {
+          cwd: spec.workdir ?? '/',
+          env: { ...BASE_ENV, TERM: 'xterm', ...spec.env },
+          stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
+          detached: true,
+        })
+      : spawn(file, args, {
+          cwd: spec.workdir ?? '/',
+          env: { ...BASE_ENV, ...spec.env },
+          stdio: [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
+          detached: true,
+        });
     const gp = new GuestProcess(child);
     return new Promise((resolve, reject) => {
       child.once('error', (err: NodeJS.ErrnoException) => {
@@ -106,6 +118,13 @@ export class GuestProcess {
     stdin.on('error', () => undefined); // EPIPE when the process exits first
     if (data && data.length > 0) stdin.write(data);
     if (eof) stdin.end();
+  }
+
+  /** Resizes the process's terminal; FAILED_PRECONDITION without one. */
+  resize(size: TtySize): void {
+    const ctl = this.child.stdio[3];
+    if (!ctl || !('write' in ctl)) throw new AegisError('FAILED_PRECONDITION', 'this process has no terminal (use -t)');
+    if (!this.exited) (ctl as NodeJS.WritableStream).write(`${size.rows} ${size.cols}\n`);
   }
 
   signal(name: string): void {

@@ -33,6 +33,17 @@ export interface ExecParams {
   workdir?: string;
   /** Give the process a stdin pipe fed by `stdin` requests (otherwise /dev/null). */
   stdin?: boolean;
+  /** Run on a new pseudo-terminal of this size; output then arrives as one stream, `stdout`. */
+  tty?: TtySize;
+}
+
+export interface TtySize {
+  rows: number;
+  cols: number;
+}
+
+export interface ResizeParams extends TtySize {
+  execId: string;
 }
 export interface ExecResult {
   pid: number;
@@ -71,6 +82,7 @@ export interface GuestMethods {
   exec: { params: ExecParams; result: ExecResult };
   signal: { params: SignalParams; result: Record<string, never> };
   stdin: { params: StdinParams; result: Record<string, never> };
+  resize: { params: ResizeParams; result: Record<string, never> };
   health: { params: HealthParams; result: HealthResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
@@ -159,6 +171,14 @@ function stream(v: unknown): Stream {
   return v;
 }
 
+function ttySize(v: unknown): TtySize {
+  const o = obj(v, 'tty');
+  const rows = int(o['rows'], 'rows');
+  const cols = int(o['cols'], 'cols');
+  if (rows < 1 || rows > 1000 || cols < 1 || cols > 1000) throw new AegisError('INVALID_ARGUMENT', 'tty size must be 1..1000 rows and columns');
+  return { rows, cols };
+}
+
 function withWorkdir<T extends object>(base: T, workdir: unknown): T & { workdir?: string } {
   const w = optStr(workdir, 'workdir');
   return w === undefined ? base : { ...base, workdir: w };
@@ -172,7 +192,7 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
   },
   exec(v) {
     const o = obj(v ?? {}, 'exec params');
-    onlyKeys(o, ['execId', 'command', 'env', 'workdir', 'stdin'], 'exec params');
+    onlyKeys(o, ['execId', 'command', 'env', 'workdir', 'stdin', 'tty'], 'exec params');
     const p = withWorkdir(
       {
         execId: str(o['execId'], 'execId', 128),
@@ -181,7 +201,16 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
       },
       o['workdir'],
     );
-    return o['stdin'] === true ? { ...p, stdin: true } : p;
+    return {
+      ...p,
+      ...(o['stdin'] === true ? { stdin: true } : {}),
+      ...(o['tty'] !== undefined ? { tty: ttySize(o['tty']) } : {}),
+    };
+  },
+  resize(v) {
+    const o = obj(v ?? {}, 'resize params');
+    onlyKeys(o, ['execId', 'rows', 'cols'], 'resize params');
+    return { execId: str(o['execId'], 'execId', 128), ...ttySize({ rows: o['rows'], cols: o['cols'] }) };
   },
   stdin(v) {
     const o = obj(v ?? {}, 'stdin params');
@@ -223,6 +252,9 @@ export const parseResult: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
     return {};
   },
   stdin() {
+    return {};
+  },
+  resize() {
     return {};
   },
   health(v) {

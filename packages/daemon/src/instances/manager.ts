@@ -45,6 +45,8 @@ export interface ExecRequest {
   workdir?: string;
   /** Keep the command's stdin open for `execInput` (otherwise it reads /dev/null). */
   stdin?: boolean;
+  /** Run on a pseudo-terminal of this size (stdin is then always open). */
+  tty?: { rows: number; cols: number };
 }
 
 export type ExecEvent =
@@ -411,6 +413,7 @@ export class InstanceManager {
         env: req.env ?? {},
         ...(req.workdir ? { workdir: req.workdir } : {}),
         ...(req.stdin ? { stdin: true } : {}),
+        ...(req.tty ? { tty: req.tty } : {}),
       };
       await agent.call('exec', params, { timeoutMs: RUN_TIMEOUT_MS });
     } catch (err) {
@@ -442,6 +445,11 @@ export class InstanceManager {
   async signal(ref: string, signal: string, execId?: string): Promise<void> {
     const agent = this.runningAgent(ref, 'signal');
     await agent.call('signal', execId === undefined ? { signal } : { execId, signal }, { timeoutMs: 10_000 });
+  }
+
+  /** Resizes an exec's terminal. */
+  async resizeExec(ref: string, execId: string, rows: number, cols: number): Promise<void> {
+    await this.runningAgent(ref, 'resize a terminal in').call('resize', { execId, rows, cols }, { timeoutMs: 10_000 });
   }
 
   /** Feeds an exec's stdin (base64 `data`, then optionally end of file). */

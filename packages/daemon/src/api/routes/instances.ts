@@ -98,6 +98,15 @@ export function instanceRoutes(d: DaemonContext): Route[] {
     },
     {
       method: 'POST',
+      path: '/v1/instances/{ref}/execs/{execId}/resize',
+      handler: async ({ params, body }) => {
+        const req = validateBody<{ rows: number; cols: number }>('TtySize', body);
+        await m.resizeExec(param(params, 'ref'), param(params, 'execId'), req.rows, req.cols);
+        return { status: 204 };
+      },
+    },
+    {
+      method: 'POST',
       path: '/v1/instances/{ref}/execs/{execId}/input',
       handler: async ({ params, body }) => {
         const req = validateBody<{ data?: string; eof?: boolean }>('ExecInputRequest', body);
