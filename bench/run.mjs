@@ -4,6 +4,9 @@
 //   vs. the raw boot of the same kernel + rootfs by QEMU alone (init=/bin/true; QEMU exits
 //   when the kernel panics on init's exit), started through the same backend code.
 // Target (issue 2): ratio <= 1.2.
+//   `aegis exec <h> -- true` round trip (CLI process, and the API client alone), median of 50,
+//   vs. the harness's own time to spawn `true` plus one agent-channel round trip, measured on a
+//   VM driven directly through the backend (no daemon). Target (issue 3): ratio <= 2.
 import { execFile, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, realpathSync, existsSync, mkdirSync, writeFileSync, openSync, closeSync } from 'node:fs';
 import os from 'node:os';
@@ -11,6 +14,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AegisClient } from '@aegis/client';
 import { QemuBackend } from '@aegis/vmm-qemu';
+import { RpcPeer, parseEvent } from '@aegis/protocol';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const RUNS = Number(process.env.BENCH_RUNS ?? 5);
@@ -48,6 +52,82 @@ async function rawBoot(workDir, i) {
   const ms = performance.now() - t0;
   if (exit.reason !== 'guest-poweroff' && exit.reason !== 'guest-panic') throw new Error(`raw boot ended oddly: ${exit.detail}`);
   return ms;
+}
+
+/** Boots a VM through the backend alone and measures the harness from the host's side. */
+async function directHarness(workDir, n) {
+  const stateDir = path.join(workDir, 'direct');
+  mkdirSync(stateDir, { recursive: true });
+  const scratch = path.join(stateDir, 'scratch.img');
+  writeFileSync(scratch, '');
+  await new Promise((res, rej) => execFile('truncate', ['-s', '256M', scratch], (e) => (e ? rej(e) : res())));
+  await new Promise((res, rej) => execFile('mkfs.ext4', ['-q', '-F', '-O', '^has_journal', scratch], (e) => (e ? rej(e) : res())));
+  const vm = await new QemuBackend().create({
+    id: 'bench-direct',
+    stateDir,
+    kernelPath: realpathSync(kernel),
+    rootfsPath: realpathSync(rootfs),
+    scratchDiskPath: scratch,
+    memoryMiB: 512,
+    vcpuCount: 1,
+    kernelArgs: [],
+  });
+  await vm.start();
+  try {
+    const stream = await vm.connectAgent();
+    const exits = new Map();
+    const peer = new RpcPeer({
+      send: (l) => stream.write(l),
+      onNotification: (method, params) => {
+        if (method === 'execExit') {
+          const ev = parseEvent.execExit(params);
+          exits.get(ev.execId)?.(ev);
+        }
+      },
+    });
+    stream.on('data', (c) => peer.receive(c));
+    for (let i = 0; ; i++) {
+      try {
+        await peer.request('health', {}, { timeoutMs: 300 });
+        break;
+      } catch (err) {
+        if (i > 200) throw err;
+      }
+    }
+    const rtt = [];
+    const spawn = [];
+    for (let i = 0; i < n + 3; i++) {
+      const t0 = performance.now();
+      await peer.request('health', {}, { timeoutMs: 5000 });
+      if (i >= 3) rtt.push(performance.now() - t0);
+      const execId = `b${i}`;
+      const done = new Promise((r) => exits.set(execId, r));
+      await peer.request('exec', { execId, command: ['true'], env: {} }, { timeoutMs: 10_000 });
+      const ev = await done;
+      if (i >= 3) spawn.push(ev.durationMs);
+    }
+    stream.destroy();
+    return { rtt, spawn };
+  } finally {
+    await vm.stop({ timeoutMs: 1000 });
+  }
+}
+
+function aegisExec(env, ref) {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    execFile(path.join(ROOT, 'bin/aegis'), ['exec', ref, '--', 'true'], { env }, (err) => {
+      if (err) reject(err);
+      else resolve(performance.now() - t0);
+    });
+  });
+}
+
+async function apiExec(client, ref) {
+  const t0 = performance.now();
+  let guest;
+  for await (const ev of client.exec(ref, { command: ['true'] })) if (ev.type === 'exit') guest = ev.guestDurationMs;
+  return { ms: performance.now() - t0, guest };
 }
 
 function aegisRun(env) {
@@ -98,11 +178,47 @@ try {
   }
   const ratio = median(ours) / median(raw);
   console.log(`\nratio aegis run / raw boot: ${ratio.toFixed(2)}x   (target <= 1.20x: ${ratio <= 1.2 ? 'met' : 'NOT met'})`);
+
+  const EXECS = Number(process.env.BENCH_EXECS ?? 50);
+  console.log(`\nexec round trip, ${EXECS} runs each:`);
+  const direct = await directHarness(home, EXECS);
+  await client.createInstance({ handle: 'bench-exec', command: ['sleep', '3600'] });
+  for (let i = 0; i < 3; i++) await aegisExec(env, 'bench-exec');
+  const cli = [];
+  const api = [];
+  for (let i = 0; i < EXECS; i++) {
+    cli.push(await aegisExec(env, 'bench-exec'));
+    api.push((await apiExec(client, 'bench-exec')).ms);
+  }
+  await client.deleteInstance('bench-exec', { force: true });
+  const reference = median(direct.spawn) + median(direct.rtt);
+  const ms = (x) => `${x.toFixed(1)} ms`;
+  console.log(`${'harness: spawn `true` in the guest (its own measure)'.padEnd(56)} median ${ms(median(direct.spawn))}`);
+  console.log(`${'agent channel round trip (health, no daemon)'.padEnd(56)} median ${ms(median(direct.rtt))}`);
+  console.log(`${'reference = spawn + one round trip'.padEnd(56)}        ${ms(reference)}`);
+  console.log(`${'`aegis exec <h> -- true` (CLI process)'.padEnd(56)} median ${ms(median(cli))}`);
+  console.log(`${'exec `true` through the API client (no CLI start)'.padEnd(56)} median ${ms(median(api))}`);
+  const execRatio = median(cli) / reference;
+  console.log(
+    `\nratio aegis exec / reference: ${execRatio.toFixed(2)}x (target <= 2.00x: ${execRatio <= 2 ? 'met' : 'NOT met'}); ` +
+      `API client alone: ${(median(api) / reference).toFixed(2)}x`,
+  );
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
     path.join(out, `core-${new Date().toISOString().replaceAll(':', '-')}.json`),
-    JSON.stringify({ runs: RUNS, rawBootMs: raw, aegisRunTrueMs: ours, ratio, backend: status.backend }, null, 2),
+    JSON.stringify(
+      {
+        runs: RUNS,
+        rawBootMs: raw,
+        aegisRunTrueMs: ours,
+        ratio,
+        exec: { cliMs: cli, apiMs: api, guestSpawnMs: direct.spawn, channelRttMs: direct.rtt, ratio: execRatio },
+        backend: status.backend,
+      },
+      null,
+      2,
+    ),
   );
 } finally {
   daemon.kill('SIGTERM');

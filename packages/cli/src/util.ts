@@ -46,6 +46,13 @@ export function collectEnv(value: string, previous: Record<string, string> = {})
   return { ...previous, [key]: val };
 }
 
+export function integer(what: string): (v: string) => number {
+  return (v) => {
+    if (!/^-?\d+$/.test(v)) throw new InvalidArgumentError(`${what} must be an integer`);
+    return Number(v);
+  };
+}
+
 export function positiveInt(what: string, min: number, max: number): (v: string) => number {
   return (v) => {
     if (!/^\d+$/.test(v) || Number(v) < min || Number(v) > max) {

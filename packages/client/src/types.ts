@@ -50,7 +50,8 @@ export type Stream = 'stdout' | 'stderr';
 export type ExecEvent =
   | { type: 'started'; execId: string }
   | { type: 'output'; stream: Stream; data: string }
-  | { type: 'exit'; exitCode: number | null; signal: string | null };
+  /** guestDurationMs: the harness's own time from receiving the exec to the exit. */
+  | { type: 'exit'; exitCode: number | null; signal: string | null; guestDurationMs?: number };
 
 export type LogEvent =
   | { type: 'output'; stream: Stream; data: string; timeMs: number; execId?: string }

@@ -89,13 +89,14 @@ class Harness {
   }
 
   private async exec(p: ExecParams): Promise<GuestMethods['exec']['result']> {
+    const received = performance.now();
     if (this.execs.has(p.execId)) throw new AegisError('ALREADY_EXISTS', `exec ${p.execId} exists`);
     if (this.shuttingDown) throw new AegisError('FAILED_PRECONDITION', 'the VM is shutting down');
     const proc = await GuestProcess.start(p, {
       onOutput: (stream, data) => this.output(stream, data, p.execId),
       onExit: (exit) => {
         this.execs.delete(p.execId);
-        this.peer.notify('execExit', { execId: p.execId, ...exit });
+        this.peer.notify('execExit', { execId: p.execId, ...exit, durationMs: Math.round(performance.now() - received) });
       },
     });
     this.execs.set(p.execId, proc);

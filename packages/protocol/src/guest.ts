@@ -106,6 +106,8 @@ export interface ExitEvent {
 }
 export interface ExecExitEvent extends ExitEvent {
   execId: string;
+  /** Guest-measured time from receiving `exec` to the process's exit (for benchmarks). */
+  durationMs?: number;
 }
 
 export interface GuestEvents {
@@ -175,7 +177,8 @@ function ttySize(v: unknown): TtySize {
   const o = obj(v, 'tty');
   const rows = int(o['rows'], 'rows');
   const cols = int(o['cols'], 'cols');
-  if (rows < 1 || rows > 1000 || cols < 1 || cols > 1000) throw new AegisError('INVALID_ARGUMENT', 'tty size must be 1..1000 rows and columns');
+  if (rows < 1 || rows > 1000 || cols < 1 || cols > 1000)
+    throw new AegisError('INVALID_ARGUMENT', 'tty size must be 1..1000 rows and columns');
   return { rows, cols };
 }
 
@@ -288,11 +291,13 @@ export const parseEvent: { [E in GuestEvent]: (v: unknown) => GuestEvents[E] } =
   },
   execExit(v) {
     const o = obj(v, 'execExit');
-    return {
+    const ev: ExecExitEvent = {
       execId: str(o['execId'], 'execId', 128),
       exitCode: intOrNull(o['exitCode'], 'exitCode'),
       signal: strOrNull(o['signal'], 'signal'),
     };
+    if (o['durationMs'] !== undefined) ev.durationMs = int(o['durationMs'], 'durationMs');
+    return ev;
   },
 };
 

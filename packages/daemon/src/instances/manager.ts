@@ -52,7 +52,7 @@ export interface ExecRequest {
 export type ExecEvent =
   | { type: 'started'; execId: string }
   | { type: 'output'; stream: Stream; data: string }
-  | { type: 'exit'; exitCode: number | null; signal: string | null };
+  | { type: 'exit'; exitCode: number | null; signal: string | null; guestDurationMs?: number };
 
 export interface InstanceView {
   id: string;
@@ -288,7 +288,12 @@ export class InstanceManager {
         const ev = params as GuestEvents['execExit'];
         const sink = live.execs.get(ev.execId);
         live.execs.delete(ev.execId);
-        sink?.emit({ type: 'exit', exitCode: ev.exitCode, signal: ev.signal });
+        sink?.emit({
+          type: 'exit',
+          exitCode: ev.exitCode,
+          signal: ev.signal,
+          ...(ev.durationMs !== undefined ? { guestDurationMs: ev.durationMs } : {}),
+        });
         return;
       }
       case 'exit': {

@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import type { CreateInstanceRequest } from '@aegis/client';
-import { client, collectEnv, commandArgs, fail, positiveInt } from '../../util.js';
+import { client, collectEnv, commandArgs, fail, integer } from '../../util.js';
 
 export interface StartOptions {
   name?: string;
@@ -13,19 +13,23 @@ export interface StartOptions {
 
 /** Options shared by `instance start` and `run`. */
 export function withStartOptions(cmd: Command): Command {
-  return cmd
-    .option('--name <handle>', 'handle for the instance (unique)')
-    .option('-e, --env <KEY=VALUE>', 'environment variable for the workload (repeatable)', collectEnv)
-    .option(
-      '--secret <KEY>',
-      "put a stored secret in the workload's environment (repeatable; '*' for all)",
-      (v: string, prev: string[] = []) => [...prev, v],
-    )
-    .option('-w, --workdir <dir>', 'working directory in the guest')
-    .option('--memory <MiB>', 'guest memory in MiB (default 512)', positiveInt('--memory', 128, 65536))
-    .option('--cpus <n>', 'virtual CPUs (default 1)', positiveInt('--cpus', 1, 64))
-    .argument('<command...>', 'command to run in the VM (after --)')
-    .passThroughOptions();
+  return (
+    cmd
+      .option('--name <handle>', 'handle for the instance (unique)')
+      .option('-e, --env <KEY=VALUE>', 'environment variable for the workload (repeatable)', collectEnv)
+      .option(
+        '--secret <KEY>',
+        "put a stored secret in the workload's environment (repeatable; '*' for all)",
+        (v: string, prev: string[] = []) => [...prev, v],
+      )
+      .option('-w, --workdir <dir>', 'working directory in the guest')
+      // Only the form is checked here; the range is the daemon's (its OpenAPI schema), so the
+      // answer is the same coded error whichever client asks.
+      .option('--memory <MiB>', 'guest memory in MiB, 128-65536 (default 512)', integer('--memory'))
+      .option('--cpus <n>', 'virtual CPUs, 1-64 (default 1)', integer('--cpus'))
+      .argument('<command...>', 'command to run in the VM (after --)')
+      .passThroughOptions()
+  );
 }
 
 export function createRequest(command: string[], o: StartOptions): CreateInstanceRequest {
