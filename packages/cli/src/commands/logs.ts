@@ -20,7 +20,7 @@ export function logsCommand(): Command {
     .description("print an instance's output (kept after it stops)")
     .argument('<instance>', 'handle, id or id prefix')
     .option('-f, --follow', 'keep printing new output until the instance stops')
-    .option('-n, --tail <n>', 'only the last n chunks', positiveInt('--tail', 0, 1_000_000_000))
+    .option('-n, --tail <n>', 'only the last n lines', positiveInt('--tail', 0, 1_000_000_000))
     .option('--since <time>', 'only output since then: 10m, 2h, 2026-01-02T15:04:05Z, or Unix seconds', (v) => parseSince(v))
     .option('-t, --timestamps', 'prefix each line with the time it was written')
     .option('--execs', 'include the output of execs, marked [exec <id>]')

@@ -53,8 +53,15 @@ describe('LogStore', () => {
     it('keeps arbitrary bytes intact, including invalid UTF-8 and newlines', async () => {
       const bytes = Buffer.from([0x00, 0xff, 0xfe, 0x0a, 0x0d, 0x80, 0x7b]);
       store.append('stdout', bytes);
-      const [entry] = await collect(store.read());
-      expect(Buffer.from(entry?.data ?? '', 'base64')).toEqual(bytes);
+      const entries = await collect(store.read());
+      expect(Buffer.concat(entries.map((e) => Buffer.from(e.data, 'base64')))).toEqual(bytes);
+    });
+
+    it('stores one entry per line, so tail counts lines', async () => {
+      store.append('stdout', Buffer.from('one\ntwo\nthr'));
+      store.append('stdout', Buffer.from('ee\n'));
+      expect(decoded(await collect(store.read()))).toEqual(['stdout:one\n', 'stdout:two\n', 'stdout:thr', 'stdout:ee\n']);
+      expect(decoded(await collect(store.read(2)))).toEqual(['stdout:thr', 'stdout:ee\n']);
     });
 
     it('writes one NDJSON line per chunk to a file only its owner can read', () => {

@@ -52,7 +52,21 @@ export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd] }>
     return `${this.file}.1`;
   }
 
+  /**
+   * Stores a chunk of output, one entry per line (the last may be a partial line), so that
+   * `tail` counts lines as `docker logs --tail` does.
+   */
   append(stream: Stream, data: Buffer, execId?: string): void {
+    let start = 0;
+    while (start < data.length) {
+      const nl = data.indexOf(0x0a, start);
+      const end = nl === -1 ? data.length : nl + 1;
+      this.appendEntry(stream, data.subarray(start, end), execId);
+      start = end;
+    }
+  }
+
+  private appendEntry(stream: Stream, data: Buffer, execId: string | undefined): void {
     const entry: LogEntry = { timeMs: Date.now(), stream, data: data.toString('base64') };
     if (execId !== undefined) entry.execId = execId;
     if (this.size < 0) this.size = fileSize(this.file);
@@ -80,7 +94,7 @@ export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd] }>
   }
 
   /**
-   * Stored entries, oldest first (the rotated file, then the current one up to `uptoBytes`,
+   * Stored entries (lines), oldest first (the rotated file, then the current one up to `uptoBytes`,
    * default: its size now); `tail` keeps only the last N that pass `filter`.
    */
   async *read(tail?: number, uptoBytes?: number, filter: LogFilter = {}): AsyncGenerator<LogEntry> {
