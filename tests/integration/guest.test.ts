@@ -28,6 +28,11 @@ describe('inside the guest', () => {
     expect(r.stdout).toBe('no-zombies\n');
   });
 
+  it('names the guest after the instance handle', async () => {
+    const r = await daemon().cli(['run', '--name', 'my-box', '--', 'hostname']);
+    expect(r.stdout).toBe('my-box\n');
+  });
+
   it('runs the workload with the environment and working directory it was given', async () => {
     const r = await daemon().cli(['run', '-e', 'GREETING=hi there', '-w', '/tmp', '--', 'sh', '-c', 'echo "$GREETING from $(pwd)"']);
     expect(r.stdout).toBe('hi there from /tmp\n');

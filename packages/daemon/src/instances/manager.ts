@@ -200,7 +200,7 @@ export class InstanceManager {
           scratchDiskPath: scratch,
           memoryMiB: row.memoryMiB,
           vcpuCount: row.vcpuCount,
-          kernelArgs: [`aegis.hostname=${handle}`],
+          kernelArgs: [`aegis_hostname=${handle}`],
         },
         signal,
       );
