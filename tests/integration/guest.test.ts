@@ -29,7 +29,7 @@ describe('inside the guest', () => {
   });
 
   it('names the guest after the instance handle', async () => {
-    const r = await daemon().cli(['run', '--name', 'my-box', '--', 'hostname']);
+    const r = await daemon().cli(['run', '--name', 'my-box', '--', 'uname', '-n']);
     expect(r.stdout).toBe('my-box\n');
   });
 
