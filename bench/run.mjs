@@ -30,22 +30,30 @@ const median = (xs) => {
 };
 const fmt = (ms) => `${(ms / 1000).toFixed(3)} s`;
 
-async function rawBoot(workDir, i) {
-  const stateDir = path.join(workDir, `raw-${i}`);
+/** A VM of the bench's own, through the backend alone (no daemon); `formatted` makes its scratch disk ext4. */
+async function benchVm(workDir, id, kernelArgs, formatted) {
+  const stateDir = path.join(workDir, id);
   mkdirSync(stateDir, { recursive: true });
   const scratch = path.join(stateDir, 'scratch.img');
   writeFileSync(scratch, '');
-  const backend = new QemuBackend();
-  const vm = await backend.create({
-    id: `bench-raw-${i}`,
+  if (formatted) {
+    await new Promise((res, rej) => execFile('truncate', ['-s', '256M', scratch], (e) => (e ? rej(e) : res())));
+    await new Promise((res, rej) => execFile('mkfs.ext4', ['-q', '-F', '-O', '^has_journal', scratch], (e) => (e ? rej(e) : res())));
+  }
+  return new QemuBackend().create({
+    id,
     stateDir,
     kernelPath: realpathSync(kernel),
     rootfsPath: realpathSync(rootfs),
     scratchDiskPath: scratch,
     memoryMiB: 512,
     vcpuCount: 1,
-    kernelArgs: ['init=/bin/true'],
+    kernelArgs,
   });
+}
+
+async function rawBoot(workDir, i) {
+  const vm = await benchVm(workDir, `bench-raw-${i}`, ['init=/bin/true'], false);
   const t0 = performance.now();
   await vm.start();
   const exit = await vm.exited;
@@ -56,22 +64,7 @@ async function rawBoot(workDir, i) {
 
 /** Boots a VM through the backend alone and measures the harness from the host's side. */
 async function directHarness(workDir, n) {
-  const stateDir = path.join(workDir, 'direct');
-  mkdirSync(stateDir, { recursive: true });
-  const scratch = path.join(stateDir, 'scratch.img');
-  writeFileSync(scratch, '');
-  await new Promise((res, rej) => execFile('truncate', ['-s', '256M', scratch], (e) => (e ? rej(e) : res())));
-  await new Promise((res, rej) => execFile('mkfs.ext4', ['-q', '-F', '-O', '^has_journal', scratch], (e) => (e ? rej(e) : res())));
-  const vm = await new QemuBackend().create({
-    id: 'bench-direct',
-    stateDir,
-    kernelPath: realpathSync(kernel),
-    rootfsPath: realpathSync(rootfs),
-    scratchDiskPath: scratch,
-    memoryMiB: 512,
-    vcpuCount: 1,
-    kernelArgs: [],
-  });
+  const vm = await benchVm(workDir, 'bench-direct', [], true);
   await vm.start();
   try {
     const stream = await vm.connectAgent();
