@@ -8,9 +8,9 @@ case "$(uname -m)" in
   aarch64) qemu=qemu-system-arm ;;
   *) echo "Aegis supports x86_64 and arm64 hosts, not $(uname -m)" >&2; exit 1 ;;
 esac
-# qemu: the VMM; erofs-utils/e2fsprogs: guest disks without mounting; linux-source and the
+# qemu: the VMM (qemu-utils: qemu-img for copy-on-write instance disks); erofs-utils/e2fsprogs: guest disks without mounting; linux-source and the
 # toolchain: our guest kernel; gcc/libc6-dev: the static guest init; python3/make/g++: node-gyp.
-pkgs=("$qemu" erofs-utils e2fsprogs linux-source bc bison flex libelf-dev libssl-dev gcc g++ make
+pkgs=("$qemu" qemu-utils erofs-utils e2fsprogs linux-source bc bison flex libelf-dev libssl-dev gcc g++ make
       libc6-dev ccache xz-utils python3 dpkg-dev ca-certificates
       tmux) # tmux: the tests drive `aegis exec -it` under a real terminal
 

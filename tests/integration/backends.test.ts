@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AegisError, RpcPeer, parseResult, type HealthResult } from '@aegis/protocol';
 import type { Backend, Vm, VmConfig } from '@aegis/vmm';
 import { QemuBackend } from '@aegis/vmm-qemu';
-import { artifacts } from './fixture.js';
+import { artifacts, qemuProcessesFor } from './fixture.js';
 
 interface Candidate {
   name: string;
@@ -65,7 +65,11 @@ for (const c of candidates) {
       process.stdout.write(`backend ${c.name}: ${skipReason ? `SKIPPED (${skipReason})` : 'running the shared suite'}\n`);
       dir = mkdtempSync('/tmp/aegis-vmm-');
     });
-    afterAll(() => rmSync(dir, { recursive: true, force: true }));
+    afterAll(async () => {
+      // A test that failed half-way may have left a VM: none may outlive the suite.
+      for (const line of await qemuProcessesFor(dir)) process.kill(Number(line.trim().split(/\s+/)[0]), 'SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+    });
 
     function config(): VmConfig {
       const id = `suite-${c.name}-${process.pid}-${n++}`;

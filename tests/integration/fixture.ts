@@ -34,14 +34,17 @@ export class TestDaemon {
   private proc: ChildProcess | undefined;
   readonly logFile: string;
 
-  constructor(readonly home: string) {
+  constructor(
+    readonly home: string,
+    private readonly extraEnv: NodeJS.ProcessEnv = {},
+  ) {
     this.client = new AegisClient(path.join(home, 'aegisd.sock'));
     this.logFile = path.join(home, 'aegisd.log');
   }
 
   get env(): NodeJS.ProcessEnv {
     const a = artifacts();
-    return { ...process.env, AEGIS_HOME: this.home, AEGIS_KERNEL: a.kernel, AEGIS_ROOTFS: a.rootfs };
+    return { ...process.env, AEGIS_HOME: this.home, AEGIS_KERNEL: a.kernel, AEGIS_ROOTFS: a.rootfs, ...this.extraEnv };
   }
 
   get pid(): number | undefined {
@@ -144,11 +147,11 @@ export async function teardown(d: TestDaemon, printLog: boolean): Promise<void> 
  * One daemon for a test file: started before its tests, torn down after them; the daemon's
  * log is printed when any test failed.
  */
-export function useDaemon(): () => TestDaemon {
+export function useDaemon(extraEnv: NodeJS.ProcessEnv = {}): () => TestDaemon {
   let d: TestDaemon | undefined;
   let anyFailed = false;
   beforeAll(async () => {
-    d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'));
+    d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'), extraEnv);
     await d.start();
   });
   afterEach(async (ctx) => {

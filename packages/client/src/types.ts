@@ -22,6 +22,8 @@ export interface CreateInstanceRequest {
   env?: Record<string, string>;
   /** Secret names for the workload's environment; `*` for all. */
   secrets?: string[];
+  /** Delete the instance if it fails to start. */
+  autoRemove?: boolean;
   workdir?: string;
   memoryMiB?: number;
   vcpuCount?: number;

@@ -16,6 +16,10 @@ export interface DaemonConfig {
   scratchDiskMiB: number;
   /** How long a boot may take before the instance fails (TCG boots take seconds). */
   bootTimeoutMs: number;
+  /** Restore instances from snapshot templates instead of booting (AEGIS_WARM_BOOT=0 turns it off). */
+  warmBoot: boolean;
+  /** Where templates live (AEGIS_TEMPLATES); default: beside the guest artifacts. */
+  templatesDir: string | undefined;
 }
 
 export function aegisHome(env: NodeJS.ProcessEnv = process.env): string {
@@ -37,5 +41,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
     defaultVcpuCount: 1,
     scratchDiskMiB: 4096,
     bootTimeoutMs: Number(env['AEGIS_BOOT_TIMEOUT_MS'] ?? 60_000),
+    warmBoot: env['AEGIS_WARM_BOOT'] !== '0',
+    templatesDir: env['AEGIS_TEMPLATES'],
   };
 }

@@ -16,6 +16,7 @@ import { createServer } from './api/server.js';
 import { instanceRoutes } from './api/routes/instances.js';
 import { secretRoutes } from './api/routes/secrets.js';
 import { SecretStore } from './secrets/store.js';
+import { TemplateCache } from './instances/templates.js';
 import { systemRoutes } from './api/routes/system.js';
 import type { Logger } from './log.js';
 
@@ -34,6 +35,13 @@ export interface DaemonContext {
   instances: InstanceManager;
   secrets: SecretStore;
   shutdown(): Promise<void>;
+}
+
+/** Beside the guest artifacts, so every AEGIS_HOME using them shares the templates. */
+async function templatesDir(config: DaemonConfig): Promise<string> {
+  if (config.templatesDir) return config.templatesDir;
+  const rootfs = await fs.realpath(config.rootfsPath).catch(() => config.rootfsPath);
+  return path.join(path.dirname(path.dirname(rootfs)), 'templates');
 }
 
 /** Is another daemon answering on this socket? */
@@ -60,8 +68,10 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   log.info(`backend ${backend.name}: ${probe.detail}`);
   const registry = new Registry(config.dbPath);
   const secrets = new SecretStore(registry, path.join(config.home, 'secrets.key'));
-  const instances = new InstanceManager(config, registry, backend, log, secrets);
+  const templates = new TemplateCache(backend, probe, await templatesDir(config), log, config.bootTimeoutMs, config.warmBoot);
+  const instances = new InstanceManager(config, registry, backend, log, secrets, templates);
   await instances.recover();
+  void instances.warmUp();
 
   let resolveClosed!: () => void;
   const closed = new Promise<void>((r) => (resolveClosed = r));

@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/fs.h>
+#include <linux/random.h>
 #include <sys/ioctl.h>
 #include <termios.h>
 #include <sys/mount.h>
@@ -312,8 +313,58 @@ static int pty_main(int argc, char **argv) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+/* ---- `aegis-init fresh`: make a restored VM its own ------------------------------------
+ * A VM restored from a snapshot wakes with the snapshot's clock, hostname and random-number
+ * state, shared with every other clone. The host sends the time, the instance's name and
+ * fresh entropy; this credits the entropy and forces the kernel's CRNG to reseed from it
+ * (RNDRESEEDCRNG), so no two clones produce the same random numbers.
+ * Input on stdin: "EPOCH_MS HOSTNAME\n" then 32..256 bytes of entropy, then EOF. The harness
+ * starts this process at boot, so a template's snapshot already holds it waiting: a clone
+ * pays no fork of the (large) Node process for it. */
+static int fresh_main(void) {
+  char head[128];
+  size_t h = 0;
+  while (h < sizeof head - 1) {
+    ssize_t k = read(0, head + h, 1);
+    if (k <= 0) return 2;
+    if (head[h] == '\n') break;
+    h++;
+  }
+  head[h] = 0;
+  long long ms = 0;
+  char hostname[65] = {0};
+  if (sscanf(head, "%lld %64s", &ms, hostname) != 2) {
+    say("fresh: bad header");
+    return 2;
+  }
+  struct {
+    int entropy_count;
+    int buf_size;
+    unsigned char buf[256];
+  } e;
+  ssize_t n = 0, k;
+  while (n < (ssize_t)sizeof e.buf && (k = read(0, e.buf + n, sizeof e.buf - (size_t)n)) > 0) n += k;
+  if (n < 32) {
+    say("fresh: need at least 32 bytes of entropy, got %zd", n);
+    return 2;
+  }
+  e.entropy_count = (int)n * 8;
+  e.buf_size = (int)n;
+  int rnd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+  if (rnd < 0 || ioctl(rnd, RNDADDENTROPY, &e) != 0 || ioctl(rnd, RNDRESEEDCRNG) != 0) {
+    say("fresh: reseeding the kernel RNG failed: %s", strerror(errno));
+    return 1;
+  }
+  close(rnd);
+  struct timespec now = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000};
+  if (clock_settime(CLOCK_REALTIME, &now) != 0) say("fresh: setting the clock failed: %s", strerror(errno));
+  if (sethostname(hostname, strlen(hostname)) != 0) say("fresh: sethostname failed: %s", strerror(errno));
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && strcmp(argv[1], "pty") == 0) return pty_main(argc, argv);
+  if (argc > 1 && strcmp(argv[1], "fresh") == 0) return fresh_main();
   if (getpid() != 1) {
     say("must run as PID 1");
     return 2;

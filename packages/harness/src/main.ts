@@ -11,6 +11,7 @@ import {
   isGuestMethod,
   parseParams,
   type ExecParams,
+  type FreshParams,
   type ExitEvent,
   type GuestMethods,
   type RunParams,
@@ -19,6 +20,7 @@ import {
   type StdinParams,
   type Stream,
 } from '@aegis/protocol';
+import { spawn } from 'node:child_process';
 import { Channel } from './channel.js';
 import { GuestProcess } from './processes.js';
 
@@ -30,6 +32,7 @@ class Harness {
   private workload: GuestProcess | undefined;
   private readonly execs = new Map<string, GuestProcess>();
   private shuttingDown = false;
+  private readonly freshener = new Freshener();
   readonly peer: RpcPeer;
 
   constructor(private readonly channel: Channel) {
@@ -51,6 +54,8 @@ class Harness {
         return this.signal(parseParams.signal(raw));
       case 'stdin':
         return this.stdin(parseParams.stdin(raw));
+      case 'fresh':
+        return this.freshener.apply(parseParams.fresh(raw));
       case 'resize': {
         const p = parseParams.resize(raw);
         const target = this.execs.get(p.execId);
@@ -137,6 +142,33 @@ class Harness {
   private async powerOff(): Promise<never> {
     await this.channel.drain();
     process.exit(0);
+  }
+}
+
+/**
+ * `aegis-init fresh` (clock, hostname, RNG reseed: things Node cannot do), started at boot and
+ * left waiting on its stdin, so that a VM restored from a snapshot finds it already running.
+ */
+class Freshener {
+  private child = this.startHelper();
+
+  private startHelper(): ReturnType<typeof spawn> {
+    const child = spawn('/aegis/init', ['fresh'], { stdio: ['pipe', 'ignore', 'pipe'] });
+    child.on('error', () => undefined);
+    return child;
+  }
+
+  apply(p: FreshParams): Promise<Record<string, never>> {
+    const child = this.child;
+    this.child = this.startHelper(); // for a later `fresh` (a snapshot of this VM, say)
+    return new Promise((resolve, reject) => {
+      let err = '';
+      child.stderr?.on('data', (c: Buffer) => (err += c.toString()));
+      child.once('close', (code) =>
+        code === 0 ? resolve({}) : reject(new AegisError('INTERNAL', err.trim() || `fresh exited with ${code}`)),
+      );
+      child.stdin?.end(Buffer.concat([Buffer.from(`${p.timeMs} ${p.hostname}\n`), Buffer.from(p.entropy, 'base64')]));
+    });
   }
 }
 

@@ -64,6 +64,14 @@ export interface StdinParams {
   eof?: boolean;
 }
 
+/** Makes a VM restored from a snapshot its own: clock, hostname, and a reseeded RNG. */
+export interface FreshParams {
+  timeMs: number;
+  hostname: string;
+  /** base64, at least 32 bytes, from the host's CSPRNG */
+  entropy: string;
+}
+
 export type HealthParams = Record<string, never>;
 export interface HealthResult {
   version: number;
@@ -83,6 +91,7 @@ export interface GuestMethods {
   signal: { params: SignalParams; result: Record<string, never> };
   stdin: { params: StdinParams; result: Record<string, never> };
   resize: { params: ResizeParams; result: Record<string, never> };
+  fresh: { params: FreshParams; result: Record<string, never> };
   health: { params: HealthParams; result: HealthResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
@@ -210,6 +219,14 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
       ...(o['tty'] !== undefined ? { tty: ttySize(o['tty']) } : {}),
     };
   },
+  fresh(v) {
+    const o = obj(v ?? {}, 'fresh params');
+    onlyKeys(o, ['timeMs', 'hostname', 'entropy'], 'fresh params');
+    const hostname = str(o['hostname'], 'hostname', 64);
+    if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(hostname))
+      throw new AegisError('INVALID_ARGUMENT', 'hostname has characters a hostname cannot');
+    return { timeMs: int(o['timeMs'], 'timeMs'), hostname, entropy: str(o['entropy'], 'entropy', 1024) };
+  },
   resize(v) {
     const o = obj(v ?? {}, 'resize params');
     onlyKeys(o, ['execId', 'rows', 'cols'], 'resize params');
@@ -258,6 +275,9 @@ export const parseResult: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
     return {};
   },
   resize() {
+    return {};
+  },
+  fresh() {
     return {};
   },
   health(v) {

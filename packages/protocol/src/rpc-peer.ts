@@ -39,7 +39,11 @@ export interface RpcPeerOptions {
 }
 
 export class RpcPeer {
-  private nextId = 1;
+  /**
+   * Ids start at a random point: a peer restored from a snapshot may still send answers to a
+   * previous connection's requests, and those must not match ours.
+   */
+  private nextId = Math.floor(Math.random() * 2 ** 31);
   private readonly pending = new Map<RpcId, Pending>();
   private readonly decoder: LineDecoder;
   private closedWith: AegisError | undefined;

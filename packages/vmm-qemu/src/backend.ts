@@ -61,7 +61,7 @@ async function hostTscKhz(): Promise<number | undefined> {
 function capabilitiesFor(kvm: boolean): Capabilities {
   return {
     pause: true,
-    snapshot: false,
+    snapshot: true,
     survivesDaemonRestart: true,
     agentTransport: 'virtio-serial',
     acceleration: kvm ? 'kvm' : 'tcg',
@@ -170,7 +170,7 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     '-device',
     'virtio-blk-device,drive=root',
     '-drive',
-    `id=scratch,file=${config.scratchDiskPath},format=raw,if=none,discard=unmap`,
+    `id=scratch,file=${config.scratchDiskPath},format=${config.scratchDiskFormat ?? 'raw'},if=none,discard=unmap`,
     '-device',
     'virtio-blk-device,drive=scratch',
     '-device',
@@ -187,7 +187,14 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     `file:${p.console}`,
     '-pidfile',
     p.pid,
+    ...(config.restoreFrom ? ['-incoming', `exec:cat ${shellSafe(config.restoreFrom)}`] : []),
   ];
+}
+
+/** QEMU runs `exec:` migration URIs through /bin/sh: only plain paths may go there. */
+function shellSafe(file: string): string {
+  if (!/^[\w./+-]+$/.test(file)) throw new AegisError('INVALID_ARGUMENT', `snapshot path ${file} has characters QEMU's exec: cannot take`);
+  return file;
 }
 
 async function isOurQemu(pid: number, id: string): Promise<boolean> {
@@ -238,6 +245,7 @@ class QemuVm implements Vm {
     const log = openSync(this.p.vmmLog, 'a');
     // Detached in its own session with no pipes to us: the VM outlives a daemon restart.
     const child = spawn(this.launch.binary, this.launch.args, { detached: true, stdio: ['ignore', log, log] });
+    const restoring = this.launch.args.includes('-incoming');
     closeSync(log);
     child.unref();
     const spawned = await new Promise<number>((resolve, reject) => {
@@ -248,10 +256,41 @@ class QemuVm implements Vm {
     child.once('exit', (code, sig) => this.onProcessGone(code, sig));
     try {
       await this.connectQmp(signal);
+      if (restoring) await this.finishIncoming();
     } catch (err) {
       child.kill('SIGKILL');
       const tail = await fs.readFile(this.p.vmmLog, 'utf8').catch(() => '');
       throw new AegisError('UNAVAILABLE', `QEMU did not start: ${tail.trim().split('\n').slice(-3).join(' | ') || (err as Error).message}`);
+    }
+  }
+
+  /** Waits for an incoming snapshot to be loaded, then lets the guest run. */
+  private async finishIncoming(): Promise<void> {
+    const qmp = this.requireQmp();
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const st = (await qmp.execute('query-status')) as { status?: string };
+      if (st.status !== 'inmigrate') break;
+      if (Date.now() > deadline) throw new AegisError('TIMEOUT', 'restoring the snapshot took over 60 s');
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    const mig = (await qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
+    if (mig.status === 'failed') throw new AegisError('INTERNAL', `snapshot restore failed: ${mig['error-desc'] ?? 'unknown'}`);
+    await qmp.execute('cont');
+  }
+
+  async saveSnapshot(file: string): Promise<void> {
+    const qmp = this.requireQmp();
+    await qmp.execute('stop');
+    // QEMU 7.2 has no file: migration URI; exec:cat writes the stream to the file.
+    await qmp.execute('migrate', { uri: `exec:cat > ${shellSafe(file)}` });
+    for (;;) {
+      const st = (await qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
+      if (st.status === 'completed') return;
+      if (st.status === 'failed' || st.status === 'cancelled') {
+        throw new AegisError('INTERNAL', `snapshot failed: ${st['error-desc'] ?? st.status}`);
+      }
+      await new Promise((r) => setTimeout(r, 20));
     }
   }
 

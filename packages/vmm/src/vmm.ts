@@ -38,6 +38,14 @@ export interface VmConfig {
   rootfsPath: string;
   /** This VM's own writable disk (the upper layer over the rootfs). */
   scratchDiskPath: string;
+  /** `qcow2` for a copy-on-write child of a snapshot template's disk. Default `raw`. */
+  scratchDiskFormat?: 'raw' | 'qcow2';
+  /**
+   * Resume from a snapshot written by `Vm.saveSnapshot` instead of booting. Every other field
+   * must describe the same machine the snapshot was taken of (the scratch disk may be a
+   * copy-on-write child of that machine's). UNSUPPORTED where `capabilities.snapshot` is false.
+   */
+  restoreFrom?: string;
   memoryMiB: number;
   vcpuCount: number;
   /** Extra kernel command-line words (the backend adds its own). */
@@ -69,6 +77,11 @@ export interface Vm {
    * stream closes (for example after a daemon restart); the guest keeps its state.
    */
   connectAgent(signal?: AbortSignal): Promise<Duplex>;
+  /**
+   * Pauses the VM and writes its memory and device state to `file` (the VM stays paused; the
+   * caller usually stops it next). Disks are not copied: they must be kept as they are.
+   */
+  saveSnapshot(file: string, signal?: AbortSignal): Promise<void>;
   /** Ends the VMM process: graceful where the VMM has a way, then forced after `timeoutMs`. */
   stop(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<void>;
   /**

@@ -22,7 +22,7 @@ export function runCommand(): Command {
       process.on('SIGINT', onSigint);
       let code = 1;
       try {
-        const inst = await api.createInstance(createRequest(command, o));
+        const inst = await api.createInstance({ ...createRequest(command, o), ...(o.rm !== false ? { autoRemove: true } : {}) });
         handle = inst.id;
         for await (const ev of api.logs(inst.id, { follow: true })) {
           if (ev.type === 'output') writeOutput(ev.stream, ev.data);

@@ -3,12 +3,10 @@
  * delete, and finding running VMs again after a daemon restart. State lives in the registry;
  * this class holds only what cannot be stored (VM handles, agent connections, followers).
  */
-import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { AegisError, exitStatus, type ExitEvent, type GuestEvents, type Stream } from '@aegis/protocol';
 import type { Backend, Vm, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
@@ -16,10 +14,10 @@ import type { InstanceRow, Registry } from '../registry/db.js';
 import type { Logger } from '../log.js';
 import type { SecretStore } from '../secrets/store.js';
 import { AgentConnection } from './agent.js';
+import { makeChildDisk, makeScratchDisk } from './disks.js';
 import { LogStore } from './logs.js';
+import type { MachineShape, Template, TemplateCache } from './templates.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
-
-const execFileP = promisify(execFile);
 
 /** Unix socket paths are limited to 107 bytes. */
 const MAX_SOCKET_PATH = 107;
@@ -34,6 +32,8 @@ export interface CreateRequest {
   env?: Record<string, string>;
   /** Secret names for the workload's environment; `*` for all. */
   secrets?: string[];
+  /** Delete the instance if it fails to start (`aegis run`). */
+  autoRemove?: boolean;
   workdir?: string;
   memoryMiB?: number;
   vcpuCount?: number;
@@ -77,6 +77,8 @@ interface LiveInstance {
   logs: LogStore;
   execs: Map<string, { emit: (ev: ExecEvent) => void; fail: (err: AegisError) => void }>;
   exit: ExitEvent | undefined;
+  /** Replaced by another VM for the same instance (a warm boot that fell back to cold). */
+  retired?: boolean;
   /** Resolves after the VM's exit has been recorded. */
   finished: Promise<void>;
 }
@@ -116,6 +118,7 @@ export class InstanceManager {
     private readonly backend: Backend,
     private readonly log: Logger,
     private readonly secrets: SecretStore,
+    private readonly templates: TemplateCache,
   ) {}
 
   list(all: boolean): InstanceView[] {
@@ -189,27 +192,31 @@ export class InstanceManager {
     let vm: Vm | undefined;
     try {
       await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });
-      const scratch = path.join(dir, 'scratch.img');
-      await makeScratchDisk(scratch, this.config.scratchDiskMiB);
-      vm = await this.backend.create(
-        {
-          id,
-          stateDir: vmDir,
-          kernelPath: await fs.realpath(this.config.kernelPath),
-          rootfsPath: await fs.realpath(this.config.rootfsPath),
-          scratchDiskPath: scratch,
-          memoryMiB: row.memoryMiB,
-          vcpuCount: row.vcpuCount,
-          kernelArgs: [`aegis_hostname=${handle}`],
-        },
-        signal,
-      );
-      await vm.start(signal);
-      this.registry.updateInstance(id, { vmRecord: vm.record() });
-      const live = this.track(id, handle, vm);
-      await this.connectAgent(live, this.config.bootTimeoutMs, signal);
-      const agent = live.agent;
-      if (!agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
+      const shape = {
+        kernelPath: await fs.realpath(this.config.kernelPath),
+        rootfsPath: await fs.realpath(this.config.rootfsPath),
+        memoryMiB: row.memoryMiB,
+        vcpuCount: row.vcpuCount,
+        scratchDiskMiB: this.config.scratchDiskMiB,
+      };
+      const template = this.templates.lookup(shape);
+      let agent: AgentConnection;
+      try {
+        ({ vm, agent } = await this.boot(id, handle, dir, shape, template, signal));
+      } catch (err) {
+        if (!template || signal?.aborted) throw err;
+        // A template that will not restore must not break instances: set it aside, boot cold.
+        this.log.warn(`instance ${handle} (${id}): warm boot failed (${(err as Error).message}); booting cold`);
+        await this.templates.discard(template);
+        const failed = this.live.get(id);
+        if (failed) {
+          failed.retired = true;
+          await failed.vm.stop({ timeoutMs: 1000 });
+          await failed.finished;
+        }
+        this.registry.updateInstance(id, { vmRecord: null });
+        ({ vm, agent } = await this.boot(id, handle, dir, shape, undefined, signal));
+      }
       const params = { command: req.command, env: { ...req.env, ...secretEnv }, ...(req.workdir ? { workdir: req.workdir } : {}) };
       await agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS });
       // A workload that exits at once may already have moved us on to stopping.
@@ -224,7 +231,80 @@ export class InstanceManager {
         await vm.stop({ timeoutMs: 1000 }).catch(() => undefined);
         await this.live.get(id)?.finished;
       }
+      if (req.autoRemove) await this.delete(id, true).catch(() => undefined);
       throw e;
+    }
+  }
+
+  /**
+   * Starts the instance's VM, warm from `template` when given (restore + `fresh`), else cold,
+   * and returns once its harness answers.
+   */
+  private async boot(
+    id: string,
+    handle: string,
+    dir: string,
+    shape: MachineShape,
+    template: Template | undefined,
+    signal: AbortSignal | undefined,
+  ): Promise<{ vm: Vm; agent: AgentConnection }> {
+    const t0 = Date.now();
+    const phases: string[] = [];
+    const phase = (name: string): void => void phases.push(`${name} ${Date.now() - t0}`);
+    const vmDir = path.join(dir, 'vm');
+    await fs.rm(vmDir, { recursive: true, force: true });
+    await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });
+    await fs.rm(path.join(dir, 'scratch.img'), { force: true });
+    await fs.rm(path.join(dir, 'scratch.qcow2'), { force: true });
+    const scratch = path.join(dir, template ? 'scratch.qcow2' : 'scratch.img');
+    if (template) await makeChildDisk(scratch, template.scratch);
+    else await makeScratchDisk(scratch, shape.scratchDiskMiB);
+    const vm = await this.backend.create(
+      {
+        id,
+        stateDir: vmDir,
+        kernelPath: shape.kernelPath,
+        rootfsPath: shape.rootfsPath,
+        scratchDiskPath: scratch,
+        scratchDiskFormat: template ? 'qcow2' : 'raw',
+        memoryMiB: shape.memoryMiB,
+        vcpuCount: shape.vcpuCount,
+        // A restored machine must match its template's exactly; it gets its name from `fresh`.
+        kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
+        ...(template ? { restoreFrom: template.snapshot } : {}),
+      },
+      signal,
+    );
+    phase('disk');
+    await vm.start(signal);
+    phase(template ? 'restored' : 'vmm started');
+    this.registry.updateInstance(id, { vmRecord: vm.record() });
+    const live = this.track(id, handle, vm);
+    await this.connectAgent(live, this.config.bootTimeoutMs, signal);
+    phase('agent ready');
+    const agent = live.agent;
+    if (!agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
+    if (template) {
+      const fresh = { timeMs: Date.now(), hostname: handle, entropy: randomBytes(64).toString('base64') };
+      await agent.call('fresh', fresh, { timeoutMs: 15_000 });
+      phase('fresh');
+    }
+    this.log.info(`instance ${handle} (${id}): ${template ? 'warm' : 'cold'} boot, ms: ${phases.join(', ')}`);
+    return { vm, agent };
+  }
+
+  /** Builds the warm-boot template for the default machine shape, in the background. */
+  async warmUp(): Promise<void> {
+    try {
+      await this.templates.ensure({
+        kernelPath: await fs.realpath(this.config.kernelPath),
+        rootfsPath: await fs.realpath(this.config.rootfsPath),
+        memoryMiB: this.config.defaultMemoryMiB,
+        vcpuCount: this.config.defaultVcpuCount,
+        scratchDiskMiB: this.config.scratchDiskMiB,
+      });
+    } catch {
+      // no artifacts yet: instances will say so
     }
   }
 
@@ -327,6 +407,10 @@ export class InstanceManager {
 
   private onVmExit(live: LiveInstance, exit: VmExit): void {
     live.agent?.close();
+    if (live.retired) {
+      if (this.live.get(live.id) === live) this.live.delete(live.id);
+      return;
+    }
     const row = this.registry.getInstance(live.id);
     if (row && isLive(row.state)) {
       const clean = live.exit !== undefined || row.state === 'stopping' || exit.reason === 'host-stop';
@@ -342,7 +426,7 @@ export class InstanceManager {
       exitCode: after?.exitCode ?? null,
       ...(after?.stateReason ? { stateReason: after.stateReason } : {}),
     });
-    this.live.delete(live.id);
+    if (this.live.get(live.id) === live) this.live.delete(live.id);
   }
 
   private requireLive(row: InstanceRow, op: string): LiveInstance {
@@ -513,18 +597,5 @@ export class InstanceManager {
       live.agent?.close();
       live.vm.detach();
     }
-  }
-}
-
-async function makeScratchDisk(file: string, sizeMiB: number): Promise<void> {
-  const fh = await fs.open(file, 'w', 0o600);
-  await fh.truncate(sizeMiB * 1024 * 1024); // sparse: costs nothing until the guest writes
-  await fh.close();
-  try {
-    await execFileP('mkfs.ext4', ['-q', '-F', '-O', '^has_journal', '-E', 'root_owner=0:0,lazy_itable_init=1', '-m', '0', file], {
-      timeout: 30_000,
-    });
-  } catch (err) {
-    throw new AegisError('UNAVAILABLE', `cannot format the scratch disk (is e2fsprogs installed?): ${(err as Error).message}`);
   }
 }

@@ -1,0 +1,30 @@
+import { execFile } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import { promisify } from 'node:util';
+import { AegisError } from '@aegis/protocol';
+
+const execFileP = promisify(execFile);
+
+/** A sparse ext4 disk: the instance's writable layer. Costs nothing until the guest writes. */
+export async function makeScratchDisk(file: string, sizeMiB: number): Promise<void> {
+  const fh = await fs.open(file, 'w', 0o600);
+  await fh.truncate(sizeMiB * 1024 * 1024);
+  await fh.close();
+  try {
+    await execFileP('mkfs.ext4', ['-q', '-F', '-O', '^has_journal', '-E', 'root_owner=0:0,lazy_itable_init=1', '-m', '0', file], {
+      timeout: 30_000,
+    });
+  } catch (err) {
+    throw new AegisError('UNAVAILABLE', `cannot format the scratch disk (is e2fsprogs installed?): ${(err as Error).message}`);
+  }
+}
+
+/** A copy-on-write child of a template's disk: an instance's own layer in a few milliseconds. */
+export async function makeChildDisk(file: string, backing: string): Promise<void> {
+  try {
+    await execFileP('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', backing, '-F', 'raw', file], { timeout: 30_000 });
+    await fs.chmod(file, 0o600);
+  } catch (err) {
+    throw new AegisError('UNAVAILABLE', `cannot create the instance's disk (is qemu-utils installed?): ${(err as Error).message}`);
+  }
+}

@@ -1,0 +1,55 @@
+/**
+ * Warm boot: instances restored from a snapshot template must each be their own machine
+ * (randomness, clock, name), and a template that cannot be restored must not break anything.
+ */
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { useDaemon } from './fixture.js';
+
+// Templates of its own: the fallback test spoils them on purpose.
+const templates = mkdtempSync('/tmp/aegis-templates-');
+const daemon = useDaemon({ AEGIS_TEMPLATES: templates });
+afterAll(() => rmSync(templates, { recursive: true, force: true }));
+
+async function untilWarm(d: ReturnType<typeof daemon>): Promise<void> {
+  // The daemon builds the template in the background after it starts.
+  for (let i = 0; i < 600; i++) {
+    if (/template \w+: ready|warm boot/.test(d.log())) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`no template was built:\n${d.log()}`);
+}
+
+describe('warm boot from a snapshot template', () => {
+  it('gives every restored instance its own random numbers, the current time and its own name', async () => {
+    const d = daemon();
+    await d.cli(['run', '--', 'true']); // ensures a template is on its way
+    await untilWarm(d);
+    const probe = ['sh', '-c', 'uname -n; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \\n"; echo'];
+    const a = await d.cli(['run', '--name', 'clone-a', '--', ...probe]);
+    const b = await d.cli(['run', '--name', 'clone-b', '--', ...probe]);
+    expect(d.log()).toMatch(/clone-a \(\w+\): warm boot/);
+    expect(d.log()).toMatch(/clone-b \(\w+\): warm boot/);
+    const [nameA, timeA, randA] = a.stdout.trim().split('\n');
+    const [nameB, timeB, randB] = b.stdout.trim().split('\n');
+    expect([nameA, nameB]).toEqual(['clone-a', 'clone-b']);
+    expect(randA).toMatch(/^[0-9a-f]{32}$/);
+    expect(randA).not.toBe(randB);
+    const now = Date.now() / 1000;
+    for (const t of [timeA, timeB]) expect(Math.abs(Number(t) - now)).toBeLessThan(30);
+  });
+
+  it('falls back to a cold boot when the template cannot be restored, and sets it aside', async () => {
+    const d = daemon();
+    await untilWarm(d);
+    const ready = readdirSync(templates).filter((n) => /^[0-9a-f]{20}$/.test(n));
+    expect(ready.length).toBeGreaterThan(0);
+    for (const t of ready) writeFileSync(path.join(templates, t, 'snapshot.bin'), 'not a snapshot');
+    const r = await d.cli(['run', '--name', 'fallback', '--', 'echo', 'still works']);
+    expect(r.stdout).toBe('still works\n');
+    expect(r.code).toBe(0);
+    expect(d.log()).toMatch(/fallback \(\w+\): warm boot failed .*; booting cold/);
+    expect(d.log()).toMatch(/discarded after a failed restore/);
+  });
+});
