@@ -115,7 +115,12 @@ export class QemuBackend implements Backend {
   async create(config: VmConfig): Promise<Vm> {
     const kvm = await kvmUsable();
     const args = await qemuArgs(config, kvm);
-    return new QemuVm(config.id, config.stateDir, { binary: this.options.binary ?? profile().binary, args });
+    return new QemuVm(config.id, config.stateDir, {
+      binary: this.options.binary ?? profile().binary,
+      args,
+      ...(config.restoreFrom ? { restoreFrom: config.restoreFrom } : {}),
+      ramInFile: config.memoryFile !== undefined,
+    });
   }
 
   async attach(record: VmRecord): Promise<Vm> {
@@ -134,6 +139,8 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
   const p = paths(config.stateDir);
   const arch = profile();
   const tscKhz = kvm ? undefined : await hostTscKhz();
+  const mem = config.memoryFile;
+  if (mem) shellSafe(mem.path);
   const cmdline = [
     `console=${arch.console}`,
     'quiet',
@@ -151,7 +158,10 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     '-name',
     `aegis-${config.id},process=aegis-vm-${config.id}`,
     '-machine',
-    arch.machine,
+    mem ? `${arch.machine},memory-backend=mem0` : arch.machine,
+    ...(mem
+      ? ['-object', `memory-backend-file,id=mem0,size=${config.memoryMiB}M,mem-path=${mem.path},share=${mem.shared ? 'on' : 'off'}`]
+      : []),
     ...(kvm ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg', '-cpu', 'max']),
     '-m',
     String(config.memoryMiB),
@@ -187,7 +197,8 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     `file:${p.console}`,
     '-pidfile',
     p.pid,
-    ...(config.restoreFrom ? ['-incoming', `exec:cat ${shellSafe(config.restoreFrom)}`] : []),
+    // With RAM in a file, the device state is loaded after x-ignore-shared is set (over QMP).
+    ...(config.restoreFrom ? ['-incoming', mem ? 'defer' : `exec:cat ${shellSafe(config.restoreFrom)}`] : []),
   ];
 }
 
@@ -228,7 +239,7 @@ class QemuVm implements Vm {
   constructor(
     readonly id: string,
     private readonly stateDir: string,
-    private readonly launch: { binary: string; args: string[] } | undefined,
+    private readonly launch: { binary: string; args: string[]; restoreFrom?: string; ramInFile: boolean } | undefined,
   ) {
     this.p = paths(stateDir);
     this.exited = new Promise((resolve) => (this.resolveExit = resolve));
@@ -245,7 +256,7 @@ class QemuVm implements Vm {
     const log = openSync(this.p.vmmLog, 'a');
     // Detached in its own session with no pipes to us: the VM outlives a daemon restart.
     const child = spawn(this.launch.binary, this.launch.args, { detached: true, stdio: ['ignore', log, log] });
-    const restoring = this.launch.args.includes('-incoming');
+    const restoring = this.launch.restoreFrom !== undefined;
     closeSync(log);
     child.unref();
     const spawned = await new Promise<number>((resolve, reject) => {
@@ -267,6 +278,11 @@ class QemuVm implements Vm {
   /** Waits for an incoming snapshot to be loaded, then lets the guest run. */
   private async finishIncoming(): Promise<void> {
     const qmp = this.requireQmp();
+    if (this.launch?.ramInFile && this.launch.restoreFrom) {
+      // RAM is the template's file, mapped copy-on-write: only device state is in the stream.
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+      await qmp.execute('migrate-incoming', { uri: `exec:cat ${shellSafe(this.launch.restoreFrom)}` });
+    }
     const deadline = Date.now() + 60_000;
     for (;;) {
       const st = (await qmp.execute('query-status')) as { status?: string };
@@ -282,6 +298,10 @@ class QemuVm implements Vm {
   async saveSnapshot(file: string): Promise<void> {
     const qmp = this.requireQmp();
     await qmp.execute('stop');
+    if (this.launch?.ramInFile) {
+      // RAM already lives in its (shared) file: leave it there, save only device state.
+      await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+    }
     // QEMU 7.2 has no file: migration URI; exec:cat writes the stream to the file.
     await qmp.execute('migrate', { uri: `exec:cat > ${shellSafe(file)}` });
     for (;;) {

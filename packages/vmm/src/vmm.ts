@@ -41,6 +41,12 @@ export interface VmConfig {
   /** `qcow2` for a copy-on-write child of a snapshot template's disk. Default `raw`. */
   scratchDiskFormat?: 'raw' | 'qcow2';
   /**
+   * Back guest RAM with this file. `shared`: the guest's writes go to the file (a template
+   * being built; its snapshot then leaves RAM in the file). Not shared: the file is mapped
+   * copy-on-write (a clone of a template: pages are read from it on demand, never copied).
+   */
+  memoryFile?: { path: string; shared: boolean };
+  /**
    * Resume from a snapshot written by `Vm.saveSnapshot` instead of booting. Every other field
    * must describe the same machine the snapshot was taken of (the scratch disk may be a
    * copy-on-write child of that machine's). UNSUPPORTED where `capabilities.snapshot` is false.

@@ -271,7 +271,7 @@ export class InstanceManager {
         vcpuCount: shape.vcpuCount,
         // A restored machine must match its template's exactly; it gets its name from `fresh`.
         kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
-        ...(template ? { restoreFrom: template.snapshot } : {}),
+        ...(template ? { restoreFrom: template.snapshot, memoryFile: { path: template.memory, shared: false } } : {}),
       },
       signal,
     );

@@ -1,8 +1,9 @@
 /**
- * Warm boot. A template is a VM booted once to the point where its harness answers, then
- * snapshotted (memory + devices) next to its scratch disk. A new instance of the same shape
- * restores that snapshot onto a copy-on-write child of the template's disk instead of booting
- * the kernel and starting Node again; the host then makes it its own (clock, hostname, a
+ * Warm boot. A template is a VM booted once, with its RAM in a file, to the point where its
+ * harness answers; then its device state is saved. A new instance of the same shape maps that
+ * RAM file copy-on-write (pages come from the host's page cache on demand, and stay shared
+ * between instances until written), loads the device state, and runs on a copy-on-write child
+ * of the template's disk, instead of booting the kernel and starting Node again; the host then makes it its own (clock, hostname, a
  * reseeded RNG: the harness's `fresh`). The template holds no instance data and no secrets.
  *
  * Templates are keyed by everything that shapes the machine (kernel, rootfs, memory, vCPUs,
@@ -19,7 +20,7 @@ import { AgentConnection } from './agent.js';
 import { makeScratchDisk } from './disks.js';
 
 /** Bump when what goes into a template changes. */
-const TEMPLATE_FORMAT = 1;
+const TEMPLATE_FORMAT = 2;
 /** A build lock older than this was left by a crashed builder. */
 const STALE_LOCK_MS = 5 * 60_000;
 
@@ -33,7 +34,10 @@ export interface MachineShape {
 
 export interface Template {
   key: string;
+  /** Device state (tens of KiB). */
   snapshot: string;
+  /** Guest RAM at the moment of the snapshot; clones map it copy-on-write. */
+  memory: string;
   scratch: string;
 }
 
@@ -61,7 +65,7 @@ export class TemplateCache {
     const key = this.key(shape);
     const dir = path.join(this.dir, key);
     if (existsSync(path.join(dir, 'ready'))) {
-      return { key, snapshot: path.join(dir, 'snapshot.bin'), scratch: path.join(dir, 'scratch.img') };
+      return { key, snapshot: path.join(dir, 'snapshot.bin'), memory: path.join(dir, 'memory'), scratch: path.join(dir, 'scratch.img') };
     }
     void this.ensure(shape);
     return undefined;
@@ -127,6 +131,7 @@ export class TemplateCache {
         memoryMiB: shape.memoryMiB,
         vcpuCount: shape.vcpuCount,
         kernelArgs: [],
+        memoryFile: { path: path.join(work, 'memory'), shared: true },
       });
       await vm.start();
       const agent = new AgentConnection(
@@ -139,11 +144,13 @@ export class TemplateCache {
       agent.close();
       await vm.stop({ timeoutMs: 1000 });
       vm = undefined;
-      // The disk is now the backing file of every instance made from this template.
+      // The disk is now the backing file of every instance made from this template, and the
+      // memory file their copy-on-write RAM: neither may change from here on.
       await fs.chmod(scratch, 0o400);
+      await fs.chmod(path.join(work, 'memory'), 0o600);
       await fs.chmod(path.join(work, 'snapshot.bin'), 0o600);
       for (const f of await fs.readdir(work)) {
-        if (f !== 'scratch.img' && f !== 'snapshot.bin') await fs.rm(path.join(work, f), { force: true });
+        if (!['scratch.img', 'snapshot.bin', 'memory'].includes(f)) await fs.rm(path.join(work, f), { force: true });
       }
       await fs.writeFile(path.join(work, 'ready'), `${new Date().toISOString()}\n`);
       // A discarded template may still back running instances' disks: move it aside, never delete.
