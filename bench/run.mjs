@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // npm run bench: Aegis against the reference measured in the same run, median of N runs each.
-//   cold `aegis run -- true` (CLI -> aegisd -> new VM -> harness -> workload -> VM gone)
+//   cold `aegis run -- true` (CLI -> aegisd -> new VM -> harness -> workload -> VM gone), and
+//   warm: the same with the VM restored from a snapshot template instead of booted,
 //   vs. the raw boot of the same kernel + rootfs by QEMU alone (init=/bin/true; QEMU exits
 //   when the kernel panics on init's exit), started through the same backend code.
 // Target (issue 2): ratio <= 1.2.
@@ -8,7 +9,7 @@
 //   vs. the harness's own time to spawn `true` plus one agent-channel round trip, measured on a
 //   VM driven directly through the backend (no daemon). Target (issue 3): ratio <= 2.
 import { execFile, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, realpathSync, existsSync, mkdirSync, writeFileSync, openSync, closeSync } from 'node:fs';
+import { mkdtempSync, rmSync, realpathSync, existsSync, mkdirSync, writeFileSync, openSync, closeSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -133,12 +134,20 @@ function aegisRun(env) {
   });
 }
 
-const home = mkdtempSync('/tmp/aegis-bench-');
-const env = { ...process.env, AEGIS_HOME: home, AEGIS_KERNEL: realpathSync(kernel), AEGIS_ROOTFS: realpathSync(rootfs) };
-const log = openSync(path.join(home, 'aegisd.log'), 'a');
-const daemon = spawn(process.execPath, [path.join(ROOT, 'packages/daemon/dist/main.js')], { env, stdio: ['ignore', log, log] });
-closeSync(log);
-try {
+/** A daemon of the bench's own; `warm` lets it restore instances from snapshot templates. */
+async function startDaemon(warm) {
+  const home = mkdtempSync('/tmp/aegis-bench-');
+  const env = {
+    ...process.env,
+    AEGIS_HOME: home,
+    AEGIS_KERNEL: realpathSync(kernel),
+    AEGIS_ROOTFS: realpathSync(rootfs),
+    AEGIS_WARM_BOOT: warm ? '1' : '0',
+  };
+  const logFile = path.join(home, 'aegisd.log');
+  const log = openSync(logFile, 'a');
+  const proc = spawn(process.execPath, [path.join(ROOT, 'packages/daemon/dist/main.js')], { env, stdio: ['ignore', log, log] });
+  closeSync(log);
   const client = new AegisClient(path.join(home, 'aegisd.sock'));
   for (let i = 0; ; i++) {
     try {
@@ -149,6 +158,25 @@ try {
       await new Promise((r) => setTimeout(r, 50));
     }
   }
+  return {
+    home,
+    env,
+    client,
+    log: () => readFileSync(logFile, 'utf8'),
+    async stop() {
+      proc.kill('SIGTERM');
+      await new Promise((r) => proc.once('exit', r));
+      rmSync(home, { recursive: true, force: true });
+    },
+  };
+}
+
+const cold = await startDaemon(false);
+const warm = await startDaemon(true);
+const home = cold.home;
+const env = cold.env;
+const client = cold.client;
+try {
   const status = await client.status();
   console.log(`aegis bench: ${RUNS} runs each, backend ${status.backend.name} (${status.backend.detail})`);
   console.log(`host: ${os.cpus().length} x ${os.cpus()[0]?.model ?? 'cpu'}, node ${process.version}\n`);
@@ -162,15 +190,24 @@ try {
     raw.push(await rawBoot(home, i));
     ours.push(await aegisRun(env));
   }
+  // Warm: instances restored from the daemon's snapshot template (built in the background).
+  for (let i = 0; i < 600 && !/template \w+: ready|warm boot/.test(warm.log()); i++) await new Promise((r) => setTimeout(r, 100));
+  await aegisRun(warm.env);
+  const warmRuns = [];
+  for (let i = 0; i < RUNS; i++) warmRuns.push(await aegisRun(warm.env));
+  if (!/warm boot/.test(warm.log())) throw new Error('the warm daemon never restored from a template');
   const rows = [
     ['raw QEMU boot (same kernel + rootfs, init=/bin/true)', raw],
-    ['cold `aegis run -- true`', ours],
+    ['cold `aegis run -- true` (kernel boot, Node start)', ours],
+    ['warm `aegis run -- true` (restored from a template)', warmRuns],
   ];
   for (const [name, xs] of rows) {
     console.log(`${name.padEnd(56)} median ${fmt(median(xs))}  (min ${fmt(Math.min(...xs))}, max ${fmt(Math.max(...xs))})`);
   }
   const ratio = median(ours) / median(raw);
-  console.log(`\nratio aegis run / raw boot: ${ratio.toFixed(2)}x   (target <= 1.20x: ${ratio <= 1.2 ? 'met' : 'NOT met'})`);
+  const warmRatio = median(warmRuns) / median(raw);
+  console.log(`\nratio cold aegis run / raw boot: ${ratio.toFixed(2)}x   (target <= 1.20x: ${ratio <= 1.2 ? 'met' : 'NOT met'})`);
+  console.log(`ratio warm aegis run / raw boot: ${warmRatio.toFixed(2)}x   (target <= 1.20x: ${warmRatio <= 1.2 ? 'met' : 'NOT met'})`);
 
   const EXECS = Number(process.env.BENCH_EXECS ?? 50);
   console.log(`\nexec round trip, ${EXECS} runs each:`);
@@ -214,7 +251,6 @@ try {
     ),
   );
 } finally {
-  daemon.kill('SIGTERM');
-  await new Promise((r) => daemon.once('exit', r));
-  rmSync(home, { recursive: true, force: true });
+  await cold.stop();
+  await warm.stop();
 }

@@ -91,7 +91,7 @@ export class AgentConnection {
         const left = deadline - Date.now();
         if (left <= 0) throw new AegisError('TIMEOUT', `the guest agent did not answer within ${timeoutMs} ms`);
         try {
-          await this.call('health', {}, { timeoutMs: Math.min(100, left), ...(signal ? { signal } : {}) });
+          await this.call('health', {}, { timeoutMs: Math.min(50, left), ...(signal ? { signal } : {}) });
           return;
         } catch (err) {
           if (!(err instanceof AegisError) || err.code !== 'TIMEOUT') throw err;
