@@ -1,6 +1,7 @@
 /** Lifecycle edges: concurrency, VMs that die, and states that refuse operations. */
 import { describe, expect, it } from 'vitest';
-import { qemuProcessesFor, useDaemon } from './fixture.js';
+import { mkdtempSync } from 'node:fs';
+import { TestDaemon, qemuProcessesFor, teardown, useDaemon } from './fixture.js';
 
 const daemon = useDaemon();
 
@@ -78,5 +79,20 @@ describe('states that refuse', () => {
     const r = await d.cli(['instance', 'delete', 'busy']);
     expect(r.stderr).toMatch(/stop it first or delete with --force \[FAILED_PRECONDITION\]/);
     expect((await d.cli(['exec', 'busy', '--', 'echo', 'alive'])).stdout).toBe('alive\n');
+  });
+});
+
+describe('a guest that never answers', () => {
+  it('fails the start with TIMEOUT and leaves no VM running', async () => {
+    const d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'), { AEGIS_BOOT_TIMEOUT_MS: '300', AEGIS_WARM_BOOT: '0' });
+    await d.start();
+    try {
+      const r = await d.cli(['instance', 'start', '--name', 'slow', '--', 'true']);
+      expect(r.stderr).toMatch(/did not answer within 300 ms \[TIMEOUT\]/);
+      expect((await d.client.getInstance('slow')).state).toBe('failed');
+      expect(await qemuProcessesFor(d.home)).toEqual([]);
+    } finally {
+      await teardown(d, false);
+    }
   });
 });

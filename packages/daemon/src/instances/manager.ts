@@ -224,6 +224,8 @@ export class InstanceManager {
       return this.get(id);
     } catch (err) {
       const e = AegisError.from(err);
+      // boot() may fail after its VM started (a guest that never answers): stop that one too.
+      vm = this.live.get(id)?.vm ?? vm;
       const tail = e.code === 'TIMEOUT' && vm ? await vm.consoleTail(1500) : '';
       this.log.warn(`instance ${handle} (${id}): start failed: ${e.message}${tail ? `\n--- console ---\n${tail}` : ''}`);
       this.transition(id, 'failed', { stateReason: `start failed: ${e.message}`, stoppedAt: Date.now() });
