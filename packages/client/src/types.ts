@@ -14,6 +14,14 @@ export interface Instance {
   memoryMiB: number;
   vcpuCount: number;
   backend?: string;
+  ports: PortMapping[];
+}
+
+export interface PortMapping {
+  guestPort: number;
+  hostPort: number;
+  hostIp: string;
+  protocol: 'tcp';
 }
 
 export interface CreateInstanceRequest {
@@ -24,6 +32,8 @@ export interface CreateInstanceRequest {
   secrets?: string[];
   /** Delete the instance if it fails to start. */
   autoRemove?: boolean;
+  /** Host ports forwarded into the guest (hostPort 0 or absent: a free one). */
+  exposes?: { guestPort: number; hostPort?: number; hostIp?: string; protocol?: 'tcp' }[];
   workdir?: string;
   memoryMiB?: number;
   vcpuCount?: number;

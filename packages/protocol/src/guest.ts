@@ -64,6 +64,30 @@ export interface StdinParams {
   eof?: boolean;
 }
 
+/**
+ * Port forwarding over the agent channel: the host accepts a TCP connection for an exposed
+ * port and asks the guest to connect to 127.0.0.1:port (which reaches servers bound to
+ * 0.0.0.0 or to 127.0.0.1). Bytes then flow as `tcpData` notifications both ways; each side
+ * acknowledges what it has written to its socket (`tcpAck`) and stops reading its own socket
+ * while too much is unacknowledged, so a fast sender cannot flood a slow receiver.
+ */
+export interface TcpOpenParams {
+  connId: number;
+  port: number;
+}
+export interface TcpDataEvent {
+  connId: number;
+  /** base64 */
+  data: string;
+}
+export interface TcpAckEvent {
+  connId: number;
+  bytes: number;
+}
+export interface TcpCloseEvent {
+  connId: number;
+}
+
 /** Makes a VM restored from a snapshot its own: clock, hostname, and a reseeded RNG. */
 export interface FreshParams {
   timeMs: number;
@@ -92,6 +116,7 @@ export interface GuestMethods {
   stdin: { params: StdinParams; result: Record<string, never> };
   resize: { params: ResizeParams; result: Record<string, never> };
   fresh: { params: FreshParams; result: Record<string, never> };
+  tcpOpen: { params: TcpOpenParams; result: Record<string, never> };
   health: { params: HealthParams; result: HealthResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
@@ -124,7 +149,13 @@ export interface GuestEvents {
   output: OutputEvent;
   exit: ExitEvent;
   execExit: ExecExitEvent;
+  tcpData: TcpDataEvent;
+  tcpAck: TcpAckEvent;
+  tcpClose: TcpCloseEvent;
 }
+
+/** Notifications the host sends to the guest (the forwarding data plane). */
+export type HostEvents = Pick<GuestEvents, 'tcpData' | 'tcpAck' | 'tcpClose'>;
 export type GuestEvent = keyof GuestEvents;
 
 // ---- parsers ----------------------------------------------------------------------------
@@ -219,6 +250,13 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
       ...(o['tty'] !== undefined ? { tty: ttySize(o['tty']) } : {}),
     };
   },
+  tcpOpen(v) {
+    const o = obj(v ?? {}, 'tcpOpen params');
+    onlyKeys(o, ['connId', 'port'], 'tcpOpen params');
+    const port = int(o['port'], 'port');
+    if (port < 1 || port > 65535) throw new AegisError('INVALID_ARGUMENT', 'port must be 1..65535');
+    return { connId: int(o['connId'], 'connId'), port };
+  },
   fresh(v) {
     const o = obj(v ?? {}, 'fresh params');
     onlyKeys(o, ['timeMs', 'hostname', 'entropy'], 'fresh params');
@@ -280,6 +318,9 @@ export const parseResult: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
   fresh() {
     return {};
   },
+  tcpOpen() {
+    return {};
+  },
   health(v) {
     const o = obj(v, 'health result');
     let workload: HealthResult['workload'] = null;
@@ -308,6 +349,17 @@ export const parseEvent: { [E in GuestEvent]: (v: unknown) => GuestEvents[E] } =
   exit(v) {
     const o = obj(v, 'exit');
     return { exitCode: intOrNull(o['exitCode'], 'exitCode'), signal: strOrNull(o['signal'], 'signal') };
+  },
+  tcpData(v) {
+    const o = obj(v, 'tcpData');
+    return { connId: int(o['connId'], 'connId'), data: str(o['data'], 'data', 16 << 20) };
+  },
+  tcpAck(v) {
+    const o = obj(v, 'tcpAck');
+    return { connId: int(o['connId'], 'connId'), bytes: int(o['bytes'], 'bytes') };
+  },
+  tcpClose(v) {
+    return { connId: int(obj(v, 'tcpClose')['connId'], 'connId') };
   },
   execExit(v) {
     const o = obj(v, 'execExit');

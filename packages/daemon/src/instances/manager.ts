@@ -13,6 +13,7 @@ import type { DaemonConfig } from '../config.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
 import type { Logger } from '../log.js';
 import type { SecretStore } from '../secrets/store.js';
+import { PortForwarder, type PortMapping } from '../ports/forwarder.js';
 import { AgentConnection } from './agent.js';
 import { makeChildDisk, makeScratchDisk } from './disks.js';
 import { LogStore } from './logs.js';
@@ -34,6 +35,8 @@ export interface CreateRequest {
   secrets?: string[];
   /** Delete the instance if it fails to start (`aegis run`). */
   autoRemove?: boolean;
+  /** Ports to forward from the host into the guest. */
+  exposes?: { guestPort: number; hostPort?: number; hostIp?: string; protocol?: 'tcp' }[];
   workdir?: string;
   memoryMiB?: number;
   vcpuCount?: number;
@@ -67,6 +70,7 @@ export interface InstanceView {
   memoryMiB: number;
   vcpuCount: number;
   backend: string;
+  ports: PortMapping[];
 }
 
 interface LiveInstance {
@@ -77,6 +81,7 @@ interface LiveInstance {
   logs: LogStore;
   execs: Map<string, { emit: (ev: ExecEvent) => void; fail: (err: AegisError) => void }>;
   exit: ExitEvent | undefined;
+  forwarder: PortForwarder | undefined;
   /** Replaced by another VM for the same instance (a warm boot that fell back to cold). */
   retired?: boolean;
   /** Resolves after the VM's exit has been recorded. */
@@ -100,6 +105,7 @@ export function toView(row: InstanceRow): InstanceView {
     memoryMiB: row.memoryMiB,
     vcpuCount: row.vcpuCount,
     backend: row.backend,
+    ports: row.ports,
   };
   const startedAt = iso(row.startedAt);
   const stoppedAt = iso(row.stoppedAt);
@@ -164,6 +170,29 @@ export class InstanceManager {
         throw new AegisError('INVALID_ARGUMENT', `${k} is given both as an environment variable and as a secret`);
       }
     }
+    // Host ports are bound first: a taken one fails the start before anything else exists.
+    const forwarder = await PortForwarder.listen(
+      (req.exposes ?? []).map((e) => ({
+        guestPort: e.guestPort,
+        hostPort: e.hostPort ?? 0,
+        hostIp: e.hostIp ?? '127.0.0.1',
+        protocol: 'tcp',
+      })),
+    );
+    try {
+      return await this.createWith(req, secretEnv, forwarder, signal);
+    } catch (err) {
+      forwarder.close();
+      throw err;
+    }
+  }
+
+  private async createWith(
+    req: CreateRequest,
+    secretEnv: Record<string, string>,
+    forwarder: PortForwarder,
+    signal: AbortSignal | undefined,
+  ): Promise<InstanceView> {
     const id = randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
     const dir = this.dirOf(id);
@@ -186,6 +215,7 @@ export class InstanceManager {
       createdAt: Date.now(),
       startedAt: null,
       stoppedAt: null,
+      ports: forwarder.mappings,
     };
     this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
@@ -217,6 +247,8 @@ export class InstanceManager {
         this.registry.updateInstance(id, { vmRecord: null });
         ({ vm, agent } = await this.boot(id, handle, dir, shape, undefined, signal));
       }
+      const live = this.live.get(id);
+      if (live) this.serve(live, forwarder);
       const params = { command: req.command, env: { ...req.env, ...secretEnv }, ...(req.workdir ? { workdir: req.workdir } : {}) };
       await agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS });
       // A workload that exits at once may already have moved us on to stopping.
@@ -323,6 +355,12 @@ export class InstanceManager {
     }
   }
 
+  /** Forwards the instance's exposed ports through its agent for as long as its VM runs. */
+  private serve(live: LiveInstance, forwarder: PortForwarder): void {
+    live.forwarder = forwarder;
+    forwarder.serve(() => live.agent);
+  }
+
   /** Starts following a VM: its exit, and (once connected) its agent. */
   private track(id: string, handle: string, vm: Vm): LiveInstance {
     let markFinished!: () => void;
@@ -334,6 +372,7 @@ export class InstanceManager {
       logs: new LogStore(path.join(this.dirOf(id), 'output.ndjson')),
       execs: new Map(),
       exit: undefined,
+      forwarder: undefined,
       finished: new Promise((r) => (markFinished = r)),
     };
     this.live.set(id, live);
@@ -387,6 +426,11 @@ export class InstanceManager {
         void this.powerOff(live, 1000);
         return;
       }
+      case 'tcpData':
+      case 'tcpAck':
+      case 'tcpClose':
+        live.forwarder?.guestEvent(event, params as GuestEvents['tcpData' | 'tcpAck' | 'tcpClose']);
+        return;
       case 'ready':
         return;
     }
@@ -409,6 +453,7 @@ export class InstanceManager {
 
   private onVmExit(live: LiveInstance, exit: VmExit): void {
     live.agent?.close();
+    if (!live.retired) live.forwarder?.close();
     if (live.retired) {
       if (this.live.get(live.id) === live) this.live.delete(live.id);
       return;
@@ -582,6 +627,13 @@ export class InstanceManager {
         continue;
       }
       const live = this.track(row.id, row.handle, vm);
+      if (row.ports.length > 0) {
+        // The same host ports as before; connections that were open did not survive.
+        await PortForwarder.listen(row.ports).then(
+          (f) => this.serve(live, f),
+          (err: unknown) => this.log.warn(`instance ${row.handle}: ports not restored: ${(err as Error).message}`),
+        );
+      }
       try {
         await this.connectAgent(live, 15_000);
         this.log.info(`instance ${row.handle} (${row.id}): reattached (${row.state})`);

@@ -22,6 +22,7 @@ function row(overrides: Partial<InstanceRow> = {}): InstanceRow {
     createdAt: 1_700_000_000_000,
     startedAt: null,
     stoppedAt: null,
+    ports: [],
     ...overrides,
   };
 }

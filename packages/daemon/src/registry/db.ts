@@ -5,6 +5,7 @@
 import Database from 'better-sqlite3';
 import { AegisError } from '@aegis/protocol';
 import type { InstanceState } from '../instances/state.js';
+import type { PortMapping } from '../ports/forwarder.js';
 
 const MIGRATIONS: string[] = [
   `CREATE TABLE instances (
@@ -30,6 +31,9 @@ const MIGRATIONS: string[] = [
      created_at  INTEGER NOT NULL,
      updated_at  INTEGER NOT NULL
    )`,
+  // JSON PortMapping[]. (No SQL comment here: SQLite splices the column text into the stored
+  // CREATE TABLE, and a trailing comment would swallow its closing parenthesis.)
+  `ALTER TABLE instances ADD COLUMN ports TEXT NOT NULL DEFAULT '[]'`,
 ];
 
 /** The schema version this build writes (PRAGMA user_version). */
@@ -66,6 +70,8 @@ export interface InstanceRow {
   createdAt: number;
   startedAt: number | null;
   stoppedAt: number | null;
+  /** Exposed ports, with the host ports actually bound. */
+  ports: PortMapping[];
 }
 
 interface RawRow {
@@ -83,6 +89,7 @@ interface RawRow {
   created_at: number;
   started_at: number | null;
   stopped_at: number | null;
+  ports: string;
 }
 
 function fromRaw(r: RawRow): InstanceRow {
@@ -101,6 +108,7 @@ function fromRaw(r: RawRow): InstanceRow {
     createdAt: r.created_at,
     startedAt: r.started_at,
     stoppedAt: r.stopped_at,
+    ports: JSON.parse(r.ports) as PortMapping[],
   };
 }
 
@@ -157,11 +165,16 @@ export class Registry {
       this.db
         .prepare(
           `INSERT INTO instances (id, handle, state, command, workdir, memory_mib, vcpu_count, backend, vm_record,
-             exit_code, state_reason, created_at, started_at, stopped_at, updated_at)
+             exit_code, state_reason, created_at, started_at, stopped_at, updated_at, ports)
            VALUES (@id, @handle, @state, @command, @workdir, @memoryMiB, @vcpuCount, @backend, @vmRecord,
-             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt)`,
+             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt, @ports)`,
         )
-        .run({ ...row, command: JSON.stringify(row.command), vmRecord: row.vmRecord && JSON.stringify(row.vmRecord) });
+        .run({
+          ...row,
+          command: JSON.stringify(row.command),
+          vmRecord: row.vmRecord && JSON.stringify(row.vmRecord),
+          ports: JSON.stringify(row.ports),
+        });
     } catch (err) {
       if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {
         throw new AegisError('ALREADY_EXISTS', `an instance named "${row.handle}" already exists; pick another --name or delete it`);

@@ -1,4 +1,5 @@
 import { Command } from 'commander';
+import { formatPorts } from '../../ports.js';
 import { client, fail, shellJoin } from '../../util.js';
 
 export function infoCommand(): Command {
@@ -21,6 +22,7 @@ export function infoCommand(): Command {
           ['Reason', i.stateReason],
           ['Exit code', i.exitCode],
           ['Command', shellJoin(i.command)],
+          ['Ports', i.ports.length > 0 ? formatPorts(i.ports) : undefined],
           ['Memory', `${i.memoryMiB} MiB`],
           ['vCPUs', i.vcpuCount],
           ['Backend', i.backend],

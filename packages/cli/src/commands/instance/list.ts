@@ -1,4 +1,5 @@
 import { Command } from 'commander';
+import { formatPorts } from '../../ports.js';
 import { age, client, fail, shellJoin, table } from '../../util.js';
 
 export function listCommand(): Command {
@@ -14,11 +15,12 @@ export function listCommand(): Command {
           process.stdout.write(JSON.stringify(list, null, 2) + '\n');
           return;
         }
-        const rows = [['HANDLE', 'ID', 'STATE', 'AGE', 'COMMAND']];
+        const rows = [['HANDLE', 'ID', 'STATE', 'AGE', 'PORTS', 'COMMAND']];
         for (const i of list) {
           const state = i.exitCode !== null && i.state === 'stopped' ? `stopped (${i.exitCode})` : i.state;
           const cmd = shellJoin(i.command);
-          rows.push([i.handle, i.id.slice(0, 12), state, age(i.createdAt), cmd.length > 40 ? `${cmd.slice(0, 37)}...` : cmd]);
+          const ports = i.state === 'running' || i.state === 'paused' ? formatPorts(i.ports) : '';
+          rows.push([i.handle, i.id.slice(0, 12), state, age(i.createdAt), ports, cmd.length > 40 ? `${cmd.slice(0, 37)}...` : cmd]);
         }
         process.stdout.write(table(rows));
       } catch (err) {

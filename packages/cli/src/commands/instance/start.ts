@@ -1,11 +1,13 @@
 import { Command } from 'commander';
 import type { CreateInstanceRequest } from '@aegis/client';
+import { parseExpose } from '../../ports.js';
 import { client, collectEnv, commandArgs, fail, integer } from '../../util.js';
 
 export interface StartOptions {
   name?: string;
   env?: Record<string, string>;
   secret?: string[];
+  expose?: NonNullable<CreateInstanceRequest['exposes']>;
   workdir?: string;
   memory?: number;
   cpus?: number;
@@ -22,6 +24,7 @@ export function withStartOptions(cmd: Command): Command {
         "put a stored secret in the workload's environment (repeatable; '*' for all)",
         (v: string, prev: string[] = []) => [...prev, v],
       )
+      .option('-p, --expose <[IP:][HOST:]GUEST[/tcp]>', 'forward a host port to a guest port, as docker -p (repeatable)', parseExpose)
       .option('-w, --workdir <dir>', 'working directory in the guest')
       // Only the form is checked here; the range is the daemon's (its OpenAPI schema), so the
       // answer is the same coded error whichever client asks.
@@ -37,6 +40,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   if (o.name !== undefined) req.handle = o.name;
   if (o.env !== undefined) req.env = o.env;
   if (o.secret !== undefined) req.secrets = o.secret;
+  if (o.expose !== undefined) req.exposes = o.expose;
   if (o.workdir !== undefined) req.workdir = o.workdir;
   if (o.memory !== undefined) req.memoryMiB = o.memory;
   if (o.cpus !== undefined) req.vcpuCount = o.cpus;
