@@ -6,6 +6,7 @@
  * QEMU, vsock on Firecracker and libkrun). The host is the client; the guest (the harness)
  * answers requests and sends notifications. Binary data travels base64-encoded.
  */
+import { constants as osConstants } from 'node:os';
 import { AegisError } from './errors.js';
 
 export const GUEST_PROTOCOL_VERSION = 1;
@@ -380,9 +381,9 @@ export function isGuestEvent(m: string): m is GuestEvent {
   return Object.hasOwn(parseEvent, m);
 }
 
-/** Conventional shell exit status for a process killed by a signal (128 + signal number). */
-export function exitStatus(ev: ExitEvent, signalNumber: (name: string) => number | undefined): number {
+/** The shell's exit status for an exit: the code, or 128 + N when killed by signal N. */
+export function exitStatus(ev: ExitEvent): number {
   if (ev.exitCode !== null) return ev.exitCode;
-  const n = ev.signal === null ? undefined : signalNumber(ev.signal);
+  const n = ev.signal === null ? undefined : (osConstants.signals as Record<string, number | undefined>)[ev.signal];
   return n === undefined ? 255 : 128 + n;
 }

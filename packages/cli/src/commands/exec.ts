@@ -1,5 +1,5 @@
-import { constants as osConstants } from 'node:os';
 import { Command } from 'commander';
+import { exitStatus } from '@aegis/protocol';
 import { client, collectEnv, commandArgs, exit, fail, writeOutput } from '../util.js';
 
 interface ExecOptions {
@@ -55,7 +55,7 @@ export function execCommand(): Command {
               execId = ev.execId;
               if (o.interactive) pumping = pumpStdin(ref, ev.execId);
             } else if (ev.type === 'output') writeOutput(ev.stream, ev.data);
-            else if (ev.type === 'exit') code = ev.exitCode ?? 128 + signalNumber(ev.signal);
+            else if (ev.type === 'exit') code = exitStatus(ev);
           }
         } finally {
           if (raw) process.stdin.setRawMode(false);
@@ -79,9 +79,4 @@ async function pumpStdin(ref: string, execId: string): Promise<void> {
   } catch {
     // The command ended first: what it did not read is dropped, as with a closed pipe.
   }
-}
-
-/** Shell convention: 128 + the signal's number. */
-function signalNumber(name: string | null): number {
-  return (name ? (osConstants.signals as Record<string, number | undefined>)[name] : undefined) ?? 127;
 }

@@ -5,7 +5,6 @@
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
-import { constants as osConstants } from 'node:os';
 import path from 'node:path';
 import { AegisError, exitStatus, type ExitEvent, type GuestEvents, type Stream } from '@aegis/protocol';
 import type { Backend, Vm, VmExit } from '@aegis/vmm';
@@ -86,10 +85,6 @@ interface LiveInstance {
   retired?: boolean;
   /** Resolves after the VM's exit has been recorded. */
   finished: Promise<void>;
-}
-
-function signalNumber(name: string): number | undefined {
-  return (osConstants.signals as Record<string, number | undefined>)[name];
 }
 
 const iso = (ms: number | null): string | undefined => (ms === null ? undefined : new Date(ms).toISOString());
@@ -420,7 +415,7 @@ export class InstanceManager {
       case 'exit': {
         const ev = params as GuestEvents['exit'];
         live.exit = ev;
-        const code = exitStatus(ev, signalNumber);
+        const code = exitStatus(ev);
         this.registry.updateInstance(live.id, { exitCode: code });
         this.transition(live.id, 'stopping', { stateReason: `workload exited with status ${code}` });
         void this.powerOff(live, 1000);
@@ -528,10 +523,8 @@ export class InstanceManager {
   /** Runs a command in the instance, calling `emit` for each event; resolves after `exit`. */
   async exec(ref: string, req: ExecRequest, emit: (ev: ExecEvent) => void, signal?: AbortSignal): Promise<void> {
     const row = this.registry.resolveInstance(ref);
-    requireState(row.handle, row.state, ['running'], 'exec in');
+    const agent = this.runningAgent(row.id, 'exec in');
     const live = this.requireLive(row, 'exec in');
-    const agent = live.agent;
-    if (!agent) throw new AegisError('UNAVAILABLE', `agent of instance "${row.handle}" is not connected`);
     const execId = randomBytes(6).toString('hex');
     const done = new Promise<void>((resolve, reject) => {
       live.execs.set(execId, {

@@ -16,10 +16,6 @@ export interface PortMapping {
   protocol: 'tcp';
 }
 
-export function describeMapping(m: PortMapping): string {
-  return `${m.hostIp.includes(':') ? `[${m.hostIp}]` : m.hostIp}:${m.hostPort}->${m.guestPort}/${m.protocol}`;
-}
-
 export class PortForwarder {
   private readonly relays = new Map<number, TcpRelay>();
   private nextConnId = 1;
