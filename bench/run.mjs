@@ -8,8 +8,13 @@
 //   `aegis exec <h> -- true` round trip (CLI process, and the API client alone), median of 50,
 //   vs. the harness's own time to spawn `true` plus one agent-channel round trip, measured on a
 //   VM driven directly through the backend (no daemon). Target (issue 3): ratio <= 2.
+//   --expose throughput (a 32 MiB download) and request latency (a small GET), median of N,
+//   vs. the same transfers from the same guest server on the same VM through the backend's
+//   raw mechanism (passt's own port forward, added for the bench). Target (issue 4): >= 80%.
 import { execFile, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, realpathSync, existsSync, mkdirSync, writeFileSync, openSync, closeSync, readFileSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -135,10 +140,11 @@ function aegisRun(env) {
 }
 
 /** A daemon of the bench's own; `warm` lets it restore instances from snapshot templates. */
-async function startDaemon(warm) {
+async function startDaemon(warm, extraEnv = {}) {
   const home = mkdtempSync('/tmp/aegis-bench-');
   const env = {
     ...process.env,
+    ...extraEnv,
     AEGIS_HOME: home,
     AEGIS_KERNEL: realpathSync(kernel),
     AEGIS_ROOTFS: realpathSync(rootfs),
@@ -169,6 +175,93 @@ async function startDaemon(warm) {
       rmSync(home, { recursive: true, force: true });
     },
   };
+}
+
+/** GETs a URL; resolves with the time to the last byte and the byte count. */
+function httpGet(url) {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    http
+      .get(url, (res) => {
+        let bytes = 0;
+        res.on('data', (c) => (bytes += c.length));
+        res.on('end', () => resolve({ ms: performance.now() - t0, bytes }));
+        res.on('error', reject);
+      })
+      .on('error', reject);
+  });
+}
+
+async function freePort() {
+  const srv = net.createServer();
+  await new Promise((r) => srv.listen(0, '127.0.0.1', r));
+  const { port } = srv.address();
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+/** --expose against passt's own forward, one VM serving both, alternating. */
+async function benchExpose() {
+  const rawPort = await freePort();
+  const d = await startDaemon(false, { AEGIS_BENCH_PASST_TCP: `${rawPort}:8000` });
+  try {
+    const blobMiB = 32;
+    const inst = await d.client.createInstance({
+      handle: 'bench-net',
+      command: [
+        'sh',
+        '-c',
+        `head -c ${blobMiB}M /dev/urandom > /tmp/blob && echo hi > /tmp/small && exec python3 -m http.server 8000 --directory /tmp`,
+      ],
+      exposes: [{ guestPort: 8000 }],
+    });
+    const exposePort = inst.ports[0].hostPort;
+    const paths = { aegis: `http://127.0.0.1:${exposePort}`, raw: `http://127.0.0.1:${rawPort}` };
+    for (let i = 0; ; i++) {
+      try {
+        const r = await httpGet(`${paths.aegis}/blob`);
+        if (r.bytes === blobMiB << 20) break;
+      } catch {
+        // server not up yet
+      }
+      if (i > 300) throw new Error('the guest http server never served the blob');
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const mbps = { aegis: [], raw: [] };
+    const lat = { aegis: [], raw: [] };
+    for (let i = 0; i < RUNS; i++) {
+      for (const k of ['raw', 'aegis']) {
+        const r = await httpGet(`${paths[k]}/blob`);
+        if (r.bytes !== blobMiB << 20) throw new Error(`${k}: short transfer (${r.bytes} bytes)`);
+        mbps[k].push(r.bytes / 1e6 / (r.ms / 1000));
+      }
+    }
+    const LAT_RUNS = Math.max(20, RUNS * 4);
+    for (let i = 0; i < LAT_RUNS; i++) for (const k of ['raw', 'aegis']) lat[k].push((await httpGet(`${paths[k]}/small`)).ms);
+    await d.client.deleteInstance('bench-net', { force: true });
+    const tput = median(mbps.aegis) / median(mbps.raw);
+    const latRatio = median(lat.raw) / median(lat.aegis);
+    console.log(`
+--expose vs passt's own port forward, same VM and guest server (python3 http.server):`);
+    console.log(`${`${blobMiB} MiB download through passt -t (raw)`.padEnd(56)} median ${median(mbps.raw).toFixed(1)} MB/s`);
+    console.log(`${`${blobMiB} MiB download through --expose`.padEnd(56)} median ${median(mbps.aegis).toFixed(1)} MB/s`);
+    console.log(`${'small GET through passt -t (raw)'.padEnd(56)} median ${median(lat.raw).toFixed(1)} ms`);
+    console.log(`${'small GET through --expose'.padEnd(56)} median ${median(lat.aegis).toFixed(1)} ms`);
+    console.log(
+      `
+throughput --expose / raw: ${(tput * 100).toFixed(0)}% (target >= 80%: ${tput >= 0.8 ? 'met' : 'NOT met'}); ` +
+        `request rate --expose / raw: ${(latRatio * 100).toFixed(0)}%`,
+    );
+    return { throughputMBps: mbps, latencyMs: lat, throughputRatio: tput, latencyRatio: latRatio };
+  } finally {
+    await d.stop();
+  }
+}
+
+// BENCH_ONLY=expose runs that section alone (it takes a minute; the whole bench takes several).
+if (process.env.BENCH_ONLY === 'expose') {
+  await benchExpose();
+  process.exit(0);
 }
 
 const cold = await startDaemon(false);
@@ -233,6 +326,7 @@ try {
     `\nratio aegis exec / reference: ${execRatio.toFixed(2)}x (target <= 2.00x: ${execRatio <= 2 ? 'met' : 'NOT met'}); ` +
       `API client alone: ${(median(api) / reference).toFixed(2)}x`,
   );
+  const expose = await benchExpose();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -244,6 +338,7 @@ try {
         aegisRunTrueMs: ours,
         ratio,
         exec: { cliMs: cli, apiMs: api, guestSpawnMs: direct.spawn, channelRttMs: direct.rtt, ratio: execRatio },
+        expose,
         backend: status.backend,
       },
       null,

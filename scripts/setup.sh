@@ -9,10 +9,12 @@ case "$(uname -m)" in
   *) echo "Aegis supports x86_64 and arm64 hosts, not $(uname -m)" >&2; exit 1 ;;
 esac
 # qemu: the VMM (qemu-utils: qemu-img for copy-on-write instance disks); erofs-utils/e2fsprogs: guest disks without mounting; linux-source and the
-# toolchain: our guest kernel; gcc/libc6-dev: the static guest init; python3/make/g++: node-gyp.
+# toolchain: our guest kernel; gcc/libc6-dev: the static guest init; python3/make/g++: node-gyp; passt: guest networking;
+# iproute2/util-linux: the network tests' private namespace.
 pkgs=("$qemu" qemu-utils erofs-utils e2fsprogs linux-source bc bison flex libelf-dev libssl-dev gcc g++ make
-      libc6-dev ccache xz-utils python3 dpkg-dev ca-certificates
-      tmux) # tmux: the tests drive `aegis exec -it` under a real terminal
+      libc6-dev ccache xz-utils python3 dpkg-dev ca-certificates passt iproute2 util-linux
+      tmux # tmux: the tests drive `aegis exec -it` under a real terminal
+      docker-registry skopeo umoci) # image tests: a real registry and client; the bench's reference unpacker
 
 if ! command -v apt-get >/dev/null || ! command -v dpkg-query >/dev/null; then
   echo "This system has no apt-get. Install the equivalents of: ${pkgs[*]} and Node.js >= 20, then run make again." >&2

@@ -57,9 +57,11 @@ if [ ! -d "$tree" ]; then
   find "$cache" -maxdepth 1 -name 'tree-*' ! -name "tree-$tree_key" -exec rm -rf {} +
 fi
 
-init_bin="$cache/aegis-init-$(sha256sum "$init_src" | cut -c1-16)"
+# aegis-init is every C file beside INIT_SOURCE (init.c and the data plane).
+native_dir=$(dirname "$init_src")
+init_bin="$cache/aegis-init-$(cat "$native_dir"/*.c "$native_dir"/*.h | sha256sum | cut -c1-16)"
 if [ ! -x "$init_bin" ]; then
-  gcc -static -O2 -Wall -pthread -o "$init_bin.tmp" "$init_src"
+  gcc -static -O2 -Wall -pthread -o "$init_bin.tmp" "$native_dir"/*.c
   mv "$init_bin.tmp" "$init_bin"
   find "$cache" -maxdepth 1 -name "aegis-init-*" ! -name "$(basename "$init_bin")" -delete
 fi

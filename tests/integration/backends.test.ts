@@ -88,6 +88,7 @@ for (const c of candidates) {
         scratchDiskPath: scratch,
         memoryMiB: 512,
         vcpuCount: 1,
+        network: 'none',
         kernelArgs: [],
       };
     }
@@ -105,7 +106,11 @@ for (const c of candidates) {
       if (skipReason) return ctx.skip(skipReason);
       const probe = await c.backend?.probe();
       expect(probe?.available).toBe(true);
-      expect(probe?.capabilities).toMatchObject({ pause: expect.any(Boolean), agentTransport: expect.any(String) });
+      expect(probe?.capabilities).toMatchObject({
+        pause: expect.any(Boolean),
+        agentTransport: expect.any(String),
+        networkModes: expect.arrayContaining(['none']),
+      });
     });
 
     it('boots a VM whose harness answers on the agent channel, and stops it', async (ctx) => {

@@ -37,6 +37,8 @@ export class TestDaemon {
   constructor(
     readonly home: string,
     private readonly extraEnv: NodeJS.ProcessEnv = {},
+    /** A command the daemon runs under, e.g. one that puts it in its own network namespace. */
+    private readonly launcher: string[] = [],
   ) {
     this.client = new AegisClient(path.join(home, 'aegisd.sock'));
     this.logFile = path.join(home, 'aegisd.log');
@@ -53,7 +55,8 @@ export class TestDaemon {
 
   async start(): Promise<void> {
     const log = openSync(this.logFile, 'a');
-    this.proc = spawn(process.execPath, [path.join(ROOT, 'packages/daemon/dist/main.js')], { env: this.env, stdio: ['ignore', log, log] });
+    const [cmd = process.execPath, ...args] = [...this.launcher, process.execPath, path.join(ROOT, 'packages/daemon/dist/main.js')];
+    this.proc = spawn(cmd, args, { env: this.env, stdio: ['ignore', log, log] });
     closeSync(log);
     const deadline = Date.now() + 20_000;
     for (;;) {
@@ -147,11 +150,11 @@ export async function teardown(d: TestDaemon, printLog: boolean): Promise<void> 
  * One daemon for a test file: started before its tests, torn down after them; the daemon's
  * log is printed when any test failed.
  */
-export function useDaemon(extraEnv: NodeJS.ProcessEnv = {}): () => TestDaemon {
+export function useDaemon(extraEnv: NodeJS.ProcessEnv = {}, launcher: string[] = []): () => TestDaemon {
   let d: TestDaemon | undefined;
   let anyFailed = false;
   beforeAll(async () => {
-    d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'), extraEnv);
+    d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'), extraEnv, launcher);
     await d.start();
   });
   afterEach(async (ctx) => {

@@ -9,6 +9,7 @@ import { execCommand } from './commands/exec.js';
 import { logsCommand } from './commands/logs.js';
 import { runCommand } from './commands/run.js';
 import { secretCommand } from './commands/secret/secret.js';
+import { imageCommand } from './commands/image/image.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
 import { ExitSignal } from './util.js';
@@ -29,6 +30,7 @@ for (const c of [
   execCommand(),
   logsCommand(),
   secretCommand(),
+  imageCommand(),
   upCommand(),
   downCommand(),
   statusCommand(),

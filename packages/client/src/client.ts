@@ -6,7 +6,7 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { AegisError, LineDecoder } from '@aegis/protocol';
-import type { CreateInstanceRequest, ExecEvent, ExecRequest, Instance, LogEvent, SecretMeta, Status } from './types.js';
+import type { CreateInstanceRequest, ExecEvent, ExecRequest, Image, Instance, LogEvent, PullEvent, SecretMeta, Status } from './types.js';
 
 export function defaultSocketPath(env: NodeJS.ProcessEnv = process.env): string {
   return path.join(env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis'), 'aegisd.sock');
@@ -149,6 +149,29 @@ export class AegisClient {
 
   deleteSecret(name: string): Promise<void> {
     return this.call({ method: 'DELETE', path: `/v1/secrets/${encodeURIComponent(name)}` });
+  }
+
+  async listImages(): Promise<Image[]> {
+    return (await this.call<{ images: Image[] }>({ method: 'GET', path: '/v1/images' })).images;
+  }
+
+  getImage(ref: string): Promise<Image> {
+    return this.call({ method: 'GET', path: `/v1/images/${encodeURIComponent(ref)}` });
+  }
+
+  /** Streams the pull's progress; an `error` event ends a pull that failed after it began. */
+  pullImage(reference: string, signal?: AbortSignal): AsyncGenerator<PullEvent> {
+    return this.stream({ method: 'POST', path: '/v1/images/pull', body: { reference }, ...(signal ? { signal } : {}) });
+  }
+
+  /** `path` must be readable by aegisd (the CLI passes an absolute path). */
+  async importImage(path: string, reference?: string): Promise<Image[]> {
+    const body = reference !== undefined ? { path, reference } : { path };
+    return (await this.call<{ images: Image[] }>({ method: 'POST', path: '/v1/images/import', body })).images;
+  }
+
+  removeImage(ref: string): Promise<{ untagged: string[]; deleted?: string }> {
+    return this.call({ method: 'DELETE', path: `/v1/images/${encodeURIComponent(ref)}` });
   }
 
   exec(ref: string, req: ExecRequest, signal?: AbortSignal): AsyncGenerator<ExecEvent> {

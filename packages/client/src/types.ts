@@ -15,7 +15,30 @@ export interface Instance {
   vcpuCount: number;
   backend?: string;
   ports: PortMapping[];
+  network: NetworkMode;
+  image?: string;
+  imageDigest?: string;
 }
+
+export interface Image {
+  digest: string;
+  references: string[];
+  sizeBytes: number;
+  fsBytes: number;
+  storedAt: string;
+  created?: string;
+  architecture: string;
+}
+
+export type PullEvent =
+  | { type: 'resolved'; reference: string }
+  | { type: 'progress'; digest: string; phase: 'layer' | 'config' | 'manifest'; doneBytes: number; totalBytes: number }
+  | { type: 'preparing'; digest: string }
+  | { type: 'done'; image: Image; cached: boolean }
+  | { type: 'error'; error: { code: string; message: string } };
+
+/** `user`: outbound network, host loopback unreachable. `none`: no network device. */
+export type NetworkMode = 'user' | 'none';
 
 export interface PortMapping {
   guestPort: number;
@@ -25,7 +48,9 @@ export interface PortMapping {
 }
 
 export interface CreateInstanceRequest {
-  command: string[];
+  /** With `image`: replaces its Cmd and may be omitted. */
+  command?: string[];
+  image?: string;
   handle?: string;
   env?: Record<string, string>;
   /** Secret names for the workload's environment; `*` for all. */
@@ -37,6 +62,7 @@ export interface CreateInstanceRequest {
   workdir?: string;
   memoryMiB?: number;
   vcpuCount?: number;
+  network?: NetworkMode;
 }
 
 export interface ExecRequest {

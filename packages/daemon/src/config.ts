@@ -20,6 +20,8 @@ export interface DaemonConfig {
   warmBoot: boolean;
   /** Where templates live (AEGIS_TEMPLATES); default: beside the guest artifacts. */
   templatesDir: string | undefined;
+  /** Registries reached over plain http (AEGIS_INSECURE_REGISTRIES, comma-separated host[:port]); loopback always is. */
+  insecureRegistries: string[];
 }
 
 export function aegisHome(env: NodeJS.ProcessEnv = process.env): string {
@@ -43,5 +45,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
     bootTimeoutMs: Number(env['AEGIS_BOOT_TIMEOUT_MS'] ?? 60_000),
     warmBoot: env['AEGIS_WARM_BOOT'] !== '0',
     templatesDir: env['AEGIS_TEMPLATES'],
+    insecureRegistries: (env['AEGIS_INSECURE_REGISTRIES'] ?? '')
+      .split(',')
+      .map((h) => h.trim())
+      .filter(Boolean),
   };
 }

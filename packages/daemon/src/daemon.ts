@@ -15,6 +15,8 @@ import { Registry } from './registry/db.js';
 import { createServer } from './api/server.js';
 import { instanceRoutes } from './api/routes/instances.js';
 import { secretRoutes } from './api/routes/secrets.js';
+import { imageRoutes } from './api/routes/images.js';
+import { ImageService } from './images/service.js';
 import { SecretStore } from './secrets/store.js';
 import { TemplateCache } from './instances/templates.js';
 import { systemRoutes } from './api/routes/system.js';
@@ -34,6 +36,7 @@ export interface DaemonContext {
   probe: Probe;
   instances: InstanceManager;
   secrets: SecretStore;
+  images: ImageService;
   shutdown(): Promise<void>;
 }
 
@@ -69,7 +72,17 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   const registry = new Registry(config.dbPath);
   const secrets = new SecretStore(registry, path.join(config.home, 'secrets.key'));
   const templates = new TemplateCache(backend, probe, await templatesDir(config), log, config.bootTimeoutMs, config.warmBoot);
-  const instances = new InstanceManager(config, registry, backend, log, secrets, templates);
+  const images = new ImageService(config.home, registry, log, { insecureRegistries: config.insecureRegistries });
+  const instances = new InstanceManager(
+    config,
+    registry,
+    backend,
+    log,
+    secrets,
+    templates,
+    probe.capabilities?.networkModes ?? ['none'],
+    images,
+  );
   await instances.recover();
   void instances.warmUp();
 
@@ -83,6 +96,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     probe,
     instances,
     secrets,
+    images,
     async shutdown() {
       if (stopping) return closed;
       stopping = true;
@@ -95,7 +109,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
       resolveClosed();
     },
   };
-  const server: http.Server = createServer([...systemRoutes(ctx), ...instanceRoutes(ctx), ...secretRoutes(ctx)], log);
+  const server: http.Server = createServer([...systemRoutes(ctx), ...instanceRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx)], log);
   // The socket is the daemon's whole authority: only its owner may connect.
   const oldUmask = process.umask(0o177);
   try {

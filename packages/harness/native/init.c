@@ -8,6 +8,8 @@
  * (workload done, or a `shutdown` request), it syncs and resets the VM; with QEMU's
  * -no-reboot (and reboot=t on the kernel command line) that ends the VMM process.
  *
+ * A second port carries --expose connections; dataplane.c splices them to guest sockets.
+ *
  * It also owns the agent channel device and relays it to the harness over a socketpair
  * (the harness's fd 3). Node cannot use a virtio-serial port well itself: libuv treats a
  * character device as a file, so reads block a thread-pool thread, and a thread blocked in
@@ -19,7 +21,10 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -31,6 +36,7 @@
 #include <linux/random.h>
 #include <sys/ioctl.h>
 #include <termios.h>
+#include <grp.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
@@ -40,8 +46,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dataplane.h"
+
 #define AGENT_PORT_NAME "aegis.agent"
 #define SCRATCH_DEV "/dev/vdb"
+/* An OCI image's prepared filesystem (ext4, read-only, shared by every instance of it). */
+#define IMAGE_DEV "/dev/vdc"
+#define IMAGE_ROOT "/aegis/image"
 #define HARNESS "/aegis/harness.mjs"
 
 static void say(const char *fmt, ...) {
@@ -94,6 +105,17 @@ static void enter_overlay_root(void) {
   mkdir("/aegis/scratch/work", 0755);
   must_mount("overlay", "/aegis/newroot", "overlay", MS_NOATIME,
              "lowerdir=/,upperdir=/aegis/scratch/upper,workdir=/aegis/scratch/work");
+  /* The image's root: its read-only filesystem under this instance's own writable layer, on
+   * the same scratch disk. Mounted inside the new root so that pivot_root carries it along. */
+  if (stat(IMAGE_DEV, &st) == 0) {
+    mkdir("/aegis/newroot/aegis/image-lower", 0755);
+    mkdir("/aegis/newroot" IMAGE_ROOT, 0755);
+    mkdir("/aegis/scratch/image-upper", 0755);
+    mkdir("/aegis/scratch/image-work", 0755);
+    must_mount(IMAGE_DEV, "/aegis/newroot/aegis/image-lower", "ext4", MS_RDONLY | MS_NOATIME, "");
+    must_mount("overlay", "/aegis/newroot" IMAGE_ROOT, "overlay", MS_NOATIME,
+               "lowerdir=/aegis/newroot/aegis/image-lower,upperdir=/aegis/scratch/image-upper,workdir=/aegis/scratch/image-work");
+  }
   if (chdir("/aegis/newroot") != 0) die("chdir newroot");
   /* pivot_root(".", ".") stacks the old root under the new one; detaching it leaves the new. */
   if (syscall(SYS_pivot_root, ".", ".") != 0) die("pivot_root");
@@ -114,9 +136,70 @@ static void loopback_up(void) {
   close(fd);
 }
 
-/* Finds /dev/vportNpM whose name is AGENT_PORT_NAME; virtio probing may lag init slightly. */
-static int find_agent_port(char *out, size_t outlen) {
-  for (int attempt = 0; attempt < 200; attempt++) {
+static int set_in_addr(int fd, unsigned long req, const char *ifname, in_addr_t addr) {
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+  struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+  sin->sin_family = AF_INET;
+  sin->sin_addr.s_addr = addr;
+  return ioctl(fd, req, &ifr);
+}
+
+/*
+ * aegis_net=ADDR/PREFIX,GATEWAY,DNS (set by the VMM backend, which knows what its user-mode
+ * network stack answers to): configure eth0 statically. No DHCP client in the guest keeps boot
+ * fast and the image free of network tools. Without the parameter the VM has no network
+ * device and nothing is configured.
+ */
+static void network_up(const char *spec) {
+  char buf[128];
+  snprintf(buf, sizeof buf, "%s", spec);
+  char *addr_s = buf, *gw_s = NULL, *dns_s = NULL, *slash = NULL;
+  if ((gw_s = strchr(addr_s, ',')) != NULL) *gw_s++ = '\0';
+  if (gw_s && (dns_s = strchr(gw_s, ',')) != NULL) *dns_s++ = '\0';
+  if ((slash = strchr(addr_s, '/')) != NULL) *slash++ = '\0';
+  int prefix = slash ? atoi(slash) : 24;
+  struct in_addr addr, gw;
+  if (!gw_s || prefix < 1 || prefix > 32 || inet_pton(AF_INET, addr_s, &addr) != 1 || inet_pton(AF_INET, gw_s, &gw) != 1) {
+    say("aegis_net=%s: expected ADDR/PREFIX,GATEWAY[,DNS]", spec);
+    return;
+  }
+  int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;
+  in_addr_t mask = htonl(prefix == 32 ? 0xffffffffu : ~(0xffffffffu >> prefix));
+  if (set_in_addr(fd, SIOCSIFADDR, "eth0", addr.s_addr) != 0) say("eth0 address: %s", strerror(errno));
+  if (set_in_addr(fd, SIOCSIFNETMASK, "eth0", mask) != 0) say("eth0 netmask: %s", strerror(errno));
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  strncpy(ifr.ifr_name, "eth0", IFNAMSIZ - 1);
+  if (ioctl(fd, SIOCGIFFLAGS, &ifr) == 0) {
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(fd, SIOCSIFFLAGS, &ifr) != 0) say("eth0 up: %s", strerror(errno));
+  }
+  struct rtentry rt;
+  memset(&rt, 0, sizeof rt);
+  struct sockaddr_in *dst = (struct sockaddr_in *)&rt.rt_dst, *gwa = (struct sockaddr_in *)&rt.rt_gateway,
+                     *msk = (struct sockaddr_in *)&rt.rt_genmask;
+  dst->sin_family = gwa->sin_family = msk->sin_family = AF_INET;
+  gwa->sin_addr = gw;
+  rt.rt_flags = RTF_UP | RTF_GATEWAY;
+  rt.rt_dev = "eth0";
+  if (ioctl(fd, SIOCADDRT, &rt) != 0) say("default route: %s", strerror(errno));
+  close(fd);
+  struct in_addr dns;
+  if (dns_s && inet_pton(AF_INET, dns_s, &dns) == 1) {
+    FILE *f = fopen("/etc/resolv.conf", "w");
+    if (f) {
+      fprintf(f, "nameserver %s\n", dns_s);
+      fclose(f);
+    }
+  }
+}
+
+/* Finds /dev/vportNpM whose name is `want`; virtio probing may lag init slightly. */
+static int find_port(const char *want, char *out, size_t outlen, int attempts) {
+  for (int attempt = 0; attempt < attempts; attempt++) {
     DIR *d = opendir("/sys/class/virtio-ports");
     if (d) {
       struct dirent *e;
@@ -129,7 +212,7 @@ static int find_agent_port(char *out, size_t outlen) {
         ssize_t n = read(fd, name, sizeof name - 1);
         close(fd);
         if (n > 0 && name[n - 1] == '\n') name[n - 1] = 0;
-        if (strcmp(name, AGENT_PORT_NAME) == 0) {
+        if (strcmp(name, want) == 0) {
           snprintf(out, outlen, "/dev/%s", e->d_name);
           closedir(d);
           return 0;
@@ -362,9 +445,97 @@ static int fresh_main(void) {
   return 0;
 }
 
+/* ---- the image root --------------------------------------------------------------------
+ * What a container runtime gives a container: the kernel's filesystems, and the VM's own
+ * name resolution files (written into the instance's layer, as Docker bind-mounts them). */
+
+static void mount_into_image(const char *src, const char *rel, const char *type, unsigned long flags, const char *data) {
+  char dst[256];
+  snprintf(dst, sizeof dst, IMAGE_ROOT "%s", rel);
+  struct stat st;
+  /* A symlink here would point the mount anywhere in our own root: refuse it. */
+  if (lstat(dst, &st) == 0 && !S_ISDIR(st.st_mode)) {
+    say("image root: %s is not a directory; not mounting it", rel);
+    return;
+  }
+  mkdir(dst, 0755);
+  if (mount(src, dst, type, flags, data) != 0) say("image root: mount %s: %s", rel, strerror(errno));
+}
+
+static void write_image_file(const char *rel, const char *content) {
+  char dir[256], path[256];
+  snprintf(dir, sizeof dir, IMAGE_ROOT "/etc");
+  struct stat st;
+  if (lstat(dir, &st) != 0) mkdir(dir, 0755);
+  else if (!S_ISDIR(st.st_mode)) return;
+  snprintf(path, sizeof path, IMAGE_ROOT "%s", rel);
+  unlink(path); /* often a symlink (to systemd-resolved's file, say): replace, never follow */
+  int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  if (write(fd, content, strlen(content)) < 0) say("image root: write %s: %s", rel, strerror(errno));
+  close(fd);
+}
+
+static void prepare_image_root(const char *hostname) {
+  struct stat st;
+  if (stat(IMAGE_ROOT "/.", &st) != 0 || stat("/aegis/image-lower", &st) != 0) return;
+  mount_into_image("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+  mount_into_image("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
+  mount_into_image("/dev", "/dev", NULL, MS_BIND | MS_REC, NULL);
+  char line[512];
+  snprintf(line, sizeof line, "127.0.0.1 localhost %s\n::1 localhost\n", hostname);
+  write_image_file("/etc/hosts", line);
+  snprintf(line, sizeof line, "%s\n", hostname);
+  write_image_file("/etc/hostname", line);
+  int fd = open("/etc/resolv.conf", O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    ssize_t n = read(fd, line, sizeof line - 1);
+    close(fd);
+    if (n > 0) {
+      line[n] = 0;
+      write_image_file("/etc/resolv.conf", line);
+    }
+  }
+}
+
+/* ---- `aegis-init chroot ROOT UID GID GROUPS CWD -- CMD...`: a command in the image root ---
+ * Run by the harness for every workload and exec of an instance with an image. GROUPS is a
+ * comma-separated list of supplementary gids ("-" for none). The command is looked up on the
+ * PATH of its environment inside the image, as a container runtime does. */
+static int chroot_main(int argc, char **argv) {
+  if (argc < 9 || strcmp(argv[7], "--") != 0) {
+    say("usage: aegis-init chroot ROOT UID GID GROUPS CWD -- CMD...");
+    return 125;
+  }
+  uid_t uid = (uid_t)strtoul(argv[3], NULL, 10);
+  gid_t gid = (gid_t)strtoul(argv[4], NULL, 10);
+  gid_t groups[64];
+  size_t ngroups = 0;
+  if (strcmp(argv[5], "-") != 0) {
+    for (char *tok = strtok(argv[5], ","); tok && ngroups < 64; tok = strtok(NULL, ",")) groups[ngroups++] = (gid_t)strtoul(tok, NULL, 10);
+  }
+  if (chroot(argv[2]) != 0 || chdir("/") != 0) {
+    fprintf(stderr, "aegis: cannot enter the image root: %s\n", strerror(errno));
+    return 125;
+  }
+  if (chdir(argv[6]) != 0) {
+    fprintf(stderr, "aegis: working directory %s: %s\n", argv[6], strerror(errno));
+    return 125;
+  }
+  if (setgroups(ngroups, groups) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
+    fprintf(stderr, "aegis: cannot switch to user %u:%u: %s\n", (unsigned)uid, (unsigned)gid, strerror(errno));
+    return 125;
+  }
+  execvp(argv[8], argv + 8);
+  int err = errno;
+  fprintf(stderr, "aegis: cannot run %s: %s\n", argv[8], strerror(err));
+  return err == ENOENT ? 127 : 126;
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && strcmp(argv[1], "pty") == 0) return pty_main(argc, argv);
   if (argc > 1 && strcmp(argv[1], "fresh") == 0) return fresh_main();
+  if (argc > 1 && strcmp(argv[1], "chroot") == 0) return chroot_main(argc, argv);
   if (getpid() != 1) {
     say("must run as PID 1");
     return 2;
@@ -390,13 +561,16 @@ int main(int argc, char **argv) {
   must_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
   must_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
   loopback_up();
+  const char *net = getenv("aegis_net");
+  if (net) network_up(net);
   const char *hostname = getenv("aegis_hostname");
   if (!hostname) hostname = "aegis";
   sethostname(hostname, strlen(hostname));
+  prepare_image_root(hostname);
 
   mark("filesystems mounted");
   char port[300];
-  if (find_agent_port(port, sizeof port) != 0) {
+  if (find_port(AGENT_PORT_NAME, port, sizeof port, 200) != 0) {
     say("no virtio-serial port named %s", AGENT_PORT_NAME);
     end_vm();
   }
@@ -431,6 +605,14 @@ int main(int argc, char **argv) {
   close(sv[1]);
   pthread_t relay_thread;
   if (pthread_create(&relay_thread, NULL, relay_main, &relay) != 0) die("relay thread");
+  /* The agent port was found, so every port is probed by now: no need to wait for this one. */
+  static int data_port = -1;
+  char data_path[300];
+  if (find_port(DATA_PORT_NAME, data_path, sizeof data_path, 1) == 0 &&
+      (data_port = open(data_path, O_RDWR | O_NONBLOCK | O_CLOEXEC)) >= 0) {
+    pthread_t data_thread;
+    if (pthread_create(&data_thread, NULL, dataplane_main, &data_port) != 0) say("data plane thread failed");
+  }
 
   /* Reap everything; the VM's life is the harness's life. */
   for (;;) {

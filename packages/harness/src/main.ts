@@ -8,9 +8,7 @@ import {
   AegisError,
   GUEST_PROTOCOL_VERSION,
   RpcPeer,
-  TcpRelay,
   isGuestMethod,
-  parseEvent,
   parseParams,
   type ExecParams,
   type FreshParams,
@@ -23,7 +21,6 @@ import {
   type Stream,
 } from '@aegis/protocol';
 import { spawn } from 'node:child_process';
-import net from 'node:net';
 import { Channel } from './channel.js';
 import { GuestProcess } from './processes.js';
 
@@ -36,14 +33,13 @@ class Harness {
   private readonly execs = new Map<string, GuestProcess>();
   private shuttingDown = false;
   private readonly freshener = new Freshener();
-  private readonly tcp = new Map<number, TcpRelay>();
   readonly peer: RpcPeer;
 
   constructor(private readonly channel: Channel) {
     this.peer = new RpcPeer({
       send: (line) => channel.write(line),
       onRequest: (method, params) => this.handle(method, params),
-      onNotification: (method, params) => this.hostEvent(method, params),
+      onNotification: (method) => console.error(`aegis-harness: unexpected notification ${method} from host`),
       onProtocolError: (err) => console.error(`aegis-harness: ${err.message}`),
     });
   }
@@ -61,8 +57,6 @@ class Harness {
         return this.stdin(parseParams.stdin(raw));
       case 'fresh':
         return this.freshener.apply(parseParams.fresh(raw));
-      case 'tcpOpen':
-        return this.tcpOpen(parseParams.tcpOpen(raw));
       case 'resize': {
         const p = parseParams.resize(raw);
         const target = this.execs.get(p.execId);
@@ -74,49 +68,6 @@ class Harness {
         return this.health();
       case 'shutdown':
         return this.shutdown(parseParams.shutdown(raw));
-    }
-  }
-
-  /** Connects a forwarded connection to a guest server on 127.0.0.1 (or ::1) at `port`. */
-  private async tcpOpen(p: { connId: number; port: number }): Promise<Record<string, never>> {
-    const connect = (host: string): Promise<net.Socket> =>
-      new Promise((resolve, reject) => {
-        const s = net.connect({ host, port: p.port });
-        s.once('connect', () => resolve(s));
-        s.once('error', reject);
-      });
-    let socket: net.Socket;
-    try {
-      socket = await connect('127.0.0.1').catch(() => connect('::1'));
-    } catch {
-      throw new AegisError('UNAVAILABLE', `nothing listens on port ${p.port} in the guest`);
-    }
-    socket.setNoDelay(true);
-    this.tcp.set(
-      p.connId,
-      new TcpRelay(
-        p.connId,
-        socket,
-        (event, params) => this.peer.notify(event, params),
-        () => this.tcp.delete(p.connId),
-      ),
-    );
-    return {};
-  }
-
-  private hostEvent(method: string, params: unknown): void {
-    try {
-      if (method === 'tcpData') {
-        const ev = parseEvent.tcpData(params);
-        this.tcp.get(ev.connId)?.data(ev.data);
-      } else if (method === 'tcpAck') {
-        const ev = parseEvent.tcpAck(params);
-        this.tcp.get(ev.connId)?.ack(ev.bytes);
-      } else if (method === 'tcpClose') {
-        this.tcp.get(parseEvent.tcpClose(params).connId)?.remoteClosed();
-      }
-    } catch (err) {
-      console.error(`aegis-harness: bad ${method} from host: ${(err as Error).message}`);
     }
   }
 

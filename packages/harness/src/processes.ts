@@ -5,7 +5,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { stat } from 'node:fs/promises';
 import { constants as osConstants } from 'node:os';
-import { AegisError, type ExitEvent, type Stream, type TtySize } from '@aegis/protocol';
+import { AegisError, type ExitEvent, type ImageContext, type Stream, type TtySize } from '@aegis/protocol';
+import { imageLaunch } from './image.js';
 
 export interface ProcessSpec {
   command: string[];
@@ -13,6 +14,7 @@ export interface ProcessSpec {
   workdir?: string;
   stdin?: boolean;
   tty?: TtySize;
+  image?: ImageContext;
 }
 
 /** aegis-init doubles as the PTY helper (`aegis-init pty ROWS COLS -- CMD`): Node has no openpty. */
@@ -47,23 +49,30 @@ export class GuestProcess {
 
   /** Resolves once the process runs; NOT_FOUND or INVALID_ARGUMENT when it cannot start. */
   static async start(spec: ProcessSpec, events: ProcessEvents): Promise<GuestProcess> {
-    const [file, ...args] = spec.command;
-    if (file === undefined) throw new AegisError('INVALID_ARGUMENT', 'command is empty');
-    if (spec.workdir !== undefined) {
+    let command = spec.command;
+    let env = { ...BASE_ENV, ...spec.env };
+    let cwd = spec.workdir ?? '/';
+    if (spec.image) {
+      // The helper enters the image root, switches user and changes directory there.
+      ({ argv: command, env } = await imageLaunch(spec.command, spec.env, spec.workdir, spec.image));
+      cwd = '/';
+    } else if (spec.workdir !== undefined) {
       const st = await stat(spec.workdir).catch(() => undefined);
       if (!st?.isDirectory()) throw new AegisError('INVALID_ARGUMENT', `workdir ${spec.workdir} is not a directory in the guest`);
     }
+    const [file, ...args] = command;
+    if (file === undefined) throw new AegisError('INVALID_ARGUMENT', 'command is empty');
     const tty = spec.tty;
     const child = tty
       ? spawn(PTY_HELPER, ['pty', String(tty.rows), String(tty.cols), '--', file, ...args], {
-          cwd: spec.workdir ?? '/',
-          env: { ...BASE_ENV, TERM: 'xterm', ...spec.env },
+          cwd,
+          env: { TERM: 'xterm', ...env },
           stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
           detached: true,
         })
       : spawn(file, args, {
-          cwd: spec.workdir ?? '/',
-          env: { ...BASE_ENV, ...spec.env },
+          cwd,
+          env,
           stdio: [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
           detached: true,
         });

@@ -20,6 +20,13 @@ export interface RunParams {
   command: string[];
   env: Record<string, string>;
   workdir?: string;
+  /** Run inside the instance's OCI image root (mounted by aegis-init), not the base root. */
+  image?: ImageContext;
+}
+
+/** How a process runs in the image: as its config's `User` (`name`, `uid`, `uid:gid`, `name:group`). */
+export interface ImageContext {
+  user?: string;
 }
 export interface RunResult {
   pid: number;
@@ -36,6 +43,7 @@ export interface ExecParams {
   stdin?: boolean;
   /** Run on a new pseudo-terminal of this size; output then arrives as one stream, `stdout`. */
   tty?: TtySize;
+  image?: ImageContext;
 }
 
 export interface TtySize {
@@ -63,30 +71,6 @@ export interface StdinParams {
   data?: string;
   /** Close the process's stdin after `data`. */
   eof?: boolean;
-}
-
-/**
- * Port forwarding over the agent channel: the host accepts a TCP connection for an exposed
- * port and asks the guest to connect to 127.0.0.1:port (which reaches servers bound to
- * 0.0.0.0 or to 127.0.0.1). Bytes then flow as `tcpData` notifications both ways; each side
- * acknowledges what it has written to its socket (`tcpAck`) and stops reading its own socket
- * while too much is unacknowledged, so a fast sender cannot flood a slow receiver.
- */
-export interface TcpOpenParams {
-  connId: number;
-  port: number;
-}
-export interface TcpDataEvent {
-  connId: number;
-  /** base64 */
-  data: string;
-}
-export interface TcpAckEvent {
-  connId: number;
-  bytes: number;
-}
-export interface TcpCloseEvent {
-  connId: number;
 }
 
 /** Makes a VM restored from a snapshot its own: clock, hostname, and a reseeded RNG. */
@@ -117,7 +101,6 @@ export interface GuestMethods {
   stdin: { params: StdinParams; result: Record<string, never> };
   resize: { params: ResizeParams; result: Record<string, never> };
   fresh: { params: FreshParams; result: Record<string, never> };
-  tcpOpen: { params: TcpOpenParams; result: Record<string, never> };
   health: { params: HealthParams; result: HealthResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
@@ -150,13 +133,7 @@ export interface GuestEvents {
   output: OutputEvent;
   exit: ExitEvent;
   execExit: ExecExitEvent;
-  tcpData: TcpDataEvent;
-  tcpAck: TcpAckEvent;
-  tcpClose: TcpCloseEvent;
 }
-
-/** Notifications the host sends to the guest (the forwarding data plane). */
-export type HostEvents = Pick<GuestEvents, 'tcpData' | 'tcpAck' | 'tcpClose'>;
 export type GuestEvent = keyof GuestEvents;
 
 // ---- parsers ----------------------------------------------------------------------------
@@ -214,6 +191,12 @@ function stream(v: unknown): Stream {
   return v;
 }
 
+function imageContext(v: unknown): ImageContext {
+  const o = obj(v, 'image');
+  onlyKeys(o, ['user'], 'image');
+  return o['user'] !== undefined ? { user: str(o['user'], 'user', 256) } : {};
+}
+
 function ttySize(v: unknown): TtySize {
   const o = obj(v, 'tty');
   const rows = int(o['rows'], 'rows');
@@ -231,12 +214,13 @@ function withWorkdir<T extends object>(base: T, workdir: unknown): T & { workdir
 export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M]['params'] } = {
   run(v) {
     const o = obj(v ?? {}, 'run params');
-    onlyKeys(o, ['command', 'env', 'workdir'], 'run params');
-    return withWorkdir({ command: argv(o['command'], 'command'), env: env(o['env'] ?? {}, 'env') }, o['workdir']);
+    onlyKeys(o, ['command', 'env', 'workdir', 'image'], 'run params');
+    const p = withWorkdir({ command: argv(o['command'], 'command'), env: env(o['env'] ?? {}, 'env') }, o['workdir']);
+    return o['image'] !== undefined ? { ...p, image: imageContext(o['image']) } : p;
   },
   exec(v) {
     const o = obj(v ?? {}, 'exec params');
-    onlyKeys(o, ['execId', 'command', 'env', 'workdir', 'stdin', 'tty'], 'exec params');
+    onlyKeys(o, ['execId', 'command', 'env', 'workdir', 'stdin', 'tty', 'image'], 'exec params');
     const p = withWorkdir(
       {
         execId: str(o['execId'], 'execId', 128),
@@ -249,14 +233,8 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
       ...p,
       ...(o['stdin'] === true ? { stdin: true } : {}),
       ...(o['tty'] !== undefined ? { tty: ttySize(o['tty']) } : {}),
+      ...(o['image'] !== undefined ? { image: imageContext(o['image']) } : {}),
     };
-  },
-  tcpOpen(v) {
-    const o = obj(v ?? {}, 'tcpOpen params');
-    onlyKeys(o, ['connId', 'port'], 'tcpOpen params');
-    const port = int(o['port'], 'port');
-    if (port < 1 || port > 65535) throw new AegisError('INVALID_ARGUMENT', 'port must be 1..65535');
-    return { connId: int(o['connId'], 'connId'), port };
   },
   fresh(v) {
     const o = obj(v ?? {}, 'fresh params');
@@ -319,9 +297,6 @@ export const parseResult: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
   fresh() {
     return {};
   },
-  tcpOpen() {
-    return {};
-  },
   health(v) {
     const o = obj(v, 'health result');
     let workload: HealthResult['workload'] = null;
@@ -350,17 +325,6 @@ export const parseEvent: { [E in GuestEvent]: (v: unknown) => GuestEvents[E] } =
   exit(v) {
     const o = obj(v, 'exit');
     return { exitCode: intOrNull(o['exitCode'], 'exitCode'), signal: strOrNull(o['signal'], 'signal') };
-  },
-  tcpData(v) {
-    const o = obj(v, 'tcpData');
-    return { connId: int(o['connId'], 'connId'), data: str(o['data'], 'data', 16 << 20) };
-  },
-  tcpAck(v) {
-    const o = obj(v, 'tcpAck');
-    return { connId: int(o['connId'], 'connId'), bytes: int(o['bytes'], 'bytes') };
-  },
-  tcpClose(v) {
-    return { connId: int(obj(v, 'tcpClose')['connId'], 'connId') };
   },
   execExit(v) {
     const o = obj(v, 'execExit');

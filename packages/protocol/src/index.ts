@@ -2,4 +2,4 @@ export * from './errors.js';
 export * from './jsonrpc.js';
 export * from './guest.js';
 export * from './rpc-peer.js';
-export * from './tcp-relay.js';
+export * from './data-frames.js';

@@ -3,7 +3,7 @@
  * arm64), KVM when /dev/kvm is usable and TCG otherwise. Control through QMP; the agent
  * channel is a virtio-serial port whose host end is a unix socket QEMU listens on.
  */
-import { spawn, execFile } from 'node:child_process';
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { constants as fsc, promises as fs, openSync, closeSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
@@ -15,8 +15,9 @@ import { QmpClient, type QmpEvent } from './qmp.js';
 
 const execFileP = promisify(execFile);
 
-/** The name of the virtio-serial port the harness looks for. */
+/** The names of the virtio-serial ports aegis-init looks for. */
 export const AGENT_PORT_NAME = 'aegis.agent';
+export const DATA_PORT_NAME = 'aegis.data';
 
 interface ArchProfile {
   binary: string;
@@ -58,13 +59,35 @@ async function hostTscKhz(): Promise<number | undefined> {
   return m?.[1] ? Math.round(Number(m[1]) * 1000) : undefined;
 }
 
-function capabilitiesFor(kvm: boolean): Capabilities {
+/**
+ * User-mode networking is passt (Debian package `passt`), one process per VM, connected to
+ * QEMU's `-netdev stream`. Chosen over QEMU's built-in slirp because slirp always maps its
+ * gateway address to the host's loopback, and passt can be told not to (`--no-map-gw`): the
+ * guest reaches the network but never aegisd's or anyone's 127.0.0.1 services.
+ */
+const PASST_BINARY = 'passt';
+/** What passt is told to hand out, and what the guest is told to use (aegis_net=). */
+const GUEST_NET = { address: '10.0.2.15', prefix: 24, gateway: '10.0.2.2', dns: '10.0.2.3' } as const;
+
+const NOBODY = 65534;
+
+async function passtAvailable(): Promise<boolean> {
+  try {
+    await execFileP(PASST_BINARY, ['--version'], { timeout: 10_000 });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function capabilitiesFor(kvm: boolean, passt: boolean): Capabilities {
   return {
     pause: true,
     snapshot: true,
     survivesDaemonRestart: true,
     agentTransport: 'virtio-serial',
     acceleration: kvm ? 'kvm' : 'tcg',
+    networkModes: passt ? ['user', 'none'] : ['none'],
   };
 }
 
@@ -75,10 +98,27 @@ interface QemuRecord {
   stateDir: string;
 }
 
-function paths(stateDir: string): { qmp: string; agent: string; console: string; vmmLog: string; pid: string } {
+/**
+ * As root, passt runs as "nobody" (one less thing a guest that breaks passt gets), and nobody
+ * cannot reach into a 0700 AEGIS_HOME: its socket and log then live under /run instead.
+ */
+function passtDir(stateDir: string, id: string): string {
+  return process.getuid?.() === 0 ? path.join(ROOT_PASST_DIR, id) : path.join(stateDir, 'net');
+}
+const ROOT_PASST_DIR = '/run/aegis/passt';
+
+function paths(
+  stateDir: string,
+  id: string,
+): { qmp: string; agent: string; data: string; console: string; vmmLog: string; pid: string; netDir: string; net: string; netLog: string } {
+  const netDir = passtDir(stateDir, id);
   return {
+    netDir,
+    net: path.join(netDir, 'passt.sock'),
+    netLog: path.join(stateDir, 'passt.log'),
     qmp: path.join(stateDir, 'qmp.sock'),
     agent: path.join(stateDir, 'agent.sock'),
+    data: path.join(stateDir, 'data.sock'),
     console: path.join(stateDir, 'console.log'),
     vmmLog: path.join(stateDir, 'qemu.log'),
     pid: path.join(stateDir, 'qemu.pid'),
@@ -105,14 +145,20 @@ export class QemuBackend implements Backend {
       return { available: false, detail: `${binary} not found (Debian: apt-get install qemu-system-x86)` };
     }
     const kvm = await kvmUsable();
+    const passt = await passtAvailable();
     return {
       available: true,
-      detail: `${version}; ${kvm ? 'KVM' : 'TCG (software emulation: /dev/kvm is missing or not accessible)'}`,
-      capabilities: capabilitiesFor(kvm),
+      detail:
+        `${version}; ${kvm ? 'KVM' : 'TCG (software emulation: /dev/kvm is missing or not accessible)'}; ` +
+        (passt ? 'network: passt' : 'network: none (passt not found; Debian: apt-get install passt)'),
+      capabilities: capabilitiesFor(kvm, passt),
     };
   }
 
   async create(config: VmConfig): Promise<Vm> {
+    if (config.network === 'user' && !(await passtAvailable())) {
+      throw new AegisError('UNSUPPORTED', 'user networking needs passt (Debian: apt-get install passt); or start with --network none');
+    }
     const kvm = await kvmUsable();
     const args = await qemuArgs(config, kvm);
     return new QemuVm(config.id, config.stateDir, {
@@ -120,6 +166,7 @@ export class QemuBackend implements Backend {
       args,
       ...(config.restoreFrom ? { restoreFrom: config.restoreFrom } : {}),
       ramInFile: config.memoryFile !== undefined,
+      userNetwork: config.network === 'user',
     });
   }
 
@@ -136,7 +183,7 @@ export class QemuBackend implements Backend {
 }
 
 async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
-  const p = paths(config.stateDir);
+  const p = paths(config.stateDir, config.id);
   const arch = profile();
   const tscKhz = kvm ? undefined : await hostTscKhz();
   const mem = config.memoryFile;
@@ -152,6 +199,7 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     'ro',
     'init=/aegis/init',
     ...(tscKhz ? [`tsc_early_khz=${tscKhz}`] : []),
+    ...(config.network === 'user' ? [`aegis_net=${GUEST_NET.address}/${GUEST_NET.prefix},${GUEST_NET.gateway},${GUEST_NET.dns}`] : []),
     ...config.kernelArgs,
   ];
   return [
@@ -183,14 +231,31 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     `id=scratch,file=${config.scratchDiskPath},format=${config.scratchDiskFormat ?? 'raw'},if=none,discard=unmap`,
     '-device',
     'virtio-blk-device,drive=scratch',
+    ...(config.imageDiskPath
+      ? ['-drive', `id=image,file=${config.imageDiskPath},format=raw,if=none,readonly=on`, '-device', 'virtio-blk-device,drive=image']
+      : []),
     '-device',
     'virtio-rng-device',
+    ...(config.network === 'user'
+      ? [
+          '-netdev',
+          `stream,id=net0,server=off,addr.type=unix,addr.path=${p.net}`,
+          '-device',
+          // A fixed MAC: every clone of a snapshot template has its template's anyway.
+          'virtio-net-device,netdev=net0,mac=02:ae:00:00:00:01',
+        ]
+      : []),
     '-device',
-    'virtio-serial-device,max_ports=2',
+    // Port 0 is reserved for a console: two ports of ours need three.
+    'virtio-serial-device,max_ports=3',
     '-chardev',
     `socket,id=agent,path=${p.agent},server=on,wait=off`,
     '-device',
     `virtserialport,chardev=agent,name=${AGENT_PORT_NAME}`,
+    '-chardev',
+    `socket,id=data,path=${p.data},server=on,wait=off`,
+    '-device',
+    `virtserialport,chardev=data,name=${DATA_PORT_NAME}`,
     '-qmp',
     `unix:${p.qmp},server=on,wait=off`,
     '-serial',
@@ -200,6 +265,15 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     // With RAM in a file, the device state is loaded after x-ignore-shared is set (over QMP).
     ...(config.restoreFrom ? ['-incoming', mem ? 'defer' : `exec:cat ${shellSafe(config.restoreFrom)}`] : []),
   ];
+}
+
+/**
+ * For `npm run bench` only: AEGIS_BENCH_PASST_TCP=HOST:GUEST adds passt's own port forward,
+ * the backend's raw mechanism that --expose is measured against on the same VM.
+ */
+function benchPasstForward(): string | undefined {
+  const spec = process.env['AEGIS_BENCH_PASST_TCP'];
+  return spec && /^\d+:\d+$/.test(spec) ? spec : undefined;
 }
 
 /** QEMU runs `exec:` migration URIs through /bin/sh: only plain paths may go there. */
@@ -239,9 +313,9 @@ class QemuVm implements Vm {
   constructor(
     readonly id: string,
     private readonly stateDir: string,
-    private readonly launch: { binary: string; args: string[]; restoreFrom?: string; ramInFile: boolean } | undefined,
+    private readonly launch: { binary: string; args: string[]; restoreFrom?: string; ramInFile: boolean; userNetwork: boolean } | undefined,
   ) {
-    this.p = paths(stateDir);
+    this.p = paths(stateDir, id);
     this.exited = new Promise((resolve) => (this.resolveExit = resolve));
   }
 
@@ -253,6 +327,7 @@ class QemuVm implements Vm {
 
   async start(signal?: AbortSignal): Promise<void> {
     if (!this.launch) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} is already running`);
+    const passt = this.launch.userNetwork ? await this.startPasst(signal) : undefined;
     const log = openSync(this.p.vmmLog, 'a');
     // Detached in its own session with no pipes to us: the VM outlives a daemon restart.
     const child = spawn(this.launch.binary, this.launch.args, { detached: true, stdio: ['ignore', log, log] });
@@ -262,6 +337,10 @@ class QemuVm implements Vm {
     const spawned = await new Promise<number>((resolve, reject) => {
       child.once('spawn', () => resolve(child.pid ?? -1));
       child.once('error', (err) => reject(new AegisError('UNAVAILABLE', `cannot start ${this.launch?.binary}: ${err.message}`)));
+    }).catch(async (err: unknown) => {
+      passt?.kill('SIGKILL');
+      await fs.rm(this.p.netDir, { recursive: true, force: true });
+      throw err;
     });
     this.pid = spawned;
     child.once('exit', (code, sig) => this.onProcessGone(code, sig));
@@ -270,8 +349,75 @@ class QemuVm implements Vm {
       if (restoring) await this.finishIncoming();
     } catch (err) {
       child.kill('SIGKILL');
+      passt?.kill('SIGKILL');
       const tail = await fs.readFile(this.p.vmmLog, 'utf8').catch(() => '');
       throw new AegisError('UNAVAILABLE', `QEMU did not start: ${tail.trim().split('\n').slice(-3).join(' | ') || (err as Error).message}`);
+    }
+  }
+
+  /**
+   * passt serves exactly one client (`--one-off`): it exits when QEMU does, so it needs no
+   * record of its own and never outlives its VM. Like QEMU it is detached and survives aegisd.
+   */
+  private async startPasst(signal?: AbortSignal): Promise<ChildProcess> {
+    const asRoot = process.getuid?.() === 0;
+    await fs.rm(this.p.netDir, { recursive: true, force: true });
+    if (asRoot) {
+      await fs.mkdir(ROOT_PASST_DIR, { recursive: true, mode: 0o711 });
+      await fs.chmod(ROOT_PASST_DIR, 0o711);
+    }
+    await fs.mkdir(this.p.netDir, { mode: 0o700 });
+    if (asRoot) await fs.chown(this.p.netDir, NOBODY, NOBODY);
+    const log = openSync(this.p.netLog, 'a');
+    const args = [
+      '--foreground',
+      '--one-off',
+      '--socket',
+      this.p.net,
+      '--no-map-gw',
+      '--address',
+      GUEST_NET.address,
+      '--netmask',
+      String(GUEST_NET.prefix),
+      '--gateway',
+      GUEST_NET.gateway,
+      '--dns-forward',
+      GUEST_NET.dns,
+      // No inbound forwarding through passt: --expose goes over the agent channel.
+      '--tcp-ports',
+      benchPasstForward() ?? 'none',
+      '--udp-ports',
+      'none',
+      // Logged through the stderr we give it: passt cannot open a log file once it is "nobody".
+      '--stderr',
+      '--quiet',
+      // passt would pick "nobody" on its own as root; saying so keeps it explicit.
+      ...(asRoot ? ['--runas', `${NOBODY}:${NOBODY}`] : []),
+    ];
+    const child = spawn(PASST_BINARY, args, { detached: true, stdio: ['ignore', log, log] });
+    closeSync(log);
+    child.unref();
+    await new Promise<void>((resolve, reject) => {
+      child.once('spawn', resolve);
+      child.once('error', (err) => reject(new AegisError('UNAVAILABLE', `cannot start passt: ${err.message}`)));
+    });
+    // QEMU's stream netdev connects once, at start: the socket must be there first.
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      if (
+        await fs.stat(this.p.net).then(
+          (st) => st.isSocket(),
+          () => false,
+        )
+      )
+        return child;
+      if (child.exitCode !== null || Date.now() > deadline || signal?.aborted) {
+        child.kill('SIGKILL');
+        await fs.rm(this.p.netDir, { recursive: true, force: true });
+        const tail = await fs.readFile(this.p.netLog, 'utf8').catch(() => '');
+        throw new AegisError('UNAVAILABLE', `passt did not start: ${tail.trim().split('\n').slice(-2).join(' | ') || 'no socket'}`);
+      }
+      await new Promise((r) => setTimeout(r, 5));
     }
   }
 
@@ -346,6 +492,8 @@ class QemuVm implements Vm {
   private onProcessGone(code: number | null, sig: NodeJS.Signals | null): void {
     if (this.detached) return;
     this.qmp?.close();
+    // passt has gone with QEMU (--one-off); its directory may be outside the state dir.
+    void fs.rm(this.p.netDir, { recursive: true, force: true }).catch(() => undefined);
     const reason = String(this.shutdownEvent?.data?.['reason'] ?? '');
     let exit: VmExit;
     if (this.stopRequested) exit = { reason: 'host-stop', detail: 'stopped by the host' };
@@ -367,11 +515,19 @@ class QemuVm implements Vm {
   }
 
   connectAgent(signal?: AbortSignal): Promise<Duplex> {
+    return this.connectPort(this.p.agent, 'agent', signal);
+  }
+
+  connectData(signal?: AbortSignal): Promise<Duplex> {
+    return this.connectPort(this.p.data, 'data', signal);
+  }
+
+  private connectPort(socketPath: string, what: string, signal?: AbortSignal): Promise<Duplex> {
     return new Promise((resolve, reject) => {
-      const s = net.connect(this.p.agent);
+      const s = net.connect(socketPath);
       const onAbort = (): void => {
         s.destroy();
-        reject(new AegisError('CANCELLED', 'agent connect cancelled'));
+        reject(new AegisError('CANCELLED', `${what} channel connect cancelled`));
       };
       signal?.addEventListener('abort', onAbort, { once: true });
       s.once('connect', () => {
@@ -380,7 +536,7 @@ class QemuVm implements Vm {
       });
       s.once('error', (err) => {
         signal?.removeEventListener('abort', onAbort);
-        reject(new AegisError('UNAVAILABLE', `agent channel of VM ${this.id}: ${err.message}`));
+        reject(new AegisError('UNAVAILABLE', `${what} channel of VM ${this.id}: ${err.message}`));
       });
     });
   }

@@ -19,7 +19,15 @@ export interface Capabilities {
   agentTransport: 'virtio-serial' | 'vsock';
   /** Acceleration in use: hardware, or software emulation. */
   acceleration: 'kvm' | 'hvf' | 'tcg';
+  /**
+   * Network modes the backend can give a guest. `user`: outbound TCP/UDP and DNS through a
+   * user-mode stack (no root, TAP or firewall rules on the host) that never maps the host's
+   * loopback into the guest. `none`: no network device at all.
+   */
+  networkModes: NetworkMode[];
 }
+
+export type NetworkMode = 'user' | 'none';
 
 export interface Probe {
   available: boolean;
@@ -38,6 +46,11 @@ export interface VmConfig {
   rootfsPath: string;
   /** This VM's own writable disk (the upper layer over the rootfs). */
   scratchDiskPath: string;
+  /**
+   * An OCI image's prepared filesystem, attached read-only as the third disk; aegis-init
+   * mounts it under this VM's own layer (on the scratch disk) as the workload's root.
+   */
+  imageDiskPath?: string;
   /** `qcow2` for a copy-on-write child of a snapshot template's disk. Default `raw`. */
   scratchDiskFormat?: 'raw' | 'qcow2';
   /**
@@ -54,6 +67,12 @@ export interface VmConfig {
   restoreFrom?: string;
   memoryMiB: number;
   vcpuCount: number;
+  /**
+   * `user`: the backend attaches a network device and tells the guest its static addressing
+   * with `aegis_net=ADDR/PREFIX,GATEWAY,DNS` on the kernel command line. `none`: no device.
+   * UNSUPPORTED when the mode is not in `capabilities.networkModes`.
+   */
+  network: NetworkMode;
   /** Extra kernel command-line words (the backend adds its own). */
   kernelArgs: string[];
 }
@@ -83,6 +102,12 @@ export interface Vm {
    * stream closes (for example after a daemon restart); the guest keeps its state.
    */
   connectAgent(signal?: AbortSignal): Promise<Duplex>;
+  /**
+   * Opens the data channel: a second byte stream to the guest, where aegis-init splices
+   * forwarded TCP connections (--expose) in binary frames (spec/guest-rpc.md, "Data channel").
+   * Same reconnect rules as the agent channel.
+   */
+  connectData(signal?: AbortSignal): Promise<Duplex>;
   /**
    * Pauses the VM and writes its memory and device state to `file` (the VM stays paused; the
    * caller usually stops it next). Disks are not copied: they must be kept as they are.

@@ -13,7 +13,6 @@ import {
   type GuestEvents,
   type GuestMethod,
   type GuestMethods,
-  type HostEvents,
 } from '@aegis/protocol';
 
 export type AgentEventHandler = <E extends keyof GuestEvents>(event: E, params: GuestEvents[E]) => void;
@@ -47,12 +46,6 @@ export class AgentConnection {
               return onEvent('exit', parseEvent.exit(params));
             case 'execExit':
               return onEvent('execExit', parseEvent.execExit(params));
-            case 'tcpData':
-              return onEvent('tcpData', parseEvent.tcpData(params));
-            case 'tcpAck':
-              return onEvent('tcpAck', parseEvent.tcpAck(params));
-            case 'tcpClose':
-              return onEvent('tcpClose', parseEvent.tcpClose(params));
           }
         } catch (err) {
           onProtocolError(AegisError.from(err, 'INVALID_ARGUMENT'));
@@ -106,11 +99,6 @@ export class AgentConnection {
       }
     })();
     await Promise.race([this.ready, polling]);
-  }
-
-  /** Host → guest notifications (the forwarding data plane). */
-  notify<E extends keyof HostEvents>(event: E, params: HostEvents[E]): void {
-    this.peer.notify(event, params);
   }
 
   close(): void {

@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError, exitStatus, type ExitEvent, type GuestEvents, type Stream } from '@aegis/protocol';
-import type { Backend, Vm, VmExit } from '@aegis/vmm';
+import type { Backend, NetworkMode, Vm, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
 import type { Logger } from '../log.js';
@@ -17,6 +17,8 @@ import { AgentConnection } from './agent.js';
 import { makeChildDisk, makeScratchDisk } from './disks.js';
 import { LogStore } from './logs.js';
 import type { MachineShape, Template, TemplateCache } from './templates.js';
+import type { ImageService, ResolvedImage } from '../images/service.js';
+import type { ImageConfig } from '../images/registry.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
 
 /** Unix socket paths are limited to 107 bytes. */
@@ -27,7 +29,10 @@ const DEFAULT_STOP_TIMEOUT_MS = 10_000;
 const POWEROFF_GRACE_MS = 10_000;
 
 export interface CreateRequest {
-  command: string[];
+  /** With an image: replaces its Cmd (its Entrypoint stays); may then be omitted. */
+  command?: string[];
+  /** An OCI image reference or digest; pulled first when this host does not have it. */
+  image?: string;
   handle?: string;
   env?: Record<string, string>;
   /** Secret names for the workload's environment; `*` for all. */
@@ -39,6 +44,7 @@ export interface CreateRequest {
   workdir?: string;
   memoryMiB?: number;
   vcpuCount?: number;
+  network?: NetworkMode;
 }
 
 export interface ExecRequest {
@@ -70,6 +76,10 @@ export interface InstanceView {
   vcpuCount: number;
   backend: string;
   ports: PortMapping[];
+  network: NetworkMode;
+  /** The image's reference (or digest when it has none); absent for the base rootfs. */
+  image?: string;
+  imageDigest?: string;
 }
 
 interface LiveInstance {
@@ -87,6 +97,28 @@ interface LiveInstance {
   finished: Promise<void>;
 }
 
+/** Docker's rule: a given command replaces the image's Cmd; its Entrypoint stays in front. */
+function effectiveCommand(command: string[] | undefined, config: ImageConfig | undefined): string[] {
+  const given = command && command.length > 0 ? command : undefined;
+  const argv = config ? [...(config.entrypoint ?? []), ...(given ?? config.cmd ?? [])] : (given ?? []);
+  if (argv.length === 0) {
+    throw new AegisError(
+      'INVALID_ARGUMENT',
+      config ? 'the image has no Entrypoint or Cmd: give a command after --' : 'a command is required',
+    );
+  }
+  return argv;
+}
+
+function imageEnv(config: ImageConfig | undefined): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const kv of config?.env ?? []) {
+    const i = kv.indexOf('=');
+    if (i > 0) env[kv.slice(0, i)] = kv.slice(i + 1);
+  }
+  return env;
+}
+
 const iso = (ms: number | null): string | undefined => (ms === null ? undefined : new Date(ms).toISOString());
 
 export function toView(row: InstanceRow): InstanceView {
@@ -101,7 +133,12 @@ export function toView(row: InstanceRow): InstanceView {
     vcpuCount: row.vcpuCount,
     backend: row.backend,
     ports: row.ports,
+    network: row.network,
   };
+  if (row.image) {
+    view.image = row.image.reference ?? row.image.digest;
+    view.imageDigest = row.image.digest;
+  }
   const startedAt = iso(row.startedAt);
   const stoppedAt = iso(row.stoppedAt);
   if (startedAt) view.startedAt = startedAt;
@@ -120,7 +157,20 @@ export class InstanceManager {
     private readonly log: Logger,
     private readonly secrets: SecretStore,
     private readonly templates: TemplateCache,
+    /** What the backend can give a guest (its probe's capabilities). */
+    private readonly networkModes: readonly NetworkMode[],
+    private readonly images: ImageService,
   ) {}
+
+  /** Outbound network unless the backend cannot provide it (then the guest is offline). */
+  private defaultNetwork(): NetworkMode {
+    return this.networkModes.includes('user') ? 'user' : 'none';
+  }
+
+  /** The handle of a live instance running the image `digest`, if any (`image rm` asks). */
+  userOfImage(digest: string): string | undefined {
+    return this.registry.listInstances().find((r) => isLive(r.state) && r.image?.digest === digest)?.handle;
+  }
 
   list(all: boolean): InstanceView[] {
     return this.registry
@@ -165,6 +215,12 @@ export class InstanceManager {
         throw new AegisError('INVALID_ARGUMENT', `${k} is given both as an environment variable and as a secret`);
       }
     }
+    if (req.network && !this.networkModes.includes(req.network)) {
+      throw new AegisError(
+        'UNSUPPORTED',
+        `the ${this.backend.name} backend cannot give a guest network "${req.network}" here (aegis doctor)`,
+      );
+    }
     // Host ports are bound first: a taken one fails the start before anything else exists.
     const forwarder = await PortForwarder.listen(
       (req.exposes ?? []).map((e) => ({
@@ -175,7 +231,8 @@ export class InstanceManager {
       })),
     );
     try {
-      return await this.createWith(req, secretEnv, forwarder, signal);
+      const image = req.image !== undefined ? await this.images.resolve(req.image, signal) : undefined;
+      return await this.createWith(req, secretEnv, forwarder, image, signal);
     } catch (err) {
       forwarder.close();
       throw err;
@@ -186,8 +243,10 @@ export class InstanceManager {
     req: CreateRequest,
     secretEnv: Record<string, string>,
     forwarder: PortForwarder,
+    image: ResolvedImage | undefined,
     signal: AbortSignal | undefined,
   ): Promise<InstanceView> {
+    const command = effectiveCommand(req.command, image?.config);
     const id = randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
     const dir = this.dirOf(id);
@@ -199,8 +258,8 @@ export class InstanceManager {
       id,
       handle,
       state: 'starting',
-      command: req.command,
-      workdir: req.workdir ?? null,
+      command,
+      workdir: req.workdir ?? image?.config.workingDir ?? null,
       memoryMiB: req.memoryMiB ?? this.config.defaultMemoryMiB,
       vcpuCount: req.vcpuCount ?? this.config.defaultVcpuCount,
       backend: this.backend.name,
@@ -211,6 +270,8 @@ export class InstanceManager {
       startedAt: null,
       stoppedAt: null,
       ports: forwarder.mappings,
+      network: req.network ?? this.defaultNetwork(),
+      image: image ? { ...(image.reference ? { reference: image.reference } : {}), digest: image.digest } : null,
     };
     this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
@@ -223,6 +284,8 @@ export class InstanceManager {
         memoryMiB: row.memoryMiB,
         vcpuCount: row.vcpuCount,
         scratchDiskMiB: this.config.scratchDiskMiB,
+        network: row.network,
+        ...(image ? { imageDiskPath: image.fsPath } : {}),
       };
       const template = this.templates.lookup(shape);
       let agent: AgentConnection;
@@ -244,7 +307,12 @@ export class InstanceManager {
       }
       const live = this.live.get(id);
       if (live) this.serve(live, forwarder);
-      const params = { command: req.command, env: { ...req.env, ...secretEnv }, ...(req.workdir ? { workdir: req.workdir } : {}) };
+      const params = {
+        command,
+        env: { ...imageEnv(image?.config), ...req.env, ...secretEnv },
+        ...(row.workdir ? { workdir: row.workdir } : {}),
+        ...(image ? { image: image.config.user ? { user: image.config.user } : {} } : {}),
+      };
       await agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS });
       // A workload that exits at once may already have moved us on to stopping.
       this.transition(id, 'running', { startedAt: Date.now() });
@@ -298,6 +366,8 @@ export class InstanceManager {
         scratchDiskFormat: template ? 'qcow2' : 'raw',
         memoryMiB: shape.memoryMiB,
         vcpuCount: shape.vcpuCount,
+        network: shape.network,
+        ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
         // A restored machine must match its template's exactly; it gets its name from `fresh`.
         kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
         ...(template ? { restoreFrom: template.snapshot, memoryFile: { path: template.memory, shared: false } } : {}),
@@ -331,6 +401,7 @@ export class InstanceManager {
         memoryMiB: this.config.defaultMemoryMiB,
         vcpuCount: this.config.defaultVcpuCount,
         scratchDiskMiB: this.config.scratchDiskMiB,
+        network: this.defaultNetwork(),
       });
     } catch {
       // no artifacts yet: instances will say so
@@ -350,10 +421,10 @@ export class InstanceManager {
     }
   }
 
-  /** Forwards the instance's exposed ports through its agent for as long as its VM runs. */
+  /** Forwards the instance's exposed ports over its VM's data channel for as long as it runs. */
   private serve(live: LiveInstance, forwarder: PortForwarder): void {
     live.forwarder = forwarder;
-    forwarder.serve(() => live.agent);
+    forwarder.serve(() => live.vm.connectData());
   }
 
   /** Starts following a VM: its exit, and (once connected) its agent. */
@@ -421,11 +492,6 @@ export class InstanceManager {
         void this.powerOff(live, 1000);
         return;
       }
-      case 'tcpData':
-      case 'tcpAck':
-      case 'tcpClose':
-        live.forwarder?.guestEvent(event, params as GuestEvents['tcpData' | 'tcpAck' | 'tcpClose']);
-        return;
       case 'ready':
         return;
     }
@@ -536,11 +602,15 @@ export class InstanceManager {
       });
     });
     try {
+      // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
+      const image = row.image ? this.images.resolveDigest(row.image.digest).config : undefined;
+      const workdir = req.workdir ?? image?.workingDir;
       const params = {
         execId,
         command: req.command,
-        env: req.env ?? {},
-        ...(req.workdir ? { workdir: req.workdir } : {}),
+        env: { ...imageEnv(image), ...req.env },
+        ...(workdir ? { workdir } : {}),
+        ...(image ? { image: image.user ? { user: image.user } : {} } : {}),
         ...(req.stdin ? { stdin: true } : {}),
         ...(req.tty ? { tty: req.tty } : {}),
       };

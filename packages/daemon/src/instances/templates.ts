@@ -7,20 +7,20 @@
  * reseeded RNG: the harness's `fresh`). The template holds no instance data and no secrets.
  *
  * Templates are keyed by everything that shapes the machine (kernel, rootfs, memory, vCPUs,
- * disk size, VMM version) and live beside the guest artifacts, so every AEGIS_HOME using the
+ * disk size, network mode, VMM version) and live beside the guest artifacts, so every AEGIS_HOME using the
  * same artifacts shares them. They are built in the background; until one is ready, instances
  * boot cold.
  */
 import { createHash } from 'node:crypto';
 import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
-import type { Backend, Probe, Vm } from '@aegis/vmm';
+import type { Backend, NetworkMode, Probe, Vm } from '@aegis/vmm';
 import type { Logger } from '../log.js';
 import { AgentConnection } from './agent.js';
 import { makeScratchDisk } from './disks.js';
 
 /** Bump when what goes into a template changes. */
-const TEMPLATE_FORMAT = 2;
+const TEMPLATE_FORMAT = 3;
 /** A build lock older than this was left by a crashed builder. */
 const STALE_LOCK_MS = 5 * 60_000;
 
@@ -30,6 +30,9 @@ export interface MachineShape {
   memoryMiB: number;
   vcpuCount: number;
   scratchDiskMiB: number;
+  network: NetworkMode;
+  /** An image's prepared filesystem (its path names its digest). */
+  imageDiskPath?: string;
 }
 
 export interface Template {
@@ -130,6 +133,8 @@ export class TemplateCache {
         scratchDiskPath: scratch,
         memoryMiB: shape.memoryMiB,
         vcpuCount: shape.vcpuCount,
+        network: shape.network,
+        ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
         kernelArgs: [],
         memoryFile: { path: path.join(work, 'memory'), shared: true },
       });

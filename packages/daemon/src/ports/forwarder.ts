@@ -1,12 +1,13 @@
 /**
- * `--expose`: host ports that forward into an instance over its agent channel. Listeners are
+ * `--expose`: host ports that forward into an instance over its data channel. Listeners are
  * bound before the VM boots (a taken port fails the start with nothing left behind), live as
  * long as the instance runs, and are bound again by a restarted aegisd. Each accepted
- * connection becomes a TcpRelay paired with one the harness opens to 127.0.0.1:<guest port>.
+ * connection is spliced (data-channel.ts) to one aegis-init opens to 127.0.0.1:<guest port>.
  */
 import net from 'node:net';
-import { AegisError, TcpRelay, type GuestEvents } from '@aegis/protocol';
-import type { AgentConnection } from '../instances/agent.js';
+import type { Duplex } from 'node:stream';
+import { AegisError } from '@aegis/protocol';
+import { DataChannel } from './data-channel.js';
 
 export interface PortMapping {
   guestPort: number;
@@ -17,8 +18,9 @@ export interface PortMapping {
 }
 
 export class PortForwarder {
-  private readonly relays = new Map<number, TcpRelay>();
-  private nextConnId = 1;
+  private connect: (() => Promise<Duplex>) | undefined;
+  private channel: Promise<DataChannel> | undefined;
+  private closed = false;
 
   private constructor(
     private readonly servers: net.Server[],
@@ -59,50 +61,56 @@ export class PortForwarder {
     return new PortForwarder(servers, bound);
   }
 
-  /** Starts accepting; each connection is forwarded through the agent `agent()` returns now. */
-  serve(agent: () => AgentConnection | undefined): void {
+  /**
+   * Starts accepting; each connection goes over the VM's data channel, which `connect` opens
+   * on first use (and again if it closed, e.g. after a daemon restart).
+   */
+  serve(connect: () => Promise<Duplex>): void {
+    this.connect = connect;
     this.servers.forEach((server, i) => {
       const m = this.mappings[i];
       if (!m) return;
-      server.on('connection', (socket: net.Socket) => void this.forward(socket, m.guestPort, agent()));
+      server.on('connection', (socket: net.Socket) => void this.forward(socket, m.guestPort));
     });
   }
 
-  private async forward(socket: net.Socket, guestPort: number, agent: AgentConnection | undefined): Promise<void> {
+  private async forward(socket: net.Socket, guestPort: number): Promise<void> {
     socket.on('error', () => socket.destroy());
-    if (!agent) return void socket.destroy();
-    const connId = this.nextConnId++;
-    const relay = new TcpRelay(
-      connId,
-      socket,
-      (event, params) => agent.notify(event, params),
-      () => this.relays.delete(connId),
-    );
-    this.relays.set(connId, relay);
     try {
-      // As patient as a TCP connect: a guest server with a short accept queue (python's
-      // http.server listens with a backlog of 5) leaves SYNs to be retried for many seconds.
-      await agent.call('tcpOpen', { connId, port: guestPort }, { timeoutMs: 75_000 });
-      socket.setNoDelay(true);
-      socket.resume();
+      (await this.dataChannel()).forward(socket, guestPort);
     } catch {
-      // Nothing listens in the guest yet: the client sees the connection closed, as with Docker.
-      relay.destroy();
+      socket.destroy();
     }
   }
 
-  /** Data-plane notifications from the guest. */
-  guestEvent<E extends 'tcpData' | 'tcpAck' | 'tcpClose'>(event: E, params: GuestEvents[E]): void {
-    const relay = this.relays.get(params.connId);
-    if (!relay) return;
-    if (event === 'tcpData') relay.data((params as GuestEvents['tcpData']).data);
-    else if (event === 'tcpAck') relay.ack((params as GuestEvents['tcpAck']).bytes);
-    else relay.remoteClosed();
+  private dataChannel(): Promise<DataChannel> {
+    if (this.closed) return Promise.reject(new AegisError('UNAVAILABLE', 'instance is gone'));
+    if (!this.channel) {
+      const connect = this.connect;
+      if (!connect) return Promise.reject(new AegisError('UNAVAILABLE', 'not serving yet'));
+      const pending = connect().then((stream) => {
+        const ch = new DataChannel(stream);
+        stream.once('close', () => {
+          if (this.channel === pending) this.channel = undefined;
+        });
+        if (this.closed) ch.close();
+        return ch;
+      });
+      pending.catch(() => {
+        if (this.channel === pending) this.channel = undefined;
+      });
+      this.channel = pending;
+    }
+    return this.channel;
   }
 
   close(): void {
+    this.closed = true;
     for (const s of this.servers) s.close();
-    for (const r of this.relays.values()) r.destroy();
-    this.relays.clear();
+    void this.channel?.then(
+      (ch) => ch.close(),
+      () => undefined,
+    );
+    this.channel = undefined;
   }
 }

@@ -23,6 +23,8 @@ function row(overrides: Partial<InstanceRow> = {}): InstanceRow {
     startedAt: null,
     stoppedAt: null,
     ports: [],
+    network: 'none',
+    image: null,
     ...overrides,
   };
 }

@@ -5,6 +5,7 @@
 import Database from 'better-sqlite3';
 import { AegisError } from '@aegis/protocol';
 import type { InstanceState } from '../instances/state.js';
+import type { NetworkMode } from '@aegis/vmm';
 import type { PortMapping } from '../ports/forwarder.js';
 
 const MIGRATIONS: string[] = [
@@ -34,6 +35,20 @@ const MIGRATIONS: string[] = [
   // JSON PortMapping[]. (No SQL comment here: SQLite splices the column text into the stored
   // CREATE TABLE, and a trailing comment would swallow its closing parenthesis.)
   `ALTER TABLE instances ADD COLUMN ports TEXT NOT NULL DEFAULT '[]'`,
+  // Instances created before guest networking existed had no network device.
+  `ALTER TABLE instances ADD COLUMN network TEXT NOT NULL DEFAULT 'none'`,
+  // One row per image (manifest digest); its filesystem is prepared once and shared.
+  `CREATE TABLE images (
+     digest      TEXT PRIMARY KEY,
+     image       TEXT NOT NULL,          -- JSON: config, layers, sizes (images/service.ts)
+     created_at  INTEGER NOT NULL
+   )`,
+  `CREATE TABLE image_refs (
+     reference   TEXT PRIMARY KEY,
+     digest      TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE
+   )`,
+  // JSON {reference?, digest} of the instance's image; NULL for the base rootfs.
+  `ALTER TABLE instances ADD COLUMN image TEXT`,
 ];
 
 /** The schema version this build writes (PRAGMA user_version). */
@@ -72,6 +87,22 @@ export interface InstanceRow {
   stoppedAt: number | null;
   /** Exposed ports, with the host ports actually bound. */
   ports: PortMapping[];
+  network: NetworkMode;
+  image: InstanceImage | null;
+}
+
+/** The image an instance runs: the digest pins it; the reference is how the user named it. */
+export interface InstanceImage {
+  reference?: string;
+  digest: string;
+}
+
+export interface ImageRow {
+  digest: string;
+  /** Opaque to the registry: the image service's own JSON. */
+  image: string;
+  createdAt: number;
+  references: string[];
 }
 
 interface RawRow {
@@ -90,6 +121,8 @@ interface RawRow {
   started_at: number | null;
   stopped_at: number | null;
   ports: string;
+  network: string;
+  image: string | null;
 }
 
 function fromRaw(r: RawRow): InstanceRow {
@@ -109,6 +142,8 @@ function fromRaw(r: RawRow): InstanceRow {
     startedAt: r.started_at,
     stoppedAt: r.stopped_at,
     ports: JSON.parse(r.ports) as PortMapping[],
+    network: r.network === 'user' ? 'user' : 'none',
+    image: r.image === null ? null : (JSON.parse(r.image) as InstanceImage),
   };
 }
 
@@ -165,15 +200,16 @@ export class Registry {
       this.db
         .prepare(
           `INSERT INTO instances (id, handle, state, command, workdir, memory_mib, vcpu_count, backend, vm_record,
-             exit_code, state_reason, created_at, started_at, stopped_at, updated_at, ports)
+             exit_code, state_reason, created_at, started_at, stopped_at, updated_at, ports, network, image)
            VALUES (@id, @handle, @state, @command, @workdir, @memoryMiB, @vcpuCount, @backend, @vmRecord,
-             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt, @ports)`,
+             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt, @ports, @network, @image)`,
         )
         .run({
           ...row,
           command: JSON.stringify(row.command),
           vmRecord: row.vmRecord && JSON.stringify(row.vmRecord),
           ports: JSON.stringify(row.ports),
+          image: row.image && JSON.stringify(row.image),
         });
     } catch (err) {
       if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {
@@ -229,6 +265,50 @@ export class Registry {
 
   deleteSecret(name: string): boolean {
     return this.db.prepare('DELETE FROM secrets WHERE name = ?').run(name).changes > 0;
+  }
+
+  /** Records an image (or refreshes it) and points `references` at it, atomically. */
+  putImage(digest: string, image: string, references: string[], now: number): void {
+    this.db.transaction(() => {
+      this.db
+        .prepare('INSERT INTO images (digest, image, created_at) VALUES (?, ?, ?) ON CONFLICT(digest) DO UPDATE SET image = excluded.image')
+        .run(digest, image, now);
+      const put = this.db.prepare(
+        'INSERT INTO image_refs (reference, digest) VALUES (?, ?) ON CONFLICT(reference) DO UPDATE SET digest = excluded.digest',
+      );
+      for (const r of references) put.run(r, digest);
+    })();
+  }
+
+  getImage(digest: string): ImageRow | undefined {
+    const r = this.db.prepare('SELECT * FROM images WHERE digest = ?').get(digest) as
+      { digest: string; image: string; created_at: number } | undefined;
+    if (!r) return undefined;
+    const refs = (
+      this.db.prepare('SELECT reference FROM image_refs WHERE digest = ? ORDER BY reference').all(digest) as { reference: string }[]
+    ).map((x) => x.reference);
+    return { digest: r.digest, image: r.image, createdAt: r.created_at, references: refs };
+  }
+
+  listImages(): ImageRow[] {
+    const digests = this.db.prepare('SELECT digest FROM images ORDER BY created_at').all() as { digest: string }[];
+    return digests.flatMap((d) => this.getImage(d.digest) ?? []);
+  }
+
+  /** The digest a reference points at, if any. */
+  imageDigestOf(reference: string): string | undefined {
+    return (this.db.prepare('SELECT digest FROM image_refs WHERE reference = ?').get(reference) as { digest: string } | undefined)?.digest;
+  }
+
+  deleteImageRef(reference: string): void {
+    this.db.prepare('DELETE FROM image_refs WHERE reference = ?').run(reference);
+  }
+
+  deleteImage(digest: string): void {
+    this.db.transaction(() => {
+      this.db.prepare('DELETE FROM image_refs WHERE digest = ?').run(digest);
+      this.db.prepare('DELETE FROM images WHERE digest = ?').run(digest);
+    })();
   }
 
   /** Resolves a handle, a full id, or a unique id prefix (as Docker does). */

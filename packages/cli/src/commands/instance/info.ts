@@ -23,6 +23,7 @@ export function infoCommand(): Command {
           ['Exit code', i.exitCode],
           ['Command', shellJoin(i.command)],
           ['Ports', i.ports.length > 0 ? formatPorts(i.ports) : undefined],
+          ['Network', i.network],
           ['Memory', `${i.memoryMiB} MiB`],
           ['vCPUs', i.vcpuCount],
           ['Backend', i.backend],

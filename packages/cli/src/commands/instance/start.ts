@@ -1,5 +1,5 @@
-import { Command } from 'commander';
-import type { CreateInstanceRequest } from '@aegis/client';
+import { Command, InvalidArgumentError } from 'commander';
+import { AegisError, type CreateInstanceRequest, type NetworkMode } from '@aegis/client';
 import { parseExpose } from '../../ports.js';
 import { client, collectEnv, commandArgs, fail, integer } from '../../util.js';
 
@@ -11,6 +11,13 @@ export interface StartOptions {
   workdir?: string;
   memory?: number;
   cpus?: number;
+  network?: NetworkMode;
+  image?: string;
+}
+
+function parseNetwork(v: string): NetworkMode {
+  if (v === 'user' || v === 'none') return v;
+  throw new InvalidArgumentError(`"${v}": expected user (outbound network, the default) or none (no network device)`);
 }
 
 /** Options shared by `instance start` and `run`. */
@@ -25,18 +32,23 @@ export function withStartOptions(cmd: Command): Command {
         (v: string, prev: string[] = []) => [...prev, v],
       )
       .option('-p, --expose <[IP:][HOST:]GUEST[/tcp]>', 'forward a host port to a guest port, as docker -p (repeatable)', parseExpose)
+      .option('--network <mode>', "'user' (default: outbound TCP/UDP and DNS, host loopback unreachable) or 'none'", parseNetwork)
+      .option('--image <REF>', 'run in this OCI image (pulled if missing); the command then replaces its Cmd and may be omitted')
       .option('-w, --workdir <dir>', 'working directory in the guest')
       // Only the form is checked here; the range is the daemon's (its OpenAPI schema), so the
       // answer is the same coded error whichever client asks.
       .option('--memory <MiB>', 'guest memory in MiB, 128-65536 (default 512)', integer('--memory'))
       .option('--cpus <n>', 'virtual CPUs, 1-64 (default 1)', integer('--cpus'))
-      .argument('<command...>', 'command to run in the VM (after --)')
+      .argument('[command...]', 'command to run in the VM (after --); optional with --image')
       .passThroughOptions()
   );
 }
 
 export function createRequest(command: string[], o: StartOptions): CreateInstanceRequest {
-  const req: CreateInstanceRequest = { command: commandArgs(command) };
+  const argv = commandArgs(command);
+  if (argv.length === 0 && o.image === undefined) throw new AegisError('INVALID_ARGUMENT', 'give a command to run after --, or an --image');
+  const req: CreateInstanceRequest = argv.length > 0 ? { command: argv } : {};
+  if (o.image !== undefined) req.image = o.image;
   if (o.name !== undefined) req.handle = o.name;
   if (o.env !== undefined) req.env = o.env;
   if (o.secret !== undefined) req.secrets = o.secret;
@@ -44,6 +56,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   if (o.workdir !== undefined) req.workdir = o.workdir;
   if (o.memory !== undefined) req.memoryMiB = o.memory;
   if (o.cpus !== undefined) req.vcpuCount = o.cpus;
+  if (o.network !== undefined) req.network = o.network;
   return req;
 }
 

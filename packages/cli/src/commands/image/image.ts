@@ -1,0 +1,117 @@
+import path from 'node:path';
+import { Command } from 'commander';
+import { MultiBar, Presets, type SingleBar } from 'cli-progress';
+import { AegisError, isErrorCode } from '@aegis/protocol';
+import type { Image, PullEvent } from '@aegis/client';
+import { age, client, fail, table } from '../../util.js';
+
+const mib = (n: number): string => `${(n / (1 << 20)).toFixed(1)} MiB`;
+const short = (digest: string): string => digest.replace(/^sha256:/, '').slice(0, 12);
+
+/** One bar per layer on a terminal, like `docker pull`; plain lines otherwise (logs, CI). */
+function progressView(): { on: (ev: PullEvent) => void; stop: () => void } {
+  if (!process.stderr.isTTY) {
+    return {
+      on: (ev) => {
+        if (ev.type === 'preparing') process.stderr.write(`preparing filesystem for ${short(ev.digest)}\n`);
+      },
+      stop: () => undefined,
+    };
+  }
+  const multi = new MultiBar(
+    { format: '{id} {phase} [{bar}] {done}/{total}', stream: process.stderr, hideCursor: true, clearOnComplete: false },
+    Presets.shades_grey,
+  );
+  const bars = new Map<string, SingleBar>();
+  return {
+    on: (ev) => {
+      if (ev.type === 'progress' && ev.phase === 'layer') {
+        const payload = { id: short(ev.digest), phase: 'layer', done: mib(ev.doneBytes), total: mib(ev.totalBytes) };
+        let bar = bars.get(ev.digest);
+        if (!bar) {
+          bar = multi.create(Math.max(1, ev.totalBytes), 0, payload);
+          bars.set(ev.digest, bar);
+        }
+        bar.update(ev.doneBytes, payload);
+      } else if (ev.type === 'preparing') {
+        multi.log(`preparing filesystem for ${short(ev.digest)}\n`);
+      }
+    },
+    stop: () => multi.stop(),
+  };
+}
+
+function imageRows(images: Image[]): string[][] {
+  const rows = [['REFERENCE', 'DIGEST', 'SIZE', 'FILESYSTEM', 'CREATED']];
+  for (const i of images) {
+    for (const ref of i.references.length > 0 ? i.references : ['<none>']) {
+      rows.push([ref, short(i.digest), mib(i.sizeBytes), mib(i.fsBytes), i.created ? `${age(i.created)} ago` : '']);
+    }
+  }
+  return rows;
+}
+
+export function imageCommand(): Command {
+  const image = new Command('image').description('OCI images: pull from registries, import archives, list, remove');
+  image
+    .command('pull')
+    .description('pull an image (any reference docker takes) and prepare its filesystem')
+    .argument('<REF>', 'e.g. python:3.12, registry.example:5000/team/tools:1.2, name@sha256:...')
+    .action(async (ref: string) => {
+      const view = progressView();
+      try {
+        for await (const ev of client().pullImage(ref)) {
+          if (ev.type === 'error') throw new AegisError(isErrorCode(ev.error.code) ? ev.error.code : 'UNKNOWN', ev.error.message);
+          view.on(ev);
+          if (ev.type === 'done') {
+            view.stop();
+            process.stdout.write(`${ev.image.references[0] ?? ref}: ${ev.cached ? 'up to date' : 'pulled'}\n${ev.image.digest}\n`);
+          }
+        }
+      } catch (err) {
+        view.stop();
+        fail(err);
+      }
+    });
+  image
+    .command('import')
+    .description('import a `docker save` or OCI image-layout tar')
+    .argument('<FILE>')
+    .option('--name <REF>', 'reference for an image the archive leaves unnamed')
+    .action(async (file: string, o: { name?: string }) => {
+      try {
+        const images = await client().importImage(path.resolve(file), o.name);
+        for (const i of images) process.stdout.write(`${i.references[0] ?? '<none>'} ${i.digest}\n`);
+      } catch (err) {
+        fail(err);
+      }
+    });
+  image
+    .command('list')
+    .alias('ls')
+    .description('stored images: reference, digest, size, created')
+    .option('--json', 'print JSON')
+    .action(async (o: { json?: boolean }) => {
+      try {
+        const images = await client().listImages();
+        process.stdout.write(o.json ? JSON.stringify(images, null, 2) + '\n' : table(imageRows(images)));
+      } catch (err) {
+        fail(err);
+      }
+    });
+  image
+    .command('rm')
+    .alias('delete')
+    .description('untag a reference (the image goes with its last one), or remove an image by digest; refused while an instance runs it')
+    .argument('<REF>', 'reference or digest')
+    .action(async (ref: string) => {
+      try {
+        const r = await client().removeImage(ref);
+        for (const u of r.untagged) process.stdout.write(`untagged: ${u}\n`);
+        if (r.deleted) process.stdout.write(`deleted: ${r.deleted}\n`);
+      } catch (err) {
+        fail(err);
+      }
+    });
+  return image;
+}

@@ -1,0 +1,373 @@
+/*
+ * The --expose data plane, guest side: a second virtio-serial port ("aegis.data") carrying
+ * forwarded TCP connections as binary frames, spliced here in C to sockets on the guest's
+ * loopback. It is separate from the agent channel (JSON-RPC through the Node harness) because
+ * under emulation every byte Node touches is expensive: here bytes are copied, not encoded.
+ *
+ * Frame: u32 connection id, u8 type, u32 payload length (big-endian), then the payload.
+ *   OPEN   host->guest  payload u16 guest port: connect to 127.0.0.1 (then ::1) on it
+ *   OPENED guest->host  connected
+ *   DATA   both         bytes for the other end's socket
+ *   ACK    both         u32 count: that many DATA bytes were written to the socket
+ *   FIN    both         the sender's socket will send no more (a half-close)
+ *   RST    both         the connection is gone (refused, reset, or aborted)
+ * Each side keeps at most DP_WINDOW unacknowledged bytes in flight per connection, so a slow
+ * reader never makes the other side buffer without bound. The host end (aegisd) is trusted
+ * no more than it must be: malformed or oversized frames end the connection they name.
+ */
+#include "dataplane.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DP_MAX_CONNS 1024
+#define DP_WINDOW (1024 * 1024)
+/* The host pauses its reader at DP_WINDOW unacknowledged, so one more read may land past it. */
+#define DP_RECV_CAP (2 * DP_WINDOW)
+#define DP_CHUNK (64 * 1024)
+#define DP_HDR 9
+#define DP_PORT_BUF (4 * 1024 * 1024)
+
+enum { F_OPEN = 1, F_OPENED = 2, F_DATA = 3, F_ACK = 4, F_FIN = 5, F_RST = 6 };
+
+struct conn {
+  uint32_t id;
+  int fd;
+  uint16_t port;
+  int connecting; /* 1: to 127.0.0.1, 2: to ::1 */
+  long long retry_at_ms;
+  long long give_up_ms;
+  int backoff_ms;
+  int read_done;  /* our socket hit EOF and FIN went out */
+  int peer_fin;   /* the host's side will send no more */
+  size_t unacked; /* DATA bytes sent to the host and not yet acknowledged */
+  size_t acked_pending;
+  char *out; /* bytes from the host not yet written to the socket */
+  size_t out_len;
+};
+
+/*
+ * A server whose accept queue is full (python's http.server listens with a backlog of 5) makes
+ * the kernel drop our SYN and retry it after 1, 3, 7, 15, 31 s... On loopback a handshake that
+ * has not completed in a few milliseconds was dropped, so we start over with a fresh SYN,
+ * backing off from DP_RETRY_MIN_MS to DP_RETRY_MAX_MS, for as long as a TCP connect would wait.
+ */
+#define DP_RETRY_MIN_MS 20
+#define DP_RETRY_MAX_MS 500
+#define DP_CONNECT_TIMEOUT_MS 75000
+
+static long long now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static struct conn *conns[DP_MAX_CONNS];
+static int nconns;
+static char *inb, *outb; /* from / to the port */
+static size_t in_len, out_len;
+
+static void put_frame(uint32_t id, uint8_t type, const void *payload, uint32_t len) {
+  unsigned char h[DP_HDR];
+  h[0] = id >> 24, h[1] = id >> 16, h[2] = id >> 8, h[3] = id;
+  h[4] = type;
+  h[5] = len >> 24, h[6] = len >> 16, h[7] = len >> 8, h[8] = len;
+  memcpy(outb + out_len, h, DP_HDR);
+  if (len) memcpy(outb + out_len + DP_HDR, payload, len);
+  out_len += DP_HDR + len;
+}
+
+/* Control frames are tiny and always fit: reads stop well before the buffer fills. */
+static int room_for(size_t payload) { return out_len + DP_HDR + payload <= DP_PORT_BUF; }
+
+static struct conn *find(uint32_t id) {
+  for (int i = 0; i < nconns; i++)
+    if (conns[i]->id == id) return conns[i];
+  return NULL;
+}
+
+static void drop(struct conn *c, int send_rst) {
+  if (send_rst && room_for(0)) put_frame(c->id, F_RST, NULL, 0);
+  if (c->fd >= 0) close(c->fd);
+  free(c->out);
+  for (int i = 0; i < nconns; i++)
+    if (conns[i] == c) {
+      conns[i] = conns[--nconns];
+      break;
+    }
+  free(c);
+}
+
+static int start_connect(struct conn *c) {
+  int v6 = c->connecting == 2;
+  int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  int r;
+  if (v6) {
+    struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(c->port), .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    r = connect(fd, (struct sockaddr *)&a, sizeof a);
+  } else {
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(c->port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    r = connect(fd, (struct sockaddr *)&a, sizeof a);
+  }
+  if (r != 0 && errno != EINPROGRESS) {
+    close(fd);
+    return -1;
+  }
+  c->fd = fd;
+  c->retry_at_ms = now_ms() + c->backoff_ms;
+  return 0;
+}
+
+/* A connect that failed on 127.0.0.1 is tried on ::1 (a server may listen on IPv6 only). */
+static void connect_failed(struct conn *c) {
+  if (c->fd >= 0) close(c->fd);
+  c->fd = -1;
+  if (c->connecting == 1) {
+    c->connecting = 2;
+    if (start_connect(c) == 0) return;
+  }
+  drop(c, 1);
+}
+
+/* A handshake still pending at its retry time: its SYN was dropped. Try again, or give up. */
+static void retry_connect(struct conn *c) {
+  close(c->fd);
+  c->fd = -1;
+  if (now_ms() >= c->give_up_ms) {
+    drop(c, 1);
+    return;
+  }
+  c->backoff_ms = c->backoff_ms * 2 > DP_RETRY_MAX_MS ? DP_RETRY_MAX_MS : c->backoff_ms * 2;
+  if (start_connect(c) != 0) connect_failed(c);
+}
+
+static void flush_acks(struct conn *c, int force) {
+  if (c->acked_pending == 0 || (!force && c->acked_pending < DP_CHUNK && c->out_len > 0)) return;
+  if (!room_for(4)) return;
+  unsigned char n[4] = {c->acked_pending >> 24, c->acked_pending >> 16, c->acked_pending >> 8, c->acked_pending};
+  put_frame(c->id, F_ACK, n, 4);
+  c->acked_pending = 0;
+}
+
+/* Writes what the host sent to the socket; returns -1 when the connection was dropped. */
+static int drain_out(struct conn *c) {
+  while (c->out_len > 0) {
+    ssize_t k = write(c->fd, c->out, c->out_len);
+    if (k < 0) {
+      if (errno == EAGAIN || errno == EINTR) break;
+      drop(c, 1);
+      return -1;
+    }
+    memmove(c->out, c->out + k, c->out_len - (size_t)k);
+    c->out_len -= (size_t)k;
+    c->acked_pending += (size_t)k;
+  }
+  flush_acks(c, c->out_len == 0);
+  if (c->out_len == 0 && c->peer_fin) shutdown(c->fd, SHUT_WR);
+  if (c->read_done && c->peer_fin && c->out_len == 0) {
+    drop(c, 0);
+    return -1;
+  }
+  return 0;
+}
+
+static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+static void handle_frame(uint32_t id, uint8_t type, const unsigned char *p, uint32_t len) {
+  struct conn *c = find(id);
+  switch (type) {
+    case F_OPEN: {
+      if (c || len != 2) return;
+      if (nconns >= DP_MAX_CONNS) {
+        if (room_for(0)) put_frame(id, F_RST, NULL, 0);
+        return;
+      }
+      c = calloc(1, sizeof *c);
+      if (!c) return;
+      c->id = id;
+      c->fd = -1;
+      c->port = (uint16_t)(p[0] << 8 | p[1]);
+      c->connecting = 1;
+      c->backoff_ms = DP_RETRY_MIN_MS;
+      c->give_up_ms = now_ms() + DP_CONNECT_TIMEOUT_MS;
+      conns[nconns++] = c;
+      if (start_connect(c) != 0) connect_failed(c);
+      return;
+    }
+    case F_DATA:
+      if (!c) return;
+      if (c->connecting || c->peer_fin || c->out_len + len > DP_RECV_CAP) {
+        drop(c, 1); /* the host broke the window or sent after FIN */
+        return;
+      }
+      if (!c->out && !(c->out = malloc(DP_RECV_CAP))) {
+        drop(c, 1);
+        return;
+      }
+      memcpy(c->out + c->out_len, p, len);
+      c->out_len += len;
+      drain_out(c);
+      return;
+    case F_ACK:
+      if (c && len == 4) {
+        uint32_t n = be32(p);
+        c->unacked = n > c->unacked ? 0 : c->unacked - n;
+      }
+      return;
+    case F_FIN:
+      if (c && !c->connecting) {
+        c->peer_fin = 1;
+        drain_out(c);
+      }
+      return;
+    case F_RST:
+      if (c) drop(c, 0);
+      return;
+  }
+}
+
+static void parse_input(void) {
+  size_t off = 0;
+  while (in_len - off >= DP_HDR) {
+    const unsigned char *h = (const unsigned char *)inb + off;
+    uint32_t len = be32(h + 5);
+    if (len > DP_CHUNK) {
+      /* Framing is lost; nothing after this can be trusted. Drop everything. */
+      while (nconns > 0) drop(conns[0], 1);
+      in_len = 0;
+      return;
+    }
+    if (in_len - off < DP_HDR + len) break;
+    /* Frames that would need output room wait until the port has drained some. */
+    if (!room_for(DP_CHUNK)) break;
+    handle_frame(be32(h), h[4], h + DP_HDR, len);
+    off += DP_HDR + len;
+  }
+  memmove(inb, inb + off, in_len - off);
+  in_len -= off;
+}
+
+static void host_gone(void) {
+  while (nconns > 0) drop(conns[0], 0);
+  in_len = out_len = 0;
+}
+
+void *dataplane_main(void *arg) {
+  int port = *(int *)arg;
+  inb = malloc(DP_PORT_BUF);
+  outb = malloc(DP_PORT_BUF);
+  if (!inb || !outb) return NULL;
+  static struct pollfd pfd[DP_MAX_CONNS + 1];
+  static struct conn *polled[DP_MAX_CONNS];
+  int host_away = 0;
+  for (;;) {
+    pfd[0].fd = host_away ? -1 : port;
+    pfd[0].events = (in_len < DP_PORT_BUF ? POLLIN : 0) | (out_len > 0 ? POLLOUT : 0);
+    int n = 0;
+    long long now = now_ms(), next_retry = -1;
+    for (int i = 0; i < nconns; i++) {
+      struct conn *c = conns[i];
+      if (c->connecting && c->fd >= 0 && now >= c->retry_at_ms) {
+        retry_connect(c);
+        i = -1, n = 0, next_retry = -1; /* the list may have changed: build it again */
+        continue;
+      }
+      if (c->fd < 0) continue;
+      if (c->connecting && (next_retry < 0 || c->retry_at_ms < next_retry)) next_retry = c->retry_at_ms;
+      short ev = 0;
+      if (c->connecting || c->out_len > 0) ev |= POLLOUT;
+      if (!c->connecting && !c->read_done && c->unacked < DP_WINDOW && room_for(DP_CHUNK)) ev |= POLLIN;
+      polled[n] = c;
+      pfd[n + 1].fd = c->fd;
+      pfd[n + 1].events = ev;
+      pfd[n + 1].revents = 0;
+      n++;
+    }
+    /* With the host away the port reports POLLHUP continuously; look again in a while. */
+    int timeout = host_away ? 20 : next_retry < 0 ? -1 : (int)(next_retry - now > 0 ? next_retry - now : 0);
+    int r = poll(pfd, (nfds_t)n + 1, timeout);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return NULL;
+    }
+    if (host_away) {
+      host_away = 0;
+      continue;
+    }
+    if (pfd[0].revents & POLLIN) {
+      ssize_t k = read(port, inb + in_len, DP_PORT_BUF - in_len);
+      if (k > 0) in_len += (size_t)k;
+      else if (k == 0) {
+        host_gone();
+        host_away = 1;
+        continue;
+      }
+    } else if (pfd[0].revents & (POLLHUP | POLLERR)) {
+      host_gone();
+      host_away = 1;
+      continue;
+    }
+    if ((pfd[0].revents & POLLOUT) && out_len > 0) {
+      ssize_t k = write(port, outb, out_len);
+      if (k > 0) {
+        memmove(outb, outb + k, out_len - (size_t)k);
+        out_len -= (size_t)k;
+      }
+    }
+    /* Sockets before new frames: the frames may drop connections polled[] still names. */
+    for (int i = 0; i < n; i++) {
+      struct conn *c = polled[i];
+      short re = pfd[i + 1].revents;
+      if (!re) continue;
+      if (c->connecting) {
+        int err = 0;
+        socklen_t l = sizeof err;
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &l);
+        if (err != 0 || (re & (POLLERR | POLLHUP))) {
+          connect_failed(c);
+          continue;
+        }
+        if (!(re & POLLOUT)) continue;
+        c->connecting = 0;
+        put_frame(c->id, F_OPENED, NULL, 0);
+        continue;
+      }
+      if ((re & POLLOUT) && drain_out(c) < 0) continue;
+      if (re & (POLLIN | POLLHUP | POLLERR)) {
+        if (c->read_done || !room_for(DP_CHUNK)) continue;
+        size_t want = DP_CHUNK;
+        if (DP_WINDOW - c->unacked < want) want = DP_WINDOW - c->unacked;
+        ssize_t k = read(c->fd, outb + out_len + DP_HDR, want);
+        if (k > 0) {
+          /* The payload is already in place behind its header. */
+          unsigned char *h = (unsigned char *)outb + out_len;
+          h[0] = c->id >> 24, h[1] = c->id >> 16, h[2] = c->id >> 8, h[3] = c->id;
+          h[4] = F_DATA;
+          h[5] = 0, h[6] = (unsigned char)(k >> 16), h[7] = (unsigned char)(k >> 8), h[8] = (unsigned char)k;
+          out_len += DP_HDR + (size_t)k;
+          c->unacked += (size_t)k;
+        } else if (k == 0) {
+          c->read_done = 1;
+          put_frame(c->id, F_FIN, NULL, 0);
+          if (c->peer_fin && c->out_len == 0) drop(c, 0);
+        } else if (errno != EAGAIN && errno != EINTR) {
+          drop(c, 1);
+        }
+      }
+    }
+    parse_input();
+  }
+}

@@ -1,0 +1,65 @@
+/**
+ * The data channel's wire format (the guest end is aegis-init's dataplane.c, in C): forwarded
+ * TCP connections as binary frames, so bulk bytes are copied rather than encoded. A frame is
+ * a 9-byte header (u32 connection id, u8 type, u32 payload length; big-endian) and a payload
+ * of at most MAX_PAYLOAD bytes. Each side keeps at most WINDOW_BYTES of DATA per connection
+ * unacknowledged. spec/guest-rpc.md ("Data channel") is the prose of this contract.
+ */
+export const FrameType = {
+  /** host→guest; payload u16 port: connect to 127.0.0.1 (then ::1) on it in the guest. */
+  OPEN: 1,
+  /** guest→host: the connection is up. */
+  OPENED: 2,
+  DATA: 3,
+  /** payload u32: that many DATA bytes were written to the receiver's socket. */
+  ACK: 4,
+  /** The sender's socket will send no more (half-close). */
+  FIN: 5,
+  /** The connection is gone: refused, reset, or aborted. */
+  RST: 6,
+} as const;
+export type FrameType = (typeof FrameType)[keyof typeof FrameType];
+
+export const HEADER_BYTES = 9;
+export const MAX_PAYLOAD = 64 * 1024;
+export const WINDOW_BYTES = 1024 * 1024;
+
+export interface Frame {
+  connId: number;
+  type: number;
+  payload: Buffer;
+}
+
+export function encodeFrame(connId: number, type: FrameType, payload: Buffer = Buffer.alloc(0)): Buffer {
+  if (payload.length > MAX_PAYLOAD) throw new RangeError(`frame payload of ${payload.length} bytes exceeds ${MAX_PAYLOAD}`);
+  const h = Buffer.allocUnsafe(HEADER_BYTES + payload.length);
+  h.writeUInt32BE(connId >>> 0, 0);
+  h.writeUInt8(type, 4);
+  h.writeUInt32BE(payload.length, 5);
+  payload.copy(h, HEADER_BYTES);
+  return h;
+}
+
+/** Splits a byte stream into frames; a frame longer than MAX_PAYLOAD means the stream is corrupt. */
+export class FrameDecoder {
+  private pending: Buffer = Buffer.alloc(0);
+
+  push(chunk: Buffer): Frame[] {
+    this.pending = this.pending.length ? Buffer.concat([this.pending, chunk]) : chunk;
+    const frames: Frame[] = [];
+    let off = 0;
+    while (this.pending.length - off >= HEADER_BYTES) {
+      const len = this.pending.readUInt32BE(off + 5);
+      if (len > MAX_PAYLOAD) throw new RangeError(`data channel frame of ${len} bytes: stream corrupt`);
+      if (this.pending.length - off < HEADER_BYTES + len) break;
+      frames.push({
+        connId: this.pending.readUInt32BE(off),
+        type: this.pending.readUInt8(off + 4),
+        payload: this.pending.subarray(off + HEADER_BYTES, off + HEADER_BYTES + len),
+      });
+      off += HEADER_BYTES + len;
+    }
+    this.pending = this.pending.subarray(off);
+    return frames;
+  }
+}
