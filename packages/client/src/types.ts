@@ -34,8 +34,7 @@ export type PullEvent =
   | { type: 'resolved'; reference: string }
   | { type: 'progress'; digest: string; phase: 'layer' | 'config' | 'manifest'; doneBytes: number; totalBytes: number }
   | { type: 'preparing'; digest: string }
-  | { type: 'done'; image: Image; cached: boolean }
-  | { type: 'error'; error: { code: string; message: string } };
+  | { type: 'done'; image: Image; cached: boolean };
 
 /** `user`: outbound network, host loopback unreachable. `none`: no network device. */
 export type NetworkMode = 'user' | 'none';

@@ -4,8 +4,10 @@
  * (layers.ts) that every instance of the image attaches as a disk, writing only to its own
  * layer. References (`docker.io/library/python:3.12`) point at digests in the registry.
  *
- * Layout under $AEGIS_HOME/images: blobs/ (BlobStore), fs/<hex>.ext4 (prepared filesystems).
+ * Layout under $AEGIS_HOME/images: blobs/ (BlobStore), fs/<key>.ext4 (prepared filesystems,
+ * keyed by the layer chain: two tags that differ only in config share one).
  */
+import { createHash } from 'node:crypto';
 import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
@@ -26,6 +28,8 @@ interface StoredImage {
   sizeBytes: number;
   /** Bytes of the prepared filesystem file. */
   fsBytes: number;
+  /** Names the prepared filesystem: images with the same layers (tags differing only in config) share it. */
+  fsKey: string;
 }
 
 export interface ImageView {
@@ -57,7 +61,7 @@ export type PullEvent =
 export class ImageService {
   private readonly blobs: BlobStore;
   private readonly fsDir: string;
-  /** One preparation per digest at a time; concurrent pulls of an image wait for the first. */
+  /** One preparation per filesystem at a time; concurrent pulls of an image wait for the first. */
   private readonly preparing = new Map<string, Promise<number>>();
 
   constructor(
@@ -70,8 +74,20 @@ export class ImageService {
     this.fsDir = path.join(home, 'images', 'fs');
   }
 
-  private fsPath(digest: string): string {
-    return path.join(this.fsDir, `${digest.replace(/^sha256:/, '')}.ext4`);
+  private fsPath(fsKey: string): string {
+    return path.join(this.fsDir, `${fsKey}.ext4`);
+  }
+
+  /** The filesystem is a function of the layers alone. */
+  private static fsKeyOf(layers: LayerDescriptor[]): string {
+    return createHash('sha256')
+      .update(layers.map((l) => l.digest).join('\n'))
+      .digest('hex');
+  }
+
+  private fsPathOf(digest: string): string | undefined {
+    const s = this.stored(digest);
+    return s && this.fsPath(s.image.fsKey);
   }
 
   list(): ImageView[] {
@@ -119,20 +135,21 @@ export class ImageService {
   /** For an instance start: the local image, pulled first if this host does not have it. */
   async resolve(ref: string, signal?: AbortSignal): Promise<ResolvedImage> {
     let found = this.lookup(ref);
-    if (!found || !existsSync(this.fsPath(found.digest))) {
+    const prepared = found && this.fsPathOf(found.digest);
+    if (!found || !prepared || !existsSync(prepared)) {
       const view = await this.pull(ref, () => undefined, signal);
       found = { digest: view.digest, reference: formatReference(parseReference(ref)) };
     }
     const s = this.stored(found.digest);
     if (!s) throw new AegisError('NOT_FOUND', `image ${found.digest} vanished`);
-    return { ...found, config: s.image.config, fsPath: this.fsPath(found.digest) };
+    return { ...found, config: s.image.config, fsPath: this.fsPath(s.image.fsKey) };
   }
 
   /** The config and filesystem of an image an instance already runs (exec needs its config). */
   resolveDigest(digest: string): ResolvedImage {
     const s = this.stored(digest);
     if (!s) throw new AegisError('NOT_FOUND', `image ${digest} is no longer stored`);
-    return { digest, config: s.image.config, fsPath: this.fsPath(digest) };
+    return { digest, config: s.image.config, fsPath: this.fsPath(s.image.fsKey) };
   }
 
   async pull(ref: string, emit: (ev: PullEvent) => void, signal?: AbortSignal): Promise<ImageView> {
@@ -144,7 +161,8 @@ export class ImageService {
       onProgress: (p) => emit({ type: 'progress', ...p }),
       ...(signal ? { signal } : {}),
     });
-    const cached = this.registry.getImage(pulled.digest) !== undefined && existsSync(this.fsPath(pulled.digest));
+    const known = this.fsPathOf(pulled.digest);
+    const cached = known !== undefined && existsSync(known);
     // A tag that is not a digest reference names this image now (like docker pull).
     await this.store(pulled, [reference], emit, signal);
     const image = this.view(pulled.digest);
@@ -167,11 +185,12 @@ export class ImageService {
   }
 
   private async store(img: PulledImage, references: string[], emit: (ev: PullEvent) => void, signal?: AbortSignal): Promise<void> {
-    let pending = this.preparing.get(img.digest);
+    const fsKey = ImageService.fsKeyOf(img.layers);
+    let pending = this.preparing.get(fsKey);
     if (!pending) {
       emit({ type: 'preparing', digest: img.digest });
-      pending = this.prepare(img, signal).finally(() => this.preparing.delete(img.digest));
-      this.preparing.set(img.digest, pending);
+      pending = this.prepare(img, fsKey, signal).finally(() => this.preparing.delete(fsKey));
+      this.preparing.set(fsKey, pending);
     }
     const fsBytes = await pending;
     const stored: StoredImage = {
@@ -180,13 +199,14 @@ export class ImageService {
       layers: img.layers,
       sizeBytes: img.sizeBytes,
       fsBytes,
+      fsKey,
     };
     this.registry.putImage(img.digest, JSON.stringify(stored), references, Date.now());
   }
 
-  /** The filesystem, once per digest: a second pull or the tenth instance finds it made. */
-  private async prepare(img: PulledImage, signal?: AbortSignal): Promise<number> {
-    const out = this.fsPath(img.digest);
+  /** The filesystem, once per layer chain: a second pull or the tenth instance finds it made. */
+  private async prepare(img: PulledImage, fsKey: string, signal?: AbortSignal): Promise<number> {
+    const out = this.fsPath(fsKey);
     const done = await fs.stat(out).catch(() => undefined);
     if (done) return done.size;
     await fs.mkdir(this.fsDir, { recursive: true, mode: 0o700 });
@@ -217,13 +237,13 @@ export class ImageService {
       return { untagged: [found.reference] };
     }
     this.registry.deleteImage(found.digest);
-    await fs.rm(this.fsPath(found.digest), { force: true });
     const stillUsed = new Set(
       this.registry.listImages().flatMap((r) => {
         const img = JSON.parse(r.image) as StoredImage;
-        return [r.digest, img.configDigest, ...img.layers.map((l) => l.digest)];
+        return [r.digest, img.configDigest, img.fsKey, ...img.layers.map((l) => l.digest)];
       }),
     );
+    if (!stillUsed.has(s.image.fsKey)) await fs.rm(this.fsPath(s.image.fsKey), { force: true });
     for (const blob of [found.digest, s.image.configDigest, ...s.image.layers.map((l) => l.digest)]) {
       if (!stillUsed.has(blob)) await fs.rm(this.blobs.path(validateDigest(blob)), { force: true });
     }

@@ -1,7 +1,6 @@
 import path from 'node:path';
 import { Command } from 'commander';
 import { MultiBar, Presets, type SingleBar } from 'cli-progress';
-import { AegisError, isErrorCode } from '@aegis/protocol';
 import type { Image, PullEvent } from '@aegis/client';
 import { age, client, fail, table } from '../../util.js';
 
@@ -61,7 +60,6 @@ export function imageCommand(): Command {
       const view = progressView();
       try {
         for await (const ev of client().pullImage(ref)) {
-          if (ev.type === 'error') throw new AegisError(isErrorCode(ev.error.code) ? ev.error.code : 'UNKNOWN', ev.error.message);
           view.on(ev);
           if (ev.type === 'done') {
             view.stop();

@@ -39,7 +39,7 @@ export function imageRoutes(d: DaemonContext): Route[] {
           );
         } catch (err) {
           if (!write) throw err;
-          write({ type: 'error', error: AegisError.from(err).toWire() });
+          write({ type: 'error', ...AegisError.from(err).toWire() });
         }
         res.end();
         return STREAMED;
