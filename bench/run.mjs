@@ -11,6 +11,10 @@
 //   --expose throughput (a 32 MiB download) and request latency (a small GET), median of N,
 //   vs. the same transfers from the same guest server on the same VM through the backend's
 //   raw mechanism (passt's own port forward, added for the bench). Target (issue 4): >= 80%.
+//   `aegis image pull` (download + verify + prepare the filesystem) of a >= 100 MiB image vs.
+//   `skopeo copy` + `umoci unpack --rootless` of it from the same local registry, median of N.
+//   Target (issue 5): ratio <= 1.0. And `instance start --image` when the image must be pulled
+//   and prepared (1st) vs. when it is prepared (2nd).
 import { execFile, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, realpathSync, existsSync, mkdirSync, writeFileSync, openSync, closeSync, readFileSync } from 'node:fs';
 import http from 'node:http';
@@ -258,9 +262,99 @@ throughput --expose / raw: ${(tput * 100).toFixed(0)}% (target >= 80%: ${tput >=
   }
 }
 
-// BENCH_ONLY=expose runs that section alone (it takes a minute; the whole bench takes several).
-if (process.env.BENCH_ONLY === 'expose') {
-  await benchExpose();
+/** Test fixtures (TypeScript) bundled for plain Node: the image builder and the registry runner. */
+async function loadImageSupport() {
+  const { build } = await import('esbuild');
+  const outfile = path.join(ROOT, 'bench/.build/support.mjs');
+  await build({
+    stdin: {
+      contents: "export * from './tests/support/oci-images.ts'; export * from './tests/support/registry.ts';",
+      resolveDir: ROOT,
+      loader: 'ts',
+    },
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    packages: 'external',
+    outfile,
+    logLevel: 'warning',
+  });
+  return import(outfile);
+}
+
+const run = (cmd, args, env) =>
+  new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    execFile(cmd, args, { env: env ?? process.env, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${cmd} ${args.join(' ')}: ${stderr || err.message}`));
+      else resolve({ ms: performance.now() - t0, stdout });
+    });
+  });
+
+async function benchImages() {
+  const support = await loadImageSupport();
+  const { layoutDir } = await support.buildGlibcImage();
+  const registry = await support.startRegistry();
+  const ref = `${registry.host}/bench/python:1`;
+  await support.pushOciLayout(layoutDir, ref, undefined, support.GLIBC_IMAGE.refs.root);
+  const d = await startDaemon(false);
+  const scratch = mkdtempSync('/tmp/aegis-bench-umoci-');
+  try {
+    const ours = [];
+    const reference = [];
+    let fsBytes = 0;
+    for (let i = 0; i < RUNS; i++) {
+      rmSync(path.join(scratch, 'oci'), { recursive: true, force: true });
+      rmSync(path.join(scratch, 'bundle'), { recursive: true, force: true });
+      const t0 = performance.now();
+      await run('skopeo', [
+        'copy',
+        '--insecure-policy',
+        '--quiet',
+        '--src-tls-verify=false',
+        `docker://${ref}`,
+        `oci:${scratch}/oci:python`,
+      ]);
+      await run('umoci', ['unpack', '--rootless', '--image', `${scratch}/oci:python`, `${scratch}/bundle`]);
+      reference.push(performance.now() - t0);
+      // `image rm` deletes its blobs and filesystem: each pull starts from nothing.
+      await d.client.removeImage(ref).catch(() => undefined);
+      ours.push((await run(path.join(ROOT, 'bin/aegis'), ['image', 'pull', ref], d.env)).ms);
+      fsBytes = (await d.client.getImage(ref)).fsBytes;
+    }
+    const ratio = median(ours) / median(reference);
+    console.log(`
+image pull + prepare, ${ref} (${(fsBytes / (1 << 20)).toFixed(0)} MiB filesystem), same local registry:`);
+    console.log(`${'skopeo copy + umoci unpack --rootless (reference)'.padEnd(56)} median ${fmt(median(reference))}`);
+    console.log(`${'aegis image pull (download, verify, ext4 image)'.padEnd(56)} median ${fmt(median(ours))}`);
+    console.log(`ratio aegis / reference: ${ratio.toFixed(2)}x (target <= 1.00x: ${ratio <= 1 ? 'met' : 'NOT met'})`);
+
+    // 1st instance of an image this host lacks (pull + prepare + boot) vs the 2nd (boot only).
+    const first = [];
+    const second = [];
+    for (let i = 0; i < RUNS; i++) {
+      await d.client.removeImage(ref).catch(() => undefined);
+      const start = (h) =>
+        run(path.join(ROOT, 'bin/aegis'), ['instance', 'start', '--name', h, '--image', ref, '--', 'sleep', '600'], d.env);
+      first.push((await start('bench-img-1')).ms);
+      second.push((await start('bench-img-2')).ms);
+      await d.client.deleteInstance('bench-img-1', { force: true });
+      await d.client.deleteInstance('bench-img-2', { force: true });
+    }
+    console.log(`${'1st `instance start --image` (pull + prepare + cold boot)'.padEnd(56)} median ${fmt(median(first))}`);
+    console.log(`${'2nd `instance start --image` (prepared; cold boot)'.padEnd(56)} median ${fmt(median(second))}`);
+    console.log(`ratio 2nd / 1st: ${(median(second) / median(first)).toFixed(2)}x`);
+    return { pullMs: ours, referenceMs: reference, ratio, fsBytes, firstStartMs: first, secondStartMs: second };
+  } finally {
+    await d.stop();
+    await registry.stop();
+    rmSync(scratch, { recursive: true, force: true });
+  }
+}
+
+// BENCH_ONLY=expose|images runs one section alone (a minute or two; the whole bench takes several).
+if (process.env.BENCH_ONLY === 'expose' || process.env.BENCH_ONLY === 'images') {
+  await (process.env.BENCH_ONLY === 'expose' ? benchExpose() : benchImages());
   process.exit(0);
 }
 
@@ -327,6 +421,7 @@ try {
       `API client alone: ${(median(api) / reference).toFixed(2)}x`,
   );
   const expose = await benchExpose();
+  const images = await benchImages();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -339,6 +434,7 @@ try {
         ratio,
         exec: { cliMs: cli, apiMs: api, guestSpawnMs: direct.spawn, channelRttMs: direct.rtt, ratio: execRatio },
         expose,
+        images,
         backend: status.backend,
       },
       null,

@@ -34,7 +34,7 @@
 #define DP_WINDOW (1024 * 1024)
 /* The host pauses its reader at DP_WINDOW unacknowledged, so one more read may land past it. */
 #define DP_RECV_CAP (2 * DP_WINDOW)
-#define DP_CHUNK (64 * 1024)
+#define DP_CHUNK (256 * 1024)
 #define DP_HDR 9
 #define DP_PORT_BUF (4 * 1024 * 1024)
 

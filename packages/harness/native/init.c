@@ -53,6 +53,8 @@
 /* An OCI image's prepared filesystem (ext4, read-only, shared by every instance of it). */
 #define IMAGE_DEV "/dev/vdc"
 #define IMAGE_ROOT "/aegis/image"
+
+static void image_names(const char *hostname);
 #define HARNESS "/aegis/harness.mjs"
 
 static void say(const char *fmt, ...) {
@@ -442,6 +444,7 @@ static int fresh_main(void) {
   struct timespec now = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000};
   if (clock_settime(CLOCK_REALTIME, &now) != 0) say("fresh: setting the clock failed: %s", strerror(errno));
   if (sethostname(hostname, strlen(hostname)) != 0) say("fresh: sethostname failed: %s", strerror(errno));
+  image_names(hostname);
   return 0;
 }
 
@@ -476,17 +479,25 @@ static void write_image_file(const char *rel, const char *content) {
   close(fd);
 }
 
+/* The VM's name in the image's /etc/hostname and /etc/hosts; again after `fresh` renames a clone. */
+static void image_names(const char *hostname) {
+  struct stat st;
+  if (stat("/aegis/image-lower", &st) != 0) return;
+  char line[512];
+  snprintf(line, sizeof line, "127.0.0.1 localhost %s\n::1 localhost\n", hostname);
+  write_image_file("/etc/hosts", line);
+  snprintf(line, sizeof line, "%s\n", hostname);
+  write_image_file("/etc/hostname", line);
+}
+
 static void prepare_image_root(const char *hostname) {
   struct stat st;
   if (stat(IMAGE_ROOT "/.", &st) != 0 || stat("/aegis/image-lower", &st) != 0) return;
   mount_into_image("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
   mount_into_image("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL);
   mount_into_image("/dev", "/dev", NULL, MS_BIND | MS_REC, NULL);
+  image_names(hostname);
   char line[512];
-  snprintf(line, sizeof line, "127.0.0.1 localhost %s\n::1 localhost\n", hostname);
-  write_image_file("/etc/hosts", line);
-  snprintf(line, sizeof line, "%s\n", hostname);
-  write_image_file("/etc/hostname", line);
   int fd = open("/etc/resolv.conf", O_RDONLY | O_CLOEXEC);
   if (fd >= 0) {
     ssize_t n = read(fd, line, sizeof line - 1);

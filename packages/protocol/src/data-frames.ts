@@ -21,7 +21,7 @@ export const FrameType = {
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
 export const HEADER_BYTES = 9;
-export const MAX_PAYLOAD = 64 * 1024;
+export const MAX_PAYLOAD = 256 * 1024;
 export const WINDOW_BYTES = 1024 * 1024;
 
 export interface Frame {
