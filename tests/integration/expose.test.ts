@@ -151,4 +151,30 @@ describe('--expose', () => {
     await d.client.stopInstance('svc');
     await expect(get(port, '/')).rejects.toMatchObject({ code: 'ECONNREFUSED' });
   });
+
+  it('comes back on the same host port when the instance is restarted, with its files, env and secrets', async () => {
+    const d = daemon();
+    await d.client.setSecret('TOKEN', 's3cr3t-restart');
+    const inst = await d.client.createInstance({
+      handle: 'again',
+      command: ['sh', '-c', 'echo "$GREETING $TOKEN" >> /srv.log; cd / && exec python3 -m http.server 80'],
+      env: { GREETING: 'hi' },
+      secrets: ['TOKEN'],
+      exposes: [{ guestPort: 80 }],
+    });
+    const port = inst.ports[0]?.hostPort ?? 0;
+    await untilServing(port, '/srv.log');
+    await d.client.stopInstance('again');
+    await expect(get(port, '/')).rejects.toMatchObject({ code: 'ECONNREFUSED' });
+    const r = await d.cli(['instance', 'restart', 'again']);
+    expect(r.stdout).toBe('again\n');
+    expect((await d.client.getInstance('again')).ports[0]?.hostPort).toBe(port);
+    await untilServing(port, '/srv.log');
+    // The file written before the stop is still there: the instance kept its own disk.
+    expect((await get(port, '/srv.log')).body.toString()).toBe('hi s3cr3t-restart\nhi s3cr3t-restart\n');
+    // Restarting a running instance stops it first.
+    await d.client.restartInstance('again');
+    await untilServing(port, '/srv.log');
+    expect((await get(port, '/srv.log')).body.toString().split('\n').length).toBe(4);
+  });
 });

@@ -2,7 +2,7 @@
 /** aegis: the command line over the aegisd API. */
 import { Command } from 'commander';
 import { infoCommand } from './commands/instance/info.js';
-import { deleteCommand, pauseCommand, resumeCommand, stopCommand } from './commands/instance/lifecycle.js';
+import { deleteCommand, pauseCommand, restartCommand, resumeCommand, stopCommand } from './commands/instance/lifecycle.js';
 import { listCommand } from './commands/instance/list.js';
 import { startCommand } from './commands/instance/start.js';
 import { execCommand } from './commands/exec.js';
@@ -21,7 +21,16 @@ const program = new Command('aegis')
   .showHelpAfterError();
 
 const instance = new Command('instance').description('manage instances (a VM running one command)').enablePositionalOptions();
-for (const c of [startCommand(), listCommand(), infoCommand(), stopCommand(), deleteCommand(), pauseCommand(), resumeCommand()]) {
+for (const c of [
+  startCommand(),
+  listCommand(),
+  infoCommand(),
+  stopCommand(),
+  deleteCommand(),
+  pauseCommand(),
+  resumeCommand(),
+  restartCommand(),
+]) {
   instance.addCommand(c);
 }
 program.addCommand(instance);

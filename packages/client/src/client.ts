@@ -118,6 +118,11 @@ export class AegisClient {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/resume` });
   }
 
+  /** Stops the instance if it runs, then boots it again on its own disk (same command, ports, image). */
+  restartInstance(ref: string): Promise<Instance> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/restart` });
+  }
+
   signalInstance(ref: string, signal: string): Promise<void> {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/signal`, body: { signal } });
   }

@@ -97,6 +97,23 @@ interface LiveInstance {
   finished: Promise<void>;
 }
 
+async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
+  for (const [name, format] of [
+    ['scratch.qcow2', 'qcow2'],
+    ['scratch.img', 'raw'],
+  ] as const) {
+    const file = path.join(dir, name);
+    if (
+      await fs.stat(file).then(
+        () => true,
+        () => false,
+      )
+    )
+      return { path: file, format };
+  }
+  return undefined;
+}
+
 /** Docker's rule: a given command replaces the image's Cmd; its Entrypoint stays in front. */
 function effectiveCommand(command: string[] | undefined, config: ImageConfig | undefined): string[] {
   const given = command && command.length > 0 ? command : undefined;
@@ -272,12 +289,32 @@ export class InstanceManager {
       ports: forwarder.mappings,
       network: req.network ?? this.defaultNetwork(),
       image: image ? { ...(image.reference ? { reference: image.reference } : {}), digest: image.digest } : null,
+      // For a restart. Secrets by name only: their values are looked up again then.
+      spec: { env: req.env ?? {}, secrets: req.secrets ?? [] },
     };
     this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
+    const env = { ...imageEnv(image?.config), ...req.env, ...secretEnv };
+    return this.launch(row, forwarder, image, env, { keepDisk: false, autoRemove: req.autoRemove === true }, signal);
+  }
+
+  /**
+   * Boots the instance's VM (warm when a template fits and the disk is new), serves its ports,
+   * and starts its workload; on failure the instance is `failed` with the reason (or removed).
+   */
+  private async launch(
+    row: InstanceRow,
+    forwarder: PortForwarder,
+    image: ResolvedImage | undefined,
+    env: Record<string, string>,
+    options: { keepDisk: boolean; autoRemove: boolean },
+    signal: AbortSignal | undefined,
+  ): Promise<InstanceView> {
+    const { id, handle } = row;
+    const dir = this.dirOf(id);
     let vm: Vm | undefined;
     try {
-      await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });
+      await fs.mkdir(path.join(dir, 'vm'), { recursive: true, mode: 0o700 });
       const shape = {
         kernelPath: await fs.realpath(this.config.kernelPath),
         rootfsPath: await fs.realpath(this.config.rootfsPath),
@@ -287,10 +324,11 @@ export class InstanceManager {
         network: row.network,
         ...(image ? { imageDiskPath: image.fsPath } : {}),
       };
-      const template = this.templates.lookup(shape);
+      // A restart keeps the instance's disk (its writes), so it boots cold on that disk.
+      const template = options.keepDisk ? undefined : this.templates.lookup(shape);
       let agent: AgentConnection;
       try {
-        ({ vm, agent } = await this.boot(id, handle, dir, shape, template, signal));
+        ({ vm, agent } = await this.boot(id, handle, dir, shape, template, options.keepDisk, signal));
       } catch (err) {
         if (!template || signal?.aborted) throw err;
         // A template that will not restore must not break instances: set it aside, boot cold.
@@ -303,13 +341,13 @@ export class InstanceManager {
           await failed.finished;
         }
         this.registry.updateInstance(id, { vmRecord: null });
-        ({ vm, agent } = await this.boot(id, handle, dir, shape, undefined, signal));
+        ({ vm, agent } = await this.boot(id, handle, dir, shape, undefined, false, signal));
       }
       const live = this.live.get(id);
       if (live) this.serve(live, forwarder);
       const params = {
-        command,
-        env: { ...imageEnv(image?.config), ...req.env, ...secretEnv },
+        command: row.command,
+        env,
         ...(row.workdir ? { workdir: row.workdir } : {}),
         ...(image ? { image: image.config.user ? { user: image.config.user } : {} } : {}),
       };
@@ -328,9 +366,37 @@ export class InstanceManager {
         await vm.stop({ timeoutMs: 1000 }).catch(() => undefined);
         await this.live.get(id)?.finished;
       }
-      if (req.autoRemove) await this.delete(id, true).catch(() => undefined);
+      forwarder.close();
+      if (options.autoRemove) await this.delete(id, true).catch(() => undefined);
       throw e;
     }
+  }
+
+  /**
+   * `docker restart`: stops the instance if it runs, then boots a new VM for it with the same
+   * command, environment (secrets resolved again by name), image, network and host ports, on
+   * its own disk, so what it wrote survives. Logs continue in the same store.
+   */
+  async restart(ref: string, signal?: AbortSignal): Promise<InstanceView> {
+    let row = this.registry.resolveInstance(ref);
+    if (isLive(row.state)) {
+      await this.stop(row.id);
+      row = this.registry.resolveInstance(row.id);
+    }
+    requireState(row.handle, row.state, ['stopped', 'failed'], 'restart');
+    const secretEnv = this.secrets.resolve(row.spec.secrets);
+    const image = row.image ? this.images.resolveDigest(row.image.digest) : undefined;
+    if (row.network === 'user' && !this.networkModes.includes('user')) {
+      throw new AegisError('UNSUPPORTED', `the ${this.backend.name} backend cannot give this instance its network here`);
+    }
+    const forwarder = await PortForwarder.listen(row.ports);
+    if (!this.transition(row.id, 'starting', { exitCode: null, stateReason: null, startedAt: null, stoppedAt: null })) {
+      forwarder.close();
+      throw new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" changed state; try again`);
+    }
+    this.log.info(`instance ${row.handle} (${row.id}): restarting`);
+    const env = { ...imageEnv(image?.config), ...row.spec.env, ...secretEnv };
+    return this.launch(row, forwarder, image, env, { keepDisk: true, autoRemove: false }, signal);
   }
 
   /**
@@ -343,6 +409,7 @@ export class InstanceManager {
     dir: string,
     shape: MachineShape,
     template: Template | undefined,
+    keepDisk: boolean,
     signal: AbortSignal | undefined,
   ): Promise<{ vm: Vm; agent: AgentConnection }> {
     const t0 = Date.now();
@@ -351,10 +418,17 @@ export class InstanceManager {
     const vmDir = path.join(dir, 'vm');
     await fs.rm(vmDir, { recursive: true, force: true });
     await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });
-    await fs.rm(path.join(dir, 'scratch.img'), { force: true });
-    await fs.rm(path.join(dir, 'scratch.qcow2'), { force: true });
-    const scratch = path.join(dir, template ? 'scratch.qcow2' : 'scratch.img');
-    if (template) await makeChildDisk(scratch, template.scratch);
+    // A kept disk is the instance's own: raw, or a child of the template it was cloned from.
+    const kept = keepDisk ? await existingDisk(dir) : undefined;
+    if (!kept) {
+      await fs.rm(path.join(dir, 'scratch.img'), { force: true });
+      await fs.rm(path.join(dir, 'scratch.qcow2'), { force: true });
+    }
+    const scratch = kept?.path ?? path.join(dir, template ? 'scratch.qcow2' : 'scratch.img');
+    const scratchFormat = kept?.format ?? (template ? 'qcow2' : 'raw');
+    if (kept) {
+      // reused as it is
+    } else if (template) await makeChildDisk(scratch, template.scratch);
     else await makeScratchDisk(scratch, shape.scratchDiskMiB);
     const vm = await this.backend.create(
       {
@@ -363,7 +437,7 @@ export class InstanceManager {
         kernelPath: shape.kernelPath,
         rootfsPath: shape.rootfsPath,
         scratchDiskPath: scratch,
-        scratchDiskFormat: template ? 'qcow2' : 'raw',
+        scratchDiskFormat: scratchFormat,
         memoryMiB: shape.memoryMiB,
         vcpuCount: shape.vcpuCount,
         network: shape.network,

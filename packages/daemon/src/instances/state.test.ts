@@ -27,10 +27,10 @@ describe('instance state table', () => {
     }
   });
 
-  it('allows no transition out of a terminal state', () => {
+  it('allows nothing out of a terminal state but a restart (back to starting)', () => {
     for (const from of TERMINAL) {
       for (const to of INSTANCE_STATES) {
-        expect(canTransition(from, to), `${from} -> ${to}`).toBe(false);
+        expect(canTransition(from, to), `${from} -> ${to}`).toBe(to === 'starting');
       }
     }
   });
@@ -59,8 +59,8 @@ describe('instance state table', () => {
     expect(canTransition('stopping', 'stopped')).toBe(true);
   });
 
-  it('refuses going back to starting, pausing a non-running instance, and a paused instance stopping without stopping first', () => {
-    for (const s of INSTANCE_STATES) expect(canTransition(s, 'starting'), `${s} -> starting`).toBe(false);
+  it('refuses going back to starting from a live state, pausing a non-running instance, and a paused instance stopping without stopping first', () => {
+    for (const s of INSTANCE_STATES.filter(isLive)) expect(canTransition(s, 'starting'), `${s} -> starting`).toBe(false);
     expect(canTransition('starting', 'paused')).toBe(false);
     expect(canTransition('stopping', 'paused')).toBe(false);
     expect(canTransition('stopping', 'running')).toBe(false);
@@ -97,8 +97,8 @@ describe('requireState', () => {
       ['starting', /wait for it to finish starting/],
       ['paused', /resume it first/],
       ['stopping', /already stopping/],
-      ['stopped', /start a new instance/],
-      ['failed', /see aegis instance info, then delete it/],
+      ['stopped', /restart it \(aegis instance restart\) or start a new one/],
+      ['failed', /see aegis instance info, then restart or delete it/],
     ];
     for (const [state, hint] of cases) {
       const err = catchError(() => requireState('h', state, ['running'], 'pause')) as AegisError;

@@ -12,8 +12,9 @@ const TRANSITIONS: Record<InstanceState, readonly InstanceState[]> = {
   running: ['paused', 'stopping', 'stopped', 'failed'],
   paused: ['running', 'stopping', 'failed'],
   stopping: ['stopped', 'failed'],
-  stopped: [],
-  failed: [],
+  // A restart boots a new VM for the same instance.
+  stopped: ['starting'],
+  failed: ['starting'],
 };
 
 /** States in which a VM process may exist. */
@@ -31,8 +32,8 @@ const HINTS: Partial<Record<InstanceState, string>> = {
   starting: 'wait for it to finish starting',
   paused: 'resume it first (aegis instance resume)',
   stopping: 'it is already stopping',
-  stopped: 'it has stopped; start a new instance',
-  failed: 'it has failed; see aegis instance info, then delete it',
+  stopped: 'it has stopped; restart it (aegis instance restart) or start a new one',
+  failed: 'it has failed; see aegis instance info, then restart or delete it',
 };
 
 /** Throws FAILED_PRECONDITION unless `state` is one of `allowed` for operation `op`. */

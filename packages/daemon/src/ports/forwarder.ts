@@ -105,6 +105,7 @@ export class PortForwarder {
   }
 
   close(): void {
+    if (this.closed) return;
     this.closed = true;
     for (const s of this.servers) s.close();
     void this.channel?.then(

@@ -25,6 +25,7 @@ function row(overrides: Partial<InstanceRow> = {}): InstanceRow {
     ports: [],
     network: 'none',
     image: null,
+    spec: { env: {}, secrets: [] },
     ...overrides,
   };
 }

@@ -49,6 +49,8 @@ const MIGRATIONS: string[] = [
    )`,
   // JSON {reference?, digest} of the instance's image; NULL for the base rootfs.
   `ALTER TABLE instances ADD COLUMN image TEXT`,
+  // JSON InstanceSpec: what a restart needs that no other column holds.
+  `ALTER TABLE instances ADD COLUMN spec TEXT NOT NULL DEFAULT '{}'`,
 ];
 
 /** The schema version this build writes (PRAGMA user_version). */
@@ -89,6 +91,16 @@ export interface InstanceRow {
   ports: PortMapping[];
   network: NetworkMode;
   image: InstanceImage | null;
+  spec: InstanceSpec;
+}
+
+/**
+ * The rest of how an instance was asked for, kept to restart it. `env` holds only what was
+ * given with --env (plain, as Docker keeps it); secrets are kept by name, never by value.
+ */
+export interface InstanceSpec {
+  env: Record<string, string>;
+  secrets: string[];
 }
 
 /** The image an instance runs: the digest pins it; the reference is how the user named it. */
@@ -123,6 +135,7 @@ interface RawRow {
   ports: string;
   network: string;
   image: string | null;
+  spec: string;
 }
 
 function fromRaw(r: RawRow): InstanceRow {
@@ -144,6 +157,7 @@ function fromRaw(r: RawRow): InstanceRow {
     ports: JSON.parse(r.ports) as PortMapping[],
     network: r.network === 'user' ? 'user' : 'none',
     image: r.image === null ? null : (JSON.parse(r.image) as InstanceImage),
+    spec: { env: {}, secrets: [], ...(JSON.parse(r.spec) as Partial<InstanceSpec>) },
   };
 }
 
@@ -200,9 +214,9 @@ export class Registry {
       this.db
         .prepare(
           `INSERT INTO instances (id, handle, state, command, workdir, memory_mib, vcpu_count, backend, vm_record,
-             exit_code, state_reason, created_at, started_at, stopped_at, updated_at, ports, network, image)
+             exit_code, state_reason, created_at, started_at, stopped_at, updated_at, ports, network, image, spec)
            VALUES (@id, @handle, @state, @command, @workdir, @memoryMiB, @vcpuCount, @backend, @vmRecord,
-             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt, @ports, @network, @image)`,
+             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt, @ports, @network, @image, @spec)`,
         )
         .run({
           ...row,
@@ -210,6 +224,7 @@ export class Registry {
           vmRecord: row.vmRecord && JSON.stringify(row.vmRecord),
           ports: JSON.stringify(row.ports),
           image: row.image && JSON.stringify(row.image),
+          spec: JSON.stringify(row.spec),
         });
     } catch (err) {
       if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {

@@ -61,3 +61,16 @@ export function resumeCommand(): Command {
       }
     });
 }
+
+export function restartCommand(): Command {
+  return new Command('restart')
+    .description('stop the instance if it runs, then boot it again: same command, env, secrets, image and host ports, its files kept')
+    .argument('<instance>', 'handle, id or id prefix')
+    .action(async (ref: string) => {
+      try {
+        process.stdout.write(`${(await client().restartInstance(ref)).handle}\n`);
+      } catch (err) {
+        fail(err);
+      }
+    });
+}

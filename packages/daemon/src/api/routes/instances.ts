@@ -60,6 +60,11 @@ export function instanceRoutes(d: DaemonContext): Route[] {
     },
     {
       method: 'POST',
+      path: '/v1/instances/{ref}/restart',
+      handler: async ({ params, signal }) => ({ status: 200, body: await m.restart(param(params, 'ref'), signal) }),
+    },
+    {
+      method: 'POST',
       path: '/v1/instances/{ref}/exec',
       handler: async ({ params, body, signal, res }) => {
         const req = validateBody<ExecRequest>('ExecRequest', body);
