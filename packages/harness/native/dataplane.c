@@ -75,7 +75,9 @@ static long long now_ms(void) {
 static struct conn *conns[DP_MAX_CONNS];
 static int nconns;
 static char *inb, *outb; /* from / to the port */
-static size_t in_len, out_len;
+/* outb holds bytes [out_off, out_len): the port takes at most 32 KiB per write, and moving
+ * the rest down after each one cost more than the copy itself under emulation. */
+static size_t in_len, out_len, out_off;
 
 static void put_frame(uint32_t id, uint8_t type, const void *payload, uint32_t len) {
   unsigned char h[DP_HDR];
@@ -88,7 +90,14 @@ static void put_frame(uint32_t id, uint8_t type, const void *payload, uint32_t l
 }
 
 /* Control frames are tiny and always fit: reads stop well before the buffer fills. */
-static int room_for(size_t payload) { return out_len + DP_HDR + payload <= DP_PORT_BUF; }
+static int room_for(size_t payload) {
+  if (out_len + DP_HDR + payload > DP_PORT_BUF && out_off > 0) {
+    memmove(outb, outb + out_off, out_len - out_off);
+    out_len -= out_off;
+    out_off = 0;
+  }
+  return out_len + DP_HDR + payload <= DP_PORT_BUF;
+}
 
 static struct conn *find(uint32_t id) {
   for (int i = 0; i < nconns; i++)
@@ -262,7 +271,7 @@ static void parse_input(void) {
 
 static void host_gone(void) {
   while (nconns > 0) drop(conns[0], 0);
-  in_len = out_len = 0;
+  in_len = out_len = out_off = 0;
 }
 
 void *dataplane_main(void *arg) {
@@ -275,7 +284,7 @@ void *dataplane_main(void *arg) {
   int host_away = 0;
   for (;;) {
     pfd[0].fd = host_away ? -1 : port;
-    pfd[0].events = (in_len < DP_PORT_BUF ? POLLIN : 0) | (out_len > 0 ? POLLOUT : 0);
+    pfd[0].events = (in_len < DP_PORT_BUF ? POLLIN : 0) | (out_len > out_off ? POLLOUT : 0);
     int n = 0;
     long long now = now_ms(), next_retry = -1;
     for (int i = 0; i < nconns; i++) {
@@ -320,12 +329,11 @@ void *dataplane_main(void *arg) {
       host_away = 1;
       continue;
     }
-    if ((pfd[0].revents & POLLOUT) && out_len > 0) {
-      ssize_t k = write(port, outb, out_len);
-      if (k > 0) {
-        memmove(outb, outb + k, out_len - (size_t)k);
-        out_len -= (size_t)k;
-      }
+    while ((pfd[0].revents & POLLOUT) && out_len > out_off) {
+      ssize_t k = write(port, outb + out_off, out_len - out_off);
+      if (k <= 0) break;
+      out_off += (size_t)k;
+      if (out_off == out_len) out_off = out_len = 0;
     }
     /* Sockets before new frames: the frames may drop connections polled[] still names. */
     for (int i = 0; i < n; i++) {

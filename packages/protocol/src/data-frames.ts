@@ -40,26 +40,55 @@ export function encodeFrame(connId: number, type: FrameType, payload: Buffer = B
   return h;
 }
 
-/** Splits a byte stream into frames; a frame longer than MAX_PAYLOAD means the stream is corrupt. */
+/**
+ * Splits a byte stream into frames; a frame longer than MAX_PAYLOAD means the stream is corrupt.
+ * Chunks are kept as they arrive and a frame is copied out at most once (not at all when one
+ * chunk holds it): joining every chunk to the remainder copied each byte several times.
+ */
 export class FrameDecoder {
-  private pending: Buffer = Buffer.alloc(0);
+  private chunks: Buffer[] = [];
+  private total = 0;
 
   push(chunk: Buffer): Frame[] {
-    this.pending = this.pending.length ? Buffer.concat([this.pending, chunk]) : chunk;
-    const frames: Frame[] = [];
-    let off = 0;
-    while (this.pending.length - off >= HEADER_BYTES) {
-      const len = this.pending.readUInt32BE(off + 5);
-      if (len > MAX_PAYLOAD) throw new RangeError(`data channel frame of ${len} bytes: stream corrupt`);
-      if (this.pending.length - off < HEADER_BYTES + len) break;
-      frames.push({
-        connId: this.pending.readUInt32BE(off),
-        type: this.pending.readUInt8(off + 4),
-        payload: this.pending.subarray(off + HEADER_BYTES, off + HEADER_BYTES + len),
-      });
-      off += HEADER_BYTES + len;
+    if (chunk.length > 0) {
+      this.chunks.push(chunk);
+      this.total += chunk.length;
     }
-    this.pending = this.pending.subarray(off);
+    const frames: Frame[] = [];
+    while (this.total >= HEADER_BYTES) {
+      const head = this.peek(HEADER_BYTES);
+      const len = head.readUInt32BE(5);
+      if (len > MAX_PAYLOAD) throw new RangeError(`data channel frame of ${len} bytes: stream corrupt`);
+      if (this.total < HEADER_BYTES + len) break;
+      const frame = this.take(HEADER_BYTES + len);
+      frames.push({ connId: frame.readUInt32BE(0), type: frame.readUInt8(4), payload: frame.subarray(HEADER_BYTES) });
+    }
     return frames;
+  }
+
+  private peek(n: number): Buffer {
+    const first = this.chunks[0] as Buffer;
+    return first.length >= n ? first : Buffer.concat(this.chunks, n);
+  }
+
+  private take(n: number): Buffer {
+    this.total -= n;
+    const first = this.chunks[0] as Buffer;
+    if (first.length >= n) {
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      return first.subarray(0, n);
+    }
+    const out = Buffer.allocUnsafe(n);
+    let off = 0;
+    while (off < n) {
+      const c = this.chunks[0] as Buffer;
+      const k = Math.min(c.length, n - off);
+      c.copy(out, off, 0, k);
+      off += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    return out;
   }
 }
