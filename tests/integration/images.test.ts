@@ -54,6 +54,15 @@ describe('images', () => {
     expect(again.stdout).toContain('up to date');
     expect(await blobGets('python')).toBe(blobsBefore);
 
+    // By digest: the stored image is used as it is, without asking the registry again.
+    const manifestGets = async (): Promise<number> =>
+      (await registry.log()).split('\n').filter((l) => l.includes('GET /v2/team/python/manifests/')).length;
+    const before = await manifestGets();
+    const pinned = await d.cli(['run', '--image', `${registry.host}/team/python@${digest ?? ''}`, '--', 'true']);
+    expect(pinned.stderr).toBe('');
+    expect(pinned.code).toBe(0);
+    expect(await manifestGets()).toBe(before);
+
     const run = await d.cli([
       'run',
       '--image',
@@ -142,6 +151,12 @@ describe('images', () => {
     expect(d.log().match(/filesystem prepared/g)?.length ?? 0).toBe(preparedBefore);
     const info = await d.client.getInstance('a');
     expect(info.image).toBe(ref('python'));
+    expect((await d.cli(['instance', 'list'])).stdout).toMatch(
+      new RegExp(`^a\\s+\\S+\\s+running\\s+${ref('python').replace(/\./g, '\\.')}\\s`, 'm'),
+    );
+    expect((await d.cli(['instance', 'info', 'a'])).stdout).toMatch(
+      new RegExp(`Image:\\s+${ref('python').replace(/\./g, '\\.')} \\(sha256:`),
+    );
     // Refused while in use; allowed once the instances are gone.
     const rm = await d.cli(['image', 'rm', ref('python')]);
     expect(rm.stderr).toMatch(/in use by instance [ab].*\[FAILED_PRECONDITION\]/);

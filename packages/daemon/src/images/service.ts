@@ -121,8 +121,11 @@ export class ImageService {
       if (matches.length > 1) throw new AegisError('INVALID_ARGUMENT', `"${ref}" matches more than one image; give more of the digest`);
       if (matches[0]) return { digest: matches[0].digest };
     }
-    const canonical = formatReference(parseReference(ref));
-    const digest = this.registry.imageDigestOf(canonical);
+    const parsed = parseReference(ref);
+    const canonical = formatReference(parsed);
+    // `name@sha256:…` pins content: a stored image with that digest is the one, whatever its tags.
+    const digest =
+      this.registry.imageDigestOf(canonical) ?? (parsed.digest && this.registry.getImage(parsed.digest) ? parsed.digest : undefined);
     return digest ? { digest, reference: canonical } : undefined;
   }
 

@@ -15,12 +15,13 @@ export function listCommand(): Command {
           process.stdout.write(JSON.stringify(list, null, 2) + '\n');
           return;
         }
-        const rows = [['HANDLE', 'ID', 'STATE', 'AGE', 'PORTS', 'COMMAND']];
+        const rows = [['HANDLE', 'ID', 'STATE', 'IMAGE', 'AGE', 'PORTS', 'COMMAND']];
         for (const i of list) {
           const state = i.exitCode !== null && i.state === 'stopped' ? `stopped (${i.exitCode})` : i.state;
           const cmd = shellJoin(i.command);
           const ports = i.state === 'running' || i.state === 'paused' ? formatPorts(i.ports) : '';
-          rows.push([i.handle, i.id.slice(0, 12), state, age(i.createdAt), ports, cmd.length > 40 ? `${cmd.slice(0, 37)}...` : cmd]);
+          const image = i.image ? i.image.replace(/^docker\.io\/(library\/)?/, '') : '-';
+          rows.push([i.handle, i.id.slice(0, 12), state, image, age(i.createdAt), ports, cmd.length > 40 ? `${cmd.slice(0, 37)}...` : cmd]);
         }
         process.stdout.write(table(rows));
       } catch (err) {
