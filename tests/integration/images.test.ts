@@ -191,6 +191,24 @@ describe('images', () => {
     expect(d.instanceDirs()).toEqual([]);
   });
 
+  it('does the work once when the same image is pulled twice at the same time', async () => {
+    const d = daemon();
+    const src = path.join(work, 'concurrent-src');
+    const built = await buildOciLayout(src, {
+      tag: 'twice',
+      layers: [[{ name: 'etc/payload', data: `${'x'.repeat(4 << 20)} ${Date.now()}\n` }]],
+      cmd: ['/bin/true'],
+    });
+    await pushOciLayout(src, ref('twice'), undefined, 'twice');
+    const [a, b] = await Promise.all([d.cli(['image', 'pull', ref('twice')]), d.cli(['image', 'pull', ref('twice')])]);
+    expect([a.code, b.code]).toEqual([0, 0]);
+    const layerGets = (await registry.log())
+      .split('\n')
+      .filter((l) => l.includes(`GET /v2/team/twice/blobs/${built.layerDigests[0] ?? ''}`));
+    expect(layerGets.length).toBe(1);
+    expect(d.log().match(new RegExp(`image ${built.manifestDigest}: filesystem prepared`, 'g'))?.length).toBe(1);
+  });
+
   it('answers a registry token challenge with the credentials in the Docker config', async () => {
     const d = daemon();
     const creds = { user: 'agent', password: 'pull-secret-7x' };
