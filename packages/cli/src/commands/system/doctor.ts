@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -23,12 +23,10 @@ function fileCheck(name: string, file: string, hint: string): Check {
 }
 
 function toolCheck(name: string, args: string[], hint: string): Check {
-  try {
-    const out = execFileSync(name, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10_000 });
-    return { name, ok: true, detail: out.split('\n')[0]?.trim() ?? '' };
-  } catch {
-    return { name, ok: false, detail: `not found; ${hint}` };
-  }
+  // e2fsprogs print their version on stderr.
+  const r = spawnSync(name, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10_000 });
+  if (r.error || r.status !== 0) return { name, ok: false, detail: `not found; ${hint}` };
+  return { name, ok: true, detail: (r.stdout || r.stderr).split('\n')[0]?.trim() ?? '' };
 }
 
 /** Checks this machine can run Aegis, without needing the daemon; says what to fix. */
@@ -49,6 +47,17 @@ export function doctorCommand(): Command {
     checks.push({ name: 'backend firecracker', ok: true, detail: 'not built into this version (skipped)' });
     checks.push({ name: 'backend libkrun', ok: true, detail: 'not built into this version (skipped)' });
     checks.push(toolCheck('mkfs.ext4', ['-V'], 'apt-get install e2fsprogs'));
+    // Images are prepared with mke2fs -d and debugfs; qemu-img makes warm instances' disks.
+    checks.push(toolCheck('debugfs', ['-V'], 'apt-get install e2fsprogs (needed for --image)'));
+    checks.push(toolCheck('qemu-img', ['--version'], 'apt-get install qemu-utils'));
+    const userNet = probe.capabilities?.networkModes.includes('user') === true;
+    checks.push({
+      name: 'guest network',
+      ok: userNet,
+      detail: userNet
+        ? 'passt: outbound TCP/UDP and DNS, host loopback unreachable'
+        : 'passt not found: guests get --network none only (apt-get install passt)',
+    });
     checks.push(
       fileCheck('guest kernel', process.env['AEGIS_KERNEL'] ?? path.join(home, 'cache/kernel/vmlinux'), 'build it with: make kernel'),
     );
