@@ -1,5 +1,6 @@
 /*
- * The --expose data plane, guest side: a second virtio-serial port ("aegis.data") carrying
+ * The --expose data plane, guest side: a second virtio-serial port ("aegis.data", or vsock port
+ * 1025 where the backend has no virtio-serial) carrying
  * forwarded TCP connections as binary frames, spliced here in C to sockets on the guest's
  * loopback. It is separate from the agent channel (JSON-RPC through the Node harness) because
  * under emulation every byte Node touches is expensive: here bytes are copied, not encoded.
@@ -15,6 +16,7 @@
  * reader never makes the other side buffer without bound. The host end (aegisd) is trusted
  * no more than it must be: malformed or oversized frames end the connection they name.
  */
+#define _GNU_SOURCE
 #include "dataplane.h"
 
 #include <arpa/inet.h>
@@ -275,7 +277,8 @@ static void host_gone(void) {
 }
 
 void *dataplane_main(void *arg) {
-  int port = *(int *)arg;
+  const struct dp_port *dp = arg;
+  int port = dp->fd;
   inb = malloc(DP_PORT_BUF);
   outb = malloc(DP_PORT_BUF);
   if (!inb || !outb) return NULL;
@@ -283,8 +286,9 @@ void *dataplane_main(void *arg) {
   static struct conn *polled[DP_MAX_CONNS];
   int host_away = 0;
   for (;;) {
-    pfd[0].fd = host_away ? -1 : port;
-    pfd[0].events = (in_len < DP_PORT_BUF ? POLLIN : 0) | (out_len > out_off ? POLLOUT : 0);
+    int accepting = port < 0 && dp->listen_fd >= 0; /* vsock: waiting for the host to connect */
+    pfd[0].fd = accepting ? dp->listen_fd : host_away ? -1 : port;
+    pfd[0].events = accepting ? POLLIN : (in_len < DP_PORT_BUF ? POLLIN : 0) | (out_len > out_off ? POLLOUT : 0);
     int n = 0;
     long long now = now_ms(), next_retry = -1;
     for (int i = 0; i < nconns; i++) {
@@ -316,17 +320,26 @@ void *dataplane_main(void *arg) {
       host_away = 0;
       continue;
     }
+    if (accepting) {
+      if (pfd[0].revents & POLLIN) port = accept4(dp->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      continue;
+    }
+    int gone = 0;
     if (pfd[0].revents & POLLIN) {
       ssize_t k = read(port, inb + in_len, DP_PORT_BUF - in_len);
       if (k > 0) in_len += (size_t)k;
-      else if (k == 0) {
-        host_gone();
-        host_away = 1;
-        continue;
-      }
+      else if (k == 0) gone = 1;
     } else if (pfd[0].revents & (POLLHUP | POLLERR)) {
+      gone = 1;
+    }
+    if (gone) {
       host_gone();
-      host_away = 1;
+      if (dp->listen_fd >= 0) {
+        close(port);
+        port = -1;
+      } else {
+        host_away = 1;
+      }
       continue;
     }
     while ((pfd[0].revents & POLLOUT) && out_len > out_off) {

@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/fs.h>
+#include <linux/vm_sockets.h>
 #include <linux/random.h>
 #include <sys/ioctl.h>
 #include <termios.h>
@@ -49,6 +50,7 @@
 #include "dataplane.h"
 
 #define AGENT_PORT_NAME "aegis.agent"
+#define AGENT_VSOCK_PORT 1024
 #define SCRATCH_DEV "/dev/vdb"
 /* An OCI image's prepared filesystem (ext4, read-only, shared by every instance of it). */
 #define IMAGE_DEV "/dev/vdc"
@@ -233,8 +235,9 @@ static int find_port(const char *want, char *out, size_t outlen, int attempts) {
 #define RELAY_BUF (256 * 1024)
 
 struct relay {
-  int port; /* the virtio-serial port, non-blocking */
-  int sock; /* our end of the socketpair */
+  int port;      /* the virtio-serial port, or the host's vsock connection (-1: none yet); non-blocking */
+  int listen_fd; /* vsock: where the host's next connection comes from; -1 with virtio-serial */
+  int sock;      /* our end of the socketpair */
   volatile int done;
 };
 
@@ -253,28 +256,45 @@ static void *relay_main(void *arg) {
   static struct buf to_host, to_harness;
   int harness_open = 1, host_away = 0;
   for (;;) {
-    /* With the host away the port reports POLLHUP continuously; leave it out and look again
-     * in a while, rather than spin. Data for it stays buffered (the harness is throttled). */
-    struct pollfd p[2] = {
-        {.fd = host_away ? -1 : r->port,
+    /* With the host away a virtio-serial port reports POLLHUP continuously; leave it out and
+     * look again in a while, rather than spin. Over vsock the host's going closes our
+     * connection and the next one is accepted. Data for the host stays buffered meanwhile
+     * (the harness is throttled). */
+    int connected = r->port >= 0 && !host_away;
+    struct pollfd p[3] = {
+        {.fd = connected ? r->port : -1,
          .events = (to_harness.len < RELAY_BUF ? POLLIN : 0) | (to_host.len > 0 ? POLLOUT : 0)},
         {.fd = harness_open ? r->sock : -1,
          .events = (to_host.len < RELAY_BUF ? POLLIN : 0) | (to_harness.len > 0 ? POLLOUT : 0)},
+        {.fd = r->listen_fd >= 0 && r->port < 0 ? r->listen_fd : -1, .events = POLLIN},
     };
     if (!harness_open && to_host.len == 0) break;
-    int n = poll(p, 2, host_away ? 20 : -1);
+    int n = poll(p, 3, host_away ? 20 : -1);
     if (n < 0 && errno != EINTR) break;
     host_away = 0;
+    int gone = 0;
+    if (p[2].revents & POLLIN) {
+      int c = accept4(r->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (c >= 0) r->port = c;
+    }
     if (p[0].revents & POLLIN) {
       ssize_t k = read(r->port, to_harness.data + to_harness.len, RELAY_BUF - to_harness.len);
       if (k > 0) to_harness.len += (size_t)k;
-      else if (k == 0) host_away = 1;
+      else if (k == 0) gone = 1;
     } else if (p[0].revents & (POLLHUP | POLLERR)) {
-      host_away = 1;
+      gone = 1;
     }
-    if ((p[0].revents & POLLOUT) && to_host.len > 0) {
+    if (!gone && (p[0].revents & POLLOUT) && to_host.len > 0) {
       ssize_t k = write(r->port, to_host.data, to_host.len);
       if (k > 0) consume(&to_host, (size_t)k);
+    }
+    if (gone) {
+      if (r->listen_fd >= 0) {
+        close(r->port);
+        r->port = -1;
+      } else {
+        host_away = 1;
+      }
     }
     if (p[1].revents & (POLLIN | POLLHUP)) {
       ssize_t k = read(r->sock, to_host.data + to_host.len, RELAY_BUF - to_host.len);
@@ -288,6 +308,18 @@ static void *relay_main(void *arg) {
   }
   r->done = 1;
   return NULL;
+}
+
+/* A vsock listener for the host's connections (Firecracker, libkrun: host-initiated). */
+static int vsock_listen(unsigned int port) {
+  int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port};
+  if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 4) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
 }
 
 /* ---- `aegis-init pty ROWS COLS -- CMD...`: a command on a new pseudo-terminal ------------
@@ -580,16 +612,33 @@ int main(int argc, char **argv) {
   prepare_image_root(hostname);
 
   mark("filesystems mounted");
-  char port[300];
-  if (find_port(AGENT_PORT_NAME, port, sizeof port, 200) != 0) {
-    say("no virtio-serial port named %s", AGENT_PORT_NAME);
-    end_vm();
-  }
-
   static struct relay relay;
+  static struct dp_port data = {.fd = -1, .listen_fd = -1};
   int sv[2];
-  relay.port = open(port, O_RDWR | O_NONBLOCK | O_CLOEXEC);
-  if (relay.port < 0) die("open agent port");
+  relay.listen_fd = -1;
+  /* aegis_agent=vsock: the backend carries both channels over vsock (ports 1024 and 1025);
+   * otherwise they are virtio-serial ports found by name. */
+  const char *agent = getenv("aegis_agent");
+  if (agent && strcmp(agent, "vsock") == 0) {
+    relay.port = -1;
+    relay.listen_fd = vsock_listen(AGENT_VSOCK_PORT);
+    if (relay.listen_fd < 0) {
+      say("vsock listen on %d: %s", AGENT_VSOCK_PORT, strerror(errno));
+      end_vm();
+    }
+    data.listen_fd = vsock_listen(DATA_VSOCK_PORT);
+  } else {
+    char port[300];
+    if (find_port(AGENT_PORT_NAME, port, sizeof port, 200) != 0) {
+      say("no virtio-serial port named %s", AGENT_PORT_NAME);
+      end_vm();
+    }
+    relay.port = open(port, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    if (relay.port < 0) die("open agent port");
+    /* The agent port was found, so every port is probed by now: no need to wait for this one. */
+    char data_path[300];
+    if (find_port(DATA_PORT_NAME, data_path, sizeof data_path, 1) == 0) data.fd = open(data_path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+  }
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) die("socketpair");
   relay.sock = sv[0];
   fcntl(relay.sock, F_SETFL, O_NONBLOCK);
@@ -616,13 +665,9 @@ int main(int argc, char **argv) {
   close(sv[1]);
   pthread_t relay_thread;
   if (pthread_create(&relay_thread, NULL, relay_main, &relay) != 0) die("relay thread");
-  /* The agent port was found, so every port is probed by now: no need to wait for this one. */
-  static int data_port = -1;
-  char data_path[300];
-  if (find_port(DATA_PORT_NAME, data_path, sizeof data_path, 1) == 0 &&
-      (data_port = open(data_path, O_RDWR | O_NONBLOCK | O_CLOEXEC)) >= 0) {
+  if (data.fd >= 0 || data.listen_fd >= 0) {
     pthread_t data_thread;
-    if (pthread_create(&data_thread, NULL, dataplane_main, &data_port) != 0) say("data plane thread failed");
+    if (pthread_create(&data_thread, NULL, dataplane_main, &data) != 0) say("data plane thread failed");
   }
 
   /* Reap everything; the VM's life is the harness's life. */
