@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AegisError, RpcPeer, parseResult, type HealthResult } from '@aegis/protocol';
 import type { Backend, Vm, VmConfig } from '@aegis/vmm';
 import { QemuBackend } from '@aegis/vmm-qemu';
+import { FirecrackerBackend } from '@aegis/vmm-firecracker';
 import { artifacts, qemuProcessesFor } from './fixture.js';
 
 interface Candidate {
@@ -22,7 +23,7 @@ interface Candidate {
 
 const candidates: Candidate[] = [
   { name: 'qemu', backend: new QemuBackend() },
-  { name: 'firecracker', missing: 'not implemented yet: needs /dev/kvm, which these machines lack' },
+  { name: 'firecracker', backend: new FirecrackerBackend() },
   { name: 'libkrun', missing: 'not implemented yet: needs macOS Hypervisor.framework (or /dev/kvm)' },
 ];
 

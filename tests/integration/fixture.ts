@@ -121,12 +121,12 @@ export class TestDaemon {
   }
 }
 
-/** QEMU processes started for VMs of this daemon's home. */
+/** VMM processes (QEMU, Firecracker) started for VMs of this daemon's home. */
 export async function qemuProcessesFor(home: string): Promise<string[]> {
   const out = await new Promise<string>((resolve) =>
     execFile('ps', ['-eo', 'pid=,args='], { maxBuffer: 16 << 20 }, (_e, stdout) => resolve(stdout)),
   );
-  return out.split('\n').filter((l) => l.includes('qemu-system') && l.includes(home));
+  return out.split('\n').filter((l) => (l.includes('qemu-system') || l.includes('firecracker')) && l.includes(home));
 }
 
 /** Removes everything a test daemon left: instances, the daemon, stray QEMU, its home. */

@@ -9,6 +9,7 @@ import type http from 'node:http';
 import { AegisError } from '@aegis/protocol';
 import { selectBackend, type Backend, type Probe } from '@aegis/vmm';
 import { QemuBackend } from '@aegis/vmm-qemu';
+import { FirecrackerBackend } from '@aegis/vmm-firecracker';
 import type { DaemonConfig } from './config.js';
 import { InstanceManager } from './instances/manager.js';
 import { Registry } from './registry/db.js';
@@ -26,7 +27,8 @@ export const VERSION = '0.1.0';
 
 /** Backends compiled into this daemon, in order of preference. */
 export function knownBackends(): Backend[] {
-  return [new QemuBackend()];
+  // QEMU first: it runs everywhere (TCG without KVM); AEGIS_BACKEND=firecracker picks the other.
+  return [new QemuBackend(), new FirecrackerBackend()];
 }
 
 export interface DaemonContext {
@@ -71,7 +73,9 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   log.info(`backend ${backend.name}: ${probe.detail}`);
   const registry = new Registry(config.dbPath);
   const secrets = new SecretStore(registry, path.join(config.home, 'secrets.key'));
-  const templates = new TemplateCache(backend, probe, await templatesDir(config), log, config.bootTimeoutMs, config.warmBoot);
+  // Warm boot needs snapshots and copy-on-write children of the template's disk.
+  const warm = config.warmBoot && probe.capabilities?.snapshot === true && probe.capabilities.qcow2ScratchDisks;
+  const templates = new TemplateCache(backend, probe, await templatesDir(config), log, config.bootTimeoutMs, warm);
   const images = new ImageService(config.home, registry, log, { insecureRegistries: config.insecureRegistries });
   const instances = new InstanceManager(
     config,

@@ -88,6 +88,7 @@ function capabilitiesFor(kvm: boolean, passt: boolean): Capabilities {
     agentTransport: 'virtio-serial',
     acceleration: kvm ? 'kvm' : 'tcg',
     networkModes: passt ? ['user', 'none'] : ['none'],
+    qcow2ScratchDisks: true,
   };
 }
 

@@ -25,6 +25,11 @@ export interface Capabilities {
    * loopback into the guest. `none`: no network device at all.
    */
   networkModes: NetworkMode[];
+  /**
+   * The scratch disk may be a qcow2 copy-on-write child (`scratchDiskFormat: 'qcow2'`), which
+   * is how warm-boot clones share their template's disk. Without it the daemon boots cold.
+   */
+  qcow2ScratchDisks: boolean;
 }
 
 export type NetworkMode = 'user' | 'none';

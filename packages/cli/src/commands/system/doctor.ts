@@ -5,6 +5,7 @@ import path from 'node:path';
 import { Command } from 'commander';
 import { isAegisError } from '@aegis/client';
 import { QemuBackend } from '@aegis/vmm-qemu';
+import { FirecrackerBackend } from '@aegis/vmm-firecracker';
 import { client, exit } from '../../util.js';
 
 interface Check {
@@ -44,7 +45,9 @@ export function doctorCommand(): Command {
           ? 'KVM (/dev/kvm usable)'
           : 'TCG software emulation (no usable /dev/kvm): VMs boot in seconds, not milliseconds',
     });
-    checks.push({ name: 'backend firecracker', ok: true, detail: 'not built into this version (skipped)' });
+    // Optional backends: their absence is information, not a failure.
+    const fc = await new FirecrackerBackend().probe();
+    checks.push({ name: 'backend firecracker', ok: true, detail: fc.available ? fc.detail : `not usable here: ${fc.detail}` });
     checks.push({ name: 'backend libkrun', ok: true, detail: 'not built into this version (skipped)' });
     checks.push(toolCheck('mkfs.ext4', ['-V'], 'apt-get install e2fsprogs'));
     // Images are prepared with mke2fs -d and debugfs; qemu-img makes warm instances' disks.

@@ -1,0 +1,601 @@
+/**
+ * Firecracker backend: one detached `firecracker` process per VM, KVM only, configured and
+ * controlled over its REST API on a unix socket (`src/api.ts`). The agent and data channels
+ * are vsock ports 1024 and 1025, reached through the vsock device's host socket with
+ * Firecracker's `CONNECT <port>` handshake (`src/vsock.ts`).
+ *
+ * Firecracker runs with its working directory set to the VM's state directory, and every path
+ * it records in a snapshot (the disks, the vsock socket) is relative to it: a VM restored in
+ * another state directory then finds its own disks and binds its own socket, which is what the
+ * jailer's chroot achieves for Firecracker's own users.
+ */
+import { execFile, spawn as nodeSpawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { constants as fsc, promises as fs, openSync, closeSync } from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import type { Duplex } from 'node:stream';
+import { AegisError } from '@aegis/protocol';
+import type { Backend, Capabilities, Probe, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
+import { FirecrackerApi } from './api.js';
+import { connectVsock } from './vsock.js';
+
+const execFileP = promisify(execFile);
+
+/** The vsock ports aegis-init listens on (docs/backends.md). */
+export const AGENT_VSOCK_PORT = 1024;
+export const DATA_VSOCK_PORT = 1025;
+/**
+ * The guest's vsock address. Only the guest sees it, and each VM has its own host socket, so
+ * every VM (and every clone of a snapshot) can have the same one: 3, the first non-reserved CID.
+ */
+const GUEST_CID = 3;
+
+const BINARY = 'firecracker';
+const INSTALL_HINT =
+  'download a release binary from github.com/firecracker-microvm/firecracker/releases and put it on PATH or set AEGIS_FIRECRACKER';
+
+/** Firecracker's own rule for `--id` (it refuses to start otherwise). */
+const ID_PATTERN = /^[A-Za-z0-9-]{1,64}$/;
+
+/**
+ * Our kernel command line. Firecracker appends its own words: a `virtio_mmio.device=` entry per
+ * device on x86_64 (the device tree on arm64), and `root=/dev/vda ro` only for a drive marked
+ * `is_root_device`, which ours are not (see `bootConfig`). `reboot=k`: a guest reboot or
+ * poweroff resets through the i8042 controller, and Firecracker exits with status 0;
+ * `panic=-1` turns a panic into that same reset instead of a hang.
+ */
+const BASE_BOOT_ARGS = ['console=ttyS0', 'reboot=k', 'panic=-1', 'pci=off', 'root=/dev/vda', 'rootfstype=erofs', 'ro', 'init=/aegis/init'];
+
+/** Snapshots write or map all of guest RAM; 10 s is not enough for a large guest on a slow disk. */
+const SNAPSHOT_TIMEOUT_MS = 300_000;
+
+/** Starts the VMM process; replaceable so tests can run a stand-in for `firecracker`. */
+export type SpawnVmm = (binary: string, args: string[], options: SpawnOptions) => ChildProcess;
+
+export interface FirecrackerOptions {
+  /** The firecracker binary; default `$AEGIS_FIRECRACKER`, else `firecracker` on PATH. */
+  binary?: string;
+  spawn?: SpawnVmm;
+  /** How long `connectAgent`/`connectData` keep trying while the guest boots. Default 60 s. */
+  connectTimeoutMs?: number;
+}
+
+function capabilities(): Capabilities {
+  return {
+    pause: true,
+    snapshot: true,
+    survivesDaemonRestart: true,
+    agentTransport: 'vsock',
+    acceleration: 'kvm',
+    // passt cannot drive the TAP device Firecracker needs without root (docs/backends.md).
+    networkModes: ['none'],
+    // Firecracker's block devices are raw files only.
+    qcow2ScratchDisks: false,
+  };
+}
+
+interface FirecrackerRecord {
+  backend: 'firecracker';
+  id: string;
+  pid: number;
+  stateDir: string;
+  /** The shared memory file a later `saveSnapshot` writes RAM to, when the VM has one. */
+  memoryFile?: string;
+}
+
+/**
+ * Names inside the state directory. The disks are symlinks to the caller's files, given to
+ * Firecracker by these relative names (see the top of this file).
+ */
+const DISK = { rootfs: 'rootfs.disk', scratch: 'scratch.disk', image: 'image.disk' } as const;
+const VSOCK_NAME = 'vsock.sock';
+
+function paths(stateDir: string): { api: string; vsock: string; log: string } {
+  return {
+    api: path.join(stateDir, 'fc.sock'),
+    vsock: path.join(stateDir, VSOCK_NAME),
+    // Firecracker's stdout and stderr: the guest's serial console and Firecracker's own log.
+    log: path.join(stateDir, 'firecracker.log'),
+  };
+}
+
+async function isFile(file: string): Promise<boolean> {
+  try {
+    return (await fs.stat(file)).isFile();
+  } catch {
+    return false;
+  }
+}
+
+async function isExecutable(file: string): Promise<boolean> {
+  try {
+    await fs.access(file, fsc.X_OK);
+    return (await fs.stat(file)).isFile();
+  } catch {
+    return false;
+  }
+}
+
+/** `binary` option, else AEGIS_FIRECRACKER, else the first `firecracker` on PATH. */
+async function findBinary(explicit: string | undefined): Promise<{ binary?: string; missing?: string }> {
+  const given = explicit ?? process.env['AEGIS_FIRECRACKER'];
+  if (given) {
+    return (await isExecutable(given))
+      ? { binary: given }
+      : { missing: `firecracker binary ${given} is missing or not executable (${INSTALL_HINT})` };
+  }
+  for (const dir of (process.env['PATH'] ?? '').split(path.delimiter)) {
+    if (!dir) continue;
+    const candidate = path.join(dir, BINARY);
+    if (await isExecutable(candidate)) return { binary: candidate };
+  }
+  return { missing: `firecracker not found (${INSTALL_HINT})` };
+}
+
+/** Why KVM cannot be used here, or undefined when it can. */
+async function kvmProblem(): Promise<string | undefined> {
+  try {
+    await fs.stat('/dev/kvm');
+  } catch {
+    return '/dev/kvm missing: Firecracker needs KVM (enable virtualization in firmware, or nested virtualization on a cloud VM; load kvm_intel or kvm_amd)';
+  }
+  try {
+    await fs.access('/dev/kvm', fsc.R_OK | fsc.W_OK);
+    return undefined;
+  } catch {
+    return '/dev/kvm not accessible: add this user to the kvm group (or grant it read and write on /dev/kvm)';
+  }
+}
+
+export class FirecrackerBackend implements Backend {
+  readonly name = 'firecracker' as const;
+
+  constructor(private readonly options: FirecrackerOptions = {}) {}
+
+  async probe(): Promise<Probe> {
+    try {
+      const missing: string[] = [];
+      if (process.arch !== 'x64' && process.arch !== 'arm64') missing.push(`Firecracker does not run on ${process.arch}`);
+      const found = await findBinary(this.options.binary);
+      if (found.missing) missing.push(found.missing);
+      const kvm = await kvmProblem();
+      if (kvm) missing.push(kvm);
+      if (missing.length > 0 || !found.binary) return { available: false, detail: missing.join('; ') };
+      let version: string;
+      try {
+        // Firecracker prints the version, then (v1.x) a log line about exiting: keep the first.
+        const { stdout } = await execFileP(found.binary, ['--version'], { timeout: 10_000 });
+        version = stdout.split('\n')[0]?.trim() || found.binary;
+      } catch (err) {
+        return { available: false, detail: `${found.binary} does not run: ${(err as Error).message.split('\n')[0] ?? ''}` };
+      }
+      return { available: true, detail: `${version} (${found.binary}); KVM; network: none only`, capabilities: capabilities() };
+    } catch (err) {
+      return { available: false, detail: `probe failed: ${(err as Error).message}` };
+    }
+  }
+
+  async create(config: VmConfig, signal?: AbortSignal): Promise<Vm> {
+    if (signal?.aborted) throw new AegisError('CANCELLED', 'create cancelled');
+    if (!ID_PATTERN.test(config.id)) {
+      throw new AegisError('INVALID_ARGUMENT', `VM id ${JSON.stringify(config.id)}: Firecracker takes 1 to 64 letters, digits and dashes`);
+    }
+    if (config.network !== 'none') {
+      throw new AegisError(
+        'UNSUPPORTED',
+        `the Firecracker backend has no ${config.network} networking: Firecracker needs a TAP device, which passt cannot drive without root; start with --network none, or use the QEMU backend`,
+      );
+    }
+    if ((config.scratchDiskFormat ?? 'raw') !== 'raw') {
+      throw new AegisError(
+        'UNSUPPORTED',
+        `Firecracker attaches raw disk images only, not ${config.scratchDiskFormat}: give the VM a raw scratch disk (a clone of a template needs a raw copy, e.g. cp --reflink=auto, not a qcow2 child)`,
+      );
+    }
+    if (config.restoreFrom && config.memoryFile?.shared) {
+      throw new AegisError(
+        'UNSUPPORTED',
+        'Firecracker maps a snapshot memory file privately (copy-on-write): a restored VM cannot write its RAM back to the file',
+      );
+    }
+    const memoryPath = restoreMemoryPath(config);
+    if (config.restoreFrom && memoryPath) {
+      for (const [what, file] of [
+        ['snapshot', config.restoreFrom],
+        ['snapshot memory file', memoryPath],
+      ] as const) {
+        if (!(await isFile(file))) throw new AegisError('NOT_FOUND', `${what} ${file} does not exist`);
+      }
+    }
+    const found = await findBinary(this.options.binary);
+    if (!found.binary) throw new AegisError('UNAVAILABLE', found.missing ?? 'firecracker not found');
+    await linkDisks(config);
+    return new FirecrackerVm(config.id, config.stateDir, {
+      binary: found.binary,
+      spawn: this.options.spawn ?? nodeSpawn,
+      config,
+      connectTimeoutMs: this.options.connectTimeoutMs ?? 60_000,
+    });
+  }
+
+  async attach(record: VmRecord, signal?: AbortSignal): Promise<Vm> {
+    if (signal?.aborted) throw new AegisError('CANCELLED', 'attach cancelled');
+    const r = record as Partial<FirecrackerRecord>;
+    if (r.backend !== 'firecracker' || typeof r.pid !== 'number' || typeof r.id !== 'string' || typeof r.stateDir !== 'string') {
+      throw new AegisError('INVALID_ARGUMENT', 'not a Firecracker VM record');
+    }
+    if (!(await isOurFirecracker(r.pid, r.id, r.stateDir))) throw new AegisError('NOT_FOUND', `Firecracker process of VM ${r.id} is gone`);
+    const memoryFile = typeof r.memoryFile === 'string' ? { path: r.memoryFile, shared: true } : undefined;
+    const vm = new FirecrackerVm(r.id, r.stateDir, undefined, { connectTimeoutMs: this.options.connectTimeoutMs ?? 60_000, memoryFile });
+    vm.adopt(r.pid);
+    return vm;
+  }
+}
+
+/**
+ * Where a restore maps guest RAM from: the `memoryFile` when given, else the file
+ * `saveSnapshot` wrote next to the snapshot. Firecracker maps it privately: pages are read on
+ * demand, never copied, and the guest's writes never reach the file.
+ */
+function restoreMemoryPath(config: VmConfig): string | undefined {
+  if (!config.restoreFrom) return undefined;
+  return config.memoryFile ? path.resolve(config.memoryFile.path) : `${path.resolve(config.restoreFrom)}.mem`;
+}
+
+/**
+ * Where `saveSnapshot` writes guest RAM. Firecracker cannot back a running guest's RAM with a
+ * file (it is anonymous memory until a snapshot writes it out), so a `shared` memory file, the
+ * one the caller expects to hold RAM (as QEMU's does), is where the snapshot writes it; else it
+ * goes next to the snapshot. Never to a non-shared file: other clones may be mapping it.
+ */
+function snapshotMemoryPath(memoryFile: VmConfig['memoryFile'], snapshotPath: string): string {
+  return memoryFile?.shared ? path.resolve(memoryFile.path) : `${snapshotPath}.mem`;
+}
+
+/** Points the state directory's disk names at this VM's files (see the top of this file). */
+async function linkDisks(config: VmConfig): Promise<void> {
+  const links: [string, string | undefined][] = [
+    [DISK.rootfs, config.rootfsPath],
+    [DISK.scratch, config.scratchDiskPath],
+    [DISK.image, config.imageDiskPath],
+  ];
+  for (const [name, target] of links) {
+    const link = path.join(config.stateDir, name);
+    await fs.rm(link, { force: true });
+    if (target) await fs.symlink(path.resolve(target), link);
+  }
+}
+
+/** The configuration requests of a cold boot, in order (drive order is guest device order). */
+export function bootRequests(config: VmConfig): { path: string; body: unknown }[] {
+  // is_root_device false on every drive: Firecracker would move a root drive to the front and
+  // append `root=/dev/vda ro` itself; our own command line already says that (and rootfstype),
+  // so the drives keep the order they are added in: rootfs vda, scratch vdb, image vdc.
+  const drive = (id: string, file: string, readOnly: boolean): { path: string; body: unknown } => ({
+    path: `/drives/${id}`,
+    body: {
+      drive_id: id,
+      path_on_host: file,
+      is_root_device: false,
+      is_read_only: readOnly,
+      // Firecracker's default (Unsafe) ignores the guest's flushes; the scratch disk may be
+      // kept across restarts, so its fsyncs reach the host's disk.
+      ...(readOnly ? {} : { cache_type: 'Writeback' }),
+    },
+  });
+  return [
+    { path: '/machine-config', body: { vcpu_count: config.vcpuCount, mem_size_mib: config.memoryMiB, smt: false } },
+    {
+      path: '/boot-source',
+      body: { kernel_image_path: path.resolve(config.kernelPath), boot_args: [...BASE_BOOT_ARGS, ...config.kernelArgs].join(' ') },
+    },
+    drive('rootfs', DISK.rootfs, true),
+    drive('scratch', DISK.scratch, false),
+    ...(config.imageDiskPath ? [drive('image', DISK.image, true)] : []),
+    // Relative: Firecracker binds it in its working directory, this VM's state directory.
+    { path: '/vsock', body: { guest_cid: GUEST_CID, uds_path: VSOCK_NAME } },
+    // The guest's entropy source, as QEMU's virtio-rng-device.
+    { path: '/entropy', body: {} },
+  ];
+}
+
+/** The request that resumes a snapshot instead of booting (Firecracker's `SnapshotLoadParams`). */
+export function restoreRequest(snapshotPath: string, memoryPath: string): { path: string; body: unknown } {
+  return {
+    path: '/snapshot/load',
+    body: {
+      snapshot_path: path.resolve(snapshotPath),
+      // `File`: Firecracker maps the file MAP_PRIVATE, so the guest's writes never reach it.
+      mem_backend: { backend_type: 'File', backend_path: memoryPath },
+      resume_vm: true,
+    },
+  };
+}
+
+/** A reused pid is not our VM: the process must carry this VM's `--id` and API socket. */
+async function isOurFirecracker(pid: number, id: string, stateDir: string): Promise<boolean> {
+  try {
+    const args = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
+    const after = (flag: string): string | undefined => {
+      const i = args.indexOf(flag);
+      return i >= 0 ? args[i + 1] : undefined;
+    };
+    return after('--id') === id && after('--api-sock') === paths(stateDir).api;
+  } catch {
+    return false;
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+interface Launch {
+  binary: string;
+  spawn: SpawnVmm;
+  config: VmConfig;
+  connectTimeoutMs: number;
+}
+
+class FirecrackerVm implements Vm {
+  readonly exited: Promise<VmExit>;
+  private resolveExit!: (e: VmExit) => void;
+  private pid: number | undefined;
+  private poll: NodeJS.Timeout | undefined;
+  private started = false;
+  private gone = false;
+  private stopRequested = false;
+  private detached = false;
+  private readonly api: FirecrackerApi;
+  private readonly p: ReturnType<typeof paths>;
+  private readonly connectTimeoutMs: number;
+  private readonly memoryFile: VmConfig['memoryFile'];
+
+  constructor(
+    readonly id: string,
+    private readonly stateDir: string,
+    private readonly launch: Launch | undefined,
+    adopted?: { connectTimeoutMs: number; memoryFile: VmConfig['memoryFile'] },
+  ) {
+    this.p = paths(stateDir);
+    this.api = new FirecrackerApi(this.p.api);
+    this.connectTimeoutMs = launch?.connectTimeoutMs ?? adopted?.connectTimeoutMs ?? 60_000;
+    this.memoryFile = launch ? launch.config.memoryFile : adopted?.memoryFile;
+    this.exited = new Promise((resolve) => (this.resolveExit = resolve));
+  }
+
+  record(): VmRecord {
+    if (this.pid === undefined) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
+    const r: FirecrackerRecord = {
+      backend: 'firecracker',
+      id: this.id,
+      pid: this.pid,
+      stateDir: this.stateDir,
+      ...(this.memoryFile?.shared ? { memoryFile: this.memoryFile.path } : {}),
+    };
+    return { ...r };
+  }
+
+  async start(signal?: AbortSignal): Promise<void> {
+    if (!this.launch || this.started) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} is already running`);
+    if (signal?.aborted) throw new AegisError('CANCELLED', `start of VM ${this.id} cancelled`);
+    this.started = true;
+    const { binary, config } = this.launch;
+    // Left behind by an earlier run in this directory (SIGKILL leaves them): Firecracker
+    // refuses to bind over an existing API socket, and a restored vsock device the same.
+    await fs.rm(this.p.api, { force: true });
+    await fs.rm(this.p.vsock, { force: true });
+    const log = openSync(this.p.log, 'a');
+    let child: ChildProcess;
+    try {
+      // Detached in its own session with no pipes to us: the VM outlives a daemon restart.
+      child = this.launch.spawn(binary, ['--api-sock', this.p.api, '--id', this.id], {
+        cwd: this.stateDir,
+        detached: true,
+        stdio: ['ignore', log, log],
+      });
+    } finally {
+      closeSync(log);
+    }
+    child.unref();
+    child.once('exit', (code, sig) => void this.onProcessGone(code, sig));
+    this.pid = await new Promise<number>((resolve, reject) => {
+      child.once('spawn', () => resolve(child.pid ?? -1));
+      child.once('error', (err) => reject(new AegisError('UNAVAILABLE', `cannot start ${binary}: ${err.message}`)));
+    });
+    try {
+      await this.waitForApi(signal);
+      if (config.restoreFrom) {
+        const load = restoreRequest(config.restoreFrom, restoreMemoryPath(config) ?? '');
+        await this.api.put(load.path, load.body, { signal, timeoutMs: SNAPSHOT_TIMEOUT_MS });
+      } else {
+        for (const req of bootRequests(config)) await this.api.put(req.path, req.body, { signal });
+        await this.api.put('/actions', { action_type: 'InstanceStart' }, { signal });
+      }
+    } catch (err) {
+      child.kill('SIGKILL');
+      if (err instanceof AegisError && err.code === 'CANCELLED') throw err;
+      // Let Firecracker's last words reach the log before we read it.
+      await Promise.race([this.exited, sleep(200)]);
+      const tail = await this.logTail(2048);
+      const lastWords = tail.trim().split('\n').slice(-3).join(' | ');
+      throw new AegisError('UNAVAILABLE', `Firecracker did not start: ${(err as Error).message}${lastWords ? ` (log: ${lastWords})` : ''}`);
+    }
+  }
+
+  /** The API socket appears shortly after exec; wait until it answers. */
+  private async waitForApi(signal?: AbortSignal): Promise<void> {
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      if (signal?.aborted) throw new AegisError('CANCELLED', `start of VM ${this.id} cancelled`);
+      try {
+        await this.api.get('/', { timeoutMs: 1000, ...(signal ? { signal } : {}) });
+        return;
+      } catch (err) {
+        if (err instanceof AegisError && err.code === 'CANCELLED') throw err;
+        if (this.gone) throw new AegisError('UNAVAILABLE', 'Firecracker exited before its API socket answered');
+        if (Date.now() > deadline) throw new AegisError('UNAVAILABLE', `API socket ${this.p.api} did not answer within 10 s`);
+      }
+      await sleep(5);
+    }
+  }
+
+  /**
+   * Takes over a Firecracker process started by an earlier daemon. It is not our child, so
+   * there is no 'exit' event and no HTTP connection that stays open: poll the pid.
+   */
+  adopt(pid: number): void {
+    this.pid = pid;
+    this.started = true;
+    this.poll = setInterval(() => {
+      if (!processAlive(pid)) void this.onProcessGone(null, null);
+    }, 100);
+    this.poll.unref();
+  }
+
+  detach(): void {
+    this.detached = true;
+    if (this.poll) clearInterval(this.poll);
+  }
+
+  private async onProcessGone(code: number | null, sig: NodeJS.Signals | null): Promise<void> {
+    if (this.gone) return;
+    this.gone = true;
+    if (this.poll) clearInterval(this.poll);
+    if (this.detached) return;
+    this.resolveExit(await this.exitReason(code, sig));
+  }
+
+  private async exitReason(code: number | null, sig: NodeJS.Signals | null): Promise<VmExit> {
+    if (this.stopRequested) return { reason: 'host-stop', detail: 'stopped by the host' };
+    if (sig) return { reason: 'killed', detail: `Firecracker was killed by ${sig}` };
+    const tail = await this.logTail(16_384);
+    if (code === null) {
+      // An adopted process: its status is not ours to read, but Firecracker logs it as it exits.
+      const m = [...tail.matchAll(new RegExp(`\\[${this.id}:main\\] Firecracker exiting[^\\n]*exit_code=(\\d+)`, 'g'))].pop();
+      if (!m) return { reason: 'killed', detail: 'Firecracker process ended without logging an exit (killed?)' };
+      code = Number(m[1]);
+    }
+    if (code !== 0) return { reason: 'vmm-error', detail: `Firecracker exited with status ${code}` };
+    // Status 0 is a guest reset (reboot=k), which is also what a panic ends in (panic=-1).
+    if (tail.includes('Kernel panic - not syncing')) return { reason: 'guest-panic', detail: 'guest kernel panicked' };
+    return { reason: 'guest-poweroff', detail: 'guest ended the VM (reset)' };
+  }
+
+  async pause(signal?: AbortSignal): Promise<void> {
+    await this.requireApi().patch('/vm', { state: 'Paused' }, { ...(signal ? { signal } : {}) });
+  }
+
+  async resume(signal?: AbortSignal): Promise<void> {
+    await this.requireApi().patch('/vm', { state: 'Resumed' }, { ...(signal ? { signal } : {}) });
+  }
+
+  /** A Full snapshot: device state to `file`, all of RAM to `snapshotMemoryPath` (see there). */
+  async saveSnapshot(file: string, signal?: AbortSignal): Promise<void> {
+    const api = this.requireApi();
+    const opts = signal ? { signal } : {};
+    await api.patch('/vm', { state: 'Paused' }, opts);
+    const snapshotPath = path.resolve(file);
+    const memPath = snapshotMemoryPath(this.memoryFile, snapshotPath);
+    await api.put(
+      '/snapshot/create',
+      { snapshot_type: 'Full', snapshot_path: snapshotPath, mem_file_path: memPath },
+      { ...opts, timeoutMs: SNAPSHOT_TIMEOUT_MS },
+    );
+  }
+
+  connectAgent(signal?: AbortSignal): Promise<Duplex> {
+    return this.connectPort(AGENT_VSOCK_PORT, 'agent', signal);
+  }
+
+  connectData(signal?: AbortSignal): Promise<Duplex> {
+    return this.connectPort(DATA_VSOCK_PORT, 'data', signal);
+  }
+
+  /**
+   * Firecracker refuses a CONNECT until the guest listens on the port, which is only after it
+   * has booted: keep trying while the VM runs, up to `connectTimeoutMs`.
+   */
+  private async connectPort(port: number, what: string, signal?: AbortSignal): Promise<Duplex> {
+    if (!this.started) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
+    const deadline = Date.now() + this.connectTimeoutMs;
+    for (;;) {
+      if (this.gone) throw new AegisError('UNAVAILABLE', `${what} channel of VM ${this.id}: the VM has exited`);
+      try {
+        return await connectVsock(this.p.vsock, port, { timeoutMs: 5000, ...(signal ? { signal } : {}) });
+      } catch (err) {
+        if (err instanceof AegisError && err.code === 'CANCELLED') throw new AegisError('CANCELLED', `${what} channel connect cancelled`);
+        if (Date.now() > deadline) {
+          throw new AegisError('UNAVAILABLE', `${what} channel of VM ${this.id}: ${(err as Error).message}`);
+        }
+      }
+      await sleep(20);
+    }
+  }
+
+  /**
+   * Firecracker has no "quit": SendCtrlAltDel (x86_64 only) makes the guest kernel reset, and
+   * the reset ends Firecracker; a guest without the i8042 driver, or a paused one, ignores it,
+   * and SIGKILL follows after `timeoutMs`.
+   */
+  async stop(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
+    if (this.pid === undefined || this.gone) return;
+    this.stopRequested = true;
+    const pid = this.pid;
+    const timeoutMs = options.timeoutMs ?? 3000;
+    const exited = this.exited.then(() => true);
+    if (process.arch === 'x64') {
+      await this.api.put('/actions', { action_type: 'SendCtrlAltDel' }, { timeoutMs: Math.min(timeoutMs, 1000) }).catch(() => undefined);
+    }
+    const waited = await Promise.race([
+      exited,
+      new Promise<boolean>((resolve) => setTimeout(() => resolve(false), timeoutMs).unref()),
+      new Promise<boolean>((resolve) => {
+        if (options.signal?.aborted) resolve(false);
+        options.signal?.addEventListener('abort', () => resolve(false), { once: true });
+      }),
+    ]);
+    if (waited) return;
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+    await this.exited;
+  }
+
+  async consoleTail(maxBytes = 4096): Promise<string> {
+    return this.logTail(maxBytes);
+  }
+
+  private async logTail(maxBytes: number): Promise<string> {
+    try {
+      const fh = await fs.open(this.p.log, 'r');
+      try {
+        const { size } = await fh.stat();
+        const len = Math.min(size, maxBytes);
+        const buf = Buffer.alloc(len);
+        await fh.read(buf, 0, len, size - len);
+        return buf.toString('utf8');
+      } finally {
+        await fh.close();
+      }
+    } catch {
+      return '';
+    }
+  }
+
+  private requireApi(): FirecrackerApi {
+    if (!this.started || this.gone) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} is not running`);
+    return this.api;
+  }
+}

@@ -1,0 +1,3 @@
+export { FirecrackerBackend, AGENT_VSOCK_PORT, DATA_VSOCK_PORT, type FirecrackerOptions, type SpawnVmm } from './backend.js';
+export { FirecrackerApi, type ApiCallOptions, type ApiMethod } from './api.js';
+export { connectVsock, type VsockConnectOptions } from './vsock.js';

@@ -1,0 +1,87 @@
+// A stand-in for the `firecracker` binary in unit tests (no KVM here): takes the same
+// `--api-sock PATH --id ID` arguments, answers the API requests the backend sends, records each
+// one as a JSON line in $FAKE_FC_LOG, and once "booted" plays the guest end of the vsock device
+// (the CONNECT handshake, then an echo) on the uds_path it was given, relative to its cwd as
+// Firecracker's is. Environment knobs:
+//   FAKE_FC_FAULT="PUT /drives/scratch"  answer that request 400 with a fault_message
+//   FAKE_FC_PANIC=1                       on InstanceStart, print a kernel panic and exit 0
+//   FAKE_FC_IGNORE_CAD=1                  ignore SendCtrlAltDel (a guest without i8042)
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+
+const args = process.argv.slice(2);
+const arg = (flag) => {
+  const i = args.indexOf(flag);
+  return i >= 0 ? args[i + 1] : undefined;
+};
+const apiSock = arg('--api-sock');
+const id = arg('--id') ?? 'anonymous-instance';
+const log = process.env.FAKE_FC_LOG;
+let state = 'Not started';
+
+const record = (entry) => {
+  if (log) fs.appendFileSync(log, JSON.stringify(entry) + '\n');
+};
+
+function serveVsock(udsPath) {
+  const server = net.createServer((socket) => {
+    let buf = '';
+    const onData = (chunk) => {
+      buf += chunk.toString('latin1');
+      const nl = buf.indexOf('\n');
+      if (nl < 0) return;
+      socket.removeListener('data', onData);
+      const m = /^CONNECT (\d+)$/.exec(buf.slice(0, nl));
+      // Like Firecracker: nothing listening on the port (not booted yet) closes the connection.
+      if (!m || state !== 'Running') return socket.destroy();
+      // The greeting shares a chunk with the OK line, as a fast guest's first bytes can.
+      socket.write(`OK 1073741824\nhello port ${m[1]}\n`);
+      socket.pipe(socket);
+    };
+    socket.on('data', onData);
+    socket.on('error', () => undefined);
+  });
+  server.listen(udsPath);
+}
+
+const server = http.createServer((req, res) => {
+  const chunks = [];
+  req.on('data', (c) => chunks.push(c));
+  req.on('end', () => {
+    const text = Buffer.concat(chunks).toString('utf8');
+    const body = text ? JSON.parse(text) : undefined;
+    const key = `${req.method} ${req.url}`;
+    if (req.method !== 'GET') record({ method: req.method, path: req.url, body });
+    const reply = (status, json) => {
+      res.writeHead(status, json ? { 'Content-Type': 'application/json' } : {});
+      res.end(json ? JSON.stringify(json) : undefined);
+    };
+    if (process.env.FAKE_FC_FAULT === key) return reply(400, { fault_message: `fake fault on ${key}` });
+    if (key === 'GET /') return reply(200, { id, state, vmm_version: '1.99.0-fake', app_name: 'Firecracker' });
+    if (key === 'PUT /vsock') serveVsock(body.uds_path);
+    if (key === 'PUT /snapshot/load') {
+      serveVsock('vsock.sock');
+      state = body.resume_vm ? 'Running' : 'Paused';
+    }
+    if (key === 'PATCH /vm') state = body.state === 'Paused' ? 'Paused' : 'Running';
+    if (key === 'PUT /snapshot/create') {
+      fs.writeFileSync(body.snapshot_path, 'state');
+      fs.writeFileSync(body.mem_file_path, 'memory');
+    }
+    if (key === 'PUT /actions' && body.action_type === 'InstanceStart') {
+      state = 'Running';
+      console.log('Linux version 6.1.0-fake');
+      if (process.env.FAKE_FC_PANIC) {
+        console.log('Kernel panic - not syncing: fake');
+        setTimeout(() => process.exit(0), 20);
+      }
+    }
+    if (key === 'PUT /actions' && body.action_type === 'SendCtrlAltDel' && !process.env.FAKE_FC_IGNORE_CAD) {
+      console.log(`[${id}:main] Firecracker exiting successfully. exit_code=0`);
+      setTimeout(() => process.exit(0), 20);
+    }
+    reply(204);
+  });
+});
+server.listen(apiSock, () => console.log(`[${id}:main] Running Firecracker v1.99.0-fake`));
