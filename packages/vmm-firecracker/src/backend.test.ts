@@ -15,7 +15,7 @@ import { FirecrackerApi } from './api.js';
 import { FirecrackerBackend } from './backend.js';
 
 const FAKE = fileURLToPath(new URL('../test/fake-firecracker.mjs', import.meta.url));
-const BOOT_ARGS = 'console=ttyS0 reboot=k panic=-1 pci=off root=/dev/vda rootfstype=erofs ro init=/aegis/init';
+const BOOT_ARGS = 'console=ttyS0 reboot=k panic=-1 pci=off root=/dev/vda rootfstype=erofs ro init=/aegis/init aegis_agent=vsock';
 
 let dir: string;
 let requestLog: string;

@@ -44,7 +44,18 @@ const ID_PATTERN = /^[A-Za-z0-9-]{1,64}$/;
  * poweroff resets through the i8042 controller, and Firecracker exits with status 0;
  * `panic=-1` turns a panic into that same reset instead of a hang.
  */
-const BASE_BOOT_ARGS = ['console=ttyS0', 'reboot=k', 'panic=-1', 'pci=off', 'root=/dev/vda', 'rootfstype=erofs', 'ro', 'init=/aegis/init'];
+// aegis_agent=vsock: aegis-init then serves the agent and data channels on vsock 1024/1025.
+const BASE_BOOT_ARGS = [
+  'console=ttyS0',
+  'reboot=k',
+  'panic=-1',
+  'pci=off',
+  'root=/dev/vda',
+  'rootfstype=erofs',
+  'ro',
+  'init=/aegis/init',
+  'aegis_agent=vsock',
+];
 
 /** Snapshots write or map all of guest RAM; 10 s is not enough for a large guest on a slow disk. */
 const SNAPSHOT_TIMEOUT_MS = 300_000;
