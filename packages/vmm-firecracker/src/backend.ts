@@ -15,7 +15,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
-import type { Backend, Capabilities, Probe, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
+import { fileTail, type Backend, type Capabilities, type Probe, type Vm, type VmConfig, type VmExit, type VmRecord } from '@aegis/vmm';
 import { FirecrackerApi } from './api.js';
 import { connectVsock } from './vsock.js';
 
@@ -588,21 +588,8 @@ class FirecrackerVm implements Vm {
     return this.logTail(maxBytes);
   }
 
-  private async logTail(maxBytes: number): Promise<string> {
-    try {
-      const fh = await fs.open(this.p.log, 'r');
-      try {
-        const { size } = await fh.stat();
-        const len = Math.min(size, maxBytes);
-        const buf = Buffer.alloc(len);
-        await fh.read(buf, 0, len, size - len);
-        return buf.toString('utf8');
-      } finally {
-        await fh.close();
-      }
-    } catch {
-      return '';
-    }
+  private logTail(maxBytes: number): Promise<string> {
+    return fileTail(this.p.log, maxBytes);
   }
 
   private requireApi(): FirecrackerApi {

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
-import type { Backend, Capabilities, Probe, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
+import { fileTail, type Backend, type Capabilities, type Probe, type Vm, type VmConfig, type VmExit, type VmRecord } from '@aegis/vmm';
 import { QmpClient, type QmpEvent } from './qmp.js';
 
 const execFileP = promisify(execFile);
@@ -562,21 +562,8 @@ class QemuVm implements Vm {
     await this.exited;
   }
 
-  async consoleTail(maxBytes = 4096): Promise<string> {
-    try {
-      const fh = await fs.open(this.p.console, 'r');
-      try {
-        const { size } = await fh.stat();
-        const len = Math.min(size, maxBytes);
-        const buf = Buffer.alloc(len);
-        await fh.read(buf, 0, len, size - len);
-        return buf.toString('utf8');
-      } finally {
-        await fh.close();
-      }
-    } catch {
-      return '';
-    }
+  consoleTail(maxBytes = 4096): Promise<string> {
+    return fileTail(this.p.console, maxBytes);
   }
 
   private requireQmp(): QmpClient {
