@@ -15,6 +15,7 @@ import { BlobStore } from '../../packages/daemon/src/images/blobs.js';
 import { parseReference } from '../../packages/daemon/src/images/reference.js';
 import { pullImage, type PullOptions } from '../../packages/daemon/src/images/registry.js';
 import { buildOciLayout, pushOciLayout, registryBlobPath, startRegistry, type BuiltImage, type TestRegistry } from '../support/registry.js';
+import { rejection } from '../support/rejection.js';
 
 const execFileP = promisify(execFile);
 
@@ -34,15 +35,6 @@ function recordingFetch(): { fetch: typeof fetch; requests: Request[]; blobGets:
     return fetch(input as string, init);
   }) as typeof fetch;
   return { fetch: wrapped, requests, blobGets: (digest) => requests.filter((r) => r.url.endsWith(`/blobs/${digest}`)) };
-}
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected a rejection');
 }
 
 let work: string;

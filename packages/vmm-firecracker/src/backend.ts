@@ -15,7 +15,17 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
-import { fileTail, type Backend, type Capabilities, type Probe, type Vm, type VmConfig, type VmExit, type VmRecord } from '@aegis/vmm';
+import {
+  fileTail,
+  processAlive,
+  type Backend,
+  type Capabilities,
+  type Probe,
+  type Vm,
+  type VmConfig,
+  type VmExit,
+  type VmRecord,
+} from '@aegis/vmm';
 import { FirecrackerApi } from './api.js';
 import { connectVsock } from './vsock.js';
 
@@ -334,15 +344,6 @@ async function isOurFirecracker(pid: number, id: string, stateDir: string): Prom
     return after('--id') === id && after('--api-sock') === paths(stateDir).api;
   } catch {
     return false;
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

@@ -10,7 +10,17 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
-import { fileTail, type Backend, type Capabilities, type Probe, type Vm, type VmConfig, type VmExit, type VmRecord } from '@aegis/vmm';
+import {
+  fileTail,
+  processAlive,
+  type Backend,
+  type Capabilities,
+  type Probe,
+  type Vm,
+  type VmConfig,
+  type VmExit,
+  type VmRecord,
+} from '@aegis/vmm';
 import { QmpClient, type QmpEvent } from './qmp.js';
 
 const execFileP = promisify(execFile);
@@ -289,15 +299,6 @@ async function isOurQemu(pid: number, id: string): Promise<boolean> {
     return cmdline.includes(`aegis-${id},`);
   } catch {
     return false;
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

@@ -1,3 +1,3 @@
 export type * from './vmm.js';
 export { selectBackend, type BackendChoice } from './select.js';
-export { fileTail } from './files.js';
+export { fileTail, processAlive } from './host.js';

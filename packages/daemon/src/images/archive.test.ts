@@ -8,6 +8,7 @@ import { isAegisError } from '@aegis/protocol';
 import { importArchive } from './archive.js';
 import { BlobStore, sha256Digest } from './blobs.js';
 import { MEDIA_TYPES, parseManifestDocument } from './registry.js';
+import { rejection } from '../../../../tests/support/rejection.js';
 
 type TarEntry = { name: string; data: Buffer } | { name: string; symlink: string };
 
@@ -58,15 +59,6 @@ describe('importArchive', () => {
   afterEach(() => {
     fs.rmSync(root, { recursive: true, force: true });
   });
-
-  async function rejection(p: Promise<unknown>): Promise<Error> {
-    try {
-      await p;
-    } catch (err) {
-      return err as Error;
-    }
-    throw new Error('expected a rejection');
-  }
 
   it('imports an OCI layout, naming a tag-only ref.name with the given repository', async () => {
     const img = ociLayout('amd64', { 'org.opencontainers.image.ref.name': '1.2' });

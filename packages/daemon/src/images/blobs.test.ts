@@ -6,6 +6,7 @@ import { Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { isAegisError } from '@aegis/protocol';
 import { BlobStore, sha256Digest } from './blobs.js';
+import { rejection } from '../../../../tests/support/rejection.js';
 
 function digestOf(bytes: Buffer): string {
   return `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
@@ -25,15 +26,6 @@ function source(bytes: Buffer, offset: number, failAfter?: number): Readable {
       }
     })(),
   );
-}
-
-async function rejection(p: Promise<unknown>): Promise<unknown> {
-  try {
-    await p;
-  } catch (err) {
-    return err;
-  }
-  throw new Error('expected a rejection');
 }
 
 describe('BlobStore', () => {

@@ -8,6 +8,7 @@ import { isAegisError } from '@aegis/protocol';
 import { BlobStore, sha256Digest } from './blobs.js';
 import { parseReference } from './reference.js';
 import { MEDIA_TYPES, parseChallenge, parseImageConfig, pullImage, selectManifest, type PullOptions } from './registry.js';
+import { rejection } from '../../../../tests/support/rejection.js';
 
 interface Manifest {
   bytes: Buffer;
@@ -139,15 +140,6 @@ class StubRegistry {
     }
     res.end(body);
   }
-}
-
-async function rejection(p: Promise<unknown>): Promise<Error> {
-  try {
-    await p;
-  } catch (err) {
-    return err as Error;
-  }
-  throw new Error('expected a rejection');
 }
 
 describe('pullImage against a stub registry', () => {

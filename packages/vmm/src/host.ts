@@ -17,3 +17,13 @@ export async function fileTail(file: string, maxBytes: number): Promise<string> 
     return '';
   }
 }
+
+/** Is `pid` alive? (EPERM: it is, but someone else's.) For VMM processes we did not spawn. */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
