@@ -30,14 +30,18 @@ export interface Frame {
   payload: Buffer;
 }
 
-export function encodeFrame(connId: number, type: FrameType, payload: Buffer = Buffer.alloc(0)): Buffer {
-  if (payload.length > MAX_PAYLOAD) throw new RangeError(`frame payload of ${payload.length} bytes exceeds ${MAX_PAYLOAD}`);
-  const h = Buffer.allocUnsafe(HEADER_BYTES + payload.length);
+/** The 9 header bytes alone: a sender can write them and then the payload, uncopied. */
+export function frameHeader(connId: number, type: FrameType, payloadBytes: number): Buffer {
+  if (payloadBytes > MAX_PAYLOAD) throw new RangeError(`frame payload of ${payloadBytes} bytes exceeds ${MAX_PAYLOAD}`);
+  const h = Buffer.allocUnsafe(HEADER_BYTES);
   h.writeUInt32BE(connId >>> 0, 0);
   h.writeUInt8(type, 4);
-  h.writeUInt32BE(payload.length, 5);
-  payload.copy(h, HEADER_BYTES);
+  h.writeUInt32BE(payloadBytes, 5);
   return h;
+}
+
+export function encodeFrame(connId: number, type: FrameType, payload: Buffer = Buffer.alloc(0)): Buffer {
+  return Buffer.concat([frameHeader(connId, type, payload.length), payload]);
 }
 
 /**

@@ -8,7 +8,7 @@
  */
 import type net from 'node:net';
 import type { Duplex } from 'node:stream';
-import { encodeFrame, FrameDecoder, FrameType, MAX_PAYLOAD, WINDOW_BYTES, type Frame } from '@aegis/protocol';
+import { frameHeader, FrameDecoder, FrameType, MAX_PAYLOAD, WINDOW_BYTES, type Frame } from '@aegis/protocol';
 
 /** As patient as a TCP connect: a guest server with a short accept queue leaves SYNs to be retried. */
 const OPEN_TIMEOUT_MS = 75_000;
@@ -144,7 +144,10 @@ export class DataChannel {
   }
 
   private send(id: number, type: FrameType, payload?: Buffer): void {
-    if (!this.closed) this.stream.write(encodeFrame(id, type, payload));
+    if (this.closed) return;
+    // Header and payload as two writes: bulk DATA is not copied into a frame buffer first.
+    this.stream.write(frameHeader(id, type, payload?.length ?? 0));
+    if (payload && payload.length > 0) this.stream.write(payload);
   }
 
   /** The VM or its channel went: every forwarded connection ends. */
