@@ -426,10 +426,8 @@ export class InstanceManager {
     }
     const scratch = kept?.path ?? path.join(dir, template ? 'scratch.qcow2' : 'scratch.img');
     const scratchFormat = kept?.format ?? (template ? 'qcow2' : 'raw');
-    if (kept) {
-      // reused as it is
-    } else if (template) await makeChildDisk(scratch, template.scratch);
-    else await makeScratchDisk(scratch, shape.scratchDiskMiB);
+    if (!kept && template) await makeChildDisk(scratch, template.scratch);
+    else if (!kept) await makeScratchDisk(scratch, shape.scratchDiskMiB);
     const vm = await this.backend.create(
       {
         id,
