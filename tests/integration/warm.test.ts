@@ -2,7 +2,7 @@
  * Warm boot: instances restored from a snapshot template must each be their own machine
  * (randomness, clock, name), and a template that cannot be restored must not break anything.
  */
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { useDaemon } from './fixture.js';
@@ -43,9 +43,14 @@ describe('warm boot from a snapshot template', () => {
   it('falls back to a cold boot when the template cannot be restored, and sets it aside', async () => {
     const d = daemon();
     await untilWarm(d);
-    const ready = readdirSync(templates).filter((n) => /^[0-9a-f]{20}$/.test(n));
+    // Each build's own immutable directory, `<key>.<build>`: spoiled here on purpose.
+    const ready = readdirSync(templates).filter((n) => /^[0-9a-f]{20}\.[0-9a-z]+$/.test(n));
     expect(ready.length).toBeGreaterThan(0);
-    for (const t of ready) writeFileSync(path.join(templates, t, 'snapshot.bin'), 'not a snapshot');
+    for (const t of ready) {
+      const snapshot = path.join(templates, t, 'snapshot.bin');
+      chmodSync(snapshot, 0o600);
+      writeFileSync(snapshot, 'not a snapshot');
+    }
     const r = await d.cli(['run', '--name', 'fallback', '--', 'echo', 'still works']);
     expect(r.stdout).toBe('still works\n');
     expect(r.code).toBe(0);

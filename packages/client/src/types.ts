@@ -78,7 +78,7 @@ export interface Status {
   pid: number;
   uptimeMs: number;
   home: string;
-  backend: { name: string; detail: string; acceleration: string };
+  backend: { name: string; detail: string; acceleration: string; accelerationReason: string };
   instances: { total: number; running: number };
 }
 

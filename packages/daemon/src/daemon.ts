@@ -25,17 +25,29 @@ import type { Logger } from './log.js';
 
 export const VERSION = '0.1.0';
 
-/** Backends compiled into this daemon, in order of preference. */
-export function knownBackends(): Backend[] {
+/**
+ * Backends compiled into this daemon, in order of preference. They test KVM by booting the
+ * guest kernel, and keep the verdict beside the guest artifacts (shared like the templates).
+ */
+export async function knownBackends(config: DaemonConfig): Promise<Backend[]> {
+  const kernelPath = await fs.realpath(config.kernelPath).catch(() => undefined);
+  const opts = { cacheDir: await artifactCacheDir(config), ...(kernelPath ? { kernelPath } : {}) };
   // QEMU first: it runs everywhere (TCG without KVM); AEGIS_BACKEND=firecracker picks the other.
-  return [new QemuBackend(), new FirecrackerBackend()];
+  return [new QemuBackend(opts), new FirecrackerBackend(opts)];
+}
+
+/** The directory holding the guest artifacts (`cache/`), or AEGIS_HOME/cache without them. */
+async function artifactCacheDir(config: DaemonConfig): Promise<string> {
+  const rootfs = await fs.realpath(config.rootfsPath).catch(() => undefined);
+  return rootfs ? path.dirname(path.dirname(rootfs)) : path.join(config.home, 'cache');
 }
 
 export interface DaemonContext {
   version: string;
   config: DaemonConfig;
   backend: Backend;
-  probe: Probe;
+  /** The backend's latest probe (its accelerator may change once KVM has been tested). */
+  readonly probe: Probe;
   instances: InstanceManager;
   secrets: SecretStore;
   images: ImageService;
@@ -44,9 +56,7 @@ export interface DaemonContext {
 
 /** Beside the guest artifacts, so every AEGIS_HOME using them shares the templates. */
 async function templatesDir(config: DaemonConfig): Promise<string> {
-  if (config.templatesDir) return config.templatesDir;
-  const rootfs = await fs.realpath(config.rootfsPath).catch(() => config.rootfsPath);
-  return path.join(path.dirname(path.dirname(rootfs)), 'templates');
+  return config.templatesDir ?? path.join(await artifactCacheDir(config), 'templates');
 }
 
 /** Is another daemon answering on this socket? */
@@ -69,13 +79,19 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   }
   await fs.rm(config.socketPath, { force: true });
 
-  const { backend, probe } = await selectBackend(knownBackends(), config.backend);
+  const { backend, probe } = await selectBackend(await knownBackends(config), config.backend);
   log.info(`backend ${backend.name}: ${probe.detail}`);
+  // The accelerator may still be under test: VMs boot under TCG until the verdict is in.
+  let currentProbe = probe;
+  void probe.settled?.then((final) => {
+    currentProbe = final;
+    log.info(`backend ${backend.name}: ${final.detail}`);
+  });
   const registry = new Registry(config.dbPath);
   const secrets = new SecretStore(registry, path.join(config.home, 'secrets.key'));
   // Warm boot needs snapshots and copy-on-write children of the template's disk.
   const warm = config.warmBoot && probe.capabilities?.snapshot === true && probe.capabilities.qcow2ScratchDisks;
-  const templates = new TemplateCache(backend, probe, await templatesDir(config), log, config.bootTimeoutMs, warm);
+  const templates = new TemplateCache(backend, () => currentProbe, await templatesDir(config), log, config.bootTimeoutMs, warm);
   const images = new ImageService(config.home, registry, log, { insecureRegistries: config.insecureRegistries });
   const instances = new InstanceManager(
     config,
@@ -88,6 +104,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     images,
   );
   await instances.recover();
+  // What a killed daemon left: half-built templates (and their VMMs), unreferenced old builds.
+  await templates.collect();
   void instances.warmUp();
 
   let resolveClosed!: () => void;
@@ -97,7 +115,9 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     version: VERSION,
     config,
     backend,
-    probe,
+    get probe() {
+      return currentProbe;
+    },
     instances,
     secrets,
     images,
@@ -106,6 +126,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
       stopping = true;
       log.info('shutting down (running VMs keep running)');
       instances.detachAll();
+      // A template build's VMM is ours alone: it must not outlive the daemon.
+      await templates.close();
       server.close();
       server.closeAllConnections();
       await fs.rm(config.socketPath, { force: true });

@@ -99,23 +99,26 @@ export class GuestProcess {
     const child = this.child;
     child.stdout?.on('data', (d: Buffer) => events.onOutput('stdout', d));
     child.stderr?.on('data', (d: Buffer) => events.onOutput('stderr', d));
-    let closed = false;
-    child.once('close', () => (closed = true));
     child.once('exit', (code, signal) => {
       this.exited = true;
-      const report = (): void => events.onExit({ exitCode: code, signal });
-      if (closed) return report();
-      // Let buffered output arrive first, but don't wait for background children holding
-      // the pipes: the process's life is what the user asked about.
+      let reported = false;
+      // Both paths below can fire: destroying the pipes held by a background child makes
+      // them close, and 'close' follows. Consumers treat an exit as final, so only one counts.
+      const report = (): void => {
+        if (reported) return;
+        reported = true;
+        clearTimeout(timer);
+        events.onExit({ exitCode: code, signal });
+      };
+      // Let buffered output arrive first ('close' comes only once the pipes are drained), but
+      // don't wait for background children holding the pipes: the process's life is what the
+      // user asked about.
       const timer = setTimeout(() => {
         child.stdout?.destroy();
         child.stderr?.destroy();
         report();
       }, PIPE_GRACE_MS);
-      child.once('close', () => {
-        clearTimeout(timer);
-        report();
-      });
+      child.once('close', report);
     });
   }
 

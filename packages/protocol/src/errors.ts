@@ -58,12 +58,33 @@ export class AegisError extends Error {
     return new AegisError('UNKNOWN', fallbackMessage);
   }
 
-  /** Wraps anything thrown into an AegisError, keeping codes already present. */
+  /**
+   * Wraps anything thrown into an AegisError, keeping codes already present. An aborted
+   * operation (AbortError, or TimeoutError from `AbortSignal.timeout()`) is CANCELLED or
+   * TIMEOUT whatever `code` says: `code` describes what failed, an abort is no failure of it.
+   */
   static from(err: unknown, code: ErrorCode = 'INTERNAL'): AegisError {
     if (err instanceof AegisError) return err;
     const message = err instanceof Error ? err.message : String(err);
-    return new AegisError(code, message, { cause: err });
+    return new AegisError(abortCode(err) ?? code, message, { cause: err });
   }
+}
+
+/**
+ * By name, not class: DOMException (signal.throwIfAborted(), fetch) and Node's own AbortError
+ * (streams, timers/promises, child_process) are unrelated classes that agree on the name.
+ */
+function abortCode(err: unknown): ErrorCode | undefined {
+  const name = nameOf(err);
+  if (name === 'TimeoutError') return 'TIMEOUT';
+  if (name !== 'AbortError') return undefined;
+  // Node's AbortError carries the signal's reason as its cause: an AbortSignal.timeout() that
+  // fired is a timeout even when the API aborted it reports a generic abort.
+  return nameOf((err as { cause?: unknown }).cause) === 'TimeoutError' ? 'TIMEOUT' : 'CANCELLED';
+}
+
+function nameOf(err: unknown): unknown {
+  return typeof err === 'object' && err !== null ? (err as { name?: unknown }).name : undefined;
 }
 
 export function isAegisError(err: unknown, code?: ErrorCode): err is AegisError {

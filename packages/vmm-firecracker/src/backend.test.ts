@@ -1,7 +1,7 @@
 /**
  * The backend against a stand-in `firecracker` (test/fake-firecracker.mjs, a node script that
- * serves the API on --api-sock and records every request): there is no KVM here, so these tests
- * check what we send and how we react, not that a guest boots.
+ * serves the API on --api-sock and records every request, and plays the KVM test boot): there
+ * is no KVM here, so these tests check what we send and how we react, not that a guest boots.
  */
 import { spawn, type SpawnOptions } from 'node:child_process';
 import fs from 'node:fs';
@@ -10,9 +10,9 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError } from '@aegis/protocol';
-import type { Vm, VmConfig } from '@aegis/vmm';
+import { processAlive, type Probe, type Vm, type VmConfig } from '@aegis/vmm';
 import { FirecrackerApi } from './api.js';
-import { FirecrackerBackend } from './backend.js';
+import { FirecrackerBackend, VERDICT_FILE, type FirecrackerOptions } from './backend.js';
 
 const FAKE = fileURLToPath(new URL('../test/fake-firecracker.mjs', import.meta.url));
 const BOOT_ARGS = 'console=ttyS0 reboot=k panic=-1 pci=off root=/dev/vda rootfstype=erofs ro init=/aegis/init aegis_agent=vsock';
@@ -97,7 +97,7 @@ describe('FirecrackerBackend.probe', () => {
       expect(probe.detail).toContain(
         'firecracker not found (download a release binary from github.com/firecracker-microvm/firecracker/releases',
       );
-      if (!fs.existsSync('/dev/kvm')) expect(probe.detail).toContain('/dev/kvm missing: Firecracker needs KVM');
+      if (!fs.existsSync('/dev/kvm')) expect(probe.detail).toContain('/dev/kvm is missing: Firecracker needs KVM (enable virtualization');
     } finally {
       process.env['PATH'] = savedPath;
       if (savedFc !== undefined) process.env['AEGIS_FIRECRACKER'] = savedFc;
@@ -108,6 +108,182 @@ describe('FirecrackerBackend.probe', () => {
     const probe = await new FirecrackerBackend({ binary: path.join(dir, 'nope') }).probe();
     expect(probe.available).toBe(false);
     expect(probe.detail).toContain(`firecracker binary ${path.join(dir, 'nope')} is missing or not executable`);
+  });
+
+  it('says so when the KVM device cannot be opened', async () => {
+    const probe = await probing({ kvmDevice: path.join(dir, 'no-kvm') }).probe();
+    expect(probe.available).toBe(false);
+    expect(probe.detail).toContain(`${path.join(dir, 'no-kvm')} is missing: Firecracker needs KVM (enable virtualization`);
+    expect(runs()).toBe(0);
+  });
+});
+
+/**
+ * A `firecracker` on disk as the probe finds it: a script running the stand-in with these knobs,
+ * so `--version` and the test boot both reach the stand-in.
+ */
+function standIn(env: Record<string, string> = {}): string {
+  const file = path.join(dir, 'firecracker');
+  const vars = { FAKE_FC_LOG: requestLog, FAKE_FC_RUNS: path.join(dir, 'runs'), ...env };
+  const exports = Object.entries(vars).map(([k, v]) => `export ${k}='${v}'`);
+  fs.writeFileSync(file, ['#!/bin/sh', ...exports, `exec '${process.execPath}' '${FAKE}' "$@"`, ''].join('\n'), { mode: 0o755 });
+  return file;
+}
+
+/** A backend that can test KVM: a guest kernel, a cache directory, a "KVM device" that opens. */
+function probing(over: Partial<FirecrackerOptions> = {}, env: Record<string, string> = {}): FirecrackerBackend {
+  const kvmDevice = path.join(dir, 'kvm');
+  const kernelPath = path.join(dir, 'vmlinux');
+  if (!fs.existsSync(kvmDevice)) fs.writeFileSync(kvmDevice, '');
+  if (!fs.existsSync(kernelPath)) fs.writeFileSync(kernelPath, 'not really a kernel');
+  return new FirecrackerBackend({
+    binary: standIn(env),
+    kernelPath,
+    cacheDir: path.join(dir, 'cache'),
+    kvmDevice,
+    kvmTestTimeoutMs: 3000,
+    ...over,
+  });
+}
+
+/** How many test boots the stand-in has run. */
+function runs(): number {
+  const file = path.join(dir, 'runs');
+  return fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean).length : 0;
+}
+
+/** What the stand-in recorded about its test boots. */
+function testBoots(): { args: string[]; cwd: string; pid: number; config: unknown }[] {
+  return (requests() as unknown[]).filter((r): r is { args: string[]; cwd: string; pid: number; config: unknown } =>
+    Array.isArray((r as { args?: unknown }).args),
+  );
+}
+
+async function settle(probe: Probe): Promise<Probe> {
+  expect(probe.available).toBe(false);
+  expect(probe.detail).toContain('KVM not tested yet');
+  expect(probe.settled).toBeDefined();
+  return (await probe.settled) as Probe;
+}
+
+describe('FirecrackerBackend.probe: is KVM able to run the guest?', () => {
+  let savedAccel: string | undefined;
+  beforeEach(() => {
+    savedAccel = process.env['AEGIS_ACCEL'];
+    delete process.env['AEGIS_ACCEL'];
+  });
+  afterEach(() => {
+    if (savedAccel === undefined) delete process.env['AEGIS_ACCEL'];
+    else process.env['AEGIS_ACCEL'] = savedAccel;
+  });
+
+  it('boots the guest kernel once; a kernel panic proves KVM runs it, and the verdict is cached', async () => {
+    const final = await settle(await probing().probe());
+    expect(final.available).toBe(true);
+    expect(final.detail).toContain(
+      'Firecracker v1.99.0-fake (' +
+        path.join(dir, 'firecracker') +
+        '); KVM (tested: the guest kernel ran under KVM: VFS: Cannot open root device',
+    );
+    expect(final.capabilities?.acceleration).toBe('kvm');
+    expect(runs()).toBe(1);
+
+    const [boot] = testBoots();
+    expect(boot?.args).toEqual([
+      '--no-api',
+      '--config-file',
+      path.join(boot?.cwd ?? '', 'vm.json'),
+      '--id',
+      'aegis-kvm-probe',
+      '--show-level',
+    ]);
+    expect(boot?.config).toEqual({
+      'boot-source': {
+        kernel_image_path: path.join(dir, 'vmlinux'),
+        boot_args: 'console=ttyS0 reboot=k panic=-1 pci=off init=/aegis-kvm-probe-no-such-init',
+      },
+      drives: [],
+      'machine-config': { vcpu_count: 1, mem_size_mib: 128 },
+    });
+    expect(fs.existsSync(boot?.cwd ?? '')).toBe(false);
+
+    const cache = JSON.parse(fs.readFileSync(path.join(dir, 'cache', VERDICT_FILE), 'utf8')) as Record<string, unknown>;
+    const [[key, verdict]] = Object.entries(cache) as [[string, { usable: boolean; costMs: number }]];
+    expect(key).toMatch(/^firecracker:[0-9a-f]{24}$/);
+    expect(verdict.usable).toBe(true);
+    expect(verdict.costMs).toBeGreaterThanOrEqual(0);
+
+    // Another backend over the same cache (a restarted daemon) reads the verdict and boots nothing.
+    const again = await probing().probe();
+    expect(again.available).toBe(true);
+    expect(again.settled).toBeUndefined();
+    expect(runs()).toBe(1);
+  });
+
+  it("says KVM cannot run the guest, in Firecracker's own words, when Firecracker exits early", async () => {
+    const final = await settle(await probing({}, { FAKE_FC_BOOT: 'fail' }).probe());
+    expect(final.available).toBe(false);
+    expect(final.detail).toContain(
+      'KVM cannot run the guest: Firecracker exited with status 1 before the guest kernel reached its root mount: Could not Start MicroVM from one single json: Cannot create VM: fake: the VM could not be created',
+    );
+    const again = await probing({}, { FAKE_FC_BOOT: 'fail' }).probe();
+    expect(again).toEqual({ available: false, detail: final.detail });
+    expect(runs()).toBe(1);
+  });
+
+  it('stops at the first vCPU failure Firecracker logs, without waiting for the deadline, and kills it', async () => {
+    const t0 = Date.now();
+    const final = await settle(await probing({ kvmTestTimeoutMs: 10_000 }, { FAKE_FC_BOOT: 'vcpu-error' }).probe());
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(final.available).toBe(false);
+    expect(final.detail).toContain('KVM cannot run the guest: Firecracker: Failure during vcpu run: Invalid argument (os error 22)');
+    expect(processAlive(testBoots()[0]?.pid ?? 0)).toBe(false);
+  });
+
+  it('gives up on a test boot with no sign of life at the deadline, kills it and removes its files', async () => {
+    const t0 = Date.now();
+    const final = await settle(await probing({ kvmTestTimeoutMs: 300 }, { FAKE_FC_BOOT: 'hang' }).probe());
+    expect(Date.now() - t0).toBeLessThan(3000);
+    expect(final.available).toBe(false);
+    expect(final.detail).toContain('KVM cannot run the guest: no sign of life within 300 ms');
+    const [boot] = testBoots();
+    expect(processAlive(boot?.pid ?? 0)).toBe(false);
+    expect(fs.existsSync(boot?.cwd ?? '')).toBe(false);
+  });
+
+  it('runs one test boot for two probes that ask while it runs', async () => {
+    const a = await probing({ kvmTestTimeoutMs: 300 }, { FAKE_FC_BOOT: 'hang' }).probe();
+    const b = await probing({ kvmTestTimeoutMs: 300 }, { FAKE_FC_BOOT: 'hang' }).probe();
+    expect((await settle(a)).detail).toBe((await settle(b)).detail);
+    expect(runs()).toBe(1);
+  });
+
+  it('AEGIS_ACCEL=tcg: not available, and nothing is booted', async () => {
+    process.env['AEGIS_ACCEL'] = 'tcg';
+    const probe = await probing().probe();
+    expect(probe.available).toBe(false);
+    expect(probe.detail).toContain('AEGIS_ACCEL=tcg: Firecracker needs KVM');
+    expect(probe.settled).toBeUndefined();
+    expect(runs()).toBe(0);
+  });
+
+  it('AEGIS_ACCEL=kvm: available without a test, and says it was not tested', async () => {
+    process.env['AEGIS_ACCEL'] = 'kvm';
+    const probe = await probing({ kernelPath: undefined }).probe();
+    expect(probe.available).toBe(true);
+    expect(probe.detail).toContain('KVM not tested (AEGIS_ACCEL=kvm)');
+    expect(runs()).toBe(0);
+  });
+
+  it('never offers an untested KVM: without a guest kernel (or one that is missing) it is not available', async () => {
+    const none = await probing({ kernelPath: undefined }).probe();
+    expect(none.available).toBe(false);
+    expect(none.detail).toContain('KVM could not be tested (no guest kernel to boot)');
+    expect(none.settled).toBeUndefined();
+    const gone = await probing({ kernelPath: path.join(dir, 'no-vmlinux') }).probe();
+    expect(gone.available).toBe(false);
+    expect(gone.detail).toContain(`KVM could not be tested: guest kernel ${path.join(dir, 'no-vmlinux')} is missing`);
+    expect(runs()).toBe(0);
   });
 });
 
@@ -279,6 +455,37 @@ describe('FirecrackerVm', () => {
     const vm = await started(config());
     process.kill(vm.record()['pid'] as number, 'SIGKILL');
     expect(await vm.exited).toEqual({ reason: 'killed', detail: 'Firecracker was killed by SIGKILL' });
+  });
+
+  it('stop after detach returns and the process is gone', async () => {
+    const vm = await started(config());
+    const pid = vm.record()['pid'] as number;
+    vm.detach();
+    await vm.stop({ timeoutMs: 2000 });
+    expect(processAlive(pid)).toBe(false);
+    expect(requests().at(-1)).toEqual({ method: 'PUT', path: '/actions', body: { action_type: 'SendCtrlAltDel' } });
+  });
+
+  it('stop after detach returns and the process is gone, killed after timeoutMs when it ignores SendCtrlAltDel', async () => {
+    fakeEnv = { FAKE_FC_IGNORE_CAD: '1' };
+    const vm = await started(config());
+    const pid = vm.record()['pid'] as number;
+    vm.detach();
+    const t0 = Date.now();
+    await vm.stop({ timeoutMs: 150 });
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(140);
+    expect(processAlive(pid)).toBe(false);
+  });
+
+  it('stop after detach returns and the process is gone, for an attached VM as well', async () => {
+    fakeEnv = { FAKE_FC_IGNORE_CAD: '1' };
+    const vm = await started(config());
+    const record = vm.record();
+    vm.detach();
+    const again = await backend().attach(record);
+    again.detach();
+    await again.stop({ timeoutMs: 150 });
+    expect(processAlive(record['pid'] as number)).toBe(false);
   });
 
   it('is found again by attach, and attach says NOT_FOUND for a wrong id or a gone process', async () => {

@@ -16,8 +16,15 @@ import { promisify } from 'node:util';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
 import {
+  KVM_DEVICE,
+  accelMode,
   fileTail,
+  kvmDeviceProblem,
   processAlive,
+  verdictKey,
+  VerdictCache,
+  VerdictGate,
+  type AccelVerdict,
   type Backend,
   type Capabilities,
   type Probe,
@@ -27,6 +34,7 @@ import {
   type VmRecord,
 } from '@aegis/vmm';
 import { FirecrackerApi } from './api.js';
+import { testBoot } from './kvm-test.js';
 import { connectVsock } from './vsock.js';
 
 const execFileP = promisify(execFile);
@@ -79,6 +87,36 @@ export interface FirecrackerOptions {
   spawn?: SpawnVmm;
   /** How long `connectAgent`/`connectData` keep trying while the guest boots. Default 60 s. */
   connectTimeoutMs?: number;
+  /**
+   * The guest kernel (uncompressed vmlinux) that `probe` boots once to find out whether KVM can
+   * run it. Without it (or without `cacheDir`) KVM cannot be tested, and the backend is not
+   * offered unless AEGIS_ACCEL=kvm.
+   */
+  kernelPath?: string;
+  /** Where the verdict of that test is kept (`accel-verdicts.json`, shared with the QEMU backend). */
+  cacheDir?: string;
+  /** The KVM device node. Default `/dev/kvm`. */
+  kvmDevice?: string;
+  /** How long the test boot may take to reach the guest's root mount. Default 5 s. */
+  kvmTestTimeoutMs?: number;
+}
+
+/** The verdict file in `cacheDir`; the QEMU backend keeps its verdicts in the same file. */
+export const VERDICT_FILE = 'accel-verdicts.json';
+
+/**
+ * One gate per verdict file in this process: two backends (or two probes) asking while a test
+ * boot runs share it instead of booting twice.
+ */
+const gates = new Map<string, VerdictGate>();
+
+function gateFor(file: string): VerdictGate {
+  let gate = gates.get(file);
+  if (!gate) {
+    gate = new VerdictGate(new VerdictCache(file));
+    gates.set(file, gate);
+  }
+  return gate;
 }
 
 function capabilities(): Capabilities {
@@ -153,19 +191,16 @@ async function findBinary(explicit: string | undefined): Promise<{ binary?: stri
   return { missing: `firecracker not found (${INSTALL_HINT})` };
 }
 
-/** Why KVM cannot be used here, or undefined when it can. */
-async function kvmProblem(): Promise<string | undefined> {
-  try {
-    await fs.stat('/dev/kvm');
-  } catch {
-    return '/dev/kvm missing: Firecracker needs KVM (enable virtualization in firmware, or nested virtualization on a cloud VM; load kvm_intel or kvm_amd)';
-  }
-  try {
-    await fs.access('/dev/kvm', fsc.R_OK | fsc.W_OK);
-    return undefined;
-  } catch {
-    return '/dev/kvm not accessible: add this user to the kvm group (or grant it read and write on /dev/kvm)';
-  }
+/** Why the KVM device cannot be opened, with what to do about it; undefined when it can. */
+async function kvmProblem(device: string): Promise<string | undefined> {
+  const problem = await kvmDeviceProblem(device);
+  if (!problem) return undefined;
+  const exists = await fs.stat(device).then(
+    () => true,
+    () => false,
+  );
+  const hint = ' (enable virtualization in firmware, or nested virtualization on a cloud VM; load kvm_intel or kvm_amd)';
+  return `${problem}: Firecracker needs KVM${exists ? '' : hint}`;
 }
 
 export class FirecrackerBackend implements Backend {
@@ -179,7 +214,8 @@ export class FirecrackerBackend implements Backend {
       if (process.arch !== 'x64' && process.arch !== 'arm64') missing.push(`Firecracker does not run on ${process.arch}`);
       const found = await findBinary(this.options.binary);
       if (found.missing) missing.push(found.missing);
-      const kvm = await kvmProblem();
+      const device = this.options.kvmDevice ?? KVM_DEVICE;
+      const kvm = await kvmProblem(device);
       if (kvm) missing.push(kvm);
       if (missing.length > 0 || !found.binary) return { available: false, detail: missing.join('; ') };
       let version: string;
@@ -190,10 +226,44 @@ export class FirecrackerBackend implements Backend {
       } catch (err) {
         return { available: false, detail: `${found.binary} does not run: ${(err as Error).message.split('\n')[0] ?? ''}` };
       }
-      return { available: true, detail: `${version} (${found.binary}); KVM; network: none only`, capabilities: capabilities() };
+      return await this.probeKvm(`${version} (${found.binary})`, found.binary, device);
     } catch (err) {
       return { available: false, detail: `probe failed: ${(err as Error).message}` };
     }
+  }
+
+  /**
+   * Firecracker has no software fallback, so it is offered only on a KVM known to run the
+   * guest: a cached verdict, else a test boot in the background (`settled`) while the answer
+   * stays "not available".
+   */
+  private async probeKvm(found: string, binary: string, device: string): Promise<Probe> {
+    const mode = accelMode();
+    if (mode === 'tcg') return { available: false, detail: `${found}: AEGIS_ACCEL=tcg: Firecracker needs KVM` };
+    if (mode === 'kvm') {
+      return { available: true, detail: `${found}; KVM not tested (AEGIS_ACCEL=kvm); network: none only`, capabilities: capabilities() };
+    }
+    const { kernelPath, cacheDir } = this.options;
+    const untested = `${found}; KVM could not be tested`;
+    const trustIt = 'set AEGIS_ACCEL=kvm to use it untested';
+    if (!kernelPath) return { available: false, detail: `${untested} (no guest kernel to boot); ${trustIt}` };
+    if (!cacheDir) return { available: false, detail: `${untested} (no cache directory for the verdict); ${trustIt}` };
+    if (!(await isFile(kernelPath))) return { available: false, detail: `${untested}: guest kernel ${kernelPath} is missing` };
+    // The binary's path as well as its version: two installs of one version are two VMMs.
+    const key = await verdictKey(found, kernelPath, device);
+    const gate = gateFor(path.join(cacheDir, VERDICT_FILE));
+    const known = await gate.cached(this.name, key);
+    if (known) return fromVerdict(found, known);
+    const timeoutMs = this.options.kvmTestTimeoutMs ?? 5000;
+    const settled = gate
+      .decide(this.name, key, () =>
+        testBoot({ binary, kernelPath, timeoutMs, ...(this.options.spawn ? { spawn: this.options.spawn } : {}) }),
+      )
+      .then(
+        (verdict) => fromVerdict(found, verdict),
+        (err: unknown): Probe => ({ available: false, detail: `${found}; KVM test could not run: ${(err as Error).message}` }),
+      );
+    return { available: false, detail: `${found}; KVM not tested yet (test boot running)`, settled };
   }
 
   async create(config: VmConfig, signal?: AbortSignal): Promise<Vm> {
@@ -251,6 +321,11 @@ export class FirecrackerBackend implements Backend {
     vm.adopt(r.pid);
     return vm;
   }
+}
+
+function fromVerdict(found: string, verdict: AccelVerdict): Probe {
+  if (!verdict.usable) return { available: false, detail: `${found}; KVM cannot run the guest: ${verdict.detail}` };
+  return { available: true, detail: `${found}; KVM (tested: ${verdict.detail}); network: none only`, capabilities: capabilities() };
 }
 
 /**
@@ -342,6 +417,15 @@ async function isOurFirecracker(pid: number, id: string, stateDir: string): Prom
       return i >= 0 ? args[i + 1] : undefined;
     };
     return after('--id') === id && after('--api-sock') === paths(stateDir).api;
+  } catch {
+    return false;
+  }
+}
+
+async function isZombie(pid: number): Promise<boolean> {
+  try {
+    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'Z';
   } catch {
     return false;
   }
@@ -561,28 +645,53 @@ class FirecrackerVm implements Vm {
    */
   async stop(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
     if (this.pid === undefined || this.gone) return;
-    this.stopRequested = true;
     const pid = this.pid;
+    // Nothing watched this pid since detach: it may have ended and been reused by now.
+    if (this.detached && !(await isOurFirecracker(pid, this.id, this.stateDir))) {
+      this.gone = true;
+      return;
+    }
+    this.stopRequested = true;
     const timeoutMs = options.timeoutMs ?? 3000;
-    const exited = this.exited.then(() => true);
     if (process.arch === 'x64') {
       await this.api.put('/actions', { action_type: 'SendCtrlAltDel' }, { timeoutMs: Math.min(timeoutMs, 1000) }).catch(() => undefined);
     }
     const waited = await Promise.race([
-      exited,
+      this.whenGone(pid),
       new Promise<boolean>((resolve) => setTimeout(() => resolve(false), timeoutMs).unref()),
       new Promise<boolean>((resolve) => {
         if (options.signal?.aborted) resolve(false);
         options.signal?.addEventListener('abort', () => resolve(false), { once: true });
       }),
     ]);
-    if (waited) return;
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // already gone
+    if (!waited) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+      await this.whenGone(pid);
     }
-    await this.exited;
+    if (this.detached) this.gone = true;
+  }
+
+  /**
+   * Resolves true once the VMM has gone. After `detach` nothing resolves `exited` (its exit is
+   * no longer this object's to report), so the pid itself is watched.
+   */
+  private whenGone(pid: number): Promise<boolean> {
+    if (!this.detached) return this.exited.then(() => true);
+    return (async () => {
+      // A zombie runs nothing but still answers kill(pid, 0). Its parent normally reaps it
+      // within milliseconds; one that never will (not ours after attach) must not hold us.
+      let zombieMs = 0;
+      while (processAlive(pid)) {
+        if (await isZombie(pid)) zombieMs += 20;
+        if (zombieMs >= 1000) break;
+        await sleep(20);
+      }
+      return true;
+    })();
   }
 
   async consoleTail(maxBytes = 4096): Promise<string> {

@@ -6,6 +6,14 @@
 //   FAKE_FC_FAULT="PUT /drives/scratch"  answer that request 400 with a fault_message
 //   FAKE_FC_PANIC=1                       on InstanceStart, print a kernel panic and exit 0
 //   FAKE_FC_IGNORE_CAD=1                  ignore SendCtrlAltDel (a guest without i8042)
+// `--version` prints a version line as Firecracker does. `--no-api --config-file FILE` is the
+// KVM test boot: it checks the file as Firecracker's parser would, records
+// {args, cwd, pid, config} in $FAKE_FC_LOG and a line per run in $FAKE_FC_RUNS, then plays the
+// outcome named by FAKE_FC_BOOT:
+//   panic       the guest kernel boots, panics at the root mount, the reset ends it (status 0)
+//   fail        Firecracker cannot create the VM: an ERROR log line, `Error: ...` on stderr, status 1
+//   vcpu-error  the vCPU fails (as on a KVM that cannot run guests) and the process lingers
+//   hang        prints nothing and never exits
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -23,6 +31,69 @@ let state = 'Not started';
 const record = (entry) => {
   if (log) fs.appendFileSync(log, JSON.stringify(entry) + '\n');
 };
+
+// Firecracker's log line format: `<time> [<id>:<thread>:<LEVEL>] message` (level with --show-level).
+const fcLog = (thread, level, message) => {
+  const lvl = args.includes('--show-level') ? `:${level}` : '';
+  process.stdout.write(`${new Date().toISOString()} [${id}:${thread}${lvl}] ${message}\n`);
+};
+
+if (args.includes('--version')) {
+  process.stdout.write('Firecracker v1.99.0-fake\n\n');
+  process.exit(0);
+}
+
+if (args.includes('--no-api')) {
+  bootFromConfigFile();
+} else {
+  serveApi();
+}
+
+function failStart(message, code = 1) {
+  fcLog('main', 'ERROR', message);
+  process.stderr.write(`Error: RunWithoutApiError(${JSON.stringify(message)})\n`);
+  fcLog('main', 'ERROR', `Firecracker exiting with error. exit_code=${code}`);
+  process.exit(code);
+}
+
+function bootFromConfigFile() {
+  const file = arg('--config-file');
+  if (!file) failStart('Arguments parsing error: --no-api requires --config-file', 153);
+  const config = JSON.parse(fs.readFileSync(file, 'utf8'));
+  record({ args, cwd: process.cwd(), pid: process.pid, config });
+  if (process.env.FAKE_FC_RUNS) fs.appendFileSync(process.env.FAKE_FC_RUNS, 'run\n');
+  fcLog('main', 'INFO', 'Running Firecracker v1.99.0-fake');
+  // What Firecracker's serde parser insists on.
+  if (!Array.isArray(config.drives)) failStart('Configuration for VMM from one single json failed: Invalid JSON: missing field `drives`');
+  const kernel = config['boot-source']?.kernel_image_path;
+  if (!kernel || !fs.existsSync(kernel))
+    failStart('Boot source error: The kernel file cannot be opened: No such file or directory (os error 2)');
+  const mode = process.env.FAKE_FC_BOOT ?? 'panic';
+  if (mode === 'hang') {
+    setInterval(() => undefined, 1000);
+  } else if (mode === 'fail') {
+    failStart('Could not Start MicroVM from one single json: Cannot create VM: fake: the VM could not be created');
+  } else if (mode === 'vcpu-error') {
+    fcLog('main', 'INFO', 'Successfully started microvm that was configured from one single json');
+    fcLog('fc_vcpu 0', 'ERROR', 'Failure during vcpu run: Invalid argument (os error 22)');
+    setInterval(() => undefined, 1000);
+  } else {
+    fcLog('main', 'INFO', 'Successfully started microvm that was configured from one single json');
+    const serial = [
+      'Linux version 6.1.0-fake (gcc) #1 SMP',
+      'Command line: ' + config['boot-source'].boot_args,
+      'VFS: Cannot open root device "" or unknown-block(0,0): error -6',
+      'Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)',
+    ];
+    // The guest console writes CRLF, in pieces that need not end at a line.
+    process.stdout.write(serial.join('\r\n').slice(0, 40));
+    setTimeout(() => {
+      process.stdout.write(serial.join('\r\n').slice(40) + '\r\n');
+      fcLog('main', 'INFO', 'Firecracker exiting successfully. exit_code=0');
+      process.exit(0);
+    }, 20);
+  }
+}
 
 function serveVsock(udsPath) {
   const server = net.createServer((socket) => {
@@ -45,43 +116,45 @@ function serveVsock(udsPath) {
   server.listen(udsPath);
 }
 
-const server = http.createServer((req, res) => {
-  const chunks = [];
-  req.on('data', (c) => chunks.push(c));
-  req.on('end', () => {
-    const text = Buffer.concat(chunks).toString('utf8');
-    const body = text ? JSON.parse(text) : undefined;
-    const key = `${req.method} ${req.url}`;
-    if (req.method !== 'GET') record({ method: req.method, path: req.url, body });
-    const reply = (status, json) => {
-      res.writeHead(status, json ? { 'Content-Type': 'application/json' } : {});
-      res.end(json ? JSON.stringify(json) : undefined);
-    };
-    if (process.env.FAKE_FC_FAULT === key) return reply(400, { fault_message: `fake fault on ${key}` });
-    if (key === 'GET /') return reply(200, { id, state, vmm_version: '1.99.0-fake', app_name: 'Firecracker' });
-    if (key === 'PUT /vsock') serveVsock(body.uds_path);
-    if (key === 'PUT /snapshot/load') {
-      serveVsock('vsock.sock');
-      state = body.resume_vm ? 'Running' : 'Paused';
-    }
-    if (key === 'PATCH /vm') state = body.state === 'Paused' ? 'Paused' : 'Running';
-    if (key === 'PUT /snapshot/create') {
-      fs.writeFileSync(body.snapshot_path, 'state');
-      fs.writeFileSync(body.mem_file_path, 'memory');
-    }
-    if (key === 'PUT /actions' && body.action_type === 'InstanceStart') {
-      state = 'Running';
-      console.log('Linux version 6.1.0-fake');
-      if (process.env.FAKE_FC_PANIC) {
-        console.log('Kernel panic - not syncing: fake');
+function serveApi() {
+  const server = http.createServer((req, res) => {
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => {
+      const text = Buffer.concat(chunks).toString('utf8');
+      const body = text ? JSON.parse(text) : undefined;
+      const key = `${req.method} ${req.url}`;
+      if (req.method !== 'GET') record({ method: req.method, path: req.url, body });
+      const reply = (status, json) => {
+        res.writeHead(status, json ? { 'Content-Type': 'application/json' } : {});
+        res.end(json ? JSON.stringify(json) : undefined);
+      };
+      if (process.env.FAKE_FC_FAULT === key) return reply(400, { fault_message: `fake fault on ${key}` });
+      if (key === 'GET /') return reply(200, { id, state, vmm_version: '1.99.0-fake', app_name: 'Firecracker' });
+      if (key === 'PUT /vsock') serveVsock(body.uds_path);
+      if (key === 'PUT /snapshot/load') {
+        serveVsock('vsock.sock');
+        state = body.resume_vm ? 'Running' : 'Paused';
+      }
+      if (key === 'PATCH /vm') state = body.state === 'Paused' ? 'Paused' : 'Running';
+      if (key === 'PUT /snapshot/create') {
+        fs.writeFileSync(body.snapshot_path, 'state');
+        fs.writeFileSync(body.mem_file_path, 'memory');
+      }
+      if (key === 'PUT /actions' && body.action_type === 'InstanceStart') {
+        state = 'Running';
+        console.log('Linux version 6.1.0-fake');
+        if (process.env.FAKE_FC_PANIC) {
+          console.log('Kernel panic - not syncing: fake');
+          setTimeout(() => process.exit(0), 20);
+        }
+      }
+      if (key === 'PUT /actions' && body.action_type === 'SendCtrlAltDel' && !process.env.FAKE_FC_IGNORE_CAD) {
+        console.log(`[${id}:main] Firecracker exiting successfully. exit_code=0`);
         setTimeout(() => process.exit(0), 20);
       }
-    }
-    if (key === 'PUT /actions' && body.action_type === 'SendCtrlAltDel' && !process.env.FAKE_FC_IGNORE_CAD) {
-      console.log(`[${id}:main] Firecracker exiting successfully. exit_code=0`);
-      setTimeout(() => process.exit(0), 20);
-    }
-    reply(204);
+      reply(204);
+    });
   });
-});
-server.listen(apiSock, () => console.log(`[${id}:main] Running Firecracker v1.99.0-fake`));
+  server.listen(apiSock, () => console.log(`[${id}:main] Running Firecracker v1.99.0-fake`));
+}

@@ -1,18 +1,24 @@
 /**
  * QEMU backend: one detached QEMU process per VM, `microvm` machine on x86_64 (`virt` on
- * arm64), KVM when /dev/kvm is usable and TCG otherwise. Control through QMP; the agent
+ * arm64), KVM when a test boot showed it can run the guest and TCG otherwise (kvm-test.ts). Control through QMP; the agent
  * channel is a virtio-serial port whose host end is a unix socket QEMU listens on.
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { constants as fsc, promises as fs, openSync, closeSync } from 'node:fs';
+import { promises as fs, openSync, closeSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
 import {
+  KVM_DEVICE,
+  VerdictCache,
+  VerdictGate,
+  accelMode,
   fileTail,
+  kvmDeviceProblem,
   processAlive,
+  verdictKey,
   type Backend,
   type Capabilities,
   type Probe,
@@ -22,6 +28,7 @@ import {
   type VmRecord,
 } from '@aegis/vmm';
 import { QmpClient, type QmpEvent } from './qmp.js';
+import { testKvmBoot } from './kvm-test.js';
 
 const execFileP = promisify(execFile);
 
@@ -49,14 +56,16 @@ function profile(): ArchProfile {
   return p;
 }
 
-async function kvmUsable(): Promise<boolean> {
-  try {
-    await fs.access('/dev/kvm', fsc.R_OK | fsc.W_OK);
-    return true;
-  } catch {
-    return false;
-  }
+/** Whether VMs get KVM, and why, in one line for `doctor` and `status`. */
+interface AccelDecision {
+  kvm: boolean;
+  why: string;
+  /** The test boot still running: TCG until it settles. */
+  settled?: Promise<AccelDecision>;
 }
+
+/** A working KVM reaches init in well under a second; this leaves room for a loaded host. */
+const KVM_TEST_DEADLINE_MS = 5000;
 
 /**
  * Under TCG the guest's TSC runs at the host's rate; telling the kernel that rate up front
@@ -136,10 +145,73 @@ function paths(
   };
 }
 
+export interface QemuBackendOptions {
+  binary?: string;
+  /** The guest kernel: what the KVM test boots. Without it KVM cannot be tested (TCG). */
+  kernelPath?: string;
+  /** Where KVM verdicts are kept (`accel-verdicts.json`). Without it KVM is never tested. */
+  cacheDir?: string;
+  kvmDevice?: string;
+  kvmTestDeadlineMs?: number;
+}
+
 export class QemuBackend implements Backend {
   readonly name = 'qemu' as const;
+  /** Settled decision for VMs created from now on; undefined until first asked. */
+  private accel: AccelDecision | undefined;
+  private readonly gate: VerdictGate | undefined;
 
-  constructor(private readonly options: { binary?: string } = {}) {}
+  constructor(private readonly options: QemuBackendOptions = {}) {
+    this.gate = options.cacheDir ? new VerdictGate(new VerdictCache(path.join(options.cacheDir, 'accel-verdicts.json'))) : undefined;
+  }
+
+  /**
+   * KVM or TCG, and why. A cached verdict answers at once; otherwise the test boot starts in
+   * the background and VMs boot under TCG until it settles, so nothing fails on first contact.
+   */
+  private async decideAccel(version: string): Promise<AccelDecision> {
+    if (this.accel) return this.accel;
+    const device = this.options.kvmDevice ?? KVM_DEVICE;
+    const mode = accelMode();
+    const problem = mode === 'tcg' ? undefined : await kvmDeviceProblem(device);
+    let d: AccelDecision;
+    if (mode === 'tcg') d = { kvm: false, why: 'TCG (AEGIS_ACCEL=tcg)' };
+    else if (problem) d = { kvm: false, why: `TCG (software emulation): ${problem}` };
+    else if (mode === 'kvm') d = { kvm: true, why: 'KVM (AEGIS_ACCEL=kvm: used without a test boot)' };
+    else if (!this.gate || !this.options.kernelPath)
+      d = { kvm: false, why: `TCG: ${device} present but not tested (no guest kernel to test it with)` };
+    else {
+      const key = await verdictKey(version, this.options.kernelPath, device);
+      const known = await this.gate.cached(this.name, key);
+      if (known) d = fromVerdict(device, known.usable, known.detail);
+      else {
+        const gate = this.gate;
+        const kernelPath = this.options.kernelPath;
+        const settled = gate
+          .decide(this.name, key, () =>
+            testKvmBoot({
+              binary: this.binary(),
+              machine: profile().machine,
+              console: profile().console,
+              kernelPath,
+              deadlineMs: this.options.kvmTestDeadlineMs ?? KVM_TEST_DEADLINE_MS,
+            }),
+          )
+          .then(
+            (v) => fromVerdict(device, v.usable, v.detail),
+            (err: unknown) => ({ kvm: false, why: `TCG: the KVM test could not run: ${(err as Error).message}` }),
+          )
+          .then((final) => (this.accel = final));
+        d = { kvm: false, why: `TCG while ${device} is being tested (a boot of the guest kernel under KVM)`, settled };
+      }
+    }
+    this.accel = d;
+    return d;
+  }
+
+  private binary(): string {
+    return this.options.binary ?? profile().binary;
+  }
 
   async probe(): Promise<Probe> {
     let binary: string;
@@ -155,26 +227,30 @@ export class QemuBackend implements Backend {
     } catch {
       return { available: false, detail: `${binary} not found (Debian: apt-get install qemu-system-x86)` };
     }
-    const kvm = await kvmUsable();
     const passt = await passtAvailable();
-    return {
+    const answer = (accel: AccelDecision): Probe => ({
       available: true,
-      detail:
-        `${version}; ${kvm ? 'KVM' : 'TCG (software emulation: /dev/kvm is missing or not accessible)'}; ` +
-        (passt ? 'network: passt' : 'network: none (passt not found; Debian: apt-get install passt)'),
-      capabilities: capabilitiesFor(kvm, passt),
-    };
+      detail: `${version}; ${accel.why}; ` + (passt ? 'network: passt' : 'network: none (passt not found; Debian: apt-get install passt)'),
+      capabilities: capabilitiesFor(accel.kvm, passt),
+      accelerationReason: accel.why,
+      version,
+    });
+    const accel = await this.decideAccel(version);
+    const probe: Probe = { ...answer(accel), version };
+    if (accel.settled) probe.settled = accel.settled.then(answer);
+    return probe;
   }
 
   async create(config: VmConfig): Promise<Vm> {
     if (config.network === 'user' && !(await passtAvailable())) {
       throw new AegisError('UNSUPPORTED', 'user networking needs passt (Debian: apt-get install passt); or start with --network none');
     }
-    const kvm = await kvmUsable();
+    const kvm = (this.accel ?? (await this.decideAccel(await qemuVersion(this.binary())))).kvm;
     const args = await qemuArgs(config, kvm);
     return new QemuVm(config.id, config.stateDir, {
-      binary: this.options.binary ?? profile().binary,
+      binary: this.binary(),
       args,
+      kvm,
       ...(config.restoreFrom ? { restoreFrom: config.restoreFrom } : {}),
       ramInFile: config.memoryFile !== undefined,
       userNetwork: config.network === 'user',
@@ -190,6 +266,21 @@ export class QemuBackend implements Backend {
     const vm = new QemuVm(r.id, r.stateDir, undefined);
     await vm.adopt(r.pid);
     return vm;
+  }
+}
+
+function fromVerdict(device: string, usable: boolean, detail: string): AccelDecision {
+  return usable
+    ? { kvm: true, why: `KVM (tested: ${detail})` }
+    : { kvm: false, why: `${device} present but it cannot run the guest: ${detail}; using TCG` };
+}
+
+async function qemuVersion(binary: string): Promise<string> {
+  try {
+    const { stdout } = await execFileP(binary, ['--version'], { timeout: 10_000 });
+    return stdout.split('\n')[0]?.trim() ?? binary;
+  } catch {
+    return binary;
   }
 }
 
@@ -293,6 +384,14 @@ function shellSafe(file: string): string {
   return file;
 }
 
+function killPid(pid: number): void {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+}
+
 async function isOurQemu(pid: number, id: string): Promise<boolean> {
   try {
     const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8');
@@ -310,12 +409,15 @@ class QemuVm implements Vm {
   private shutdownEvent: QmpEvent | undefined;
   private stopRequested = false;
   private detached = false;
+  /** Why the backend ended the VM itself (a KVM internal error). */
+  private failure: string | undefined;
   private readonly p: ReturnType<typeof paths>;
 
   constructor(
     readonly id: string,
     private readonly stateDir: string,
-    private readonly launch: { binary: string; args: string[]; restoreFrom?: string; ramInFile: boolean; userNetwork: boolean } | undefined,
+    private readonly launch:
+      { binary: string; args: string[]; kvm: boolean; restoreFrom?: string; ramInFile: boolean; userNetwork: boolean } | undefined,
   ) {
     this.p = paths(stateDir, id);
     this.exited = new Promise((resolve) => (this.resolveExit = resolve));
@@ -349,6 +451,7 @@ class QemuVm implements Vm {
     try {
       await this.connectQmp(signal);
       if (restoring) await this.finishIncoming();
+      if (this.launch.kvm) this.watchKvm();
     } catch (err) {
       child.kill('SIGKILL');
       passt?.kill('SIGKILL');
@@ -462,10 +565,37 @@ class QemuVm implements Vm {
     }
   }
 
+  /**
+   * A KVM that fails in the middle of a VM's life (an internal error) stops the guest but not
+   * QEMU, which then sits there, or spins. Watch the run state and end such a VM at once, so
+   * the instance turns failed with the reason instead of hanging.
+   */
+  private watchKvm(): void {
+    const check = async (): Promise<void> => {
+      const qmp = this.qmp;
+      if (!qmp || qmp.isClosed || this.detached || this.stopRequested) return;
+      const st = (await qmp.execute('query-status').catch(() => ({}))) as { status?: string };
+      if (st.status === 'internal-error' || st.status === 'guest-panicked') {
+        this.failure =
+          st.status === 'internal-error' ? 'KVM internal error: the hypervisor could not run the guest' : 'guest kernel panicked';
+        if (this.pid !== undefined) killPid(this.pid);
+      }
+    };
+    // STOP arrives at once on an internal error; the poll is there for what sends no event.
+    this.qmp?.on('event', (ev) => {
+      if (ev.event === 'STOP' || ev.event === 'GUEST_PANICKED') void check();
+    });
+    const timer = setInterval(() => void check(), 1000);
+    timer.unref();
+    void this.exited.then(() => clearInterval(timer));
+  }
+
   /** Takes over a QEMU process started by an earlier daemon (not our child). */
   async adopt(pid: number): Promise<void> {
     this.pid = pid;
     await this.connectQmp();
+    const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.includes('\0-accel\0kvm\0')) this.watchKvm();
     // Not our child: no 'exit' event. The QMP socket closing tells us it went; confirm by pid.
     this.qmp?.once('close', () => {
       if (this.detached) return;
@@ -498,7 +628,8 @@ class QemuVm implements Vm {
     void fs.rm(this.p.netDir, { recursive: true, force: true }).catch(() => undefined);
     const reason = String(this.shutdownEvent?.data?.['reason'] ?? '');
     let exit: VmExit;
-    if (this.stopRequested) exit = { reason: 'host-stop', detail: 'stopped by the host' };
+    if (this.failure) exit = { reason: 'vmm-error', detail: this.failure };
+    else if (this.stopRequested) exit = { reason: 'host-stop', detail: 'stopped by the host' };
     else if (reason === 'guest-reset' || reason === 'guest-shutdown')
       exit = { reason: 'guest-poweroff', detail: `guest ended the VM (${reason})` };
     else if (reason === 'guest-panic') exit = { reason: 'guest-panic', detail: 'guest kernel panicked' };
@@ -544,22 +675,30 @@ class QemuVm implements Vm {
   }
 
   async stop(options: { timeoutMs?: number } = {}): Promise<void> {
-    if (this.pid === undefined) return;
+    const pid = this.pid;
+    if (pid === undefined) return;
     this.stopRequested = true;
     const timeoutMs = options.timeoutMs ?? 3000;
+    if (this.detached) {
+      // `exited` no longer resolves through this object: watch the process itself.
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch {
+        return;
+      }
+      const deadline = Date.now() + timeoutMs;
+      while (processAlive(pid)) {
+        if (Date.now() > deadline) killPid(pid);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      return;
+    }
     const gone = this.exited.then(() => true);
-    try {
-      await this.qmp?.execute('quit');
-    } catch {
-      // QMP already closed: fall through to the signal.
-    }
     const timer = new Promise<boolean>((r) => setTimeout(() => r(false), timeoutMs).unref());
+    // Not awaited: a frozen QEMU never answers `quit`, and the deadline must cover that too.
+    void this.qmp?.execute('quit').catch(() => undefined);
     if (await Promise.race([gone, timer])) return;
-    try {
-      process.kill(this.pid, 'SIGKILL');
-    } catch {
-      // already gone
-    }
+    killPid(pid);
     await this.exited;
   }
 

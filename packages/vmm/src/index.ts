@@ -1,3 +1,13 @@
 export type * from './vmm.js';
 export { selectBackend, type BackendChoice } from './select.js';
 export { fileTail, processAlive } from './host.js';
+export {
+  KVM_DEVICE,
+  accelMode,
+  kvmDeviceProblem,
+  verdictKey,
+  VerdictCache,
+  VerdictGate,
+  type AccelMode,
+  type AccelVerdict,
+} from './accel.js';

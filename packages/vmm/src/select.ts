@@ -20,7 +20,9 @@ export async function selectBackend(backends: Backend[], preferred?: string): Pr
   }
   const tried: BackendChoice['tried'] = [];
   for (const backend of ordered) {
-    const probe = await backend.probe();
+    let probe = await backend.probe();
+    // Unusable only until a test settles (Firecracker testing KVM): worth the wait.
+    if (!probe.available && probe.settled) probe = await probe.settled;
     tried.push({ name: backend.name, probe });
     if (probe.available) return { backend, probe, tried };
     if (preferred === backend.name) break;

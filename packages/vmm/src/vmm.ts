@@ -39,6 +39,16 @@ export interface Probe {
   /** Why not, or what was found (binary, version, accelerator), in one line. */
   detail: string;
   capabilities?: Capabilities;
+  /** Which accelerator VMs get and why, in one line ("/dev/kvm present but …; using TCG"). */
+  accelerationReason?: string;
+  /** The VMM's own version line, when it runs (part of what keys snapshots and verdicts). */
+  version?: string;
+  /**
+   * Present while part of the answer is still being worked out in the background (KVM being
+   * tested by a boot): resolves with the final probe. Until then the probe above holds (a
+   * backend answers with what is sure to work, e.g. TCG), so nothing waits on the test.
+   */
+  settled?: Promise<Probe>;
 }
 
 export interface VmConfig {

@@ -1,171 +1,48 @@
 /**
- * Instance lifecycle: create (boot a VM, start the workload), exec, logs, pause/resume, stop,
- * delete, and finding running VMs again after a daemon restart. State lives in the registry;
- * this class holds only what cannot be stored (VM handles, agent connections, followers).
+ * Instance lifecycle. Each instance has one owner: an operation queue (op-queue.ts) through
+ * which every operation on it passes (start, stop, delete, pause, resume, restart, exec
+ * admission), so they never interleave; a start in flight is cancelled by a stop or delete
+ * queued behind it. State changes are compare-and-set against the state table (state.ts):
+ * a refused operation is an error, and events from the VM (it exited, the workload exited)
+ * take effect only from the states where they mean something.
+ *
+ * The pieces: spec.ts (requests, views, Docker's rules), boot.ts (disk + VM + agent),
+ * live.ts (a running VM: agent events, execs, power-off), recovery.ts (after a restart),
+ * templates.ts (warm boot). This file holds the owners and the operations.
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { AegisError, exitStatus, type ExitEvent, type GuestEvents, type Stream } from '@aegis/protocol';
+import { AegisError, exitStatus, type ExitEvent } from '@aegis/protocol';
 import type { Backend, NetworkMode, Vm, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
 import type { Logger } from '../log.js';
 import type { SecretStore } from '../secrets/store.js';
-import { PortForwarder, type PortMapping } from '../ports/forwarder.js';
-import { AgentConnection } from './agent.js';
-import { makeChildDisk, makeScratchDisk } from './disks.js';
-import { LogStore } from './logs.js';
-import type { MachineShape, Template, TemplateCache } from './templates.js';
+import { PortForwarder } from '../ports/forwarder.js';
 import type { ImageService, ResolvedImage } from '../images/service.js';
-import type { ImageConfig } from '../images/registry.js';
+import type { AgentConnection } from './agent.js';
+import { LogStore } from './logs.js';
+import type { TemplateCache } from './templates.js';
+import { OpQueue } from './op-queue.js';
+import { LiveInstance } from './live.js';
+import { bootVm, type BootContext } from './boot.js';
+import { endStrays, recover } from './recovery.js';
+import { effectiveCommand, imageEnv, toView, type CreateRequest, type ExecEvent, type ExecRequest, type InstanceView } from './spec.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
+
+export { toView, type CreateRequest, type ExecEvent, type ExecRequest, type InstanceView } from './spec.js';
 
 /** Unix socket paths are limited to 107 bytes. */
 const MAX_SOCKET_PATH = 107;
 const RUN_TIMEOUT_MS = 30_000;
 const DEFAULT_STOP_TIMEOUT_MS = 10_000;
-/** After the guest was asked to power off, how long before the VMM is stopped by force. */
-const POWEROFF_GRACE_MS = 10_000;
-
-export interface CreateRequest {
-  /** With an image: replaces its Cmd (its Entrypoint stays); may then be omitted. */
-  command?: string[];
-  /** An OCI image reference or digest; pulled first when this host does not have it. */
-  image?: string;
-  handle?: string;
-  env?: Record<string, string>;
-  /** Secret names for the workload's environment; `*` for all. */
-  secrets?: string[];
-  /** Delete the instance if it fails to start (`aegis run`). */
-  autoRemove?: boolean;
-  /** Ports to forward from the host into the guest. */
-  exposes?: { guestPort: number; hostPort?: number; hostIp?: string; protocol?: 'tcp' }[];
-  workdir?: string;
-  memoryMiB?: number;
-  vcpuCount?: number;
-  network?: NetworkMode;
-}
-
-export interface ExecRequest {
-  command: string[];
-  env?: Record<string, string>;
-  workdir?: string;
-  /** Keep the command's stdin open for `execInput` (otherwise it reads /dev/null). */
-  stdin?: boolean;
-  /** Run on a pseudo-terminal of this size (stdin is then always open). */
-  tty?: { rows: number; cols: number };
-}
-
-export type ExecEvent =
-  | { type: 'started'; execId: string }
-  | { type: 'output'; stream: Stream; data: string }
-  | { type: 'exit'; exitCode: number | null; signal: string | null; guestDurationMs?: number };
-
-export interface InstanceView {
-  id: string;
-  handle: string;
-  state: InstanceState;
-  command: string[];
-  createdAt: string;
-  startedAt?: string;
-  stoppedAt?: string;
-  exitCode: number | null;
-  stateReason?: string;
-  memoryMiB: number;
-  vcpuCount: number;
-  backend: string;
-  ports: PortMapping[];
-  network: NetworkMode;
-  /** The image's reference (or digest when it has none); absent for the base rootfs. */
-  image?: string;
-  imageDigest?: string;
-}
-
-interface LiveInstance {
-  id: string;
-  handle: string;
-  vm: Vm;
-  agent: AgentConnection | undefined;
-  logs: LogStore;
-  execs: Map<string, { emit: (ev: ExecEvent) => void; fail: (err: AegisError) => void }>;
-  exit: ExitEvent | undefined;
-  forwarder: PortForwarder | undefined;
-  /** Replaced by another VM for the same instance (a warm boot that fell back to cold). */
-  retired?: boolean;
-  /** Resolves after the VM's exit has been recorded. */
-  finished: Promise<void>;
-}
-
-async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
-  for (const [name, format] of [
-    ['scratch.qcow2', 'qcow2'],
-    ['scratch.img', 'raw'],
-  ] as const) {
-    const file = path.join(dir, name);
-    if (
-      await fs.stat(file).then(
-        () => true,
-        () => false,
-      )
-    )
-      return { path: file, format };
-  }
-  return undefined;
-}
-
-/** Docker's rule: a given command replaces the image's Cmd; its Entrypoint stays in front. */
-function effectiveCommand(command: string[] | undefined, config: ImageConfig | undefined): string[] {
-  const given = command && command.length > 0 ? command : undefined;
-  const argv = config ? [...(config.entrypoint ?? []), ...(given ?? config.cmd ?? [])] : (given ?? []);
-  if (argv.length === 0) {
-    throw new AegisError(
-      'INVALID_ARGUMENT',
-      config ? 'the image has no Entrypoint or Cmd: give a command after --' : 'a command is required',
-    );
-  }
-  return argv;
-}
-
-function imageEnv(config: ImageConfig | undefined): Record<string, string> {
-  const env: Record<string, string> = {};
-  for (const kv of config?.env ?? []) {
-    const i = kv.indexOf('=');
-    if (i > 0) env[kv.slice(0, i)] = kv.slice(i + 1);
-  }
-  return env;
-}
-
-const iso = (ms: number | null): string | undefined => (ms === null ? undefined : new Date(ms).toISOString());
-
-export function toView(row: InstanceRow): InstanceView {
-  const view: InstanceView = {
-    id: row.id,
-    handle: row.handle,
-    state: row.state,
-    command: row.command,
-    createdAt: new Date(row.createdAt).toISOString(),
-    exitCode: row.exitCode,
-    memoryMiB: row.memoryMiB,
-    vcpuCount: row.vcpuCount,
-    backend: row.backend,
-    ports: row.ports,
-    network: row.network,
-  };
-  if (row.image) {
-    view.image = row.image.reference ?? row.image.digest;
-    view.imageDigest = row.image.digest;
-  }
-  const startedAt = iso(row.startedAt);
-  const stoppedAt = iso(row.stoppedAt);
-  if (startedAt) view.startedAt = startedAt;
-  if (stoppedAt) view.stoppedAt = stoppedAt;
-  if (row.stateReason) view.stateReason = row.stateReason;
-  return view;
-}
+/** Operations a stop or delete may cut short. */
+const CANCELLABLE = ['start', 'restart'] as const;
 
 export class InstanceManager {
   private readonly live = new Map<string, LiveInstance>();
+  private readonly owners = new Map<string, OpQueue>();
 
   constructor(
     private readonly config: DaemonConfig,
@@ -213,13 +90,58 @@ export class InstanceManager {
     return this.live.get(id)?.logs ?? new LogStore(path.join(this.dirOf(id), 'output.ndjson'));
   }
 
-  /** Moves an instance to a new state, refusing transitions the state table forbids. */
-  private transition(id: string, to: InstanceState, patch: Parameters<Registry['updateInstance']>[1] = {}): boolean {
+  private ownerOf(id: string): OpQueue {
+    let q = this.owners.get(id);
+    if (!q) {
+      q = new OpQueue();
+      this.owners.set(id, q);
+    }
+    return q;
+  }
+
+  /** Resolves `ref` and runs `fn` as the instance's next operation, on its current row. */
+  private async queued<T>(
+    ref: string,
+    op: string,
+    fn: (row: InstanceRow, signal: AbortSignal) => Promise<T>,
+    options: { cancels?: readonly string[]; signal?: AbortSignal } = {},
+  ): Promise<T> {
+    const { id } = this.registry.resolveInstance(ref);
+    const owner = this.ownerOf(id);
+    if (options.cancels) owner.cancel(options.cancels, `cancelled by ${op}`);
+    return owner.run(
+      op,
+      (signal) => {
+        // The row as it is now, after everything queued before us.
+        const row = this.registry.getInstance(id);
+        if (!row) throw new AegisError('NOT_FOUND', `instance ${ref} not found`);
+        return fn(row, signal);
+      },
+      options.signal,
+    );
+  }
+
+  /**
+   * Compare-and-set: moves the instance from the state it is in now to `to`, if the table
+   * allows it. False when refused; callers that cannot accept a refusal use `mustMove`.
+   */
+  private move(
+    id: string,
+    to: InstanceState,
+    patch: Parameters<Registry['updateInstance']>[1] = {},
+    from?: readonly InstanceState[],
+  ): boolean {
     const row = this.registry.getInstance(id);
-    if (!row || !canTransition(row.state, to)) return false;
-    this.registry.updateInstance(id, { ...patch, state: to });
+    if (!row || (from && !from.includes(row.state)) || !canTransition(row.state, to)) return false;
+    if (!this.registry.transitionInstance(id, row.state, { ...patch, state: to })) return false;
     this.log.info(`instance ${row.handle} (${id}): ${row.state} -> ${to}${patch.stateReason ? ` (${patch.stateReason})` : ''}`);
     return true;
+  }
+
+  private mustMove(id: string, to: InstanceState, patch: Parameters<Registry['updateInstance']>[1] = {}): void {
+    if (this.move(id, to, patch)) return;
+    const row = this.registry.getInstance(id);
+    throw new AegisError('FAILED_PRECONDITION', `instance "${row?.handle ?? id}" is ${row?.state ?? 'gone'}, it cannot become ${to}`);
   }
 
   async create(req: CreateRequest, signal?: AbortSignal): Promise<InstanceView> {
@@ -247,28 +169,25 @@ export class InstanceManager {
         protocol: 'tcp',
       })),
     );
+    let row: InstanceRow;
+    let image: ResolvedImage | undefined;
     try {
-      const image = req.image !== undefined ? await this.images.resolve(req.image, signal) : undefined;
-      return await this.createWith(req, secretEnv, forwarder, image, signal);
+      image = req.image !== undefined ? await this.images.resolve(req.image, signal) : undefined;
+      row = this.insertRow(req, forwarder, image);
     } catch (err) {
       forwarder.close();
       throw err;
     }
+    const env = { ...imageEnv(image?.config), ...req.env, ...secretEnv };
+    const opts = { keepDisk: false, autoRemove: req.autoRemove === true };
+    return this.ownerOf(row.id).run('start', (s) => this.launch(row, forwarder, image, env, opts, s), signal);
   }
 
-  private async createWith(
-    req: CreateRequest,
-    secretEnv: Record<string, string>,
-    forwarder: PortForwarder,
-    image: ResolvedImage | undefined,
-    signal: AbortSignal | undefined,
-  ): Promise<InstanceView> {
+  private insertRow(req: CreateRequest, forwarder: PortForwarder, image: ResolvedImage | undefined): InstanceRow {
     const command = effectiveCommand(req.command, image?.config);
     const id = randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
-    const dir = this.dirOf(id);
-    const vmDir = path.join(dir, 'vm');
-    if (path.join(vmDir, 'agent.sock').length > MAX_SOCKET_PATH) {
+    if (path.join(this.dirOf(id), 'vm', 'agent.sock').length > MAX_SOCKET_PATH) {
       throw new AegisError('FAILED_PRECONDITION', `AEGIS_HOME ${this.config.home} is too long for unix socket paths; use a shorter one`);
     }
     const row: InstanceRow = {
@@ -294,13 +213,25 @@ export class InstanceManager {
     };
     this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
-    const env = { ...imageEnv(image?.config), ...req.env, ...secretEnv };
-    return this.launch(row, forwarder, image, env, { keepDisk: false, autoRemove: req.autoRemove === true }, signal);
+    return row;
+  }
+
+  private bootContext(): BootContext {
+    return {
+      backend: this.backend,
+      registry: this.registry,
+      templates: this.templates,
+      log: this.log,
+      bootTimeoutMs: this.config.bootTimeoutMs,
+      track: (id, handle, vm) => this.track(id, handle, vm),
+    };
   }
 
   /**
    * Boots the instance's VM (warm when a template fits and the disk is new), serves its ports,
-   * and starts its workload; on failure the instance is `failed` with the reason (or removed).
+   * and starts its workload. Runs as the instance's `start`/`restart` operation: when its
+   * signal aborts (a stop or delete behind it), whatever it booted is ended before it returns,
+   * so nothing boots or runs afterwards.
    */
   private async launch(
     row: InstanceRow,
@@ -308,11 +239,10 @@ export class InstanceManager {
     image: ResolvedImage | undefined,
     env: Record<string, string>,
     options: { keepDisk: boolean; autoRemove: boolean },
-    signal: AbortSignal | undefined,
+    signal: AbortSignal,
   ): Promise<InstanceView> {
     const { id, handle } = row;
     const dir = this.dirOf(id);
-    let vm: Vm | undefined;
     try {
       await fs.mkdir(path.join(dir, 'vm'), { recursive: true, mode: 0o700 });
       const shape = {
@@ -326,48 +256,53 @@ export class InstanceManager {
       };
       // A restart keeps the instance's disk (its writes), so it boots cold on that disk.
       const template = options.keepDisk ? undefined : this.templates.lookup(shape);
-      let agent: AgentConnection;
+      let booted: Awaited<ReturnType<typeof bootVm>>;
       try {
-        ({ vm, agent } = await this.boot(id, handle, dir, shape, template, options.keepDisk, signal));
+        booted = await bootVm(this.bootContext(), id, handle, dir, shape, template, options.keepDisk, signal);
       } catch (err) {
-        if (!template || signal?.aborted) throw err;
+        if (!template || signal.aborted) throw err;
         // A template that will not restore must not break instances: set it aside, boot cold.
         this.log.warn(`instance ${handle} (${id}): warm boot failed (${(err as Error).message}); booting cold`);
-        await this.templates.discard(template);
         const failed = this.live.get(id);
         if (failed) {
           failed.retired = true;
-          await failed.vm.stop({ timeoutMs: 1000 });
-          await failed.finished;
+          await failed.kill();
         }
+        await this.templates.discard(template);
         this.registry.updateInstance(id, { vmRecord: null });
-        ({ vm, agent } = await this.boot(id, handle, dir, shape, undefined, false, signal));
+        booted = await bootVm(this.bootContext(), id, handle, dir, shape, undefined, false, signal);
       }
-      const live = this.live.get(id);
-      if (live) this.serve(live, forwarder);
+      signal.throwIfAborted();
+      this.serve(booted.live, forwarder);
       const params = {
         command: row.command,
         env,
         ...(row.workdir ? { workdir: row.workdir } : {}),
         ...(image ? { image: image.config.user ? { user: image.config.user } : {} } : {}),
       };
-      await agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS });
-      // A workload that exits at once may already have moved us on to stopping.
-      this.transition(id, 'running', { startedAt: Date.now() });
+      await booted.agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS, signal });
+      // The workload runs. A workload that exits at once (or a VM that died) has moved the
+      // instance on already; that is its state, not a refusal to report.
+      this.move(id, 'running', { startedAt: Date.now() }, ['starting']);
       return this.get(id);
     } catch (err) {
-      const e = AegisError.from(err);
-      // boot() may fail after its VM started (a guest that never answers): stop that one too.
-      vm = this.live.get(id)?.vm ?? vm;
-      const tail = e.code === 'TIMEOUT' && vm ? await vm.consoleTail(1500) : '';
-      this.log.warn(`instance ${handle} (${id}): start failed: ${e.message}${tail ? `\n--- console ---\n${tail}` : ''}`);
-      this.transition(id, 'failed', { stateReason: `start failed: ${e.message}`, stoppedAt: Date.now() });
-      if (vm) {
-        await vm.stop({ timeoutMs: 1000 }).catch(() => undefined);
-        await this.live.get(id)?.finished;
-      }
+      const cancelled = signal.aborted;
+      const e = cancelled ? AegisError.from(signal.reason ?? err, 'CANCELLED') : AegisError.from(err);
+      // Whatever booted is ended before this operation returns.
+      const live = this.live.get(id);
+      const tail = e.code === 'TIMEOUT' && live ? await live.vm.consoleTail(1500) : '';
+      this.log.warn(
+        `instance ${handle} (${id}): start ${cancelled ? 'cancelled' : 'failed'}: ${e.message}${tail ? `\n--- console ---\n${tail}` : ''}`,
+      );
+      this.move(
+        id,
+        cancelled ? 'stopped' : 'failed',
+        { stateReason: cancelled ? `stopped while starting (${e.message})` : `start failed: ${e.message}`, stoppedAt: Date.now() },
+        ['starting'],
+      );
+      if (live) await live.kill();
       forwarder.close();
-      if (options.autoRemove) await this.delete(id, true).catch(() => undefined);
+      if (options.autoRemove && !cancelled) await this.removeNow(id);
       throw e;
     }
   }
@@ -377,91 +312,34 @@ export class InstanceManager {
    * command, environment (secrets resolved again by name), image, network and host ports, on
    * its own disk, so what it wrote survives. Logs continue in the same store.
    */
-  async restart(ref: string, signal?: AbortSignal): Promise<InstanceView> {
-    let row = this.registry.resolveInstance(ref);
-    if (isLive(row.state)) {
-      await this.stop(row.id);
-      row = this.registry.resolveInstance(row.id);
-    }
-    requireState(row.handle, row.state, ['stopped', 'failed'], 'restart');
-    const secretEnv = this.secrets.resolve(row.spec.secrets);
-    const image = row.image ? this.images.resolveDigest(row.image.digest) : undefined;
-    if (row.network === 'user' && !this.networkModes.includes('user')) {
-      throw new AegisError('UNSUPPORTED', `the ${this.backend.name} backend cannot give this instance its network here`);
-    }
-    const forwarder = await PortForwarder.listen(row.ports);
-    if (!this.transition(row.id, 'starting', { exitCode: null, stateReason: null, startedAt: null, stoppedAt: null })) {
-      forwarder.close();
-      throw new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" changed state; try again`);
-    }
-    this.log.info(`instance ${row.handle} (${row.id}): restarting`);
-    const env = { ...imageEnv(image?.config), ...row.spec.env, ...secretEnv };
-    return this.launch(row, forwarder, image, env, { keepDisk: true, autoRemove: false }, signal);
-  }
-
-  /**
-   * Starts the instance's VM, warm from `template` when given (restore + `fresh`), else cold,
-   * and returns once its harness answers.
-   */
-  private async boot(
-    id: string,
-    handle: string,
-    dir: string,
-    shape: MachineShape,
-    template: Template | undefined,
-    keepDisk: boolean,
-    signal: AbortSignal | undefined,
-  ): Promise<{ vm: Vm; agent: AgentConnection }> {
-    const t0 = Date.now();
-    const phases: string[] = [];
-    const phase = (name: string): void => void phases.push(`${name} ${Date.now() - t0}`);
-    const vmDir = path.join(dir, 'vm');
-    await fs.rm(vmDir, { recursive: true, force: true });
-    await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });
-    // A kept disk is the instance's own: raw, or a child of the template it was cloned from.
-    const kept = keepDisk ? await existingDisk(dir) : undefined;
-    if (!kept) {
-      await fs.rm(path.join(dir, 'scratch.img'), { force: true });
-      await fs.rm(path.join(dir, 'scratch.qcow2'), { force: true });
-    }
-    const scratch = kept?.path ?? path.join(dir, template ? 'scratch.qcow2' : 'scratch.img');
-    const scratchFormat = kept?.format ?? (template ? 'qcow2' : 'raw');
-    if (!kept && template) await makeChildDisk(scratch, template.scratch);
-    else if (!kept) await makeScratchDisk(scratch, shape.scratchDiskMiB);
-    const vm = await this.backend.create(
-      {
-        id,
-        stateDir: vmDir,
-        kernelPath: shape.kernelPath,
-        rootfsPath: shape.rootfsPath,
-        scratchDiskPath: scratch,
-        scratchDiskFormat: scratchFormat,
-        memoryMiB: shape.memoryMiB,
-        vcpuCount: shape.vcpuCount,
-        network: shape.network,
-        ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
-        // A restored machine must match its template's exactly; it gets its name from `fresh`.
-        kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
-        ...(template ? { restoreFrom: template.snapshot, memoryFile: { path: template.memory, shared: false } } : {}),
+  restart(ref: string, signal?: AbortSignal): Promise<InstanceView> {
+    return this.queued(
+      ref,
+      'restart',
+      async (row, opSignal) => {
+        if (isLive(row.state)) {
+          await this.stopNow(row, DEFAULT_STOP_TIMEOUT_MS);
+          row = this.registry.resolveInstance(row.id);
+        }
+        requireState(row.handle, row.state, ['stopped', 'failed'], 'restart');
+        const secretEnv = this.secrets.resolve(row.spec.secrets);
+        const image = row.image ? this.images.resolveDigest(row.image.digest) : undefined;
+        if (row.network === 'user' && !this.networkModes.includes('user')) {
+          throw new AegisError('UNSUPPORTED', `the ${this.backend.name} backend cannot give this instance its network here`);
+        }
+        const forwarder = await PortForwarder.listen(row.ports);
+        try {
+          this.mustMove(row.id, 'starting', { exitCode: null, stateReason: null, startedAt: null, stoppedAt: null });
+        } catch (err) {
+          forwarder.close();
+          throw err;
+        }
+        this.log.info(`instance ${row.handle} (${row.id}): restarting`);
+        const env = { ...imageEnv(image?.config), ...row.spec.env, ...secretEnv };
+        return this.launch(row, forwarder, image, env, { keepDisk: true, autoRemove: false }, opSignal);
       },
-      signal,
+      signal ? { signal } : {},
     );
-    phase('disk');
-    await vm.start(signal);
-    phase(template ? 'restored' : 'vmm started');
-    this.registry.updateInstance(id, { vmRecord: vm.record() });
-    const live = this.track(id, handle, vm);
-    await this.connectAgent(live, this.config.bootTimeoutMs, signal);
-    phase('agent ready');
-    const agent = live.agent;
-    if (!agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
-    if (template) {
-      const fresh = { timeMs: Date.now(), hostname: handle, entropy: randomBytes(64).toString('base64') };
-      await agent.call('fresh', fresh, { timeoutMs: 15_000 });
-      phase('fresh');
-    }
-    this.log.info(`instance ${handle} (${id}): ${template ? 'warm' : 'cold'} boot, ms: ${phases.join(', ')}`);
-    return { vm, agent };
   }
 
   /** Builds the warm-boot template for the default machine shape, in the background. */
@@ -496,117 +374,55 @@ export class InstanceManager {
   /** Forwards the instance's exposed ports over its VM's data channel for as long as it runs. */
   private serve(live: LiveInstance, forwarder: PortForwarder): void {
     live.forwarder = forwarder;
-    forwarder.serve(() => live.vm.connectData());
+    forwarder.serve(
+      () => live.vm.connectData(),
+      (err) => this.log.warn(`instance ${live.handle}: port listener: ${err.message}`),
+    );
   }
 
   /** Starts following a VM: its exit, and (once connected) its agent. */
   private track(id: string, handle: string, vm: Vm): LiveInstance {
-    let markFinished!: () => void;
-    const live: LiveInstance = {
+    const live = new LiveInstance(
       id,
       handle,
       vm,
-      agent: undefined,
-      logs: new LogStore(path.join(this.dirOf(id), 'output.ndjson')),
-      execs: new Map(),
-      exit: undefined,
-      forwarder: undefined,
-      finished: new Promise((r) => (markFinished = r)),
-    };
+      new LogStore(path.join(this.dirOf(id), 'output.ndjson')),
+      {
+        onWorkloadExit: (l, exit) => this.onWorkloadExit(l, exit),
+        onVmExit: (l, exit) => this.onVmExit(l, exit),
+      },
+      this.log,
+    );
     this.live.set(id, live);
-    void vm.exited.then((exit) => {
-      this.onVmExit(live, exit);
-      markFinished();
-    });
     return live;
   }
 
-  private async connectAgent(live: LiveInstance, timeoutMs: number, signal?: AbortSignal): Promise<void> {
-    const stream = await live.vm.connectAgent(signal);
-    const agent = new AgentConnection(
-      stream,
-      (event, params) => this.onAgentEvent(live, event, params),
-      (err) => this.log.warn(`instance ${live.handle}: bad message from guest: ${err.message}`),
-    );
-    live.agent = agent;
-    void agent.closed.then(() => {
-      if (live.agent === agent) live.agent = undefined;
-    });
-    await agent.waitReady(timeoutMs, signal);
-  }
-
-  private onAgentEvent<E extends keyof GuestEvents>(live: LiveInstance, event: E, params: GuestEvents[E]): void {
-    switch (event) {
-      case 'output': {
-        const ev = params as GuestEvents['output'];
-        live.logs.append(ev.stream, Buffer.from(ev.data, 'base64'), ev.execId);
-        if (ev.execId !== undefined) live.execs.get(ev.execId)?.emit({ type: 'output', stream: ev.stream, data: ev.data });
-        return;
-      }
-      case 'execExit': {
-        const ev = params as GuestEvents['execExit'];
-        const sink = live.execs.get(ev.execId);
-        live.execs.delete(ev.execId);
-        sink?.emit({
-          type: 'exit',
-          exitCode: ev.exitCode,
-          signal: ev.signal,
-          ...(ev.durationMs !== undefined ? { guestDurationMs: ev.durationMs } : {}),
-        });
-        return;
-      }
-      case 'exit': {
-        const ev = params as GuestEvents['exit'];
-        live.exit = ev;
-        const code = exitStatus(ev);
-        this.registry.updateInstance(live.id, { exitCode: code });
-        this.transition(live.id, 'stopping', { stateReason: `workload exited with status ${code}` });
-        void this.powerOff(live, 1000);
-        return;
-      }
-      case 'ready':
-        return;
-    }
-  }
-
-  /** Asks the harness to end the VM; forces the VMM down if the guest does not comply. */
-  private async powerOff(live: LiveInstance, workloadTimeoutMs: number): Promise<void> {
-    try {
-      await live.agent?.call('shutdown', { timeoutMs: workloadTimeoutMs }, { timeoutMs: workloadTimeoutMs + 5000 });
-    } catch (err) {
-      this.log.warn(`instance ${live.handle}: shutdown request failed: ${(err as Error).message}`);
-    }
-    const exited = await Promise.race([
-      live.vm.exited.then(() => true),
-      new Promise<boolean>((r) => setTimeout(() => r(false), POWEROFF_GRACE_MS).unref()),
-    ]);
-    if (!exited) await live.vm.stop({ timeoutMs: 2000 });
-    await live.finished;
+  private onWorkloadExit(live: LiveInstance, ev: ExitEvent): void {
+    const code = exitStatus(ev);
+    this.registry.updateInstance(live.id, { exitCode: code });
+    // From starting (it exited before `run` answered), running or paused; a stop already on its way keeps its reason.
+    this.move(live.id, 'stopping', { stateReason: `workload exited with status ${code}` }, ['starting', 'running', 'paused']);
+    void live.powerOff(1000);
   }
 
   private onVmExit(live: LiveInstance, exit: VmExit): void {
-    live.agent?.close();
-    if (!live.retired) live.forwarder?.close();
-    if (live.retired) {
-      if (this.live.get(live.id) === live) this.live.delete(live.id);
-      return;
-    }
+    if (this.live.get(live.id) === live) this.live.delete(live.id);
+    if (live.retired) return;
     const row = this.registry.getInstance(live.id);
     if (row && isLive(row.state)) {
       const clean = live.exit !== undefined || row.state === 'stopping' || exit.reason === 'host-stop';
       const to: InstanceState = clean ? 'stopped' : 'failed';
       const reason = clean ? (row.stateReason ?? exit.detail) : `VM ended unexpectedly: ${exit.detail}`;
-      this.transition(live.id, to, { stoppedAt: Date.now(), stateReason: reason, vmRecord: null });
+      if (!this.move(live.id, to, { stoppedAt: Date.now(), stateReason: reason, vmRecord: null })) {
+        this.log.warn(`instance ${live.handle}: VM exit not recorded: ${row.state} -> ${to} refused`);
+      }
     }
     const after = this.registry.getInstance(live.id);
-    for (const sink of live.execs.values()) sink.fail(new AegisError('UNAVAILABLE', `instance ${live.handle} stopped during exec`));
-    live.execs.clear();
     live.logs.end({
       state: after?.state ?? 'stopped',
       exitCode: after?.exitCode ?? null,
       ...(after?.stateReason ? { stateReason: after.stateReason } : {}),
     });
-    if (this.live.get(live.id) === live) this.live.delete(live.id);
   }
 
   private requireLive(row: InstanceRow, op: string): LiveInstance {
@@ -615,87 +431,127 @@ export class InstanceManager {
     return live;
   }
 
-  async stop(ref: string, timeoutMs = DEFAULT_STOP_TIMEOUT_MS): Promise<InstanceView> {
-    const row = this.registry.resolveInstance(ref);
-    if (row.state === 'stopped' || row.state === 'failed') return toView(row); // like docker stop: nothing to do
+  /** Stops the instance; a start in flight is cancelled first (nothing boots afterwards). */
+  stop(ref: string, timeoutMs = DEFAULT_STOP_TIMEOUT_MS): Promise<InstanceView> {
+    return this.queued(
+      ref,
+      'stop',
+      async (row) => {
+        await this.stopNow(row, timeoutMs);
+        return this.get(row.id);
+      },
+      { cancels: CANCELLABLE },
+    );
+  }
+
+  /** Within an operation: ends the instance's VM, the workload first given `timeoutMs`. */
+  private async stopNow(row: InstanceRow, timeoutMs: number): Promise<void> {
+    if (!isLive(row.state)) return; // like docker stop: nothing to do
     const live = this.live.get(row.id);
     if (!live) {
-      this.transition(row.id, 'failed', { stateReason: 'VM was not found', stoppedAt: Date.now() });
-      return this.get(row.id);
+      this.move(row.id, 'failed', { stateReason: 'VM was not found', stoppedAt: Date.now(), vmRecord: null });
+      return;
     }
-    if (row.state === 'paused') await live.vm.resume();
-    this.transition(row.id, 'stopping', { stateReason: 'stopped by request' });
-    await this.powerOff(live, timeoutMs);
-    return this.get(row.id);
+    if (row.state === 'paused') await live.vm.resume().catch(() => undefined);
+    this.move(row.id, 'stopping', { stateReason: 'stopped by request' }, ['running', 'paused', 'starting']);
+    await live.powerOff(timeoutMs);
   }
 
+  /** Deletes the instance; with `force` a live one is stopped first (a start in flight cancelled). */
   async delete(ref: string, force: boolean): Promise<void> {
-    const row = this.registry.resolveInstance(ref);
-    if (isLive(row.state)) {
-      if (!force) {
-        throw new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" is ${row.state}; stop it first or delete with --force`);
-      }
-      await this.stop(row.id, 2000);
+    const first = this.registry.resolveInstance(ref);
+    if (isLive(first.state) && !force) {
+      throw new AegisError('FAILED_PRECONDITION', `instance "${first.handle}" is ${first.state}; stop it first or delete with --force`);
     }
-    await fs.rm(this.dirOf(row.id), { recursive: true, force: true });
-    this.registry.deleteInstance(row.id);
-    this.log.info(`instance ${row.handle} (${row.id}): deleted`);
+    await this.queued(
+      first.id,
+      'delete',
+      async (row) => {
+        if (isLive(row.state)) {
+          if (!force) {
+            throw new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" is ${row.state}; stop it first or delete with --force`);
+          }
+          await this.stopNow(row, 2000);
+        }
+        await this.removeNow(row.id);
+      },
+      force ? { cancels: CANCELLABLE } : {},
+    );
   }
 
-  async pause(ref: string): Promise<InstanceView> {
-    const row = this.registry.resolveInstance(ref);
-    requireState(row.handle, row.state, ['running'], 'pause');
-    await this.requireLive(row, 'pause').vm.pause();
-    this.transition(row.id, 'paused');
-    return this.get(row.id);
+  /** Removes a stopped instance's files and row; later operations on it find nothing. */
+  private async removeNow(id: string): Promise<void> {
+    const row = this.registry.getInstance(id);
+    if (!row) return;
+    const live = this.live.get(id);
+    if (live) await live.kill(); // never leave a VM without its row
+    await fs.rm(this.dirOf(id), { recursive: true, force: true });
+    this.registry.deleteInstance(id);
+    this.owners.get(id)?.close(new AegisError('NOT_FOUND', `instance "${row.handle}" was deleted`));
+    this.owners.delete(id);
+    this.log.info(`instance ${row.handle} (${id}): deleted`);
+    void this.templates.collect().catch(() => undefined);
   }
 
-  async resume(ref: string): Promise<InstanceView> {
-    const row = this.registry.resolveInstance(ref);
-    requireState(row.handle, row.state, ['paused'], 'resume');
-    await this.requireLive(row, 'resume').vm.resume();
-    this.transition(row.id, 'running');
-    return this.get(row.id);
+  pause(ref: string): Promise<InstanceView> {
+    return this.queued(ref, 'pause', async (row) => {
+      requireState(row.handle, row.state, ['running'], 'pause');
+      await this.requireLive(row, 'pause').vm.pause();
+      this.mustMove(row.id, 'paused');
+      return this.get(row.id);
+    });
+  }
+
+  resume(ref: string): Promise<InstanceView> {
+    return this.queued(ref, 'resume', async (row) => {
+      requireState(row.handle, row.state, ['paused'], 'resume');
+      await this.requireLive(row, 'resume').vm.resume();
+      this.mustMove(row.id, 'running');
+      return this.get(row.id);
+    });
   }
 
   /** Runs a command in the instance, calling `emit` for each event; resolves after `exit`. */
   async exec(ref: string, req: ExecRequest, emit: (ev: ExecEvent) => void, signal?: AbortSignal): Promise<void> {
-    const row = this.registry.resolveInstance(ref);
-    const agent = this.runningAgent(row.id, 'exec in');
-    const live = this.requireLive(row, 'exec in');
     const execId = randomBytes(6).toString('hex');
-    const done = new Promise<void>((resolve, reject) => {
-      live.execs.set(execId, {
-        emit: (ev) => {
-          emit(ev);
-          if (ev.type === 'exit') resolve();
-        },
-        fail: reject,
-      });
-    });
-    try {
-      // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
-      const image = row.image ? this.images.resolveDigest(row.image.digest).config : undefined;
-      const workdir = req.workdir ?? image?.workingDir;
-      const params = {
-        execId,
-        command: req.command,
-        env: { ...imageEnv(image), ...req.env },
-        ...(workdir ? { workdir } : {}),
-        ...(image ? { image: image.user ? { user: image.user } : {} } : {}),
-        ...(req.stdin ? { stdin: true } : {}),
-        ...(req.tty ? { tty: req.tty } : {}),
-      };
-      await agent.call('exec', params, { timeoutMs: RUN_TIMEOUT_MS });
-    } catch (err) {
-      live.execs.delete(execId);
-      throw err;
-    }
+    // Admission is an operation of the instance (no stop can slip in between the check and
+    // the guest starting the command); the command's output then streams outside the queue.
+    const { agent, done } = await this.queued(
+      ref,
+      'exec',
+      async (row) => {
+        const agent = this.runningAgent(row, 'exec in');
+        const live = this.requireLive(row, 'exec in');
+        const done = live.trackExec(execId, emit);
+        done.catch(() => undefined); // observed below; not an unhandled rejection meanwhile
+        try {
+          // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
+          const image = row.image ? this.images.resolveDigest(row.image.digest).config : undefined;
+          const workdir = req.workdir ?? image?.workingDir;
+          const params = {
+            execId,
+            command: req.command,
+            env: { ...imageEnv(image), ...req.env },
+            ...(workdir ? { workdir } : {}),
+            ...(image ? { image: image.user ? { user: image.user } : {} } : {}),
+            ...(req.stdin ? { stdin: true } : {}),
+            ...(req.tty ? { tty: req.tty } : {}),
+          };
+          await agent.call('exec', params, { timeoutMs: RUN_TIMEOUT_MS });
+        } catch (err) {
+          live.execs.delete(execId);
+          throw err;
+        }
+        return { agent, done };
+      },
+      signal ? { signal } : {},
+    );
     emit({ type: 'started', execId });
     const onAbort = (): void => {
       // The caller went away: don't leave its command running unseen.
       void agent.call('signal', { execId, signal: 'SIGKILL' }, { timeoutMs: 5000 }).catch(() => undefined);
     };
+    if (signal?.aborted) onAbort();
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
       await done;
@@ -704,8 +560,7 @@ export class InstanceManager {
     }
   }
 
-  private runningAgent(ref: string, op: string): AgentConnection {
-    const row = this.registry.resolveInstance(ref);
+  private runningAgent(row: InstanceRow, op: string): AgentConnection {
     requireState(row.handle, row.state, ['running'], op);
     const agent = this.requireLive(row, op).agent;
     if (!agent) throw new AegisError('UNAVAILABLE', `agent of instance "${row.handle}" is not connected`);
@@ -714,18 +569,19 @@ export class InstanceManager {
 
   /** Sends a signal to the workload, or to one exec. */
   async signal(ref: string, signal: string, execId?: string): Promise<void> {
-    const agent = this.runningAgent(ref, 'signal');
+    const agent = this.runningAgent(this.registry.resolveInstance(ref), 'signal');
     await agent.call('signal', execId === undefined ? { signal } : { execId, signal }, { timeoutMs: 10_000 });
   }
 
   /** Resizes an exec's terminal. */
   async resizeExec(ref: string, execId: string, rows: number, cols: number): Promise<void> {
-    await this.runningAgent(ref, 'resize a terminal in').call('resize', { execId, rows, cols }, { timeoutMs: 10_000 });
+    const agent = this.runningAgent(this.registry.resolveInstance(ref), 'resize a terminal in');
+    await agent.call('resize', { execId, rows, cols }, { timeoutMs: 10_000 });
   }
 
   /** Feeds an exec's stdin (base64 `data`, then optionally end of file). */
   async execInput(ref: string, execId: string, data: string | undefined, eof: boolean): Promise<void> {
-    const agent = this.runningAgent(ref, 'write to');
+    const agent = this.runningAgent(this.registry.resolveInstance(ref), 'write to');
     const params = { execId, ...(data !== undefined ? { data } : {}), ...(eof ? { eof: true } : {}) };
     await agent.call('stdin', params, { timeoutMs: 30_000 });
   }
@@ -737,54 +593,45 @@ export class InstanceManager {
     return { row, store: this.logsOf(row.id), live: live !== undefined && isLive(row.state) };
   }
 
-  /** Finds VMs left running by an earlier daemon and takes them over. */
+  /** Finds VMs left running by an earlier daemon and takes them over; ends any no instance owns. */
   async recover(): Promise<void> {
-    for (const row of this.registry.listInstances()) {
-      if (!isLive(row.state)) continue;
-      if (!row.vmRecord || row.state === 'starting') {
-        if (row.vmRecord) {
-          const vm = await this.backend.attach(row.vmRecord).catch(() => undefined);
-          await vm?.stop({ timeoutMs: 1000 });
-        }
-        this.transition(row.id, 'failed', { stateReason: 'aegisd stopped while the instance was starting', stoppedAt: Date.now() });
-        continue;
-      }
-      let vm: Vm;
-      try {
-        vm = await this.backend.attach(row.vmRecord);
-      } catch (err) {
-        const clean = row.state === 'stopping' || row.exitCode !== null;
-        this.transition(row.id, clean ? 'stopped' : 'failed', {
-          stateReason: `VM ended while aegisd was not running (${(err as Error).message})`,
-          stoppedAt: Date.now(),
-          vmRecord: null,
-        });
-        continue;
-      }
-      const live = this.track(row.id, row.handle, vm);
-      if (row.ports.length > 0) {
-        // The same host ports as before; connections that were open did not survive.
-        await PortForwarder.listen(row.ports).then(
-          (f) => this.serve(live, f),
-          (err: unknown) => this.log.warn(`instance ${row.handle}: ports not restored: ${(err as Error).message}`),
-        );
-      }
-      try {
-        await this.connectAgent(live, 15_000);
-        this.log.info(`instance ${row.handle} (${row.id}): reattached (${row.state})`);
-        if (row.state === 'stopping') void this.powerOff(live, 1000);
-      } catch (err) {
-        this.log.warn(`instance ${row.handle}: agent did not answer after reattach: ${(err as Error).message}`);
-        if (row.state !== 'paused') void this.powerOff(live, 1000);
-      }
+    await recover({
+      registry: this.registry,
+      backend: this.backend,
+      log: this.log,
+      instancesDir: this.config.instancesDir,
+      move: (id, to, patch) => this.move(id, to, patch),
+      adopt: (row, vm) => this.adopt(row, vm),
+    });
+  }
+
+  /** VMM processes of this home that no live instance owns are ended (the model test asks too). */
+  endStrays(): Promise<number> {
+    return endStrays({ registry: this.registry, instancesDir: this.config.instancesDir, log: this.log });
+  }
+
+  private async adopt(row: InstanceRow, vm: Vm): Promise<void> {
+    const live = this.track(row.id, row.handle, vm);
+    if (row.ports.length > 0) {
+      // The same host ports as before; connections that were open did not survive.
+      await PortForwarder.listen(row.ports).then(
+        (f) => this.serve(live, f),
+        (err: unknown) => this.log.warn(`instance ${row.handle}: ports not restored: ${(err as Error).message}`),
+      );
+    }
+    try {
+      await live.connectAgent(15_000);
+      this.log.info(`instance ${row.handle} (${row.id}): reattached (${row.state})`);
+      if (row.state === 'stopping') void live.powerOff(1000);
+    } catch (err) {
+      this.log.warn(`instance ${row.handle}: agent did not answer after reattach: ${(err as Error).message}`);
+      if (row.state !== 'paused') void live.powerOff(1000);
     }
   }
 
   /** Lets go of every VM without stopping it: the next daemon takes them over. */
   detachAll(): void {
-    for (const live of this.live.values()) {
-      live.agent?.close();
-      live.vm.detach();
-    }
+    for (const live of this.live.values()) live.detach();
+    this.live.clear();
   }
 }

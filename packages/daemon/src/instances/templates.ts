@@ -7,22 +7,38 @@
  * reseeded RNG: the harness's `fresh`). The template holds no instance data and no secrets.
  *
  * Templates are keyed by everything that shapes the machine (kernel, rootfs, memory, vCPUs,
- * disk size, network mode, VMM version) and live beside the guest artifacts, so every AEGIS_HOME using the
- * same artifacts shares them. They are built in the background; until one is ready, instances
- * boot cold.
+ * disk size, network mode, VMM version, accelerator) and live beside the guest artifacts, so
+ * every AEGIS_HOME using the same artifacts shares them. They are built in the background;
+ * until one is ready, instances boot cold.
+ *
+ * A built template is immutable: it lives in its own directory `<key>.<build>` whose name is
+ * never reused and whose files are never written again, because every instance disk made from
+ * it (running or stopped) is a qcow2 child naming that directory's disk as its backing file.
+ * `<key>.current` (a symlink, replaced atomically) says which build new instances use. An
+ * instance disk registers itself under `refs/<build dir>/` before it is created; a build is
+ * removed only when it is not current and every disk that referenced it is gone. Layout:
+ *
+ *     templates/<key>.<build>/{scratch.img,memory,snapshot.bin,ready}   read-only once built
+ *     templates/<key>.current -> <key>.<build>
+ *     templates/refs/<key>.<build>/<ref>      the path of one instance disk backed by it
+ *     templates/<key>.lock/owner             pid of the builder
+ *     templates/<key>.build-<pid>-<n>/       a build in progress (removed if its pid is dead)
  */
-import { createHash } from 'node:crypto';
-import { existsSync, promises as fs } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, promises as fs, readlinkSync } from 'node:fs';
 import path from 'node:path';
-import type { Backend, NetworkMode, Probe, Vm } from '@aegis/vmm';
+import { AegisError } from '@aegis/protocol';
+import { processAlive, type Backend, type NetworkMode, type Probe, type Vm } from '@aegis/vmm';
 import type { Logger } from '../log.js';
 import { AgentConnection } from './agent.js';
 import { makeScratchDisk } from './disks.js';
 
 /** Bump when what goes into a template changes. */
 const TEMPLATE_FORMAT = 3;
-/** A build lock older than this was left by a crashed builder. */
-const STALE_LOCK_MS = 5 * 60_000;
+/** A reference younger than this is kept even before its disk exists (it is being made). */
+const REF_GRACE_MS = 60_000;
+const BUILD_DIR = /^([0-9a-f]{20})\.build-(\d+)-/;
+const TEMPLATE_DIR = /^[0-9a-f]{20}\.[0-9a-z]+$/;
 
 export interface MachineShape {
   kernelPath: string;
@@ -37,6 +53,8 @@ export interface MachineShape {
 
 export interface Template {
   key: string;
+  /** Its immutable directory's name, `<key>.<build>`. */
+  build: string;
   /** Device state (tens of KiB). */
   snapshot: string;
   /** Guest RAM at the moment of the snapshot; clones map it copy-on-write. */
@@ -46,10 +64,13 @@ export interface Template {
 
 export class TemplateCache {
   private readonly building = new Map<string, Promise<void>>();
+  /** Cancels builds when the daemon shuts down. */
+  private readonly abort = new AbortController();
 
   constructor(
     private readonly backend: Backend,
-    private readonly probe: Probe,
+    /** The backend's latest probe: its accelerator can change once KVM has been tested. */
+    private readonly probe: () => Probe,
     private readonly dir: string,
     private readonly log: Logger,
     private readonly bootTimeoutMs: number,
@@ -58,25 +79,60 @@ export class TemplateCache {
 
   private key(shape: MachineShape): string {
     const h = createHash('sha256');
-    h.update(JSON.stringify({ f: TEMPLATE_FORMAT, b: this.backend.name, v: this.probe.detail, ...shape }));
+    // A snapshot taken under TCG does not restore under KVM (nor one VMM version's in another).
+    const p = this.probe();
+    h.update(
+      JSON.stringify({ f: TEMPLATE_FORMAT, b: this.backend.name, v: p.version ?? p.detail, a: p.capabilities?.acceleration, ...shape }),
+    );
     return h.digest('hex').slice(0, 20);
+  }
+
+  private usable(): boolean {
+    return this.enabled && this.probe().capabilities?.snapshot === true && !this.abort.signal.aborted;
+  }
+
+  private current(key: string): string | undefined {
+    try {
+      const build = readlinkSync(path.join(this.dir, `${key}.current`));
+      return TEMPLATE_DIR.test(build) && existsSync(path.join(this.dir, build, 'ready')) ? build : undefined;
+    } catch {
+      return undefined;
+    }
   }
 
   /** A ready template for this shape, or undefined (and one is started for next time). */
   lookup(shape: MachineShape): Template | undefined {
-    if (!this.enabled || !this.probe.capabilities?.snapshot) return undefined;
+    if (!this.usable()) return undefined;
     const key = this.key(shape);
-    const dir = path.join(this.dir, key);
-    if (existsSync(path.join(dir, 'ready'))) {
-      return { key, snapshot: path.join(dir, 'snapshot.bin'), memory: path.join(dir, 'memory'), scratch: path.join(dir, 'scratch.img') };
+    const build = this.current(key);
+    if (build) {
+      const dir = path.join(this.dir, build);
+      return {
+        key,
+        build,
+        snapshot: path.join(dir, 'snapshot.bin'),
+        memory: path.join(dir, 'memory'),
+        scratch: path.join(dir, 'scratch.img'),
+      };
     }
     void this.ensure(shape);
     return undefined;
   }
 
+  /**
+   * Records that `disk` (an instance's qcow2 child) is backed by `t`: call before creating the
+   * disk. The template's directory then stays until that disk is gone.
+   */
+  async reference(t: Template, disk: string): Promise<void> {
+    const refs = path.join(this.dir, 'refs', t.build);
+    await fs.mkdir(refs, { recursive: true, mode: 0o700 });
+    const name = createHash('sha256').update(disk).digest('hex').slice(0, 24);
+    await fs.writeFile(path.join(refs, name), disk, { mode: 0o600 });
+  }
+
   /** Builds the template for this shape unless it exists or is being built (here or elsewhere). */
   ensure(shape: MachineShape): Promise<void> {
-    if (!this.enabled || !this.probe.capabilities?.snapshot) return Promise.resolve();
+    if (!this.usable()) return Promise.resolve();
     const key = this.key(shape);
     const running = this.building.get(key);
     if (running) return running;
@@ -87,82 +143,167 @@ export class TemplateCache {
     return p;
   }
 
-  /** A template whose restore failed is set aside so that instances boot cold again. */
+  /**
+   * A template whose restore failed is no longer current, so instances boot cold and a new one
+   * is built. Its directory stays while instance disks reference it.
+   */
   async discard(t: Template): Promise<void> {
-    const dir = path.join(this.dir, t.key);
-    await fs.rm(path.join(dir, 'ready'), { force: true });
-    this.log.warn(`template ${t.key}: discarded after a failed restore`);
+    const link = path.join(this.dir, `${t.key}.current`);
+    if (this.current(t.key) === t.build) await fs.rm(link, { force: true });
+    this.log.warn(`template ${t.build}: discarded after a failed restore`);
+    await this.collect();
+  }
+
+  /** Cancels builds in progress and waits until they have cleaned up (daemon shutdown). */
+  async close(): Promise<void> {
+    this.abort.abort();
+    await Promise.allSettled([...this.building.values()]);
   }
 
   /**
-   * Removes set-aside templates. Running VMs keep their open disk and memory files; only a
-   * stopped instance made from one loses its writable layer, which nothing reads again.
+   * Removes what nothing needs: builds left by dead daemons (and their VMMs), stale locks,
+   * references whose disk is gone, and template directories neither current nor referenced.
    */
-  private async pruneOld(): Promise<void> {
-    for (const name of await fs.readdir(this.dir)) {
-      if (name.includes('.old-')) await fs.rm(path.join(this.dir, name), { recursive: true, force: true });
+  async collect(): Promise<void> {
+    const names = await fs.readdir(this.dir).catch(() => [] as string[]);
+    const current = new Set<string>();
+    for (const n of names) {
+      if (!n.endsWith('.current')) continue;
+      const build = this.current(n.slice(0, -'.current'.length));
+      if (build) current.add(build);
+    }
+    for (const n of names) {
+      const b = BUILD_DIR.exec(n);
+      if (b && !processAlive(Number(b[2]))) await this.removeBuild(path.join(this.dir, n));
+      if (n.endsWith('.lock')) {
+        const owner = Number(await fs.readFile(path.join(this.dir, n, 'owner'), 'utf8').catch(() => '0'));
+        if (!(owner > 0 && processAlive(owner))) await fs.rm(path.join(this.dir, n), { recursive: true, force: true });
+      }
+    }
+    for (const n of names) {
+      if (!TEMPLATE_DIR.test(n) || current.has(n)) continue;
+      if (await this.referenced(n)) continue;
+      await fs.rm(path.join(this.dir, n), { recursive: true, force: true });
+      await fs.rm(path.join(this.dir, 'refs', n), { recursive: true, force: true });
+      this.log.info(`template ${n}: removed (no longer current, no instance disk uses it)`);
     }
   }
 
-  private async build(key: string, shape: MachineShape): Promise<void> {
-    const final = path.join(this.dir, key);
-    if (existsSync(path.join(final, 'ready'))) return;
-    await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
-    const lock = path.join(this.dir, `${key}.lock`);
-    try {
-      await fs.mkdir(lock);
-    } catch {
-      const st = await fs.stat(lock).catch(() => undefined);
-      if (st && Date.now() - st.mtimeMs < STALE_LOCK_MS) return; // someone else is building it
-      await fs.rm(lock, { recursive: true, force: true });
-      await fs.mkdir(lock);
+  private async referenced(build: string): Promise<boolean> {
+    const refs = path.join(this.dir, 'refs', build);
+    let live = false;
+    for (const r of await fs.readdir(refs).catch(() => [] as string[])) {
+      const file = path.join(refs, r);
+      const disk = await fs.readFile(file, 'utf8').catch(() => '');
+      const st = await fs.stat(file).catch(() => undefined);
+      if (existsSync(disk) || (st && Date.now() - st.mtimeMs < REF_GRACE_MS)) live = true;
+      else await fs.rm(file, { force: true });
     }
-    const work = path.join(this.dir, `${key}.build-${process.pid}`);
+    return live;
+  }
+
+  /** A build dir of a dead daemon: its VMM may still run (a SIGKILLed aegisd cannot stop it). */
+  private async removeBuild(work: string): Promise<void> {
+    const pid = Number(await fs.readFile(path.join(work, 'qemu.pid'), 'utf8').catch(() => '0'));
+    if (pid > 0) {
+      const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+      if (cmdline.includes(work)) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // gone meanwhile
+        }
+      }
+    }
+    await fs.rm(work, { recursive: true, force: true });
+    this.log.info(`template build ${path.basename(work)}: removed (left by a daemon that is gone)`);
+  }
+
+  private async lock(key: string): Promise<boolean> {
+    const lock = path.join(this.dir, `${key}.lock`);
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        await fs.mkdir(lock);
+        await fs.writeFile(path.join(lock, 'owner'), String(process.pid));
+        return true;
+      } catch {
+        const owner = Number(await fs.readFile(path.join(lock, 'owner'), 'utf8').catch(() => '0'));
+        const st = await fs.stat(lock).catch(() => undefined);
+        // A lock without an owner file may be being made this instant: leave young ones alone.
+        if (owner > 0 ? processAlive(owner) : st !== undefined && Date.now() - st.mtimeMs < 10_000) return false;
+        await fs.rm(lock, { recursive: true, force: true });
+      }
+    }
+    return false;
+  }
+
+  private async build(key: string, shape: MachineShape): Promise<void> {
+    if (this.current(key)) return;
+    await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
+    if (!(await this.lock(key))) return; // someone else is building it
+    const lock = path.join(this.dir, `${key}.lock`);
+    const work = path.join(this.dir, `${key}.build-${process.pid}-${randomBytes(3).toString('hex')}`);
+    const signal = this.abort.signal;
     let vm: Vm | undefined;
     try {
       const started = Date.now();
-      await fs.rm(work, { recursive: true, force: true });
       await fs.mkdir(work, { recursive: true, mode: 0o700 });
       const scratch = path.join(work, 'scratch.img');
       await makeScratchDisk(scratch, shape.scratchDiskMiB);
-      vm = await this.backend.create({
-        id: `template-${key}`,
-        stateDir: work,
-        kernelPath: shape.kernelPath,
-        rootfsPath: shape.rootfsPath,
-        scratchDiskPath: scratch,
-        memoryMiB: shape.memoryMiB,
-        vcpuCount: shape.vcpuCount,
-        network: shape.network,
-        ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
-        kernelArgs: [],
-        memoryFile: { path: path.join(work, 'memory'), shared: true },
-      });
-      await vm.start();
+      signal.throwIfAborted();
+      vm = await this.backend.create(
+        {
+          id: `template-${key}`,
+          stateDir: work,
+          kernelPath: shape.kernelPath,
+          rootfsPath: shape.rootfsPath,
+          scratchDiskPath: scratch,
+          memoryMiB: shape.memoryMiB,
+          vcpuCount: shape.vcpuCount,
+          network: shape.network,
+          ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
+          kernelArgs: [],
+          memoryFile: { path: path.join(work, 'memory'), shared: true },
+        },
+        signal,
+      );
+      await vm.start(signal);
       const agent = new AgentConnection(
-        await vm.connectAgent(),
+        await vm.connectAgent(signal),
         () => undefined,
         () => undefined,
       );
-      await agent.waitReady(this.bootTimeoutMs);
-      await vm.saveSnapshot(path.join(work, 'snapshot.bin'));
-      agent.close();
+      try {
+        await agent.waitReady(this.bootTimeoutMs, signal);
+        signal.throwIfAborted();
+        await vm.saveSnapshot(path.join(work, 'snapshot.bin'), signal);
+      } finally {
+        agent.close();
+      }
       await vm.stop({ timeoutMs: 1000 });
       vm = undefined;
-      // The disk is now the backing file of every instance made from this template, and the
-      // memory file their copy-on-write RAM: neither may change from here on.
-      await fs.chmod(scratch, 0o400);
+      signal.throwIfAborted();
+      // From here on the disk backs every instance made from this build and the memory file
+      // is their copy-on-write RAM: nothing may write to them again. (QEMU opens a RAM file
+      // read-write even to map it privately, so that one stays 0600.)
+      for (const f of ['scratch.img', 'snapshot.bin']) await fs.chmod(path.join(work, f), 0o400);
       await fs.chmod(path.join(work, 'memory'), 0o600);
-      await fs.chmod(path.join(work, 'snapshot.bin'), 0o600);
       for (const f of await fs.readdir(work)) {
         if (!['scratch.img', 'snapshot.bin', 'memory'].includes(f)) await fs.rm(path.join(work, f), { force: true });
       }
-      await fs.writeFile(path.join(work, 'ready'), `${new Date().toISOString()}\n`);
-      // A discarded template may still back running instances' disks: move it aside, never delete.
-      if (existsSync(final)) await fs.rename(final, `${final}.old-${Date.now()}`);
-      await fs.rename(work, final);
-      await this.pruneOld();
-      this.log.info(`template ${key}: ready in ${Date.now() - started} ms (${shape.memoryMiB} MiB, ${shape.vcpuCount} vCPU)`);
+      await fs.writeFile(path.join(work, 'ready'), `${new Date().toISOString()}\n`, { mode: 0o400 });
+      const build = `${key}.${Date.now().toString(36)}${randomBytes(4).toString('hex')}`;
+      await fs.rename(work, path.join(this.dir, build));
+      const link = path.join(this.dir, `${key}.current`);
+      const tmp = `${link}.${process.pid}.tmp`;
+      await fs.rm(tmp, { force: true });
+      await fs.symlink(build, tmp);
+      await fs.rename(tmp, link); // atomic: a reader sees the old build or the new one
+      this.log.info(`template ${key}: ready in ${Date.now() - started} ms (${shape.memoryMiB} MiB, ${shape.vcpuCount} vCPU) as ${build}`);
+      await this.collect();
+    } catch (err) {
+      if (signal.aborted) throw new AegisError('CANCELLED', 'the daemon is shutting down');
+      throw err;
     } finally {
       if (vm) await vm.stop({ timeoutMs: 1000 }).catch(() => undefined);
       await fs.rm(work, { recursive: true, force: true });

@@ -21,6 +21,7 @@ export class PortForwarder {
   private connect: (() => Promise<Duplex>) | undefined;
   private channel: Promise<DataChannel> | undefined;
   private closed = false;
+  private onError: ((err: Error) => void) | undefined;
 
   private constructor(
     private readonly servers: net.Server[],
@@ -31,11 +32,13 @@ export class PortForwarder {
   static async listen(requested: PortMapping[]): Promise<PortForwarder> {
     const servers: net.Server[] = [];
     const bound: PortMapping[] = [];
+    // Exists from the start so the first listener's error handler has somewhere to report.
+    const forwarder = new PortForwarder(servers, bound);
     try {
       for (const m of requested) {
         const server = net.createServer({ pauseOnConnect: true });
         await new Promise<void>((resolve, reject) => {
-          server.once('error', (err: NodeJS.ErrnoException) => {
+          const onListenError = (err: NodeJS.ErrnoException): void => {
             if (err.code === 'EADDRINUSE') {
               reject(
                 new AegisError(
@@ -48,9 +51,19 @@ export class PortForwarder {
             } else if (err.code === 'EACCES') {
               reject(new AegisError('FAILED_PRECONDITION', `binding ${m.hostIp}:${m.hostPort} needs privileges aegisd does not have`));
             } else reject(err);
+          };
+          server.once('error', onListenError);
+          server.listen({ host: m.hostIp, port: m.hostPort, exclusive: true }, () => {
+            server.off('error', onListenError);
+            resolve();
           });
-          server.listen({ host: m.hostIp, port: m.hostPort, exclusive: true }, () => resolve());
         });
+        // A listening server's errors come from accept (EMFILE, ENFILE, ENOBUFS, ...): pending
+        // connections were dropped, but the listener is intact and libuv keeps accepting. With
+        // no handler Node throws them and takes down aegisd with every instance's ports; closing
+        // the listener would turn a transient shortage into a port that is gone until the
+        // instance restarts. So it stays up, and the error goes only to whoever asked.
+        server.on('error', (err: Error) => forwarder.onError?.(err));
         servers.push(server);
         bound.push({ ...m, hostPort: (server.address() as net.AddressInfo).port });
       }
@@ -58,15 +71,17 @@ export class PortForwarder {
       for (const s of servers) s.close();
       throw err;
     }
-    return new PortForwarder(servers, bound);
+    return forwarder;
   }
 
   /**
    * Starts accepting; each connection goes over the VM's data channel, which `connect` opens
-   * on first use (and again if it closed, e.g. after a daemon restart).
+   * on first use (and again if it closed, e.g. after a daemon restart). `onError` hears about
+   * errors of the listeners, which keep listening through them.
    */
-  serve(connect: () => Promise<Duplex>): void {
+  serve(connect: () => Promise<Duplex>, onError?: (err: Error) => void): void {
     this.connect = connect;
+    this.onError = onError;
     this.servers.forEach((server, i) => {
       const m = this.mappings[i];
       if (!m) return;

@@ -244,6 +244,20 @@ export class Registry {
     this.db.prepare(`UPDATE instances SET ${sets.join(', ')} WHERE id = @id`).run(params);
   }
 
+  /**
+   * Compare-and-set: moves the instance to `patch.state` only if it is still in `from`.
+   * False when another path changed it first (the caller decides what that means).
+   */
+  transitionInstance(id: string, from: InstanceRow['state'], patch: InstancePatch & { state: InstanceRow['state'] }): boolean {
+    const sets: string[] = ['updated_at = @updatedAt'];
+    const params: Record<string, unknown> = { id, from, updatedAt: Date.now() };
+    for (const [k, v] of Object.entries(patch) as [keyof InstancePatch, unknown][]) {
+      sets.push(`${COLUMNS[k]} = @${k}`);
+      params[k] = k === 'vmRecord' && v !== null ? JSON.stringify(v) : v;
+    }
+    return this.db.prepare(`UPDATE instances SET ${sets.join(', ')} WHERE id = @id AND state = @from`).run(params).changes === 1;
+  }
+
   deleteInstance(id: string): void {
     this.db.prepare('DELETE FROM instances WHERE id = ?').run(id);
   }

@@ -89,6 +89,7 @@ export function statusCommand(): Command {
           `aegisd ${s.version} running (pid ${s.pid}, up ${Math.round(s.uptimeMs / 1000)}s)\n` +
             `home:      ${s.home}\n` +
             `backend:   ${s.backend.name} (${s.backend.detail})\n` +
+            `accel:     ${s.backend.accelerationReason || s.backend.acceleration}\n` +
             `instances: ${s.instances.running} running, ${s.instances.total} total\n`,
         );
       } catch (err) {

@@ -1,11 +1,12 @@
 import { spawnSync } from 'node:child_process';
-import { accessSync, constants } from 'node:fs';
+import { accessSync, constants, existsSync, realpathSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Command } from 'commander';
 import { isAegisError } from '@aegis/client';
 import { QemuBackend } from '@aegis/vmm-qemu';
 import { FirecrackerBackend } from '@aegis/vmm-firecracker';
+import type { Probe } from '@aegis/vmm';
 import { client, exit } from '../../util.js';
 
 interface Check {
@@ -35,18 +36,25 @@ export function doctorCommand(): Command {
   return new Command('doctor').description('check that this machine can run Aegis VMs').action(async () => {
     const home = process.env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis');
     const checks: Check[] = [];
-    const probe = await new QemuBackend().probe();
+    const kernelPath = process.env['AEGIS_KERNEL'] ?? path.join(home, 'cache/kernel/vmlinux');
+    const rootfsPath = process.env['AEGIS_ROOTFS'] ?? path.join(home, 'cache/rootfs/base.erofs');
+    // The daemon's own choice: the same verdict cache, beside the guest artifacts.
+    const artifacts = existsSync(rootfsPath) ? path.dirname(path.dirname(realpathSync(rootfsPath))) : path.join(home, 'cache');
+    const opts = { cacheDir: artifacts, ...(existsSync(kernelPath) ? { kernelPath: realpathSync(kernelPath) } : {}) };
+    // doctor waits for a KVM test the daemon would run in the background (a few seconds at most).
+    const settle = async (p: Probe): Promise<Probe> => (p.settled ? await p.settled : p);
+    const probe = await settle(await new QemuBackend(opts).probe());
     checks.push({ name: 'backend qemu', ok: probe.available, detail: probe.detail });
     checks.push({
       name: 'acceleration',
       ok: true,
       detail:
         probe.capabilities?.acceleration === 'kvm'
-          ? 'KVM (/dev/kvm usable)'
-          : 'TCG software emulation (no usable /dev/kvm): VMs boot in seconds, not milliseconds',
+          ? (probe.accelerationReason ?? 'KVM')
+          : `${probe.accelerationReason ?? 'TCG'} (software emulation: VMs boot in seconds, not milliseconds)`,
     });
     // Optional backends: their absence is information, not a failure.
-    const fc = await new FirecrackerBackend().probe();
+    const fc = await settle(await new FirecrackerBackend(opts).probe());
     checks.push({ name: 'backend firecracker', ok: true, detail: fc.available ? fc.detail : `not usable here: ${fc.detail}` });
     checks.push({ name: 'backend libkrun', ok: true, detail: 'not built into this version (skipped)' });
     checks.push(toolCheck('mkfs.ext4', ['-V'], 'apt-get install e2fsprogs'));

@@ -18,6 +18,7 @@ export function systemRoutes(d: DaemonContext): Route[] {
               name: d.backend.name,
               detail: d.probe.detail,
               acceleration: d.probe.capabilities?.acceleration ?? 'unknown',
+              accelerationReason: d.probe.accelerationReason ?? '',
             },
             instances: d.instances.counts(),
           },

@@ -1,0 +1,100 @@
+/**
+ * Booting one instance's VM: its disk (new, a copy-on-write child of a template, or its own
+ * kept one on a restart), the VMM, the agent channel, and for a restored clone its own
+ * identity (`fresh`). Every step takes the start's signal: a cancelled start stops here.
+ */
+import { randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { AegisError } from '@aegis/protocol';
+import type { Backend, Vm } from '@aegis/vmm';
+import type { Logger } from '../log.js';
+import type { Registry } from '../registry/db.js';
+import type { AgentConnection } from './agent.js';
+import { makeChildDisk, makeScratchDisk } from './disks.js';
+import type { LiveInstance } from './live.js';
+import { existingDisk } from './spec.js';
+import type { MachineShape, Template, TemplateCache } from './templates.js';
+
+export interface BootContext {
+  backend: Backend;
+  registry: Registry;
+  templates: TemplateCache;
+  log: Logger;
+  bootTimeoutMs: number;
+  /** Wraps a started VM so its exit and agent are followed (and it is findable by id). */
+  track(id: string, handle: string, vm: Vm): LiveInstance;
+}
+
+/**
+ * Starts the instance's VM, warm from `template` when given (restore + `fresh`), else cold,
+ * and returns once its harness answers. A VM that started is tracked before anything can
+ * fail, so the caller can always find and stop it.
+ */
+export async function bootVm(
+  ctx: BootContext,
+  id: string,
+  handle: string,
+  dir: string,
+  shape: MachineShape,
+  template: Template | undefined,
+  keepDisk: boolean,
+  signal: AbortSignal,
+): Promise<{ live: LiveInstance; agent: AgentConnection }> {
+  const t0 = Date.now();
+  const phases: string[] = [];
+  const phase = (name: string): void => void phases.push(`${name} ${Date.now() - t0}`);
+  const vmDir = path.join(dir, 'vm');
+  await fs.rm(vmDir, { recursive: true, force: true });
+  await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });
+  // A kept disk is the instance's own: raw, or a child of the template it was cloned from.
+  const kept = keepDisk ? await existingDisk(dir) : undefined;
+  if (!kept) {
+    await fs.rm(path.join(dir, 'scratch.img'), { force: true });
+    await fs.rm(path.join(dir, 'scratch.qcow2'), { force: true });
+  }
+  const scratch = kept?.path ?? path.join(dir, template ? 'scratch.qcow2' : 'scratch.img');
+  const scratchFormat = kept?.format ?? (template ? 'qcow2' : 'raw');
+  if (!kept && template) {
+    // Registered first: the template's directory then outlives every disk made from it.
+    await ctx.templates.reference(template, scratch);
+    await makeChildDisk(scratch, template.scratch);
+  } else if (!kept) await makeScratchDisk(scratch, shape.scratchDiskMiB);
+  signal.throwIfAborted();
+  const vm = await ctx.backend.create(
+    {
+      id,
+      stateDir: vmDir,
+      kernelPath: shape.kernelPath,
+      rootfsPath: shape.rootfsPath,
+      scratchDiskPath: scratch,
+      scratchDiskFormat: scratchFormat,
+      memoryMiB: shape.memoryMiB,
+      vcpuCount: shape.vcpuCount,
+      network: shape.network,
+      ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
+      // A restored machine must match its template's exactly; it gets its name from `fresh`.
+      kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
+      ...(template ? { restoreFrom: template.snapshot, memoryFile: { path: template.memory, shared: false } } : {}),
+    },
+    signal,
+  );
+  phase('disk');
+  signal.throwIfAborted();
+  await vm.start(signal);
+  phase(template ? 'restored' : 'vmm started');
+  // Recorded and tracked at once: from here a crash or a cancel finds this VM.
+  ctx.registry.updateInstance(id, { vmRecord: vm.record() });
+  const live = ctx.track(id, handle, vm);
+  signal.throwIfAborted();
+  const agent = await live.connectAgent(ctx.bootTimeoutMs, signal);
+  phase('agent ready');
+  if (template) {
+    const fresh = { timeMs: Date.now(), hostname: handle, entropy: randomBytes(64).toString('base64') };
+    await agent.call('fresh', fresh, { timeoutMs: 15_000, signal });
+    phase('fresh');
+  }
+  if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
+  ctx.log.info(`instance ${handle} (${id}): ${template ? 'warm' : 'cold'} boot, ms: ${phases.join(', ')}`);
+  return { live, agent };
+}

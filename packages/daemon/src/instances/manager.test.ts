@@ -1,0 +1,155 @@
+/**
+ * The instance owner with a fake backend (no VM): operations on one instance never interleave,
+ * a start in flight is cancelled by the stop or delete behind it, and nothing it would have
+ * booted runs afterwards. The same lifecycle runs against real VMs in tests/integration.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { AegisError } from '@aegis/protocol';
+import { FakeBackend } from '../../../../tests/support/fake-vmm.js';
+import { loadConfig } from '../config.js';
+import { ImageService } from '../images/service.js';
+import { Registry } from '../registry/db.js';
+import { SecretStore } from '../secrets/store.js';
+import { InstanceManager } from './manager.js';
+import { TemplateCache } from './templates.js';
+
+let home = '';
+let registry: Registry;
+let backend: FakeBackend;
+let m: InstanceManager;
+const logged: string[] = [];
+
+beforeEach(async () => {
+  home = mkdtempSync(path.join(os.tmpdir(), 'aegis-owner-'));
+  const kernelPath = path.join(home, 'vmlinux');
+  const rootfsPath = path.join(home, 'base.erofs');
+  writeFileSync(kernelPath, '');
+  writeFileSync(rootfsPath, '');
+  const config = { ...loadConfig({ AEGIS_HOME: home }), kernelPath, rootfsPath, scratchDiskMiB: 8, warmBoot: false, bootTimeoutMs: 5000 };
+  registry = new Registry(config.dbPath);
+  backend = new FakeBackend();
+  const log = { info: (s: string) => void logged.push(s), warn: (s: string) => void logged.push(s) };
+  const probe = await backend.probe();
+  const templates = new TemplateCache(backend, () => probe, path.join(home, 'templates'), log, 5000, false);
+  const images = new ImageService(home, registry, log, { insecureRegistries: [] });
+  m = new InstanceManager(
+    config,
+    registry,
+    backend,
+    log,
+    new SecretStore(registry, path.join(home, 'secrets.key')),
+    templates,
+    ['none'],
+    images,
+  );
+});
+
+afterEach(() => {
+  registry.close();
+  rmSync(home, { recursive: true, force: true });
+  logged.length = 0;
+});
+
+async function until(cond: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 200 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+  if (!cond()) throw new Error(`timed out waiting for ${what}`);
+}
+
+async function codeOf(p: Promise<unknown>): Promise<string> {
+  try {
+    await p;
+    return 'ok';
+  } catch (err) {
+    return err instanceof AegisError ? err.code : `not an AegisError: ${String(err)}`;
+  }
+}
+
+/** Starts a create whose boot is held open; resolves once the VM is booting. */
+async function startHeld(handle: string): Promise<{ create: Promise<unknown>; id: string }> {
+  backend.holdBoots();
+  const create = m.create({ handle, command: ['sleep', '60'] });
+  create.catch(() => undefined);
+  await until(() => backend.events.some((e) => e.startsWith('start ')), 'the boot');
+  return { create, id: m.get(handle).id };
+}
+
+describe('one owner per instance', () => {
+  it('stop while starting cancels the start: nothing boots afterwards and no VM is left', async () => {
+    const { create } = await startHeld('s');
+    const stopped = await m.stop('s');
+    expect(await codeOf(create)).toBe('CANCELLED');
+    expect(stopped.state).toBe('stopped');
+    expect(stopped.stateReason).toMatch(/stopped while starting/);
+    backend.releaseBoots();
+    await new Promise((r) => setTimeout(r, 50));
+    expect(backend.events.filter((e) => e.startsWith('run '))).toEqual([]);
+    expect(backend.runningVms()).toEqual([]);
+  });
+
+  it('delete --force during a start returns after the start is undone, and the workload never starts', async () => {
+    const { create } = await startHeld('d');
+    await m.delete('d', true);
+    expect(await codeOf(create)).toBe('CANCELLED');
+    expect(m.list(true)).toEqual([]);
+    backend.releaseBoots();
+    await new Promise((r) => setTimeout(r, 50));
+    expect(backend.events.filter((e) => e.startsWith('run '))).toEqual([]);
+    expect(backend.runningVms()).toEqual([]);
+  });
+
+  it('a plain delete during a start is refused with FAILED_PRECONDITION and the start goes on', async () => {
+    const { create } = await startHeld('p');
+    expect(await codeOf(m.delete('p', false))).toBe('FAILED_PRECONDITION');
+    backend.releaseBoots();
+    expect(await codeOf(create)).toBe('ok');
+    expect(m.get('p').state).toBe('running');
+    expect(backend.runningVms()).toHaveLength(1);
+  });
+
+  it('serialises concurrent operations: every one either succeeds or is refused with a code, and the end state is consistent', async () => {
+    await m.create({ handle: 'c', command: ['sleep', '60'] });
+    const ops = [m.pause('c'), m.resume('c'), m.pause('c'), m.stop('c'), m.resume('c'), m.pause('c')];
+    const codes = await Promise.all(ops.map(codeOf));
+    expect(codes).toEqual(['ok', 'ok', 'ok', 'ok', 'FAILED_PRECONDITION', 'FAILED_PRECONDITION']);
+    expect(m.get('c').state).toBe('stopped');
+    expect(backend.runningVms()).toEqual([]);
+  });
+
+  it('operations queued behind a delete find the instance gone (NOT_FOUND), never a half-deleted one', async () => {
+    await m.create({ handle: 'g', command: ['sleep', '60'] });
+    const del = m.delete('g', true);
+    const after = m.pause('g');
+    expect(await codeOf(del)).toBe('ok');
+    expect(await codeOf(after)).toBe('NOT_FOUND');
+  });
+
+  it('exec fails with UNAVAILABLE instead of hanging when the agent channel drops while the VM lives', async () => {
+    await m.create({ handle: 'e', command: ['sleep', '60'] });
+    const events: string[] = [];
+    const exec = m.exec('e', { command: ['sleep', '60'] }, (ev) => void events.push(ev.type));
+    exec.catch(() => undefined);
+    await until(() => events.includes('started'), 'the exec to start');
+    backend.vms[0]?.dropAgent();
+    const started = Date.now();
+    expect(await codeOf(exec)).toBe('UNAVAILABLE');
+    expect(Date.now() - started).toBeLessThan(1000);
+    // The channel is opened again: the instance keeps working.
+    await until(() => backend.vms[0]?.guest !== undefined, 'the agent to reconnect');
+    void m.exec('e', { command: ['true'] }, () => undefined).catch(() => undefined);
+    await until(() => backend.vms[0]?.execs.length === 2, 'a second exec to reach the guest');
+    await m.delete('e', true); // ends the second exec (its guest never answers)
+  });
+
+  it('an aborted API call surfaces as CANCELLED, not INTERNAL', async () => {
+    backend.holdBoots();
+    const caller = new AbortController();
+    const create = m.create({ handle: 'a', command: ['true'] }, caller.signal);
+    await until(() => backend.events.some((e) => e.startsWith('start ')), 'the boot');
+    caller.abort();
+    expect(await codeOf(create)).toBe('CANCELLED');
+    expect(backend.runningVms()).toEqual([]);
+  });
+});

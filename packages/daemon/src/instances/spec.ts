@@ -1,0 +1,134 @@
+/**
+ * What an instance is asked to be and how it is shown: request and view types, and the pure
+ * rules (Docker's Entrypoint/Cmd, an image's Env) the lifecycle applies. No I/O but reading a
+ * disk's name.
+ */
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { AegisError, type Stream } from '@aegis/protocol';
+import type { NetworkMode } from '@aegis/vmm';
+import type { InstanceRow } from '../registry/db.js';
+import type { PortMapping } from '../ports/forwarder.js';
+import type { ImageConfig } from '../images/registry.js';
+import type { InstanceState } from './state.js';
+
+export interface CreateRequest {
+  /** With an image: replaces its Cmd (its Entrypoint stays); may then be omitted. */
+  command?: string[];
+  /** An OCI image reference or digest; pulled first when this host does not have it. */
+  image?: string;
+  handle?: string;
+  env?: Record<string, string>;
+  /** Secret names for the workload's environment; `*` for all. */
+  secrets?: string[];
+  /** Delete the instance if it fails to start (`aegis run`). */
+  autoRemove?: boolean;
+  /** Ports to forward from the host into the guest. */
+  exposes?: { guestPort: number; hostPort?: number; hostIp?: string; protocol?: 'tcp' }[];
+  workdir?: string;
+  memoryMiB?: number;
+  vcpuCount?: number;
+  network?: NetworkMode;
+}
+
+export interface ExecRequest {
+  command: string[];
+  env?: Record<string, string>;
+  workdir?: string;
+  /** Keep the command's stdin open for `execInput` (otherwise it reads /dev/null). */
+  stdin?: boolean;
+  /** Run on a pseudo-terminal of this size (stdin is then always open). */
+  tty?: { rows: number; cols: number };
+}
+
+export type ExecEvent =
+  | { type: 'started'; execId: string }
+  | { type: 'output'; stream: Stream; data: string }
+  | { type: 'exit'; exitCode: number | null; signal: string | null; guestDurationMs?: number };
+
+export interface InstanceView {
+  id: string;
+  handle: string;
+  state: InstanceState;
+  command: string[];
+  createdAt: string;
+  startedAt?: string;
+  stoppedAt?: string;
+  exitCode: number | null;
+  stateReason?: string;
+  memoryMiB: number;
+  vcpuCount: number;
+  backend: string;
+  ports: PortMapping[];
+  network: NetworkMode;
+  /** The image's reference (or digest when it has none); absent for the base rootfs. */
+  image?: string;
+  imageDigest?: string;
+}
+
+export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
+  for (const [name, format] of [
+    ['scratch.qcow2', 'qcow2'],
+    ['scratch.img', 'raw'],
+  ] as const) {
+    const file = path.join(dir, name);
+    if (
+      await fs.stat(file).then(
+        () => true,
+        () => false,
+      )
+    )
+      return { path: file, format };
+  }
+  return undefined;
+}
+
+/** Docker's rule: a given command replaces the image's Cmd; its Entrypoint stays in front. */
+export function effectiveCommand(command: string[] | undefined, config: ImageConfig | undefined): string[] {
+  const given = command && command.length > 0 ? command : undefined;
+  const argv = config ? [...(config.entrypoint ?? []), ...(given ?? config.cmd ?? [])] : (given ?? []);
+  if (argv.length === 0) {
+    throw new AegisError(
+      'INVALID_ARGUMENT',
+      config ? 'the image has no Entrypoint or Cmd: give a command after --' : 'a command is required',
+    );
+  }
+  return argv;
+}
+
+export function imageEnv(config: ImageConfig | undefined): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const kv of config?.env ?? []) {
+    const i = kv.indexOf('=');
+    if (i > 0) env[kv.slice(0, i)] = kv.slice(i + 1);
+  }
+  return env;
+}
+
+const iso = (ms: number | null): string | undefined => (ms === null ? undefined : new Date(ms).toISOString());
+
+export function toView(row: InstanceRow): InstanceView {
+  const view: InstanceView = {
+    id: row.id,
+    handle: row.handle,
+    state: row.state,
+    command: row.command,
+    createdAt: new Date(row.createdAt).toISOString(),
+    exitCode: row.exitCode,
+    memoryMiB: row.memoryMiB,
+    vcpuCount: row.vcpuCount,
+    backend: row.backend,
+    ports: row.ports,
+    network: row.network,
+  };
+  if (row.image) {
+    view.image = row.image.reference ?? row.image.digest;
+    view.imageDigest = row.image.digest;
+  }
+  const startedAt = iso(row.startedAt);
+  const stoppedAt = iso(row.stoppedAt);
+  if (startedAt) view.startedAt = startedAt;
+  if (stoppedAt) view.stoppedAt = stoppedAt;
+  if (row.stateReason) view.stateReason = row.stateReason;
+  return view;
+}

@@ -1,0 +1,193 @@
+/**
+ * A VMM backend with no VM, for unit tests of the instance lifecycle: each "VM" is an object
+ * whose agent channel is served by a scripted harness in this process (JSON-RPC over an
+ * in-memory duplex). Tests control when a boot completes, see which workloads ran, and drop
+ * channels. It never stands in for a real VM in a test that claims a feature works.
+ */
+import { Duplex } from 'node:stream';
+import { AegisError, RpcPeer } from '@aegis/protocol';
+import type { Backend, Probe, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
+
+/** Two connected in-memory byte streams. */
+function duplexPair(): [Duplex, Duplex] {
+  const ends: Duplex[] = [];
+  const make = (peerIndex: number): Duplex =>
+    new Duplex({
+      read() {},
+      write(chunk: Buffer, _enc, cb) {
+        const p = ends[peerIndex];
+        if (p && !p.destroyed) p.push(chunk);
+        cb();
+      },
+      destroy(err, cb) {
+        const p = ends[peerIndex];
+        if (p && !p.destroyed) p.destroy();
+        cb(err);
+      },
+    });
+  const a = make(1);
+  const b = make(0);
+  ends.push(a, b);
+  return [a, b];
+}
+
+export class FakeVm implements Vm {
+  readonly exited: Promise<VmExit>;
+  private resolveExit!: (e: VmExit) => void;
+  running = false;
+  gone = false;
+  /** Workloads the guest was asked to run. */
+  readonly runs: string[][] = [];
+  readonly execs: string[][] = [];
+  /** The guest end of the current agent channel. */
+  guest: { peer: RpcPeer; stream: Duplex } | undefined;
+  paused = false;
+
+  constructor(
+    readonly id: string,
+    private readonly backend: FakeBackend,
+  ) {
+    this.exited = new Promise((r) => (this.resolveExit = r));
+  }
+
+  record(): VmRecord {
+    return { backend: 'fake', id: this.id, pid: -1 };
+  }
+
+  async start(signal?: AbortSignal): Promise<void> {
+    this.backend.events.push(`start ${this.id}`);
+    // A boot the test holds open, as a slow TCG boot would be.
+    await new Promise<void>((resolve, reject) => {
+      const onAbort = (): void => reject(new AegisError('CANCELLED', 'start cancelled'));
+      if (signal?.aborted) return onAbort();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      void this.backend.bootGate.then(() => {
+        signal?.removeEventListener('abort', onAbort);
+        resolve();
+      });
+    });
+    this.running = true;
+  }
+
+  async pause(): Promise<void> {
+    this.paused = true;
+  }
+
+  async resume(): Promise<void> {
+    this.paused = false;
+  }
+
+  async connectAgent(): Promise<Duplex> {
+    if (!this.running) throw new AegisError('UNAVAILABLE', 'not running');
+    const [host, guest] = duplexPair();
+    const peer = new RpcPeer({
+      send: (line) => void guest.write(line),
+      onRequest: (method, params) => this.serve(method, params as Record<string, unknown>),
+    });
+    guest.on('data', (c: Buffer) => peer.receive(c));
+    this.guest = { peer, stream: guest };
+    setImmediate(() => peer.notify('ready', { version: 1 }));
+    return host;
+  }
+
+  private async serve(method: string, params: Record<string, unknown>): Promise<unknown> {
+    switch (method) {
+      case 'health':
+        return { version: 1, uptimeMs: 1, workload: null };
+      case 'run':
+        this.runs.push(params['command'] as string[]);
+        this.backend.events.push(`run ${this.id}`);
+        return { pid: 10, startedAtMs: Date.now() };
+      case 'exec':
+        this.execs.push(params['command'] as string[]);
+        return { pid: 11 };
+      case 'shutdown':
+        setImmediate(() => this.end({ reason: 'guest-poweroff', detail: 'guest ended the VM' }));
+        return {};
+      default:
+        return {};
+    }
+  }
+
+  /** The guest end drops its channel while the VM lives. */
+  dropAgent(): void {
+    this.guest?.stream.destroy();
+    this.guest = undefined;
+  }
+
+  async connectData(): Promise<Duplex> {
+    return duplexPair()[0];
+  }
+
+  async saveSnapshot(): Promise<void> {
+    throw new AegisError('UNSUPPORTED', 'fake');
+  }
+
+  async stop(): Promise<void> {
+    this.end({ reason: 'host-stop', detail: 'stopped by the host' });
+    await this.exited;
+  }
+
+  end(exit: VmExit): void {
+    if (this.gone) return;
+    this.gone = true;
+    this.running = false;
+    this.guest?.stream.destroy();
+    this.backend.events.push(`end ${this.id}`);
+    this.resolveExit(exit);
+  }
+
+  detach(): void {}
+
+  async consoleTail(): Promise<string> {
+    return '';
+  }
+}
+
+export class FakeBackend implements Backend {
+  readonly name = 'qemu' as const;
+  readonly vms: FakeVm[] = [];
+  readonly events: string[] = [];
+  private openGate!: () => void;
+  bootGate: Promise<void> = Promise.resolve();
+
+  /** Holds every boot until `releaseBoots`. */
+  holdBoots(): void {
+    this.bootGate = new Promise((r) => (this.openGate = r));
+  }
+
+  releaseBoots(): void {
+    this.openGate();
+  }
+
+  async probe(): Promise<Probe> {
+    return {
+      available: true,
+      detail: 'fake',
+      capabilities: {
+        pause: true,
+        snapshot: false,
+        survivesDaemonRestart: false,
+        agentTransport: 'virtio-serial',
+        acceleration: 'tcg',
+        networkModes: ['none'],
+        qcow2ScratchDisks: false,
+      },
+    };
+  }
+
+  async create(config: VmConfig): Promise<Vm> {
+    const vm = new FakeVm(config.id, this);
+    this.vms.push(vm);
+    return vm;
+  }
+
+  async attach(): Promise<Vm> {
+    throw new AegisError('NOT_FOUND', 'fake VMs do not survive');
+  }
+
+  /** VMs whose "VMM" still runs. */
+  runningVms(): FakeVm[] {
+    return this.vms.filter((v) => v.running && !v.gone);
+  }
+}
