@@ -44,7 +44,7 @@ describe('warm boot from a snapshot template', () => {
     const d = daemon();
     await untilWarm(d);
     // Each build's own immutable directory, `<key>.<build>`: spoiled here on purpose.
-    const ready = readdirSync(templates).filter((n) => /^[0-9a-f]{20}\.[0-9a-z]+$/.test(n));
+    const ready = readdirSync(templates).filter((n) => /^[0-9a-f]{20}\.b[0-9a-f]{16}$/.test(n));
     expect(ready.length).toBeGreaterThan(0);
     for (const t of ready) {
       const snapshot = path.join(templates, t, 'snapshot.bin');

@@ -38,7 +38,8 @@ const TEMPLATE_FORMAT = 3;
 /** A reference younger than this is kept even before its disk exists (it is being made). */
 const REF_GRACE_MS = 60_000;
 const BUILD_DIR = /^([0-9a-f]{20})\.build-(\d+)-/;
-const TEMPLATE_DIR = /^[0-9a-f]{20}\.[0-9a-z]+$/;
+/** `<key>.b<16 hex>`: exactly a build's directory (never `.lock`, `.current` or a work dir). */
+const TEMPLATE_DIR = /^[0-9a-f]{20}\.b[0-9a-f]{16}$/;
 
 export interface MachineShape {
   kernelPath: string;
@@ -292,7 +293,7 @@ export class TemplateCache {
         if (!['scratch.img', 'snapshot.bin', 'memory'].includes(f)) await fs.rm(path.join(work, f), { force: true });
       }
       await fs.writeFile(path.join(work, 'ready'), `${new Date().toISOString()}\n`, { mode: 0o400 });
-      const build = `${key}.${Date.now().toString(36)}${randomBytes(4).toString('hex')}`;
+      const build = `${key}.b${randomBytes(8).toString('hex')}`;
       await fs.rename(work, path.join(this.dir, build));
       const link = path.join(this.dir, `${key}.current`);
       const tmp = `${link}.${process.pid}.tmp`;
