@@ -161,5 +161,20 @@ for (const c of candidates) {
       await again.exited;
       await expect(backend.attach(record)).rejects.toMatchObject({ code: 'NOT_FOUND' });
     });
+
+    it('stop after detach returns and the VMM process is gone (it used to wait forever)', async (ctx) => {
+      if (skipReason) return ctx.skip(skipReason);
+      const { vm, agent } = await boot();
+      agent.stream.destroy();
+      const pid = (vm.record() as { pid?: number }).pid;
+      vm.detach();
+      const stopped = await Promise.race([
+        vm.stop({ timeoutMs: 2000 }).then(() => 'returned'),
+        new Promise((r) => setTimeout(() => r('still waiting'), 15_000)),
+      ]);
+      expect(stopped).toBe('returned');
+      expect(pid).toBeGreaterThan(0);
+      expect(() => process.kill(pid ?? 0, 0)).toThrow();
+    });
   });
 }

@@ -50,9 +50,14 @@ describe('daemon control from the CLI', () => {
     const status = await d.cli(['status']);
     expect(status.code).toBe(0);
     expect(status.stdout).toMatch(/backend:\s+qemu \(.*(KVM|TCG)/);
+    // Whatever this host's /dev/kvm is, both say the same thing about it, in one line.
+    const { backend } = await d.client.status();
+    expect(backend.accelerationReason).toMatch(/KVM|TCG/);
+    expect(status.stdout).toContain(`accel:     ${backend.accelerationReason}\n`);
     const doctor = await d.cli(['doctor']);
     expect(doctor.stdout).toMatch(/ok\s+backend qemu/);
-    expect(doctor.stdout).toMatch(/acceleration\s+(KVM|TCG)/);
+    expect(doctor.stdout).toMatch(/acceleration\s+(KVM|TCG|\/dev\/kvm present but it cannot run the guest: .+; using TCG)/);
+    if (!/being tested/.test(backend.accelerationReason)) expect(doctor.stdout).toContain(backend.accelerationReason);
     expect(doctor.stdout).toMatch(/ok\s+aegisd\s+running/);
     expect(doctor.code).toBe(0);
   });

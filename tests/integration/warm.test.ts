@@ -57,4 +57,38 @@ describe('warm boot from a snapshot template', () => {
     expect(d.log()).toMatch(/fallback \(\w+\): warm boot failed .*; booting cold/);
     expect(d.log()).toMatch(/discarded after a failed restore/);
   });
+
+  it('a template rebuilt under stopped instances leaves their disks intact: restart finds each one its files', async () => {
+    const d = daemon();
+    // The previous test set the template aside: wait for its replacement to be current.
+    await d.cli(['run', '--', 'true']);
+    for (let i = 0; i < 600 && !readdirSync(templates).some((n) => n.endsWith('.current')); i++) {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const handles = ['keep-a', 'keep-b'];
+    for (const h of handles) {
+      await d.client.createInstance({ handle: h, command: ['sh', '-c', `echo ${h} > /mark; sync; exec sleep 600`] });
+      expect(d.log()).toMatch(new RegExp(`${h} \\(\\w+\\): warm boot`));
+      for (let i = 0; i < 50 && (await d.cli(['exec', h, '--', 'cat', '/mark'])).stdout !== `${h}\n`; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      await d.client.stopInstance(h);
+    }
+    // The current build is set aside (as after a failed restore) and a new one is built in its
+    // place, while both stopped instances' disks are copy-on-write children of the old one.
+    const builtBefore = (d.log().match(/template \w+: ready in/g) ?? []).length;
+    for (const n of readdirSync(templates).filter((n) => n.endsWith('.current'))) rmSync(path.join(templates, n));
+    await d.cli(['run', '--', 'true']);
+    for (let i = 0; i < 600 && (d.log().match(/template \w+: ready in/g) ?? []).length === builtBefore; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect((d.log().match(/template \w+: ready in/g) ?? []).length).toBe(builtBefore + 1);
+    for (const h of handles) {
+      await d.client.restartInstance(h);
+      const r = await d.cli(['exec', h, '--', 'cat', '/mark']);
+      expect(r.stdout).toBe(`${h}\n`);
+      const fsck = await d.cli(['exec', h, '--', 'sh', '-c', 'dmesg | grep -ci "ext4.*error" || true']);
+      expect(fsck.stdout.trim()).toBe('0');
+    }
+  });
 });
