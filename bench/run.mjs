@@ -352,9 +352,50 @@ image pull + prepare, ${ref} (${(fsBytes / (1 << 20)).toFixed(0)} MiB filesystem
   }
 }
 
-// BENCH_ONLY=expose|images runs one section alone (a minute or two; the whole bench takes several).
-if (process.env.BENCH_ONLY === 'expose' || process.env.BENCH_ONLY === 'images') {
-  await (process.env.BENCH_ONLY === 'expose' ? benchExpose() : benchImages());
+/**
+ * What deciding KVM vs TCG costs: a probe with no verdict yet (the test boot of the guest
+ * kernel under KVM, as a daemon's first start on this host pays it in the background) and a
+ * probe that finds the cached verdict (every later start), against a probe told not to test
+ * (AEGIS_ACCEL=tcg) as the reference.
+ */
+async function benchAccel() {
+  const k = realpathSync(kernel);
+  const timed = async (cacheDir) => {
+    const t0 = performance.now();
+    let p = await new QemuBackend({ kernelPath: k, cacheDir }).probe();
+    if (p.settled) p = await p.settled;
+    return { ms: performance.now() - t0, reason: p.accelerationReason };
+  };
+  const first = [];
+  const later = [];
+  const none = [];
+  let reason = '';
+  for (let i = 0; i < RUNS; i++) {
+    const dir = mkdtempSync('/tmp/aegis-bench-accel-');
+    const f = await timed(dir);
+    first.push(f.ms);
+    reason = f.reason;
+    later.push((await timed(dir)).ms);
+    process.env.AEGIS_ACCEL = 'tcg';
+    none.push((await timed(dir)).ms);
+    delete process.env.AEGIS_ACCEL;
+    rmSync(dir, { recursive: true, force: true });
+  }
+  console.log(`\naccelerator probe, ${RUNS} runs each (verdict here: ${reason}):`);
+  const ms = (x) => `${x.toFixed(1)} ms`;
+  console.log(`${'probe without a test (AEGIS_ACCEL=tcg): reference'.padEnd(56)} median ${ms(median(none))}`);
+  console.log(`${'first start: KVM test boot, verdict cached'.padEnd(56)} median ${ms(median(first))}`);
+  console.log(`${'later starts: cached verdict'.padEnd(56)} median ${ms(median(later))}`);
+  console.log(
+    `ratio first / reference: ${(median(first) / median(none)).toFixed(2)}x; later / reference: ${(median(later) / median(none)).toFixed(2)}x`,
+  );
+  return { firstMs: first, laterMs: later, referenceMs: none, verdict: reason };
+}
+
+// BENCH_ONLY=expose|images|accel runs one section alone (a minute or two; the whole bench takes several).
+if (['expose', 'images', 'accel'].includes(process.env.BENCH_ONLY ?? '')) {
+  const only = { expose: benchExpose, images: benchImages, accel: benchAccel }[process.env.BENCH_ONLY];
+  await only();
   process.exit(0);
 }
 
@@ -420,6 +461,7 @@ try {
     `\nratio aegis exec / reference: ${execRatio.toFixed(2)}x (target <= 2.00x: ${execRatio <= 2 ? 'met' : 'NOT met'}); ` +
       `API client alone: ${(median(api) / reference).toFixed(2)}x`,
   );
+  const accel = await benchAccel();
   const expose = await benchExpose();
   const images = await benchImages();
   const out = path.join(ROOT, 'bench/results');
@@ -433,6 +475,7 @@ try {
         aegisRunTrueMs: ours,
         ratio,
         exec: { cliMs: cli, apiMs: api, guestSpawnMs: direct.spawn, channelRttMs: direct.rtt, ratio: execRatio },
+        accel,
         expose,
         images,
         backend: status.backend,
