@@ -1,5 +1,7 @@
+import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { AegisError } from '@aegis/protocol';
 
 export interface DaemonConfig {
   home: string;
@@ -50,4 +52,30 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
       .map((h) => h.trim())
       .filter(Boolean),
   };
+}
+
+/**
+ * Creates AEGIS_HOME and its instances directory private to the daemon's user (0700), and
+ * tightens them when they already exist with wider modes: the registry, the secrets key and
+ * every instance's files live under them. A shared sticky directory such as /tmp is refused,
+ * not chmodded.
+ */
+export async function makePrivateDirs(config: Pick<DaemonConfig, 'home' | 'instancesDir'>): Promise<void> {
+  for (const dir of [config.home, config.instancesDir]) {
+    await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+    const st = await fs.stat(dir);
+    if (!st.isDirectory()) throw new AegisError('FAILED_PRECONDITION', `${dir} is not a directory`);
+    if ((st.mode & 0o1000) !== 0) {
+      throw new AegisError(
+        'FAILED_PRECONDITION',
+        `${dir} is a shared directory (sticky bit, like /tmp); point AEGIS_HOME at a directory of its own`,
+      );
+    }
+    if ((st.mode & 0o777) === 0o700) continue;
+    try {
+      await fs.chmod(dir, 0o700);
+    } catch (err) {
+      throw new AegisError('FAILED_PRECONDITION', `cannot make ${dir} private (chmod 700): ${(err as Error).message}`, { cause: err });
+    }
+  }
 }

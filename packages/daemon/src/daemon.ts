@@ -10,7 +10,7 @@ import { AegisError } from '@aegis/protocol';
 import { selectBackend, type Backend, type Probe } from '@aegis/vmm';
 import { QemuBackend } from '@aegis/vmm-qemu';
 import { FirecrackerBackend } from '@aegis/vmm-firecracker';
-import type { DaemonConfig } from './config.js';
+import { makePrivateDirs, type DaemonConfig } from './config.js';
 import { InstanceManager } from './instances/manager.js';
 import { Registry } from './registry/db.js';
 import { createServer } from './api/server.js';
@@ -72,8 +72,8 @@ function socketAlive(file: string): Promise<boolean> {
 }
 
 export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ ctx: DaemonContext; closed: Promise<void> }> {
-  await fs.mkdir(config.home, { recursive: true, mode: 0o700 });
-  await fs.mkdir(config.instancesDir, { recursive: true, mode: 0o700 });
+  // 0700 even when they already exist: an older aegisd (or a user's mkdir) may have left 0755.
+  await makePrivateDirs(config);
   if (await socketAlive(config.socketPath)) {
     throw new AegisError('ALREADY_EXISTS', `aegisd is already running on ${config.socketPath}`);
   }

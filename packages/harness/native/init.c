@@ -575,10 +575,104 @@ static int chroot_main(int argc, char **argv) {
   return err == ENOENT ? 127 : 126;
 }
 
+/* ---- The workload's cgroup --------------------------------------------------------------
+ * The guest's own plumbing must survive whatever its workload does. aegis-init and the
+ * harness live in /sys/fs/cgroup/agent (a high CPU weight); the workload and every exec run
+ * in /sys/fs/cgroup/workload, under a memory limit below the VM's RAM and a process limit,
+ * so a memory hog or a fork bomb is killed or stopped inside its cgroup (and reported with
+ * its status) while the harness keeps answering. The harness is also exempt from the OOM
+ * killer (oom_score_adj -1000; PID 1 always is); `aegis-init cg` puts the score back to 0
+ * for what it runs. */
+#define CGROUP_ROOT "/sys/fs/cgroup"
+#define WORKLOAD_CGROUP CGROUP_ROOT "/workload"
+#define AGENT_CGROUP CGROUP_ROOT "/agent"
+/* What the kernel, aegis-init and the harness keep for themselves. */
+#define AGENT_RESERVE_KIB (128L * 1024)
+/* One process per MiB of RAM (at least 128): a fork bomb then runs out of processes before
+ * it runs the workload's memory into reclaim thrash, which under emulation froze everything
+ * in the cgroup for minutes (measured: 7 min for an `echo` beside a bomb in 256 MiB). */
+#define WORKLOAD_PIDS_MIN 128L
+
+static int write_text(const char *file, const char *text) {
+  int fd = open(file, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t n = write(fd, text, strlen(text));
+  close(fd);
+  return n == (ssize_t)strlen(text) ? 0 : -1;
+}
+
+static long mem_total_kib(void) {
+  FILE *f = fopen("/proc/meminfo", "re");
+  if (!f) return 0;
+  long kib = 0;
+  char line[128];
+  while (fgets(line, sizeof line, f)) {
+    if (sscanf(line, "MemTotal: %ld kB", &kib) == 1) break;
+  }
+  fclose(f);
+  return kib;
+}
+
+static void setup_cgroups(void) {
+  if (write_text(CGROUP_ROOT "/cgroup.subtree_control", "+memory +pids +cpu") != 0 &&
+      write_text(CGROUP_ROOT "/cgroup.subtree_control", "+memory +pids") != 0) {
+    say("cgroup controllers: %s (the workload runs without limits)", strerror(errno));
+    return;
+  }
+  if (mkdir(AGENT_CGROUP, 0755) != 0 && errno != EEXIST) return;
+  if (mkdir(WORKLOAD_CGROUP, 0755) != 0 && errno != EEXIST) return;
+  write_text(AGENT_CGROUP "/cpu.weight", "10000");
+  write_text(WORKLOAD_CGROUP "/cpu.weight", "100");
+  long total = mem_total_kib();
+  long limit = total - AGENT_RESERVE_KIB;
+  if (limit < total / 2) limit = total / 2;
+  char buf[64];
+  snprintf(buf, sizeof buf, "%ld", limit * 1024);
+  if (total > 0 && write_text(WORKLOAD_CGROUP "/memory.max", buf) != 0) say("workload memory.max: %s", strerror(errno));
+  /* Keep swapping out of it (there is no swap; this only states it) and the OOM kill local. */
+  write_text(WORKLOAD_CGROUP "/memory.swap.max", "0");
+  long pids = total / 1024;
+  if (pids < WORKLOAD_PIDS_MIN) pids = WORKLOAD_PIDS_MIN;
+  snprintf(buf, sizeof buf, "%ld", pids);
+  if (write_text(WORKLOAD_CGROUP "/pids.max", buf) != 0) say("workload pids.max: %s", strerror(errno));
+  /* Each process the harness starts gets a child of `workload` (`aegis-init cg` makes it), and
+   * the CPU is shared between those children: a new exec next to a fork bomb gets its fair
+   * share instead of one slot among a thousand. `workload` itself then holds no process. */
+  write_text(WORKLOAD_CGROUP "/cgroup.subtree_control", "+cpu +memory");
+  /* PID 1 itself moves to the agent cgroup (the harness follows when it is forked). */
+  write_text(AGENT_CGROUP "/cgroup.procs", "0");
+}
+
+/* `aegis-init cg DIR -- CMD [ARG...]`: joins the cgroup DIR (made if missing), takes an ordinary OOM score
+ * (the harness it comes from is exempt), then runs CMD. Joining before exec means nothing the
+ * command forks can be outside the cgroup. */
+static int cg_main(int argc, char **argv) {
+  if (argc < 5 || strcmp(argv[3], "--") != 0) {
+    say("usage: aegis-init cg DIR -- CMD [ARG...]");
+    return 125;
+  }
+  char procs[512];
+  snprintf(procs, sizeof procs, "%s/cgroup.procs", argv[2]);
+  if (mkdir(argv[2], 0755) != 0 && errno != EEXIST) say("cannot make %s: %s", argv[2], strerror(errno));
+  /* When the workload's memory runs out and the OOM killer picks a process of this group, it
+   * takes the whole group: a fork bomb or a runaway build dies at once instead of thrashing,
+   * and the other execs and the workload keep running. */
+  char oom_group[512];
+  snprintf(oom_group, sizeof oom_group, "%s/memory.oom.group", argv[2]);
+  write_text(oom_group, "1");
+  if (write_text(procs, "0") != 0) say("cannot join %s: %s", argv[2], strerror(errno));
+  write_text("/proc/self/oom_score_adj", "0");
+  execvp(argv[4], argv + 4);
+  int err = errno;
+  fprintf(stderr, "aegis: cannot run %s: %s\n", argv[4], strerror(err));
+  return err == ENOENT ? 127 : 126;
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && strcmp(argv[1], "pty") == 0) return pty_main(argc, argv);
   if (argc > 1 && strcmp(argv[1], "fresh") == 0) return fresh_main();
   if (argc > 1 && strcmp(argv[1], "chroot") == 0) return chroot_main(argc, argv);
+  if (argc > 1 && strcmp(argv[1], "cg") == 0) return cg_main(argc, argv);
   if (getpid() != 1) {
     say("must run as PID 1");
     return 2;
@@ -603,6 +697,7 @@ int main(int argc, char **argv) {
   must_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
   must_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
   must_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+  setup_cgroups();
   loopback_up();
   const char *net = getenv("aegis_net");
   if (net) network_up(net);
@@ -647,6 +742,8 @@ int main(int argc, char **argv) {
   if (harness < 0) die("fork");
   if (harness == 0) {
     setsid();
+    /* The OOM killer must pick the workload, never the agent that reports on it. */
+    write_text("/proc/self/oom_score_adj", "-1000");
     if (dup2(sv[1], 3) != 3) _exit(127); /* dup2 clears close-on-exec */
     char *const argv[] = {"node", "--max-old-space-size=96", HARNESS, NULL};
     char *const envp[] = {

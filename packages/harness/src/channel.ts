@@ -22,8 +22,21 @@ export class Channel {
     this.socket.on('close', handler);
   }
 
-  write(line: string): void {
+  /**
+   * Queues a line; false once more than `highWaterBytes` wait to reach aegis-init (the host is
+   * reading slowly): the caller should stop producing until `onDrain`.
+   */
+  write(line: string): boolean {
     this.socket.write(line);
+    return this.socket.writableLength < Channel.highWaterBytes;
+  }
+
+  /** What may wait in the harness for the channel before producers are paused. */
+  static readonly highWaterBytes = 1 << 20;
+
+  /** Called each time the queued bytes are handed to aegis-init. */
+  onDrain(handler: () => void): void {
+    this.socket.on('drain', handler);
   }
 
   /** Resolves once everything written so far has been handed to aegis-init. */

@@ -22,7 +22,7 @@ import {
 } from '@aegis/protocol';
 import { spawn } from 'node:child_process';
 import { Channel } from './channel.js';
-import { GuestProcess } from './processes.js';
+import { GuestProcess, OutputGate } from './processes.js';
 
 /** After the workload exits, how long we wait for the host's `shutdown` before powering off. */
 const UNACKED_EXIT_POWEROFF_MS = 10_000;
@@ -33,11 +33,16 @@ class Harness {
   private readonly execs = new Map<string, GuestProcess>();
   private shuttingDown = false;
   private readonly freshener = new Freshener();
+  /** Pauses every process's output while the channel to the host is congested. */
+  private readonly gate = new OutputGate();
   readonly peer: RpcPeer;
 
   constructor(private readonly channel: Channel) {
+    channel.onDrain(() => this.gate.resume());
     this.peer = new RpcPeer({
-      send: (line) => channel.write(line),
+      send: (line) => {
+        if (!channel.write(line)) this.gate.pause();
+      },
       onRequest: (method, params) => this.handle(method, params),
       onNotification: (method) => console.error(`aegis-harness: unexpected notification ${method} from host`),
       onProtocolError: (err) => console.error(`aegis-harness: ${err.message}`),
@@ -79,10 +84,14 @@ class Harness {
   private async run(p: RunParams): Promise<GuestMethods['run']['result']> {
     if (this.workload) throw new AegisError('ALREADY_EXISTS', 'the workload is already running; use exec for more commands');
     if (this.shuttingDown) throw new AegisError('FAILED_PRECONDITION', 'the VM is shutting down');
-    const proc = await GuestProcess.start(p, {
-      onOutput: (stream, data) => this.output(stream, data),
-      onExit: (exit) => this.workloadExited(exit),
-    });
+    const proc = await GuestProcess.start(
+      p,
+      {
+        onOutput: (stream, data) => this.output(stream, data),
+        onExit: (exit) => this.workloadExited(exit),
+      },
+      this.gate,
+    );
     this.workload = proc;
     return { pid: proc.pid, startedAtMs: Date.now() };
   }
@@ -98,13 +107,17 @@ class Harness {
     const received = performance.now();
     if (this.execs.has(p.execId)) throw new AegisError('ALREADY_EXISTS', `exec ${p.execId} exists`);
     if (this.shuttingDown) throw new AegisError('FAILED_PRECONDITION', 'the VM is shutting down');
-    const proc = await GuestProcess.start(p, {
-      onOutput: (stream, data) => this.output(stream, data, p.execId),
-      onExit: (exit) => {
-        this.execs.delete(p.execId);
-        this.peer.notify('execExit', { execId: p.execId, ...exit, durationMs: Math.round(performance.now() - received) });
+    const proc = await GuestProcess.start(
+      { ...p, cgroupName: `exec-${p.execId.replace(/[^\w-]/g, '_')}` },
+      {
+        onOutput: (stream, data) => this.output(stream, data, p.execId),
+        onExit: (exit) => {
+          this.execs.delete(p.execId);
+          this.peer.notify('execExit', { execId: p.execId, ...exit, durationMs: Math.round(performance.now() - received) });
+        },
       },
-    });
+      this.gate,
+    );
     this.execs.set(p.execId, proc);
     return { pid: proc.pid };
   }

@@ -4,7 +4,7 @@
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import type { ExitEvent, Stream } from '@aegis/protocol';
-import { GuestProcess } from './processes.js';
+import { GuestProcess, OutputGate, PIPE_IDLE_GRACE_MS } from './processes.js';
 
 type Event = { kind: 'output'; stream: Stream; data: string } | { kind: 'exit'; exit: ExitEvent };
 
@@ -45,7 +45,8 @@ describe('GuestProcess exit reporting', () => {
     // Long enough for the 'close' that follows destroying the pipes.
     await new Promise((r) => setTimeout(r, 300));
     const exits = events.filter((e) => e.kind === 'exit');
-    expect(exits).toEqual([{ kind: 'exit', exit: { exitCode: 0, signal: null } }]);
+    // The pipes are held by `sleep`: after the idle grace they are cut, and the exit says so.
+    expect(exits).toEqual([{ kind: 'exit', exit: { exitCode: 0, signal: null, bytes: { stdout: 3, stderr: 0 }, truncated: true } }]);
     const hi = events.findIndex((e) => e.kind === 'output' && e.stream === 'stdout' && e.data.includes('hi'));
     expect(hi).toBeGreaterThanOrEqual(0);
     expect(hi).toBeLessThan(events.findIndex((e) => e.kind === 'exit'));
@@ -61,6 +62,38 @@ describe('GuestProcess exit reporting', () => {
     const stdoutBytes = before.reduce((n, e) => n + (e.kind === 'output' && e.stream === 'stdout' ? e.data.length : 0), 0);
     expect(stdoutBytes).toBe(bytes);
     expect(before.some((e) => e.kind === 'output' && e.stream === 'stderr' && e.data.includes('done'))).toBe(true);
-    expect(events.slice(exitAt)).toEqual([{ kind: 'exit', exit: { exitCode: 3, signal: null } }]);
+    expect(events.slice(exitAt)).toEqual([{ kind: 'exit', exit: { exitCode: 3, signal: null, bytes: { stdout: bytes, stderr: 5 } } }]);
+  });
+
+  // Regression: the pipes were destroyed 100 ms after the exit, and whatever was still in them
+  // was lost (24 of 250 concurrent execs lost their last line under load).
+  it('loses no byte written before the exit, however long the reader was held back', async () => {
+    const gate = new OutputGate();
+    gate.pause(); // the host is slow: nothing is read for a while
+    const total = 3_000_000;
+    const events: Event[] = [];
+    let markExited!: () => void;
+    const exited = new Promise<void>((r) => (markExited = r));
+    const gp = await GuestProcess.start(
+      { command: ['sh', '-c', `head -c ${total} /dev/zero | tr '\\0' a; echo last line`], env: {} },
+      {
+        onOutput: (stream, data) => events.push({ kind: 'output', stream, data: data.toString() }),
+        onExit: (exit) => {
+          events.push({ kind: 'exit', exit });
+          markExited();
+        },
+      },
+      gate,
+    );
+    groups.push(gp.pid);
+    await new Promise((r) => setTimeout(r, PIPE_IDLE_GRACE_MS + 500));
+    expect(events).toEqual([]); // the writer is blocked in write(2): no output, no exit yet
+    gate.resume();
+    await exited;
+    const out = events.flatMap((e) => (e.kind === 'output' ? [e.data] : [])).join('');
+    expect(out.length).toBe(total + 'last line\n'.length);
+    expect(out.endsWith('alast line\n')).toBe(true);
+    const exit = events.at(-1);
+    expect(exit).toEqual({ kind: 'exit', exit: { exitCode: 0, signal: null, bytes: { stdout: total + 10, stderr: 0 } } });
   });
 });

@@ -3,12 +3,16 @@
  * Each process leads its own process group so a stop reaches everything it started.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { stat } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { access, rmdir, stat } from 'node:fs/promises';
+import path from 'node:path';
 import { constants as osConstants } from 'node:os';
 import { AegisError, type ExitEvent, type ImageContext, type Stream, type TtySize } from '@aegis/protocol';
 import { imageLaunch } from './image.js';
 
 export interface ProcessSpec {
+  /** Names its cgroup under the workload's (`main` for the workload, one per exec). */
+  cgroupName?: string;
   command: string[];
   env: Record<string, string>;
   workdir?: string;
@@ -25,8 +29,94 @@ export interface ProcessEvents {
   onExit: (exit: ExitEvent) => void;
 }
 
-/** After the main process exits, how long its pipes may stay open (held by background children). */
-const PIPE_GRACE_MS = 100;
+/**
+ * After the main process exits, its output is read to the end: the exit is reported once both
+ * pipes reach EOF. A background child that keeps a pipe open would hold the exit forever, so
+ * the pipes are closed (and the exit says `truncated`) once nothing has arrived for
+ * PIPE_IDLE_GRACE_MS, or PIPE_MAX_GRACE_MS after the exit at the latest. Time spent paused for
+ * backpressure (the host reading slowly) does not count: that output is still coming.
+ */
+export const PIPE_IDLE_GRACE_MS = 1000;
+export const PIPE_MAX_GRACE_MS = 10_000;
+
+/**
+ * Output flow control. The harness pauses every process's pipes while the agent channel is
+ * congested, so a process that writes faster than the host reads blocks in write(2), as with
+ * a pipe to a slow reader, instead of growing the harness's heap until it dies.
+ */
+export class OutputGate {
+  private paused = false;
+  private readonly streams = new Set<NodeJS.ReadableStream>();
+  private pausedMs = 0;
+  private pausedAt = 0;
+
+  get isPaused(): boolean {
+    return this.paused;
+  }
+
+  /** Total time spent paused so far (for grace accounting). */
+  pausedTotalMs(): number {
+    return this.pausedMs + (this.paused ? Date.now() - this.pausedAt : 0);
+  }
+
+  add(s: NodeJS.ReadableStream): void {
+    this.streams.add(s);
+    if (this.paused) s.pause();
+  }
+
+  remove(s: NodeJS.ReadableStream): void {
+    this.streams.delete(s);
+  }
+
+  pause(): void {
+    if (this.paused) return;
+    this.paused = true;
+    this.pausedAt = Date.now();
+    for (const s of this.streams) s.pause();
+  }
+
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    this.pausedMs += Date.now() - this.pausedAt;
+    for (const s of this.streams) s.resume();
+  }
+}
+
+/** The workload's cgroup, prepared by aegis-init at boot (absent on a host running tests). */
+const WORKLOAD_CGROUP = '/sys/fs/cgroup/workload';
+let cgroupChecked: Promise<string | undefined> | undefined;
+
+function workloadCgroup(): Promise<string | undefined> {
+  cgroupChecked ??= access(`${WORKLOAD_CGROUP}/cgroup.procs`, fsConstants.W_OK).then(
+    () => WORKLOAD_CGROUP,
+    () => undefined,
+  );
+  return cgroupChecked;
+}
+
+/** NOT_FOUND for a command that is not there, INVALID_ARGUMENT for one that cannot run. */
+async function checkCommand(file: string, pathVar: string, cwd: string): Promise<void> {
+  const candidates = file.includes('/') ? [path.resolve(cwd, file)] : pathVar.split(':').map((d) => path.join(d || '.', file));
+  let sawFile = false;
+  for (const c of candidates) {
+    const st = await stat(c).catch(() => undefined);
+    if (!st?.isFile()) continue;
+    sawFile = true;
+    if (
+      await access(c, fsConstants.X_OK).then(
+        () => true,
+        () => false,
+      )
+    )
+      return;
+  }
+  if (sawFile) throw new AegisError('INVALID_ARGUMENT', `permission denied: ${file}`);
+  throw new AegisError('NOT_FOUND', `command not found: ${file}`);
+}
+
+/** No flow control (tests that drive a process on the host). */
+const OPEN_GATE = new OutputGate();
 
 export const BASE_ENV: Record<string, string> = {
   PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
@@ -48,7 +138,7 @@ export class GuestProcess {
   }
 
   /** Resolves once the process runs; NOT_FOUND or INVALID_ARGUMENT when it cannot start. */
-  static async start(spec: ProcessSpec, events: ProcessEvents): Promise<GuestProcess> {
+  static async start(spec: ProcessSpec, events: ProcessEvents, gate: OutputGate = OPEN_GATE): Promise<GuestProcess> {
     let command = spec.command;
     let env = { ...BASE_ENV, ...spec.env };
     let cwd = spec.workdir ?? '/';
@@ -62,21 +152,23 @@ export class GuestProcess {
     }
     const [file, ...args] = command;
     if (file === undefined) throw new AegisError('INVALID_ARGUMENT', 'command is empty');
+    const cgroup = await workloadCgroup();
+    // Through the cgroup helper, a missing command would only show as exit 127: say it first.
+    if (cgroup && !spec.image) await checkCommand(file, env['PATH'] ?? BASE_ENV['PATH'] ?? '', cwd);
     const tty = spec.tty;
-    const child = tty
-      ? spawn(PTY_HELPER, ['pty', String(tty.rows), String(tty.cols), '--', file, ...args], {
-          cwd,
-          env: { TERM: 'xterm', ...env },
-          stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
-          detached: true,
-        })
-      : spawn(file, args, {
-          cwd,
-          env,
-          stdio: [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
-          detached: true,
-        });
+    const inner = tty ? [PTY_HELPER, 'pty', String(tty.rows), String(tty.cols), '--', file, ...args] : [file, ...args];
+    // Its own child of the workload cgroup: the CPU is shared fairly between the workload and
+    // each exec (a fork bomb in one does not starve the next), under the workload's limits.
+    const own = cgroup ? `${cgroup}/${spec.cgroupName ?? 'main'}` : undefined;
+    const [bin = file, ...argv] = own ? [PTY_HELPER, 'cg', own, '--', ...inner] : inner;
+    const child = spawn(bin, argv, {
+      cwd,
+      env: tty ? { TERM: 'xterm', ...env } : env,
+      stdio: tty ? ['pipe', 'pipe', 'pipe', 'pipe'] : [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
+      detached: true,
+    });
     const gp = new GuestProcess(child);
+    if (own) child.once('close', () => void rmdir(own).catch(() => undefined)); // busy while background processes live
     return new Promise((resolve, reject) => {
       child.once('error', (err: NodeJS.ErrnoException) => {
         if (child.pid !== undefined) return; // errors after spawn surface through exit
@@ -89,36 +181,69 @@ export class GuestProcess {
         }
       });
       child.once('spawn', () => {
-        gp.wire(events);
+        gp.wire(events, gate);
         resolve(gp);
       });
     });
   }
 
-  private wire(events: ProcessEvents): void {
+  private wire(events: ProcessEvents, gate: OutputGate): void {
     const child = this.child;
-    child.stdout?.on('data', (d: Buffer) => events.onOutput('stdout', d));
-    child.stderr?.on('data', (d: Buffer) => events.onOutput('stderr', d));
+    const bytes = { stdout: 0, stderr: 0 };
+    let lastDataAt = Date.now();
+    const pipes: [Stream, NodeJS.ReadableStream | null][] = [
+      ['stdout', child.stdout],
+      ['stderr', child.stderr],
+    ];
+    for (const [stream, pipe] of pipes) {
+      if (!pipe) continue;
+      gate.add(pipe);
+      pipe.on('data', (d: Buffer) => {
+        bytes[stream] += d.length;
+        lastDataAt = Date.now();
+        events.onOutput(stream, d);
+      });
+      pipe.once('close', () => gate.remove(pipe));
+    }
+    let reported = false;
+    let timer: NodeJS.Timeout | undefined;
+    const report = (exit: Omit<ExitEvent, 'bytes'>, truncated: boolean): void => {
+      if (reported) return;
+      reported = true;
+      clearTimeout(timer);
+      events.onExit({ ...exit, bytes: { ...bytes }, ...(truncated ? { truncated: true } : {}) });
+    };
     child.once('exit', (code, signal) => {
       this.exited = true;
-      let reported = false;
-      // Both paths below can fire: destroying the pipes held by a background child makes
-      // them close, and 'close' follows. Consumers treat an exit as final, so only one counts.
-      const report = (): void => {
+      const exit = { exitCode: code, signal };
+      const exitedAt = Date.now();
+      const pausedAtExit = gate.pausedTotalMs();
+      // 'close' comes once both pipes reached EOF: everything written was read and sent.
+      child.once('close', () => report(exit, false));
+      const check = (): void => {
         if (reported) return;
-        reported = true;
-        clearTimeout(timer);
-        events.onExit({ exitCode: code, signal });
+        const now = Date.now();
+        const active = now - exitedAt - (gate.pausedTotalMs() - pausedAtExit);
+        const idle = !gate.isPaused && now - lastDataAt >= PIPE_IDLE_GRACE_MS;
+        if (!idle && active < PIPE_MAX_GRACE_MS) {
+          timer = setTimeout(check, 100);
+          return;
+        }
+        // Data may be waiting in a pipe the event loop has not polled yet: look once more
+        // after this loop iteration's I/O before cutting anything off.
+        const seen = lastDataAt;
+        setImmediate(() => {
+          if (reported) return;
+          if (lastDataAt !== seen && active < PIPE_MAX_GRACE_MS) {
+            timer = setTimeout(check, 100);
+            return;
+          }
+          child.stdout?.destroy();
+          child.stderr?.destroy();
+          report(exit, true);
+        });
       };
-      // Let buffered output arrive first ('close' comes only once the pipes are drained), but
-      // don't wait for background children holding the pipes: the process's life is what the
-      // user asked about.
-      const timer = setTimeout(() => {
-        child.stdout?.destroy();
-        child.stderr?.destroy();
-        report();
-      }, PIPE_GRACE_MS);
-      child.once('close', report);
+      timer = setTimeout(check, 100);
     });
   }
 

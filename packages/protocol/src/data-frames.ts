@@ -23,6 +23,8 @@ export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export const HEADER_BYTES = 9;
 export const MAX_PAYLOAD = 256 * 1024;
 export const WINDOW_BYTES = 1024 * 1024;
+/** Connections one channel carries at once (the guest end, dataplane.c, has as many slots). */
+export const MAX_CONNECTIONS = 1024;
 
 export interface Frame {
   connId: number;
@@ -45,13 +47,27 @@ export function encodeFrame(connId: number, type: FrameType, payload: Buffer = B
 }
 
 /**
- * Splits a byte stream into frames; a frame longer than MAX_PAYLOAD means the stream is corrupt.
- * Chunks are kept as they arrive and a frame is copied out at most once (not at all when one
- * chunk holds it): joining every chunk to the remainder copied each byte several times.
+ * The longest payload a frame of `type` may declare, or -1 for a type that may not arrive at
+ * all. The decoder checks it as soon as a header is complete, before buffering the payload.
+ */
+export type FrameLimit = (type: number) => number;
+
+/**
+ * Splits a byte stream into frames; a frame longer than its limit (by default MAX_PAYLOAD for
+ * every type) means the stream is corrupt, and `push` throws a RangeError as soon as the header
+ * says so. Chunks are kept as they arrive and a frame is copied out at most once (not at all
+ * when one chunk holds it): joining every chunk to the remainder copied each byte several times.
  */
 export class FrameDecoder {
   private chunks: Buffer[] = [];
   private total = 0;
+
+  constructor(private readonly limit: FrameLimit = () => MAX_PAYLOAD) {}
+
+  /** Bytes received and not yet returned as frames: at most one frame's worth and one chunk. */
+  get buffered(): number {
+    return this.total;
+  }
 
   push(chunk: Buffer): Frame[] {
     if (chunk.length > 0) {
@@ -62,7 +78,10 @@ export class FrameDecoder {
     while (this.total >= HEADER_BYTES) {
       const head = this.peek(HEADER_BYTES);
       const len = head.readUInt32BE(5);
-      if (len > MAX_PAYLOAD) throw new RangeError(`data channel frame of ${len} bytes: stream corrupt`);
+      const type = head.readUInt8(4);
+      const max = Math.min(this.limit(type), MAX_PAYLOAD);
+      if (max < 0) throw new RangeError(`data channel frame of type ${type}: stream corrupt`);
+      if (len > max) throw new RangeError(`data channel frame of type ${type} with ${len} bytes (at most ${max}): stream corrupt`);
       if (this.total < HEADER_BYTES + len) break;
       const frame = this.take(HEADER_BYTES + len);
       frames.push({ connId: frame.readUInt32BE(0), type: frame.readUInt8(4), payload: frame.subarray(HEADER_BYTES) });

@@ -1,5 +1,7 @@
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { parseEvent, parseParams } from './guest.js';
+import { AegisError } from './errors.js';
+import { parseEvent, parseParams, parseResult } from './guest.js';
 
 describe('guest contract parsers', () => {
   it('accept well-formed run params', () => {
@@ -19,3 +21,118 @@ describe('guest contract parsers', () => {
     expect(parseEvent.exit({ exitCode: null, signal: 'SIGKILL' })).toEqual({ exitCode: null, signal: 'SIGKILL' });
   });
 });
+
+describe('strict guest messages', () => {
+  // What packages/harness/src sends, field for field (main.ts and processes.ts).
+  const fromHarness = {
+    ready: [{ version: 1 }],
+    output: [
+      { stream: 'stdout', data: 'aGk=' },
+      { execId: 'a1b2c3d4e5f6', stream: 'stderr', data: '' },
+    ],
+    exit: [
+      { exitCode: 0, signal: null },
+      { exitCode: null, signal: 'SIGKILL', bytes: { stdout: 10, stderr: 0 } },
+      { exitCode: 1, signal: null, bytes: { stdout: 0, stderr: 3 }, truncated: true },
+    ],
+    execExit: [
+      { execId: 'e1', exitCode: 0, signal: null, durationMs: 5 },
+      { execId: 'e1', exitCode: 0, signal: null, bytes: { stdout: 1, stderr: 2 }, truncated: false, durationMs: 0 },
+    ],
+  } as const;
+
+  it('accepts every notification the harness sends, new optional fields (bytes, truncated) included', () => {
+    for (const [event, samples] of Object.entries(fromHarness)) {
+      for (const params of samples) expect(parseEvent[event as keyof typeof fromHarness](params)).toEqual(params);
+    }
+  });
+
+  it('every guest notification with an unknown field is refused with INVALID_ARGUMENT', () => {
+    fc.assert(
+      fc.property(
+        fc.constantFrom(...(Object.keys(fromHarness) as (keyof typeof fromHarness)[])),
+        fc.string({ minLength: 1 }),
+        fc.jsonValue(),
+        (event, key, value) => {
+          const base = fromHarness[event][0] as Record<string, unknown>;
+          fc.pre(!Object.hasOwn(base, key) && !['execId', 'bytes', 'truncated', 'durationMs'].includes(key));
+          const err = refusal(() => parseEvent[event]({ ...base, [key]: value }));
+          expect(err.code).toBe('INVALID_ARGUMENT');
+        },
+      ),
+    );
+    expect(() => parseEvent.exit({ exitCode: 0, signal: null, bytes: { stdout: 0, stderr: 0, stdin: 0 } })).toThrow(
+      /unknown field "stdin"/,
+    );
+    // A prototype key is a field like any other.
+    expect(() => parseEvent.ready(JSON.parse('{"version":1,"__proto__":{"x":1}}'))).toThrow(/unknown field "__proto__"/);
+  });
+
+  it('every guest result with an unknown field is refused, and the empty results must be exactly {}', () => {
+    const good = {
+      run: { pid: 10, startedAtMs: 1700000000000 },
+      exec: { pid: 11 },
+      health: { version: 1, uptimeMs: 1, workload: { pid: 10, running: true } },
+    } as const;
+    expect(parseResult.run(good.run)).toEqual(good.run);
+    expect(parseResult.exec(good.exec)).toEqual(good.exec);
+    expect(parseResult.health(good.health)).toEqual(good.health);
+    expect(parseResult.health({ version: 1, uptimeMs: 1, workload: null })).toEqual({ version: 1, uptimeMs: 1, workload: null });
+    expect(() => parseResult.run({ ...good.run, extra: 1 })).toThrow(/unknown field "extra"/);
+    expect(() => parseResult.exec({ pid: 11, x: 1 })).toThrow(/unknown field/);
+    expect(() => parseResult.health({ ...good.health, x: 1 })).toThrow(/unknown field/);
+    expect(() => parseResult.health({ ...good.health, workload: { pid: 1, running: true, cmd: 'x' } })).toThrow(/unknown field "cmd"/);
+    expect(() => parseResult.health({ ...good.health, workload: { pid: 1, running: 'yes' } })).toThrow(/running/);
+    expect(() => parseResult.health({ version: 1, uptimeMs: 1 })).toThrow(/workload/);
+    for (const m of ['signal', 'stdin', 'resize', 'fresh', 'shutdown'] as const) {
+      expect(parseResult[m]({})).toEqual({});
+      expect(refusal(() => parseResult[m]({ x: 1 })).code).toBe('INVALID_ARGUMENT');
+      expect(refusal(() => parseResult[m](null)).code).toBe('INVALID_ARGUMENT');
+    }
+  });
+
+  it('bounds what the guest sends: ids, signal names, exit codes, counts, pids and base64', () => {
+    const refused = (f: () => unknown, pattern: RegExp): void => {
+      const err = refusal(f);
+      expect(err.code).toBe('INVALID_ARGUMENT');
+      expect(err.message).toMatch(pattern);
+    };
+    refused(() => parseEvent.execExit({ execId: 'x'.repeat(129), exitCode: 0, signal: null }), /execId must be a string of at most 128/);
+    refused(() => parseEvent.output({ execId: 'x'.repeat(129), stream: 'stdout', data: '' }), /execId/);
+    refused(() => parseEvent.exit({ exitCode: null, signal: `SIG${'X'.repeat(30)}` }), /signal/);
+    refused(() => parseEvent.exit({ exitCode: null, signal: 'SIGKILL\n' }), /signal/);
+    refused(() => parseEvent.exit({ exitCode: null, signal: 'toString' }), /signal/);
+    refused(() => parseEvent.exit({ exitCode: 256, signal: null }), /exitCode must be between 0 and 255/);
+    refused(() => parseEvent.exit({ exitCode: -1, signal: null }), /exitCode/);
+    refused(() => parseEvent.exit({ exitCode: 0 }), /signal/);
+    refused(() => parseEvent.exit({ exitCode: 0, signal: null, bytes: { stdout: -1, stderr: 0 } }), /bytes.stdout/);
+    refused(() => parseEvent.exit({ exitCode: 0, signal: null, bytes: { stdout: 1.5, stderr: 0 } }), /bytes.stdout/);
+    refused(() => parseEvent.exit({ exitCode: 0, signal: null, truncated: 'yes' }), /truncated/);
+    refused(() => parseEvent.execExit({ execId: 'e', exitCode: 0, signal: null, durationMs: -5 }), /durationMs/);
+    refused(() => parseEvent.output({ stream: 'stdout', data: 'not base64!' }), /data must be base64/);
+    refused(() => parseEvent.output({ stream: 'stdout', data: 'aGk' }), /base64/);
+    refused(() => parseEvent.output({ stream: 'stdout', data: 'A'.repeat((16 << 20) + 4) }), /data must be a string of at most/);
+    refused(() => parseEvent.ready({ version: -1 }), /version/);
+    refused(() => parseResult.run({ pid: 0, startedAtMs: 1 }), /pid/);
+    refused(() => parseResult.exec({ pid: 2 ** 23 }), /pid/);
+    expect(parseEvent.exit({ exitCode: null, signal: `SIG${'X'.repeat(29)}` }).signal).toHaveLength(32);
+    const big = Buffer.alloc(12 << 20).toString('base64');
+    expect(parseEvent.output({ stream: 'stdout', data: big }).data).toHaveLength(16 << 20);
+  });
+
+  it('names an unknown field in a short, quoted form (its name is the guest text)', () => {
+    const err = refusal(() => parseEvent.ready({ version: 1, ['\n'.repeat(1000)]: 1 }));
+    expect(err.message.length).toBeLessThan(500);
+    expect(err.message).not.toContain('\n');
+  });
+});
+
+function refusal(f: () => unknown): AegisError {
+  try {
+    f();
+  } catch (err) {
+    expect(err).toBeInstanceOf(AegisError);
+    return err as AegisError;
+  }
+  throw new Error('accepted what it should refuse');
+}

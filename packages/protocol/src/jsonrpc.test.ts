@@ -18,6 +18,13 @@ describe('LineDecoder', () => {
     expect(d.push(bytes.subarray(2)).lines).toEqual(['héllo']);
   });
 
+  it('counts a line over the limit once, however many chunks it spans', () => {
+    const d = new LineDecoder(8);
+    const counts = [d.push(Buffer.from('0123456789')), d.push(Buffer.from('0123456789')), d.push(Buffer.from('abc\nok\n'))];
+    expect(counts.map((r) => r.oversized)).toEqual([1, 0, 0]);
+    expect(counts[2]?.lines).toEqual(['ok']);
+  });
+
   it('drops a line over the limit and recovers on the next one', () => {
     const d = new LineDecoder(8);
     const r1 = d.push(Buffer.from('0123456789'));
@@ -38,6 +45,48 @@ describe('parseMessage', () => {
     expect(parseMessage({ jsonrpc: '2.0', id: 1, method: 'run' })).toHaveProperty('id', 1);
     expect(parseMessage({ jsonrpc: '2.0', method: 'output' })).not.toHaveProperty('id');
     expect(parseMessage({ jsonrpc: '2.0', id: 1, result: null })).toHaveProperty('result', null);
+  });
+});
+
+describe('parseMessage from an untrusted peer', () => {
+  it('refuses unknown top-level members, for every kind of message', () => {
+    for (const m of [
+      { jsonrpc: '2.0', method: 'output', params: {}, extra: 1 },
+      { jsonrpc: '2.0', id: 1, method: 'run', params: {}, extra: 1 },
+      { jsonrpc: '2.0', id: 1, result: {}, extra: 1 },
+      { jsonrpc: '2.0', id: 1, error: { code: 1, message: 'm' }, extra: 1 },
+      { jsonrpc: '2.0', id: 1, result: {}, error: { code: 1, message: 'm' } },
+      { jsonrpc: '2.0', method: 'output', result: {} },
+    ]) {
+      expect(() => parseMessage(m), JSON.stringify(m)).toThrow(AegisError);
+    }
+    expect(() => parseMessage({ jsonrpc: '2.0', id: 1, result: 1, extra: 1 })).toThrow(/response: unknown member "extra"/);
+  });
+
+  it('refuses a malformed error object, ids that are not integers or short strings, long methods and scalar params', () => {
+    for (const m of [
+      { jsonrpc: '2.0', id: 1, error: { code: 1, message: 'm', stack: 'x' } },
+      { jsonrpc: '2.0', id: 1, error: { code: 1 } },
+      { jsonrpc: '2.0', id: 1, error: { code: 1.5, message: 'm' } },
+      { jsonrpc: '2.0', id: 1, error: { code: 1, message: 'm', data: { code: 'INTERNAL', message: 'm', more: 1 } } },
+      { jsonrpc: '2.0', id: 1, error: { code: 1, message: 'm', data: 'x' } },
+      { jsonrpc: '2.0', id: 1.5, result: null },
+      { jsonrpc: '2.0', id: 'x'.repeat(129), result: null },
+      { jsonrpc: '2.0', method: 'x'.repeat(129) },
+      { jsonrpc: '2.0', method: '' },
+      { jsonrpc: '2.0', method: 'output', params: 'x' },
+      { jsonrpc: '2.0', method: 'output', params: null },
+    ]) {
+      expect(() => parseMessage(m), JSON.stringify(m)).toThrow(AegisError);
+    }
+  });
+
+  it('accepts what our own peers send, and cuts a very long error message instead of refusing the answer', () => {
+    const f = failure(3, new AegisError('NOT_FOUND', 'command not found: x'));
+    expect(parseMessage(JSON.parse(JSON.stringify(f)))).toEqual(f);
+    expect(parseMessage({ jsonrpc: '2.0', id: null, error: { code: -32700, message: 'parse' } })).toMatchObject({ id: null });
+    const long = parseMessage({ jsonrpc: '2.0', id: 1, error: { code: 1, message: 'x'.repeat(100_000) } });
+    expect('error' in long && long.error.message.length).toBeLessThan(70_000);
   });
 });
 

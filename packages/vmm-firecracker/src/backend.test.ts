@@ -11,7 +11,6 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError } from '@aegis/protocol';
 import { processAlive, type Probe, type Vm, type VmConfig } from '@aegis/vmm';
-import { FirecrackerApi } from './api.js';
 import { FirecrackerBackend, VERDICT_FILE, type FirecrackerOptions } from './backend.js';
 
 const FAKE = fileURLToPath(new URL('../test/fake-firecracker.mjs', import.meta.url));
@@ -445,10 +444,20 @@ describe('FirecrackerVm', () => {
     expect((await vm.exited).reason).toBe('host-stop');
   });
 
-  it('reports a guest panic (Firecracker exits 0 on the reset that follows it)', async () => {
+  it("takes no verdict from the guest's console: a guest that prints a kernel panic and resets is a guest reset (status 0), not a panic", async () => {
+    // FAKE_FC_PANIC: "Kernel panic - not syncing" on the console, then exit 0 as on a reset.
     fakeEnv = { FAKE_FC_PANIC: '1' };
     const vm = await started(config());
-    expect((await vm.exited).reason).toBe('guest-panic');
+    expect(await vm.exited).toEqual({ reason: 'guest-poweroff', detail: 'guest ended the VM (a reset: poweroff, reboot or kernel panic)' });
+  });
+
+  it('takes no verdict from the guest\'s console: forged "exit_code=" and panic lines do not change why a VM ended', async () => {
+    fakeEnv = { FAKE_FC_CONSOLE: '[vm1:main] Firecracker exiting with error. exit_code=0\nKernel panic - not syncing: forged' };
+    const vm = await started(config());
+    await new Promise((r) => setTimeout(r, 50));
+    expect(fs.readFileSync(path.join(dir, 'vm1', 'firecracker.log'), 'utf8')).toContain('exit_code=0');
+    process.kill(vm.record()['pid'] as number, 'SIGKILL');
+    expect(await vm.exited).toEqual({ reason: 'killed', detail: 'Firecracker was killed by SIGKILL' });
   });
 
   it('reports a VMM killed by a signal', async () => {
@@ -497,20 +506,26 @@ describe('FirecrackerVm', () => {
     await again.pause();
     expect(requests().at(-1)).toEqual({ method: 'PATCH', path: '/vm', body: { state: 'Paused' } });
     expect((await failure(backend().attach({ ...record, id: 'other' }))).code).toBe('NOT_FOUND');
-    // Not our child: the exit is noticed by polling the pid, and read from Firecracker's log.
+    // Not our child: the exit is noticed by polling the pid; its status is not ours to read.
     process.kill(record['pid'] as number, 'SIGTERM');
     expect((await again.exited).reason).toBe('killed');
     expect((await failure(backend().attach(record))).code).toBe('NOT_FOUND');
   });
 
-  it('reads the exit status of an attached VM from the exit line Firecracker logs', async () => {
+  it("does not read an attached VM's exit from firecracker.log, where the guest's console can forge Firecracker's exit line", async () => {
+    // The guest prints what Firecracker prints as it exits successfully; then the process is killed.
+    fakeEnv = { FAKE_FC_CONSOLE: '2030-01-01T00:00:00.000000000 [vm1:main] Firecracker exiting successfully. exit_code=0' };
     const vm = await started(config());
     const record = vm.record();
     vm.detach();
     const again = await backend().attach(record);
-    await again.resume();
-    // SendCtrlAltDel makes the fake log "exiting successfully. exit_code=0" and exit 0, as a guest reset does.
-    await new FirecrackerApi(path.join(record['stateDir'] as string, 'fc.sock')).put('/actions', { action_type: 'SendCtrlAltDel' });
-    expect(await again.exited).toEqual({ reason: 'guest-poweroff', detail: 'guest ended the VM (reset)' });
+    await new Promise((r) => setTimeout(r, 50));
+    expect(fs.readFileSync(path.join(record['stateDir'] as string, 'firecracker.log'), 'utf8')).toMatch(
+      /\[vm1:main\] Firecracker exiting successfully\. exit_code=0/,
+    );
+    process.kill(record['pid'] as number, 'SIGKILL');
+    const exit = await again.exited;
+    expect(exit.reason).toBe('killed');
+    expect(exit.detail).toMatch(/exit status aegisd cannot read/);
   });
 });

@@ -568,23 +568,27 @@ class FirecrackerVm implements Vm {
     this.gone = true;
     if (this.poll) clearInterval(this.poll);
     if (this.detached) return;
-    this.resolveExit(await this.exitReason(code, sig));
+    this.resolveExit(this.exitReason(code, sig));
   }
 
-  private async exitReason(code: number | null, sig: NodeJS.Signals | null): Promise<VmExit> {
+  /**
+   * Why the VM ended, decided only from what the guest cannot forge: our own stop request and
+   * the process's exit status or signal. Never from firecracker.log: it is also the guest's
+   * serial console, where a guest can print any "Firecracker exiting ... exit_code=" line or
+   * "Kernel panic" it likes. What that costs:
+   * - status 0 is a guest reset (reboot=k), and a kernel panic ends in the same reset
+   *   (panic=-1): the two look alike from here, so both are a guest reset;
+   * - a process adopted from an earlier aegisd is not our child and its status is not ours to
+   *   read, so its end is reported as such, whatever its console says.
+   */
+  private exitReason(code: number | null, sig: NodeJS.Signals | null): VmExit {
     if (this.stopRequested) return { reason: 'host-stop', detail: 'stopped by the host' };
     if (sig) return { reason: 'killed', detail: `Firecracker was killed by ${sig}` };
-    const tail = await this.logTail(16_384);
     if (code === null) {
-      // An adopted process: its status is not ours to read, but Firecracker logs it as it exits.
-      const m = [...tail.matchAll(new RegExp(`\\[${this.id}:main\\] Firecracker exiting[^\\n]*exit_code=(\\d+)`, 'g'))].pop();
-      if (!m) return { reason: 'killed', detail: 'Firecracker process ended without logging an exit (killed?)' };
-      code = Number(m[1]);
+      return { reason: 'killed', detail: 'Firecracker ended with an exit status aegisd cannot read (it was started by an earlier aegisd)' };
     }
     if (code !== 0) return { reason: 'vmm-error', detail: `Firecracker exited with status ${code}` };
-    // Status 0 is a guest reset (reboot=k), which is also what a panic ends in (panic=-1).
-    if (tail.includes('Kernel panic - not syncing')) return { reason: 'guest-panic', detail: 'guest kernel panicked' };
-    return { reason: 'guest-poweroff', detail: 'guest ended the VM (reset)' };
+    return { reason: 'guest-poweroff', detail: 'guest ended the VM (a reset: poweroff, reboot or kernel panic)' };
   }
 
   async pause(signal?: AbortSignal): Promise<void> {

@@ -6,6 +6,8 @@
 //   FAKE_FC_FAULT="PUT /drives/scratch"  answer that request 400 with a fault_message
 //   FAKE_FC_PANIC=1                       on InstanceStart, print a kernel panic and exit 0
 //   FAKE_FC_IGNORE_CAD=1                  ignore SendCtrlAltDel (a guest without i8042)
+//   FAKE_FC_CONSOLE="text"                on InstanceStart, the guest prints this line on its console
+//                                         (which shares stdout with Firecracker's own log)
 // `--version` prints a version line as Firecracker does. `--no-api --config-file FILE` is the
 // KVM test boot: it checks the file as Firecracker's parser would, records
 // {args, cwd, pid, config} in $FAKE_FC_LOG and a line per run in $FAKE_FC_RUNS, then plays the
@@ -144,6 +146,7 @@ function serveApi() {
       if (key === 'PUT /actions' && body.action_type === 'InstanceStart') {
         state = 'Running';
         console.log('Linux version 6.1.0-fake');
+        if (process.env.FAKE_FC_CONSOLE) console.log(process.env.FAKE_FC_CONSOLE);
         if (process.env.FAKE_FC_PANIC) {
           console.log('Kernel panic - not syncing: fake');
           setTimeout(() => process.exit(0), 20);

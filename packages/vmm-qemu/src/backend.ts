@@ -15,7 +15,6 @@ import {
   VerdictCache,
   VerdictGate,
   accelMode,
-  fileTail,
   kvmDeviceProblem,
   processAlive,
   verdictKey,
@@ -90,6 +89,10 @@ const GUEST_NET = { address: '10.0.2.15', prefix: 24, gateway: '10.0.2.2', dns: 
 
 const NOBODY = 65534;
 
+/** The serial console's ring (a power of two, as QEMU requires). */
+const CONSOLE_RING = 'console0';
+export const CONSOLE_RING_BYTES = 1 << 20;
+
 async function passtAvailable(): Promise<boolean> {
   try {
     await execFileP(PASST_BINARY, ['--version'], { timeout: 10_000 });
@@ -130,7 +133,7 @@ const ROOT_PASST_DIR = '/run/aegis/passt';
 function paths(
   stateDir: string,
   id: string,
-): { qmp: string; agent: string; data: string; console: string; vmmLog: string; pid: string; netDir: string; net: string; netLog: string } {
+): { qmp: string; agent: string; data: string; vmmLog: string; pid: string; netDir: string; net: string; netLog: string } {
   const netDir = passtDir(stateDir, id);
   return {
     netDir,
@@ -139,7 +142,6 @@ function paths(
     qmp: path.join(stateDir, 'qmp.sock'),
     agent: path.join(stateDir, 'agent.sock'),
     data: path.join(stateDir, 'data.sock'),
-    console: path.join(stateDir, 'console.log'),
     vmmLog: path.join(stateDir, 'qemu.log'),
     pid: path.join(stateDir, 'qemu.pid'),
   };
@@ -360,8 +362,12 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     `virtserialport,chardev=data,name=${DATA_PORT_NAME}`,
     '-qmp',
     `unix:${p.qmp},server=on,wait=off`,
+    // The guest can print to its console as fast as it likes (a 0.5–0.7 MB/s flood was
+    // measured): a ring in QEMU bounds it, whoever reads it and whether aegisd runs or not.
+    '-chardev',
+    `ringbuf,id=${CONSOLE_RING},size=${CONSOLE_RING_BYTES}`,
     '-serial',
-    `file:${p.console}`,
+    `chardev:${CONSOLE_RING}`,
     '-pidfile',
     p.pid,
     // With RAM in a file, the device state is loaded after x-ignore-shared is set (over QMP).
@@ -702,8 +708,18 @@ class QemuVm implements Vm {
     await this.exited;
   }
 
-  consoleTail(maxBytes = 4096): Promise<string> {
-    return fileTail(this.p.console, maxBytes);
+  /** The end of what the console ring holds (reading empties it: a tail is for reports). */
+  async consoleTail(maxBytes = 4096): Promise<string> {
+    try {
+      const text = (await this.requireQmp().execute('ringbuf-read', {
+        device: CONSOLE_RING,
+        size: CONSOLE_RING_BYTES,
+        format: 'utf8',
+      })) as string;
+      return typeof text === 'string' ? text.slice(-maxBytes) : '';
+    } catch {
+      return '';
+    }
   }
 
   private requireQmp(): QmpClient {

@@ -16,6 +16,9 @@ interface Waiter {
   reject: (e: Error) => void;
 }
 
+/** QMP commands answer in milliseconds; a migration's are polled, never waited on. */
+const QMP_TIMEOUT_MS = 15_000;
+
 export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
   private readonly waiters: Waiter[] = [];
   private readonly decoder = new LineDecoder(1 << 20);
@@ -70,11 +73,26 @@ export class QmpClient extends EventEmitter<{ event: [QmpEvent]; close: [] }> {
     return this.closed;
   }
 
-  async execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
+  /**
+   * Runs one command. A QEMU that does not answer within `timeoutMs` (frozen, SIGSTOPped) gets
+   * its connection closed: replies are matched in order, so a late one could not be told
+   * apart; every later call then fails at once with UNAVAILABLE instead of hanging too.
+   */
+  async execute(command: string, args?: Record<string, unknown>, timeoutMs = QMP_TIMEOUT_MS): Promise<unknown> {
     if (this.closed) throw new AegisError('UNAVAILABLE', 'QMP connection closed');
     const reply = this.next();
     this.socket.write(JSON.stringify(args ? { execute: command, arguments: args } : { execute: command }) + '\n');
-    const r = (await reply) as { return?: unknown; error?: { class: string; desc: string } };
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.close();
+        reject(new AegisError('TIMEOUT', `QEMU did not answer ${command} within ${timeoutMs} ms`));
+      }, timeoutMs);
+    });
+    const r = (await Promise.race([reply, late]).finally(() => clearTimeout(timer))) as {
+      return?: unknown;
+      error?: { class: string; desc: string };
+    };
     if (r.error) throw new AegisError('INTERNAL', `QMP ${command} failed: ${r.error.class}: ${r.error.desc}`);
     return r.return;
   }

@@ -3,7 +3,8 @@
  * one place where errors become `{code, message}` responses.
  */
 import http from 'node:http';
-import { AegisError } from '@aegis/protocol';
+import type { Duplex } from 'node:stream';
+import { AegisError, type ErrorCode } from '@aegis/protocol';
 import type { Logger } from '../log.js';
 
 export interface RequestContext {
@@ -31,21 +32,112 @@ export interface Route {
   handler: Handler;
 }
 
-const MAX_BODY_BYTES = 4 * 1024 * 1024;
+/** The largest request body accepted; a larger one is refused with 413 before any handler runs. */
+export const MAX_BODY_BYTES = 4 * 1024 * 1024;
+
+/**
+ * How much of a body that is refused is still read, and dropped, before the answer: a client
+ * still sending when the server answers and closes gets EPIPE instead of the answer (node's
+ * http client does). Beyond it the answer goes out at once and the connection is closed.
+ */
+export const DISCARD_BYTES = 64 * 1024 * 1024;
+
+/**
+ * An error answered with an HTTP status other than its code's own (405, 413, 431...), and
+ * possibly extra headers. The code is the stable part; the status only follows HTTP usage.
+ */
+export class HttpError extends AegisError {
+  constructor(
+    code: ErrorCode,
+    message: string,
+    readonly status: number,
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(code, message);
+  }
+
+  override get httpStatus(): number {
+    return this.status;
+  }
+}
 
 function compile(path: string): RegExp {
   const src = path.replace(/[.*+?^$()|[\]\\]/g, '\\$&').replace(/\\?\{(\w+)\\?\}/g, '(?<$1>[^/]+)');
   return new RegExp(`^${src}$`);
 }
 
+/** `.` or `..`, also spelled with percent-escapes (`%2e`, `.%2E`, ...), as URL parsers read them. */
+function isDotSegment(segment: string): boolean {
+  const s = segment.replace(/%2e/gi, '.');
+  return s === '.' || s === '..';
+}
+
+/**
+ * Splits a request target into its path and query, as sent: nothing is normalised. (`new
+ * URL()` would resolve `..` and `%2e%2e` segments and turn `\\` into `/`, so that
+ * /v1/instances/x/logs/../../../secrets reached GET /v1/secrets.) A target that only a
+ * normalising reader could route is refused rather than guessed at.
+ */
+function parseTarget(target: string): { pathname: string; query: URLSearchParams } {
+  const q = target.indexOf('?');
+  const pathname = q === -1 ? target : target.slice(0, q);
+  const query = new URLSearchParams(q === -1 ? '' : target.slice(q + 1));
+  if (!pathname.startsWith('/')) {
+    throw new AegisError('INVALID_ARGUMENT', `request target must be an absolute path, not ${JSON.stringify(target.slice(0, 200))}`);
+  }
+  if (pathname.includes('\\') || pathname.split('/').some(isDotSegment)) {
+    throw new AegisError(
+      'INVALID_ARGUMENT',
+      `path ${pathname.slice(0, 200)} has a "." or ".." segment or a backslash; paths are not normalised`,
+    );
+  }
+  return { pathname, query };
+}
+
+/**
+ * A path parameter, percent-decoded. `%2F` is allowed inside one (image references contain
+ * `/`, and routing happened before decoding, so it cannot select another route), but not to
+ * smuggle in `.`/`..` components or control characters such as NUL.
+ */
+function decodeParam(name: string, raw: string): string {
+  let v: string;
+  try {
+    v = decodeURIComponent(raw);
+  } catch {
+    throw new AegisError('INVALID_ARGUMENT', `malformed escape in path parameter ${name}`);
+  }
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f]/.test(v)) {
+    throw new AegisError('INVALID_ARGUMENT', `path parameter ${name} must not contain control characters (such as NUL)`);
+  }
+  if (v.split('/').some((c) => c === '.' || c === '..')) {
+    throw new AegisError('INVALID_ARGUMENT', `path parameter ${name} must not contain "." or ".." components`);
+  }
+  return v;
+}
+
+const tooLarge = (close: boolean): HttpError =>
+  new HttpError('INVALID_ARGUMENT', `request body over ${MAX_BODY_BYTES} bytes`, 413, close ? { connection: 'close' } : {});
+
 async function readBody(req: http.IncomingMessage): Promise<unknown> {
+  // Node has checked the header's syntax. Not worth reading even to drop: refused unread.
+  const declared = Number(req.headers['content-length'] ?? 0);
+  if (declared > MAX_BODY_BYTES + DISCARD_BYTES) throw tooLarge(true);
   const chunks: Buffer[] = [];
   let size = 0;
-  for await (const chunk of req as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > MAX_BODY_BYTES) throw new AegisError('INVALID_ARGUMENT', `request body over ${MAX_BODY_BYTES} bytes`);
-    chunks.push(chunk);
+  try {
+    for await (const chunk of req as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      // Over the limit, the rest is read but not kept (see DISCARD_BYTES).
+      if (size > MAX_BODY_BYTES + DISCARD_BYTES) throw tooLarge(true);
+      if (size <= MAX_BODY_BYTES) chunks.push(chunk);
+    }
+  } catch (err) {
+    // Not a daemon fault (no INTERNAL, no warning): the client went away, or sent a body the
+    // parser rejected (answered by onClientError), before the body was whole.
+    throw err instanceof AegisError ? err : new AegisError('CANCELLED', 'the request body was cut off', { cause: err });
   }
+  if (size > MAX_BODY_BYTES) throw tooLarge(false);
   if (size === 0) return undefined;
   try {
     return JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
@@ -54,13 +146,31 @@ async function readBody(req: http.IncomingMessage): Promise<unknown> {
   }
 }
 
-export function sendJson(res: http.ServerResponse, status: number, body?: unknown): void {
+/**
+ * Reads and drops what is left of a request's body (up to DISCARD_BYTES) before an error is
+ * answered, so that the client gets to read the answer. False when it was too much.
+ */
+async function discardBody(req: http.IncomingMessage): Promise<boolean> {
+  if (req.complete || req.destroyed) return req.complete;
+  let size = 0;
+  try {
+    for await (const chunk of req as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > DISCARD_BYTES) return false;
+    }
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function sendJson(res: http.ServerResponse, status: number, body?: unknown, headers: Record<string, string> = {}): void {
   if (body === undefined) {
-    res.writeHead(status).end();
+    res.writeHead(status, headers).end();
     return;
   }
   const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) }).end(text);
+  res.writeHead(status, { ...headers, 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) }).end(text);
 }
 
 /** Starts an NDJSON stream; returns a writer that ignores writes once the client has gone. */
@@ -72,36 +182,83 @@ export function startStream(res: http.ServerResponse): (event: unknown) => void 
   };
 }
 
+/** A whole response written straight to a socket the HTTP parser has given up on; then closed. */
+function rawError(socket: Duplex, status: number, code: ErrorCode, message: string): void {
+  const text = JSON.stringify({ code, message });
+  socket.end(
+    `HTTP/1.1 ${status} ${http.STATUS_CODES[status] ?? 'Error'}\r\n` +
+      `content-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`,
+    () => socket.destroy(),
+  );
+}
+
+/**
+ * Node answers requests its parser rejects (garbage, unknown methods, bad Content-Length or
+ * chunking, oversized headers, timeouts) with a bare status and no body; here they get a
+ * `{code, message}` body like every other error.
+ */
+function onClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  // Like node's own handler: answer only if no response to this connection has started.
+  const inFlight = (socket as Duplex & { _httpMessage?: http.ServerResponse | null })._httpMessage;
+  if (err.code === 'ECONNRESET' || !socket.writable || inFlight?.headersSent === true) {
+    socket.destroy();
+    return;
+  }
+  switch (err.code) {
+    case 'HPE_HEADER_OVERFLOW':
+      rawError(socket, 431, 'INVALID_ARGUMENT', 'request headers too large');
+      return;
+    case 'HPE_CHUNK_EXTENSIONS_OVERFLOW':
+      rawError(socket, 413, 'INVALID_ARGUMENT', 'chunk extensions too large');
+      return;
+    case 'ERR_HTTP_REQUEST_TIMEOUT':
+      rawError(socket, 408, 'TIMEOUT', 'the request was not received in time');
+      return;
+    default:
+      rawError(socket, 400, 'INVALID_ARGUMENT', `malformed HTTP request (${err.code ?? err.message})`);
+  }
+}
+
 export function createServer(routes: Route[], log: Logger): http.Server {
   const table = routes.map((r) => ({ ...r, re: compile(r.path) }));
-  return http.createServer((req, res) => {
+  // No Host required (node's default answers a bare 400 without one): on a unix socket the
+  // socket, not a host name, says which server this is.
+  const server = http.createServer({ requireHostHeader: false }, (req, res) => {
     void (async () => {
       const abort = new AbortController();
       res.on('close', () => abort.abort());
       try {
-        const url = new URL(req.url ?? '/', 'http://aegisd');
-        let pathMatched = false;
+        const { pathname, query } = parseTarget(req.url ?? '');
+        const allowed: string[] = [];
         for (const route of table) {
-          const m = route.re.exec(url.pathname);
+          const m = route.re.exec(pathname);
           if (!m) continue;
-          pathMatched = true;
-          if (route.method !== req.method) continue;
-          const params: Record<string, string> = {};
-          for (const [k, v] of Object.entries(m.groups ?? {})) {
-            try {
-              params[k] = decodeURIComponent(v);
-            } catch {
-              throw new AegisError('INVALID_ARGUMENT', `malformed escape in path parameter ${k}`);
-            }
+          if (route.method !== req.method) {
+            allowed.push(route.method);
+            continue;
           }
+          const params: Record<string, string> = {};
+          for (const [k, v] of Object.entries(m.groups ?? {})) params[k] = decodeParam(k, v);
           const body = await readBody(req);
-          const out = await route.handler({ params, query: url.searchParams, body, signal: abort.signal, res });
+          const out = await route.handler({ params, query, body, signal: abort.signal, res });
           if (out !== STREAMED) sendJson(res, out.status, out.body);
           return;
         }
-        throw pathMatched
-          ? new AegisError('UNSUPPORTED', `${req.method ?? ''} is not supported on ${url.pathname}`)
-          : new AegisError('NOT_FOUND', `no such endpoint: ${url.pathname}`);
+        if (allowed.length > 0) {
+          // 405 with Allow, as HTTP has it; the code stays UNSUPPORTED, which this answer always
+          // carried: codes are permanent (protocol/errors.ts) and clients read the code, not
+          // the status. (Not INVALID_ARGUMENT: nothing in the request is malformed, the
+          // resource just does not support the method.)
+          throw new HttpError(
+            'UNSUPPORTED',
+            `${req.method ?? ''} is not supported on ${pathname.slice(0, 200)}; use ${allowed.join(', ')}`,
+            405,
+            {
+              allow: allowed.join(', '),
+            },
+          );
+        }
+        throw new AegisError('NOT_FOUND', `no such endpoint: ${pathname.slice(0, 200)}`);
       } catch (err) {
         const e = AegisError.from(err);
         if (e.code === 'INTERNAL') log.warn(`${req.method ?? ''} ${req.url ?? ''}: ${e.message}`);
@@ -109,11 +266,30 @@ export function createServer(routes: Route[], log: Logger): http.Server {
           // Mid-stream: the error becomes the stream's last event.
           if (!res.writableEnded) res.end(JSON.stringify({ type: 'error', ...e.toWire() }) + '\n');
         } else {
-          sendJson(res, e.httpStatus, e.toWire());
+          // Refused before its body was read (bad path, wrong method): drop the body first,
+          // unless the answer closes the connection anyway (a body far too large).
+          const headers = e instanceof HttpError ? e.headers : {};
+          const drained = headers['connection'] === 'close' || (await discardBody(req));
+          sendJson(res, e.httpStatus, e.toWire(), drained ? headers : { ...headers, connection: 'close' });
         }
       }
     })();
   });
+  server.on('clientError', onClientError);
+  // An Expect other than 100-continue: node would answer a bare 417.
+  server.on('checkExpectation', (req: http.IncomingMessage, res: http.ServerResponse) => {
+    sendJson(
+      res,
+      417,
+      { code: 'INVALID_ARGUMENT', message: `unsupported Expect: ${String(req.headers.expect).slice(0, 100)}` },
+      { connection: 'close' },
+    );
+  });
+  // CONNECT: node would close the connection without a word.
+  server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
+    rawError(socket, 405, 'UNSUPPORTED', 'CONNECT is not supported');
+  });
+  return server;
 }
 
 /** Reads a boolean query flag strictly. */

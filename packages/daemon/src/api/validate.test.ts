@@ -128,6 +128,79 @@ describe('validateBody: other schemas', () => {
   });
 });
 
+describe('validateBody: NUL bytes', () => {
+  const nul = (schema: string, body: unknown): string => {
+    const err = errorOf(() => validateBody(schema, body));
+    expect(err.code).toBe('INVALID_ARGUMENT');
+    return err.message;
+  };
+
+  // Regression: the VM booted, then spawning the command failed on the NUL: 500 INTERNAL.
+  it('a NUL byte in a command element, env value, workdir or image of a create request is INVALID_ARGUMENT, saying so', () => {
+    expect(nul('CreateInstanceRequest', { command: ['echo', 'a\u0000b'] })).toBe('invalid request: command.1 must not contain a NUL byte');
+    expect(nul('CreateInstanceRequest', { command: ['x'], env: { A: '\u0000' } })).toBe(
+      'invalid request: env.A must not contain a NUL byte',
+    );
+    expect(nul('CreateInstanceRequest', { command: ['x'], workdir: '/a\u0000' })).toBe(
+      'invalid request: workdir must not contain a NUL byte',
+    );
+    expect(nul('CreateInstanceRequest', { image: 'alpine\u0000' })).toBe('invalid request: image must not contain a NUL byte');
+    // A relative workdir is still told apart from one with a NUL.
+    expect(nul('CreateInstanceRequest', { command: ['x'], workdir: 'a' })).toContain('must match pattern');
+  });
+
+  it('a NUL byte in an env key, handle or secret name of a create request is INVALID_ARGUMENT', () => {
+    expect(nul('CreateInstanceRequest', { command: ['x'], env: { 'A\u0000': 'v' } })).toContain('env has an invalid name');
+    expect(nul('CreateInstanceRequest', { command: ['x'], handle: 'a\u0000' })).toContain('handle');
+    expect(nul('CreateInstanceRequest', { command: ['x'], secrets: ['A\u0000'] })).toContain('secrets.0');
+  });
+
+  it('a NUL byte in an exec request is INVALID_ARGUMENT as in a create request', () => {
+    expect(nul('ExecRequest', { command: ['\u0000'] })).toBe('invalid request: command.0 must not contain a NUL byte');
+    expect(nul('ExecRequest', { command: ['x'], env: { B: 'x\u0000y' } })).toBe('invalid request: env.B must not contain a NUL byte');
+    expect(nul('ExecRequest', { command: ['x'], workdir: '/\u0000' })).toBe('invalid request: workdir must not contain a NUL byte');
+  });
+
+  it('a NUL byte in a secret value or an image pull or import is INVALID_ARGUMENT', () => {
+    expect(nul('SetSecretRequest', { value: 'a\u0000' })).toBe('invalid request: value must not contain a NUL byte');
+    expect(nul('PullImageRequest', { reference: '\u0000' })).toBe('invalid request: reference must not contain a NUL byte');
+    expect(nul('ImportImageRequest', { path: '/x\u0000' })).toBe('invalid request: path must not contain a NUL byte');
+    expect(nul('ImportImageRequest', { path: '/x', reference: 'r\u0000' })).toBe('invalid request: reference must not contain a NUL byte');
+  });
+
+  it('still accepts other control characters and any unicode in commands and values', () => {
+    expect(() =>
+      validateBody('CreateInstanceRequest', { command: ['printf', '\u0001\t\n\u007f é 😀'], env: { A: '\u001b[1m' } }),
+    ).not.toThrow();
+    expect(() => validateBody('SetSecretRequest', { value: 'p@ss\nword' })).not.toThrow();
+  });
+});
+
+describe('validateBody: exposes', () => {
+  // Regression: "not-an-ip" reached listen(), which resolved it: a DNS query left the machine.
+  it('a hostIp that is not an IPv4 or IPv6 literal is INVALID_ARGUMENT, so no host name is ever resolved', () => {
+    for (const hostIp of ['not-an-ip', 'localhost', 'example.com', '', ' 127.0.0.1', '127.1', '0x7f.0.0.1', '256.0.0.1', '[::1]']) {
+      const msg = rejectCreate({ command: ['x'], exposes: [{ guestPort: 8080 }, { guestPort: 80, hostIp }] });
+      expect(msg, JSON.stringify(hostIp)).toContain('exposes.1.hostIp must be an IPv4 or IPv6 address');
+    }
+  });
+
+  it('accepts IPv4 and IPv6 literals, and no hostIp at all', () => {
+    for (const hostIp of ['127.0.0.1', '0.0.0.0', '192.168.1.20', '::1', '::', 'fe80::1', '::ffff:127.0.0.1']) {
+      expect(() => validateBody('CreateInstanceRequest', { command: ['x'], exposes: [{ guestPort: 80, hostIp }] }), hostIp).not.toThrow();
+    }
+    expect(() => validateBody('CreateInstanceRequest', { command: ['x'], exposes: [{ guestPort: 80, hostPort: 0 }] })).not.toThrow();
+  });
+});
+
+describe('validateBody: messages', () => {
+  it('cuts a huge unknown field name or env name short in the message', () => {
+    const long = 'x'.repeat(100_000);
+    expect(rejectCreate({ command: ['x'], [long]: 1 }).length).toBeLessThan(200);
+    expect(rejectCreate({ command: ['x'], env: { [`-${long}`]: 'v' } }).length).toBeLessThan(200);
+  });
+});
+
 describe('specPaths', () => {
   it('lists the versioned instance endpoints of the OpenAPI document', () => {
     const paths = specPaths();

@@ -3,6 +3,7 @@
  * checked once, here at the edge, with unknown fields rejected. Handlers then trust types.
  */
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { Ajv2020, type ValidateFunction } from 'ajv/dist/2020.js';
 import { AegisError } from '@aegis/protocol';
 
@@ -15,10 +16,34 @@ interface OpenApiDoc {
 const doc = JSON.parse(readFileSync(SPEC_URL, 'utf8')) as OpenApiDoc;
 // OpenAPI refs point at #/components/schemas; as one JSON Schema they live under $defs.
 const defs = JSON.parse(JSON.stringify(doc.components.schemas).replaceAll('#/components/schemas/', '#/$defs/')) as Record<string, unknown>;
-const ajv = new Ajv2020({ allErrors: false, strict: true, strictTypes: false, validateFormats: false });
+// verbose: errors carry the offending value, to tell a NUL byte from other pattern misses.
+const ajv = new Ajv2020({ allErrors: false, strict: true, strictTypes: false, validateFormats: false, verbose: true });
 ajv.addSchema({ $id: 'aegis-api', $defs: defs });
 
 const cache = new Map<string, ValidateFunction>();
+
+/** A name or value echoed in an error message, cut short: the body it came from may be megabytes. */
+function quote(v: string): string {
+  return JSON.stringify(v.length > 64 ? `${v.slice(0, 64)}…` : v);
+}
+
+/**
+ * Rules the schemas cannot state (ajv checks no `format` here), applied once the schema has
+ * passed: still validation, still before anything is bound, resolved or booted.
+ */
+const EXTRA_CHECKS: Record<string, (body: never) => void> = {
+  CreateInstanceRequest: (body: { exposes?: { hostIp?: string }[] }) => {
+    for (const [i, e] of (body.exposes ?? []).entries()) {
+      // A host name here would be resolved by listen(): a DNS query leaving the machine.
+      if (e.hostIp !== undefined && isIP(e.hostIp) === 0) {
+        throw new AegisError(
+          'INVALID_ARGUMENT',
+          `invalid request: exposes.${i}.hostIp must be an IPv4 or IPv6 address, not ${quote(e.hostIp)}`,
+        );
+      }
+    }
+  },
+};
 
 export function validateBody<T>(schemaName: string, body: unknown): T {
   let fn = cache.get(schemaName);
@@ -35,12 +60,15 @@ export function validateBody<T>(schemaName: string, body: unknown): T {
     const badName = (e as { propertyName?: string } | undefined)?.propertyName;
     const detail =
       e?.keyword === 'additionalProperties'
-        ? `unknown field "${String(params.additionalProperty)}"`
+        ? `unknown field ${quote(String(params.additionalProperty))}`
         : badName !== undefined
-          ? `has an invalid name "${badName}"`
-          : (e?.message ?? 'is invalid');
+          ? `has an invalid name ${quote(badName)}`
+          : e?.keyword === 'pattern' && typeof e.data === 'string' && e.data.includes('\0')
+            ? 'must not contain a NUL byte'
+            : (e?.message ?? 'is invalid');
     throw new AegisError('INVALID_ARGUMENT', `invalid request: ${where} ${detail}`);
   }
+  (EXTRA_CHECKS[schemaName] as ((b: unknown) => void) | undefined)?.(body);
   return body as T;
 }
 

@@ -6,14 +6,16 @@
  */
 import { AegisError, type ExitEvent, type GuestEvents } from '@aegis/protocol';
 import type { Vm, VmExit } from '@aegis/vmm';
-import type { Logger } from '../log.js';
+import { escapeForLog, type Logger } from '../log.js';
 import type { PortForwarder } from '../ports/forwarder.js';
 import { AgentConnection } from './agent.js';
 import type { LogStore } from './logs.js';
 import type { ExecEvent } from './spec.js';
 
-/** After the guest was asked to power off, how long before the VMM is stopped by force. */
-const POWEROFF_GRACE_MS = 10_000;
+/** After the guest agreed to power off, how long it has to do so before the VMM is stopped by force. */
+const POWEROFF_GRACE_MS = 5000;
+/** How long past the workload's own deadline the harness has to answer `shutdown`. */
+const ANSWER_GRACE_MS = 1000;
 /** An agent channel that drops while the VM lives is reconnected within this long, or the VM is ended. */
 const AGENT_RECONNECT_MS = 15_000;
 
@@ -25,9 +27,16 @@ export interface LiveEvents {
 }
 
 interface ExecSink {
-  emit: (ev: ExecEvent) => void;
+  emit: ExecEmitter;
   fail: (err: AegisError) => void;
 }
+
+/**
+ * Where an exec's events go (an HTTP response). A promise means "congested until it
+ * resolves": the agent channel is paused meanwhile, which pushes back to the guest, so a slow
+ * client slows the command instead of growing aegisd's memory.
+ */
+export type ExecEmitter = (ev: ExecEvent) => void | Promise<void>;
 
 export class LiveInstance {
   agent: AgentConnection | undefined;
@@ -40,6 +49,12 @@ export class LiveInstance {
   /** Resolves after the VM's exit has been handled. */
   readonly finished: Promise<void>;
   private vmGone = false;
+  /** Why the agent channel is paused (a congested log store, a slow exec client). */
+  private readonly holds = new Set<string>();
+  /** Powering off: backpressure no longer holds the channel (the shutdown reply must pass). */
+  private ending = false;
+  /** Output bytes received per process and stream, checked against the guest's own count. */
+  private readonly received = new Map<string, number>();
 
   constructor(
     readonly id: string,
@@ -74,6 +89,8 @@ export class LiveInstance {
       agent.close();
       throw err;
     }
+    // Backpressure applies to output, never to the handshake.
+    if (this.holds.size > 0 && !this.ending) agent.pause();
     return agent;
   }
 
@@ -87,6 +104,12 @@ export class LiveInstance {
     this.agent = undefined;
     this.failExecs(new AegisError('UNAVAILABLE', `the agent channel of instance ${this.handle} closed during exec`));
     if (this.vmGone || this.retired) return;
+    if (agent.closedForProtocolErrors) {
+      // A guest that broke the protocol that often is not given a new channel to break.
+      this.log.warn(`instance ${this.handle}: agent channel closed for protocol errors; ending the VM`);
+      void this.vm.stop({ timeoutMs: 2000 }).catch(() => undefined);
+      return;
+    }
     void (async () => {
       await new Promise((r) => setTimeout(r, 100));
       if (this.vmGone || this.agent) return;
@@ -107,41 +130,80 @@ export class LiveInstance {
   }
 
   /** Registers an exec; the promise settles with its exit or when the VM or channel goes. */
-  trackExec(execId: string, emit: (ev: ExecEvent) => void): Promise<void> {
+  trackExec(execId: string, emit: ExecEmitter): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       this.execs.set(execId, {
         emit: (ev) => {
-          emit(ev);
+          const congested = emit(ev);
           if (ev.type === 'exit') resolve();
+          return congested;
         },
         fail: reject,
       });
     });
   }
 
+  private hold(reason: string, until: Promise<unknown>): void {
+    if (this.holds.has(reason) || this.ending) return;
+    this.holds.add(reason);
+    if (this.holds.size === 1) this.agent?.pause();
+    void until.finally(() => {
+      this.holds.delete(reason);
+      if (this.holds.size === 0) this.agent?.resume();
+    });
+  }
+
+  private emitTo(execId: string, ev: ExecEvent): void {
+    const congested = this.execs.get(execId)?.emit(ev);
+    if (congested) this.hold(`exec ${execId}`, congested);
+  }
+
+  /** Compares what arrived with what the guest says it sent; a difference is a bug to see. */
+  private account(execId: string | undefined, exit: { bytes?: { stdout: number; stderr: number }; truncated?: boolean }): void {
+    const key = execId ?? '';
+    const got = { stdout: this.received.get(`${key}:stdout`) ?? 0, stderr: this.received.get(`${key}:stderr`) ?? 0 };
+    this.received.delete(`${key}:stdout`);
+    this.received.delete(`${key}:stderr`);
+    const what = execId === undefined ? 'the workload' : `exec ${execId}`;
+    if (exit.bytes && (exit.bytes.stdout !== got.stdout || exit.bytes.stderr !== got.stderr)) {
+      this.log.warn(
+        `instance ${this.handle}: output of ${what} incomplete: guest sent ${exit.bytes.stdout}+${exit.bytes.stderr} bytes, host got ${got.stdout}+${got.stderr}`,
+      );
+    }
+    if (exit.truncated)
+      this.log.warn(`instance ${this.handle}: output of ${what} truncated: a background process kept its pipes open after it exited`);
+  }
+
   private onAgentEvent<E extends keyof GuestEvents>(event: E, params: GuestEvents[E]): void {
     switch (event) {
       case 'output': {
         const ev = params as GuestEvents['output'];
-        this.logs.append(ev.stream, Buffer.from(ev.data, 'base64'), ev.execId);
-        if (ev.execId !== undefined) this.execs.get(ev.execId)?.emit({ type: 'output', stream: ev.stream, data: ev.data });
+        const data = Buffer.from(ev.data, 'base64');
+        const key = `${ev.execId ?? ''}:${ev.stream}`;
+        this.received.set(key, (this.received.get(key) ?? 0) + data.length);
+        if (!this.logs.append(ev.stream, data, ev.execId)) {
+          this.hold('logs', new Promise((r) => this.logs.once('drain', () => r(undefined))));
+        }
+        if (ev.execId !== undefined) this.emitTo(ev.execId, { type: 'output', stream: ev.stream, data: ev.data });
         return;
       }
       case 'execExit': {
         const ev = params as GuestEvents['execExit'];
-        const sink = this.execs.get(ev.execId);
-        this.execs.delete(ev.execId);
-        sink?.emit({
+        this.account(ev.execId, ev);
+        this.emitTo(ev.execId, {
           type: 'exit',
           exitCode: ev.exitCode,
           signal: ev.signal,
           ...(ev.durationMs !== undefined ? { guestDurationMs: ev.durationMs } : {}),
+          ...(ev.truncated ? { truncated: true } : {}),
         });
+        this.execs.delete(ev.execId);
         return;
       }
       case 'exit': {
         // A guest may repeat itself (a replayed exit after a reconnect): the first one counts.
         if (this.exit) return;
+        this.account(undefined, params as GuestEvents['exit']);
         this.exit = params as GuestEvents['exit'];
         this.events.onWorkloadExit(this, this.exit);
         return;
@@ -151,19 +213,31 @@ export class LiveInstance {
     }
   }
 
-  /** Asks the harness to end the VM; forces the VMM down if the guest does not comply. */
+  /**
+   * Asks the harness to end the VM (the workload gets `workloadTimeoutMs` after SIGTERM), and
+   * forces the VMM down if the guest does not comply. A guest that has not even answered by
+   * then (a frozen VMM, a broken harness) is killed at once, so a stop never takes much more
+   * than its deadline; one that answered gets a few seconds to sync its disk and power off.
+   */
   async powerOff(workloadTimeoutMs: number): Promise<void> {
+    // The VM is ending: its replies must get through, whoever reads slowly.
+    this.ending = true;
+    this.agent?.resume();
     if (!this.vmGone) {
-      try {
-        await this.agent?.call('shutdown', { timeoutMs: workloadTimeoutMs }, { timeoutMs: workloadTimeoutMs + 5000 });
-      } catch (err) {
-        this.log.warn(`instance ${this.handle}: shutdown request failed: ${(err as Error).message}`);
-      }
+      const answered = await (
+        this.agent?.call('shutdown', { timeoutMs: workloadTimeoutMs }, { timeoutMs: workloadTimeoutMs + ANSWER_GRACE_MS }) ??
+        Promise.reject(new AegisError('UNAVAILABLE', 'no agent channel'))
+      )
+        .then(() => true)
+        .catch((err: unknown) => {
+          this.log.warn(`instance ${this.handle}: shutdown request failed: ${escapeForLog((err as Error).message)}`);
+          return false;
+        });
       const exited = await Promise.race([
         this.vm.exited.then(() => true),
-        new Promise<boolean>((r) => setTimeout(() => r(false), POWEROFF_GRACE_MS).unref()),
+        new Promise<boolean>((r) => setTimeout(() => r(false), answered ? POWEROFF_GRACE_MS : 0).unref()),
       ]);
-      if (!exited) await this.vm.stop({ timeoutMs: 2000 });
+      if (!exited) await this.vm.stop({ timeoutMs: answered ? 2000 : 0 });
     }
     await this.finished;
   }

@@ -25,10 +25,10 @@ import type { AgentConnection } from './agent.js';
 import { LogStore } from './logs.js';
 import type { TemplateCache } from './templates.js';
 import { OpQueue } from './op-queue.js';
-import { LiveInstance } from './live.js';
+import { LiveInstance, type ExecEmitter } from './live.js';
 import { bootVm, type BootContext } from './boot.js';
 import { endStrays, recover } from './recovery.js';
-import { effectiveCommand, imageEnv, toView, type CreateRequest, type ExecEvent, type ExecRequest, type InstanceView } from './spec.js';
+import { effectiveCommand, imageEnv, toView, type CreateRequest, type ExecRequest, type InstanceView } from './spec.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
 
 export { toView, type CreateRequest, type ExecEvent, type ExecRequest, type InstanceView } from './spec.js';
@@ -452,7 +452,8 @@ export class InstanceManager {
       this.move(row.id, 'failed', { stateReason: 'VM was not found', stoppedAt: Date.now(), vmRecord: null });
       return;
     }
-    if (row.state === 'paused') await live.vm.resume().catch(() => undefined);
+    // A frozen VMM never answers `cont`: don't let that hold the stop past its deadline.
+    if (row.state === 'paused') await Promise.race([live.vm.resume().catch(() => undefined), new Promise((r) => setTimeout(r, 1000))]);
     this.move(row.id, 'stopping', { stateReason: 'stopped by request' }, ['running', 'paused', 'starting']);
     await live.powerOff(timeoutMs);
   }
@@ -512,7 +513,7 @@ export class InstanceManager {
   }
 
   /** Runs a command in the instance, calling `emit` for each event; resolves after `exit`. */
-  async exec(ref: string, req: ExecRequest, emit: (ev: ExecEvent) => void, signal?: AbortSignal): Promise<void> {
+  async exec(ref: string, req: ExecRequest, emit: ExecEmitter, signal?: AbortSignal): Promise<void> {
     const execId = randomBytes(6).toString('hex');
     // Admission is an operation of the instance (no stop can slip in between the check and
     // the guest starting the command); the command's output then streams outside the queue.

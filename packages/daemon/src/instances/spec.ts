@@ -44,7 +44,14 @@ export interface ExecRequest {
 export type ExecEvent =
   | { type: 'started'; execId: string }
   | { type: 'output'; stream: Stream; data: string }
-  | { type: 'exit'; exitCode: number | null; signal: string | null; guestDurationMs?: number };
+  | {
+      type: 'exit';
+      exitCode: number | null;
+      signal: string | null;
+      guestDurationMs?: number;
+      /** A background process kept the command's pipes open: output after the grace was cut. */
+      truncated?: boolean;
+    };
 
 export interface InstanceView {
   id: string;

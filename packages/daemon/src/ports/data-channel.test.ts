@@ -8,14 +8,19 @@ import os from 'node:os';
 import path from 'node:path';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { encodeFrame, FrameDecoder, FrameType, WINDOW_BYTES, type Frame } from '@aegis/protocol';
-import { DataChannel } from './data-channel.js';
+import { encodeFrame, frameHeader, FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, WINDOW_BYTES, type Frame } from '@aegis/protocol';
+import type { Logger } from '../log.js';
+import { DataChannel, type DataChannelOptions } from './data-channel.js';
 
 interface Rig {
   channel: DataChannel;
+  /** The host's end of the channel, as the DataChannel reads it. */
+  hostEnd: net.Socket;
   /** The guest's end of the channel. */
   guest: net.Socket;
   frames: Frame[];
+  /** What the channel logged. */
+  logged: string[];
   /** The user's TCP connection, and the host socket aegisd accepted for it. */
   client: net.Socket;
   accepted: net.Socket;
@@ -27,7 +32,7 @@ afterEach(() => {
   for (const r of rigs.splice(0)) r.close();
 });
 
-async function rig(): Promise<Rig> {
+async function rig(options: DataChannelOptions = {}): Promise<Rig> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'aegis-dc-'));
   const sock = path.join(dir, 'data.sock');
   const guestSide = new Promise<net.Socket>((resolve) => {
@@ -40,7 +45,10 @@ async function rig(): Promise<Rig> {
   await new Promise((r) => setTimeout(r, 10));
   const hostEnd = net.connect(sock);
   const guest = await guestSide;
-  const channel = new DataChannel(hostEnd);
+  guest.on('error', () => undefined); // a flooding guest meets a closed channel
+  const logged: string[] = [];
+  const log: Logger = { info: (m) => logged.push(m), warn: (m) => logged.push(m) };
+  const channel = new DataChannel(hostEnd, { log, ...options });
   const frames: Frame[] = [];
   const decoder = new FrameDecoder();
   guest.on('data', (c: Buffer) => frames.push(...decoder.push(c)));
@@ -52,8 +60,10 @@ async function rig(): Promise<Rig> {
   tcp.close();
   const r: Rig = {
     channel,
+    hostEnd,
     guest,
     frames,
+    logged,
     client,
     accepted,
     close: () => {
@@ -67,8 +77,8 @@ async function rig(): Promise<Rig> {
   return r;
 }
 
-async function until(cond: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
+async function until(cond: () => boolean, what: string, timeoutMs = 2000): Promise<void> {
+  for (let i = 0; i < timeoutMs / 10; i++) {
     if (cond()) return;
     await new Promise((r) => setTimeout(r, 10));
   }
@@ -146,5 +156,169 @@ describe('DataChannel', () => {
     r2.guest.write(bad);
     await closed2;
     expect(r2.channel.isClosed).toBe(true);
+  });
+
+  it("the host trusts the guest's flow control: a guest that floods DATA without waiting for ACKs makes it hold at most a window, then the channel closes with one logged violation", async () => {
+    const r = await rig();
+    r.channel.forward(r.accepted, 80);
+    await until(() => r.frames.length >= 1, 'OPEN');
+    const id = (r.frames[0] as Frame).connId;
+    r.client.pause(); // the user reads nothing: the host socket's buffers fill, then it pushes back
+    let peak = 0;
+    r.hostEnd.on('data', () => {
+      // After each chunk the channel has handled (its listener runs first).
+      peak = Math.max(peak, r.channel.bufferedBytes, r.accepted.writableLength);
+    });
+    r.guest.write(encodeFrame(id, FrameType.OPENED));
+    // 128 MiB, far more than the socket buffers between the host and the client can take.
+    const payload = Buffer.alloc(MAX_PAYLOAD, 0x61);
+    for (let i = 0; i < 512 && !r.guest.destroyed; i++) {
+      r.guest.write(frameHeader(id, FrameType.DATA, payload.length));
+      r.guest.write(payload);
+    }
+    await until(() => r.channel.isClosed, 'the channel to close', 20_000);
+    expect(r.accepted.destroyed).toBe(true);
+    expect(peak).toBeGreaterThan(0);
+    expect(peak).toBeLessThanOrEqual(WINDOW_BYTES + HEADER_BYTES + MAX_PAYLOAD);
+    expect(r.channel.bufferedBytes).toBe(0);
+    expect(r.logged).toHaveLength(1);
+    expect(r.logged[0]).toMatch(/broke the data channel protocol \(DATA for connection \d+ past its window/);
+  }, 30_000);
+
+  it('a slow client slows the guest: the host stops ACKing while the client socket pushes back, and goes on after drain', async () => {
+    const r = await rig();
+    r.channel.forward(r.accepted, 80);
+    await until(() => r.frames.length >= 1, 'OPEN');
+    const id = (r.frames[0] as Frame).connId;
+    r.client.pause();
+    // A guest that keeps to the window: sends while less than WINDOW_BYTES are unacknowledged.
+    const total = 64 * 1024 * 1024;
+    const chunk = 60_000;
+    let sent = 0;
+    let acked = 0;
+    const pump = (): void => {
+      while (sent < total && sent - acked + chunk <= WINDOW_BYTES) {
+        const n = Math.min(chunk, total - sent);
+        r.guest.write(encodeFrame(id, FrameType.DATA, Buffer.alloc(n, (sent / chunk) % 251)));
+        sent += n;
+      }
+    };
+    let seen = 0;
+    r.guest.on('data', () => {
+      for (; seen < r.frames.length; seen++) {
+        const f = r.frames[seen] as Frame;
+        if (f.type === FrameType.ACK && f.connId === id) acked += f.payload.readUInt32BE(0);
+      }
+      pump();
+    });
+    r.guest.write(encodeFrame(id, FrameType.OPENED));
+    pump();
+    // The client reads nothing: once the sockets' buffers are full the ACKs stop.
+    let last = -1;
+    for (let i = 0; i < 100 && acked !== last; i++) {
+      last = acked;
+      await new Promise((res) => setTimeout(res, 200));
+    }
+    expect(acked).toBe(last);
+    expect(acked).toBeLessThan(total);
+    expect(sent - acked).toBeLessThanOrEqual(WINDOW_BYTES);
+    expect(r.accepted.writableNeedDrain).toBe(true);
+    expect(r.channel.bufferedBytes).toBeLessThanOrEqual(WINDOW_BYTES + HEADER_BYTES + MAX_PAYLOAD);
+    expect(r.channel.isClosed).toBe(false);
+
+    // The client reads again: every byte arrives, in order, and every byte is acknowledged.
+    let received = 0;
+    let inOrder = true;
+    r.client.on('data', (c: Buffer) => {
+      for (let k = 0; k < c.length; k += 997) if (c[k] !== Math.floor((received + k) / chunk) % 251) inOrder = false;
+      received += c.length;
+    });
+    r.client.resume();
+    await until(() => received === total && acked === total, 'every byte at the client and acknowledged', 20_000);
+    expect(inOrder).toBe(true);
+    expect(r.channel.bufferedBytes).toBe(0);
+    expect(r.logged).toEqual([]);
+  }, 60_000);
+
+  it('a frame whose declared length its type cannot have closes the channel when its header arrives, before its payload', async () => {
+    const r = await rig();
+    r.channel.forward(r.accepted, 80);
+    await until(() => r.frames.length >= 1, 'OPEN');
+    const id = (r.frames[0] as Frame).connId;
+    r.guest.write(encodeFrame(id, FrameType.OPENED));
+    r.guest.write(frameHeader(id, FrameType.ACK, 200_000)); // an ACK is 4 bytes; the payload never comes
+    await until(() => r.channel.isClosed, 'the channel to close');
+    expect(r.logged).toHaveLength(1);
+    expect(r.logged[0]).toMatch(/frame of type 4 with 200000 bytes/);
+  });
+
+  it('a frame type the guest may not send (unknown, or OPEN) closes the channel with one logged violation', async () => {
+    for (const type of [0, 7, 255, FrameType.OPEN]) {
+      const r = await rig();
+      r.channel.forward(r.accepted, 80);
+      await until(() => r.frames.length >= 1, 'OPEN');
+      const header = Buffer.alloc(HEADER_BYTES);
+      header.writeUInt32BE(12345, 0); // for a connection the host does not know, even
+      header.writeUInt8(type, 4);
+      r.guest.write(header);
+      r.guest.write(header);
+      await until(() => r.channel.isClosed, `the channel to close on type ${type}`);
+      expect(r.logged).toEqual([expect.stringContaining(`frame of type ${type}: stream corrupt`)]);
+    }
+  });
+
+  it('DATA before OPENED, an ACK for bytes never sent, and a second OPENED are protocol violations', async () => {
+    const cases: [string, (id: number) => Buffer[], RegExp][] = [
+      ['DATA before OPENED', (id) => [encodeFrame(id, FrameType.DATA, Buffer.from('x'))], /DATA for connection \d+ before OPENED/],
+      [
+        'ACK for bytes never sent',
+        (id) => {
+          const ack = Buffer.alloc(4);
+          ack.writeUInt32BE(10);
+          return [encodeFrame(id, FrameType.OPENED), encodeFrame(id, FrameType.ACK, ack)];
+        },
+        /ACK of 10 bytes .* 0 unacknowledged/,
+      ],
+      ['second OPENED', (id) => [encodeFrame(id, FrameType.OPENED), encodeFrame(id, FrameType.OPENED)], /second OPENED/],
+    ];
+    for (const [what, frames, logged] of cases) {
+      const r = await rig();
+      r.channel.forward(r.accepted, 80);
+      await until(() => r.frames.length >= 1, 'OPEN');
+      const closed = new Promise((res) => r.client.once('close', res));
+      for (const f of frames((r.frames[0] as Frame).connId)) r.guest.write(f);
+      await until(() => r.channel.isClosed, what);
+      await closed;
+      expect(r.logged).toEqual([expect.stringMatching(logged)]);
+    }
+  });
+
+  it('connections past the limit are refused, and the limit is logged once', async () => {
+    const r = await rig({ maxConnections: 2 });
+    const tcp = net.createServer({ pauseOnConnect: true });
+    await new Promise<void>((res) => tcp.listen(0, '127.0.0.1', res));
+    const port = (tcp.address() as net.AddressInfo).port;
+    const clients: net.Socket[] = [];
+    const accept = async (): Promise<net.Socket> => {
+      const accepted = new Promise<net.Socket>((res) => tcp.once('connection', res));
+      clients.push(net.connect(port, '127.0.0.1'));
+      return accepted;
+    };
+    try {
+      r.channel.forward(r.accepted, 80);
+      r.channel.forward(await accept(), 80);
+      expect(r.channel.connections).toBe(2);
+      const third = await accept();
+      const fourth = await accept();
+      r.channel.forward(third, 80);
+      r.channel.forward(fourth, 80);
+      expect(third.destroyed && fourth.destroyed).toBe(true);
+      expect(r.channel.connections).toBe(2);
+      expect(r.logged).toEqual([expect.stringContaining('2 connections are open; refusing more')]);
+      expect(r.channel.isClosed).toBe(false);
+    } finally {
+      for (const c of clients) c.destroy();
+      tcp.close();
+    }
   });
 });

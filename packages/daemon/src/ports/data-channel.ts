@@ -1,44 +1,108 @@
 /**
  * The host end of a VM's data channel (protocol/data-frames.ts): each forwarded connection
  * is spliced between a host socket and a guest socket that aegis-init opens on the guest's
- * loopback. Flow control is by credit: at most WINDOW_BYTES read from the host socket and not
- * yet acknowledged by the guest, so a slow guest reader pauses the host client, not our memory.
- * Everything from the guest is untrusted: a frame for an unknown connection is ignored, and a
- * corrupt stream closes the channel (and with it every forwarded connection).
+ * loopback. Flow control is by credit, both ways, WINDOW_BYTES per connection:
+ * - host → guest: at most a window read from the host socket and not yet acknowledged by the
+ *   guest, so a slow guest reader pauses the host client, not our memory;
+ * - guest → host: the guest may have at most a window of DATA that we have not acknowledged,
+ *   and we acknowledge bytes only once the client's socket has taken them and is not pushing
+ *   back (its write() said false: no ACK until 'drain'). So a slow client slows the guest, and
+ *   what we hold for a connection never exceeds the window.
+ * Everything from the guest is untrusted. A frame for a connection we do not know (one that
+ * ended, or that we never opened) is ignored; anything a correct guest never sends (a frame
+ * type it may not send, a length its type cannot have, DATA past the window, an ACK for bytes
+ * we did not send, DATA before OPENED or after FIN) is a protocol violation: it is logged once
+ * and the whole channel is closed, with every forwarded connection (as Firecracker stops a
+ * device whose driver broke the rules: a guest that does this is broken or hostile).
  */
 import type net from 'node:net';
 import type { Duplex } from 'node:stream';
-import { frameHeader, FrameDecoder, FrameType, MAX_PAYLOAD, WINDOW_BYTES, type Frame } from '@aegis/protocol';
+import { frameHeader, FrameDecoder, FrameType, MAX_CONNECTIONS, MAX_PAYLOAD, WINDOW_BYTES, type Frame } from '@aegis/protocol';
+import { stderrLogger, type Logger } from '../log.js';
 
 /** As patient as a TCP connect: a guest server with a short accept queue leaves SYNs to be retried. */
 const OPEN_TIMEOUT_MS = 75_000;
 
+/** While a client pushes back, guest DATA is copied into buffers of this size (not one per frame). */
+const BACKLOG_CHUNK = 64 * 1024;
+
+/** The payload each frame type may carry from the guest; -1: the guest may not send it. */
+function guestFrameLimit(type: number): number {
+  switch (type) {
+    case FrameType.DATA:
+      return MAX_PAYLOAD;
+    case FrameType.ACK:
+      return 4;
+    case FrameType.OPENED:
+    case FrameType.FIN:
+    case FrameType.RST:
+      return 0;
+    default:
+      return -1; // OPEN goes host → guest only; anything else is no frame at all
+  }
+}
+
 interface Conn {
   socket: net.Socket;
   opened: boolean;
+  /** host → guest: bytes sent as DATA and not yet acknowledged by the guest. */
   unacked: number;
   paused: boolean;
   sentFin: boolean;
   gotFin: boolean;
   timer: NodeJS.Timeout | undefined;
+  /** guest → host: DATA received and not yet acknowledged (queued here, or taken by the socket). */
+  held: number;
+  /** Of `held`, bytes the socket has taken, to acknowledge once it is not pushing back. */
+  ackable: number;
+  /** The socket's write() said false: no ACKs and no more writes until 'drain'. */
+  blocked: boolean;
+  /** DATA that arrived while blocked, coalesced; `tail` is the last buffer, `tailLen` its fill. */
+  backlog: Buffer[];
+  tail: Buffer | undefined;
+  tailLen: number;
+}
+
+export interface DataChannelOptions {
+  /** Where a protocol violation is reported (once per channel); default: the daemon's stderr log. */
+  log?: Logger;
+  /** Names the channel in log lines, e.g. "instance web: data channel". */
+  name?: string;
+  maxConnections?: number;
 }
 
 export class DataChannel {
   private readonly conns = new Map<number, Conn>();
-  private readonly decoder = new FrameDecoder();
+  private decoder = new FrameDecoder(guestFrameLimit);
+  private readonly log: Logger;
+  private readonly name: string;
+  private readonly maxConnections: number;
   private nextId = 1;
   private closed = false;
+  /** The connection limit is logged once per channel: a client retrying at it would flood the log. */
+  private warnedFull = false;
+  /** Sum of every connection's `held`. */
+  private heldTotal = 0;
 
-  constructor(private readonly stream: Duplex) {
+  constructor(
+    private readonly stream: Duplex,
+    options: DataChannelOptions = {},
+  ) {
+    this.log = options.log ?? stderrLogger();
+    this.name = options.name ?? 'data channel';
+    this.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
     stream.on('data', (chunk: Buffer) => {
+      if (this.closed) return;
       let frames: Frame[];
       try {
         frames = this.decoder.push(chunk);
-      } catch {
-        this.close();
-        return;
+      } catch (err) {
+        return this.violation((err as Error).message);
       }
-      for (const f of frames) this.onFrame(f);
+      for (const f of frames) {
+        if (this.closed) return;
+        this.onFrame(f);
+      }
     });
     stream.on('error', () => this.close());
     stream.on('close', () => this.close());
@@ -48,12 +112,45 @@ export class DataChannel {
     return this.closed;
   }
 
+  /**
+   * Guest bytes this end holds: DATA not yet acknowledged, for every connection, plus what the
+   * frame decoder keeps of an incomplete frame. Bounded by connections × WINDOW_BYTES plus one
+   * frame and one chunk of the channel.
+   */
+  get bufferedBytes(): number {
+    return this.heldTotal + this.decoder.buffered;
+  }
+
+  get connections(): number {
+    return this.conns.size;
+  }
+
   /** Forwards `socket` (paused, as accepted) to `guestPort` on the guest's loopback. */
   forward(socket: net.Socket, guestPort: number): void {
     if (this.closed) return void socket.destroy();
-    const id = this.nextId;
-    this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
-    const c: Conn = { socket, opened: false, unacked: 0, paused: false, sentFin: false, gotFin: false, timer: undefined };
+    if (this.conns.size >= this.maxConnections) {
+      if (!this.warnedFull) {
+        this.warnedFull = true;
+        this.log.warn(`${this.name}: ${this.maxConnections} connections are open; refusing more until some close`);
+      }
+      return void socket.destroy();
+    }
+    const id = this.allocateId();
+    const c: Conn = {
+      socket,
+      opened: false,
+      unacked: 0,
+      paused: false,
+      sentFin: false,
+      gotFin: false,
+      timer: undefined,
+      held: 0,
+      ackable: 0,
+      blocked: false,
+      backlog: [],
+      tail: undefined,
+      tailLen: 0,
+    };
     this.conns.set(id, c);
     socket.on('error', () => socket.destroy());
     socket.on('close', () => {
@@ -82,40 +179,45 @@ export class DataChannel {
     this.send(id, FrameType.OPEN, port);
   }
 
+  /** The next id no open connection uses (ids wrap after 2^32 - 1; 0 is never used). */
+  private allocateId(): number {
+    for (;;) {
+      const id = this.nextId;
+      this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
+      if (!this.conns.has(id)) return id;
+    }
+  }
+
   private onFrame(f: Frame): void {
+    // Types and lengths were checked by the decoder (guestFrameLimit).
     const c = this.conns.get(f.connId);
-    if (!c) return;
+    if (!c) return; // ended here already (RST crossed in flight), or never ours: nothing to do
     switch (f.type) {
       case FrameType.OPENED:
-        if (c.opened) return;
+        if (c.opened) return this.violation(`a second OPENED for connection ${f.connId}`);
         c.opened = true;
         clearTimeout(c.timer);
         c.socket.setNoDelay(true);
         c.socket.resume();
         return;
-      case FrameType.DATA: {
-        if (!c.opened || c.gotFin) return this.abort(f.connId, c);
-        const n = f.payload.length;
-        // A view into a chunk the channel handed us: nothing else writes to that memory.
-        c.socket.write(f.payload, (err) => {
-          if (!err && this.conns.get(f.connId) === c) {
-            const ack = Buffer.alloc(4);
-            ack.writeUInt32BE(n);
-            this.send(f.connId, FrameType.ACK, ack);
-          }
-        });
-        return;
-      }
-      case FrameType.ACK:
-        if (f.payload.length !== 4) return;
-        c.unacked = Math.max(0, c.unacked - f.payload.readUInt32BE(0));
+      case FrameType.DATA:
+        return this.onData(f.connId, c, f.payload);
+      case FrameType.ACK: {
+        if (f.payload.length !== 4) return this.violation(`an ACK of ${f.payload.length} bytes for connection ${f.connId}`);
+        const n = f.payload.readUInt32BE(0);
+        if (n > c.unacked) return this.violation(`an ACK of ${n} bytes for connection ${f.connId}, which has ${c.unacked} unacknowledged`);
+        c.unacked -= n;
         if (c.paused && c.unacked < WINDOW_BYTES / 2) {
           c.paused = false;
           c.socket.resume();
         }
         return;
+      }
       case FrameType.FIN:
+        if (!c.opened || c.gotFin) return this.violation(`FIN for connection ${f.connId} ${c.gotFin ? 'twice' : 'before OPENED'}`);
         c.gotFin = true;
+        // After what is still queued for the client: end() follows every write before it.
+        this.flushBacklog(f.connId, c);
         c.socket.end();
         this.finishIfDone(f.connId, c);
         return;
@@ -127,19 +229,96 @@ export class DataChannel {
     }
   }
 
+  private onData(id: number, c: Conn, payload: Buffer): void {
+    if (!c.opened || c.gotFin) return this.violation(`DATA for connection ${id} ${c.gotFin ? 'after FIN' : 'before OPENED'}`);
+    const n = payload.length;
+    if (n === 0) return this.violation(`an empty DATA frame for connection ${id}`);
+    if (c.held + n > WINDOW_BYTES) {
+      return this.violation(
+        `DATA for connection ${id} past its window: ${c.held} bytes unacknowledged, ${n} more sent (window ${WINDOW_BYTES})`,
+      );
+    }
+    c.held += n;
+    this.heldTotal += n;
+    if (c.blocked) this.appendBacklog(c, payload);
+    else this.writeToClient(id, c, payload); // a view into a chunk the channel handed us: nothing else writes to it
+  }
+
+  /** Writes to the client; when its write() says false, ACKs stop until 'drain'. */
+  private writeToClient(id: number, c: Conn, buf: Buffer): void {
+    const n = buf.length;
+    const ok = c.socket.write(buf, (err) => {
+      if (err || this.conns.get(id) !== c) return;
+      c.ackable += n;
+      if (!c.blocked) this.acknowledge(id, c);
+    });
+    if (!ok && !c.blocked && !c.socket.destroyed) {
+      c.blocked = true;
+      c.socket.once('drain', () => this.onDrain(id, c));
+    }
+  }
+
+  private onDrain(id: number, c: Conn): void {
+    if (this.conns.get(id) !== c) return;
+    c.blocked = false;
+    this.flushBacklog(id, c);
+    if (!c.blocked) this.acknowledge(id, c);
+  }
+
+  /**
+   * Copies DATA that arrives while the client pushes back into BACKLOG_CHUNK buffers: queueing
+   * each frame as a write of its own would cost a write request per frame (a guest sending
+   * 1-byte frames would make a window of them cost far more than a window of memory), and a
+   * small view would keep the whole channel chunk it points into alive.
+   */
+  private appendBacklog(c: Conn, payload: Buffer): void {
+    let off = 0;
+    while (off < payload.length) {
+      if (!c.tail || c.tailLen === c.tail.length) {
+        if (c.tail) c.backlog.push(c.tail);
+        c.tail = Buffer.allocUnsafe(BACKLOG_CHUNK);
+        c.tailLen = 0;
+      }
+      const k = payload.copy(c.tail, c.tailLen, off);
+      c.tailLen += k;
+      off += k;
+    }
+  }
+
+  private flushBacklog(id: number, c: Conn): void {
+    if (c.tail) c.backlog.push(c.tail.subarray(0, c.tailLen));
+    const pieces = c.backlog;
+    c.backlog = [];
+    c.tail = undefined;
+    c.tailLen = 0;
+    if (pieces.length === 0) return;
+    c.socket.cork();
+    for (const p of pieces) this.writeToClient(id, c, p);
+    c.socket.uncork();
+  }
+
+  private acknowledge(id: number, c: Conn): void {
+    if (c.ackable === 0) return;
+    const n = c.ackable;
+    c.ackable = 0;
+    c.held -= n;
+    this.heldTotal -= n;
+    const ack = Buffer.alloc(4);
+    ack.writeUInt32BE(n);
+    this.send(id, FrameType.ACK, ack);
+  }
+
   private finishIfDone(id: number, c: Conn): void {
     if (c.sentFin && c.gotFin) this.forget(id);
   }
 
-  private abort(id: number, c: Conn): void {
-    this.forget(id);
-    this.send(id, FrameType.RST);
-    c.socket.destroy();
-  }
-
   private forget(id: number): void {
     const c = this.conns.get(id);
-    if (c) clearTimeout(c.timer);
+    if (!c) return;
+    clearTimeout(c.timer);
+    this.heldTotal -= c.held;
+    c.held = 0;
+    c.ackable = 0;
     this.conns.delete(id);
   }
 
@@ -150,10 +329,18 @@ export class DataChannel {
     if (payload && payload.length > 0) this.stream.write(payload);
   }
 
+  /** The guest broke the protocol: one log line, then the channel and its connections end. */
+  private violation(what: string): void {
+    if (this.closed) return;
+    this.log.warn(`${this.name}: the guest broke the data channel protocol (${what}); closing it and its ${this.conns.size} connection(s)`);
+    this.close();
+  }
+
   /** The VM or its channel went: every forwarded connection ends. */
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.decoder = new FrameDecoder(guestFrameLimit); // drops what a partial frame held
     for (const [id, c] of this.conns) {
       this.forget(id);
       c.socket.destroy();

@@ -2,6 +2,7 @@
  * The registry: instances (and later secrets, images) in one SQLite file, WAL mode, with
  * numbered migrations tracked in `PRAGMA user_version`. Only this module speaks SQL.
  */
+import { chmodSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { AegisError } from '@aegis/protocol';
 import type { InstanceState } from '../instances/state.js';
@@ -172,16 +173,44 @@ const COLUMNS: Record<keyof InstancePatch, string> = {
   stoppedAt: 'stopped_at',
 };
 
+/** Sets umask 077; returns what restores the old one. A worker thread may not set it: chmod still follows. */
+function tightUmask(): () => void {
+  let old: number;
+  try {
+    old = process.umask(0o077);
+  } catch {
+    return () => undefined;
+  }
+  return () => void process.umask(old);
+}
+
+function chmodIfExists(file: string, mode: number): void {
+  try {
+    chmodSync(file, mode);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+  }
+}
+
 export class Registry {
   private readonly db: Database.Database;
 
   constructor(file: string) {
-    this.db = new Database(file);
-    this.db.pragma('journal_mode = WAL');
+    // Owner-only (0600), the database and its -wal/-shm: created under a tight umask (the
+    // constructor is synchronous, so nothing else runs meanwhile), and tightened when an
+    // older aegisd left them 0644.
+    const restoreUmask = tightUmask();
+    try {
+      this.db = new Database(file);
+      this.db.pragma('journal_mode = WAL');
+    } finally {
+      restoreUmask();
+    }
     this.db.pragma('synchronous = NORMAL');
     this.db.pragma('foreign_keys = ON');
     this.db.pragma('busy_timeout = 5000');
     try {
+      for (const f of [file, `${file}-wal`, `${file}-shm`]) chmodIfExists(f, 0o600);
       this.migrate();
     } catch (err) {
       this.db.close();

@@ -1,7 +1,7 @@
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../../daemon.js';
 import type { CreateRequest, ExecRequest } from '../../instances/manager.js';
-import { fileSize, matches, type LogEntry } from '../../instances/logs.js';
+import { matches, type LogEntry } from '../../instances/logs.js';
 import { validateBody } from '../validate.js';
 import { boolQuery, intQuery, startStream, STREAMED, type Route } from '../server.js';
 
@@ -153,7 +153,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         });
         store.on('entry', onEntry);
         try {
-          for await (const e of store.read(tail, fileSize(store.file), filter)) write({ type: 'output', ...e });
+          for await (const e of store.read(tail, store.sizes(), filter)) write({ type: 'output', ...e });
           for (const ev of pending) write(ev);
           replaying = false;
           const gone = new Promise<void>((r) => signal.addEventListener('abort', () => r(), { once: true }));
