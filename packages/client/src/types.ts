@@ -79,6 +79,8 @@ export interface Status {
   uptimeMs: number;
   home: string;
   backend: { name: string; detail: string; acceleration: string; accelerationReason: string };
+  /** How late aegisd's event loop ran over the last 10–20 s. */
+  eventLoopDelayMs: { p50Ms: number; p99Ms: number; maxMs: number; windowMs: number };
   instances: { total: number; running: number };
 }
 

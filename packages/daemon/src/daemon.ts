@@ -22,6 +22,7 @@ import { SecretStore } from './secrets/store.js';
 import { TemplateCache } from './instances/templates.js';
 import { systemRoutes } from './api/routes/system.js';
 import type { Logger } from './log.js';
+import { LoopDelayMonitor } from './lag.js';
 
 export const VERSION = '0.1.0';
 
@@ -51,6 +52,8 @@ export interface DaemonContext {
   instances: InstanceManager;
   secrets: SecretStore;
   images: ImageService;
+  /** How late the event loop runs (status reports it). */
+  loopDelay: LoopDelayMonitor;
   shutdown(): Promise<void>;
 }
 
@@ -121,10 +124,12 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     instances,
     secrets,
     images,
+    loopDelay: new LoopDelayMonitor(),
     async shutdown() {
       if (stopping) return closed;
       stopping = true;
       log.info('shutting down (running VMs keep running)');
+      ctx.loopDelay.stop();
       instances.detachAll();
       // A template build's VMM is ours alone: it must not outlive the daemon.
       await templates.close();

@@ -90,7 +90,8 @@ export function statusCommand(): Command {
             `home:      ${s.home}\n` +
             `backend:   ${s.backend.name} (${s.backend.detail})\n` +
             `accel:     ${s.backend.accelerationReason || s.backend.acceleration}\n` +
-            `instances: ${s.instances.running} running, ${s.instances.total} total\n`,
+            `instances: ${s.instances.running} running, ${s.instances.total} total\n` +
+            `loop lag:  p50 ${s.eventLoopDelayMs.p50Ms} ms, p99 ${s.eventLoopDelayMs.p99Ms} ms, max ${s.eventLoopDelayMs.maxMs} ms (last ${Math.round(s.eventLoopDelayMs.windowMs / 1000)} s)\n`,
         );
       } catch (err) {
         fail(err);

@@ -21,6 +21,7 @@ export function systemRoutes(d: DaemonContext): Route[] {
               accelerationReason: d.probe.accelerationReason ?? '',
             },
             instances: d.instances.counts(),
+            eventLoopDelayMs: d.loopDelay.read(),
           },
         }),
     },
