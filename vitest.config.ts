@@ -19,6 +19,16 @@ export default defineConfig({
           hookTimeout: 180_000,
         },
       },
+      {
+        test: {
+          name: 'stress',
+          include: ['tests/stress/**/*.test.ts'],
+          // Real daemons and VMs measured under load: one file at a time, figures printed as a table.
+          fileParallelism: false,
+          testTimeout: 600_000,
+          hookTimeout: 180_000,
+        },
+      },
     ],
   },
 });

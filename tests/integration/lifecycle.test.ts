@@ -96,3 +96,23 @@ describe('a guest that never answers', () => {
     }
   });
 });
+
+describe('a daemon crash under a paused instance', () => {
+  // Found by the model test: the new daemon waited 15 s per paused guest for an answer it
+  // cannot give, ended the VM, then could not record it (paused -> stopped is not a
+  // transition): the instance stayed "paused" with no VM.
+  it('keeps it paused with its VM, answers at once, and resumes it', async () => {
+    const d = daemon();
+    await d.client.createInstance({ handle: 'frozen', command: ['sleep', '600'], network: 'none' });
+    await d.client.pauseInstance('frozen');
+    await d.kill();
+    const t0 = Date.now();
+    await d.start();
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    await new Promise((r) => setTimeout(r, 17_000)); // past the agent's reattach deadline
+    expect((await d.client.getInstance('frozen')).state).toBe('paused');
+    expect(await qemuProcessesFor(d.home)).toHaveLength(1);
+    await d.client.resumeInstance('frozen');
+    expect((await collectExec(d, 'frozen', ['echo', 'awake'])).out).toBe('awake\n');
+  });
+});

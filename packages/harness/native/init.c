@@ -621,8 +621,9 @@ static void setup_cgroups(void) {
   }
   if (mkdir(AGENT_CGROUP, 0755) != 0 && errno != EEXIST) return;
   if (mkdir(WORKLOAD_CGROUP, 0755) != 0 && errno != EEXIST) return;
-  write_text(AGENT_CGROUP "/cpu.weight", "10000");
-  write_text(WORKLOAD_CGROUP "/cpu.weight", "100");
+  /* Equal CPU weights at the top: the agent gets at least half the CPU whatever the workload
+   * runs (a fork bomb is one sibling, not a thousand), and the workload at least half whatever
+   * the agent does. A 100:1 weight for the agent starved a starting workload for a minute. */
   long total = mem_total_kib();
   long limit = total - AGENT_RESERVE_KIB;
   if (limit < total / 2) limit = total / 2;

@@ -24,8 +24,12 @@ import { spawn } from 'node:child_process';
 import { Channel } from './channel.js';
 import { GuestProcess, OutputGate } from './processes.js';
 
-/** After the workload exits, how long we wait for the host's `shutdown` before powering off. */
-const UNACKED_EXIT_POWEROFF_MS = 10_000;
+/**
+ * After the workload exits, how long we wait for the host's `shutdown` before powering off.
+ * The exit travels behind the output still in the channel, which a host under load (or one
+ * pushing back) may take a while to read; powering off early would lose the exit status.
+ */
+const UNACKED_EXIT_POWEROFF_MS = 60_000;
 const DEFAULT_STOP_TIMEOUT_MS = 3_000;
 
 class Harness {

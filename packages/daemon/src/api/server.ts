@@ -174,13 +174,37 @@ export function sendJson(res: http.ServerResponse, status: number, body?: unknow
 }
 
 /** Starts an NDJSON stream; returns a writer that ignores writes once the client has gone. */
-export function startStream(res: http.ServerResponse): (event: unknown) => void {
+/**
+ * Starts an NDJSON stream. Writing returns undefined, or, when the client reads slower than
+ * events come, a promise that resolves once it has caught up (or gone): producers that can
+ * wait (a replay from disk, a guest that can be paused) wait on it, so the response never
+ * buffers without bound. One that cannot wait (a live log follower) is cut off past
+ * `STREAM_MAX_BUFFERED_BYTES` with a final RESOURCE_EXHAUSTED event.
+ */
+export function startStream(res: http.ServerResponse): (event: unknown) => Promise<void> | undefined {
   res.writeHead(200, { 'content-type': 'application/x-ndjson', 'cache-control': 'no-store' });
   res.flushHeaders();
   return (event) => {
-    if (!res.destroyed && !res.writableEnded) res.write(JSON.stringify(event) + '\n');
+    if (res.destroyed || res.writableEnded) return undefined;
+    if (res.writableLength > STREAM_MAX_BUFFERED_BYTES) {
+      res.end(JSON.stringify({ type: 'error', code: 'RESOURCE_EXHAUSTED', message: 'the client read too slowly; stream ended' }) + '\n');
+      return undefined;
+    }
+    if (res.write(JSON.stringify(event) + '\n')) return undefined;
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        res.off('drain', done);
+        res.off('close', done);
+        resolve();
+      };
+      res.once('drain', done);
+      res.once('close', done);
+    });
   };
 }
+
+/** What a stream may hold for a client that does not read before it is cut off. */
+export const STREAM_MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
 
 /** A whole response written straight to a socket the HTTP parser has given up on; then closed. */
 function rawError(socket: Duplex, status: number, code: ErrorCode, message: string): void {

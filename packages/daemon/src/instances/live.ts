@@ -73,7 +73,13 @@ export class LiveInstance {
     });
   }
 
-  /** Connects the agent channel and waits until the harness answers. */
+  /**
+   * The guest is frozen (paused): it cannot answer, so a dropped channel is opened again only
+   * once it runs, and an adopted paused VM's channel is connected without waiting for an answer.
+   */
+  paused = false;
+
+  /** Connects the agent channel and waits until the harness answers (not while paused). */
   async connectAgent(timeoutMs: number, signal?: AbortSignal): Promise<AgentConnection> {
     const stream = await this.vm.connectAgent(signal);
     const agent = new AgentConnection(
@@ -84,7 +90,7 @@ export class LiveInstance {
     this.agent = agent;
     void agent.closed.then(() => this.onAgentClosed(agent));
     try {
-      await agent.waitReady(timeoutMs, signal);
+      if (!this.paused) await agent.waitReady(timeoutMs, signal);
     } catch (err) {
       agent.close();
       throw err;
@@ -110,18 +116,38 @@ export class LiveInstance {
       void this.vm.stop({ timeoutMs: 2000 }).catch(() => undefined);
       return;
     }
-    void (async () => {
-      await new Promise((r) => setTimeout(r, 100));
-      if (this.vmGone || this.agent) return;
-      try {
-        await this.connectAgent(AGENT_RECONNECT_MS);
-        this.log.warn(`instance ${this.handle}: agent channel closed and was reconnected`);
-      } catch (err) {
-        if (this.vmGone) return;
-        this.log.warn(`instance ${this.handle}: agent channel lost (${(err as Error).message}); ending the VM`);
-        await this.vm.stop({ timeoutMs: 2000 }).catch(() => undefined);
-      }
-    })();
+    void this.reconnect();
+  }
+
+  /** The guest runs again: a channel that dropped while it was frozen is opened now. */
+  resumed(): void {
+    this.paused = false;
+    if (!this.agent && !this.vmGone && !this.retired) void this.reconnect();
+  }
+
+  private reconnecting = false;
+
+  private async reconnect(): Promise<void> {
+    if (this.reconnecting) return;
+    this.reconnecting = true;
+    try {
+      await this.reconnectOnce();
+    } finally {
+      this.reconnecting = false;
+    }
+  }
+
+  private async reconnectOnce(): Promise<void> {
+    await new Promise((r) => setTimeout(r, 100));
+    if (this.vmGone || this.agent || this.paused) return;
+    try {
+      await this.connectAgent(AGENT_RECONNECT_MS);
+      this.log.warn(`instance ${this.handle}: agent channel closed and was reconnected`);
+    } catch (err) {
+      if (this.vmGone || this.paused) return; // gone, or frozen meanwhile: tried again on resume
+      this.log.warn(`instance ${this.handle}: agent channel lost (${escapeForLog((err as Error).message)}); ending the VM`);
+      await this.vm.stop({ timeoutMs: 2000 }).catch(() => undefined);
+    }
   }
 
   private failExecs(err: AegisError): void {

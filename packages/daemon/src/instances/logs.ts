@@ -50,6 +50,8 @@ export interface LogSizes {
 
 /** Per-file bound before rotation: 8 MiB, so at most ~32 MiB of output per instance. */
 export const DEFAULT_MAX_LOG_BYTES = 8 * 1024 * 1024;
+/** Lines of one output chunk stored as entries of their own; the rest of the chunk is one. */
+const MAX_ENTRIES_PER_CHUNK = 64;
 /** Queued bytes past which the producer is asked to pause. */
 const HIGH_WATER_BYTES = 4 * 1024 * 1024;
 
@@ -197,12 +199,16 @@ export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd]; d
     const target = execId === undefined ? this.workload : this.execs;
     const timeMs = Date.now();
     let start = 0;
+    let entries = 0;
     while (start < data.length) {
       const nl = data.indexOf(0x0a, start);
-      const end = nl === -1 ? data.length : nl + 1;
+      // A chunk of thousands of tiny lines (`yes ''`) would cost an entry each: past
+      // MAX_ENTRIES_PER_CHUNK the rest of the chunk is one entry (tail then counts it once).
+      const end = nl === -1 || entries === MAX_ENTRIES_PER_CHUNK - 1 ? data.length : nl + 1;
       const entry: LogEntry = { timeMs, stream, data: data.subarray(start, end).toString('base64') };
       if (execId !== undefined) entry.execId = execId;
       target.push(entry);
+      entries++;
       start = end;
     }
     if (this.congested) this.wasCongested = true;

@@ -411,7 +411,9 @@ export class InstanceManager {
     const row = this.registry.getInstance(live.id);
     if (row && isLive(row.state)) {
       const clean = live.exit !== undefined || row.state === 'stopping' || exit.reason === 'host-stop';
-      const to: InstanceState = clean ? 'stopped' : 'failed';
+      // A VM that ended under a paused instance (nobody stopped it through `stop`, which
+      // resumes first) did not stop cleanly from the user's point of view: failed, with why.
+      const to: InstanceState = clean && canTransition(row.state, 'stopped') ? 'stopped' : 'failed';
       const reason = clean ? (row.stateReason ?? exit.detail) : `VM ended unexpectedly: ${exit.detail}`;
       if (!this.move(live.id, to, { stoppedAt: Date.now(), stateReason: reason, vmRecord: null })) {
         this.log.warn(`instance ${live.handle}: VM exit not recorded: ${row.state} -> ${to} refused`);
@@ -453,7 +455,10 @@ export class InstanceManager {
       return;
     }
     // A frozen VMM never answers `cont`: don't let that hold the stop past its deadline.
-    if (row.state === 'paused') await Promise.race([live.vm.resume().catch(() => undefined), new Promise((r) => setTimeout(r, 1000))]);
+    if (row.state === 'paused') {
+      await Promise.race([live.vm.resume().catch(() => undefined), new Promise((r) => setTimeout(r, 1000))]);
+      live.resumed();
+    }
     this.move(row.id, 'stopping', { stateReason: 'stopped by request' }, ['running', 'paused', 'starting']);
     await live.powerOff(timeoutMs);
   }
@@ -497,7 +502,9 @@ export class InstanceManager {
   pause(ref: string): Promise<InstanceView> {
     return this.queued(ref, 'pause', async (row) => {
       requireState(row.handle, row.state, ['running'], 'pause');
-      await this.requireLive(row, 'pause').vm.pause();
+      const live = this.requireLive(row, 'pause');
+      await live.vm.pause();
+      live.paused = true;
       this.mustMove(row.id, 'paused');
       return this.get(row.id);
     });
@@ -506,8 +513,10 @@ export class InstanceManager {
   resume(ref: string): Promise<InstanceView> {
     return this.queued(ref, 'resume', async (row) => {
       requireState(row.handle, row.state, ['paused'], 'resume');
-      await this.requireLive(row, 'resume').vm.resume();
+      const live = this.requireLive(row, 'resume');
+      await live.vm.resume();
       this.mustMove(row.id, 'running');
+      live.resumed();
       return this.get(row.id);
     });
   }
@@ -611,8 +620,14 @@ export class InstanceManager {
     return endStrays({ registry: this.registry, instancesDir: this.config.instancesDir, log: this.log });
   }
 
+  /**
+   * Takes over a VM an earlier daemon started. Its agent is connected in the background: the
+   * daemon serves requests at once, however many guests are slow to answer. A paused guest
+   * cannot answer at all: its channel is connected without waiting, and checked on resume.
+   */
   private async adopt(row: InstanceRow, vm: Vm): Promise<void> {
     const live = this.track(row.id, row.handle, vm);
+    live.paused = row.state === 'paused';
     if (row.ports.length > 0) {
       // The same host ports as before; connections that were open did not survive.
       await PortForwarder.listen(row.ports).then(
@@ -620,14 +635,16 @@ export class InstanceManager {
         (err: unknown) => this.log.warn(`instance ${row.handle}: ports not restored: ${(err as Error).message}`),
       );
     }
-    try {
-      await live.connectAgent(15_000);
-      this.log.info(`instance ${row.handle} (${row.id}): reattached (${row.state})`);
-      if (row.state === 'stopping') void live.powerOff(1000);
-    } catch (err) {
-      this.log.warn(`instance ${row.handle}: agent did not answer after reattach: ${(err as Error).message}`);
-      if (row.state !== 'paused') void live.powerOff(1000);
-    }
+    void (async () => {
+      try {
+        await live.connectAgent(15_000);
+        this.log.info(`instance ${row.handle} (${row.id}): reattached (${row.state})`);
+        if (row.state === 'stopping') await live.powerOff(1000);
+      } catch (err) {
+        this.log.warn(`instance ${row.handle}: agent did not answer after reattach: ${(err as Error).message}`);
+        if (!live.paused) await live.powerOff(1000);
+      }
+    })();
   }
 
   /** Lets go of every VM without stopping it: the next daemon takes them over. */

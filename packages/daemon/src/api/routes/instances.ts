@@ -68,14 +68,15 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/exec',
       handler: async ({ params, body, signal, res }) => {
         const req = validateBody<ExecRequest>('ExecRequest', body);
-        let write: ((ev: unknown) => void) | undefined;
+        let write: ((ev: unknown) => Promise<void> | undefined) | undefined;
         // Errors before the exec starts are plain HTTP errors; after, the stream's last event.
         await m.exec(
           param(params, 'ref'),
           req,
           (ev) => {
             write ??= startStream(res);
-            write(ev);
+            // A promise while the client is behind: the guest is paused until it catches up.
+            return write(ev);
           },
           signal,
         );
@@ -130,7 +131,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         const { store, live } = m.logs(param(params, 'ref'));
         const write = startStream(res);
         if (!follow || !live) {
-          for await (const e of store.read(tail, undefined, filter)) write({ type: 'output', ...e });
+          for await (const e of store.read(tail, undefined, filter)) await write({ type: 'output', ...e });
           if (follow) {
             const row = m.get(param(params, 'ref'));
             write({ type: 'end', state: row.state, exitCode: row.exitCode, ...(row.stateReason ? { stateReason: row.stateReason } : {}) });
@@ -153,7 +154,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         });
         store.on('entry', onEntry);
         try {
-          for await (const e of store.read(tail, store.sizes(), filter)) write({ type: 'output', ...e });
+          for await (const e of store.read(tail, store.sizes(), filter)) await write({ type: 'output', ...e });
           for (const ev of pending) write(ev);
           replaying = false;
           const gone = new Promise<void>((r) => signal.addEventListener('abort', () => r(), { once: true }));
