@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError } from '@aegis/protocol';
 import { processAlive, type Probe, type Vm, type VmConfig } from '@aegis/vmm';
-import { FirecrackerBackend, VERDICT_FILE, type FirecrackerOptions } from './backend.js';
+import { CONSOLE_MAX_BYTES, FirecrackerBackend, VERDICT_FILE, type FirecrackerOptions } from './backend.js';
 
 const FAKE = fileURLToPath(new URL('../test/fake-firecracker.mjs', import.meta.url));
 const BOOT_ARGS = 'console=ttyS0 reboot=k panic=-1 pci=off root=/dev/vda rootfstype=erofs ro init=/aegis/init aegis_agent=vsock';
@@ -464,6 +464,56 @@ describe('FirecrackerVm', () => {
     const vm = await started(config());
     process.kill(vm.record()['pid'] as number, 'SIGKILL');
     expect(await vm.exited).toEqual({ reason: 'killed', detail: 'Firecracker was killed by SIGKILL' });
+  });
+
+  it("a guest flooding its console does not grow the host's log file without bound", async () => {
+    // 4 MiB of console output over 2 s: 2 MiB/s, so between two checks (1 s apart) the file may
+    // pass the 1 MiB bound by up to 2 MiB; without the bound it would reach 4 MiB.
+    const flood = 4 << 20;
+    const perSecond = flood / 2;
+    fakeEnv = { FAKE_FC_CONSOLE_FLOOD: `${flood}:2000` };
+    const vm = await started(config());
+    const log = path.join(dir, 'vm1', 'firecracker.log');
+    let largest = 0;
+    const sizeNow = (): number => fs.statSync(log).size;
+    const until = async (done: () => boolean, ms: number): Promise<void> => {
+      const deadline = Date.now() + ms;
+      while (!done() && Date.now() < deadline) {
+        largest = Math.max(largest, sizeNow());
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    };
+    await until(() => fs.readFileSync(log, 'utf8').includes('console flood done'), 8000);
+    expect(fs.readFileSync(log, 'utf8')).toContain('console flood done');
+    // The flood is over; the next check cuts the file back.
+    await until(() => sizeNow() <= CONSOLE_MAX_BYTES, 2500);
+    expect(largest).toBeGreaterThan(CONSOLE_MAX_BYTES);
+    expect(largest).toBeLessThanOrEqual(CONSOLE_MAX_BYTES + perSecond);
+    expect(sizeNow()).toBeLessThanOrEqual(CONSOLE_MAX_BYTES);
+    // The file starts at a whole line, and consoleTail still gives the latest ones.
+    expect(fs.readFileSync(log, 'utf8')).toMatch(/^(flood line \d+ x+|console flood done after \d+ lines)\n/);
+    const tail = await vm.consoleTail(1000);
+    expect(tail).toMatch(/console flood done after \d+ lines\n$/);
+    // (The guest goes on printing its "done" line: the file may have grown since.)
+    expect(fs.readFileSync(log, 'utf8').slice(-2000)).toContain(tail);
+  }, 15_000);
+
+  it('a console log that grew while no daemon was attached is cut back as soon as one attaches', async () => {
+    const vm = await started(config());
+    const record = vm.record();
+    vm.detach();
+    const log = path.join(dir, 'vm1', 'firecracker.log');
+    // The guest's output while detached: appended as Firecracker would.
+    fs.appendFileSync(log, 'old line\n'.repeat((2 * CONSOLE_MAX_BYTES) / 9));
+    fs.appendFileSync(log, 'the latest line\n');
+    await new Promise((r) => setTimeout(r, 1200));
+    expect(fs.statSync(log).size).toBeGreaterThan(2 * CONSOLE_MAX_BYTES);
+    const again = await backend().attach(record);
+    vms.push(again);
+    const deadline = Date.now() + 500;
+    while (fs.statSync(log).size > CONSOLE_MAX_BYTES && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    expect(fs.statSync(log).size).toBeLessThanOrEqual(CONSOLE_MAX_BYTES);
+    expect(await again.consoleTail(100)).toMatch(/old line\nthe latest line\n$/);
   });
 
   it('stop after detach returns and the process is gone', async () => {

@@ -11,6 +11,7 @@
  */
 import { execFile, spawn as nodeSpawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { constants as fsc, promises as fs, openSync, closeSync } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Duplex } from 'node:stream';
@@ -74,6 +75,17 @@ const BASE_BOOT_ARGS = [
   'init=/aegis/init',
   'aegis_agent=vsock',
 ];
+
+/**
+ * The bound on firecracker.log while a daemon is attached. It is Firecracker's stdout, and so
+ * the guest's serial console: a guest printing to /dev/console grows it at whatever rate it
+ * likes (QEMU's console measured 0.5-0.7 MB/s, ~2 GB an hour, before it got a ring). Past
+ * CONSOLE_MAX_BYTES, checked every CONSOLE_CHECK_MS, the file is cut back to its last
+ * CONSOLE_KEEP_BYTES (`trimConsoleLog`), as the QEMU backend keeps its console in a 1 MiB ring.
+ */
+export const CONSOLE_MAX_BYTES = 1 << 20;
+export const CONSOLE_KEEP_BYTES = 256 << 10;
+const CONSOLE_CHECK_MS = 1000;
 
 /** Snapshots write or map all of guest RAM; 10 s is not enough for a large guest on a slow disk. */
 const SNAPSHOT_TIMEOUT_MS = 300_000;
@@ -431,6 +443,53 @@ async function isZombie(pid: number): Promise<boolean> {
   }
 }
 
+/**
+ * Cuts a console log longer than `maxBytes` back to its last `keepBytes` (from the first whole
+ * line in them): reads the tail, truncates the file to 0 and writes the tail back. Returns
+ * whether it cut. Safe only because Firecracker's stdout is this file opened O_APPEND (`start`
+ * opens it with 'a', as every aegisd has): its next write lands at the new end, not at its old
+ * offset past a hole. We write the tail back through O_APPEND too, so whatever Firecracker wrote
+ * since the truncation stays (just before the tail, out of order) instead of being overwritten.
+ * Bytes written between our last read and the truncation, microseconds, are lost: it is a
+ * console, kept for error reports. A file that is missing or unreadable is left alone.
+ */
+export async function trimConsoleLog(file: string, maxBytes = CONSOLE_MAX_BYTES, keepBytes = CONSOLE_KEEP_BYTES): Promise<boolean> {
+  let fh: FileHandle;
+  try {
+    // No O_CREAT: a log that has gone (its state directory removed) is not made again.
+    fh = await fs.open(file, fsc.O_RDWR | fsc.O_APPEND);
+  } catch {
+    return false;
+  }
+  try {
+    const { size } = await fh.stat();
+    if (size <= maxBytes) return false;
+    // From keepBytes before the end to the end as it is now: the guest may still be writing.
+    const chunks: Buffer[] = [];
+    let pos = size - keepBytes;
+    let total = 0;
+    while (total < maxBytes) {
+      const buf = Buffer.alloc(64 << 10);
+      const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
+      if (bytesRead === 0) break;
+      chunks.push(buf.subarray(0, bytesRead));
+      pos += bytesRead;
+      total += bytesRead;
+    }
+    await fh.truncate(0);
+    let tail = Buffer.concat(chunks);
+    // Start at a whole line (and so not inside a UTF-8 sequence) when there is one.
+    const nl = tail.indexOf(0x0a);
+    if (nl >= 0 && nl < tail.length - 1) tail = tail.subarray(nl + 1);
+    await fh.write(tail);
+    return true;
+  } catch {
+    return false;
+  } finally {
+    await fh.close().catch(() => undefined);
+  }
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
@@ -447,6 +506,9 @@ class FirecrackerVm implements Vm {
   private resolveExit!: (e: VmExit) => void;
   private pid: number | undefined;
   private poll: NodeJS.Timeout | undefined;
+  /** Keeps firecracker.log bounded while this object is attached (`watchConsole`). */
+  private consoleWatch: NodeJS.Timeout | undefined;
+  private trimming = false;
   private started = false;
   private gone = false;
   private stopRequested = false;
@@ -490,6 +552,8 @@ class FirecrackerVm implements Vm {
     // refuses to bind over an existing API socket, and a restored vsock device the same.
     await fs.rm(this.p.api, { force: true });
     await fs.rm(this.p.vsock, { force: true });
+    // 'a' (O_APPEND) is what makes `trimConsoleLog` safe: after we truncate the file,
+    // Firecracker's writes go to its new end. Keep it.
     const log = openSync(this.p.log, 'a');
     let child: ChildProcess;
     try {
@@ -508,6 +572,7 @@ class FirecrackerVm implements Vm {
       child.once('spawn', () => resolve(child.pid ?? -1));
       child.once('error', (err) => reject(new AegisError('UNAVAILABLE', `cannot start ${binary}: ${err.message}`)));
     });
+    this.watchConsole();
     try {
       await this.waitForApi(signal);
       if (config.restoreFrom) {
@@ -556,17 +621,50 @@ class FirecrackerVm implements Vm {
       if (!processAlive(pid)) void this.onProcessGone(null, null);
     }, 100);
     this.poll.unref();
+    this.watchConsole();
+  }
+
+  /**
+   * Bounds firecracker.log while this object is attached (started or adopted, not detached):
+   * the guest writes it, through Firecracker's stdout, as fast as it likes. Checked at once (an
+   * adopted VM's log may have grown while no daemon was attached), then every second. What
+   * remains: nothing watches it while no daemon is attached (between a detach and the next
+   * attach, e.g. across a daemon restart), so it can grow until one attaches again; that attach
+   * trims it at once.
+   */
+  private watchConsole(): void {
+    if (this.consoleWatch || this.gone || this.detached) return;
+    void this.trimConsole();
+    this.consoleWatch = setInterval(() => void this.trimConsole(), CONSOLE_CHECK_MS);
+    this.consoleWatch.unref();
+  }
+
+  private stopConsoleWatch(): void {
+    if (this.consoleWatch) clearInterval(this.consoleWatch);
+    this.consoleWatch = undefined;
+  }
+
+  private async trimConsole(): Promise<void> {
+    if (this.trimming || this.gone || this.detached) return;
+    this.trimming = true;
+    try {
+      await trimConsoleLog(this.p.log);
+    } finally {
+      this.trimming = false;
+    }
   }
 
   detach(): void {
     this.detached = true;
     if (this.poll) clearInterval(this.poll);
+    this.stopConsoleWatch();
   }
 
   private async onProcessGone(code: number | null, sig: NodeJS.Signals | null): Promise<void> {
     if (this.gone) return;
     this.gone = true;
     if (this.poll) clearInterval(this.poll);
+    this.stopConsoleWatch();
     if (this.detached) return;
     this.resolveExit(this.exitReason(code, sig));
   }
@@ -698,6 +796,7 @@ class FirecrackerVm implements Vm {
     })();
   }
 
+  /** The end of firecracker.log; trimming keeps its last CONSOLE_KEEP_BYTES or more. */
   async consoleTail(maxBytes = 4096): Promise<string> {
     return this.logTail(maxBytes);
   }

@@ -8,6 +8,8 @@
 //   FAKE_FC_IGNORE_CAD=1                  ignore SendCtrlAltDel (a guest without i8042)
 //   FAKE_FC_CONSOLE="text"                on InstanceStart, the guest prints this line on its console
 //                                         (which shares stdout with Firecracker's own log)
+//   FAKE_FC_CONSOLE_FLOOD="BYTES:MS"      on InstanceStart, the guest floods its console: BYTES of numbered
+//                                         lines over MS ms, then a "console flood done" line every 100 ms
 // `--version` prints a version line as Firecracker does. `--no-api --config-file FILE` is the
 // KVM test boot: it checks the file as Firecracker's parser would, records
 // {args, cwd, pid, config} in $FAKE_FC_LOG and a line per run in $FAKE_FC_RUNS, then plays the
@@ -147,6 +149,7 @@ function serveApi() {
         state = 'Running';
         console.log('Linux version 6.1.0-fake');
         if (process.env.FAKE_FC_CONSOLE) console.log(process.env.FAKE_FC_CONSOLE);
+        if (process.env.FAKE_FC_CONSOLE_FLOOD) floodConsole(process.env.FAKE_FC_CONSOLE_FLOOD);
         if (process.env.FAKE_FC_PANIC) {
           console.log('Kernel panic - not syncing: fake');
           setTimeout(() => process.exit(0), 20);
@@ -160,4 +163,24 @@ function serveApi() {
     });
   });
   server.listen(apiSock, () => console.log(`[${id}:main] Running Firecracker v1.99.0-fake`));
+}
+
+// A guest printing to /dev/console as fast as it can: fixed-size numbered lines, in 10 ms bursts.
+function floodConsole(spec) {
+  const [bytes, ms] = spec.split(':').map(Number);
+  const line = (n) => `flood line ${String(n).padStart(8, '0')} ${'x'.repeat(100)}\n`;
+  const lines = Math.ceil(bytes / line(0).length);
+  const ticks = Math.max(1, Math.round(ms / 10));
+  let n = 0;
+  let tick = 0;
+  const timer = setInterval(() => {
+    tick += 1;
+    const upTo = Math.min(lines, Math.round((lines * tick) / ticks));
+    let out = '';
+    while (n < upTo) out += line(n++);
+    process.stdout.write(out);
+    if (n < lines) return;
+    clearInterval(timer);
+    setInterval(() => process.stdout.write(`console flood done after ${n} lines\n`), 100);
+  }, 10);
 }
