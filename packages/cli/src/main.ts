@@ -12,7 +12,16 @@ import { secretCommand } from './commands/secret/secret.js';
 import { imageCommand } from './commands/image/image.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
-import { ExitSignal } from './util.js';
+import { dockerInspectCommand, dockerStartCommand, dockerStopCommand, killCommand, psCommand, rmCommand } from './commands/docker.js';
+import { ExitSignal, normalizeBoolFlags } from './util.js';
+
+// `aegis logs x | head -1`: the reader went away, which is not an error (as with Docker).
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(0);
+    throw err;
+  });
+}
 
 const program = new Command('aegis')
   .description('Run untrusted workloads in throwaway microVMs')
@@ -44,12 +53,18 @@ for (const c of [
   downCommand(),
   statusCommand(),
   doctorCommand(),
+  psCommand(),
+  rmCommand(),
+  dockerStopCommand(),
+  dockerStartCommand(),
+  killCommand(),
+  dockerInspectCommand(),
 ]) {
   program.addCommand(c);
 }
 
 try {
-  await program.parseAsync(process.argv);
+  await program.parseAsync(normalizeBoolFlags(process.argv, ['--rm']));
 } catch (err) {
   if (!(err instanceof ExitSignal)) throw err;
 }

@@ -28,6 +28,49 @@ export class ExitSignal extends Error {
   }
 }
 
+/**
+ * Docker's boolean flags take `--rm`, `--rm=true` and `--rm=false` (Go's ParseBool words), never
+ * a separate word: `aegis run --rm echo hi` must not eat `echo`. Rewrites `--x=false` to
+ * `--no-x` and `--x=true` to `--x` before the first `--`; any other value is an error.
+ */
+export function normalizeBoolFlags(argv: string[], flags: string[]): string[] {
+  const out: string[] = [];
+  let passthrough = false;
+  for (const a of argv) {
+    if (passthrough || a === '--') {
+      passthrough = true;
+      out.push(a);
+      continue;
+    }
+    const eq = a.indexOf('=');
+    const flag = eq > 0 ? a.slice(0, eq) : a;
+    if (eq > 0 && flags.includes(flag)) {
+      const v = a.slice(eq + 1);
+      if (['1', 't', 'T', 'true', 'TRUE', 'True'].includes(v)) out.push(flag);
+      else if (['0', 'f', 'F', 'false', 'FALSE', 'False'].includes(v)) out.push(`--no-${flag.slice(2)}`);
+      else {
+        process.stderr.write(`aegis: invalid value "${v}" for ${flag}: use ${flag}, ${flag}=true or ${flag}=false [INVALID_ARGUMENT]\n`);
+        process.exit(125);
+      }
+    } else out.push(a);
+  }
+  return out;
+}
+
+/**
+ * Docker's exit statuses for `run` and `exec`, whose own status is the workload's: 127 when
+ * the command is not found, 126 when it cannot be executed, and for an error of Aegis itself
+ * 125 (`run`, as `docker run`) or 1 (`exec`, as `docker exec`).
+ */
+export function failCommand(err: unknown, ownError = 125): never {
+  if (err instanceof ExitSignal) throw err;
+  const e = AegisError.from(err);
+  process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+  const notFound = e.code === 'NOT_FOUND' && /command not found/.test(e.message);
+  const cannotRun = e.code === 'INVALID_ARGUMENT' && /permission denied/.test(e.message);
+  exit(notFound ? 127 : cannotRun ? 126 : ownError);
+}
+
 /** One line on stderr, non-zero exit. */
 export function fail(err: unknown): never {
   if (err instanceof ExitSignal) throw err;

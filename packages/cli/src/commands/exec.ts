@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import { exitStatus } from '@aegis/protocol';
-import { client, collectEnv, commandArgs, exit, fail, writeOutput } from '../util.js';
+import { client, collectEnv, commandArgs, exit, failCommand, writeOutput } from '../util.js';
 
 interface ExecOptions {
   env?: Record<string, string>;
@@ -64,7 +64,7 @@ export function execCommand(): Command {
         process.stdin.destroy(); // the command is done: stop reading
         await pumping;
       } catch (err) {
-        fail(err);
+        failCommand(err, 1);
       }
       exit(code);
     });

@@ -1,12 +1,13 @@
 import { Command } from 'commander';
 import { AegisClient } from '@aegis/client';
 import { createRequest, withStartOptions, type StartOptions } from './instance/start.js';
-import { describeEnd, exit, fail, writeOutput } from '../util.js';
+import { describeEnd, exit, failCommand, writeOutput } from '../util.js';
 
 /** start + follow the output + delete, exiting with the workload's exit code. */
 export function runCommand(): Command {
   return withStartOptions(new Command('run').description('run a command in a new VM, stream its output, then delete the VM'))
-    .option('--rm <bool>', 'delete the instance afterwards (default true)', (v) => v !== 'false')
+    .option('--rm', 'delete the instance afterwards (the default; --rm=false keeps it)')
+    .option('--no-rm', 'keep the instance afterwards')
     .action(async (command: string[], o: StartOptions & { rm?: boolean }) => {
       const api = new AegisClient();
       let handle: string | undefined;
@@ -20,6 +21,20 @@ export function runCommand(): Command {
         else void api.stopInstance(handle, { timeoutMs: 2000 }).catch(() => undefined);
       };
       process.on('SIGINT', onSigint);
+      // A terminal closed or a supervisor's SIGTERM: the throwaway VM must not outlive us.
+      for (const [sig, status] of [
+        ['SIGTERM', 143],
+        ['SIGHUP', 129],
+      ] as const) {
+        process.on(sig, () => {
+          const h = handle;
+          if (!h || o.rm === false) process.exit(status);
+          void api
+            .deleteInstance(h, { force: true })
+            .catch(() => undefined)
+            .finally(() => process.exit(status));
+        });
+      }
       let code = 1;
       try {
         const inst = await api.createInstance({ ...createRequest(command, o), ...(o.rm !== false ? { autoRemove: true } : {}) });
@@ -32,7 +47,7 @@ export function runCommand(): Command {
         if (o.rm !== false) await api.deleteInstance(inst.id, { force: true });
       } catch (err) {
         if (handle && o.rm !== false) await api.deleteInstance(handle, { force: true }).catch(() => undefined);
-        fail(err);
+        failCommand(err);
       }
       exit(code);
     });

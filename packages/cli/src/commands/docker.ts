@@ -1,0 +1,102 @@
+/**
+ * The verbs a Docker user types without thinking, at the top level: `ps`, `rm`, `stop`,
+ * `start`, `kill`, `inspect`. They are the `instance …` commands under Docker's names and
+ * flags; where Docker goes on after a failed name (`rm a b` with `a` missing still removes
+ * `b`), so do they, and they exit non-zero at the end.
+ */
+import { Command } from 'commander';
+import { AegisError } from '@aegis/client';
+import { client, exit, positiveInt } from '../util.js';
+import { listCommand } from './instance/list.js';
+
+/** Runs `each` for every ref; reports failures one line each and exits 1 if any failed. */
+async function forEach(refs: string[], each: (ref: string) => Promise<string>): Promise<void> {
+  let failed = 0;
+  for (const ref of refs) {
+    try {
+      process.stdout.write(`${await each(ref)}\n`);
+    } catch (err) {
+      failed++;
+      const e = AegisError.from(err);
+      process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+    }
+  }
+  if (failed > 0) exit(1);
+}
+
+export function psCommand(): Command {
+  return listCommand('ps');
+}
+
+export function rmCommand(): Command {
+  return new Command('rm')
+    .description('delete instances (docker rm); -f stops running ones first')
+    .argument('<instance...>', 'handles, ids or id prefixes')
+    .option('-f, --force', 'stop it first if it is running')
+    .action((refs: string[], o: { force?: boolean }) =>
+      forEach(refs, async (ref) => {
+        await client().deleteInstance(ref, { force: o.force === true });
+        return ref;
+      }),
+    );
+}
+
+export function dockerStopCommand(): Command {
+  return new Command('stop')
+    .description('stop instances (docker stop): SIGTERM, SIGKILL after the timeout')
+    .argument('<instance...>', 'handles, ids or id prefixes')
+    .option('-t, --time <seconds>', 'seconds before SIGKILL (default 10)', positiveInt('--time', 0, 600))
+    .action((refs: string[], o: { time?: number }) =>
+      forEach(refs, async (ref) => (await client().stopInstance(ref, o.time === undefined ? {} : { timeoutMs: o.time * 1000 })).handle),
+    );
+}
+
+export function dockerStartCommand(): Command {
+  return new Command('start')
+    .description('start stopped instances again (docker start): same command, env, secrets, image, ports, files')
+    .argument('<instance...>', 'handles, ids or id prefixes')
+    .action((refs: string[]) =>
+      forEach(refs, async (ref) => {
+        const api = client();
+        const i = await api.getInstance(ref);
+        // Like docker start: one that runs already is left alone.
+        if (i.state === 'running' || i.state === 'paused' || i.state === 'starting') return i.handle;
+        return (await api.restartInstance(ref)).handle;
+      }),
+    );
+}
+
+export function killCommand(): Command {
+  return new Command('kill')
+    .description('send a signal to the workload of running instances (docker kill; default SIGKILL)')
+    .argument('<instance...>', 'handles, ids or id prefixes')
+    .option('-s, --signal <signal>', 'signal name, e.g. SIGTERM or HUP', 'SIGKILL')
+    .action((refs: string[], o: { signal: string }) => {
+      const sig = o.signal.toUpperCase().startsWith('SIG') ? o.signal.toUpperCase() : `SIG${o.signal.toUpperCase()}`;
+      return forEach(refs, async (ref) => {
+        await client().signalInstance(ref, sig);
+        return ref;
+      });
+    });
+}
+
+export function dockerInspectCommand(): Command {
+  return new Command('inspect')
+    .description('print instances as JSON (docker inspect)')
+    .argument('<instance...>', 'handles, ids or id prefixes')
+    .action(async (refs: string[]) => {
+      const out: unknown[] = [];
+      let failed = 0;
+      for (const ref of refs) {
+        try {
+          out.push(await client().getInstance(ref));
+        } catch (err) {
+          failed++;
+          const e = AegisError.from(err);
+          process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+        }
+      }
+      process.stdout.write(JSON.stringify(out, null, 2) + '\n');
+      if (failed > 0) exit(1);
+    });
+}
