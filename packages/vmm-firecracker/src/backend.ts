@@ -23,8 +23,7 @@ import {
   kvmDeviceProblem,
   processAlive,
   verdictKey,
-  VerdictCache,
-  VerdictGate,
+  verdictGate,
   type AccelVerdict,
   type Backend,
   type Capabilities,
@@ -111,24 +110,6 @@ export interface FirecrackerOptions {
   kvmDevice?: string;
   /** How long the test boot may take to reach the guest's root mount. Default 5 s. */
   kvmTestTimeoutMs?: number;
-}
-
-/** The verdict file in `cacheDir`; the QEMU backend keeps its verdicts in the same file. */
-export const VERDICT_FILE = 'accel-verdicts.json';
-
-/**
- * One gate per verdict file in this process: two backends (or two probes) asking while a test
- * boot runs share it instead of booting twice.
- */
-const gates = new Map<string, VerdictGate>();
-
-function gateFor(file: string): VerdictGate {
-  let gate = gates.get(file);
-  if (!gate) {
-    gate = new VerdictGate(new VerdictCache(file));
-    gates.set(file, gate);
-  }
-  return gate;
 }
 
 function capabilities(): Capabilities {
@@ -263,7 +244,7 @@ export class FirecrackerBackend implements Backend {
     if (!(await isFile(kernelPath))) return { available: false, detail: `${untested}: guest kernel ${kernelPath} is missing` };
     // The binary's path as well as its version: two installs of one version are two VMMs.
     const key = await verdictKey(found, kernelPath, device);
-    const gate = gateFor(path.join(cacheDir, VERDICT_FILE));
+    const gate = verdictGate(cacheDir);
     const known = await gate.cached(this.name, key);
     if (known) return fromVerdict(found, known);
     const timeoutMs = this.options.kvmTestTimeoutMs ?? 5000;

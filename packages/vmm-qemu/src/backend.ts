@@ -12,8 +12,8 @@ import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
 import {
   KVM_DEVICE,
-  VerdictCache,
-  VerdictGate,
+  verdictGate,
+  type VerdictGate,
   accelMode,
   kvmDeviceProblem,
   processAlive,
@@ -164,7 +164,7 @@ export class QemuBackend implements Backend {
   private readonly gate: VerdictGate | undefined;
 
   constructor(private readonly options: QemuBackendOptions = {}) {
-    this.gate = options.cacheDir ? new VerdictGate(new VerdictCache(path.join(options.cacheDir, 'accel-verdicts.json'))) : undefined;
+    this.gate = options.cacheDir ? verdictGate(options.cacheDir) : undefined;
   }
 
   /**

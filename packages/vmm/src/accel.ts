@@ -127,3 +127,22 @@ export class VerdictGate {
     return p;
   }
 }
+
+/** The verdict file in a backend's cache directory, shared by every backend. */
+export const VERDICT_FILE = 'accel-verdicts.json';
+
+const gates = new Map<string, VerdictGate>();
+
+/**
+ * The one gate for the verdict file in `cacheDir`, per process: two backends (or two probes)
+ * asking while a test boot runs share it instead of booting twice.
+ */
+export function verdictGate(cacheDir: string): VerdictGate {
+  const file = path.join(cacheDir, VERDICT_FILE);
+  let gate = gates.get(file);
+  if (!gate) {
+    gate = new VerdictGate(new VerdictCache(file));
+    gates.set(file, gate);
+  }
+  return gate;
+}

@@ -8,6 +8,8 @@ export {
   verdictKey,
   VerdictCache,
   VerdictGate,
+  VERDICT_FILE,
+  verdictGate,
   type AccelMode,
   type AccelVerdict,
 } from './accel.js';
