@@ -8,8 +8,8 @@ import { Duplex } from 'node:stream';
 import { AegisError, RpcPeer } from '@aegis/protocol';
 import type { Backend, Probe, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
 
-/** Two connected in-memory byte streams. */
-function duplexPair(): [Duplex, Duplex] {
+/** Two connected in-memory byte streams (what one writes, the other reads); destroying one ends both. */
+export function duplexPair(): [Duplex, Duplex] {
   const ends: Duplex[] = [];
   const make = (peerIndex: number): Duplex =>
     new Duplex({

@@ -2,31 +2,11 @@
  * The host end of the agent channel against a scripted guest writing raw lines: what a broken
  * or hostile harness can do with the channel, and what reaches the daemon's log of it.
  */
-import { Duplex } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import type { AegisError, GuestEvents } from '@aegis/protocol';
+import type { Duplex } from 'node:stream';
+import { duplexPair } from '../../../../tests/support/fake-vmm.js';
 import { AGENT_MAX_PROTOCOL_ERRORS, AGENT_REPORTED_PROTOCOL_ERRORS, AgentConnection } from './agent.js';
-
-/** Two connected in-memory byte streams: [host end, guest end]. */
-function duplexPair(): [Duplex, Duplex] {
-  const ends: Duplex[] = [];
-  const make = (peer: number): Duplex =>
-    new Duplex({
-      read() {},
-      write(chunk: Buffer, _enc, cb) {
-        const p = ends[peer];
-        if (p && !p.destroyed) p.push(chunk);
-        cb();
-      },
-      destroy(err, cb) {
-        const p = ends[peer];
-        if (p && !p.destroyed) p.destroy();
-        cb(err);
-      },
-    });
-  ends.push(make(1), make(0));
-  return [ends[0] as Duplex, ends[1] as Duplex];
-}
 
 interface Rig {
   agent: AgentConnection;
