@@ -64,18 +64,23 @@ export function normalizeBoolFlags(argv: string[], flags: string[]): string[] {
  */
 export function failCommand(err: unknown, ownError = 125): never {
   if (err instanceof ExitSignal) throw err;
-  const e = AegisError.from(err);
-  process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+  const e = printError(err);
   const notFound = e.code === 'NOT_FOUND' && /command not found/.test(e.message);
   const cannotRun = e.code === 'INVALID_ARGUMENT' && /permission denied/.test(e.message);
   exit(notFound ? 127 : cannotRun ? 126 : ownError);
 }
 
+/** The one-line form of every error the CLI reports: `aegis: <message> [<CODE>]`. */
+export function printError(err: unknown): AegisError {
+  const e = AegisError.from(err);
+  process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+  return e;
+}
+
 /** One line on stderr, non-zero exit. */
 export function fail(err: unknown): never {
   if (err instanceof ExitSignal) throw err;
-  const e = AegisError.from(err);
-  process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+  const e = printError(err);
   exit(e.code === 'INVALID_ARGUMENT' ? 2 : 1);
 }
 

@@ -5,23 +5,32 @@
  * `b`), so do they, and they exit non-zero at the end.
  */
 import { Command } from 'commander';
-import { AegisError } from '@aegis/client';
-import { client, exit, positiveInt } from '../util.js';
+import { client, exit, positiveInt, printError } from '../util.js';
 import { listCommand } from './instance/list.js';
 
-/** Runs `each` for every ref; reports failures one line each and exits 1 if any failed. */
-async function forEach(refs: string[], each: (ref: string) => Promise<string>): Promise<void> {
-  let failed = 0;
+/** `each` for every ref, going on past failures (each reported in one line); the results, and whether any failed. */
+async function eachRef<T>(refs: string[], each: (ref: string) => Promise<T>): Promise<{ results: T[]; failed: boolean }> {
+  const results: T[] = [];
+  let failed = false;
   for (const ref of refs) {
     try {
-      process.stdout.write(`${await each(ref)}\n`);
+      results.push(await each(ref));
     } catch (err) {
-      failed++;
-      const e = AegisError.from(err);
-      process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+      failed = true;
+      printError(err);
     }
   }
-  if (failed > 0) exit(1);
+  return { results, failed };
+}
+
+/** Prints what `each` returns for every ref, one line each; exits 1 if any failed. */
+async function forEach(refs: string[], each: (ref: string) => Promise<string>): Promise<void> {
+  const { failed } = await eachRef(refs, async (ref) => {
+    const line = await each(ref);
+    process.stdout.write(`${line}\n`);
+    return line;
+  });
+  if (failed) exit(1);
 }
 
 export function psCommand(): Command {
@@ -85,18 +94,8 @@ export function dockerInspectCommand(): Command {
     .description('print instances as JSON (docker inspect)')
     .argument('<instance...>', 'handles, ids or id prefixes')
     .action(async (refs: string[]) => {
-      const out: unknown[] = [];
-      let failed = 0;
-      for (const ref of refs) {
-        try {
-          out.push(await client().getInstance(ref));
-        } catch (err) {
-          failed++;
-          const e = AegisError.from(err);
-          process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
-        }
-      }
-      process.stdout.write(JSON.stringify(out, null, 2) + '\n');
-      if (failed > 0) exit(1);
+      const { results, failed } = await eachRef(refs, (ref) => client().getInstance(ref));
+      process.stdout.write(JSON.stringify(results, null, 2) + '\n');
+      if (failed) exit(1);
     });
 }
