@@ -27,7 +27,7 @@ import type { TemplateCache } from './templates.js';
 import { OpQueue } from './op-queue.js';
 import { LiveInstance, type ExecEmitter } from './live.js';
 import { bootVm, type BootContext } from './boot.js';
-import { endStrays, recover } from './recovery.js';
+import { recover } from './recovery.js';
 import { effectiveCommand, imageEnv, toView, type CreateRequest, type ExecRequest, type InstanceView } from './spec.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
 
@@ -613,11 +613,6 @@ export class InstanceManager {
       move: (id, to, patch) => this.move(id, to, patch),
       adopt: (row, vm) => this.adopt(row, vm),
     });
-  }
-
-  /** VMM processes of this home that no live instance owns are ended (the model test asks too). */
-  endStrays(): Promise<number> {
-    return endStrays({ registry: this.registry, instancesDir: this.config.instancesDir, log: this.log });
   }
 
   /**

@@ -11,17 +11,6 @@ export class OpQueue {
   private tail: Promise<unknown> = Promise.resolve();
   private inFlight: { op: string; controller: AbortController } | undefined;
   private closedWith: AegisError | undefined;
-  private depth = 0;
-
-  /** The operation running now, if any. */
-  get current(): string | undefined {
-    return this.inFlight?.op;
-  }
-
-  /** Operations queued or running. */
-  get pending(): number {
-    return this.depth;
-  }
 
   /**
    * Runs `fn` after every operation queued before it. Its signal aborts when `cancel` names
@@ -29,7 +18,6 @@ export class OpQueue {
    */
   run<T>(op: string, fn: (signal: AbortSignal) => Promise<T>, outer?: AbortSignal): Promise<T> {
     if (this.closedWith) return Promise.reject(this.closedWith);
-    this.depth++;
     const result = this.tail.then(async () => {
       if (this.closedWith) throw this.closedWith;
       outer?.throwIfAborted();
@@ -49,7 +37,6 @@ export class OpQueue {
       () => undefined,
     );
     this.tail = settled;
-    void settled.then(() => this.depth--);
     return result.catch((err: unknown) => {
       throw AegisError.from(err);
     });
@@ -66,10 +53,5 @@ export class OpQueue {
   /** Refuses every later operation with `err` (the instance is gone). */
   close(err: AegisError): void {
     this.closedWith = err;
-  }
-
-  /** Resolves when everything queued so far has finished. */
-  idle(): Promise<void> {
-    return this.tail.then(() => undefined);
   }
 }

@@ -74,7 +74,7 @@ export async function recover(ctx: RecoveryContext): Promise<void> {
 }
 
 /** Ends VMM processes of this home that no live instance owns. */
-export async function endStrays(ctx: Pick<RecoveryContext, 'registry' | 'instancesDir' | 'log'>): Promise<number> {
+async function endStrays(ctx: Pick<RecoveryContext, 'registry' | 'instancesDir' | 'log'>): Promise<number> {
   const owned = new Map<string, number | undefined>();
   for (const row of ctx.registry.listInstances()) {
     if (isLive(row.state) && row.vmRecord) owned.set(row.id, pidOf(row.vmRecord));
