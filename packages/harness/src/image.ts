@@ -7,7 +7,7 @@
  */
 import { mkdir, readFile, readlink, lstat, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { AegisError, type ImageContext } from '@aegis/protocol';
+import { AegisError } from '@aegis/protocol';
 
 export const IMAGE_ROOT = '/aegis/image';
 const INIT = '/aegis/init';
@@ -29,8 +29,8 @@ interface Entry {
   members: string[];
 }
 
-async function table(file: string, kind: 'passwd' | 'group'): Promise<Entry[]> {
-  const text = await readFile(path.join(IMAGE_ROOT, 'etc', file), 'utf8').catch(() => '');
+async function table(root: string, file: string, kind: 'passwd' | 'group'): Promise<Entry[]> {
+  const text = await readFile(path.join(root, 'etc', file), 'utf8').catch(() => '');
   return text.split('\n').flatMap((line) => {
     const f = line.split(':');
     const id = Number(f[2]);
@@ -43,11 +43,12 @@ async function table(file: string, kind: 'passwd' | 'group'): Promise<Entry[]> {
 
 const numeric = (s: string): number | undefined => (/^\d{1,10}$/.test(s) ? Number(s) : undefined);
 
-/** `name`, `uid`, `name:group`, `uid:gid` — as the image's config or `--user` gives it. */
-export async function resolveUser(spec: string | undefined): Promise<ImageUser> {
+/** `name`, `uid`, `name:group`, `uid:gid` — as the image's config or `--user` gives it — in `root`'s files. */
+export async function resolveUser(spec: string | undefined, root = IMAGE_ROOT): Promise<ImageUser> {
   const [userPart = '', groupPart] = (spec ?? '').split(':', 2);
-  const passwd = await table('passwd', 'passwd');
-  const groups = await table('group', 'group');
+  const passwd = await table(root, 'passwd', 'passwd');
+  const groups = await table(root, 'group', 'group');
+  const where = root === IMAGE_ROOT ? "the image's" : "the guest's";
   let uid: number;
   let gid: number;
   let home = '/';
@@ -60,19 +61,19 @@ export async function resolveUser(spec: string | undefined): Promise<ImageUser> 
     uid = byId;
     gid = 0;
   } else {
-    throw new AegisError('INVALID_ARGUMENT', `unable to find user ${userPart}: no matching entries in the image's /etc/passwd`);
+    throw new AegisError('INVALID_ARGUMENT', `unable to find user ${userPart}: no matching entries in ${where} /etc/passwd`);
   }
   if (groupPart !== undefined && groupPart !== '') {
     const g = numeric(groupPart) ?? groups.find((e) => e.name === groupPart)?.id;
-    if (g === undefined) throw new AegisError('INVALID_ARGUMENT', `unable to find group ${groupPart} in the image's /etc/group`);
+    if (g === undefined) throw new AegisError('INVALID_ARGUMENT', `unable to find group ${groupPart} in ${where} /etc/group`);
     gid = g;
   }
   const extra = name === undefined ? [] : groups.filter((g) => g.members.includes(name)).map((g) => g.id);
   return { uid, gid, groups: [...new Set([gid, ...extra])], home };
 }
 
-/** Resolves `p` inside the image root as the kernel would after chroot (symlinks stay inside). */
-async function resolveInRoot(p: string): Promise<string | undefined> {
+/** Resolves `p` inside `root` as the kernel would after chroot (symlinks stay inside). */
+async function resolveInRoot(root: string, p: string): Promise<string | undefined> {
   let parts = p.split('/').filter((x) => x && x !== '.');
   let done: string[] = [];
   for (let hops = 0; parts.length > 0;) {
@@ -81,7 +82,7 @@ async function resolveInRoot(p: string): Promise<string | undefined> {
       done.pop();
       continue;
     }
-    const host = path.join(IMAGE_ROOT, ...done, next);
+    const host = path.join(root, ...done, next);
     const st = await lstat(host).catch(() => undefined);
     if (!st) return undefined;
     if (st.isSymbolicLink()) {
@@ -93,21 +94,28 @@ async function resolveInRoot(p: string): Promise<string | undefined> {
     }
     done.push(next);
   }
-  return path.join(IMAGE_ROOT, ...done);
+  return path.join(root, ...done);
 }
 
-async function isExecutableFile(p: string): Promise<boolean> {
-  const real = await resolveInRoot(p);
+async function isExecutableFile(root: string, p: string): Promise<boolean> {
+  const real = await resolveInRoot(root, p);
   const st = real ? await stat(real).catch(() => undefined) : undefined;
   return st !== undefined && st.isFile() && (st.mode & 0o111) !== 0;
 }
 
 /** NOT_FOUND before anything starts, as for a command missing from our own root. */
-async function checkCommand(file: string, pathVar: string): Promise<void> {
+async function checkCommand(root: string, file: string, pathVar: string, cwd: string): Promise<void> {
   const found = file.includes('/')
-    ? await isExecutableFile(path.posix.resolve('/', file))
-    : (await Promise.all(pathVar.split(':').map((dir) => isExecutableFile(path.posix.join(dir || '/', file))))).some(Boolean);
-  if (!found) throw new AegisError('NOT_FOUND', `command not found in the image: ${file}`);
+    ? await isExecutableFile(root, path.posix.resolve(cwd, file))
+    : (await Promise.all(pathVar.split(':').map((dir) => isExecutableFile(root, path.posix.join(dir || '/', file))))).some(Boolean);
+  if (!found) throw new AegisError('NOT_FOUND', `command not found${root === IMAGE_ROOT ? ' in the image' : ''}: ${file}`);
+}
+
+/** Docker creates a missing working directory; so do we (in an image, it lands in the instance's layer). */
+export async function ensureWorkdir(root: string, cwd: string): Promise<void> {
+  const real = await resolveInRoot(root, cwd);
+  if (!real) await mkdir(path.join(root, cwd), { recursive: true });
+  else if (!(await stat(real)).isDirectory()) throw new AegisError('INVALID_ARGUMENT', `workdir ${cwd} is not a directory in the guest`);
 }
 
 export interface ImageLaunch {
@@ -116,28 +124,31 @@ export interface ImageLaunch {
   env: Record<string, string>;
 }
 
-export async function imageLaunch(
+/**
+ * The argv that runs `command` in `root` (the image's, or `/` for a user switch in ours) as
+ * `user`, in `workdir`, created when missing.
+ */
+export async function rootLaunch(
+  root: string,
   command: string[],
   env: Record<string, string>,
   workdir: string | undefined,
-  ctx: ImageContext,
+  user: string | undefined,
+  defaultEnv: Record<string, string>,
 ): Promise<ImageLaunch> {
-  if (!(await stat(path.join(IMAGE_ROOT, 'proc')).catch(() => undefined))) {
+  if (root === IMAGE_ROOT && !(await stat(path.join(IMAGE_ROOT, 'proc')).catch(() => undefined))) {
     throw new AegisError('FAILED_PRECONDITION', 'this VM has no image root mounted');
   }
-  const user = await resolveUser(ctx.user);
-  const fullEnv = { PATH: DEFAULT_IMAGE_PATH, HOME: user.home, ...env };
+  const u = await resolveUser(user, root);
+  const fullEnv: Record<string, string> = { ...defaultEnv, HOME: u.home, ...env };
   const [file] = command;
   if (file === undefined) throw new AegisError('INVALID_ARGUMENT', 'command is empty');
-  await checkCommand(file, fullEnv.PATH);
-  const cwd = workdir ?? '/';
-  // Docker creates a missing working directory; so do we (it lands in the instance's layer).
-  const realCwd = await resolveInRoot(cwd);
-  if (!realCwd) await mkdir(path.join(IMAGE_ROOT, cwd), { recursive: true });
-  else if (!(await stat(realCwd)).isDirectory()) throw new AegisError('INVALID_ARGUMENT', `workdir ${cwd} is not a directory in the image`);
-  const groups = user.groups.length > 0 ? user.groups.join(',') : '-';
+  const cwd = path.posix.resolve('/', workdir ?? '/');
+  await ensureWorkdir(root, cwd);
+  await checkCommand(root, file, fullEnv['PATH'] ?? DEFAULT_IMAGE_PATH, cwd);
+  const groups = u.groups.length > 0 ? u.groups.join(',') : '-';
   return {
-    argv: [INIT, 'chroot', IMAGE_ROOT, String(user.uid), String(user.gid), groups, cwd, '--', ...command],
+    argv: [INIT, 'chroot', root, String(u.uid), String(u.gid), groups, cwd, '--', ...command],
     env: fullEnv,
   };
 }

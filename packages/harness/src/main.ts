@@ -23,6 +23,7 @@ import {
 import { spawn } from 'node:child_process';
 import { Channel } from './channel.js';
 import { GuestProcess, OutputGate } from './processes.js';
+import { listProcesses } from './ps.js';
 
 /**
  * After the workload exits, how long we wait for the host's `shutdown` before powering off.
@@ -68,11 +69,12 @@ class Harness {
         return this.freshener.apply(parseParams.fresh(raw));
       case 'resize': {
         const p = parseParams.resize(raw);
-        const target = this.execs.get(p.execId);
-        if (!target) throw new AegisError('NOT_FOUND', `no exec ${p.execId}`);
-        target.resize(p);
+        this.target(p.execId).resize(p);
         return {};
       }
+      case 'ps':
+        parseParams.ps(raw);
+        return listProcesses();
       case 'health':
         return this.health();
       case 'shutdown':
@@ -126,17 +128,22 @@ class Harness {
     return { pid: proc.pid };
   }
 
+  /** The workload (no execId) or one exec. */
+  private target(execId: string | undefined): GuestProcess {
+    const target = execId === undefined ? this.workload : this.execs.get(execId);
+    if (!target) throw new AegisError('NOT_FOUND', execId === undefined ? 'no workload is running' : `no exec ${execId}`);
+    return target;
+  }
+
   private signal(p: SignalParams): Promise<Record<string, never>> {
-    const target = p.execId === undefined ? this.workload : this.execs.get(p.execId);
-    if (!target) throw new AegisError('NOT_FOUND', p.execId === undefined ? 'no workload is running' : `no exec ${p.execId}`);
-    target.signal(p.signal);
+    const target = this.target(p.execId);
+    if (p.group) target.signalGroup(p.signal);
+    else target.signal(p.signal);
     return Promise.resolve({});
   }
 
   private stdin(p: StdinParams): Promise<Record<string, never>> {
-    const target = p.execId === undefined ? this.workload : this.execs.get(p.execId);
-    if (!target) throw new AegisError('NOT_FOUND', p.execId === undefined ? 'no workload is running' : `no exec ${p.execId}`);
-    target.write(p.data === undefined ? undefined : Buffer.from(p.data, 'base64'), p.eof === true);
+    this.target(p.execId).write(p.data === undefined ? undefined : Buffer.from(p.data, 'base64'), p.eof === true);
     return Promise.resolve({});
   }
 

@@ -8,7 +8,7 @@ import { access, rmdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { constants as osConstants } from 'node:os';
 import { AegisError, type ExitEvent, type ImageContext, type Stream, type TtySize } from '@aegis/protocol';
-import { imageLaunch } from './image.js';
+import { DEFAULT_IMAGE_PATH, IMAGE_ROOT, ensureWorkdir, rootLaunch } from './image.js';
 
 export interface ProcessSpec {
   /** Names its cgroup under the workload's (`main` for the workload, one per exec). */
@@ -16,6 +16,7 @@ export interface ProcessSpec {
   command: string[];
   env: Record<string, string>;
   workdir?: string;
+  user?: string;
   stdin?: boolean;
   tty?: TtySize;
   image?: ImageContext;
@@ -142,19 +143,21 @@ export class GuestProcess {
     let command = spec.command;
     let env = { ...BASE_ENV, ...spec.env };
     let cwd = spec.workdir ?? '/';
-    if (spec.image) {
-      // The helper enters the image root, switches user and changes directory there.
-      ({ argv: command, env } = await imageLaunch(spec.command, spec.env, spec.workdir, spec.image));
+    const user = spec.user ?? spec.image?.user;
+    if (spec.image || user !== undefined) {
+      // The helper enters the root (the image's, or ours to switch user), switches user and
+      // changes directory there.
+      const [root, defaults] = spec.image ? [IMAGE_ROOT, { PATH: DEFAULT_IMAGE_PATH }] : ['/', BASE_ENV];
+      ({ argv: command, env } = await rootLaunch(root, spec.command, spec.env, spec.workdir, user, defaults));
       cwd = '/';
     } else if (spec.workdir !== undefined) {
-      const st = await stat(spec.workdir).catch(() => undefined);
-      if (!st?.isDirectory()) throw new AegisError('INVALID_ARGUMENT', `workdir ${spec.workdir} is not a directory in the guest`);
+      await ensureWorkdir('/', spec.workdir);
     }
     const [file, ...args] = command;
     if (file === undefined) throw new AegisError('INVALID_ARGUMENT', 'command is empty');
     const cgroup = await workloadCgroup();
     // Through the cgroup helper, a missing command would only show as exit 127: say it first.
-    if (cgroup && !spec.image) await checkCommand(file, env['PATH'] ?? BASE_ENV['PATH'] ?? '', cwd);
+    if (cgroup && !spec.image && user === undefined) await checkCommand(file, env['PATH'] ?? BASE_ENV['PATH'] ?? '', cwd);
     const tty = spec.tty;
     const inner = tty ? [PTY_HELPER, 'pty', String(tty.rows), String(tty.cols), '--', file, ...args] : [file, ...args];
     // Its own child of the workload cgroup: the CPU is shared fairly between the workload and
@@ -272,11 +275,17 @@ export class GuestProcess {
     this.child.kill(name as NodeJS.Signals);
   }
 
-  /** Signals the whole process group. */
-  signalGroup(name: NodeJS.Signals): void {
-    if (this.exited || this.child.pid === undefined) return;
+  /**
+   * Signals the whole process group. Also after the leader exited: what it started in the
+   * background may still run (a client that went away wants all of it gone).
+   */
+  signalGroup(name: string): void {
+    if (!Object.hasOwn(osConstants.signals, name)) {
+      throw new AegisError('INVALID_ARGUMENT', `unknown signal ${name}`);
+    }
+    if (this.child.pid === undefined) return;
     try {
-      process.kill(-this.child.pid, name);
+      process.kill(-this.child.pid, name as NodeJS.Signals);
     } catch {
       // group already gone
     }

@@ -15,14 +15,27 @@ export type Stream = 'stdout' | 'stderr';
 
 // ---- host -> guest requests -------------------------------------------------------------
 
-export interface RunParams {
-  /** argv of the workload; argv[0] is looked up on PATH. */
+/** What `run` (the workload) and `exec` share: the process to start and how. */
+export interface ProcessParams {
+  /** argv; argv[0] is looked up on PATH. */
   command: string[];
   env: Record<string, string>;
+  /** Created when missing, as Docker's `-w` does. */
   workdir?: string;
+  /**
+   * Who the process runs as (`name`, `uid`, `name:group`, `uid:gid`), resolved in the root it
+   * runs in (the image's /etc/passwd, or ours). Default: the image's `User`, else root.
+   */
+  user?: string;
+  /** Give the process a stdin pipe fed by `stdin` requests (otherwise /dev/null). */
+  stdin?: boolean;
+  /** Run on a new pseudo-terminal of this size; output then arrives as one stream, `stdout`. */
+  tty?: TtySize;
   /** Run inside the instance's OCI image root (mounted by aegis-init), not the base root. */
   image?: ImageContext;
 }
+
+export type RunParams = ProcessParams;
 
 /** How a process runs in the image: as its config's `User` (`name`, `uid`, `uid:gid`, `name:group`). */
 export interface ImageContext {
@@ -33,17 +46,9 @@ export interface RunResult {
   startedAtMs: number;
 }
 
-export interface ExecParams {
+export interface ExecParams extends ProcessParams {
   /** Chosen by the host; names the exec in `output` and `execExit`. */
   execId: string;
-  command: string[];
-  env: Record<string, string>;
-  workdir?: string;
-  /** Give the process a stdin pipe fed by `stdin` requests (otherwise /dev/null). */
-  stdin?: boolean;
-  /** Run on a new pseudo-terminal of this size; output then arrives as one stream, `stdout`. */
-  tty?: TtySize;
-  image?: ImageContext;
 }
 
 export interface TtySize {
@@ -52,7 +57,8 @@ export interface TtySize {
 }
 
 export interface ResizeParams extends TtySize {
-  execId: string;
+  /** Omitted: the workload. */
+  execId?: string;
 }
 export interface ExecResult {
   pid: number;
@@ -62,6 +68,8 @@ export interface SignalParams {
   /** Omitted: the workload. */
   execId?: string;
   signal: string;
+  /** To the process's whole group (what it started too), not the process alone. */
+  group?: boolean;
 }
 
 export interface StdinParams {
@@ -88,6 +96,31 @@ export interface HealthResult {
   workload: { pid: number; running: boolean } | null;
 }
 
+export type PsParams = Record<string, never>;
+/** One guest process, as `docker top` shows it (from /proc). */
+export interface ProcessInfo {
+  pid: number;
+  ppid: number;
+  uid: number;
+  /** /proc/PID/stat's state letter (R, S, D, Z, T...). */
+  state: string;
+  /** Resident memory. */
+  rssKiB: number;
+  /** User + system CPU time used so far. */
+  cpuMs: number;
+  /** Since the VM booted. */
+  startedAfterBootMs: number;
+  /** The command line, arguments joined by spaces (cut at MAX_PS_COMMAND characters). */
+  command: string;
+}
+export interface PsResult {
+  processes: ProcessInfo[];
+  /** There were more than MAX_PS_PROCESSES: the list is cut. */
+  truncated?: boolean;
+}
+export const MAX_PS_PROCESSES = 4096;
+export const MAX_PS_COMMAND = 4096;
+
 export interface ShutdownParams {
   /** How long the workload gets after SIGTERM before SIGKILL. */
   timeoutMs?: number;
@@ -102,6 +135,7 @@ export interface GuestMethods {
   resize: { params: ResizeParams; result: Record<string, never> };
   fresh: { params: FreshParams; result: Record<string, never> };
   health: { params: HealthParams; result: HealthResult };
+  ps: { params: PsParams; result: PsResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
 export type GuestMethod = keyof GuestMethods;
@@ -267,35 +301,30 @@ function ttySize(v: unknown): TtySize {
   return { rows, cols };
 }
 
-function withWorkdir<T extends object>(base: T, workdir: unknown): T & { workdir?: string } {
-  const w = optStr(workdir, 'workdir');
-  return w === undefined ? base : { ...base, workdir: w };
+const PROCESS_KEYS = ['command', 'env', 'workdir', 'user', 'stdin', 'tty', 'image'] as const;
+
+function processParams(o: Obj): ProcessParams {
+  const p: ProcessParams = { command: argv(o['command'], 'command'), env: env(o['env'] ?? {}, 'env') };
+  const workdir = optStr(o['workdir'], 'workdir');
+  if (workdir !== undefined) p.workdir = workdir;
+  const user = optStr(o['user'], 'user', 256);
+  if (user !== undefined) p.user = user;
+  if (o['stdin'] === true) p.stdin = true;
+  if (o['tty'] !== undefined) p.tty = ttySize(o['tty']);
+  if (o['image'] !== undefined) p.image = imageContext(o['image']);
+  return p;
 }
 
 export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M]['params'] } = {
   run(v) {
     const o = obj(v ?? {}, 'run params');
-    onlyKeys(o, ['command', 'env', 'workdir', 'image'], 'run params');
-    const p = withWorkdir({ command: argv(o['command'], 'command'), env: env(o['env'] ?? {}, 'env') }, o['workdir']);
-    return o['image'] !== undefined ? { ...p, image: imageContext(o['image']) } : p;
+    onlyKeys(o, PROCESS_KEYS, 'run params');
+    return processParams(o);
   },
   exec(v) {
     const o = obj(v ?? {}, 'exec params');
-    onlyKeys(o, ['execId', 'command', 'env', 'workdir', 'stdin', 'tty', 'image'], 'exec params');
-    const p = withWorkdir(
-      {
-        execId: str(o['execId'], 'execId', 128),
-        command: argv(o['command'], 'command'),
-        env: env(o['env'] ?? {}, 'env'),
-      },
-      o['workdir'],
-    );
-    return {
-      ...p,
-      ...(o['stdin'] === true ? { stdin: true } : {}),
-      ...(o['tty'] !== undefined ? { tty: ttySize(o['tty']) } : {}),
-      ...(o['image'] !== undefined ? { image: imageContext(o['image']) } : {}),
-    };
+    onlyKeys(o, ['execId', ...PROCESS_KEYS], 'exec params');
+    return { execId: str(o['execId'], 'execId', 128), ...processParams(o) };
   },
   fresh(v) {
     const o = obj(v ?? {}, 'fresh params');
@@ -308,7 +337,9 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
   resize(v) {
     const o = obj(v ?? {}, 'resize params');
     onlyKeys(o, ['execId', 'rows', 'cols'], 'resize params');
-    return { execId: str(o['execId'], 'execId', 128), ...ttySize({ rows: o['rows'], cols: o['cols'] }) };
+    const execId = optStr(o['execId'], 'execId', 128);
+    const size = ttySize({ rows: o['rows'], cols: o['cols'] });
+    return execId === undefined ? size : { execId, ...size };
   },
   stdin(v) {
     const o = obj(v ?? {}, 'stdin params');
@@ -322,13 +353,19 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
   },
   signal(v) {
     const o = obj(v ?? {}, 'signal params');
-    onlyKeys(o, ['execId', 'signal'], 'signal params');
+    onlyKeys(o, ['execId', 'signal', 'group'], 'signal params');
     const execId = optStr(o['execId'], 'execId');
-    const signal = str(o['signal'], 'signal', 16);
-    return execId === undefined ? { signal } : { execId, signal };
+    const p: SignalParams = { signal: str(o['signal'], 'signal', 16) };
+    if (execId !== undefined) p.execId = execId;
+    if (o['group'] === true) p.group = true;
+    return p;
   },
   health(v) {
     onlyKeys(obj(v ?? {}, 'health params'), [], 'health params');
+    return {};
+  },
+  ps(v) {
+    onlyKeys(obj(v ?? {}, 'ps params'), [], 'ps params');
     return {};
   },
   shutdown(v) {
@@ -366,6 +403,29 @@ export const parseResult: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
       workload = { pid: pid(w['pid']), running: bool(w['running'], 'running') };
     }
     return { version: int(o['version'], 'version', 0), uptimeMs: int(o['uptimeMs'], 'uptimeMs', 0), workload };
+  },
+  ps(v) {
+    const o = strict(v, ['processes', 'truncated'], 'ps result');
+    const list = o['processes'];
+    if (!Array.isArray(list) || list.length > MAX_PS_PROCESSES) {
+      throw new AegisError('INVALID_ARGUMENT', `processes must be an array of at most ${MAX_PS_PROCESSES}`);
+    }
+    const processes = list.map((p: unknown): ProcessInfo => {
+      const e = strict(p, ['pid', 'ppid', 'uid', 'state', 'rssKiB', 'cpuMs', 'startedAfterBootMs', 'command'], 'process');
+      const state = str(e['state'], 'state', 1);
+      if (!/^[A-Za-z]$/.test(state)) throw new AegisError('INVALID_ARGUMENT', 'state must be one letter');
+      return {
+        pid: pid(e['pid']),
+        ppid: int(e['ppid'], 'ppid', 0, MAX_PID),
+        uid: int(e['uid'], 'uid', 0, 0xffffffff),
+        state,
+        rssKiB: int(e['rssKiB'], 'rssKiB', 0),
+        cpuMs: int(e['cpuMs'], 'cpuMs', 0),
+        startedAfterBootMs: int(e['startedAfterBootMs'], 'startedAfterBootMs', 0),
+        command: str(e['command'], 'command', MAX_PS_COMMAND),
+      };
+    });
+    return o['truncated'] === true ? { processes, truncated: true } : { processes };
   },
   shutdown(v) {
     return empty(v, 'shutdown result');
