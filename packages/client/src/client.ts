@@ -6,7 +6,20 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { AegisError, LineDecoder } from '@aegis/protocol';
-import type { CreateInstanceRequest, ExecEvent, ExecRequest, Image, Instance, LogEvent, PullEvent, SecretMeta, Status } from './types.js';
+import type {
+  CreateInstanceRequest,
+  ExecEvent,
+  ExecRequest,
+  Image,
+  Instance,
+  LogEvent,
+  ProcessInfo,
+  PullEvent,
+  RunEvent,
+  SecretMeta,
+  Status,
+  WaitResult,
+} from './types.js';
 
 export function defaultSocketPath(env: NodeJS.ProcessEnv = process.env): string {
   return path.join(env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis'), 'aegisd.sock');
@@ -36,8 +49,8 @@ export class AegisClient {
       req.once('error', (err: NodeJS.ErrnoException) => {
         if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') {
           reject(new AegisError('UNAVAILABLE', `aegisd is not running (no daemon at ${this.socketPath}); start it with: aegis up`));
-        } else if (err.name === 'AbortError') {
-          reject(new AegisError('CANCELLED', 'request cancelled'));
+        } else if (opts.signal?.aborted) {
+          reject(cancelled(opts.signal));
         } else {
           reject(new AegisError('UNAVAILABLE', `cannot reach aegisd at ${this.socketPath}: ${err.message}`));
         }
@@ -49,7 +62,12 @@ export class AegisClient {
   private async call<T>(opts: RequestOptions): Promise<T> {
     const res = await this.open(opts);
     const chunks: Buffer[] = [];
-    for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
+    try {
+      for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
+    } catch (err) {
+      if (opts.signal?.aborted) throw cancelled(opts.signal);
+      throw new AegisError('UNAVAILABLE', `answer from aegisd broke: ${(err as Error).message}`);
+    }
     const text = Buffer.concat(chunks).toString('utf8');
     const status = res.statusCode ?? 500;
     if (status >= 400) throw errorFromBody(text, status);
@@ -77,6 +95,7 @@ export class AegisClient {
       }
     } catch (err) {
       if (err instanceof AegisError) throw err;
+      if (opts.signal?.aborted) throw cancelled(opts.signal);
       throw new AegisError('UNAVAILABLE', `stream from aegisd broke: ${(err as Error).message}`);
     }
   }
@@ -135,6 +154,34 @@ export class AegisClient {
   resizeExec(ref: string, execId: string, size: { rows: number; cols: number }): Promise<void> {
     const p = `/v1/instances/${encodeURIComponent(ref)}/execs/${encodeURIComponent(execId)}/resize`;
     return this.call({ method: 'POST', path: p, body: size });
+  }
+
+  /** Writes to the workload's stdin (the instance must have been created with `stdin: true`). */
+  instanceInput(ref: string, input: { data?: Buffer; eof?: boolean }): Promise<void> {
+    const body = { ...(input.data ? { data: input.data.toString('base64') } : {}), ...(input.eof ? { eof: true } : {}) };
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/input`, body });
+  }
+
+  resizeInstance(ref: string, size: { rows: number; cols: number }): Promise<void> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/resize`, body: size });
+  }
+
+  /** Resolves when the instance is stopped or failed (docker wait). */
+  waitInstance(ref: string, signal?: AbortSignal): Promise<WaitResult> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/wait`, ...(signal ? { signal } : {}) });
+  }
+
+  /** The guest's processes (docker top). */
+  topInstance(ref: string): Promise<{ processes: ProcessInfo[]; truncated?: boolean }> {
+    return this.call({ method: 'GET', path: `/v1/instances/${encodeURIComponent(ref)}/top` });
+  }
+
+  /**
+   * Creates an instance and streams its output until it ends. With `autoRemove`, the daemon
+   * deletes it at the end, and also when this stream is dropped (an abort, a dead client).
+   */
+  run(req: CreateInstanceRequest, signal?: AbortSignal): AsyncGenerator<RunEvent> {
+    return this.stream({ method: 'POST', path: '/v1/run', body: req, ...(signal ? { signal } : {}) });
   }
 
   /** Writes to an exec's stdin (it must have been started with `stdin: true`). */
@@ -207,4 +254,12 @@ function errorFromBody(text: string, status: number): AegisError {
   } catch {
     return new AegisError('UNKNOWN', `aegisd answered HTTP ${status}: ${text.slice(0, 200)}`);
   }
+}
+
+/** What an aborted call throws: TIMEOUT for `AbortSignal.timeout()`, CANCELLED otherwise. */
+function cancelled(signal: AbortSignal): AegisError {
+  const reason: unknown = signal.reason;
+  if (reason instanceof AegisError) return reason;
+  const timeout = reason instanceof Error && reason.name === 'TimeoutError';
+  return new AegisError(timeout ? 'TIMEOUT' : 'CANCELLED', timeout ? 'the request timed out' : 'request cancelled');
 }

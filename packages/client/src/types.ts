@@ -18,6 +18,8 @@ export interface Instance {
   network: NetworkMode;
   image?: string;
   imageDigest?: string;
+  workdir?: string;
+  user?: string;
 }
 
 export interface Image {
@@ -54,7 +56,10 @@ export interface CreateInstanceRequest {
   env?: Record<string, string>;
   /** Secret names for the workload's environment; `*` for all. */
   secrets?: string[];
-  /** Delete the instance if it fails to start. */
+  /**
+   * Delete the instance if it fails to start or the caller goes away first; under `run()`
+   * also when it ends or that stream is dropped.
+   */
   autoRemove?: boolean;
   /** Host ports forwarded into the guest (hostPort 0 or absent: a free one). */
   exposes?: { guestPort: number; hostPort?: number; hostIp?: string; protocol?: 'tcp' }[];
@@ -62,12 +67,19 @@ export interface CreateInstanceRequest {
   memoryMiB?: number;
   vcpuCount?: number;
   network?: NetworkMode;
+  /** `name`, `uid`, `name:group`, `uid:gid` (Docker's --user). */
+  user?: string;
+  /** Keep the workload's stdin open for `instanceInput` (docker run -i). */
+  stdin?: boolean;
+  /** Run the workload on a pseudo-terminal of this size (docker run -t). */
+  tty?: { rows: number; cols: number };
 }
 
 export interface ExecRequest {
   command: string[];
   env?: Record<string, string>;
   workdir?: string;
+  user?: string;
   stdin?: boolean;
   /** Run on a pseudo-terminal of this size. */
   tty?: { rows: number; cols: number };
@@ -95,6 +107,25 @@ export type ExecEvent =
 export type LogEvent =
   | { type: 'output'; stream: Stream; data: string; timeMs: number; execId?: string }
   | { type: 'end'; state: InstanceState; exitCode: number | null; stateReason?: string };
+
+export type RunEvent = { type: 'created'; instance: Instance } | LogEvent;
+
+export interface WaitResult {
+  state: InstanceState;
+  exitCode: number | null;
+  stateReason?: string;
+}
+
+export interface ProcessInfo {
+  pid: number;
+  ppid: number;
+  uid: number;
+  state: string;
+  rssKiB: number;
+  cpuMs: number;
+  startedAfterBootMs: number;
+  command: string;
+}
 
 export interface SecretMeta {
   name: string;

@@ -13,7 +13,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { AegisError, exitStatus, type ExitEvent } from '@aegis/protocol';
+import { AegisError, exitStatus, type ExitEvent, type PsResult } from '@aegis/protocol';
 import type { Backend, NetworkMode, Vm, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
@@ -180,7 +180,15 @@ export class InstanceManager {
     }
     const env = { ...imageEnv(image?.config), ...req.env, ...secretEnv };
     const opts = { keepDisk: false, autoRemove: req.autoRemove === true };
-    return this.ownerOf(row.id).run('start', (s) => this.launch(row, forwarder, image, env, opts, s), signal);
+    // A caller that asked for a throwaway instance and went away before learning its id
+    // cannot delete it: we do.
+    const abandoned = (): void => void this.delete(row.id, true).catch(() => undefined);
+    if (opts.autoRemove) signal?.addEventListener('abort', abandoned, { once: true });
+    try {
+      return await this.ownerOf(row.id).run('start', (s) => this.launch(row, forwarder, image, env, opts, s), signal);
+    } finally {
+      signal?.removeEventListener('abort', abandoned);
+    }
   }
 
   private insertRow(req: CreateRequest, forwarder: PortForwarder, image: ResolvedImage | undefined): InstanceRow {
@@ -209,7 +217,13 @@ export class InstanceManager {
       network: req.network ?? this.defaultNetwork(),
       image: image ? { ...(image.reference ? { reference: image.reference } : {}), digest: image.digest } : null,
       // For a restart. Secrets by name only: their values are looked up again then.
-      spec: { env: req.env ?? {}, secrets: req.secrets ?? [] },
+      spec: {
+        env: req.env ?? {},
+        secrets: req.secrets ?? [],
+        ...(req.user !== undefined ? { user: req.user } : {}),
+        ...(req.stdin ? { stdin: true } : {}),
+        ...(req.tty ? { tty: req.tty } : {}),
+      },
     };
     this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
@@ -278,6 +292,9 @@ export class InstanceManager {
         command: row.command,
         env,
         ...(row.workdir ? { workdir: row.workdir } : {}),
+        ...(row.spec.user !== undefined ? { user: row.spec.user } : {}),
+        ...(row.spec.stdin ? { stdin: true } : {}),
+        ...(row.spec.tty ? { tty: row.spec.tty } : {}),
         ...(image ? { image: image.config.user ? { user: image.config.user } : {} } : {}),
       };
       await booted.agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS, signal });
@@ -543,6 +560,7 @@ export class InstanceManager {
             command: req.command,
             env: { ...imageEnv(image), ...req.env },
             ...(workdir ? { workdir } : {}),
+            ...(req.user !== undefined ? { user: req.user } : {}),
             ...(image ? { image: image.user ? { user: image.user } : {} } : {}),
             ...(req.stdin ? { stdin: true } : {}),
             ...(req.tty ? { tty: req.tty } : {}),
@@ -558,8 +576,8 @@ export class InstanceManager {
     );
     emit({ type: 'started', execId });
     const onAbort = (): void => {
-      // The caller went away: don't leave its command running unseen.
-      void agent.call('signal', { execId, signal: 'SIGKILL' }, { timeoutMs: 5000 }).catch(() => undefined);
+      // The caller went away: don't leave its command running unseen, nor what it started.
+      void agent.call('signal', { execId, signal: 'SIGKILL', group: true }, { timeoutMs: 5000 }).catch(() => undefined);
     };
     if (signal?.aborted) onAbort();
     signal?.addEventListener('abort', onAbort, { once: true });
@@ -583,17 +601,52 @@ export class InstanceManager {
     await agent.call('signal', execId === undefined ? { signal } : { execId, signal }, { timeoutMs: 10_000 });
   }
 
-  /** Resizes an exec's terminal. */
-  async resizeExec(ref: string, execId: string, rows: number, cols: number): Promise<void> {
+  /** Resizes the terminal of the workload (no execId) or of an exec. */
+  async resize(ref: string, execId: string | undefined, rows: number, cols: number): Promise<void> {
     const agent = this.runningAgent(this.registry.resolveInstance(ref), 'resize a terminal in');
-    await agent.call('resize', { execId, rows, cols }, { timeoutMs: 10_000 });
+    await agent.call('resize', { ...(execId !== undefined ? { execId } : {}), rows, cols }, { timeoutMs: 10_000 });
   }
 
-  /** Feeds an exec's stdin (base64 `data`, then optionally end of file). */
-  async execInput(ref: string, execId: string, data: string | undefined, eof: boolean): Promise<void> {
+  /** Feeds the stdin of the workload (no execId) or of an exec: base64 `data`, then optionally end of file. */
+  async input(ref: string, execId: string | undefined, data: string | undefined, eof: boolean): Promise<void> {
     const agent = this.runningAgent(this.registry.resolveInstance(ref), 'write to');
-    const params = { execId, ...(data !== undefined ? { data } : {}), ...(eof ? { eof: true } : {}) };
+    const params = { ...(execId !== undefined ? { execId } : {}), ...(data !== undefined ? { data } : {}), ...(eof ? { eof: true } : {}) };
     await agent.call('stdin', params, { timeoutMs: 30_000 });
+  }
+
+  /** The guest's processes (`docker top`). */
+  async top(ref: string): Promise<PsResult> {
+    const agent = this.runningAgent(this.registry.resolveInstance(ref), 'list the processes of');
+    return agent.call('ps', {}, { timeoutMs: 10_000 });
+  }
+
+  /** Resolves once the instance is stopped or failed (`docker wait`), with how it ended. */
+  async wait(ref: string, signal?: AbortSignal): Promise<{ state: InstanceState; exitCode: number | null; stateReason?: string }> {
+    const id = this.registry.resolveInstance(ref).id;
+    for (;;) {
+      const row = this.registry.getInstance(id);
+      if (!row) throw new AegisError('NOT_FOUND', `instance ${ref} was deleted while waited for`);
+      if (!isLive(row.state)) {
+        return { state: row.state, exitCode: row.exitCode, ...(row.stateReason ? { stateReason: row.stateReason } : {}) };
+      }
+      // Woken by the VM's end; the poll covers a start that has no VM yet, and a restart.
+      const store = this.live.get(id)?.logs;
+      await new Promise<void>((resolve, reject) => {
+        const done = (): void => {
+          clearTimeout(timer);
+          store?.off('end', done);
+          signal?.removeEventListener('abort', gone);
+          resolve();
+        };
+        const gone = (): void => {
+          done();
+          reject(new AegisError('CANCELLED', 'the caller went away'));
+        };
+        const timer = setTimeout(done, 500);
+        store?.once('end', done);
+        signal?.addEventListener('abort', gone, { once: true });
+      });
+    }
   }
 
   /** The log store of an instance plus whether more output can still come. */

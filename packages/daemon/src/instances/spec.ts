@@ -21,7 +21,10 @@ export interface CreateRequest {
   env?: Record<string, string>;
   /** Secret names for the workload's environment; `*` for all. */
   secrets?: string[];
-  /** Delete the instance if it fails to start (`aegis run`). */
+  /**
+   * Delete the instance if it fails to start, or if the caller goes away before it started
+   * (`aegis run`); under POST /v1/run also when it ends or that request is dropped.
+   */
   autoRemove?: boolean;
   /** Ports to forward from the host into the guest. */
   exposes?: { guestPort: number; hostPort?: number; hostIp?: string; protocol?: 'tcp' }[];
@@ -29,12 +32,19 @@ export interface CreateRequest {
   memoryMiB?: number;
   vcpuCount?: number;
   network?: NetworkMode;
+  /** Docker's --user: `name`, `uid`, `name:group`, `uid:gid`; default the image's User, else root. */
+  user?: string;
+  /** Keep the workload's stdin open for `input` (docker run -i). */
+  stdin?: boolean;
+  /** Run the workload on a pseudo-terminal of this size (docker run -t). */
+  tty?: { rows: number; cols: number };
 }
 
 export interface ExecRequest {
   command: string[];
   env?: Record<string, string>;
   workdir?: string;
+  user?: string;
   /** Keep the command's stdin open for `execInput` (otherwise it reads /dev/null). */
   stdin?: boolean;
   /** Run on a pseudo-terminal of this size (stdin is then always open). */
@@ -71,6 +81,8 @@ export interface InstanceView {
   /** The image's reference (or digest when it has none); absent for the base rootfs. */
   image?: string;
   imageDigest?: string;
+  workdir?: string;
+  user?: string;
 }
 
 export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
@@ -137,5 +149,7 @@ export function toView(row: InstanceRow): InstanceView {
   if (startedAt) view.startedAt = startedAt;
   if (stoppedAt) view.stoppedAt = stoppedAt;
   if (row.stateReason) view.stateReason = row.stateReason;
+  if (row.workdir) view.workdir = row.workdir;
+  if (row.spec.user !== undefined) view.user = row.spec.user;
   return view;
 }

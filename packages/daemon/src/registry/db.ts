@@ -102,6 +102,10 @@ export interface InstanceRow {
 export interface InstanceSpec {
   env: Record<string, string>;
   secrets: string[];
+  user?: string;
+  /** The workload's stdin was kept open (docker run -i): a restart keeps it open too. */
+  stdin?: boolean;
+  tty?: { rows: number; cols: number };
 }
 
 /** The image an instance runs: the digest pins it; the reference is how the user named it. */

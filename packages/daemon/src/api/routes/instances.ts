@@ -1,7 +1,7 @@
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../../daemon.js';
-import type { CreateRequest, ExecRequest } from '../../instances/manager.js';
-import { matches, type LogEntry } from '../../instances/logs.js';
+import type { CreateRequest, ExecRequest, InstanceView } from '../../instances/manager.js';
+import { matches, type LogEnd, type LogEntry, type LogFilter, type LogStore } from '../../instances/logs.js';
 import { validateBody } from '../validate.js';
 import { boolQuery, intQuery, startStream, STREAMED, type Route } from '../server.js';
 
@@ -86,6 +86,66 @@ export function instanceRoutes(d: DaemonContext): Route[] {
     },
     {
       method: 'POST',
+      path: '/v1/instances/{ref}/input',
+      handler: async ({ params, body }) => {
+        const req = validateBody<{ data?: string; eof?: boolean }>('ExecInputRequest', body);
+        await m.input(param(params, 'ref'), undefined, req.data, req.eof === true);
+        return { status: 204 };
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/resize',
+      handler: async ({ params, body }) => {
+        const req = validateBody<{ rows: number; cols: number }>('TtySize', body);
+        await m.resize(param(params, 'ref'), undefined, req.rows, req.cols);
+        return { status: 204 };
+      },
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/wait',
+      handler: async ({ params, signal }) => ({ status: 200, body: await m.wait(param(params, 'ref'), signal) }),
+    },
+    {
+      method: 'GET',
+      path: '/v1/instances/{ref}/top',
+      handler: async ({ params }) => ({ status: 200, body: await m.top(param(params, 'ref')) }),
+    },
+    {
+      method: 'POST',
+      path: '/v1/run',
+      handler: async ({ body, signal, res }) => {
+        const req = validateBody<CreateRequest>('CreateInstanceRequest', body);
+        const inst = await m.create(req, signal);
+        // From here the instance lives no longer than this request, if it was asked to be throwaway.
+        let ended = false;
+        signal.addEventListener(
+          'abort',
+          () => {
+            if (!ended && req.autoRemove) void m.delete(inst.id, true).catch(() => undefined);
+          },
+          { once: true },
+        );
+        const write = startStream(res);
+        write({ type: 'created', instance: inst });
+        const { store, live } = m.logs(inst.id);
+        let end: LogEnd | undefined;
+        if (live) end = await follow(store, write, signal, { execs: false });
+        else {
+          // It ended before we could follow it (a workload that exits at once).
+          for await (const e of store.read(undefined, undefined, { execs: false })) await write({ type: 'output', ...e });
+          end = endOf(m.get(inst.id));
+        }
+        if (end && req.autoRemove) await m.delete(inst.id, true).catch(() => undefined);
+        ended = true;
+        if (end) write({ type: 'end', ...end });
+        res.end();
+        return STREAMED;
+      },
+    },
+    {
+      method: 'POST',
       path: '/v1/instances/{ref}/signal',
       handler: async ({ params, body }) => {
         const req = validateBody<{ signal: string }>('SignalRequest', body);
@@ -107,7 +167,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/execs/{execId}/resize',
       handler: async ({ params, body }) => {
         const req = validateBody<{ rows: number; cols: number }>('TtySize', body);
-        await m.resizeExec(param(params, 'ref'), param(params, 'execId'), req.rows, req.cols);
+        await m.resize(param(params, 'ref'), param(params, 'execId'), req.rows, req.cols);
         return { status: 204 };
       },
     },
@@ -116,7 +176,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/execs/{execId}/input',
       handler: async ({ params, body }) => {
         const req = validateBody<{ data?: string; eof?: boolean }>('ExecInputRequest', body);
-        await m.execInput(param(params, 'ref'), param(params, 'execId'), req.data, req.eof === true);
+        await m.input(param(params, 'ref'), param(params, 'execId'), req.data, req.eof === true);
         return { status: 204 };
       },
     },
@@ -124,48 +184,63 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/instances/{ref}/logs',
       handler: async ({ params, query, signal, res }) => {
-        const follow = boolQuery(query, 'follow');
+        const following = boolQuery(query, 'follow');
         const tail = intQuery(query, 'tail');
         const since = intQuery(query, 'since');
         const filter = { ...(since !== undefined ? { sinceMs: since } : {}), execs: boolQuery(query, 'execs') };
         const { store, live } = m.logs(param(params, 'ref'));
         const write = startStream(res);
-        if (!follow || !live) {
+        if (!following || !live) {
           for await (const e of store.read(tail, undefined, filter)) await write({ type: 'output', ...e });
-          if (follow) {
-            const row = m.get(param(params, 'ref'));
-            write({ type: 'end', state: row.state, exitCode: row.exitCode, ...(row.stateReason ? { stateReason: row.stateReason } : {}) });
-          }
+          if (following) write({ type: 'end', ...endOf(m.get(param(params, 'ref'))) });
           res.end();
           return STREAMED;
         }
-        // Subscribe first, then replay the file up to this instant: no gap, no duplicate.
-        const pending: unknown[] = [];
-        let replaying = true;
-        const onEntry = (e: LogEntry): void => {
-          if (!matches(e, filter)) return;
-          const ev = { type: 'output', ...e };
-          if (replaying) pending.push(ev);
-          else write(ev);
-        };
-        const ended = new Promise<object>((resolve) => {
-          if (store.endInfo) resolve(store.endInfo);
-          else store.once('end', resolve);
-        });
-        store.on('entry', onEntry);
-        try {
-          for await (const e of store.read(tail, store.sizes(), filter)) await write({ type: 'output', ...e });
-          for (const ev of pending) write(ev);
-          replaying = false;
-          const gone = new Promise<void>((r) => signal.addEventListener('abort', () => r(), { once: true }));
-          const end = await Promise.race([ended, gone]);
-          if (end) write({ type: 'end', ...end });
-        } finally {
-          store.off('entry', onEntry);
-        }
+        const end = await follow(store, write, signal, filter, tail);
+        if (end) write({ type: 'end', ...end });
         res.end();
         return STREAMED;
       },
     },
   ];
+}
+
+/**
+ * Streams a live instance's output from `tail` entries back (all by default) until its VM is
+ * gone; resolves with how it ended, or undefined when the client went away first.
+ */
+async function follow(
+  store: LogStore,
+  write: (ev: unknown) => Promise<void> | undefined,
+  signal: AbortSignal,
+  filter: LogFilter,
+  tail?: number,
+): Promise<LogEnd | undefined> {
+  // Subscribe first, then replay the file up to this instant: no gap, no duplicate.
+  const pending: unknown[] = [];
+  let replaying = true;
+  const onEntry = (e: LogEntry): void => {
+    if (!matches(e, filter)) return;
+    const ev = { type: 'output', ...e };
+    if (replaying) pending.push(ev);
+    else write(ev);
+  };
+  const ended = new Promise<LogEnd>((resolve) => {
+    if (store.endInfo) resolve(store.endInfo);
+    else store.once('end', resolve);
+  });
+  store.on('entry', onEntry);
+  try {
+    for await (const e of store.read(tail, store.sizes(), filter)) await write({ type: 'output', ...e });
+    for (const ev of pending) write(ev);
+    replaying = false;
+    const gone = new Promise<undefined>((r) => signal.addEventListener('abort', () => r(undefined), { once: true }));
+    return await Promise.race([ended, gone]);
+  } finally {
+    store.off('entry', onEntry);
+  }
+}
+
+function endOf(row: InstanceView): LogEnd {
+  return { state: row.state, exitCode: row.exitCode, ...(row.stateReason ? { stateReason: row.stateReason } : {}) };
 }
