@@ -12,7 +12,16 @@ import { secretCommand } from './commands/secret/secret.js';
 import { imageCommand } from './commands/image/image.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
-import { dockerInspectCommand, dockerStartCommand, dockerStopCommand, killCommand, psCommand, rmCommand } from './commands/docker.js';
+import {
+  dockerInspectCommand,
+  dockerStartCommand,
+  dockerStopCommand,
+  killCommand,
+  psCommand,
+  rmCommand,
+  topCommand,
+  waitCommand,
+} from './commands/docker.js';
 import { ExitSignal, normalizeBoolFlags } from './util.js';
 
 // `aegis logs x | head -1`: the reader went away, which is not an error (as with Docker).
@@ -59,9 +68,28 @@ for (const c of [
   dockerStartCommand(),
   killCommand(),
   dockerInspectCommand(),
+  waitCommand(),
+  topCommand(),
 ]) {
   program.addCommand(c);
 }
+
+/**
+ * Usage errors (an unknown flag, a bad value) read like every other error: one line, with the
+ * flag named and a code. `run` exits 125 for them, as `docker run` does.
+ */
+function usageErrors(cmd: Command): void {
+  cmd.configureOutput({
+    outputError: (text, write) => write(`aegis: ${text.trim().replace(/^error: /, '')} [INVALID_ARGUMENT]\n`),
+  });
+  if (cmd.name() === 'run') {
+    cmd.exitOverride((err) => {
+      if (err.exitCode !== 0) process.exit(125);
+    });
+  }
+  for (const sub of cmd.commands) usageErrors(sub);
+}
+usageErrors(program);
 
 try {
   await program.parseAsync(normalizeBoolFlags(process.argv, ['--rm']));

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { AegisClient, AegisError, type Instance, type Stream } from '@aegis/client';
 import { InvalidArgumentError } from 'commander';
 
@@ -70,11 +71,39 @@ export function failCommand(err: unknown, ownError = 125): never {
   exit(notFound ? 127 : cannotRun ? 126 : ownError);
 }
 
+/**
+ * The request fields a user set through a flag, so that an error names what they typed
+ * (`--memory`, not `memoryMiB`). The daemon's messages name fields: it serves every client.
+ */
+const FIELD_FLAGS: [RegExp, string][] = [
+  [/\bmemoryMiB\b/g, '--memory'],
+  [/\bvcpuCount\b/g, '--cpus'],
+  [/\bhandle\b/g, '--name'],
+  [/\bexposes\.(\d+)\.\w+/g, '--expose #$1'],
+  [/\bexposes\b/g, '--expose'],
+  [/\bworkdir\b/g, '--workdir'],
+  [/\buser\b(?= must)/g, '--user'],
+  [/\benv\.(\w+)/g, '--env $1'],
+  [/\bsecrets\b/g, '--secret'],
+];
+
 /** The one-line form of every error the CLI reports: `aegis: <message> [<CODE>]`. */
 export function printError(err: unknown): AegisError {
-  const e = AegisError.from(err);
+  let e = AegisError.from(err);
+  if (e.code === 'INVALID_ARGUMENT' && e.message.startsWith('invalid request: ')) {
+    let message = e.message.slice('invalid request: '.length);
+    for (const [re, flag] of FIELD_FLAGS) message = message.replace(re, flag);
+    e = new AegisError(e.code, message);
+  }
   process.stderr.write(`aegis: ${e.message} [${e.code}]\n`);
+  if (jsonErrors) process.stdout.write(JSON.stringify({ error: { code: e.code, message: e.message } }) + '\n');
   return e;
+}
+
+let jsonErrors = false;
+/** Under --json, an error is also printed as JSON on stdout, so a script reading it sees why. */
+export function errorsAsJson(on: boolean | undefined): void {
+  jsonErrors = on === true;
 }
 
 /** One line on stderr, non-zero exit. */
@@ -82,6 +111,63 @@ export function fail(err: unknown): never {
   if (err instanceof ExitSignal) throw err;
   const e = printError(err);
   exit(e.code === 'INVALID_ARGUMENT' ? 2 : 1);
+}
+
+const MEMORY_UNITS: Record<string, number> = { '': 1, b: 1 / (1 << 20), k: 1 / 1024, m: 1, g: 1024, t: 1024 * 1024 };
+
+/**
+ * Docker's `-m`: `512m`, `1g`, `1.5g`, `512mb`. A bare number is MiB (Docker reads bytes, but
+ * nobody means a 512-byte VM; plain MiB is what `--memory` has always taken here).
+ */
+export function parseMemory(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([bkmgt]?)b?$/i.exec(v.trim());
+  const unit = MEMORY_UNITS[m?.[2]?.toLowerCase() ?? ''];
+  if (!m?.[1] || unit === undefined) throw new InvalidArgumentError(`"${v}" is not a size: use e.g. 512m, 1g or 2048 (MiB)`);
+  const mib = Number(m[1]) * unit;
+  if (!Number.isInteger(mib)) throw new InvalidArgumentError(`"${v}" is not a whole number of MiB`);
+  if (mib < 128 || mib > 65536) throw new InvalidArgumentError(`"${v}" is out of range: 128m to 64g`);
+  return mib;
+}
+
+/**
+ * Docker's --env-file: `KEY=VALUE` per line (taken as is: no quotes, no expansion), a bare
+ * `KEY` takes our own value, `#` comments and blank lines skipped. Repeatable; later wins.
+ */
+export function collectEnvFile(file: string, previous: Record<string, string> = {}): Record<string, string> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new InvalidArgumentError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  const out = { ...previous };
+  for (const [i, raw] of text.split(/\r?\n/).entries()) {
+    const line = raw.replace(/^\s+/, '');
+    if (line === '' || line.startsWith('#')) continue;
+    if (!line.includes('=') && process.env[line.trim()] === undefined) continue; // unset here: not set there either
+    try {
+      Object.assign(out, collectEnv(line));
+    } catch (err) {
+      throw new InvalidArgumentError(`${file}:${i + 1}: ${(err as Error).message}`);
+    }
+  }
+  return out;
+}
+
+/** Docker's -u: `name`, `uid`, `name:group`, `uid:gid`. */
+export function parseUser(v: string): string {
+  if (!/^[^:\s]+(:[^:\s]+)?$/.test(v)) throw new InvalidArgumentError(`"${v}": expected NAME|UID[:GROUP|GID]`);
+  return v;
+}
+
+export function absolutePath(v: string): string {
+  if (!v.startsWith('/')) throw new InvalidArgumentError(`"${v}" must be an absolute path in the guest`);
+  return v;
+}
+
+/** Docker refuses `-it` when our stdin is not a terminal: reading it would hang or garble. */
+export function checkTty(o: { interactive?: boolean; tty?: boolean }): void {
+  if (o.interactive && o.tty && !process.stdin.isTTY) throw new AegisError('INVALID_ARGUMENT', 'the input device is not a TTY');
 }
 
 export function collectEnv(value: string, previous: Record<string, string> = {}): Record<string, string> {

@@ -1,11 +1,11 @@
 /**
  * The verbs a Docker user types without thinking, at the top level: `ps`, `rm`, `stop`,
- * `start`, `kill`, `inspect`. They are the `instance …` commands under Docker's names and
+ * `start`, `kill`, `inspect`, `wait`, `top`. They are the `instance …` commands under Docker's names and
  * flags; where Docker goes on after a failed name (`rm a b` with `a` missing still removes
  * `b`), so do they, and they exit non-zero at the end.
  */
 import { Command } from 'commander';
-import { client, exit, positiveInt, printError } from '../util.js';
+import { client, errorsAsJson, exit, fail, positiveInt, printError, table } from '../util.js';
 import { listCommand } from './instance/list.js';
 
 /** `each` for every ref, going on past failures (each reported in one line); the results, and whether any failed. */
@@ -97,5 +97,51 @@ export function dockerInspectCommand(): Command {
       const { results, failed } = await eachRef(refs, (ref) => client().getInstance(ref));
       process.stdout.write(JSON.stringify(results, null, 2) + '\n');
       if (failed) exit(1);
+    });
+}
+
+export function waitCommand(): Command {
+  return new Command('wait')
+    .description("block until instances stop, then print each one's exit code (docker wait)")
+    .argument('<instance...>', 'handles, ids or id prefixes')
+    .option('--json', 'print {state, exitCode, stateReason} per instance, one JSON line each')
+    .action((refs: string[], o: { json?: boolean }) =>
+      forEach(refs, async (ref) => {
+        const end = await client().waitInstance(ref);
+        if (o.json) return JSON.stringify(end);
+        // No status (a VM that died, a failed start): Docker's -1, and why on stderr.
+        if (end.exitCode === null) process.stderr.write(`aegis: ${ref} ${end.state}${end.stateReason ? `: ${end.stateReason}` : ''}\n`);
+        return String(end.exitCode ?? -1);
+      }),
+    );
+}
+
+const cpuTime = (ms: number): string => {
+  const s = Math.floor(ms / 1000);
+  return `${String(Math.floor(s / 3600)).padStart(2, '0')}:${String(Math.floor(s / 60) % 60).padStart(2, '0')}:${String(s % 60).padStart(2, '0')}`;
+};
+
+export function topCommand(): Command {
+  return new Command('top')
+    .description("the instance's guest processes (docker top)")
+    .argument('<instance>', 'handle, id or id prefix')
+    .option('--json', 'print JSON')
+    .action(async (ref: string, o: { json?: boolean }) => {
+      errorsAsJson(o.json);
+      try {
+        const top = await client().topInstance(ref);
+        if (o.json) {
+          process.stdout.write(JSON.stringify(top, null, 2) + '\n');
+          return;
+        }
+        const rows = [['UID', 'PID', 'PPID', 'STAT', 'RSS', 'TIME', 'CMD']];
+        for (const p of top.processes) {
+          rows.push([String(p.uid), String(p.pid), String(p.ppid), p.state, `${p.rssKiB}K`, cpuTime(p.cpuMs), p.command]);
+        }
+        process.stdout.write(table(rows));
+        if (top.truncated) process.stderr.write(`aegis: only the first ${top.processes.length} processes are shown\n`);
+      } catch (err) {
+        fail(err);
+      }
     });
 }

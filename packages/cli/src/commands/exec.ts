@@ -1,10 +1,23 @@
 import { Command } from 'commander';
 import { exitStatus } from '@aegis/protocol';
-import { client, collectEnv, commandArgs, exit, failCommand, writeOutput } from '../util.js';
+import {
+  absolutePath,
+  checkTty,
+  client,
+  collectEnv,
+  collectEnvFile,
+  commandArgs,
+  exit,
+  failCommand,
+  parseUser,
+  writeOutput,
+} from '../util.js';
 
 interface ExecOptions {
   env?: Record<string, string>;
+  envFile?: Record<string, string>;
   workdir?: string;
+  user?: string;
   interactive?: boolean;
   tty?: boolean;
 }
@@ -15,7 +28,9 @@ export function execCommand(): Command {
     .option('-i, --interactive', 'pass our stdin to the command')
     .option('-t, --tty', 'run the command on a terminal in the guest (with -i: an interactive shell)')
     .option('-e, --env <KEY=VALUE>', 'environment variable (repeatable)', collectEnv)
-    .option('-w, --workdir <dir>', 'working directory in the guest')
+    .option('--env-file <FILE>', 'read KEY=VALUE lines from a file (repeatable; -e wins)', collectEnvFile)
+    .option('-w, --workdir <dir>', 'working directory in the guest (created if missing)', absolutePath)
+    .option('-u, --user <NAME|UID[:GROUP|GID]>', 'run the command as this user', parseUser)
     .argument('<instance>', 'handle, id or id prefix')
     .argument('<command...>', 'command to run (after --)')
     .passThroughOptions()
@@ -30,36 +45,34 @@ export function execCommand(): Command {
         void api.signalExec(ref, execId, interrupts === 1 ? 'SIGINT' : 'SIGKILL').catch(() => undefined);
       };
       process.on('SIGINT', onSigint);
+      // Killed or hung up: our connection drops and the daemon kills the command's process group.
+      const term = o.tty ? terminal(o.interactive === true, (size) => execId && api.resizeExec(ref, execId, size)) : undefined;
       try {
-        const term = process.env['TERM'];
-        const env = o.tty && term && !o.env?.['TERM'] ? { TERM: term, ...o.env } : o.env;
+        checkTty(o);
+        const termVar = process.env['TERM'];
+        const given = o.env || o.envFile ? { ...o.envFile, ...o.env } : undefined;
+        const env = o.tty && termVar && !given?.['TERM'] ? { TERM: termVar, ...given } : given;
         const req = {
           command: commandArgs(command),
           ...(env ? { env } : {}),
           ...(o.workdir ? { workdir: o.workdir } : {}),
+          ...(o.user ? { user: o.user } : {}),
           ...(o.interactive ? { stdin: true } : {}),
           ...(o.tty ? { tty: { rows: process.stdout.rows || 24, cols: process.stdout.columns || 80 } } : {}),
         };
-        // Under -it our terminal goes raw: keys (Ctrl-C included) go to the guest's terminal,
-        // which does the line editing and turns ^C into SIGINT there.
-        const raw = o.tty && o.interactive && process.stdin.isTTY;
         let pumping: Promise<void> | undefined;
-        const onResize = (): void => {
-          if (execId) void api.resizeExec(ref, execId, { rows: process.stdout.rows, cols: process.stdout.columns }).catch(() => undefined);
-        };
+        term?.start();
         try {
-          if (raw) process.stdin.setRawMode(true);
-          if (o.tty && process.stdout.isTTY) process.stdout.on('resize', onResize);
           for await (const ev of api.exec(ref, req)) {
             if (ev.type === 'started') {
               execId = ev.execId;
-              if (o.interactive) pumping = pumpStdin(ref, ev.execId);
+              const id = ev.execId;
+              if (o.interactive) pumping = pumpStdin((input) => api.execInput(ref, id, input));
             } else if (ev.type === 'output') writeOutput(ev.stream, ev.data);
             else if (ev.type === 'exit') code = exitStatus(ev);
           }
         } finally {
-          if (raw) process.stdin.setRawMode(false);
-          process.stdout.off('resize', onResize);
+          term?.stop();
         }
         process.stdin.destroy(); // the command is done: stop reading
         await pumping;
@@ -70,13 +83,44 @@ export function execCommand(): Command {
     });
 }
 
-/** Copies our stdin to the exec, one request per chunk, then closes it. */
-async function pumpStdin(ref: string, execId: string): Promise<void> {
-  const api = client();
+type Input = { data?: Buffer; eof?: boolean };
+
+/** Copies our stdin to the guest process, one request per chunk, then closes it. */
+export async function pumpStdin(send: (input: Input) => Promise<void>): Promise<void> {
   try {
-    for await (const chunk of process.stdin as AsyncIterable<Buffer>) await api.execInput(ref, execId, { data: chunk });
-    await api.execInput(ref, execId, { eof: true });
+    for await (const chunk of process.stdin as AsyncIterable<Buffer>) await send({ data: chunk });
+    await send({ eof: true });
   } catch {
-    // The command ended first: what it did not read is dropped, as with a closed pipe.
+    // The process ended first: what it did not read is dropped, as with a closed pipe.
   }
+}
+
+/**
+ * Our side of a guest terminal. Under -it our terminal goes raw: keys (Ctrl-C included) go to
+ * the guest's terminal, which does the line editing and turns ^C into SIGINT there. Size
+ * changes follow our window.
+ */
+export function terminal(
+  interactive: boolean,
+  resize: (size: { rows: number; cols: number }) => unknown,
+): { start: () => void; stop: () => void } {
+  const raw = interactive && process.stdin.isTTY;
+  const onResize = (): void => {
+    const r = resize({ rows: process.stdout.rows, cols: process.stdout.columns });
+    if (r instanceof Promise) r.catch(() => undefined);
+  };
+  let started = false;
+  return {
+    start: () => {
+      started = true;
+      if (raw) process.stdin.setRawMode(true);
+      if (process.stdout.isTTY) process.stdout.on('resize', onResize);
+    },
+    stop: () => {
+      if (!started) return;
+      started = false;
+      if (raw) process.stdin.setRawMode(false);
+      process.stdout.off('resize', onResize);
+    },
+  };
 }

@@ -1,14 +1,18 @@
 import path from 'node:path';
 import { Command } from 'commander';
 import { MultiBar, Presets, type SingleBar } from 'cli-progress';
-import type { Image, PullEvent } from '@aegis/client';
-import { age, client, fail, table } from '../../util.js';
+import { AegisError, isAegisError, type Image, type PullEvent } from '@aegis/client';
+import { age, client, errorsAsJson, fail, table } from '../../util.js';
 
 const mib = (n: number): string => `${(n / (1 << 20)).toFixed(1)} MiB`;
 const short = (digest: string): string => digest.replace(/^sha256:/, '').slice(0, 12);
 
-/** One bar per layer on a terminal, like `docker pull`; plain lines otherwise (logs, CI). */
-function progressView(): { on: (ev: PullEvent) => void; stop: () => void } {
+/**
+ * One bar per layer on a terminal, like `docker pull`; plain lines otherwise (logs, CI); with
+ * --json, each event as a JSON line on stdout.
+ */
+function progressView(json = false): { on: (ev: PullEvent) => void; stop: () => void } {
+  if (json) return { on: (ev) => void process.stdout.write(JSON.stringify(ev) + '\n'), stop: () => undefined };
   if (!process.stderr.isTTY) {
     return {
       on: (ev) => {
@@ -18,14 +22,15 @@ function progressView(): { on: (ev: PullEvent) => void; stop: () => void } {
     };
   }
   const multi = new MultiBar(
-    { format: '{id} {phase} [{bar}] {done}/{total}', stream: process.stderr, hideCursor: true, clearOnComplete: false },
+    // Not {total}/{value}: cli-progress fills those itself, with raw byte counts.
+    { format: '{id} {phase} [{bar}] {doneMiB}/{totalMiB}', stream: process.stderr, hideCursor: true, clearOnComplete: false },
     Presets.shades_grey,
   );
   const bars = new Map<string, SingleBar>();
   return {
     on: (ev) => {
       if (ev.type === 'progress' && ev.phase === 'layer') {
-        const payload = { id: short(ev.digest), phase: 'layer', done: mib(ev.doneBytes), total: mib(ev.totalBytes) };
+        const payload = { id: short(ev.digest), phase: 'layer', doneMiB: mib(ev.doneBytes), totalMiB: mib(ev.totalBytes) };
         let bar = bars.get(ev.digest);
         if (!bar) {
           bar = multi.create(Math.max(1, ev.totalBytes), 0, payload);
@@ -50,24 +55,44 @@ function imageRows(images: Image[]): string[][] {
   return rows;
 }
 
+/** Pulls `ref` with progress; resolves with the pulled image's first reference. */
+async function pull(ref: string, json: boolean): Promise<PullEvent & { type: 'done' }> {
+  const view = progressView(json);
+  try {
+    for await (const ev of client().pullImage(ref)) {
+      view.on(ev);
+      if (ev.type === 'done') return ev;
+    }
+    throw new AegisError('INTERNAL', 'the pull ended without a result');
+  } finally {
+    view.stop();
+  }
+}
+
+/** `run`/`start --image`: a missing image is pulled here, with progress, before the instance is created. */
+export async function ensureImage(ref: string, json: boolean): Promise<void> {
+  try {
+    await client().getImage(ref);
+  } catch (err) {
+    if (!isAegisError(err, 'NOT_FOUND')) throw err;
+    if (!json) process.stderr.write(`Unable to find image '${ref}' locally\n`);
+    await pull(ref, json);
+  }
+}
+
 export function imageCommand(): Command {
   const image = new Command('image').description('OCI images: pull from registries, import archives, list, remove');
   image
     .command('pull')
     .description('pull an image (any reference docker takes) and prepare its filesystem')
     .argument('<REF>', 'e.g. python:3.12, registry.example:5000/team/tools:1.2, name@sha256:...')
-    .action(async (ref: string) => {
-      const view = progressView();
+    .option('--json', 'progress and result as JSON lines on stdout')
+    .action(async (ref: string, o: { json?: boolean }) => {
+      errorsAsJson(o.json);
       try {
-        for await (const ev of client().pullImage(ref)) {
-          view.on(ev);
-          if (ev.type === 'done') {
-            view.stop();
-            process.stdout.write(`${ev.image.references[0] ?? ref}: ${ev.cached ? 'up to date' : 'pulled'}\n${ev.image.digest}\n`);
-          }
-        }
+        const ev = await pull(ref, o.json === true);
+        if (!o.json) process.stdout.write(`${ev.image.references[0] ?? ref}: ${ev.cached ? 'up to date' : 'pulled'}\n${ev.image.digest}\n`);
       } catch (err) {
-        view.stop();
         fail(err);
       }
     });
@@ -90,6 +115,7 @@ export function imageCommand(): Command {
     .description('stored images: reference, digest, size, created')
     .option('--json', 'print JSON')
     .action(async (o: { json?: boolean }) => {
+      errorsAsJson(o.json);
       try {
         const images = await client().listImages();
         process.stdout.write(o.json ? JSON.stringify(images, null, 2) + '\n' : table(imageRows(images)));

@@ -1,6 +1,6 @@
 import { Command } from 'commander';
 import { formatPorts } from '../../ports.js';
-import { client, fail, shellJoin } from '../../util.js';
+import { client, errorsAsJson, fail, shellJoin } from '../../util.js';
 
 export function infoCommand(): Command {
   return new Command('info')
@@ -9,6 +9,7 @@ export function infoCommand(): Command {
     .argument('<instance>', 'handle, id or id prefix')
     .option('--json', 'print JSON')
     .action(async (ref: string, o: { json?: boolean }) => {
+      errorsAsJson(o.json);
       try {
         const i = await client().getInstance(ref);
         if (o.json) {

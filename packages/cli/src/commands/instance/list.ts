@@ -1,6 +1,24 @@
 import { Command } from 'commander';
 import { formatPorts } from '../../ports.js';
-import { age, client, fail, shellJoin, table } from '../../util.js';
+import { InvalidArgumentError } from 'commander';
+import type { Instance } from '@aegis/client';
+import { age, client, errorsAsJson, fail, shellJoin, table } from '../../util.js';
+
+type Filter = (i: Instance) => boolean;
+
+/** Docker's `--filter KEY=VALUE`: status (or state), name (substring), id (prefix). Repeatable; all must hold. */
+function collectFilter(v: string, previous: Filter[] = []): Filter[] {
+  const eq = v.indexOf('=');
+  const key = v.slice(0, eq);
+  const value = v.slice(eq + 1);
+  let f: Filter;
+  if (eq < 1) throw new InvalidArgumentError(`"${v}" is not KEY=VALUE`);
+  else if (key === 'status' || key === 'state') f = (i) => i.state === value;
+  else if (key === 'name') f = (i) => i.handle.includes(value);
+  else if (key === 'id') f = (i) => i.id.startsWith(value);
+  else throw new InvalidArgumentError(`unknown filter "${key}": use status, name or id`);
+  return [...previous, f];
+}
 
 export function listCommand(name: 'list' | 'ps' = 'list'): Command {
   const c = new Command(name);
@@ -9,10 +27,14 @@ export function listCommand(name: 'list' | 'ps' = 'list'): Command {
     .description('list instances (running ones; --all for every one)')
     .option('-a, --all', 'include stopped and failed instances')
     .option('-q, --quiet', 'print ids only')
+    .option('-f, --filter <KEY=VALUE>', 'only instances with status=STATE, name=TEXT or id=PREFIX (repeatable)', collectFilter)
     .option('--json', 'print JSON')
-    .action(async (o: { all?: boolean; json?: boolean; quiet?: boolean }) => {
+    .action(async (o: { all?: boolean; json?: boolean; quiet?: boolean; filter?: Filter[] }) => {
+      errorsAsJson(o.json);
       try {
-        const list = await client().listInstances({ all: o.all === true });
+        // A status filter other than running looks at every instance, as docker ps does.
+        const all = o.all === true || o.filter !== undefined;
+        const list = (await client().listInstances({ all })).filter((i) => (o.filter ?? []).every((f) => f(i)));
         if (o.quiet) {
           process.stdout.write(list.map((i) => `${i.id.slice(0, 12)}\n`).join(''));
           return;

@@ -1,11 +1,26 @@
 import { Command, InvalidArgumentError } from 'commander';
 import { AegisError, type CreateInstanceRequest, type NetworkMode } from '@aegis/client';
 import { parseExpose } from '../../ports.js';
-import { client, collectEnv, commandArgs, fail, integer } from '../../util.js';
+import {
+  absolutePath,
+  client,
+  collectEnv,
+  collectEnvFile,
+  commandArgs,
+  errorsAsJson,
+  fail,
+  parseMemory,
+  parseUser,
+  positiveInt,
+} from '../../util.js';
+import { ensureImage } from '../image/image.js';
 
 export interface StartOptions {
   name?: string;
   env?: Record<string, string>;
+  envFile?: Record<string, string>;
+  user?: string;
+  json?: boolean;
   secret?: string[];
   expose?: NonNullable<CreateInstanceRequest['exposes']>;
   workdir?: string;
@@ -22,26 +37,24 @@ function parseNetwork(v: string): NetworkMode {
 
 /** Options shared by `instance start` and `run`. */
 export function withStartOptions(cmd: Command): Command {
-  return (
-    cmd
-      .option('--name <handle>', 'handle for the instance (unique)')
-      .option('-e, --env <KEY=VALUE>', 'environment variable for the workload (repeatable)', collectEnv)
-      .option(
-        '--secret <KEY>',
-        "put a stored secret in the workload's environment (repeatable; '*' for all)",
-        (v: string, prev: string[] = []) => [...prev, v],
-      )
-      .option('-p, --expose <[IP:][HOST:]GUEST[/tcp]>', 'forward a host port to a guest port, as docker -p (repeatable)', parseExpose)
-      .option('--network <mode>', "'user' (default: outbound TCP/UDP and DNS, host loopback unreachable) or 'none'", parseNetwork)
-      .option('--image <REF>', 'run in this OCI image (pulled if missing); the command then replaces its Cmd and may be omitted')
-      .option('-w, --workdir <dir>', 'working directory in the guest')
-      // Only the form is checked here; the range is the daemon's (its OpenAPI schema), so the
-      // answer is the same coded error whichever client asks.
-      .option('--memory <MiB>', 'guest memory in MiB, 128-65536 (default 512)', integer('--memory'))
-      .option('--cpus <n>', 'virtual CPUs, 1-64 (default 1)', integer('--cpus'))
-      .argument('[command...]', 'command to run in the VM (after --); optional with --image')
-      .passThroughOptions()
-  );
+  return cmd
+    .option('--name <handle>', 'handle for the instance (unique)')
+    .option('-e, --env <KEY=VALUE>', 'environment variable for the workload (repeatable; KEY alone takes ours)', collectEnv)
+    .option('--env-file <FILE>', 'read KEY=VALUE lines from a file, as docker does (repeatable; -e wins)', collectEnvFile)
+    .option(
+      '--secret <KEY>',
+      "put a stored secret in the workload's environment (repeatable; '*' for all)",
+      (v: string, prev: string[] = []) => [...prev, v],
+    )
+    .option('-p, --expose <[IP:][HOST:]GUEST[/tcp]>', 'forward a host port to a guest port, as docker -p (repeatable)', parseExpose)
+    .option('--network <mode>', "'user' (default: outbound TCP/UDP and DNS, host loopback unreachable) or 'none'", parseNetwork)
+    .option('--image <REF>', 'run in this OCI image (pulled if missing); the command then replaces its Cmd and may be omitted')
+    .option('-w, --workdir <dir>', 'working directory in the guest (created if missing)', absolutePath)
+    .option('-u, --user <NAME|UID[:GROUP|GID]>', "run the workload as this user (default: the image's, else root)", parseUser)
+    .option('-m, --memory <size>', 'guest memory: 512m, 1g, or MiB (128m-64g, default 512m)', parseMemory)
+    .option('--cpus <n>', 'virtual CPUs, 1-64 (default 1)', positiveInt('--cpus', 1, 64))
+    .argument('[command...]', 'command to run in the VM (after --); optional with --image')
+    .passThroughOptions();
 }
 
 export function createRequest(command: string[], o: StartOptions): CreateInstanceRequest {
@@ -50,7 +63,8 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   const req: CreateInstanceRequest = argv.length > 0 ? { command: argv } : {};
   if (o.image !== undefined) req.image = o.image;
   if (o.name !== undefined) req.handle = o.name;
-  if (o.env !== undefined) req.env = o.env;
+  if (o.env !== undefined || o.envFile !== undefined) req.env = { ...o.envFile, ...o.env };
+  if (o.user !== undefined) req.user = o.user;
   if (o.secret !== undefined) req.secrets = o.secret;
   if (o.expose !== undefined) req.exposes = o.expose;
   if (o.workdir !== undefined) req.workdir = o.workdir;
@@ -60,15 +74,23 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   return req;
 }
 
+/** Creates the instance in the background; prints its handle, or with --json the instance. */
+export async function startDetached(command: string[], o: StartOptions, extra: Partial<CreateInstanceRequest> = {}): Promise<void> {
+  errorsAsJson(o.json);
+  const req = { ...createRequest(command, o), ...extra };
+  if (req.image !== undefined) await ensureImage(req.image, o.json === true);
+  const inst = await client().createInstance(req);
+  process.stdout.write(o.json ? `${JSON.stringify(inst, null, 2)}\n` : `${inst.handle}\n`);
+}
+
 export function startCommand(): Command {
-  return withStartOptions(new Command('start').description('start an instance in the background and print its handle')).action(
-    async (command: string[], o: StartOptions) => {
+  return withStartOptions(new Command('start').description('start an instance in the background and print its handle'))
+    .option('--json', 'print the instance as JSON')
+    .action(async (command: string[], o: StartOptions) => {
       try {
-        const inst = await client().createInstance(createRequest(command, o));
-        process.stdout.write(`${inst.handle}\n`);
+        await startDetached(command, o);
       } catch (err) {
         fail(err);
       }
-    },
-  );
+    });
 }

@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { client, fail, table } from '../../util.js';
+import { client, errorsAsJson, fail, table } from '../../util.js';
 
 async function readStdin(): Promise<string> {
   const chunks: Buffer[] = [];
@@ -32,6 +32,7 @@ export function secretCommand(): Command {
     .description('names and dates (never values)')
     .option('--json', 'print JSON')
     .action(async (o: { json?: boolean }) => {
+      errorsAsJson(o.json);
       try {
         const list = await client().listSecrets();
         if (o.json) {

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command } from 'commander';
 import { AegisClient, isAegisError } from '@aegis/client';
-import { client, fail } from '../../util.js';
+import { client, errorsAsJson, fail } from '../../util.js';
 
 /** aegisd's entry point in this checkout (the CLI never imports daemon code). */
 const DAEMON_MAIN = fileURLToPath(new URL('../../../../daemon/dist/main.js', import.meta.url));
@@ -79,6 +79,7 @@ export function statusCommand(): Command {
     .description('show whether aegisd runs, its backend and instance counts')
     .option('--json', 'print JSON')
     .action(async (o: { json?: boolean }) => {
+      errorsAsJson(o.json);
       try {
         const s = await client().status();
         if (o.json) {
