@@ -1,9 +1,13 @@
 /**
- * The CLI a Docker user already knows (first part of issue "The CLI a Docker user already
- * knows"): Docker's verbs, `--rm` as a boolean, Docker's exit statuses, quiet pipes, and a
- * `run` killed by SIGTERM or SIGHUP that leaves no instance behind.
+ * The CLI a Docker user already knows (issue "The CLI a Docker user already knows"): Docker's
+ * verbs, flags (`-i`, `-t`, `-d`, `-u`, `-m`, `--env-file`, `-w`), `--rm` as a boolean,
+ * Docker's exit statuses, quiet pipes, JSON output, and total cancellation: whatever ends a
+ * client, its `run` leaves no instance and its exec no guest process.
  */
-import { execFile, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ROOT, qemuProcessesFor, useDaemon } from './fixture.js';
@@ -88,4 +92,212 @@ describe('docker-style CLI', () => {
       expect(await qemuProcessesFor(d.home)).toEqual([]);
     });
   }
+
+  it('run -i pipes stdin to the workload; without -i it reads nothing; -it without a terminal is refused as docker does', async () => {
+    const d = daemon();
+    const piped = await d.cli(['run', '-i', '--network', 'none', '--', 'sh', '-c', 'cat; echo done'], { input: 'piped\n' });
+    expect([piped.stdout, piped.code]).toEqual(['piped\ndone\n', 0]);
+    const dropped = await d.cli(['run', '--network', 'none', '--', 'cat'], { input: 'ignored\n' });
+    expect([dropped.stdout, dropped.code]).toEqual(['', 0]);
+    for (const [args, code] of [
+      [['run', '-it', '--', 'cat'], 125],
+      [['exec', '-it', 'anything', '--', 'cat'], 1],
+    ] as const) {
+      const r = await d.cli([...args], { input: 'hello\n' });
+      expect(r.stderr).toBe('aegis: the input device is not a TTY [INVALID_ARGUMENT]\n');
+      expect(r.code).toBe(code);
+    }
+    expect(await d.client.listInstances({ all: true })).toEqual([]);
+  });
+
+  it('takes -m with units, --env-file, -u uid:gid and a -w that does not exist yet; errors name the flag', async () => {
+    const d = daemon();
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'aegis-envfile-'));
+    const file = path.join(dir, 'env');
+    writeFileSync(file, '# a comment\nA=from file\nB=file\n\nFROM_HOST\nUNSET_HERE\n');
+    const r = await d.cli(
+      [
+        'run',
+        '-m',
+        '1g',
+        '--env-file',
+        file,
+        '-e',
+        'B=flag',
+        '-u',
+        '1000:1001',
+        '-w',
+        '/tmp/made/by/run',
+        '--network',
+        'none',
+        '--',
+        'sh',
+        '-c',
+        'id -u; id -g; pwd; echo "$A|$B|$FROM_HOST|${UNSET_HERE-unset}"; grep MemTotal /proc/meminfo',
+      ],
+      { env: { FROM_HOST: 'host value' } },
+    );
+    expect(r.stderr).toBe('');
+    const [uid, gid, cwd, env, mem] = r.stdout.split('\n');
+    expect([uid, gid, cwd, env]).toEqual(['1000', '1001', '/tmp/made/by/run', 'from file|flag|host value|unset']);
+    // 1 GiB of guest RAM, less what the kernel keeps for itself.
+    expect(Number(/(\d+) kB/.exec(mem ?? '')?.[1])).toBeGreaterThan(900 * 1024);
+    for (const [args, re] of [
+      [['-m', '100k'], /--memory.*"100k" is not a whole number of MiB/],
+      [['--memory', '64m'], /--memory.*out of range: 128m to 64g/],
+      [['--cpus', '0'], /--cpus.*must be an integer from 1 to 64/],
+      [['--env-file', path.join(dir, 'nosuch')], /--env-file.*cannot read .*nosuch: ENOENT/],
+      [['-w', 'relative'], /--workdir.*must be an absolute path/],
+      [['--name', 'bad name'], /^aegis: --name must match pattern/],
+    ] as const) {
+      const bad = await d.cli(['run', ...args, '--', 'true']);
+      expect(bad.stderr, args.join(' ')).toMatch(re);
+      expect(bad.stderr).toMatch(/\[INVALID_ARGUMENT\]\n$/);
+      expect(bad.code).toBe(125);
+    }
+  });
+
+  it('run -d prints the handle (or JSON); exec -u/-w; top lists guest processes; wait prints the exit code; ps --filter', async () => {
+    const d = daemon();
+    const started = await d.cli(['run', '-d', '--name', 'bg', '--network', 'none', '--', 'sh', '-c', 'sleep 600']);
+    expect([started.stdout, started.code]).toEqual(['bg\n', 0]);
+    const json = await d.cli(['run', '-d', '--json', '--name', 'bg2', '--network', 'none', '--', 'sh', '-c', 'sleep 3; exit 4']);
+    expect(JSON.parse(json.stdout)).toMatchObject({ handle: 'bg2', state: 'running' });
+    const ex = await d.cli(['exec', '-u', 'nobody', '-w', '/var/tmp/x', 'bg', '--', 'sh', '-c', 'id -un; pwd']);
+    expect(ex.stdout).toBe('nobody\n/var/tmp/x\n');
+    const top = await d.cli(['top', 'bg']);
+    expect(top.stdout).toMatch(/^UID +PID +PPID +STAT +RSS +TIME +CMD\n/);
+    expect(top.stdout).toMatch(/\n0 +\d+ +\d+ +[SR] +\d+K +\d\d:\d\d:\d\d +sleep 600\n/);
+    const topJson = JSON.parse((await d.cli(['top', '--json', 'bg'])).stdout) as { processes: { command: string; pid: number }[] };
+    expect(topJson.processes.find((p) => p.command === '/aegis/init')?.pid).toBe(1);
+    // wait blocks until the workload exits on its own, then prints its status, as docker wait.
+    const wait = await d.cli(['wait', 'bg2']);
+    expect([wait.stdout, wait.code]).toEqual(['4\n', 0]);
+    expect(JSON.parse((await d.cli(['wait', '--json', 'bg2'])).stdout)).toMatchObject({ state: 'stopped', exitCode: 4 });
+    const running = await d.cli(['ps', '-q', '--filter', 'status=running']);
+    expect(running.stdout).toBe(`${(await d.client.getInstance('bg')).id.slice(0, 12)}\n`);
+    const stopped = JSON.parse((await d.cli(['ps', '--json', '--filter', 'status=stopped', '--filter', 'name=bg'])).stdout) as {
+      handle: string;
+    }[];
+    expect(stopped.map((i) => i.handle)).toEqual(['bg2']);
+    expect((await d.cli(['ps', '--filter', 'colour=red'])).stderr).toMatch(/unknown filter "colour"/);
+  });
+
+  it('--json errors are JSON on stdout too (no daemon: UNAVAILABLE)', async () => {
+    const home = mkdtempSync(path.join(os.tmpdir(), 'aegis-nodaemon-'));
+    for (const args of [
+      ['status', '--json'],
+      ['ps', '--json'],
+      ['top', '--json', 'x'],
+    ]) {
+      const r = await new Promise<{ stdout: string; code: number }>((resolve) =>
+        execFile(AEGIS, args, { env: { ...process.env, AEGIS_HOME: home } }, (e, stdout) =>
+          resolve({ stdout, code: e ? Number(e.code) : 0 }),
+        ),
+      );
+      expect(JSON.parse(r.stdout), args.join(' ')).toMatchObject({ error: { code: 'UNAVAILABLE' } });
+      expect(r.code).not.toBe(0);
+    }
+  });
+});
+
+/** Polls until `check` holds (a VM to come up, a process to go), at most `ms`. */
+async function until(check: () => Promise<boolean>, ms = 30_000): Promise<void> {
+  for (const end = Date.now() + ms; Date.now() < end;) {
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`condition not met within ${ms} ms`);
+}
+
+describe('cancellation is total: the daemon ends what a client that went away started', () => {
+  const running = (d: ReturnType<typeof daemon>, handle: string) => async () =>
+    (await d.client.listInstances({ all: true })).some((x) => x.handle === handle && x.state === 'running');
+  const nothingLeft = async (d: ReturnType<typeof daemon>): Promise<void> => {
+    await until(async () => (await d.client.listInstances({ all: true })).length === 0, 20_000);
+    expect(await qemuProcessesFor(d.home)).toEqual([]);
+  };
+  const guestHas = async (d: ReturnType<typeof daemon>, ref: string, command: string): Promise<boolean> =>
+    (await d.client.topInstance(ref)).processes.some((p) => p.command === command);
+
+  it('a run whose CLI is SIGKILLed (no handler runs): the daemon deletes the instance', async () => {
+    const d = daemon();
+    const child = spawn(AEGIS, ['run', '--name', 'k9', '--network', 'none', '--', 'sleep', '600'], { env: d.env, stdio: 'ignore' });
+    await until(running(d, 'k9'));
+    child.kill('SIGKILL');
+    await nothingLeft(d);
+  });
+
+  it('a run whose client aborts its AbortSignal, and one whose raw socket closes: deleted', async () => {
+    const d = daemon();
+    const abort = new AbortController();
+    const events = d.client.run({ handle: 'ab', command: ['sleep', '600'], network: 'none', autoRemove: true }, abort.signal);
+    for await (const ev of events) if (ev.type === 'created') break; // leaving the loop ends the stream too
+    await nothingLeft(d);
+    const consumed = (async () => {
+      for await (const ev of d.client.run({ handle: 'ab2', command: ['sleep', '600'], network: 'none', autoRemove: true }, abort.signal))
+        void ev;
+    })();
+    void consumed.catch(() => undefined);
+    await until(running(d, 'ab2'));
+    abort.abort();
+    await expect(consumed).rejects.toMatchObject({ code: 'CANCELLED' });
+    await nothingLeft(d);
+
+    const body = JSON.stringify({ handle: 'raw', command: ['sleep', '600'], network: 'none', autoRemove: true });
+    const socket = net.connect(path.join(d.home, 'aegisd.sock'));
+    socket.write(`POST /v1/run HTTP/1.1\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+    let seen = '';
+    await new Promise<void>((resolve) =>
+      socket.on('data', (c: Buffer) => {
+        seen += c.toString();
+        if (seen.includes('"type":"created"')) resolve();
+      }),
+    );
+    socket.destroy();
+    await nothingLeft(d);
+  });
+
+  it('an exec whose CLI is killed, or whose client aborts: its whole guest process group is killed', async () => {
+    const d = daemon();
+    await d.client.createInstance({ handle: 'box', command: ['sleep', '600'], network: 'none' });
+    // sh forks sleep: killing sh alone would leave `sleep 45` running.
+    const child = spawn(AEGIS, ['exec', 'box', '--', 'sh', '-c', 'sleep 45; echo never'], { env: d.env, stdio: 'ignore' });
+    await until(() => guestHas(d, 'box', 'sleep 45'));
+    child.kill('SIGTERM');
+    await until(async () => !(await guestHas(d, 'box', 'sleep 45')), 10_000);
+    await expect(
+      (async () => {
+        for await (const ev of d.client.exec('box', { command: ['sh', '-c', 'sleep 46; echo never'] }, AbortSignal.timeout(1500))) void ev;
+      })(),
+    ).rejects.toMatchObject({ code: 'TIMEOUT' });
+    await until(async () => !(await guestHas(d, 'box', 'sleep 46')), 10_000);
+  });
+
+  it('run -it in a terminal: an interactive shell; closing the terminal, even by SIGKILL of its server, deletes the instance', async () => {
+    const d = daemon();
+    const socket = path.join(d.home, 'tmux.sock');
+    const tmux = (...args: string[]): string => execFileSync('tmux', ['-S', socket, ...args], { encoding: 'utf8' });
+    const screen = async (re: RegExp): Promise<void> =>
+      until(async () => Promise.resolve(re.test(tmux('capture-pane', '-p', '-t', 'run'))), 60_000);
+    for (const end of ['kill-session', 'SIGKILL'] as const) {
+      tmux(
+        'new-session',
+        '-d',
+        '-s',
+        'run',
+        '-x',
+        '100',
+        '-y',
+        '30',
+        `env AEGIS_HOME=${d.home} ${AEGIS} run -it --name tt --network none -- sh`,
+      );
+      await screen(/#\s*$/m);
+      tmux('send-keys', '-t', 'run', 'echo $((6*7)); stty size', 'Enter');
+      await screen(/^42\n30 100$/m);
+      if (end === 'kill-session') tmux('kill-session', '-t', 'run');
+      else process.kill(Number(tmux('display-message', '-p', '#{pid}').trim()), 'SIGKILL');
+      await nothingLeft(d);
+    }
+  });
 });

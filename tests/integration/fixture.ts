@@ -96,12 +96,12 @@ export class TestDaemon {
   }
 
   /** Runs the real CLI (bin/aegis) against this daemon. */
-  cli(args: string[], options: { input?: string; timeoutMs?: number } = {}): Promise<CliResult> {
+  cli(args: string[], options: { input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
     return new Promise((resolve) => {
       const child = execFile(
         path.join(ROOT, 'bin/aegis'),
         args,
-        { env: this.env, timeout: options.timeoutMs ?? 120_000, maxBuffer: 64 << 20 },
+        { env: { ...this.env, ...options.env }, timeout: options.timeoutMs ?? 120_000, maxBuffer: 64 << 20 },
         (err, stdout, stderr) => {
           const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0;
           resolve({ code, stdout, stderr });

@@ -118,7 +118,9 @@ describe('images', () => {
 
   it('runs Entrypoint + Cmd when no command is given, in an image with no libc and no shell', async () => {
     const d = daemon();
+    // Not pulled yet: run pulls it first, and says so (plain lines: stderr is not a terminal).
     const r = await d.cli(['run', '--image', ref('static')]);
+    expect(r.stderr).toMatch(new RegExp(`^Unable to find image '${ref('static')}' locally\\npreparing filesystem for [0-9a-f]{12}\\n$`));
     expect(r.stdout).toBe('hello from a static image\n');
     expect(r.code).toBe(0);
     // A command replaces Cmd; the Entrypoint (busybox) stays in front.
@@ -126,6 +128,31 @@ describe('images', () => {
     expect(r2.stdout).toBe('replaced\n');
     const sh = await d.cli(['run', '--image', ref('static'), '--', 'sh', '-c', 'echo x']);
     expect(sh.stdout).toBe('x\n'); // busybox's own sh applet: still no /bin/sh in the image
+  });
+
+  it('pull --json prints each progress event as a JSON line; -u picks a user of the image', async () => {
+    const d = daemon();
+    await pushOciLayout(staticLayout, ref('static-json'), undefined, STATIC_IMAGE.ref);
+    const pull = await d.cli(['image', 'pull', '--json', ref('static-json')]);
+    expect(pull.code).toBe(0);
+    const events = pull.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { type: string; cached?: boolean });
+    expect(events[0]?.type).toBe('resolved');
+    expect(events.some((e) => e.type === 'progress')).toBe(true);
+    expect(events.at(-1)).toMatchObject({ type: 'done', image: { references: [ref('static-json')] } });
+    const bad = await d.cli(['image', 'pull', '--json', `${registry.host}/team/nosuch:1`]);
+    expect(bad.code).not.toBe(0);
+    expect(JSON.parse(bad.stdout.trim().split('\n').at(-1) ?? '')).toMatchObject({ error: { code: 'NOT_FOUND' } });
+    // The image's User is app; -u overrides it, by name or number, as docker run -u does.
+    const asRoot = await d.cli(['run', '-u', 'root', '--image', ref('python-user'), '--', 'id', '-un']);
+    expect(asRoot.stdout).toBe('root\n');
+    const byId = await d.cli(['run', '-u', '1000:0', '--image', ref('python-user'), '--', 'sh', '-c', 'id -un; id -g']);
+    expect(byId.stdout).toBe('app\n0\n');
+    const none = await d.cli(['run', '-u', 'nobody-here', '--image', ref('python-user'), '--', 'true']);
+    expect(none.code).toBe(125);
+    expect(none.stderr).toMatch(/unable to find user nobody-here/);
   });
 
   it('imports a docker save archive and runs it', async () => {

@@ -92,11 +92,6 @@ describe('strict guest messages', () => {
   });
 
   it('bounds what the guest sends: ids, signal names, exit codes, counts, pids and base64', () => {
-    const refused = (f: () => unknown, pattern: RegExp): void => {
-      const err = refusal(f);
-      expect(err.code).toBe('INVALID_ARGUMENT');
-      expect(err.message).toMatch(pattern);
-    };
     refused(() => parseEvent.execExit({ execId: 'x'.repeat(129), exitCode: 0, signal: null }), /execId must be a string of at most 128/);
     refused(() => parseEvent.output({ execId: 'x'.repeat(129), stream: 'stdout', data: '' }), /execId/);
     refused(() => parseEvent.exit({ exitCode: null, signal: `SIG${'X'.repeat(30)}` }), /signal/);
@@ -120,12 +115,40 @@ describe('strict guest messages', () => {
     expect(parseEvent.output({ stream: 'stdout', data: big }).data).toHaveLength(16 << 20);
   });
 
+  it("parses a guest's process list strictly and bounded", () => {
+    const proc = { pid: 7, ppid: 1, uid: 0, state: 'S', rssKiB: 900, cpuMs: 10, startedAfterBootMs: 400, command: 'sleep 600' };
+    expect(parseResult.ps({ processes: [proc] })).toEqual({ processes: [proc] });
+    expect(parseResult.ps({ processes: [], truncated: true })).toEqual({ processes: [], truncated: true });
+    refused(() => parseResult.ps({ processes: Array.from({ length: 4097 }, () => proc) }), /at most 4096/);
+    refused(() => parseResult.ps({ processes: [{ ...proc, state: 'SS' }] }), /state/);
+    refused(() => parseResult.ps({ processes: [{ ...proc, state: '\n' }] }), /state must be one letter/);
+    refused(() => parseResult.ps({ processes: [{ ...proc, command: 'x'.repeat(4097) }] }), /command/);
+    refused(() => parseResult.ps({ processes: [{ ...proc, pid: -1 }] }), /pid/);
+    refused(() => parseResult.ps({ processes: [{ ...proc, extra: 1 }] }), /unknown field "extra"/);
+    refused(() => parseResult.ps({ processes: 'all' }), /processes must be an array/);
+  });
+
+  it('run and exec take the same process fields; signal and resize may name the workload or a group', () => {
+    const run = parseParams.run({ command: ['id'], env: {}, user: '1000:1000', stdin: true, tty: { rows: 5, cols: 6 }, workdir: '/w' });
+    expect(run).toEqual({ command: ['id'], env: {}, user: '1000:1000', stdin: true, tty: { rows: 5, cols: 6 }, workdir: '/w' });
+    expect(parseParams.exec({ execId: 'e', command: ['id'], user: 'app' })).toEqual({ execId: 'e', command: ['id'], env: {}, user: 'app' });
+    expect(parseParams.signal({ signal: 'SIGKILL', group: true })).toEqual({ signal: 'SIGKILL', group: true });
+    expect(parseParams.resize({ rows: 2, cols: 3 })).toEqual({ rows: 2, cols: 3 });
+    expect(() => parseParams.run({ command: ['id'], user: 'x'.repeat(257) })).toThrow(/user/);
+  });
+
   it('names an unknown field in a short, quoted form (its name is the guest text)', () => {
     const err = refusal(() => parseEvent.ready({ version: 1, ['\n'.repeat(1000)]: 1 }));
     expect(err.message.length).toBeLessThan(500);
     expect(err.message).not.toContain('\n');
   });
 });
+
+function refused(f: () => unknown, pattern: RegExp): void {
+  const err = refusal(f);
+  expect(err.code).toBe('INVALID_ARGUMENT');
+  expect(err.message).toMatch(pattern);
+}
 
 function refusal(f: () => unknown): AegisError {
   try {
