@@ -73,6 +73,14 @@ describe('docker-style CLI', () => {
     expect(r.out).toBe('1\n');
     expect(r.err).toBe('');
     expect(r.code).toBe(0);
+    const json = JSON.parse((await d.cli(['logs', '--json', '--tail', '1', 'many'])).stdout) as {
+      stream: string;
+      text: string;
+      timeMs: number;
+    };
+    expect(json.stream).toBe('stdout');
+    expect(json.text).toMatch(/\n20000\n$/);
+    expect(json.timeMs).toBeGreaterThan(0);
   });
 
   // `timeout 4 aegis run --name t -- sleep 40` left `t` running, then stopped, never deleted.

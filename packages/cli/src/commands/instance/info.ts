@@ -23,6 +23,8 @@ export function infoCommand(): Command {
           ['Reason', i.stateReason],
           ['Exit code', i.exitCode],
           ['Command', shellJoin(i.command)],
+          ['User', i.user],
+          ['Workdir', i.workdir],
           ['Image', i.image ? `${i.image}${i.imageDigest && i.imageDigest !== i.image ? ` (${i.imageDigest})` : ''}` : undefined],
           ['Ports', i.ports.length > 0 ? formatPorts(i.ports) : undefined],
           ['Network', i.network],
