@@ -4,92 +4,120 @@ import os from 'node:os';
 import path from 'node:path';
 import { Command } from 'commander';
 import { isAegisError } from '@aegis/client';
-import { QemuBackend } from '@aegis/vmm-qemu';
-import { FirecrackerBackend } from '@aegis/vmm-firecracker';
 import type { Probe } from '@aegis/vmm';
 import { client, exit } from '../../util.js';
 
-interface Check {
+/**
+ * `ok`: works. `warn`: works, but degraded (TCG instead of KVM) or an optional part is unusable
+ * (another backend, passt, the daemon not started yet). `missing`: something Aegis needs is
+ * absent; doctor exits 1.
+ */
+export type CheckStatus = 'ok' | 'warn' | 'missing';
+
+export interface Check {
   name: string;
-  ok: boolean;
+  status: CheckStatus;
   detail: string;
 }
 
 function fileCheck(name: string, file: string, hint: string): Check {
   try {
     accessSync(file, constants.R_OK);
-    return { name, ok: true, detail: file };
+    return { name, status: 'ok', detail: file };
   } catch {
-    return { name, ok: false, detail: `${file} missing; ${hint}` };
+    return { name, status: 'missing', detail: `${file} missing; ${hint}` };
   }
 }
 
-function toolCheck(name: string, args: string[], hint: string): Check {
+function toolCheck(name: string, args: string[], ifAbsent: CheckStatus, hint: string): Check {
   // e2fsprogs print their version on stderr.
   const r = spawnSync(name, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10_000 });
-  if (r.error || r.status !== 0) return { name, ok: false, detail: `not found; ${hint}` };
-  return { name, ok: true, detail: (r.stdout || r.stderr).split('\n')[0]?.trim() ?? '' };
+  if (r.error || r.status !== 0) return { name, status: ifAbsent, detail: `not found; ${hint}` };
+  return { name, status: 'ok', detail: (r.stdout || r.stderr).split('\n')[0]?.trim() ?? '' };
+}
+
+/**
+ * One line per backend, as the daemon would choose (@aegis/vmm selectBackend): the backend
+ * AEGIS_BACKEND names is required; without it, any usable backend will do, and only when none
+ * is usable is the first (the default) missing.
+ */
+export function backendChecks(probes: { name: string; probe: Probe }[], preferred?: string): Check[] {
+  const anyUsable = probes.some((p) => p.probe.available);
+  return probes.map(({ name, probe }, i): Check => {
+    if (probe.available) return { name: `backend ${name}`, status: 'ok', detail: probe.detail };
+    const required = preferred ? preferred === name : !anyUsable && i === 0;
+    return { name: `backend ${name}`, status: required ? 'missing' : 'warn', detail: `not usable here: ${probe.detail}` };
+  });
+}
+
+/** KVM is `ok`; TCG works, seconds per boot instead of milliseconds. */
+export function accelerationCheck(probe: Probe): Check {
+  if (probe.capabilities?.acceleration === 'kvm') return { name: 'acceleration', status: 'ok', detail: probe.accelerationReason ?? 'KVM' };
+  return {
+    name: 'acceleration',
+    status: 'warn',
+    detail: `${probe.accelerationReason ?? 'TCG'} (software emulation: VMs boot in seconds, not milliseconds)`,
+  };
+}
+
+/** The daemon is not needed to run doctor: not started is a `warn`; one that answers wrongly is not. */
+export function daemonCheck(status: { pid: number; backend: string } | Error): Check {
+  if (!(status instanceof Error)) return { name: 'aegisd', status: 'ok', detail: `running (pid ${status.pid}), backend ${status.backend}` };
+  if (isAegisError(status, 'UNAVAILABLE')) return { name: 'aegisd', status: 'warn', detail: 'not running (start it with: aegis up)' };
+  return { name: 'aegisd', status: 'missing', detail: `not answering: ${status.message}` };
+}
+
+/** One line per check: its status, its name, what was found or what to do. */
+export function formatChecks(checks: Check[]): string {
+  return checks.map((c) => `${c.status.padEnd(7)} ${c.name.padEnd(20)} ${c.detail}\n`).join('');
 }
 
 /** Checks this machine can run Aegis, without needing the daemon; says what to fix. */
 export function doctorCommand(): Command {
-  return new Command('doctor').description('check that this machine can run Aegis VMs').action(async () => {
-    const home = process.env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis');
-    const checks: Check[] = [];
-    const kernelPath = process.env['AEGIS_KERNEL'] ?? path.join(home, 'cache/kernel/vmlinux');
-    const rootfsPath = process.env['AEGIS_ROOTFS'] ?? path.join(home, 'cache/rootfs/base.erofs');
-    // The daemon's own choice: the same verdict cache, beside the guest artifacts.
-    const artifacts = existsSync(rootfsPath) ? path.dirname(path.dirname(realpathSync(rootfsPath))) : path.join(home, 'cache');
-    const opts = { cacheDir: artifacts, ...(existsSync(kernelPath) ? { kernelPath: realpathSync(kernelPath) } : {}) };
-    // doctor waits for a KVM test the daemon would run in the background (a few seconds at most).
-    const settle = async (p: Probe): Promise<Probe> => (p.settled ? await p.settled : p);
-    const probe = await settle(await new QemuBackend(opts).probe());
-    checks.push({ name: 'backend qemu', ok: probe.available, detail: probe.detail });
-    checks.push({
-      name: 'acceleration',
-      ok: true,
-      detail:
-        probe.capabilities?.acceleration === 'kvm'
-          ? (probe.accelerationReason ?? 'KVM')
-          : `${probe.accelerationReason ?? 'TCG'} (software emulation: VMs boot in seconds, not milliseconds)`,
+  return new Command('doctor')
+    .description('check that this machine can run Aegis VMs (ok, warn, or missing: exit status 1)')
+    .option('--json', 'print JSON: an array of {name, status, detail}')
+    .action(async (o: { json?: boolean }) => {
+      // The backends are loaded here only: every other command starts without them.
+      const [{ QemuBackend }, { FirecrackerBackend }] = await Promise.all([import('@aegis/vmm-qemu'), import('@aegis/vmm-firecracker')]);
+      const home = process.env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis');
+      const kernelPath = process.env['AEGIS_KERNEL'] ?? path.join(home, 'cache/kernel/vmlinux');
+      const rootfsPath = process.env['AEGIS_ROOTFS'] ?? path.join(home, 'cache/rootfs/base.erofs');
+      // The daemon's own choice: the same verdict cache, beside the guest artifacts.
+      const artifacts = existsSync(rootfsPath) ? path.dirname(path.dirname(realpathSync(rootfsPath))) : path.join(home, 'cache');
+      const opts = { cacheDir: artifacts, ...(existsSync(kernelPath) ? { kernelPath: realpathSync(kernelPath) } : {}) };
+      // doctor waits for a KVM test the daemon would run in the background (a few seconds at most).
+      const settle = async (p: Probe): Promise<Probe> => (p.settled ? await p.settled : p);
+      const qemu = await settle(await new QemuBackend(opts).probe());
+      const firecracker = await settle(await new FirecrackerBackend(opts).probe());
+      const userNet = qemu.capabilities?.networkModes.includes('user') === true;
+      const checks: Check[] = [
+        ...backendChecks(
+          [
+            { name: 'qemu', probe: qemu },
+            { name: 'firecracker', probe: firecracker },
+          ],
+          process.env['AEGIS_BACKEND'],
+        ),
+        { name: 'backend libkrun', status: 'warn', detail: 'not built into this version' },
+        accelerationCheck(qemu),
+        toolCheck('mkfs.ext4', ['-V'], 'missing', 'apt-get install e2fsprogs'),
+        // Images are prepared with mke2fs -d and debugfs; qemu-img makes warm instances' disks.
+        toolCheck('debugfs', ['-V'], 'warn', '--image cannot prepare images (apt-get install e2fsprogs)'),
+        toolCheck('qemu-img', ['--version'], 'missing', 'apt-get install qemu-utils'),
+        userNet
+          ? { name: 'guest network', status: 'ok', detail: 'passt: outbound TCP/UDP and DNS, host loopback unreachable' }
+          : { name: 'guest network', status: 'warn', detail: 'passt not found: guests get --network none only (apt-get install passt)' },
+        fileCheck('guest kernel', kernelPath, 'build it with: make kernel'),
+        fileCheck('base rootfs', rootfsPath, 'build it with: make base-rootfs'),
+        daemonCheck(
+          await client()
+            .status()
+            .then((s) => ({ pid: s.pid, backend: s.backend.name }))
+            .catch((err: unknown) => (err instanceof Error ? err : new Error(String(err)))),
+        ),
+      ];
+      process.stdout.write(o.json ? JSON.stringify(checks, null, 2) + '\n' : formatChecks(checks));
+      exit(checks.some((c) => c.status === 'missing') ? 1 : 0);
     });
-    // Optional backends: their absence is information, not a failure.
-    const fc = await settle(await new FirecrackerBackend(opts).probe());
-    checks.push({ name: 'backend firecracker', ok: true, detail: fc.available ? fc.detail : `not usable here: ${fc.detail}` });
-    checks.push({ name: 'backend libkrun', ok: true, detail: 'not built into this version (skipped)' });
-    checks.push(toolCheck('mkfs.ext4', ['-V'], 'apt-get install e2fsprogs'));
-    // Images are prepared with mke2fs -d and debugfs; qemu-img makes warm instances' disks.
-    checks.push(toolCheck('debugfs', ['-V'], 'apt-get install e2fsprogs (needed for --image)'));
-    checks.push(toolCheck('qemu-img', ['--version'], 'apt-get install qemu-utils'));
-    const userNet = probe.capabilities?.networkModes.includes('user') === true;
-    checks.push({
-      name: 'guest network',
-      ok: userNet,
-      detail: userNet
-        ? 'passt: outbound TCP/UDP and DNS, host loopback unreachable'
-        : 'passt not found: guests get --network none only (apt-get install passt)',
-    });
-    checks.push(
-      fileCheck('guest kernel', process.env['AEGIS_KERNEL'] ?? path.join(home, 'cache/kernel/vmlinux'), 'build it with: make kernel'),
-    );
-    checks.push(
-      fileCheck(
-        'base rootfs',
-        process.env['AEGIS_ROOTFS'] ?? path.join(home, 'cache/rootfs/base.erofs'),
-        'build it with: make base-rootfs',
-      ),
-    );
-    try {
-      const s = await client().status();
-      checks.push({ name: 'aegisd', ok: true, detail: `running (pid ${s.pid}), backend ${s.backend.name}` });
-    } catch (err) {
-      checks.push({
-        name: 'aegisd',
-        ok: !isAegisError(err, 'UNAVAILABLE') ? false : true,
-        detail: 'not running (start it with: aegis up)',
-      });
-    }
-    for (const c of checks) process.stdout.write(`${c.ok ? 'ok  ' : 'FAIL'}  ${c.name.padEnd(20)} ${c.detail}\n`);
-    exit(checks.every((c) => c.ok) ? 0 : 1);
-  });
 }
