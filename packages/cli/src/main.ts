@@ -73,6 +73,7 @@ for (const c of [
 ]) {
   program.addCommand(c);
 }
+program.addCommand((await import('./commands/completion.js')).completionCommand());
 
 /**
  * Usage errors (an unknown flag, a bad value) read like every other error: one line, with the
