@@ -224,3 +224,28 @@ export function describeEnd(inst: Pick<Instance, 'state' | 'exitCode' | 'stateRe
 export function commandArgs(argv: string[]): string[] {
   return argv[0] === '--' ? argv.slice(1) : argv;
 }
+
+/** `each` for every ref, going on past failures (each reported in one line); the results, and whether any failed. */
+export async function eachRef<T>(refs: string[], each: (ref: string) => Promise<T>): Promise<{ results: T[]; failed: boolean }> {
+  const results: T[] = [];
+  let failed = false;
+  for (const ref of refs) {
+    try {
+      results.push(await each(ref));
+    } catch (err) {
+      failed = true;
+      printError(err);
+    }
+  }
+  return { results, failed };
+}
+
+/** Prints what `each` returns for every ref, one line each; exits 1 if any failed. */
+export async function forEach(refs: string[], each: (ref: string) => Promise<string>): Promise<void> {
+  const { failed } = await eachRef(refs, async (ref) => {
+    const line = await each(ref);
+    process.stdout.write(`${line}\n`);
+    return line;
+  });
+  if (failed) exit(1);
+}

@@ -5,59 +5,20 @@
  * `b`), so do they, and they exit non-zero at the end.
  */
 import { Command } from 'commander';
-import { client, errorsAsJson, exit, fail, positiveInt, printError, table } from '../util.js';
+import { client, eachRef, errorsAsJson, exit, fail, forEach, table } from '../util.js';
 import { listCommand } from './instance/list.js';
-
-/** `each` for every ref, going on past failures (each reported in one line); the results, and whether any failed. */
-async function eachRef<T>(refs: string[], each: (ref: string) => Promise<T>): Promise<{ results: T[]; failed: boolean }> {
-  const results: T[] = [];
-  let failed = false;
-  for (const ref of refs) {
-    try {
-      results.push(await each(ref));
-    } catch (err) {
-      failed = true;
-      printError(err);
-    }
-  }
-  return { results, failed };
-}
-
-/** Prints what `each` returns for every ref, one line each; exits 1 if any failed. */
-async function forEach(refs: string[], each: (ref: string) => Promise<string>): Promise<void> {
-  const { failed } = await eachRef(refs, async (ref) => {
-    const line = await each(ref);
-    process.stdout.write(`${line}\n`);
-    return line;
-  });
-  if (failed) exit(1);
-}
+import { deleteCommand, stopCommand } from './instance/lifecycle.js';
 
 export function psCommand(): Command {
   return listCommand('ps');
 }
 
 export function rmCommand(): Command {
-  return new Command('rm')
-    .description('delete instances (docker rm); -f stops running ones first')
-    .argument('<instance...>', 'handles, ids or id prefixes')
-    .option('-f, --force', 'stop it first if it is running')
-    .action((refs: string[], o: { force?: boolean }) =>
-      forEach(refs, async (ref) => {
-        await client().deleteInstance(ref, { force: o.force === true });
-        return ref;
-      }),
-    );
+  return deleteCommand('rm');
 }
 
 export function dockerStopCommand(): Command {
-  return new Command('stop')
-    .description('stop instances (docker stop): SIGTERM, SIGKILL after the timeout')
-    .argument('<instance...>', 'handles, ids or id prefixes')
-    .option('-t, --time <seconds>', 'seconds before SIGKILL (default 10)', positiveInt('--time', 0, 600))
-    .action((refs: string[], o: { time?: number }) =>
-      forEach(refs, async (ref) => (await client().stopInstance(ref, o.time === undefined ? {} : { timeoutMs: o.time * 1000 })).handle),
-    );
+  return stopCommand();
 }
 
 export function dockerStartCommand(): Command {

@@ -95,10 +95,10 @@ describe('requireState', () => {
   it('adds a hint about what to do instead', () => {
     const cases: [InstanceState, RegExp][] = [
       ['starting', /wait for it to finish starting/],
-      ['paused', /resume it first/],
-      ['stopping', /already stopping/],
-      ['stopped', /restart it \(aegis instance restart\) or start a new one/],
-      ['failed', /see aegis instance info, then restart or delete it/],
+      ['paused', /resume it first: aegis instance resume h$/],
+      ['stopping', /on its way down$/],
+      ['stopped', /start it again with aegis start h, or run a new one$/],
+      ['failed', /see why with aegis inspect h, then start it again or delete it$/],
     ];
     for (const [state, hint] of cases) {
       const err = catchError(() => requireState('h', state, ['running'], 'pause')) as AegisError;

@@ -28,17 +28,18 @@ export function canTransition(from: InstanceState, to: InstanceState): boolean {
   return TRANSITIONS[from].includes(to);
 }
 
-const HINTS: Partial<Record<InstanceState, string>> = {
-  starting: 'wait for it to finish starting',
-  paused: 'resume it first (aegis instance resume)',
-  stopping: 'it is already stopping',
-  stopped: 'it has stopped; restart it (aegis instance restart) or start a new one',
-  failed: 'it has failed; see aegis instance info, then restart or delete it',
+/** What to do instead, said once, with the command (the state itself is already in the message). */
+const HINTS: Partial<Record<InstanceState, (handle: string) => string>> = {
+  starting: () => 'wait for it to finish starting',
+  paused: (h) => `resume it first: aegis instance resume ${h}`,
+  stopping: () => 'it is on its way down',
+  stopped: (h) => `start it again with aegis start ${h}, or run a new one`,
+  failed: (h) => `see why with aegis inspect ${h}, then start it again or delete it`,
 };
 
 /** Throws FAILED_PRECONDITION unless `state` is one of `allowed` for operation `op`. */
 export function requireState(handle: string, state: InstanceState, allowed: readonly InstanceState[], op: string): void {
   if (allowed.includes(state)) return;
-  const hint = HINTS[state];
+  const hint = HINTS[state]?.(handle);
   throw new AegisError('FAILED_PRECONDITION', `cannot ${op} instance "${handle}": it is ${state}${hint ? `; ${hint}` : ''}`);
 }

@@ -1,39 +1,36 @@
-import { Command } from 'commander';
-import { client, fail, positiveInt } from '../../util.js';
+import { Command, Option } from 'commander';
+import { client, fail, forEach, positiveInt } from '../../util.js';
 
+/** `instance stop` and Docker's `stop`: every name is tried, failures reported, exit 1 if any. */
 export function stopCommand(): Command {
   return new Command('stop')
-    .description('stop an instance: SIGTERM to the workload, SIGKILL after the timeout, VM powered off')
+    .description('stop instances: SIGTERM to the workload, SIGKILL after the timeout, VM powered off')
     .argument('<instance...>', 'handles, ids or id prefixes')
     .option('-t, --timeout <seconds>', 'seconds before SIGKILL (default 10)', positiveInt('--timeout', 0, 600))
-    .action(async (refs: string[], o: { timeout?: number }) => {
-      try {
-        for (const ref of refs) {
-          const i = await client().stopInstance(ref, o.timeout === undefined ? {} : { timeoutMs: o.timeout * 1000 });
-          process.stdout.write(`${i.handle}\n`);
-        }
-      } catch (err) {
-        fail(err);
-      }
+    .addOption(new Option('--time <seconds>', 'the older name of --timeout').hideHelp().argParser(positiveInt('--time', 0, 600)))
+    .action((refs: string[], o: { timeout?: number; time?: number }) => {
+      const seconds = o.timeout ?? o.time;
+      return forEach(
+        refs,
+        async (ref) => (await client().stopInstance(ref, seconds === undefined ? {} : { timeoutMs: seconds * 1000 })).handle,
+      );
     });
 }
 
-export function deleteCommand(): Command {
-  return new Command('delete')
-    .alias('rm')
-    .description('delete a stopped instance and all its files')
+/** `instance delete` and Docker's `rm`: as `stop`, every name is tried. */
+export function deleteCommand(name: 'delete' | 'rm' = 'delete'): Command {
+  const c = new Command(name);
+  if (name === 'delete') c.alias('rm');
+  return c
+    .description('delete stopped instances and all their files; -f stops running ones first')
     .argument('<instance...>', 'handles, ids or id prefixes')
     .option('-f, --force', 'stop it first if it is running')
-    .action(async (refs: string[], o: { force?: boolean }) => {
-      try {
-        for (const ref of refs) {
-          await client().deleteInstance(ref, { force: o.force === true });
-          process.stdout.write(`${ref}\n`);
-        }
-      } catch (err) {
-        fail(err);
-      }
-    });
+    .action((refs: string[], o: { force?: boolean }) =>
+      forEach(refs, async (ref) => {
+        await client().deleteInstance(ref, { force: o.force === true });
+        return ref;
+      }),
+    );
 }
 
 export function pauseCommand(): Command {
