@@ -21,6 +21,7 @@ aegisd: node_modules
 	npx tsc -b packages/daemon
 aegis: node_modules
 	npx tsc -b packages/cli
+	npm run build -w @aegis/cli --silent
 harness: node_modules
 	npx tsc -b packages/harness
 	npm run build -w @aegis/harness --silent
