@@ -60,6 +60,14 @@ describe('daemon control from the CLI', () => {
     if (!/being tested/.test(backend.accelerationReason)) expect(doctor.stdout).toContain(backend.accelerationReason);
     expect(doctor.stdout).toMatch(/ok\s+aegisd\s+running/);
     expect(doctor.code).toBe(0);
+    // One line per check, each marked ok, warn or missing; the same as JSON.
+    const lines = doctor.stdout.trimEnd().split('\n');
+    for (const line of lines) expect(line).toMatch(/^(ok|warn|missing) +\S/);
+    const json = await d.cli(['doctor', '--json']);
+    const checks = JSON.parse(json.stdout) as { name: string; status: string; detail: string }[];
+    expect(checks.map((c) => c.name)).toEqual(lines.map((l) => l.slice(8, 28).trim()));
+    expect(checks.find((c) => c.name === 'backend qemu')?.status).toBe('ok');
+    expect(checks.find((c) => c.name === 'acceleration')?.status).toBe(backend.acceleration === 'kvm' ? 'ok' : 'warn');
   });
 
   it('aegis down stops the daemon and aegis up starts it again, finding its instances', async () => {
