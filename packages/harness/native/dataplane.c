@@ -6,7 +6,9 @@
  * under emulation every byte Node touches is expensive: here bytes are copied, not encoded.
  *
  * Frame: u32 connection id, u8 type, u32 payload length (big-endian), then the payload.
- *   OPEN   host->guest  payload u16 guest port: connect to 127.0.0.1 (then ::1) on it
+ *   OPEN   host->guest  payload u16 guest port: connect to 127.0.0.1 (then ::1) on it; port 0
+ *                       is the harness's file service (FILES_SOCKET, a unix socket no network
+ *                       reaches), which moves `aegis cp` bytes over this channel, not base64 JSON
  *   OPENED guest->host  connected
  *   DATA   both         bytes for the other end's socket
  *   ACK    both         u32 count: that many DATA bytes were written to the socket
@@ -29,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -120,6 +123,20 @@ static void drop(struct conn *c, int send_rst) {
 }
 
 static int start_connect(struct conn *c) {
+  if (c->port == 0) {
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, FILES_SOCKET, sizeof a.sun_path - 1);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0 && errno != EINPROGRESS) {
+      close(fd);
+      return -1;
+    }
+    c->fd = fd;
+    c->connecting = 3; /* no IPv6 fallback, no SYN retries */
+    c->retry_at_ms = now_ms() + DP_CONNECT_TIMEOUT_MS;
+    return 0;
+  }
   int v6 = c->connecting == 2;
   int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;

@@ -3,3 +3,5 @@ export * from './jsonrpc.js';
 export * from './guest.js';
 export * from './rpc-peer.js';
 export * from './data-frames.js';
+export * from './files.js';
+export * from './tar.js';

@@ -1,0 +1,141 @@
+/**
+ * The guest file service contract (`aegis cp` and the files API). The host opens a connection
+ * to "port 0" on the data channel (spec/guest-rpc.md): aegis-init splices it to the harness's
+ * file service. One operation per connection:
+ *
+ *   host → guest: one request line (JSON, FileRequest, at most MAX_FILE_HEADER bytes), then
+ *                 for `write` the file's bytes and for `tarIn` a tar stream, then end (FIN)
+ *   guest → host: one reply line (JSON, FileReply), then for `read` the file's bytes, for
+ *                 `tarOut` a tar stream, for `list` one FileStat line per entry; then end
+ *
+ * Bytes are raw (the data channel's frames), never base64. Paths are absolute in the instance's
+ * root (its image's, when it has one); symlinks resolve inside that root. Everything the guest
+ * sends is parsed with the bounds below: the host trusts no reply.
+ */
+import { AegisError } from './errors.js';
+
+export type FileRequest =
+  | { op: 'stat'; path: string; image: boolean }
+  | { op: 'list'; path: string; image: boolean }
+  | { op: 'read'; path: string; image: boolean }
+  /** Creates or truncates; `mode` for a new file (default 0644). Parents must exist. */
+  | { op: 'write'; path: string; image: boolean; mode?: number }
+  | { op: 'mkdir'; path: string; image: boolean; parents: boolean; mode?: number }
+  | { op: 'remove'; path: string; image: boolean; recursive: boolean }
+  /** A tar of `path` whose one top entry is named `name` (default: the path's last component). */
+  | { op: 'tarOut'; path: string; image: boolean; name?: string }
+  /** Extracts a tar into the directory `path` (files owned by root unless `keepOwner`, as docker cp). */
+  | { op: 'tarIn'; path: string; image: boolean; keepOwner: boolean };
+
+export type FileOp = FileRequest['op'];
+
+export type FileType = 'file' | 'directory' | 'symlink' | 'other';
+
+export interface FileStat {
+  name: string;
+  type: FileType;
+  size: number;
+  /** Permission bits and setuid/setgid/sticky (0o7777). */
+  mode: number;
+  uid: number;
+  gid: number;
+  mtimeMs: number;
+  /** For a symlink: where it points (as stored, not resolved). */
+  linkTarget?: string;
+}
+
+export type FileReply = { ok: true; stat?: FileStat; entries?: number } | { ok: false; code: string; message: string };
+
+/** A request or reply line longer than this is refused (a path is at most 4096 bytes). */
+export const MAX_FILE_HEADER = 64 * 1024;
+/** Entries `list` sends at most; the reply's `entries` says how many follow. */
+export const MAX_LIST_ENTRIES = 100_000;
+
+type Obj = Record<string, unknown>;
+
+function bad(what: string): never {
+  throw new AegisError('INVALID_ARGUMENT', what);
+}
+
+function object(v: unknown, what: string, keys: readonly string[]): Obj {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) bad(`${what} must be an object`);
+  for (const k of Object.keys(v)) if (!keys.includes(k)) bad(`${what}: unknown field ${JSON.stringify(k.slice(0, 64))}`);
+  return v as Obj;
+}
+
+function int(v: unknown, what: string, min: number, max: number): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) bad(`${what} must be an integer from ${min} to ${max}`);
+  return v;
+}
+
+function text(v: unknown, what: string, max: number): string {
+  if (typeof v !== 'string' || v.length > max || v.includes('\0')) bad(`${what} must be a string of at most ${max} characters, no NUL`);
+  return v;
+}
+
+function absolute(v: unknown): string {
+  const p = text(v, 'path', 4096);
+  if (!p.startsWith('/')) bad('path must be absolute');
+  return p;
+}
+
+const TYPES: readonly FileType[] = ['file', 'directory', 'symlink', 'other'];
+
+export function parseFileStat(v: unknown): FileStat {
+  const o = object(v, 'file stat', ['name', 'type', 'size', 'mode', 'uid', 'gid', 'mtimeMs', 'linkTarget']);
+  if (!TYPES.includes(o['type'] as FileType)) bad('type must be file, directory, symlink or other');
+  const stat: FileStat = {
+    name: text(o['name'], 'name', 4096),
+    type: o['type'] as FileType,
+    size: int(o['size'], 'size', 0, Number.MAX_SAFE_INTEGER),
+    mode: int(o['mode'], 'mode', 0, 0o7777),
+    uid: int(o['uid'], 'uid', 0, 0xffffffff),
+    gid: int(o['gid'], 'gid', 0, 0xffffffff),
+    mtimeMs: int(o['mtimeMs'], 'mtimeMs', -(2 ** 52), 2 ** 52),
+  };
+  if (o['linkTarget'] !== undefined) stat.linkTarget = text(o['linkTarget'], 'linkTarget', 4096);
+  return stat;
+}
+
+/** The guest's reply line. An error reply keeps only a known code; its message is cut short. */
+export function parseFileReply(v: unknown): FileReply {
+  const o = object(v, 'file reply', ['ok', 'stat', 'entries', 'code', 'message']);
+  if (o['ok'] === true) {
+    const r: FileReply = { ok: true };
+    if (o['stat'] !== undefined) r.stat = parseFileStat(o['stat']);
+    if (o['entries'] !== undefined) r.entries = int(o['entries'], 'entries', 0, MAX_LIST_ENTRIES);
+    return r;
+  }
+  if (o['ok'] !== false) bad('ok must be true or false');
+  return { ok: false, code: text(o['code'], 'code', 64), message: text(o['message'], 'message', 1024) };
+}
+
+/** What the harness accepts from the host. */
+export function parseFileRequest(v: unknown): FileRequest {
+  const o = object(v, 'file request', ['op', 'path', 'image', 'mode', 'parents', 'recursive', 'name', 'keepOwner']);
+  const path = absolute(o['path']);
+  const image = o['image'] === true;
+  const mode = o['mode'] === undefined ? undefined : int(o['mode'], 'mode', 0, 0o7777);
+  switch (o['op']) {
+    case 'stat':
+    case 'list':
+    case 'read':
+      return { op: o['op'], path, image };
+    case 'write':
+      return mode === undefined ? { op: 'write', path, image } : { op: 'write', path, image, mode };
+    case 'mkdir':
+      return { op: 'mkdir', path, image, parents: o['parents'] === true, ...(mode === undefined ? {} : { mode }) };
+    case 'remove':
+      return { op: 'remove', path, image, recursive: o['recursive'] === true };
+    case 'tarOut': {
+      const name = o['name'] === undefined ? undefined : text(o['name'], 'name', 255);
+      if (name !== undefined && (name === '' || name.includes('/') || name === '.' || name === '..'))
+        bad('name must be one path component');
+      return name === undefined ? { op: 'tarOut', path, image } : { op: 'tarOut', path, image, name };
+    }
+    case 'tarIn':
+      return { op: 'tarIn', path, image, keepOwner: o['keepOwner'] === true };
+    default:
+      return bad('op must be stat, list, read, write, mkdir, remove, tarOut or tarIn');
+  }
+}
