@@ -37,6 +37,7 @@ export default tseslint.config(
     },
   },
   layer(['packages/protocol/**'], ['@aegis/*', 'node:fs*', 'node:net', 'node:child_process']),
+  layer(['packages/archive/**'], ['@aegis/vmm*', '@aegis/daemon', '@aegis/harness', '@aegis/client', '@aegis/cli']),
   layer(['packages/vmm/**'], ['@aegis/vmm-*', '@aegis/daemon', '@aegis/harness', '@aegis/client', '@aegis/cli']),
   layer(['packages/vmm-qemu/**'], ['@aegis/daemon', '@aegis/harness', '@aegis/client', '@aegis/cli']),
   layer(['packages/vmm-firecracker/**'], ['@aegis/daemon', '@aegis/harness', '@aegis/client', '@aegis/cli']),

@@ -4,4 +4,3 @@ export * from './guest.js';
 export * from './rpc-peer.js';
 export * from './data-frames.js';
 export * from './files.js';
-export * from './tar.js';

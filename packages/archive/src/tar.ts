@@ -17,7 +17,7 @@ import { constants as fsConstants, createReadStream, promises as fs } from 'node
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import * as tar from 'tar-stream';
-import { AegisError } from './errors.js';
+import { AegisError } from '@aegis/protocol';
 
 export interface ExtractOptions {
   keepOwner?: boolean;
