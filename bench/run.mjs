@@ -15,8 +15,21 @@
 //   `skopeo copy` + `umoci unpack --rootless` of it from the same local registry, median of N.
 //   Target (issue 5): ratio <= 1.0. And `instance start --image` when the image must be pulled
 //   and prepared (1st) vs. when it is prepared (2nd).
+//   The CLI's own start: `aegis --version` vs. `node -e 0`, and `aegis exec <h> -- true` vs. the
+//   API client doing the same exec, median of N. Target (issue 11): the CLI adds <= 25 ms.
 import { execFile, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, realpathSync, existsSync, mkdirSync, writeFileSync, openSync, closeSync, readFileSync } from 'node:fs';
+import {
+  mkdtempSync,
+  rmSync,
+  realpathSync,
+  existsSync,
+  mkdirSync,
+  writeFileSync,
+  openSync,
+  closeSync,
+  readFileSync,
+  statSync,
+} from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
@@ -141,6 +154,70 @@ function aegisRun(env) {
       else resolve(performance.now() - t0);
     });
   });
+}
+
+/** Wall time of one process, start to exit; rejects if it fails. */
+function wallMs(cmd, args, env) {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    execFile(cmd, args, { env: env ?? process.env }, (err) => (err ? reject(err) : resolve(performance.now() - t0)));
+  });
+}
+
+/**
+ * What the CLI adds to a bare Node start: `aegis --version` (load and parse, no daemon) vs.
+ * `node -e 0`, and `aegis exec` vs. the API client's exec on the same instance, interleaved so
+ * the machine's load hits all alike. bin/aegis runs the bundle (packages/cli/build.mjs); the
+ * unbundled tsc output is measured beside it for comparison.
+ */
+async function benchCli() {
+  const cli = path.join(ROOT, 'packages/cli');
+  const bundle = path.join(cli, 'dist/aegis.mjs');
+  const tscBuild = path.join(cli, 'tsconfig.tsbuildinfo');
+  if (!existsSync(bundle) || statSync(tscBuild).mtimeMs > statSync(bundle).mtimeMs) {
+    throw new Error(`${bundle} is missing or older than the last tsc build: run npm run build`);
+  }
+  const N = Number(process.env.BENCH_CLI_RUNS ?? 30);
+  const aegis = path.join(ROOT, 'bin/aegis');
+  const starts = { node: [], version: [], unbundled: [] };
+  for (let i = 0; i < N + 3; i++) {
+    const node = await wallMs('node', ['-e', '0']);
+    const version = await wallMs(aegis, ['--version']);
+    const unbundled = await wallMs('node', [path.join(cli, 'dist/main.js'), '--version']);
+    if (i < 3) continue;
+    starts.node.push(node);
+    starts.version.push(version);
+    starts.unbundled.push(unbundled);
+  }
+  const d = await startDaemon(false);
+  const exec = { cli: [], api: [] };
+  try {
+    await d.client.createInstance({ handle: 'bench-cli', command: ['sleep', '3600'] });
+    for (let i = 0; i < 3; i++) await aegisExec(d.env, 'bench-cli');
+    for (let i = 0; i < N; i++) {
+      exec.cli.push(await aegisExec(d.env, 'bench-cli'));
+      exec.api.push((await apiExec(d.client, 'bench-cli')).ms);
+    }
+    await d.client.deleteInstance('bench-cli', { force: true });
+  } finally {
+    await d.stop();
+  }
+  const m = (xs) => `${median(xs).toFixed(1)} ms`;
+  console.log(`\nthe CLI's own start, ${N} runs each:`);
+  console.log(`${'`node -e 0` (reference)'.padEnd(56)} median ${m(starts.node)}`);
+  console.log(`${'`aegis --version` (bin/aegis, the bundle)'.padEnd(56)} median ${m(starts.version)}`);
+  console.log(`${'`node packages/cli/dist/main.js --version` (unbundled)'.padEnd(56)} median ${m(starts.unbundled)}`);
+  console.log(`${'`aegis exec <h> -- true` (CLI process)'.padEnd(56)} median ${m(exec.cli)}`);
+  console.log(`${'exec `true` through the API client (no CLI start)'.padEnd(56)} median ${m(exec.api)}`);
+  const versionMs = median(starts.version) - median(starts.node);
+  const execMs = median(exec.cli) - median(exec.api) - median(starts.node);
+  const met = (x) => (x <= 25 ? 'met' : 'NOT met');
+  console.log(
+    `\nCLI overhead, aegis --version - node -e 0: ${versionMs.toFixed(1)} ms (target <= 25 ms: ${met(versionMs)}); ` +
+      `aegis exec - API exec - node -e 0: ${execMs.toFixed(1)} ms (${met(execMs)}); ` +
+      `unbundled --version - node -e 0: ${(median(starts.unbundled) - median(starts.node)).toFixed(1)} ms`,
+  );
+  return { nodeMs: starts.node, versionMs: starts.version, unbundledVersionMs: starts.unbundled, execCliMs: exec.cli, execApiMs: exec.api };
 }
 
 /** A daemon of the bench's own; `warm` lets it restore instances from snapshot templates. */
@@ -392,9 +469,9 @@ async function benchAccel() {
   return { firstMs: first, laterMs: later, referenceMs: none, verdict: reason };
 }
 
-// BENCH_ONLY=expose|images|accel runs one section alone (a minute or two; the whole bench takes several).
-if (['expose', 'images', 'accel'].includes(process.env.BENCH_ONLY ?? '')) {
-  const only = { expose: benchExpose, images: benchImages, accel: benchAccel }[process.env.BENCH_ONLY];
+// BENCH_ONLY=expose|images|accel|cli runs one section alone (a minute or two; the whole bench takes several).
+if (['expose', 'images', 'accel', 'cli'].includes(process.env.BENCH_ONLY ?? '')) {
+  const only = { expose: benchExpose, images: benchImages, accel: benchAccel, cli: benchCli }[process.env.BENCH_ONLY];
   await only();
   process.exit(0);
 }
@@ -464,6 +541,7 @@ try {
   const accel = await benchAccel();
   const expose = await benchExpose();
   const images = await benchImages();
+  const cliStart = await benchCli();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -478,6 +556,7 @@ try {
         accel,
         expose,
         images,
+        cli: cliStart,
         backend: status.backend,
       },
       null,
