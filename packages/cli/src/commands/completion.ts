@@ -248,11 +248,11 @@ _aegis() {
       (*)
         if (( n == 0 && \${names[(Ie)$word]} )); then
           cmdpath=\${cmdpath:+$cmdpath }$word
-          _aegis_spec $cmdpath
+          _aegis_spec "$cmdpath"
           continue
         fi
         _aegis_arg
-        _aegis_choices $cmdpath $arg
+        _aegis_choices "$cmdpath" "$arg"
         # A free repeatable argument (a workload's command): its words are not aegis's.
         if [[ $a == *... && $arg != instance ]] && (( ! $#reply )); then _files; return; fi
         (( n++ ))
@@ -264,7 +264,7 @@ _aegis() {
     compset -P '*='
   fi
   if [[ -n $opt ]]; then
-    _aegis_choices $cmdpath $opt
+    _aegis_choices "$cmdpath" "$opt"
     if (( $#reply )); then compadd -a reply; else _files; fi
     return
   fi
@@ -281,7 +281,7 @@ _aegis() {
       compadd -a reply
       ;;
     (*)
-      _aegis_choices $cmdpath $arg
+      _aegis_choices "$cmdpath" "$arg"
       compadd -a reply
       ;;
   esac
