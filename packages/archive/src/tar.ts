@@ -114,7 +114,10 @@ export async function extractTar(stream: Readable, dest: string, options: Extrac
   };
   const extract = tar.extract();
   const dirTimes: [string, Date][] = [];
-  feed(stream, extract).catch((err: unknown) => extract.destroy(err as Error));
+  // Not destroyed at its end: the caller may still answer on it (a socket, half-closed).
+  feed(stream.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>, extract).catch((err: unknown) =>
+    extract.destroy(err as Error),
+  );
   try {
     await extractEntries(extract, dest, options, result, skip, dirTimes);
   } catch (err) {

@@ -15,6 +15,7 @@ import { InstanceManager } from './instances/manager.js';
 import { Registry } from './registry/db.js';
 import { createServer } from './api/server.js';
 import { instanceRoutes } from './api/routes/instances.js';
+import { fileRoutes } from './api/routes/files.js';
 import { secretRoutes } from './api/routes/secrets.js';
 import { imageRoutes } from './api/routes/images.js';
 import { ImageService } from './images/service.js';
@@ -140,7 +141,10 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
       resolveClosed();
     },
   };
-  const server: http.Server = createServer([...systemRoutes(ctx), ...instanceRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx)], log);
+  const server: http.Server = createServer(
+    [...systemRoutes(ctx), ...instanceRoutes(ctx), ...fileRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx)],
+    log,
+  );
   // The socket is the daemon's whole authority: only its owner may connect.
   const oldUmask = process.umask(0o177);
   try {

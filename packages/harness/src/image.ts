@@ -73,7 +73,7 @@ export async function resolveUser(spec: string | undefined, root = IMAGE_ROOT): 
 }
 
 /** Resolves `p` inside `root` as the kernel would after chroot (symlinks stay inside). */
-async function resolveInRoot(root: string, p: string): Promise<string | undefined> {
+export async function resolveInRoot(root: string, p: string): Promise<string | undefined> {
   let parts = p.split('/').filter((x) => x && x !== '.');
   let done: string[] = [];
   for (let hops = 0; parts.length > 0;) {

@@ -24,6 +24,7 @@ import { spawn } from 'node:child_process';
 import { Channel } from './channel.js';
 import { GuestProcess, OutputGate } from './processes.js';
 import { listProcesses } from './ps.js';
+import { startFileService } from './files.js';
 
 /**
  * After the workload exits, how long we wait for the host's `shutdown` before powering off.
@@ -206,7 +207,10 @@ function main(): void {
   channel.onData((chunk) => harness.peer.receive(chunk));
   // aegis-init holds the other end for the VM's whole life; losing it means init is gone.
   channel.onClose(() => process.exit(1));
-  harness.peer.notify('ready', { version: GUEST_PROTOCOL_VERSION });
+  // Before `ready`: a host told the guest is ready may copy files at once.
+  void startFileService()
+    .catch((err: unknown) => console.error(`aegis-harness: file service: ${(err as Error).message}`))
+    .finally(() => harness.peer.notify('ready', { version: GUEST_PROTOCOL_VERSION }));
 }
 
 try {

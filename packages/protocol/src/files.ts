@@ -18,8 +18,11 @@ export type FileRequest =
   | { op: 'stat'; path: string; image: boolean }
   | { op: 'list'; path: string; image: boolean }
   | { op: 'read'; path: string; image: boolean }
-  /** Creates or truncates; `mode` for a new file (default 0644). Parents must exist. */
-  | { op: 'write'; path: string; image: boolean; mode?: number }
+  /**
+   * Replaces the file once all of it arrived (`size`, when given, is checked); `mode` default:
+   * the old file's, else 0644. Parents must exist.
+   */
+  | { op: 'write'; path: string; image: boolean; mode?: number; size?: number }
   | { op: 'mkdir'; path: string; image: boolean; parents: boolean; mode?: number }
   | { op: 'remove'; path: string; image: boolean; recursive: boolean }
   /** A tar of `path` whose one top entry is named `name` (default: the path's last component). */
@@ -112,7 +115,7 @@ export function parseFileReply(v: unknown): FileReply {
 
 /** What the harness accepts from the host. */
 export function parseFileRequest(v: unknown): FileRequest {
-  const o = object(v, 'file request', ['op', 'path', 'image', 'mode', 'parents', 'recursive', 'name', 'keepOwner']);
+  const o = object(v, 'file request', ['op', 'path', 'image', 'mode', 'size', 'parents', 'recursive', 'name', 'keepOwner']);
   const path = absolute(o['path']);
   const image = o['image'] === true;
   const mode = o['mode'] === undefined ? undefined : int(o['mode'], 'mode', 0, 0o7777);
@@ -121,8 +124,10 @@ export function parseFileRequest(v: unknown): FileRequest {
     case 'list':
     case 'read':
       return { op: o['op'], path, image };
-    case 'write':
-      return mode === undefined ? { op: 'write', path, image } : { op: 'write', path, image, mode };
+    case 'write': {
+      const size = o['size'] === undefined ? undefined : int(o['size'], 'size', 0, Number.MAX_SAFE_INTEGER);
+      return { op: 'write', path, image, ...(mode === undefined ? {} : { mode }), ...(size === undefined ? {} : { size }) };
+    }
     case 'mkdir':
       return { op: 'mkdir', path, image, parents: o['parents'] === true, ...(mode === undefined ? {} : { mode }) };
     case 'remove':
@@ -137,5 +142,56 @@ export function parseFileRequest(v: unknown): FileRequest {
       return { op: 'tarIn', path, image, keepOwner: o['keepOwner'] === true };
     default:
       return bad('op must be stat, list, read, write, mkdir, remove, tarOut or tarIn');
+  }
+}
+
+/**
+ * Reads the first line of `stream` (at most MAX_FILE_HEADER bytes), leaving what follows it
+ * unread for the caller; the stream is paused when this resolves.
+ */
+export function readHeaderLine(stream: NodeJS.ReadableStream & { unshift(chunk: Buffer): void }): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let buf: Buffer = Buffer.alloc(0);
+    const cleanup = (): void => {
+      stream.off('data', onData);
+      stream.off('end', onEnd);
+      stream.off('close', onEnd);
+      stream.off('error', onError);
+      stream.pause();
+    };
+    const onData = (chunk: Buffer): void => {
+      buf = buf.length === 0 ? chunk : Buffer.concat([buf, chunk]);
+      const nl = buf.indexOf(10);
+      if (nl >= 0) {
+        cleanup();
+        const rest = buf.subarray(nl + 1);
+        if (rest.length > 0) stream.unshift(rest);
+        resolve(buf.subarray(0, nl).toString('utf8'));
+      } else if (buf.length > MAX_FILE_HEADER) {
+        cleanup();
+        reject(new AegisError('INVALID_ARGUMENT', `header line over ${MAX_FILE_HEADER} bytes`));
+      }
+    };
+    const onEnd = (): void => {
+      cleanup();
+      reject(new AegisError('UNAVAILABLE', 'the connection ended before its header line'));
+    };
+    const onError = (err: Error): void => {
+      cleanup();
+      reject(new AegisError('UNAVAILABLE', `the connection failed: ${err.message}`));
+    };
+    stream.on('data', onData);
+    stream.once('end', onEnd);
+    stream.once('close', onEnd);
+    stream.once('error', onError);
+  });
+}
+
+/** A JSON line, parsed (no prototype tricks: JSON.parse gives plain data). */
+export function parseJsonLine(line: string): unknown {
+  try {
+    return JSON.parse(line) as unknown;
+  } catch {
+    throw new AegisError('INVALID_ARGUMENT', 'not a JSON line');
   }
 }

@@ -11,6 +11,7 @@ import type { DaemonContext } from '../daemon.js';
 import { Registry } from '../registry/db.js';
 import { imageRoutes } from './routes/images.js';
 import { instanceRoutes } from './routes/instances.js';
+import { fileRoutes } from './routes/files.js';
 import { secretRoutes } from './routes/secrets.js';
 import { systemRoutes } from './routes/system.js';
 import {
@@ -572,7 +573,10 @@ describe('the daemon routes on the server, against stubbed services', () => {
       shutdown: () => Promise.resolve(),
     } as unknown as DaemonContext;
     const logger: Logger = { info() {}, warn() {} };
-    server = createServer([...systemRoutes(ctx), ...instanceRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx)], logger);
+    server = createServer(
+      [...systemRoutes(ctx), ...instanceRoutes(ctx), ...fileRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx)],
+      logger,
+    );
     await new Promise<void>((resolve) => server.listen(socketPath, () => resolve()));
   });
 

@@ -13,6 +13,8 @@ export interface RequestContext {
   body: unknown;
   /** Aborted when the client goes away. */
   signal: AbortSignal;
+  /** The request, for a route that reads its body as a stream (`rawBody`). */
+  req: http.IncomingMessage;
   res: http.ServerResponse;
 }
 
@@ -30,6 +32,8 @@ export interface Route {
   /** OpenAPI-style path, e.g. /v1/instances/{ref}/exec */
   path: string;
   handler: Handler;
+  /** The body is bytes the handler streams from `req` (no size limit, not parsed); `body` is undefined. */
+  rawBody?: boolean;
 }
 
 /** The largest request body accepted; a larger one is refused with 413 before any handler runs. */
@@ -263,8 +267,8 @@ export function createServer(routes: Route[], log: Logger): http.Server {
           }
           const params: Record<string, string> = {};
           for (const [k, v] of Object.entries(m.groups ?? {})) params[k] = decodeParam(k, v);
-          const body = await readBody(req);
-          const out = await route.handler({ params, query, body, signal: abort.signal, res });
+          const body = route.rawBody ? undefined : await readBody(req);
+          const out = await route.handler({ params, query, body, signal: abort.signal, req, res });
           if (out !== STREAMED) sendJson(res, out.status, out.body);
           return;
         }

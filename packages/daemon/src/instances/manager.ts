@@ -13,7 +13,8 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { AegisError, exitStatus, type ExitEvent, type PsResult } from '@aegis/protocol';
+import { AegisError, exitStatus, type ExitEvent, type FileRequest, type PsResult } from '@aegis/protocol';
+import type { Readable } from 'node:stream';
 import type { Backend, NetworkMode, Vm, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
@@ -23,6 +24,7 @@ import { PortForwarder } from '../ports/forwarder.js';
 import type { ImageService, ResolvedImage } from '../images/service.js';
 import type { AgentConnection } from './agent.js';
 import { LogStore } from './logs.js';
+import { fileOp, type FileResult } from './files.js';
 import type { TemplateCache } from './templates.js';
 import { OpQueue } from './op-queue.js';
 import { LiveInstance, type ExecEmitter } from './live.js';
@@ -30,6 +32,9 @@ import { bootVm, type BootContext } from './boot.js';
 import { recover } from './recovery.js';
 import { effectiveCommand, imageEnv, toView, type CreateRequest, type ExecRequest, type InstanceView } from './spec.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
+
+/** A file request as a caller gives it: which root (image or not) is the instance's to say. */
+export type FileOpRequest = FileRequest extends infer R ? (R extends FileRequest ? Omit<R, 'image'> : never) : never;
 
 export { toView, type CreateRequest, type ExecEvent, type ExecRequest, type InstanceView } from './spec.js';
 
@@ -614,6 +619,18 @@ export class InstanceManager {
     await agent.call('stdin', params, { timeoutMs: 30_000 });
   }
 
+  /**
+   * One operation of the guest's file service (files API, `aegis cp`), in the instance's root
+   * (its image's when it has one). The instance must be running: a paused guest cannot answer.
+   */
+  async files(ref: string, req: FileOpRequest, body?: Readable, signal?: AbortSignal): Promise<FileResult> {
+    const row = this.registry.resolveInstance(ref);
+    requireState(row.handle, row.state, ['running'], 'reach the files of');
+    const forwarder = this.requireLive(row, 'reach the files of').forwarder;
+    if (!forwarder) throw new AegisError('UNAVAILABLE', `instance "${row.handle}" is not serving its data channel yet`);
+    return fileOp(() => forwarder.open(0), { ...req, image: row.image !== null } as FileRequest, body, signal);
+  }
+
   /** The guest's processes (`docker top`). */
   async top(ref: string): Promise<PsResult> {
     const agent = this.runningAgent(this.registry.resolveInstance(ref), 'list the processes of');
@@ -676,13 +693,15 @@ export class InstanceManager {
   private async adopt(row: InstanceRow, vm: Vm): Promise<void> {
     const live = this.track(row.id, row.handle, vm);
     live.paused = row.state === 'paused';
-    if (row.ports.length > 0) {
-      // The same host ports as before; connections that were open did not survive.
-      await PortForwarder.listen(row.ports).then(
-        (f) => this.serve(live, f),
-        (err: unknown) => this.log.warn(`instance ${row.handle}: ports not restored: ${(err as Error).message}`),
-      );
-    }
+    // The same host ports as before (connections that were open did not survive), and the data
+    // channel the files API uses, ports or not.
+    await PortForwarder.listen(row.ports).then(
+      (f) => this.serve(live, f),
+      async (err: unknown) => {
+        this.log.warn(`instance ${row.handle}: ports not restored: ${(err as Error).message}`);
+        this.serve(live, await PortForwarder.listen([]));
+      },
+    );
     void (async () => {
       try {
         await live.connectAgent(15_000);

@@ -15,7 +15,6 @@
  * and the whole channel is closed, with every forwarded connection (as Firecracker stops a
  * device whose driver broke the rules: a guest that does this is broken or hostile).
  */
-import type net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { frameHeader, FrameDecoder, FrameType, MAX_CONNECTIONS, MAX_PAYLOAD, WINDOW_BYTES, type Frame } from '@aegis/protocol';
 import { stderrLogger, type Logger } from '../log.js';
@@ -42,8 +41,11 @@ function guestFrameLimit(type: number): number {
   }
 }
 
+/** A TCP client's socket, or one end of a duplexPair (a file transfer of the daemon's own). */
+type ConnSocket = Duplex & { setNoDelay?: (noDelay: boolean) => unknown };
+
 interface Conn {
-  socket: net.Socket;
+  socket: ConnSocket;
   opened: boolean;
   /** host → guest: bytes sent as DATA and not yet acknowledged by the guest. */
   unacked: number;
@@ -125,8 +127,11 @@ export class DataChannel {
     return this.conns.size;
   }
 
-  /** Forwards `socket` (paused, as accepted) to `guestPort` on the guest's loopback. */
-  forward(socket: net.Socket, guestPort: number): void {
+  /**
+   * Forwards `socket` (paused, as accepted) to `guestPort` on the guest's loopback; port 0 is
+   * the harness's file service.
+   */
+  forward(socket: ConnSocket, guestPort: number): void {
     if (this.closed) return void socket.destroy();
     if (this.conns.size >= this.maxConnections) {
       if (!this.warnedFull) {
@@ -197,7 +202,7 @@ export class DataChannel {
         if (c.opened) return this.violation(`a second OPENED for connection ${f.connId}`);
         c.opened = true;
         clearTimeout(c.timer);
-        c.socket.setNoDelay(true);
+        c.socket.setNoDelay?.(true);
         c.socket.resume();
         return;
       case FrameType.DATA:

@@ -8,6 +8,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
 import { DataChannel } from './data-channel.js';
+import { duplexPair } from './duplex-pair.js';
 
 export interface PortMapping {
   guestPort: number;
@@ -96,6 +97,18 @@ export class PortForwarder {
     } catch {
       socket.destroy();
     }
+  }
+
+  /**
+   * A connection of the daemon's own to `guestPort` over the same data channel (port 0: the
+   * harness's file service): the returned stream is the guest end's bytes.
+   */
+  async open(guestPort: number): Promise<Duplex> {
+    const channel = await this.dataChannel();
+    const [mine, theirs] = duplexPair();
+    mine.pause(); // as an accepted socket: the channel resumes it once the guest end is open
+    channel.forward(mine, guestPort);
+    return theirs;
   }
 
   private dataChannel(): Promise<DataChannel> {

@@ -1,0 +1,239 @@
+/**
+ * The guest side of the files API and `aegis cp` (contract: @aegis/protocol files.ts). aegis-init
+ * splices each data-channel connection to "port 0" onto FILES_SOCKET; each one carries one
+ * operation. Paths are the instance's: inside the image root when it has one, where symlinks
+ * resolve as the workload would see them (an absolute link stays inside that root).
+ */
+import { constants as fsConstants, promises as fs, type Stats } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import path from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { extractTar, packPath } from '@aegis/archive';
+import {
+  AegisError,
+  MAX_LIST_ENTRIES,
+  parseFileRequest,
+  parseJsonLine,
+  readHeaderLine,
+  type FileReply,
+  type FileRequest,
+  type FileStat,
+} from '@aegis/protocol';
+import { IMAGE_ROOT, resolveInRoot } from './image.js';
+
+export const FILES_SOCKET = '/run/aegis-files.sock';
+
+function statOf(name: string, st: Stats, linkTarget?: string): FileStat {
+  const type = st.isFile() ? 'file' : st.isDirectory() ? 'directory' : st.isSymbolicLink() ? 'symlink' : 'other';
+  return {
+    name,
+    type,
+    size: st.size,
+    mode: st.mode & 0o7777,
+    uid: st.uid,
+    gid: st.gid,
+    mtimeMs: Math.round(st.mtimeMs),
+    ...(linkTarget !== undefined ? { linkTarget } : {}),
+  };
+}
+
+function codeOf(err: unknown): AegisError {
+  if (err instanceof AegisError) return err;
+  const e = err as NodeJS.ErrnoException;
+  const msg = e.message.replace(/^[A-Z]+: /, '');
+  switch (e.code) {
+    case 'ENOENT':
+      return new AegisError('NOT_FOUND', msg);
+    case 'EEXIST':
+    case 'ENOTEMPTY':
+      return new AegisError('ALREADY_EXISTS', msg);
+    case 'ENOTDIR':
+    case 'EISDIR':
+    case 'EINVAL':
+    case 'ELOOP':
+      return new AegisError('INVALID_ARGUMENT', msg);
+    case 'ENOSPC':
+    case 'EDQUOT':
+      return new AegisError('RESOURCE_EXHAUSTED', msg);
+    case 'EACCES':
+    case 'EPERM':
+    case 'EROFS':
+      return new AegisError('FAILED_PRECONDITION', msg);
+    default:
+      return new AegisError('INTERNAL', msg);
+  }
+}
+
+class Paths {
+  constructor(private readonly root: string) {}
+
+  /** `p` with every symlink followed inside the root; NOT_FOUND when a component is missing. */
+  async resolve(p: string): Promise<string> {
+    const real = await resolveInRoot(this.root, p);
+    if (!real) throw new AegisError('NOT_FOUND', `no such file or directory: ${p}`);
+    return real;
+  }
+
+  /** `p`'s directory resolved, its last component not followed (for lstat, create, remove). */
+  async parentAnd(p: string): Promise<{ dir: string; base: string; full: string }> {
+    const norm = path.posix.resolve('/', p);
+    if (norm === '/') return { dir: this.root, base: '', full: this.root };
+    const dir = await this.resolve(path.posix.dirname(norm));
+    const base = path.posix.basename(norm);
+    return { dir, base, full: path.join(dir, base) };
+  }
+}
+
+async function serve(conn: net.Socket): Promise<void> {
+  let req: FileRequest;
+  try {
+    req = parseFileRequest(parseJsonLine(await readHeaderLine(conn)));
+  } catch (err) {
+    return reply(conn, err, true);
+  }
+  const paths = new Paths(req.image ? IMAGE_ROOT : '/');
+  // Once a success line went out, data follows it: an error then can only cut the stream short.
+  let started = false;
+  const begin = (r: FileReply): void => {
+    started = true;
+    conn.write(JSON.stringify(r) + '\n');
+  };
+  try {
+    switch (req.op) {
+      case 'stat': {
+        const { full, base } = await paths.parentAnd(req.path);
+        const st = await fs.lstat(full);
+        const target = st.isSymbolicLink() ? await fs.readlink(full) : undefined;
+        return reply(conn, { ok: true, stat: statOf(base || '/', st, target) }, true);
+      }
+      case 'list': {
+        const dir = await paths.resolve(req.path);
+        const names = (await fs.readdir(dir)).sort().slice(0, MAX_LIST_ENTRIES);
+        const lines: string[] = [];
+        for (const name of names) {
+          const st = await fs.lstat(path.join(dir, name)).catch(() => undefined);
+          if (!st) continue; // gone meanwhile
+          const target = st.isSymbolicLink() ? await fs.readlink(path.join(dir, name)).catch(() => '') : undefined;
+          lines.push(JSON.stringify(statOf(name, st, target)));
+        }
+        begin({ ok: true, entries: lines.length });
+        for (const l of lines) if (!conn.write(l + '\n')) await new Promise((r) => conn.once('drain', r));
+        conn.end();
+        return;
+      }
+      case 'read': {
+        const file = await paths.resolve(req.path);
+        const fh = await fs.open(file, fsConstants.O_RDONLY);
+        try {
+          const st = await fh.stat();
+          if (!st.isFile())
+            throw new AegisError('INVALID_ARGUMENT', `${req.path} is ${st.isDirectory() ? 'a directory' : 'not a regular file'}`);
+          begin({ ok: true, stat: statOf(path.basename(req.path), st) });
+          await pipeline(fh.createReadStream({ autoClose: false }), conn);
+        } finally {
+          await fh.close();
+        }
+        return;
+      }
+      case 'write': {
+        const { full, base, dir } = await paths.parentAnd(req.path);
+        if (!base) throw new AegisError('INVALID_ARGUMENT', 'cannot write to /');
+        const existing = await fs.lstat(full).catch(() => undefined);
+        if (existing?.isDirectory()) throw new AegisError('INVALID_ARGUMENT', `${req.path} is a directory`);
+        // Into a new file beside it, renamed over the name once complete: a transfer cut short
+        // leaves the old file (and a symlink at the name is replaced, never written through).
+        const temp = path.join(dir, `.${base.slice(0, 200)}.aegis-${randomBytes(4).toString('hex')}`);
+        const fh = await fs.open(temp, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW, 0o600);
+        try {
+          let written = 0;
+          // Not `for await (… of conn)`: that destroys the socket at the end, before the reply.
+          for await (const chunk of conn.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>) {
+            await fh.write(chunk);
+            written += chunk.length;
+          }
+          if (req.size !== undefined && written !== req.size) {
+            throw new AegisError('INVALID_ARGUMENT', `the upload ended after ${written} of ${req.size} bytes; ${req.path} is unchanged`);
+          }
+          await fh.chmod(req.mode ?? (existing?.isFile() ? existing.mode & 0o7777 : 0o644));
+          await fh.close();
+          await fs.rename(temp, full);
+        } catch (err) {
+          await fh.close().catch(() => undefined);
+          await fs.rm(temp, { force: true });
+          throw err;
+        }
+        return reply(conn, { ok: true, stat: statOf(base, await fs.lstat(full)) }, true);
+      }
+      case 'mkdir': {
+        const norm = path.posix.resolve('/', req.path);
+        if (req.parents) {
+          // Each component is created (or found a directory) inside the root, never through a link out.
+          let at = '/';
+          for (const part of norm.split('/').filter(Boolean)) {
+            at = path.posix.join(at, part);
+            const { full } = await paths.parentAnd(at);
+            const st = await fs.stat(full).catch(() => undefined);
+            if (!st) await fs.mkdir(full, { mode: req.mode ?? 0o755 });
+            else if (!st.isDirectory()) throw new AegisError('INVALID_ARGUMENT', `${at} exists and is not a directory`);
+          }
+        } else {
+          const { full } = await paths.parentAnd(norm);
+          await fs.mkdir(full, { mode: req.mode ?? 0o755 });
+        }
+        const { full, base } = await paths.parentAnd(norm);
+        return reply(conn, { ok: true, stat: statOf(base || '/', await fs.lstat(full)) }, true);
+      }
+      case 'remove': {
+        const { full, base } = await paths.parentAnd(req.path);
+        if (!base) throw new AegisError('INVALID_ARGUMENT', 'cannot remove /');
+        const st = await fs.lstat(full);
+        if (st.isDirectory() && !req.recursive) await fs.rmdir(full);
+        else await fs.rm(full, { recursive: req.recursive, force: false });
+        return reply(conn, { ok: true }, true);
+      }
+      case 'tarOut': {
+        const { full, base } = await paths.parentAnd(req.path);
+        const st = await fs.lstat(full);
+        begin({ ok: true, stat: statOf(base || '/', st) });
+        await pipeline(packPath(full, req.name ?? (base || 'root')), conn);
+        return;
+      }
+      case 'tarIn': {
+        const dir = await paths.resolve(req.path);
+        if (!(await fs.stat(dir)).isDirectory()) throw new AegisError('INVALID_ARGUMENT', `${req.path} is not a directory`);
+        await extractTar(conn, dir, { keepSpecialBits: true, keepOwner: req.keepOwner });
+        return reply(conn, { ok: true, stat: statOf(path.basename(req.path), await fs.stat(dir)) }, true);
+      }
+    }
+  } catch (err) {
+    // Before any data went out, the error is the reply; after, the connection just ends early.
+    if (!started && conn.writable) reply(conn, err, true);
+    else conn.destroy();
+  }
+}
+
+function reply(conn: net.Socket, r: FileReply | unknown, end: boolean): void {
+  const line =
+    typeof r === 'object' && r !== null && 'ok' in r
+      ? (r as FileReply)
+      : ((e: AegisError) => ({ ok: false as const, code: e.code, message: e.message.slice(0, 1000) }))(codeOf(r));
+  if (end) conn.end(JSON.stringify(line) + '\n');
+  else conn.write(JSON.stringify(line) + '\n');
+}
+
+/** Listens on FILES_SOCKET (root only: the workload runs as root too, but nothing else reaches it over a network). */
+export async function startFileService(): Promise<net.Server> {
+  await fs.rm(FILES_SOCKET, { force: true });
+  // Half-open: the host ends its side after the request (and its bytes); the reply still goes out.
+  const server = net.createServer({ allowHalfOpen: true }, (conn) => {
+    conn.on('error', () => conn.destroy());
+    void serve(conn).catch(() => conn.destroy());
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(FILES_SOCKET, () => resolve());
+  });
+  await fs.chmod(FILES_SOCKET, 0o600);
+  return server;
+}
