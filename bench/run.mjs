@@ -165,10 +165,24 @@ function wallMs(cmd, args, env) {
 }
 
 /**
+ * A bare Node process doing the exec the CLI does: the same request (client.ts's), read to the
+ * end, with nothing loaded but node:http. What `aegis exec` costs without the CLI.
+ */
+const BARE_EXEC = `const http = require('node:http');
+const body = JSON.stringify({ command: ['true'] });
+const headers = { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) };
+const req = http.request({ socketPath: process.argv[1], method: 'POST', path: '/v1/instances/' + process.argv[2] + '/exec', headers }, (res) => {
+  if (res.statusCode !== 200) process.exit(1);
+  res.resume();
+});
+req.end(body);`;
+
+/**
  * What the CLI adds to a bare Node start: `aegis --version` (load and parse, no daemon) vs.
- * `node -e 0`, and `aegis exec` vs. the API client's exec on the same instance, interleaved so
- * the machine's load hits all alike. bin/aegis runs the bundle (packages/cli/build.mjs); the
- * unbundled tsc output is measured beside it for comparison.
+ * `node -e 0`, and `aegis exec <h> -- true` vs. a bare Node process making the same request
+ * (BARE_EXEC), interleaved so the machine's load hits all alike. bin/aegis runs the bundle
+ * (packages/cli/build.mjs); the unbundled tsc output, and the API client's exec inside this
+ * process (no process start at all), are measured beside them.
  */
 async function benchCli() {
   const cli = path.join(ROOT, 'packages/cli');
@@ -190,11 +204,13 @@ async function benchCli() {
     starts.unbundled.push(unbundled);
   }
   const d = await startDaemon(false);
-  const exec = { cli: [], api: [] };
+  const exec = { cli: [], bare: [], api: [] };
+  const bare = () => wallMs('node', ['-e', BARE_EXEC, path.join(d.home, 'aegisd.sock'), 'bench-cli']);
   try {
     await d.client.createInstance({ handle: 'bench-cli', command: ['sleep', '3600'] });
-    for (let i = 0; i < 3; i++) await aegisExec(d.env, 'bench-cli');
+    for (let i = 0; i < 3; i++) await Promise.all([aegisExec(d.env, 'bench-cli'), bare()]);
     for (let i = 0; i < N; i++) {
+      exec.bare.push(await bare());
       exec.cli.push(await aegisExec(d.env, 'bench-cli'));
       exec.api.push((await apiExec(d.client, 'bench-cli')).ms);
     }
@@ -207,17 +223,25 @@ async function benchCli() {
   console.log(`${'`node -e 0` (reference)'.padEnd(56)} median ${m(starts.node)}`);
   console.log(`${'`aegis --version` (bin/aegis, the bundle)'.padEnd(56)} median ${m(starts.version)}`);
   console.log(`${'`node packages/cli/dist/main.js --version` (unbundled)'.padEnd(56)} median ${m(starts.unbundled)}`);
-  console.log(`${'`aegis exec <h> -- true` (CLI process)'.padEnd(56)} median ${m(exec.cli)}`);
-  console.log(`${'exec `true` through the API client (no CLI start)'.padEnd(56)} median ${m(exec.api)}`);
+  console.log(`${'the same exec from a bare `node -e` (node:http only)'.padEnd(56)} median ${m(exec.bare)}`);
+  console.log(`${'`aegis exec <h> -- true` (bin/aegis)'.padEnd(56)} median ${m(exec.cli)}`);
+  console.log(`${'exec through the API client in this process (no start)'.padEnd(56)} median ${m(exec.api)}`);
   const versionMs = median(starts.version) - median(starts.node);
-  const execMs = median(exec.cli) - median(exec.api) - median(starts.node);
+  const execMs = median(exec.cli) - median(exec.bare);
   const met = (x) => (x <= 25 ? 'met' : 'NOT met');
   console.log(
     `\nCLI overhead, aegis --version - node -e 0: ${versionMs.toFixed(1)} ms (target <= 25 ms: ${met(versionMs)}); ` +
-      `aegis exec - API exec - node -e 0: ${execMs.toFixed(1)} ms (${met(execMs)}); ` +
+      `aegis exec - bare node exec: ${execMs.toFixed(1)} ms (${met(execMs)}); ` +
       `unbundled --version - node -e 0: ${(median(starts.unbundled) - median(starts.node)).toFixed(1)} ms`,
   );
-  return { nodeMs: starts.node, versionMs: starts.version, unbundledVersionMs: starts.unbundled, execCliMs: exec.cli, execApiMs: exec.api };
+  return {
+    nodeMs: starts.node,
+    versionMs: starts.version,
+    unbundledVersionMs: starts.unbundled,
+    execCliMs: exec.cli,
+    execBareNodeMs: exec.bare,
+    execApiMs: exec.api,
+  };
 }
 
 /** A daemon of the bench's own; `warm` lets it restore instances from snapshot templates. */
