@@ -17,7 +17,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import * as tar from 'tar-stream';
 import { extractTar, packPath } from './tar.js';
 
-type Entry = tar.Headers & { body?: string };
+type Entry = tar.Header & { body?: string };
 
 /** A tar made entry by entry, as a hostile guest could make it. */
 async function tarOf(entries: Entry[]): Promise<Readable> {

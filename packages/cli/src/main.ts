@@ -1,4 +1,5 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --
+// (`node --`: Node 20 takes `--env-file FILE` anywhere in argv as its own flag, ours included.)
 /** aegis: the command line over the aegisd API. */
 import { Command } from 'commander';
 import { infoCommand } from './commands/instance/info.js';

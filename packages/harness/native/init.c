@@ -541,6 +541,24 @@ static void prepare_image_root(const char *hostname) {
   }
 }
 
+/* `aegis-init blocking -- CMD...`: CMD with its stdin and stdout in blocking mode. The harness
+ * hands file-service sockets to cat and tar this way (bytes then never pass through Node);
+ * Node keeps its sockets non-blocking, a flag the child shares, and cat or tar would stop at
+ * the first EAGAIN. The harness only writes its last short reply line afterwards. */
+static int blocking_main(int argc, char **argv) {
+  if (argc < 4 || strcmp(argv[2], "--") != 0) {
+    fprintf(stderr, "usage: aegis-init blocking -- CMD...\n");
+    return 2;
+  }
+  for (int fd = 0; fd <= 1; fd++) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  }
+  execvp(argv[3], &argv[3]);
+  fprintf(stderr, "aegis-init blocking: %s: %s\n", argv[3], strerror(errno));
+  return 127;
+}
+
 /* ---- `aegis-init chroot ROOT UID GID GROUPS CWD -- CMD...`: a command in the image root ---
  * Run by the harness for every workload and exec of an instance with an image. GROUPS is a
  * comma-separated list of supplementary gids ("-" for none). The command is looked up on the
@@ -674,6 +692,7 @@ int main(int argc, char **argv) {
   if (argc > 1 && strcmp(argv[1], "fresh") == 0) return fresh_main();
   if (argc > 1 && strcmp(argv[1], "chroot") == 0) return chroot_main(argc, argv);
   if (argc > 1 && strcmp(argv[1], "cg") == 0) return cg_main(argc, argv);
+  if (argc > 1 && strcmp(argv[1], "blocking") == 0) return blocking_main(argc, argv);
   if (getpid() != 1) {
     say("must run as PID 1");
     return 2;

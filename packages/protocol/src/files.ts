@@ -3,10 +3,13 @@
  * to "port 0" on the data channel (spec/guest-rpc.md): aegis-init splices it to the harness's
  * file service. One operation per connection:
  *
- *   host → guest: one request line (JSON, FileRequest, at most MAX_FILE_HEADER bytes), then
- *                 for `write` the file's bytes and for `tarIn` a tar stream, then end (FIN)
- *   guest → host: one reply line (JSON, FileReply), then for `read` the file's bytes, for
- *                 `tarOut` a tar stream, for `list` one FileStat line per entry; then end
+ *   host → guest: one request line (JSON, FileRequest, at most MAX_FILE_HEADER bytes); for
+ *                 `write` and `tarIn`, once the guest said `ready`, the bytes; then end (FIN)
+ *   guest → host: one reply line (JSON, FileReply): for `write` and `tarIn` `{ok, ready}` and,
+ *                 after the bytes, a second one with the result; for `read` the file's bytes
+ *                 follow it, for `tarOut` a tar stream, for `list` one FileStat line per
+ *                 entry; then end. (`ready` first: the bytes then go straight to cat or tar in
+ *                 the guest, never through Node, which must not have read any of them.)
  *
  * Bytes are raw (the data channel's frames), never base64. Paths are absolute in the instance's
  * root (its image's, when it has one); symlinks resolve inside that root. Everything the guest
@@ -25,8 +28,8 @@ export type FileRequest =
   | { op: 'write'; path: string; image: boolean; mode?: number; size?: number }
   | { op: 'mkdir'; path: string; image: boolean; parents: boolean; mode?: number }
   | { op: 'remove'; path: string; image: boolean; recursive: boolean }
-  /** A tar of `path` whose one top entry is named `name` (default: the path's last component). */
-  | { op: 'tarOut'; path: string; image: boolean; name?: string }
+  /** A tar of `path` (not followed if a symlink) whose one top entry is its last component. */
+  | { op: 'tarOut'; path: string; image: boolean }
   /** Extracts a tar into the directory `path` (files owned by root unless `keepOwner`, as docker cp). */
   | { op: 'tarIn'; path: string; image: boolean; keepOwner: boolean };
 
@@ -47,7 +50,7 @@ export interface FileStat {
   linkTarget?: string;
 }
 
-export type FileReply = { ok: true; stat?: FileStat; entries?: number } | { ok: false; code: string; message: string };
+export type FileReply = { ok: true; ready?: true; stat?: FileStat; entries?: number } | { ok: false; code: string; message: string };
 
 /** A request or reply line longer than this is refused (a path is at most 4096 bytes). */
 export const MAX_FILE_HEADER = 64 * 1024;
@@ -102,9 +105,9 @@ export function parseFileStat(v: unknown): FileStat {
 
 /** The guest's reply line. An error reply keeps only a known code; its message is cut short. */
 export function parseFileReply(v: unknown): FileReply {
-  const o = object(v, 'file reply', ['ok', 'stat', 'entries', 'code', 'message']);
+  const o = object(v, 'file reply', ['ok', 'ready', 'stat', 'entries', 'code', 'message']);
   if (o['ok'] === true) {
-    const r: FileReply = { ok: true };
+    const r: FileReply = o['ready'] === true ? { ok: true, ready: true } : { ok: true };
     if (o['stat'] !== undefined) r.stat = parseFileStat(o['stat']);
     if (o['entries'] !== undefined) r.entries = int(o['entries'], 'entries', 0, MAX_LIST_ENTRIES);
     return r;
@@ -115,7 +118,7 @@ export function parseFileReply(v: unknown): FileReply {
 
 /** What the harness accepts from the host. */
 export function parseFileRequest(v: unknown): FileRequest {
-  const o = object(v, 'file request', ['op', 'path', 'image', 'mode', 'size', 'parents', 'recursive', 'name', 'keepOwner']);
+  const o = object(v, 'file request', ['op', 'path', 'image', 'mode', 'size', 'parents', 'recursive', 'keepOwner']);
   const path = absolute(o['path']);
   const image = o['image'] === true;
   const mode = o['mode'] === undefined ? undefined : int(o['mode'], 'mode', 0, 0o7777);
@@ -132,12 +135,8 @@ export function parseFileRequest(v: unknown): FileRequest {
       return { op: 'mkdir', path, image, parents: o['parents'] === true, ...(mode === undefined ? {} : { mode }) };
     case 'remove':
       return { op: 'remove', path, image, recursive: o['recursive'] === true };
-    case 'tarOut': {
-      const name = o['name'] === undefined ? undefined : text(o['name'], 'name', 255);
-      if (name !== undefined && (name === '' || name.includes('/') || name === '.' || name === '..'))
-        bad('name must be one path component');
-      return name === undefined ? { op: 'tarOut', path, image } : { op: 'tarOut', path, image, name };
-    }
+    case 'tarOut':
+      return { op: 'tarOut', path, image };
     case 'tarIn':
       return { op: 'tarIn', path, image, keepOwner: o['keepOwner'] === true };
     default:
@@ -184,6 +183,7 @@ export function readHeaderLine(stream: NodeJS.ReadableStream & { unshift(chunk: 
     stream.once('end', onEnd);
     stream.once('close', onEnd);
     stream.once('error', onError);
+    stream.resume(); // a 'data' listener does not restart a stream paused by an earlier call
   });
 }
 

@@ -12,6 +12,7 @@ import {
   parseFileStat,
   parseJsonLine,
   readHeaderLine,
+  type FileReply,
   type FileRequest,
   type FileStat,
 } from '@aegis/protocol';
@@ -36,14 +37,24 @@ export async function fileOp(open: OpenFileConnection, req: FileRequest, body?: 
   conn.once('close', () => signal?.removeEventListener('abort', onAbort));
   conn.on('error', () => undefined); // surfaces as a short stream or a missing reply
   conn.write(JSON.stringify(req) + '\n');
-  if (body) {
-    // The reply comes once the guest has it all: send it while waiting for the answer.
+  if (!body) conn.end();
+  let reply = await replyLine(conn, signal);
+  if (body && reply.ok && reply.ready) {
+    // The guest is ready for the bytes; its answer comes once it has them all.
     body.on('error', (err) => conn.destroy(err));
     body.pipe(conn);
-  } else conn.end();
-  let reply;
+    reply = await replyLine(conn, signal);
+  }
+  if (!reply.ok) {
+    conn.destroy();
+    throw new AegisError(isErrorCode(reply.code) ? reply.code : 'INTERNAL', reply.message);
+  }
+  return { ...(reply.stat ? { stat: reply.stat } : {}), data: conn };
+}
+
+async function replyLine(conn: Duplex, signal: AbortSignal | undefined): Promise<FileReply> {
   try {
-    reply = parseFileReply(parseJsonLine(await readHeaderLine(conn)));
+    return parseFileReply(parseJsonLine(await readHeaderLine(conn)));
   } catch (err) {
     conn.destroy();
     if (signal?.aborted) throw new AegisError('CANCELLED', 'the caller went away');
@@ -51,11 +62,6 @@ export async function fileOp(open: OpenFileConnection, req: FileRequest, body?: 
       ? new AegisError('UNAVAILABLE', 'the guest file service did not answer (the VM stopped, or its agent is not running)')
       : new AegisError('INTERNAL', `the guest file service sent a bad reply: ${(err as Error).message}`);
   }
-  if (!reply.ok) {
-    conn.destroy();
-    throw new AegisError(isErrorCode(reply.code) ? reply.code : 'INTERNAL', reply.message);
-  }
-  return { ...(reply.stat ? { stat: reply.stat } : {}), data: conn };
 }
 
 /** Reads a `list` reply's entry lines, each checked; at most MAX_LIST_ENTRIES. */

@@ -1,7 +1,7 @@
 /**
  * Two connected in-memory byte streams: what one writes, the other reads, with backpressure
  * (a write completes once the other side's reader has taken the chunk in), end() as EOF on the
- * other side, and destroy() ending both. What a socketpair would be, without a file descriptor:
+ * other side, and destroy() before both directions finished ending both. What a socketpair would be, without a file descriptor:
  * the daemon hands one end to the data channel and keeps the other (a file transfer).
  */
 import { Duplex } from 'node:stream';
@@ -30,11 +30,15 @@ export function duplexPair(): [Duplex, Duplex] {
         cb();
       },
       destroy(err, cb) {
+        const me = ends[self];
         const p = ends[peer];
         const w = waiting[self];
         waiting[self] = undefined;
         w?.(err ?? new Error('destroyed'));
-        if (p && !p.destroyed) p.destroy();
+        // A side that finished both ways is destroyed by autoDestroy: its peer may still hold
+        // data for its own reader. Anything else (an error, an abort) ends both, as a reset would.
+        const clean = !err && me?.readableEnded === true && me.writableFinished;
+        if (!clean && p && !p.destroyed) p.destroy();
         cb(err);
       },
     });

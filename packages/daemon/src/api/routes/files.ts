@@ -131,12 +131,13 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/instances/{ref}/archive',
       handler: async ({ params, query, signal, res }) => {
-        const name = query.get('name');
-        const op = { op: 'tarOut' as const, path: pathQuery(query), ...(name !== null ? { name } : {}) };
+        const op = { op: 'tarOut' as const, path: pathQuery(query) };
         const { stat, data } = await m.files(ref(params), op, undefined, signal);
         // What was archived, as Docker's X-Docker-Container-Path-Stat: the client needs it to
         // decide where the copy goes before it reads the tar.
-        const statHeader: Record<string, string> = stat ? { 'x-aegis-path-stat': Buffer.from(JSON.stringify(stat)).toString('base64') } : {};
+        const statHeader: Record<string, string> = stat
+          ? { 'x-aegis-path-stat': Buffer.from(JSON.stringify(stat)).toString('base64') }
+          : {};
         await sendBytes(res, { 'content-type': 'application/x-tar', ...statHeader }, data);
         return STREAMED;
       },
