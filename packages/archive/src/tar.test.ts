@@ -17,12 +17,12 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import * as tar from 'tar-stream';
 import { extractTar, packPath } from './tar.js';
 
-type Entry = tar.Header & { body?: string };
+type Entry = Partial<tar.Header> & { name: string; body?: string };
 
 /** A tar made entry by entry, as a hostile guest could make it. */
 async function tarOf(entries: Entry[]): Promise<Readable> {
   const pack = tar.pack();
-  for (const { body, ...h } of entries) pack.entry({ mode: 0o644, ...h }, body ?? '');
+  for (const { body, ...h } of entries) pack.entry({ ...h, mode: h.mode ?? 0o644 }, body ?? '');
   pack.finalize();
   const chunks: Buffer[] = [];
   for await (const c of pack as AsyncIterable<Buffer>) chunks.push(c);
