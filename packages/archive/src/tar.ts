@@ -22,6 +22,11 @@ import { AegisError } from '@aegis/protocol';
 export interface ExtractOptions {
   keepOwner?: boolean;
   keepSpecialBits?: boolean;
+  /**
+   * Renames the archive's top entry (`docker cp` to a new name): every entry's first
+   * component becomes this one; `''` drops it, so what was inside lands in `dest` itself.
+   */
+  topName?: string;
 }
 
 export interface ExtractResult {
@@ -139,7 +144,11 @@ async function extractEntries(
 ): Promise<void> {
   for await (const entry of extract) {
     const h = entry.header;
-    const parts = components(h.name);
+    let parts = components(h.name);
+    if (typeof parts !== 'string' && options.topName !== undefined && parts.length > 0) {
+      parts = options.topName === '' ? parts.slice(1) : [options.topName, ...parts.slice(1)];
+      if (parts.length === 0 && h.type !== 'directory') parts = 'a top entry that is not a directory cannot be unpacked into one';
+    }
     const drain = (): Promise<void> => new Promise<void>((r) => entry.resume().once('end', () => r()));
     if (typeof parts === 'string') {
       skip(h.name, parts);
@@ -157,6 +166,10 @@ async function extractEntries(
     const mode = (h.mode ?? 0o644) & (options.keepSpecialBits ? 0o7777 : 0o777);
     switch (h.type) {
       case 'directory': {
+        if (base === undefined) {
+          await drain(); // the destination itself: it keeps its own mode and times
+          break;
+        }
         const st = await fs.lstat(target).catch(() => undefined);
         if (st && !st.isDirectory()) await fs.unlink(target);
         if (!st?.isDirectory()) await fs.mkdir(target, { mode: 0o700 });
@@ -199,7 +212,10 @@ async function extractEntries(
         break;
       }
       case 'link': {
-        const from = components(h.linkname ?? '');
+        let from = components(h.linkname ?? '');
+        if (typeof from !== 'string' && options.topName !== undefined && from.length > 0) {
+          from = options.topName === '' ? from.slice(1) : [options.topName, ...from.slice(1)];
+        }
         const fromDir = typeof from === 'string' || from.length === 0 ? undefined : await safeDir(dest, from.slice(0, -1));
         const fromPath = fromDir === undefined || typeof from === 'string' ? undefined : path.join(fromDir, from.at(-1) as string);
         const fromStat = fromPath === undefined ? undefined : await fs.lstat(fromPath).catch(() => undefined);

@@ -7,6 +7,7 @@ import { deleteCommand, pauseCommand, restartCommand, resumeCommand, stopCommand
 import { listCommand } from './commands/instance/list.js';
 import { startCommand } from './commands/instance/start.js';
 import { execCommand } from './commands/exec.js';
+import { cpCommand } from './commands/cp.js';
 import { logsCommand } from './commands/logs.js';
 import { runCommand } from './commands/run.js';
 import { secretCommand } from './commands/secret/secret.js';
@@ -71,6 +72,7 @@ for (const c of [
   dockerInspectCommand(),
   waitCommand(),
   topCommand(),
+  cpCommand(),
 ]) {
   program.addCommand(c);
 }

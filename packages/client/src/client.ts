@@ -3,6 +3,7 @@
  * anyone embedding Aegis. Errors arrive as AegisError with the daemon's code unchanged.
  */
 import http from 'node:http';
+import type { Readable } from 'node:stream';
 import os from 'node:os';
 import path from 'node:path';
 import { AegisError, LineDecoder } from '@aegis/protocol';
@@ -10,6 +11,7 @@ import type {
   CreateInstanceRequest,
   ExecEvent,
   ExecRequest,
+  FileStat,
   Image,
   Instance,
   LogEvent,
@@ -29,8 +31,13 @@ interface RequestOptions {
   method: string;
   path: string;
   body?: unknown;
+  /** Bytes instead of a JSON body (streamed; a Buffer or a known `length` sets Content-Length). */
+  raw?: { data: Readable | Buffer; contentType: string; length?: number };
   signal?: AbortSignal;
 }
+
+/** A guest path as the files API's `path` query parameter. */
+const pathQuery = (p: string, extra: Record<string, string> = {}): string => new URLSearchParams({ path: p, ...extra }).toString();
 
 export class AegisClient {
   constructor(readonly socketPath: string = defaultSocketPath()) {}
@@ -38,11 +45,18 @@ export class AegisClient {
   private open(opts: RequestOptions): Promise<http.IncomingMessage> {
     return new Promise((resolve, reject) => {
       const payload = opts.body === undefined ? undefined : JSON.stringify(opts.body);
+      const raw = opts.raw;
+      const length = raw ? (Buffer.isBuffer(raw.data) ? raw.data.length : raw.length) : undefined;
+      const headers: Record<string, string | number> = raw
+        ? { 'content-type': raw.contentType, ...(length !== undefined ? { 'content-length': length } : {}) }
+        : payload === undefined
+          ? {}
+          : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) };
       const req = http.request({
         socketPath: this.socketPath,
         method: opts.method,
         path: opts.path,
-        headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) },
+        headers,
         ...(opts.signal ? { signal: opts.signal } : {}),
       });
       req.once('response', resolve);
@@ -55,8 +69,23 @@ export class AegisClient {
           reject(new AegisError('UNAVAILABLE', `cannot reach aegisd at ${this.socketPath}: ${err.message}`));
         }
       });
-      req.end(payload);
+      if (raw && !Buffer.isBuffer(raw.data)) {
+        raw.data.once('error', (err) => req.destroy(err));
+        raw.data.pipe(req);
+      } else req.end(raw ? raw.data : payload);
     });
+  }
+
+  /** A response whose body is bytes (a file, a tar); errors are thrown before any is read. */
+  private async bytes(opts: RequestOptions): Promise<http.IncomingMessage> {
+    const res = await this.open(opts);
+    const status = res.statusCode ?? 500;
+    if (status >= 400) {
+      const chunks: Buffer[] = [];
+      for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
+      throw errorFromBody(Buffer.concat(chunks).toString('utf8'), status);
+    }
+    return res;
   }
 
   private async call<T>(opts: RequestOptions): Promise<T> {
@@ -182,6 +211,96 @@ export class AegisClient {
    */
   run(req: CreateInstanceRequest, signal?: AbortSignal): AsyncGenerator<RunEvent> {
     return this.stream({ method: 'POST', path: '/v1/run', body: req, ...(signal ? { signal } : {}) });
+  }
+
+  /**
+   * A file's bytes, streamed. The stream errors if the transfer is cut short (the response
+   * carries the file's length).
+   */
+  async readFile(ref: string, guestPath: string, signal?: AbortSignal): Promise<{ mode: number; size: number; data: Readable }> {
+    const res = await this.bytes({
+      method: 'GET',
+      path: `/v1/instances/${encodeURIComponent(ref)}/files?${pathQuery(guestPath)}`,
+      ...(signal ? { signal } : {}),
+    });
+    return {
+      mode: parseInt(String(res.headers['x-aegis-file-mode'] ?? '0'), 8),
+      size: Number(res.headers['content-length'] ?? -1),
+      data: res,
+    };
+  }
+
+  /** Writes a file (replaced once all of it arrived). Give `length` with a stream when known: the guest checks it. */
+  writeFile(
+    ref: string,
+    guestPath: string,
+    data: Readable | Buffer | string,
+    options: { mode?: number; length?: number; signal?: AbortSignal } = {},
+  ): Promise<FileStat> {
+    const body = typeof data === 'string' ? Buffer.from(data) : data;
+    const q = pathQuery(guestPath, options.mode !== undefined ? { mode: options.mode.toString(8).padStart(4, '0') } : {});
+    return this.call({
+      method: 'PUT',
+      path: `/v1/instances/${encodeURIComponent(ref)}/files?${q}`,
+      raw: { data: body, contentType: 'application/octet-stream', ...(options.length !== undefined ? { length: options.length } : {}) },
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+  }
+
+  statFile(ref: string, guestPath: string): Promise<FileStat> {
+    return this.call({ method: 'GET', path: `/v1/instances/${encodeURIComponent(ref)}/files/stat?${pathQuery(guestPath)}` });
+  }
+
+  async listFiles(ref: string, guestPath: string): Promise<FileStat[]> {
+    const path = `/v1/instances/${encodeURIComponent(ref)}/files/list?${pathQuery(guestPath)}`;
+    return (await this.call<{ entries: FileStat[] }>({ method: 'GET', path })).entries;
+  }
+
+  makeDirectory(ref: string, guestPath: string, options: { parents?: boolean; mode?: number } = {}): Promise<FileStat> {
+    return this.call({
+      method: 'POST',
+      path: `/v1/instances/${encodeURIComponent(ref)}/files/mkdir`,
+      body: { path: guestPath, ...options },
+    });
+  }
+
+  removeFile(ref: string, guestPath: string, options: { recursive?: boolean } = {}): Promise<void> {
+    const q = pathQuery(guestPath, options.recursive ? { recursive: 'true' } : {});
+    return this.call({ method: 'DELETE', path: `/v1/instances/${encodeURIComponent(ref)}/files?${q}` });
+  }
+
+  /** A tar of a guest path (docker cp out) and what the path is. */
+  async getArchive(ref: string, guestPath: string, signal?: AbortSignal): Promise<{ stat: FileStat; tar: Readable }> {
+    const res = await this.bytes({
+      method: 'GET',
+      path: `/v1/instances/${encodeURIComponent(ref)}/archive?${pathQuery(guestPath)}`,
+      ...(signal ? { signal } : {}),
+    });
+    const header = String(res.headers['x-aegis-path-stat'] ?? '');
+    let stat: FileStat;
+    try {
+      stat = JSON.parse(Buffer.from(header, 'base64').toString('utf8')) as FileStat;
+    } catch {
+      res.destroy();
+      throw new AegisError('INTERNAL', "aegisd sent an archive without the path's stat");
+    }
+    return { stat, tar: res };
+  }
+
+  /** Extracts a tar into the guest directory `guestDir` (docker cp in). */
+  putArchive(
+    ref: string,
+    guestDir: string,
+    tar: Readable | Buffer,
+    options: { keepOwner?: boolean; signal?: AbortSignal } = {},
+  ): Promise<FileStat> {
+    const q = pathQuery(guestDir, options.keepOwner ? { keepOwner: 'true' } : {});
+    return this.call({
+      method: 'PUT',
+      path: `/v1/instances/${encodeURIComponent(ref)}/archive?${q}`,
+      raw: { data: tar, contentType: 'application/x-tar' },
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
   }
 
   /** Writes to an exec's stdin (it must have been started with `stdin: true`). */

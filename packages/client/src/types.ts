@@ -127,6 +127,19 @@ export interface ProcessInfo {
   command: string;
 }
 
+/** What is at a guest path (files API). */
+export interface FileStat {
+  name: string;
+  type: 'file' | 'directory' | 'symlink' | 'other';
+  size: number;
+  /** Permission bits with setuid/setgid/sticky. */
+  mode: number;
+  uid: number;
+  gid: number;
+  mtimeMs: number;
+  linkTarget?: string;
+}
+
 export interface SecretMeta {
   name: string;
   createdAt: string;

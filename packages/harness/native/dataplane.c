@@ -321,7 +321,9 @@ void *dataplane_main(void *arg) {
       if (c->connecting || c->out_len > 0) ev |= POLLOUT;
       if (!c->connecting && !c->read_done && c->unacked < DP_WINDOW && room_for(DP_CHUNK)) ev |= POLLIN;
       polled[n] = c;
-      pfd[n + 1].fd = c->fd;
+      /* Nothing wanted now (a full window, EOF already read): not polled at all, or a peer that
+       * hung up would report POLLHUP on every pass and spin this loop until the host catches up. */
+      pfd[n + 1].fd = ev ? c->fd : -1;
       pfd[n + 1].events = ev;
       pfd[n + 1].revents = 0;
       n++;
@@ -388,6 +390,9 @@ void *dataplane_main(void *arg) {
         if (c->read_done || !room_for(DP_CHUNK)) continue;
         size_t want = DP_CHUNK;
         if (DP_WINDOW - c->unacked < want) want = DP_WINDOW - c->unacked;
+        /* A full window with the peer gone (POLLHUP comes unasked): a read of 0 bytes would
+         * return 0 and look like EOF, dropping what is still queued. Wait for an ACK. */
+        if (want == 0) continue;
         ssize_t k = read(c->fd, outb + out_len + DP_HDR, want);
         if (k > 0) {
           /* The payload is already in place behind its header. */

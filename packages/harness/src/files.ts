@@ -12,6 +12,7 @@ import { spawn, type StdioOptions } from 'node:child_process';
 import {
   AegisError,
   MAX_LIST_ENTRIES,
+  type ErrorCode,
   parseFileRequest,
   parseJsonLine,
   readHeaderLine,
@@ -59,30 +60,34 @@ function statOf(name: string, st: Stats, linkTarget?: string): FileStat {
   };
 }
 
-function codeOf(err: unknown): AegisError {
+/** An fs error as the user's path and a plain phrase (never the harness's own path: an image root is /aegis/image). */
+function codeOf(err: unknown, guestPath: string): AegisError {
   if (err instanceof AegisError) return err;
   const e = err as NodeJS.ErrnoException;
-  const msg = e.message.replace(/^[A-Z]+: /, '');
+  const say = (code: ErrorCode, what: string): AegisError => new AegisError(code, `${guestPath}: ${what}`);
   switch (e.code) {
     case 'ENOENT':
-      return new AegisError('NOT_FOUND', msg);
+      return say('NOT_FOUND', 'no such file or directory');
     case 'EEXIST':
+      return say('ALREADY_EXISTS', 'already exists');
     case 'ENOTEMPTY':
-      return new AegisError('ALREADY_EXISTS', msg);
+      return say('FAILED_PRECONDITION', 'directory not empty (remove it with recursive)');
     case 'ENOTDIR':
+      return say('INVALID_ARGUMENT', 'a component of the path is not a directory');
     case 'EISDIR':
-    case 'EINVAL':
+      return say('INVALID_ARGUMENT', 'is a directory');
     case 'ELOOP':
-      return new AegisError('INVALID_ARGUMENT', msg);
+      return say('INVALID_ARGUMENT', 'too many levels of symbolic links');
     case 'ENOSPC':
     case 'EDQUOT':
-      return new AegisError('RESOURCE_EXHAUSTED', msg);
+      return say('RESOURCE_EXHAUSTED', 'no space left on the device');
     case 'EACCES':
     case 'EPERM':
+      return say('FAILED_PRECONDITION', 'permission denied');
     case 'EROFS':
-      return new AegisError('FAILED_PRECONDITION', msg);
+      return say('FAILED_PRECONDITION', 'read-only file system');
     default:
-      return new AegisError('INTERNAL', msg);
+      return say('INTERNAL', e.code ?? e.message);
   }
 }
 
@@ -92,7 +97,7 @@ class Paths {
   /** `p` with every symlink followed inside the root; NOT_FOUND when a component is missing. */
   async resolve(p: string): Promise<string> {
     const real = await resolveInRoot(this.root, p);
-    if (!real) throw new AegisError('NOT_FOUND', `no such file or directory: ${p}`);
+    if (!real) throw new AegisError('NOT_FOUND', `${p}: no such file or directory`);
     return real;
   }
 
@@ -111,7 +116,7 @@ async function serve(conn: net.Socket): Promise<void> {
   try {
     req = parseFileRequest(parseJsonLine(await readHeaderLine(conn)));
   } catch (err) {
-    return reply(conn, err, true);
+    return reply(conn, codeOf(err, '(request)'), true);
   }
   const paths = new Paths(req.image ? IMAGE_ROOT : '/');
   // Once a success line went out, data follows it: an error then can only cut the stream short.
@@ -232,16 +237,13 @@ async function serve(conn: net.Socket): Promise<void> {
     }
   } catch (err) {
     // Before any data went out, the error is the reply; after, the connection just ends early.
-    if (!started && conn.writable) reply(conn, err, true);
+    if (!started && conn.writable) reply(conn, codeOf(err, req.path), true);
     else conn.destroy();
   }
 }
 
-function reply(conn: net.Socket, r: FileReply | unknown, end: boolean): void {
-  const line =
-    typeof r === 'object' && r !== null && 'ok' in r
-      ? (r as FileReply)
-      : ((e: AegisError) => ({ ok: false as const, code: e.code, message: e.message.slice(0, 1000) }))(codeOf(r));
+function reply(conn: net.Socket, r: FileReply | AegisError, end: boolean): void {
+  const line: FileReply = r instanceof AegisError ? { ok: false, code: r.code, message: r.message.slice(0, 1000) } : r;
   if (end) conn.end(JSON.stringify(line) + '\n');
   else conn.write(JSON.stringify(line) + '\n');
 }

@@ -1,0 +1,137 @@
+/**
+ * `aegis cp`, as `docker cp`: `SRC INSTANCE:DEST` or `INSTANCE:SRC DEST`; `-` on the host side
+ * is a tar on stdin or stdout. Where the copy lands follows Docker's rules: into an existing
+ * directory under the source's name, else to the destination's name (whose parent must exist);
+ * `SRC/.` copies a directory's contents. Bytes travel as a tar stream through the daemon's
+ * archive endpoints; what comes out of the guest is unpacked by @aegis/archive, which keeps
+ * every entry inside the destination.
+ */
+import { promises as fs, type Stats } from 'node:fs';
+import path from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { Command } from 'commander';
+import { AegisError, isAegisError, type FileStat } from '@aegis/client';
+import { client, fail } from '../util.js';
+
+interface Target {
+  /** Absent: a host path. */
+  instance?: string;
+  path: string;
+}
+
+/** `name:path` is in an instance unless it looks like a host path (`./a:b`, `/x:y`), as Docker reads it. */
+function parseTarget(arg: string): Target {
+  if (arg === '-' || arg.startsWith('/') || arg.startsWith('.')) return { path: arg };
+  const colon = arg.indexOf(':');
+  if (colon <= 0) return { path: arg };
+  const p = arg.slice(colon + 1);
+  if (!p.startsWith('/')) throw new AegisError('INVALID_ARGUMENT', `"${arg}": the path in an instance must be absolute`);
+  return { instance: arg.slice(0, colon), path: p };
+}
+
+/** `dir/.`: the directory's contents, not the directory. */
+const contentsOf = (p: string): boolean => p === '.' || p.endsWith('/.');
+
+const human = (n: number): string =>
+  n >= 1 << 30
+    ? `${(n / (1 << 30)).toFixed(1)}GiB`
+    : n >= 1 << 20
+      ? `${(n / (1 << 20)).toFixed(1)}MiB`
+      : n >= 1024
+        ? `${(n / 1024).toFixed(1)}KiB`
+        : `${n}B`;
+
+async function guestStat(ref: string, p: string): Promise<FileStat | undefined> {
+  try {
+    return await client().statFile(ref, p);
+  } catch (err) {
+    if (isAegisError(err, 'NOT_FOUND')) return undefined;
+    throw err;
+  }
+}
+
+async function hostStat(p: string): Promise<Stats | undefined> {
+  return fs.stat(p).catch(() => undefined);
+}
+
+/** Host → guest. Returns the bytes sent (the files' sizes). */
+async function copyIn(src: string, dest: Target & { instance: string }, keepOwner: boolean): Promise<number> {
+  const api = client();
+  const { packPath } = await import('@aegis/archive');
+  if (src === '-') {
+    const st = await guestStat(dest.instance, dest.path);
+    if (st?.type !== 'directory')
+      throw new AegisError('INVALID_ARGUMENT', `${dest.instance}:${dest.path} must be a directory to unpack a tar from stdin into`);
+    await api.putArchive(dest.instance, dest.path, process.stdin, { keepOwner });
+    return 0;
+  }
+  const local = await fs.lstat(src).catch(() => undefined);
+  if (!local) throw new AegisError('NOT_FOUND', `no such file or directory: ${src}`);
+  const target = await guestStat(dest.instance, dest.path);
+  let dir: string;
+  let name: string;
+  if (target?.type === 'directory') {
+    if (local.isDirectory() && contentsOf(src)) [dir, name] = [dest.path, '.'];
+    else [dir, name] = [dest.path, path.basename(path.resolve(src))];
+  } else {
+    if (target && local.isDirectory())
+      throw new AegisError('INVALID_ARGUMENT', `cannot copy a directory onto the file ${dest.instance}:${dest.path}`);
+    if (!target && dest.path.endsWith('/')) throw new AegisError('NOT_FOUND', `no such directory: ${dest.instance}:${dest.path}`);
+    [dir, name] = [path.posix.dirname(dest.path), path.posix.basename(dest.path)];
+    const parent = await guestStat(dest.instance, dir);
+    if (parent?.type !== 'directory') throw new AegisError('NOT_FOUND', `no such directory: ${dest.instance}:${dir}`);
+  }
+  await api.putArchive(dest.instance, dir, packPath(path.resolve(src), name), { keepOwner });
+  return local.isDirectory() ? 0 : local.size;
+}
+
+/** Guest → host. Returns the bytes unpacked. */
+async function copyOut(src: Target & { instance: string }, dest: string): Promise<number> {
+  const { stat, tar } = await client().getArchive(src.instance, src.path);
+  if (dest === '-') {
+    await pipeline(tar, process.stdout);
+    return 0;
+  }
+  const { extractTar } = await import('@aegis/archive');
+  const target = await hostStat(dest);
+  let dir: string;
+  let topName: string;
+  if (target?.isDirectory()) {
+    if (stat.type === 'directory' && contentsOf(src.path)) [dir, topName] = [dest, ''];
+    else [dir, topName] = [dest, stat.name === '/' ? 'root' : stat.name];
+  } else {
+    if (target && stat.type === 'directory') throw new AegisError('INVALID_ARGUMENT', `cannot copy a directory onto the file ${dest}`);
+    if (!target && dest.endsWith('/')) throw new AegisError('NOT_FOUND', `no such directory: ${dest}`);
+    [dir, topName] = [path.dirname(path.resolve(dest)), path.basename(path.resolve(dest))];
+    if (!(await hostStat(dir))?.isDirectory()) throw new AegisError('NOT_FOUND', `no such directory: ${dir}`);
+  }
+  const r = await extractTar(tar, dir, { topName });
+  for (const s of r.skipped) process.stderr.write(`aegis: skipped ${s}\n`);
+  return r.bytes;
+}
+
+export function cpCommand(): Command {
+  return new Command('cp')
+    .description('copy files and directories between the host and an instance, as docker cp (- is a tar on stdin/stdout)')
+    .argument('<src>', 'HOST_PATH, INSTANCE:PATH, or -')
+    .argument('<dest>', 'HOST_PATH, INSTANCE:PATH, or -')
+    .option('-a, --archive', "keep the files' owners (uid/gid) when copying into an instance")
+    .option('-q, --quiet', 'no summary line')
+    .action(async (srcArg: string, destArg: string, o: { archive?: boolean; quiet?: boolean }) => {
+      try {
+        const src = parseTarget(srcArg);
+        const dest = parseTarget(destArg);
+        let bytes: number;
+        if (src.instance !== undefined && dest.instance === undefined) bytes = await copyOut({ ...src, instance: src.instance }, dest.path);
+        else if (dest.instance !== undefined && src.instance === undefined)
+          bytes = await copyIn(src.path, { ...dest, instance: dest.instance }, o.archive === true);
+        else
+          throw new AegisError('INVALID_ARGUMENT', 'copy between the host and an instance: exactly one of SRC and DEST is INSTANCE:PATH');
+        if (!o.quiet && process.stderr.isTTY && srcArg !== '-' && destArg !== '-') {
+          process.stderr.write(`Successfully copied ${human(bytes)} to ${destArg}\n`);
+        }
+      } catch (err) {
+        fail(err);
+      }
+    });
+}
