@@ -13,7 +13,7 @@ const layer = (files, forbidden) => ({
 });
 
 export default tseslint.config(
-  { ignores: ['**/dist/**', 'node_modules/**', 'bench/results/**', 'bench/.build/**'] },
+  { ignores: ['**/dist/**', 'node_modules/**', 'bench/results/**', 'bench/.build/**', 'packages/sdk/docs/**'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {
@@ -44,5 +44,6 @@ export default tseslint.config(
   layer(['packages/harness/**'], ['@aegis/vmm*', '@aegis/daemon', '@aegis/client', '@aegis/cli']),
   layer(['packages/daemon/**'], ['@aegis/harness', '@aegis/client', '@aegis/cli']),
   layer(['packages/client/**'], ['@aegis/vmm*', '@aegis/daemon', '@aegis/harness', '@aegis/cli']),
+  layer(['packages/sdk/**'], ['@aegis/vmm*', '@aegis/daemon', '@aegis/harness', '@aegis/cli', '@aegis/archive']),
   layer(['packages/cli/**'], ['@aegis/daemon', '@aegis/harness', '@aegis/daemon/*']),
 );

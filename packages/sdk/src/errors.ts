@@ -1,0 +1,81 @@
+/**
+ * Errors the SDK throws: one class per kind, each carrying the daemon's stable `code`
+ * unchanged, so a caller can `catch (e) { if (e instanceof NotFoundError) … }` or switch on
+ * `e.code`. Messages may change; codes do not.
+ */
+import { AegisError } from '@aegis/protocol';
+
+export type ErrorCode =
+  | 'INVALID_ARGUMENT'
+  | 'NOT_FOUND'
+  | 'ALREADY_EXISTS'
+  | 'FAILED_PRECONDITION'
+  | 'UNSUPPORTED'
+  | 'TIMEOUT'
+  | 'UNAVAILABLE'
+  | 'RESOURCE_EXHAUSTED'
+  | 'CANCELLED'
+  | 'INTERNAL'
+  | 'UNKNOWN';
+
+export class SandboxError extends Error {
+  override name = 'SandboxError';
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+export class InvalidArgumentError extends SandboxError {
+  override name = 'InvalidArgumentError';
+}
+export class NotFoundError extends SandboxError {
+  override name = 'NotFoundError';
+}
+export class AlreadyExistsError extends SandboxError {
+  override name = 'AlreadyExistsError';
+}
+export class FailedPreconditionError extends SandboxError {
+  override name = 'FailedPreconditionError';
+}
+/** The daemon is not running or not reachable, or the sandbox's VM went away. */
+export class UnavailableError extends SandboxError {
+  override name = 'UnavailableError';
+}
+export class TimeoutError extends SandboxError {
+  override name = 'TimeoutError';
+}
+/** The call's AbortSignal fired. */
+export class CancelledError extends SandboxError {
+  override name = 'CancelledError';
+}
+
+const CLASSES: Partial<Record<ErrorCode, typeof SandboxError>> = {
+  INVALID_ARGUMENT: InvalidArgumentError,
+  NOT_FOUND: NotFoundError,
+  ALREADY_EXISTS: AlreadyExistsError,
+  FAILED_PRECONDITION: FailedPreconditionError,
+  UNAVAILABLE: UnavailableError,
+  TIMEOUT: TimeoutError,
+  CANCELLED: CancelledError,
+};
+
+/** Any error from below as the SDK's class for its code. */
+export function toSandboxError(err: unknown): SandboxError {
+  if (err instanceof SandboxError) return err;
+  const e = AegisError.from(err);
+  const Class = CLASSES[e.code] ?? SandboxError;
+  return new Class(e.code, e.message, { cause: err });
+}
+
+/** Runs `fn`, rethrowing whatever it throws as a SandboxError. */
+export async function wrap<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    throw toSandboxError(err);
+  }
+}

@@ -1,0 +1,318 @@
+/**
+ * A sandbox: one Aegis instance (a microVM) kept running for commands and files, as an E2B
+ * sandbox is. Built on the typed client; everything here is a thin, decoded view of it.
+ */
+import { Readable } from 'node:stream';
+import { AegisClient, defaultSocketPath, type ExecEvent, type Instance } from '@aegis/client';
+import { SandboxError, toSandboxError, wrap } from './errors.js';
+
+export interface SandboxOptions {
+  /** An OCI image reference (pulled when missing); default: Aegis's base Debian root. */
+  image?: string;
+  /** What keeps the sandbox alive (its workload); default `sleep infinity`. */
+  command?: string[];
+  env?: Record<string, string>;
+  /** Names of stored secrets (`aegis secret set`) to put in the environment; `*` for all. */
+  secrets?: string[];
+  /** Guest ports reachable from the host (`getHost(port)`). */
+  ports?: number[];
+  /** `user` (default): outbound network; `none`: no network device. */
+  network?: 'user' | 'none';
+  memoryMiB?: number;
+  vcpuCount?: number;
+  /** A unique handle; default one is generated. */
+  name?: string;
+  /** The daemon's socket; default `$AEGIS_HOME/aegisd.sock` (`~/.aegis/aegisd.sock`). */
+  socketPath?: string;
+  signal?: AbortSignal;
+}
+
+export interface CommandOptions {
+  env?: Record<string, string>;
+  /** Working directory (created when missing). */
+  cwd?: string;
+  /** `name`, `uid` or `uid:gid`. */
+  user?: string;
+  /** Written to the command's stdin, which is then closed. */
+  stdin?: string | Uint8Array;
+  onStdout?: (text: string) => void;
+  onStderr?: (text: string) => void;
+  /** Ends the command (its whole process group) when it fires; the call rejects with CancelledError or TimeoutError. */
+  signal?: AbortSignal;
+  /** Kills the command after this long; the call then rejects with TimeoutError. */
+  timeoutMs?: number;
+}
+
+export interface CommandResult {
+  /** The exit status; 128 + N when killed by signal N (as a shell reports it). */
+  exitCode: number;
+  /** The signal that killed it, if one did. */
+  signal: string | null;
+  stdout: string;
+  stderr: string;
+}
+
+export interface FileInfo {
+  name: string;
+  type: 'file' | 'directory' | 'symlink' | 'other';
+  size: number;
+  mode: number;
+  uid: number;
+  gid: number;
+  modifiedAt: Date;
+  linkTarget?: string;
+}
+
+/** A running command (`commands.start`). */
+export interface CommandHandle {
+  readonly id: string;
+  /** Resolves when it exits. */
+  wait(): Promise<CommandResult>;
+  /** Sends a signal to the command (default SIGKILL). */
+  kill(signal?: string): Promise<void>;
+}
+
+const SIGNALS: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGTERM: 15, SIGPIPE: 13, SIGABRT: 6, SIGSEGV: 11 };
+
+/** A string command runs under `sh -c`, as E2B's commands run in a shell; an array is argv. */
+function argv(cmd: string | string[]): string[] {
+  if (typeof cmd === 'string') return ['sh', '-c', cmd];
+  if (cmd.length === 0) throw new SandboxError('INVALID_ARGUMENT', 'the command is empty');
+  return cmd;
+}
+
+function signals(options: CommandOptions): AbortSignal | undefined {
+  const list = [options.signal, options.timeoutMs !== undefined ? AbortSignal.timeout(options.timeoutMs) : undefined].filter(
+    (s): s is AbortSignal => s !== undefined,
+  );
+  return list.length === 0 ? undefined : list.length === 1 ? list[0] : AbortSignal.any(list);
+}
+
+export class Commands {
+  /** @internal */
+  constructor(
+    private readonly client: AegisClient,
+    private readonly ref: string,
+  ) {}
+
+  /** Runs a command to its end; a non-zero exit is a result, not an error. */
+  async run(cmd: string | string[], options: CommandOptions = {}): Promise<CommandResult> {
+    return (await this.start(cmd, options)).wait();
+  }
+
+  /** Starts a command and returns at once; `wait()` for its result. */
+  async start(cmd: string | string[], options: CommandOptions = {}): Promise<CommandHandle> {
+    const signal = signals(options);
+    const events = this.client.exec(
+      this.ref,
+      {
+        command: argv(cmd),
+        ...(options.env ? { env: options.env } : {}),
+        ...(options.cwd ? { workdir: options.cwd } : {}),
+        ...(options.user ? { user: options.user } : {}),
+        ...(options.stdin !== undefined ? { stdin: true } : {}),
+      },
+      signal,
+    );
+    const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
+    const out = { stdout: '', stderr: '' };
+    const iterator = events[Symbol.asyncIterator]();
+    // The first event says it started (or the call fails here, as a start should).
+    const first = await wrap(() => iterator.next());
+    if (first.done || first.value.type !== 'started') throw new SandboxError('INTERNAL', 'aegisd ended the exec before it started');
+    const id = first.value.execId;
+    if (options.stdin !== undefined) {
+      const data = typeof options.stdin === 'string' ? Buffer.from(options.stdin) : Buffer.from(options.stdin);
+      await wrap(() => this.client.execInput(this.ref, id, { data, eof: true }));
+    }
+    const done = (async (): Promise<CommandResult> => {
+      let exit: Extract<ExecEvent, { type: 'exit' }> | undefined;
+      try {
+        for (let r = await iterator.next(); !r.done; r = await iterator.next()) {
+          const ev = r.value;
+          if (ev.type === 'output') {
+            const text = decoders[ev.stream].decode(Buffer.from(ev.data, 'base64'), { stream: true });
+            out[ev.stream] += text;
+            (ev.stream === 'stdout' ? options.onStdout : options.onStderr)?.(text);
+          } else if (ev.type === 'exit') exit = ev;
+        }
+      } catch (err) {
+        throw toSandboxError(err);
+      }
+      if (!exit) throw new SandboxError('UNAVAILABLE', 'the command ended without an exit status (its sandbox stopped)');
+      for (const s of ['stdout', 'stderr'] as const) out[s] += decoders[s].decode();
+      const code = exit.exitCode ?? 128 + (SIGNALS[exit.signal ?? ''] ?? 0);
+      return { exitCode: code, signal: exit.signal, stdout: out.stdout, stderr: out.stderr };
+    })();
+    done.catch(() => undefined); // observed through wait()
+    return {
+      id,
+      wait: () => done,
+      kill: (sig = 'SIGKILL') => wrap(() => this.client.signalExec(this.ref, id, sig)),
+    };
+  }
+}
+
+export class Files {
+  /** @internal */
+  constructor(
+    private readonly client: AegisClient,
+    private readonly ref: string,
+  ) {}
+
+  /** A file's contents: text (UTF-8, the default) or bytes. */
+  read(path: string, options?: { format?: 'text'; signal?: AbortSignal }): Promise<string>;
+  read(path: string, options: { format: 'bytes'; signal?: AbortSignal }): Promise<Uint8Array>;
+  async read(path: string, options: { format?: 'text' | 'bytes'; signal?: AbortSignal } = {}): Promise<string | Uint8Array> {
+    return wrap(async () => {
+      const { data } = await this.client.readFile(this.ref, path, options.signal);
+      const chunks: Buffer[] = [];
+      for await (const c of data as AsyncIterable<Buffer>) chunks.push(c);
+      const all = Buffer.concat(chunks);
+      return options.format === 'bytes' ? new Uint8Array(all.buffer, all.byteOffset, all.length) : all.toString('utf8');
+    });
+  }
+
+  /**
+   * Writes a file whole (it replaces the old one once every byte arrived); parents must exist.
+   * `data` may be a stream: any async iterable of bytes, a Node Readable included.
+   */
+  async write(
+    path: string,
+    data: string | Uint8Array | AsyncIterable<Uint8Array>,
+    options: { mode?: number; signal?: AbortSignal } = {},
+  ): Promise<FileInfo> {
+    const body = typeof data === 'string' ? Buffer.from(data) : data instanceof Uint8Array ? Buffer.from(data) : Readable.from(data);
+    return info(await wrap(() => this.client.writeFile(this.ref, path, body, options)));
+  }
+
+  async list(path: string): Promise<FileInfo[]> {
+    return (await wrap(() => this.client.listFiles(this.ref, path))).map(info);
+  }
+
+  /** What is at `path` (a symlink itself, not its target). NotFoundError when nothing is. */
+  async stat(path: string): Promise<FileInfo> {
+    return info(await wrap(() => this.client.statFile(this.ref, path)));
+  }
+
+  async exists(path: string): Promise<boolean> {
+    try {
+      await this.client.statFile(this.ref, path);
+      return true;
+    } catch (err) {
+      const e = toSandboxError(err);
+      if (e.code === 'NOT_FOUND') return false;
+      throw e;
+    }
+  }
+
+  async makeDir(path: string, options: { mode?: number } = {}): Promise<FileInfo> {
+    return info(await wrap(() => this.client.makeDirectory(this.ref, path, { parents: true, ...options })));
+  }
+
+  async remove(path: string, options: { recursive?: boolean } = {}): Promise<void> {
+    await wrap(() => this.client.removeFile(this.ref, path, options));
+  }
+}
+
+function info(s: {
+  name: string;
+  type: FileInfo['type'];
+  size: number;
+  mode: number;
+  uid: number;
+  gid: number;
+  mtimeMs: number;
+  linkTarget?: string;
+}): FileInfo {
+  return {
+    name: s.name,
+    type: s.type,
+    size: s.size,
+    mode: s.mode,
+    uid: s.uid,
+    gid: s.gid,
+    modifiedAt: new Date(s.mtimeMs),
+    ...(s.linkTarget !== undefined ? { linkTarget: s.linkTarget } : {}),
+  };
+}
+
+export class Sandbox {
+  readonly commands: Commands;
+  readonly files: Files;
+
+  private constructor(
+    private readonly client: AegisClient,
+    private instance: Instance,
+  ) {
+    this.commands = new Commands(client, instance.id);
+    this.files = new Files(client, instance.id);
+  }
+
+  /** The instance id (stable; `name` is the handle). */
+  get id(): string {
+    return this.instance.id;
+  }
+
+  get name(): string {
+    return this.instance.handle;
+  }
+
+  /** Starts a sandbox; resolves once its VM runs. */
+  static async create(options: SandboxOptions = {}): Promise<Sandbox> {
+    const client = new AegisClient(options.socketPath ?? defaultSocketPath());
+    const instance = await wrap(() =>
+      client.createInstance(
+        {
+          command: options.command ?? ['sleep', 'infinity'],
+          ...(options.image !== undefined ? { image: options.image } : {}),
+          ...(options.name !== undefined ? { handle: options.name } : {}),
+          ...(options.env ? { env: options.env } : {}),
+          ...(options.secrets ? { secrets: options.secrets } : {}),
+          ...(options.ports ? { exposes: options.ports.map((guestPort) => ({ guestPort })) } : {}),
+          ...(options.network ? { network: options.network } : {}),
+          ...(options.memoryMiB !== undefined ? { memoryMiB: options.memoryMiB } : {}),
+          ...(options.vcpuCount !== undefined ? { vcpuCount: options.vcpuCount } : {}),
+          // A sandbox whose creator went away before it started is removed by the daemon.
+          autoRemove: true,
+        },
+        options.signal,
+      ),
+    );
+    return new Sandbox(client, instance);
+  }
+
+  /** A sandbox that exists already, by id or name. */
+  static async connect(ref: string, options: { socketPath?: string } = {}): Promise<Sandbox> {
+    const client = new AegisClient(options.socketPath ?? defaultSocketPath());
+    return new Sandbox(client, await wrap(() => client.getInstance(ref)));
+  }
+
+  /** `host:port` on which the guest's `port` is reachable (it must have been in `ports`). */
+  getHost(port: number): string {
+    const m = this.instance.ports.find((p) => p.guestPort === port);
+    if (!m) throw new SandboxError('NOT_FOUND', `port ${port} is not exposed; create the sandbox with ports: [${port}]`);
+    return `${m.hostIp.includes(':') ? `[${m.hostIp}]` : m.hostIp}:${m.hostPort}`;
+  }
+
+  /** Whether its VM still runs. */
+  async isRunning(): Promise<boolean> {
+    this.instance = await wrap(() => this.client.getInstance(this.instance.id));
+    return this.instance.state === 'running';
+  }
+
+  /** Stops the VM and deletes the sandbox; a sandbox already gone is fine. */
+  async kill(): Promise<void> {
+    try {
+      await this.client.deleteInstance(this.instance.id, { force: true });
+    } catch (err) {
+      const e = toSandboxError(err);
+      if (e.code !== 'NOT_FOUND') throw e;
+    }
+  }
+
+  /** `await using sbx = await Sandbox.create()`: killed at the end of the block. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.kill();
+  }
+}

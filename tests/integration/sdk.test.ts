@@ -1,0 +1,144 @@
+/**
+ * The TypeScript SDK as a user gets it: `npm pack` of packages/sdk installed into an empty
+ * project outside this repository, its types checked by tsc there, and a program using it
+ * against a real daemon and real VMs.
+ */
+import { execFile } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ROOT, useDaemon } from './fixture.js';
+
+const daemon = useDaemon();
+const project = mkdtempSync(path.join(os.tmpdir(), 'aegis-sdk-user-'));
+
+function run(
+  cmd: string,
+  args: string[],
+  options: { cwd: string; env?: NodeJS.ProcessEnv; timeoutMs?: number },
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) =>
+    execFile(
+      cmd,
+      args,
+      { cwd: options.cwd, env: options.env ?? process.env, timeout: options.timeoutMs ?? 120_000, maxBuffer: 16 << 20 },
+      (err, stdout, stderr) => resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr }),
+    ),
+  );
+}
+
+beforeAll(async () => {
+  // The bundle is what the tarball ships; build it as `npm run build` does.
+  expect((await run(process.execPath, [path.join(ROOT, 'packages/sdk/build.mjs')], { cwd: ROOT })).code).toBe(0);
+  const packed = await run('npm', ['pack', '--silent', '--pack-destination', project], { cwd: path.join(ROOT, 'packages/sdk') });
+  expect(packed.code, packed.stderr).toBe(0);
+  const tarball = readdirSync(project).find((f) => f.endsWith('.tgz'));
+  expect(tarball).toBeDefined();
+  writeFileSync(path.join(project, 'package.json'), JSON.stringify({ name: 'sdk-user', private: true, type: 'module' }));
+  const installed = await run('npm', ['install', '--no-audit', '--no-fund', '--offline', `./${tarball ?? ''}`], {
+    cwd: project,
+    timeoutMs: 300_000,
+  });
+  expect(installed.code, installed.stderr).toBe(0);
+}, 600_000);
+
+afterAll(() => rmSync(project, { recursive: true, force: true }));
+
+describe('@aegis/sdk from its npm tarball', () => {
+  it('installs with no other package and type-checks a user program', async () => {
+    expect(readdirSync(path.join(project, 'node_modules')).filter((n) => !n.startsWith('.'))).toEqual(['@aegis']);
+    writeFileSync(
+      path.join(project, 'check.ts'),
+      `import { Sandbox, NotFoundError, type CommandResult } from '@aegis/sdk';
+async function main(): Promise<void> {
+  await using sbx = await Sandbox.create({ env: { A: '1' }, ports: [80] });
+  const r: CommandResult = await sbx.commands.run('echo hi', { onStdout: (s: string) => void s });
+  const bytes: Uint8Array = await sbx.files.read('/x', { format: 'bytes' });
+  const text: string = await sbx.files.read('/x');
+  const host: string = sbx.getHost(80);
+  void [r.exitCode, bytes, text, host, NotFoundError];
+}
+void main;
+`,
+    );
+    writeFileSync(
+      path.join(project, 'tsconfig.json'),
+      JSON.stringify({
+        compilerOptions: {
+          target: 'ES2022',
+          lib: ['ES2023', 'ESNext.Disposable', 'DOM'],
+          module: 'NodeNext',
+          moduleResolution: 'NodeNext',
+          strict: true,
+          noEmit: true,
+          types: [],
+        },
+        files: ['check.ts'],
+      }),
+    );
+    const tsc = await run(process.execPath, [path.join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', project], { cwd: project });
+    expect(tsc.stdout + tsc.stderr).toBe('');
+    expect(tsc.code).toBe(0);
+  });
+
+  it('creates a sandbox, runs commands (string under sh, array as argv, streamed, cancelled), moves files, and kills it', async () => {
+    const d = daemon();
+    writeFileSync(
+      path.join(project, 'use.mjs'),
+      `import { Sandbox, NotFoundError, CancelledError, TimeoutError } from '@aegis/sdk';
+const out = {};
+const sbx = await Sandbox.create({ env: { A: '6' }, ports: [8080], network: 'none' });
+try {
+  out.name = sbx.name;
+  out.run = await sbx.commands.run('echo $((A*7)); echo err >&2; exit 3');
+  out.argv = (await sbx.commands.run(['printf', '%s|', 'a b', '$HOME'])).stdout;
+  const seen = [];
+  out.streamed = (await sbx.commands.run('for i in 1 2 3; do echo $i; done', { onStdout: (s) => seen.push(s) })).stdout;
+  out.seen = seen.join('');
+  out.stdin = (await sbx.commands.run('cat', { stdin: 'fed\\n' })).stdout;
+  out.cwdUser = (await sbx.commands.run('pwd; id -un', { cwd: '/tmp/made', user: 'nobody' })).stdout;
+  await sbx.files.write('/tmp/a.py', 'print(1)\\n');
+  out.read = await sbx.files.read('/tmp/a.py');
+  out.bytes = Array.from(await sbx.files.read('/tmp/a.py', { format: 'bytes' })).length;
+  out.list = (await sbx.files.list('/tmp')).map((f) => f.name).sort();
+  out.exists = [await sbx.files.exists('/tmp/a.py'), await sbx.files.exists('/tmp/nope')];
+  try { await sbx.files.read('/tmp/nope'); } catch (e) { out.notFound = [e instanceof NotFoundError, e.code]; }
+  const h = await sbx.commands.start('sleep 300');
+  await h.kill();
+  out.killed = (await h.wait()).exitCode;
+  try { await sbx.commands.run('sleep 300', { timeoutMs: 1500 }); } catch (e) { out.timeout = [e instanceof TimeoutError, e.code]; }
+  const ac = new AbortController();
+  setTimeout(() => ac.abort(), 1000);
+  try { await sbx.commands.run('sleep 301', { signal: ac.signal }); } catch (e) { out.cancelled = [e instanceof CancelledError, e.code]; }
+  out.left = (await sbx.commands.run('for f in /proc/[0-9]*/cmdline; do tr "\\\\0" " " < $f; echo; done')).stdout.includes('sleep 30');
+  out.seesItself = (await sbx.commands.run('for f in /proc/[0-9]*/cmdline; do tr "\\\\0" " " < $f; echo; done')).stdout.includes('/aegis/init');
+  out.host = sbx.getHost(8080);
+} finally {
+  await sbx[Symbol.asyncDispose]();
+}
+out.gone = await Sandbox.connect(sbx.id).then(() => 'still there', (e) => e.code);
+console.log(JSON.stringify(out));
+`,
+    );
+    const r = await run(process.execPath, ['use.mjs'], { cwd: project, env: { ...process.env, AEGIS_HOME: d.home }, timeoutMs: 180_000 });
+    expect(r.stderr).toBe('');
+    const out = JSON.parse(r.stdout) as Record<string, unknown>;
+    expect(out['run']).toEqual({ exitCode: 3, signal: null, stdout: '42\n', stderr: 'err\n' });
+    expect(out['argv']).toBe('a b|$HOME|');
+    expect([out['streamed'], out['seen']]).toEqual(['1\n2\n3\n', '1\n2\n3\n']);
+    expect(out['stdin']).toBe('fed\n');
+    expect(out['cwdUser']).toBe('/tmp/made\nnobody\n');
+    expect([out['read'], out['bytes']]).toEqual(['print(1)\n', 9]);
+    expect(out['list']).toContain('a.py');
+    expect(out['exists']).toEqual([true, false]);
+    expect(out['notFound']).toEqual([true, 'NOT_FOUND']);
+    expect(out['killed']).toBe(137);
+    expect(out['timeout']).toEqual([true, 'TIMEOUT']);
+    expect(out['cancelled']).toEqual([true, 'CANCELLED']);
+    expect([out['left'], out['seesItself']]).toEqual([false, true]); // the timed-out and cancelled commands were killed in the guest
+    expect(out['host']).toMatch(/^127\.0\.0\.1:\d+$/);
+    expect(out['gone']).toBe('NOT_FOUND');
+    expect(await d.client.listInstances({ all: true })).toEqual([]);
+  });
+});
