@@ -563,7 +563,9 @@ export class InstanceManager {
           const params = {
             execId,
             command: req.command,
-            env: { ...imageEnv(image), ...req.env },
+            // As docker exec: the instance's environment (image, --env, secrets looked up again
+            // by name), then the exec's own.
+            env: { ...imageEnv(image), ...row.spec.env, ...this.secrets.resolve(row.spec.secrets, { skipMissing: true }), ...req.env },
             ...(workdir ? { workdir } : {}),
             ...(req.user !== undefined ? { user: req.user } : {}),
             ...(image ? { image: image.user ? { user: image.user } : {} } : {}),

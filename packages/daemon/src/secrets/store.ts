@@ -83,14 +83,16 @@ export class SecretStore {
    * The values of `names` (`*` means every secret), for a workload's environment. An unknown
    * name fails before anything is started.
    */
-  resolve(names: readonly string[]): Record<string, string> {
+  resolve(names: readonly string[], options: { skipMissing?: boolean } = {}): Record<string, string> {
     const rows = names.includes('*')
       ? this.registry.listSecrets()
-      : names.map((n) => {
+      : names.flatMap((n) => {
           SecretStore.checkName(n);
           const row = this.registry.getSecret(n);
-          if (!row) throw new AegisError('NOT_FOUND', `no secret named ${n}; set it with: aegis secret set ${n} -`);
-          return row;
+          if (row) return [row];
+          // An exec in an instance whose secret was deleted since: it runs without it.
+          if (options.skipMissing) return [];
+          throw new AegisError('NOT_FOUND', `no secret named ${n}; set it with: aegis secret set ${n} -`);
         });
     const out: Record<string, string> = {};
     for (const row of rows) out[row.name] = this.decrypt(row);
