@@ -189,7 +189,21 @@ async function extractEntries(
         // O_NOFOLLOW|O_EXCL: whatever appeared at `target` since, the write does not go through it.
         const fh = await fs.open(target, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW, 0o600);
         try {
-          for await (const chunk of entry as AsyncIterable<Buffer>) await fh.write(chunk);
+          // Batched into writes of up to 1 MiB: one awaited write per tar chunk made extraction
+          // the slowest step of `aegis cp` out. (A fs.WriteStream on the handle hung on end()
+          // when fed from tar-stream's iterator.)
+          let batch: Buffer[] = [];
+          let batched = 0;
+          for await (const chunk of entry as AsyncIterable<Buffer>) {
+            batch.push(chunk);
+            batched += chunk.length;
+            if (batched >= 1 << 20) {
+              await fh.write(Buffer.concat(batch, batched));
+              batch = [];
+              batched = 0;
+            }
+          }
+          if (batched > 0) await fh.write(Buffer.concat(batch, batched));
           await fh.chmod(mode);
           if (options.keepOwner) await fh.chown(h.uid ?? 0, h.gid ?? 0);
           if (h.mtime) await fh.utimes(h.mtime, h.mtime);

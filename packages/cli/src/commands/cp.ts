@@ -6,7 +6,7 @@
  * archive endpoints; what comes out of the guest is unpacked by @aegis/archive, which keeps
  * every entry inside the destination.
  */
-import { promises as fs, type Stats } from 'node:fs';
+import { createReadStream, createWriteStream, promises as fs, type Stats } from 'node:fs';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { Command } from 'commander';
@@ -81,12 +81,22 @@ async function copyIn(src: string, dest: Target & { instance: string }, keepOwne
     const parent = await guestStat(dest.instance, dir);
     if (parent?.type !== 'directory') throw new AegisError('NOT_FOUND', `no such directory: ${dest.instance}:${dir}`);
   }
+  if (local.isFile() && name !== '.' && !keepOwner) {
+    // One regular file: its bytes as they are (no tar to build or parse), mode kept, length checked.
+    const guestPath = path.posix.join(dir, name);
+    await api.writeFile(dest.instance, guestPath, createReadStream(src), { mode: local.mode & 0o7777, length: local.size });
+    return local.size;
+  }
   await api.putArchive(dest.instance, dir, packPath(path.resolve(src), name), { keepOwner });
   return local.isDirectory() ? 0 : local.size;
 }
 
 /** Guest → host. Returns the bytes unpacked. */
 async function copyOut(src: Target & { instance: string }, dest: string): Promise<number> {
+  if (dest !== '-') {
+    const direct = await copyFileOut(src, dest);
+    if (direct !== undefined) return direct;
+  }
   const { stat, tar } = await client().getArchive(src.instance, src.path);
   if (dest === '-') {
     await pipeline(tar, process.stdout);
@@ -108,6 +118,38 @@ async function copyOut(src: Target & { instance: string }, dest: string): Promis
   const r = await extractTar(tar, dir, { topName });
   for (const s of r.skipped) process.stderr.write(`aegis: skipped ${s}\n`);
   return r.bytes;
+}
+
+/**
+ * One regular file out: its bytes straight into the destination file (no tar), written to a
+ * temporary name beside it and renamed once complete. Undefined when the source is not a plain
+ * file, or the destination is not a plain file name: the tar path handles those.
+ */
+async function copyFileOut(src: Target & { instance: string }, dest: string): Promise<number | undefined> {
+  const stat = await guestStat(src.instance, src.path);
+  if (stat?.type !== 'file') return undefined;
+  const target = await hostStat(dest);
+  if (dest.endsWith('/') && !target) throw new AegisError('NOT_FOUND', `no such directory: ${dest}`);
+  const file = target?.isDirectory() ? path.join(dest, stat.name) : path.resolve(dest);
+  if (!(await hostStat(path.dirname(file)))?.isDirectory()) throw new AegisError('NOT_FOUND', `no such directory: ${path.dirname(file)}`);
+  const existing = await fs.lstat(file).catch(() => undefined);
+  if (existing && !existing.isFile()) return undefined; // a directory or a link there: tar's rules
+  const { data, size } = await client().readFile(src.instance, src.path);
+  const temp = path.join(path.dirname(file), `.${path.basename(file).slice(0, 200)}.aegis-cp-${process.pid}`);
+  try {
+    // O_EXCL: nothing already at the temporary name is written through.
+    await pipeline(data, createWriteStream(temp, { flags: 'wx', mode: stat.mode & 0o777 }));
+    const got = (await fs.stat(temp)).size;
+    if (size >= 0 && got !== size)
+      throw new AegisError('UNAVAILABLE', `the copy ended after ${got} of ${size} bytes; ${file} is unchanged`);
+    await fs.chmod(temp, stat.mode & 0o777);
+    await fs.utimes(temp, new Date(stat.mtimeMs), new Date(stat.mtimeMs));
+    await fs.rename(temp, file);
+  } catch (err) {
+    await fs.rm(temp, { force: true });
+    throw err;
+  }
+  return stat.size;
 }
 
 export function cpCommand(): Command {
