@@ -17,6 +17,8 @@
 //   and prepared (1st) vs. when it is prepared (2nd).
 //   The CLI's own start: `aegis --version` vs. `node -e 0`, and `aegis exec <h> -- true` vs. the
 //   API client doing the same exec, median of N. Target (issue 11): the CLI adds <= 25 ms.
+//   `aegis cp` of a 256 MiB file in and out vs. the data channel's raw rate (TCP through --expose)
+//   and vs. `cat` over `aegis exec`. Target (issue 12): cp >= 80% of the raw rate.
 import { execFile, spawn } from 'node:child_process';
 import {
   mkdtempSync,
@@ -28,6 +30,7 @@ import {
   openSync,
   closeSync,
   readFileSync,
+  createReadStream,
   statSync,
 } from 'node:fs';
 import http from 'node:http';
@@ -493,9 +496,124 @@ async function benchAccel() {
   return { firstMs: first, laterMs: later, referenceMs: none, verdict: reason };
 }
 
-// BENCH_ONLY=expose|images|accel|cli runs one section alone (a minute or two; the whole bench takes several).
-if (['expose', 'images', 'accel', 'cli'].includes(process.env.BENCH_ONLY ?? '')) {
-  const only = { expose: benchExpose, images: benchImages, accel: benchAccel, cli: benchCli }[process.env.BENCH_ONLY];
+/** Wall time of a shell pipeline (for `aegis exec … > file` and `… < file`). */
+function shellMs(script, env) {
+  return wallMs('bash', ['-c', script], env);
+}
+
+/**
+ * `aegis cp` of a 256 MiB file in and out, against the data channel's raw rate in the same run
+ * (TCP through --expose to a guest server that sends or sinks the same file with sendfile/recv:
+ * the bytes cross the same channel and data plane, with no file service or tar in the way),
+ * and against `cat` of the same file through `aegis exec` (bytes as base64 JSON).
+ * Target: cp >= 80% of the raw rate, each way.
+ */
+async function benchCp() {
+  const d = await startDaemon(false);
+  const work = mkdtempSync('/tmp/aegis-bench-cp-');
+  const MIB = Number(process.env.BENCH_CP_MIB ?? 256);
+  const bytes = MIB << 20;
+  const CAT_RUNS = Math.min(RUNS, Number(process.env.BENCH_CP_CAT_RUNS ?? 3));
+  // Port 9001 sends /root/blob to whoever connects; 9002 writes what it receives to /root/sunk.
+  const server = `
+import os, socket, threading
+def send(c):
+    with c, open('/root/blob', 'rb') as f: c.sendfile(f)
+def sink(c):
+    with c, open('/root/sunk', 'wb') as f:
+        buf = bytearray(1 << 20)
+        while (n := c.recv_into(buf)): f.write(memoryview(buf)[:n])
+def serve(port, fn):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', port)); s.listen(8)
+    while True:
+        c, _ = s.accept(); threading.Thread(target=fn, args=(c,)).start()
+threading.Thread(target=serve, args=(9002, sink)).start()
+serve(9001, send)`;
+  try {
+    const inst = await d.client.createInstance({
+      handle: 'bench-cp',
+      command: ['sh', '-c', `head -c ${MIB}M /dev/urandom > /root/blob && exec python3 -c "$0"`, server],
+      exposes: [{ guestPort: 9001 }, { guestPort: 9002 }],
+      network: 'none',
+      memoryMiB: 1024,
+    });
+    const [sendPort, sinkPort] = inst.ports.map((p) => p.hostPort);
+    const local = path.join(work, 'blob');
+    await wallMs('head', ['-c', `${MIB}M`, '/dev/urandom', '-o', local]).catch(async () => {
+      await wallMs('bash', ['-c', `head -c ${MIB}M /dev/urandom > ${local}`]);
+    });
+    const rawOut = () =>
+      new Promise((resolve, reject) => {
+        const t0 = performance.now();
+        let n = 0;
+        const c = net.connect(sendPort, '127.0.0.1');
+        c.on('data', (b) => (n += b.length));
+        c.on('end', () => (n === bytes ? resolve(performance.now() - t0) : reject(new Error(`raw out: ${n} of ${bytes} bytes`))));
+        c.on('error', reject);
+      });
+    const rawIn = () =>
+      new Promise((resolve, reject) => {
+        const t0 = performance.now();
+        const c = net.connect(sinkPort, '127.0.0.1');
+        c.on('error', reject);
+        // The guest closes once it has written everything: that is the end of the transfer.
+        c.on('close', () => resolve(performance.now() - t0));
+        c.resume();
+        createReadStream(local).pipe(c);
+      });
+    const A = path.join(ROOT, 'bin/aegis');
+    const cpIn = () => wallMs(A, ['cp', local, 'bench-cp:/root/in'], d.env);
+    const cpOut = () => wallMs(A, ['cp', 'bench-cp:/root/blob', path.join(work, 'out')], d.env);
+    const catIn = () => shellMs(`"${A}" exec -i bench-cp -- sh -c 'cat > /root/catin' < "${local}"`, d.env);
+    const catOut = () => shellMs(`"${A}" exec bench-cp -- cat /root/blob > "${path.join(work, 'catout')}"`, d.env);
+    for (let i = 0; ; i++) {
+      try {
+        await rawOut();
+        break;
+      } catch (err) {
+        if (i > 300) throw err;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
+    const t = { rawOut: [], cpOut: [], rawIn: [], cpIn: [], catOut: [], catIn: [] };
+    for (let i = 0; i < RUNS; i++) {
+      t.rawOut.push(await rawOut());
+      t.cpOut.push(await cpOut());
+      t.rawIn.push(await rawIn());
+      t.cpIn.push(await cpIn());
+      if (i < CAT_RUNS) {
+        t.catOut.push(await catOut());
+        t.catIn.push(await catIn());
+      }
+    }
+    const rate = (ms) => bytes / 1e6 / (median(ms) / 1000);
+    console.log(`\naegis cp of a ${MIB} MiB file vs the data channel's raw rate (same VM), median of ${RUNS} (cat: ${CAT_RUNS}):`);
+    const rows = [
+      ['out: raw data channel (TCP via --expose, sendfile)', t.rawOut],
+      ['out: aegis cp bench-cp:/root/blob .', t.cpOut],
+      ['out: aegis exec -- cat (base64 JSON)', t.catOut],
+      ['in:  raw data channel (TCP via --expose, to a file)', t.rawIn],
+      ['in:  aegis cp blob bench-cp:/root/in', t.cpIn],
+      ['in:  aegis exec -i -- cat > file (base64 JSON)', t.catIn],
+    ];
+    for (const [name, xs] of rows) console.log(`${name.padEnd(56)} median ${rate(xs).toFixed(1)} MB/s (${fmt(median(xs))})`);
+    const outRatio = rate(t.cpOut) / rate(t.rawOut);
+    const inRatio = rate(t.cpIn) / rate(t.rawIn);
+    const verdict = (r) => `${(r * 100).toFixed(0)}% (target >= 80%: ${r >= 0.8 ? 'met' : 'NOT met'})`;
+    console.log(
+      `\ncp out / raw: ${verdict(outRatio)}; cp in / raw: ${verdict(inRatio)}; cp vs exec cat: out ${(rate(t.cpOut) / rate(t.catOut)).toFixed(1)}x, in ${(rate(t.cpIn) / rate(t.catIn)).toFixed(1)}x`,
+    );
+    await d.client.deleteInstance('bench-cp', { force: true });
+    return { mib: MIB, ms: t, outRatio, inRatio };
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+    await d.stop();
+  }
+}
+
+// BENCH_ONLY=expose|images|accel|cli|cp runs one section alone (a minute or two; the whole bench takes several).
+if (['expose', 'images', 'accel', 'cli', 'cp'].includes(process.env.BENCH_ONLY ?? '')) {
+  const only = { expose: benchExpose, images: benchImages, accel: benchAccel, cli: benchCli, cp: benchCp }[process.env.BENCH_ONLY];
   await only();
   process.exit(0);
 }
@@ -566,6 +684,7 @@ try {
   const expose = await benchExpose();
   const images = await benchImages();
   const cliStart = await benchCli();
+  const cp = await benchCp();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -581,6 +700,7 @@ try {
         expose,
         images,
         cli: cliStart,
+        cp,
         backend: status.backend,
       },
       null,

@@ -155,6 +155,22 @@ describe('images', () => {
     expect(none.stderr).toMatch(/unable to find user nobody-here/);
   });
 
+  it("files and cp in an --image instance are the image root's; an absolute symlink resolves inside it", async () => {
+    const d = daemon();
+    await d.client.createInstance({ handle: 'imgf', image: ref('python'), command: ['sleep', '600'], network: 'none' });
+    await d.client.writeFile('imgf', '/opt/fixture/from-host.txt', 'written by the host\n');
+    expect((await d.cli(['exec', 'imgf', '--', 'cat', '/opt/fixture/from-host.txt'])).stdout).toBe('written by the host\n');
+    const out = path.join(work, 'img-out');
+    expect((await d.cli(['cp', `imgf:${GLIBC_IMAGE.kept}`, out])).code).toBe(0);
+    expect(readFileSync(out, 'utf8')).toBe('the upper layer keeps this\n');
+    // /usr/local/bin/py -> /usr/bin/python3: the image's python, not the base root's (which has none).
+    const viaLink = await d.client.readFile('imgf', GLIBC_IMAGE.symlink);
+    viaLink.data.resume();
+    expect(viaLink.size).toBe((await d.client.statFile('imgf', '/usr/bin/python3.11')).size);
+    expect(await d.client.statFile('imgf', GLIBC_IMAGE.symlink)).toMatchObject({ type: 'symlink', linkTarget: '/usr/bin/python3' });
+    await expect(d.client.statFile('imgf', '/aegis')).rejects.toMatchObject({ code: 'NOT_FOUND' });
+  });
+
   it('imports a docker save archive and runs it', async () => {
     const d = daemon();
     const tar = path.join(work, 'static.tar');
