@@ -167,7 +167,22 @@ describe('docker-style CLI', () => {
 
   it('run -d prints the handle (or JSON); exec -u/-w; top lists guest processes; wait prints the exit code; ps --filter', async () => {
     const d = daemon();
-    const started = await d.cli(['run', '-d', '--name', 'bg', '--network', 'none', '--', 'sh', '-c', 'sleep 600']);
+    const started = await d.cli([
+      'run',
+      '-d',
+      '--name',
+      'bg',
+      '-l',
+      'team=red',
+      '--label',
+      'tier',
+      '--network',
+      'none',
+      '--',
+      'sh',
+      '-c',
+      'sleep 600',
+    ]);
     expect([started.stdout, started.code]).toEqual(['bg\n', 0]);
     const json = await d.cli(['run', '-d', '--json', '--name', 'bg2', '--network', 'none', '--', 'sh', '-c', 'sleep 3; exit 4']);
     expect(JSON.parse(json.stdout)).toMatchObject({ handle: 'bg2', state: 'running' });
@@ -189,6 +204,13 @@ describe('docker-style CLI', () => {
     }[];
     expect(stopped.map((i) => i.handle)).toEqual(['bg2']);
     expect((await d.cli(['ps', '--filter', 'colour=red'])).stderr).toMatch(/unknown filter "colour"/);
+    // Labels: shown by inspect, filtered by ps and by the API.
+    expect(JSON.parse((await d.cli(['inspect', 'bg'])).stdout)).toMatchObject([{ labels: { team: 'red', tier: '' } }]);
+    expect((await d.cli(['ps', '-a', '-q', '--filter', 'label=team=red'])).stdout).toBe(
+      `${(await d.client.getInstance('bg')).id.slice(0, 12)}\n`,
+    );
+    expect((await d.client.listInstances({ all: true, labels: ['tier'] })).map((i) => i.handle)).toEqual(['bg']);
+    expect(await d.client.listInstances({ all: true, labels: ['team=blue'] })).toEqual([]);
   });
 
   it('--json errors are JSON on stdout too (no daemon: UNAVAILABLE)', async () => {

@@ -141,8 +141,13 @@ export class AegisClient {
     return this.call({ method: 'POST', path: '/v1/instances', body: req, ...(signal ? { signal } : {}) });
   }
 
-  async listInstances(options: { all?: boolean } = {}): Promise<Instance[]> {
-    const r = await this.call<{ instances: Instance[] }>({ method: 'GET', path: `/v1/instances${options.all ? '?all=true' : ''}` });
+  /** `labels`: `k` (has the label) or `k=v`; all must hold. */
+  async listInstances(options: { all?: boolean; labels?: string[] } = {}): Promise<Instance[]> {
+    const q = new URLSearchParams();
+    if (options.all) q.set('all', 'true');
+    for (const l of options.labels ?? []) q.append('label', l);
+    const qs = q.toString();
+    const r = await this.call<{ instances: Instance[] }>({ method: 'GET', path: `/v1/instances${qs ? `?${qs}` : ''}` });
     return r.instances;
   }
 

@@ -20,6 +20,7 @@ export interface Instance {
   imageDigest?: string;
   workdir?: string;
   user?: string;
+  labels?: Record<string, string>;
 }
 
 export interface Image {
@@ -73,6 +74,8 @@ export interface CreateInstanceRequest {
   stdin?: boolean;
   /** Run the workload on a pseudo-terminal of this size (docker run -t). */
   tty?: { rows: number; cols: number };
+  /** Key/value tags for finding and filtering it (docker --label). */
+  labels?: Record<string, string>;
 }
 
 export interface ExecRequest {

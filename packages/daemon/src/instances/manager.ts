@@ -228,6 +228,7 @@ export class InstanceManager {
         ...(req.user !== undefined ? { user: req.user } : {}),
         ...(req.stdin ? { stdin: true } : {}),
         ...(req.tty ? { tty: req.tty } : {}),
+        ...(req.labels ? { labels: req.labels } : {}),
       },
     };
     this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work

@@ -38,6 +38,7 @@ export interface CreateRequest {
   stdin?: boolean;
   /** Run the workload on a pseudo-terminal of this size (docker run -t). */
   tty?: { rows: number; cols: number };
+  labels?: Record<string, string>;
 }
 
 export interface ExecRequest {
@@ -83,6 +84,7 @@ export interface InstanceView {
   imageDigest?: string;
   workdir?: string;
   user?: string;
+  labels?: Record<string, string>;
 }
 
 export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
@@ -151,5 +153,6 @@ export function toView(row: InstanceRow): InstanceView {
   if (row.stateReason) view.stateReason = row.stateReason;
   if (row.workdir) view.workdir = row.workdir;
   if (row.spec.user !== undefined) view.user = row.spec.user;
+  if (row.spec.labels) view.labels = row.spec.labels;
   return view;
 }

@@ -106,6 +106,8 @@ export interface InstanceSpec {
   /** The workload's stdin was kept open (docker run -i): a restart keeps it open too. */
   stdin?: boolean;
   tty?: { rows: number; cols: number };
+  /** Docker's labels: the user's key/value tags, for finding and filtering instances. */
+  labels?: Record<string, string>;
 }
 
 /** The image an instance runs: the digest pins it; the reference is how the user named it. */

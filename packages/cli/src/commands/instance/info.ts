@@ -25,6 +25,14 @@ export function infoCommand(): Command {
           ['Command', shellJoin(i.command)],
           ['User', i.user],
           ['Workdir', i.workdir],
+          [
+            'Labels',
+            i.labels && Object.keys(i.labels).length > 0
+              ? Object.entries(i.labels)
+                  .map(([k, v]) => `${k}=${v}`)
+                  .join(', ')
+              : undefined,
+          ],
           ['Image', i.image ? `${i.image}${i.imageDigest && i.imageDigest !== i.image ? ` (${i.imageDigest})` : ''}` : undefined],
           ['Ports', i.ports.length > 0 ? formatPorts(i.ports) : undefined],
           ['Network', i.network],

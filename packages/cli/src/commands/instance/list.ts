@@ -6,7 +6,7 @@ import { age, client, errorsAsJson, fail, shellJoin, table } from '../../util.js
 
 type Filter = (i: Instance) => boolean;
 
-/** Docker's `--filter KEY=VALUE`: status (or state), name (substring), id (prefix). Repeatable; all must hold. */
+/** Docker's `--filter KEY=VALUE`: status (or state), name (substring), id (prefix), label (`k` or `k=v`). Repeatable; all must hold. */
 function collectFilter(v: string, previous: Filter[] = []): Filter[] {
   const eq = v.indexOf('=');
   const key = v.slice(0, eq);
@@ -16,7 +16,11 @@ function collectFilter(v: string, previous: Filter[] = []): Filter[] {
   else if (key === 'status' || key === 'state') f = (i) => i.state === value;
   else if (key === 'name') f = (i) => i.handle.includes(value);
   else if (key === 'id') f = (i) => i.id.startsWith(value);
-  else throw new InvalidArgumentError(`unknown filter "${key}": use status, name or id`);
+  else if (key === 'label') {
+    const at = value.indexOf('=');
+    const [k, v] = at < 0 ? [value, undefined] : [value.slice(0, at), value.slice(at + 1)];
+    f = (i) => i.labels !== undefined && Object.hasOwn(i.labels, k) && (v === undefined || i.labels[k] === v);
+  } else throw new InvalidArgumentError(`unknown filter "${key}": use status, name, id or label`);
   return [...previous, f];
 }
 
@@ -27,7 +31,7 @@ export function listCommand(name: 'list' | 'ps' = 'list'): Command {
     .description('list instances (running ones; --all for every one)')
     .option('-a, --all', 'include stopped and failed instances')
     .option('-q, --quiet', 'print ids only')
-    .option('-f, --filter <KEY=VALUE>', 'only instances with status=STATE, name=TEXT or id=PREFIX (repeatable)', collectFilter)
+    .option('-f, --filter <KEY=VALUE>', 'only instances with status=STATE, name=TEXT, id=PREFIX or label=K[=V] (repeatable)', collectFilter)
     .option('--json', 'print JSON')
     .action(async (o: { all?: boolean; json?: boolean; quiet?: boolean; filter?: Filter[] }) => {
       errorsAsJson(o.json);

@@ -15,11 +15,21 @@ import {
 } from '../../util.js';
 import { ensureImage } from '../image/image.js';
 
+/** Docker's `--label k=v` (a bare `k` is an empty value). */
+function collectLabel(v: string, previous: Record<string, string> = {}): Record<string, string> {
+  const eq = v.indexOf('=');
+  const key = eq < 0 ? v : v.slice(0, eq);
+  if (!/^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$/.test(key))
+    throw new InvalidArgumentError(`"${key}" is not a label key (letters, digits, . _ / -)`);
+  return { ...previous, [key]: eq < 0 ? '' : v.slice(eq + 1) };
+}
+
 export interface StartOptions {
   name?: string;
   env?: Record<string, string>;
   envFile?: Record<string, string>;
   user?: string;
+  label?: Record<string, string>;
   json?: boolean;
   secret?: string[];
   expose?: NonNullable<CreateInstanceRequest['exposes']>;
@@ -50,6 +60,7 @@ export function withStartOptions(cmd: Command): Command {
     .option('--network <mode>', "'user' (default: outbound TCP/UDP and DNS, host loopback unreachable) or 'none'", parseNetwork)
     .option('--image <REF>', 'run in this OCI image (pulled if missing); the command then replaces its Cmd and may be omitted')
     .option('-w, --workdir <dir>', 'working directory in the guest (created if missing)', absolutePath)
+    .option('-l, --label <KEY=VALUE>', 'a label to find and filter it by (repeatable)', collectLabel)
     .option('-u, --user <NAME|UID[:GROUP|GID]>', "run the workload as this user (default: the image's, else root)", parseUser)
     .option('-m, --memory <size>', 'guest memory: 512m, 1g, or MiB (128m-64g, default 512m)', parseMemory)
     .option('--cpus <n>', 'virtual CPUs, 1-64 (default 1)', positiveInt('--cpus', 1, 64))
@@ -65,6 +76,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   if (o.name !== undefined) req.handle = o.name;
   if (o.env !== undefined || o.envFile !== undefined) req.env = { ...o.envFile, ...o.env };
   if (o.user !== undefined) req.user = o.user;
+  if (o.label !== undefined) req.labels = o.label;
   if (o.secret !== undefined) req.secrets = o.secret;
   if (o.expose !== undefined) req.exposes = o.expose;
   if (o.workdir !== undefined) req.workdir = o.workdir;

@@ -17,7 +17,21 @@ export function instanceRoutes(d: DaemonContext): Route[] {
     {
       method: 'GET',
       path: '/v1/instances',
-      handler: ({ query }) => Promise.resolve({ status: 200, body: { instances: m.list(boolQuery(query, 'all')) } }),
+      handler: ({ query }) => {
+        // `label=k` or `label=k=v`, repeatable: every one must hold (docker ps --filter label=…).
+        const labels = query.getAll('label').map((l) => {
+          const eq = l.indexOf('=');
+          return eq < 0 ? { key: l } : { key: l.slice(0, eq), value: l.slice(eq + 1) };
+        });
+        const instances = m
+          .list(boolQuery(query, 'all'))
+          .filter((i) =>
+            labels.every(
+              (l) => i.labels !== undefined && Object.hasOwn(i.labels, l.key) && (l.value === undefined || i.labels[l.key] === l.value),
+            ),
+          );
+        return Promise.resolve({ status: 200, body: { instances } });
+      },
     },
     {
       method: 'POST',
