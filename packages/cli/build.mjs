@@ -77,5 +77,8 @@ await build({
   // Not loaded unless asked for: NODE_OPTIONS=--enable-source-maps (it costs 30 ms a start).
   sourcemap: 'linked',
   plugins: [ownModuleUrl, builtinsByRequire],
+  // Only `aegis mcp` needs these (hundreds of KiB): loaded from node_modules when it runs, so
+  // every other command's start does not parse them.
+  external: ['@modelcontextprotocol/sdk', '@modelcontextprotocol/sdk/*', 'zod', 'zod/*'],
   logLevel: 'warning',
 });

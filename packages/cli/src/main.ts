@@ -8,6 +8,7 @@ import { listCommand } from './commands/instance/list.js';
 import { startCommand } from './commands/instance/start.js';
 import { execCommand } from './commands/exec.js';
 import { cpCommand } from './commands/cp.js';
+import { mcpCommand } from './commands/mcp.js';
 import { logsCommand } from './commands/logs.js';
 import { runCommand } from './commands/run.js';
 import { secretCommand } from './commands/secret/secret.js';
@@ -73,6 +74,7 @@ for (const c of [
   waitCommand(),
   topCommand(),
   cpCommand(),
+  mcpCommand(),
 ]) {
   program.addCommand(c);
 }

@@ -1,0 +1,315 @@
+/**
+ * `aegis mcp`: the Model Context Protocol server, on stdio, with the official TypeScript SDK.
+ * An agent gets tools to create a sandbox, run commands in it (time-limited, output capped and
+ * marked truncated), read, write and list its files, read its logs, stop and delete it. Every
+ * sandbox it creates carries the label `aegis.mcp=1`, so `aegis ps --filter label=aegis.mcp`
+ * finds what an agent left. Errors are MCP tool errors whose text starts with our code.
+ * `aegis mcp install` prints (or writes) the configuration snippet MCP clients read.
+ */
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Command, InvalidArgumentError } from 'commander';
+import { AegisClient, AegisError, type ExecEvent } from '@aegis/client';
+import { fail } from '../util.js';
+
+export const MCP_LABEL = 'aegis.mcp';
+/** Per stream, what a tool result carries of a command's output; the rest is counted, not sent. */
+const MAX_OUTPUT_BYTES = 32 * 1024;
+const MAX_FILE_BYTES = 256 * 1024;
+const DEFAULT_COMMAND_TIMEOUT_S = 60;
+
+type ToolResult = { content: { type: 'text'; text: string }[]; isError?: boolean; structuredContent?: Record<string, unknown> };
+
+function ok(value: Record<string, unknown>, text?: string): ToolResult {
+  return { content: [{ type: 'text', text: text ?? JSON.stringify(value, null, 2) }], structuredContent: value };
+}
+
+/** An error as the agent sees it: the stable code first, then the message. */
+function toolError(err: unknown): ToolResult {
+  const e = AegisError.from(err);
+  return {
+    content: [{ type: 'text', text: `${e.code}: ${e.message}` }],
+    isError: true,
+    structuredContent: { code: e.code, message: e.message },
+  };
+}
+
+/** Keeps the first `max` bytes of a stream's output, counting what it drops. */
+class Capped {
+  private chunks: Buffer[] = [];
+  private kept = 0;
+  dropped = 0;
+  push(b: Buffer): void {
+    const room = MAX_OUTPUT_BYTES - this.kept;
+    if (room > 0) {
+      const part = b.subarray(0, room);
+      this.chunks.push(part);
+      this.kept += part.length;
+    }
+    this.dropped += Math.max(0, b.length - Math.max(room, 0));
+  }
+  text(): string {
+    const s = Buffer.concat(this.chunks).toString('utf8');
+    return this.dropped > 0 ? `${s}\n[truncated: ${this.dropped} more bytes]` : s;
+  }
+}
+
+async function serve(): Promise<void> {
+  const [{ McpServer }, { StdioServerTransport }, { z }] = await Promise.all([
+    import('@modelcontextprotocol/sdk/server/mcp.js'),
+    import('@modelcontextprotocol/sdk/server/stdio.js'),
+    import('zod'),
+  ]);
+  const api = new AegisClient();
+  const server = new McpServer({ name: 'aegis', version: '0.1.0' });
+  const sandbox = z.string().min(1).describe('sandbox id or name (from create_sandbox)');
+  const guarded =
+    <A>(fn: (args: A) => Promise<ToolResult>) =>
+    async (args: A): Promise<ToolResult> => {
+      try {
+        return await fn(args);
+      } catch (err) {
+        return toolError(err);
+      }
+    };
+
+  server.registerTool(
+    'create_sandbox',
+    {
+      description:
+        'Start a new isolated Linux microVM (a sandbox) to run untrusted code in. Returns its id; pass it to the other tools. Delete it when done.',
+      inputSchema: {
+        image: z.string().optional().describe('OCI image reference, e.g. python:3.12 (default: a Debian base with python3)'),
+        env: z.record(z.string(), z.string()).optional().describe('environment variables for every command'),
+        ports: z.array(z.number().int().min(1).max(65535)).optional().describe('guest TCP ports to make reachable from the host'),
+        network: z.enum(['user', 'none']).optional().describe("'user' (default): outbound network; 'none': no network"),
+        memoryMiB: z.number().int().min(128).max(65536).optional(),
+        name: z.string().optional().describe('a unique name for it'),
+      },
+    },
+    guarded(
+      async (a: {
+        image?: string;
+        env?: Record<string, string>;
+        ports?: number[];
+        network?: 'user' | 'none';
+        memoryMiB?: number;
+        name?: string;
+      }) => {
+        const inst = await api.createInstance({
+          command: ['sleep', 'infinity'],
+          labels: { [MCP_LABEL]: '1' },
+          autoRemove: true,
+          ...(a.image ? { image: a.image } : {}),
+          ...(a.env ? { env: a.env } : {}),
+          ...(a.ports ? { exposes: a.ports.map((guestPort) => ({ guestPort })) } : {}),
+          ...(a.network ? { network: a.network } : {}),
+          ...(a.memoryMiB ? { memoryMiB: a.memoryMiB } : {}),
+          ...(a.name ? { handle: a.name } : {}),
+        });
+        const ports = Object.fromEntries(inst.ports.map((p) => [String(p.guestPort), `${p.hostIp}:${p.hostPort}`]));
+        return ok({ id: inst.id, name: inst.handle, state: inst.state, ports });
+      },
+    ),
+  );
+
+  server.registerTool(
+    'run_command',
+    {
+      description: `Run a shell command (sh -c) in a sandbox and wait for it: exit code, stdout and stderr (each capped at ${MAX_OUTPUT_BYTES} bytes, marked when truncated). It is killed at the time limit.`,
+      inputSchema: {
+        sandbox,
+        command: z.string().min(1).describe('shell command line, run with sh -c'),
+        timeoutSeconds: z.number().int().min(1).max(3600).optional().describe(`time limit (default ${DEFAULT_COMMAND_TIMEOUT_S})`),
+        cwd: z.string().optional().describe('working directory (created if missing)'),
+        env: z.record(z.string(), z.string()).optional(),
+      },
+    },
+    guarded(async (a: { sandbox: string; command: string; timeoutSeconds?: number; cwd?: string; env?: Record<string, string> }) => {
+      const limitS = a.timeoutSeconds ?? DEFAULT_COMMAND_TIMEOUT_S;
+      const out = { stdout: new Capped(), stderr: new Capped() };
+      let exit: Extract<ExecEvent, { type: 'exit' }> | undefined;
+      let timedOut = false;
+      try {
+        const req = { command: ['sh', '-c', a.command], ...(a.cwd ? { workdir: a.cwd } : {}), ...(a.env ? { env: a.env } : {}) };
+        for await (const ev of api.exec(a.sandbox, req, AbortSignal.timeout(limitS * 1000))) {
+          if (ev.type === 'output') out[ev.stream].push(Buffer.from(ev.data, 'base64'));
+          else if (ev.type === 'exit') exit = ev;
+        }
+      } catch (err) {
+        if (!AegisError.from(err).code.match(/^(TIMEOUT|CANCELLED)$/)) throw err;
+        timedOut = true; // the daemon killed the command's process group when we gave up
+      }
+      const result = {
+        exitCode: exit?.exitCode ?? null,
+        signal: exit?.signal ?? null,
+        timedOut,
+        stdout: out.stdout.text(),
+        stderr: out.stderr.text(),
+        truncated: out.stdout.dropped + out.stderr.dropped > 0,
+      };
+      const head = timedOut
+        ? `timed out after ${limitS} s (killed)`
+        : `exit code ${result.exitCode ?? `null (signal ${result.signal ?? '?'})`}`;
+      return ok(result, `${head}\n--- stdout ---\n${result.stdout}\n--- stderr ---\n${result.stderr}`);
+    }),
+  );
+
+  server.registerTool(
+    'read_file',
+    {
+      description: `Read a text file from a sandbox (at most ${MAX_FILE_BYTES} bytes are returned; the rest is marked truncated).`,
+      inputSchema: { sandbox, path: z.string().startsWith('/').describe('absolute path in the sandbox') },
+    },
+    guarded(async (a: { sandbox: string; path: string }) => {
+      const { data, size } = await api.readFile(a.sandbox, a.path);
+      const chunks: Buffer[] = [];
+      let got = 0;
+      for await (const c of data as AsyncIterable<Buffer>) {
+        if (got < MAX_FILE_BYTES) chunks.push(c.subarray(0, MAX_FILE_BYTES - got));
+        got += c.length;
+      }
+      const text = Buffer.concat(chunks).toString('utf8');
+      const truncated = got > MAX_FILE_BYTES;
+      return ok(
+        { path: a.path, size, truncated, content: text },
+        truncated ? `${text}\n[truncated: ${got - MAX_FILE_BYTES} more bytes]` : text,
+      );
+    }),
+  );
+
+  server.registerTool(
+    'write_file',
+    {
+      description: 'Write a text file in a sandbox (replaced whole; parent directories are created).',
+      inputSchema: { sandbox, path: z.string().startsWith('/'), content: z.string() },
+    },
+    guarded(async (a: { sandbox: string; path: string; content: string }) => {
+      const dir = path.posix.dirname(a.path);
+      if (dir !== '/') await api.makeDirectory(a.sandbox, dir, { parents: true });
+      const st = await api.writeFile(a.sandbox, a.path, a.content);
+      return ok({ path: a.path, size: st.size });
+    }),
+  );
+
+  server.registerTool(
+    'list_files',
+    { description: 'List a directory in a sandbox.', inputSchema: { sandbox, path: z.string().startsWith('/') } },
+    guarded(async (a: { sandbox: string; path: string }) => {
+      const entries = await api.listFiles(a.sandbox, a.path);
+      return ok(
+        { path: a.path, entries: entries.map((e) => ({ name: e.name, type: e.type, size: e.size })) },
+        entries
+          .map((e) => `${e.type === 'directory' ? 'd' : e.type === 'symlink' ? 'l' : '-'} ${String(e.size).padStart(10)} ${e.name}`)
+          .join('\n'),
+      );
+    }),
+  );
+
+  server.registerTool(
+    'logs',
+    {
+      description: "The sandbox's workload output and that of the commands run in it (last lines).",
+      inputSchema: { sandbox, tail: z.number().int().min(1).max(10_000).optional().describe('last N entries (default 200)') },
+    },
+    guarded(async (a: { sandbox: string; tail?: number }) => {
+      const out = new Capped();
+      for await (const ev of api.logs(a.sandbox, { tail: a.tail ?? 200, execs: true })) {
+        if (ev.type === 'output') out.push(Buffer.from(ev.data, 'base64'));
+      }
+      const text = out.text();
+      return ok({ sandbox: a.sandbox, text, truncated: out.dropped > 0 }, text);
+    }),
+  );
+
+  server.registerTool(
+    'list_sandboxes',
+    { description: 'Sandboxes created through this MCP server that still exist.', inputSchema: {} },
+    guarded(async () => {
+      const list = await api.listInstances({ all: true, labels: [MCP_LABEL] });
+      return ok({ sandboxes: list.map((i) => ({ id: i.id, name: i.handle, state: i.state, image: i.image ?? null })) });
+    }),
+  );
+
+  server.registerTool(
+    'stop_sandbox',
+    { description: 'Stop a sandbox (its files stay until it is deleted).', inputSchema: { sandbox } },
+    guarded(async (a: { sandbox: string }) => {
+      const i = await api.stopInstance(a.sandbox, { timeoutMs: 3000 });
+      return ok({ id: i.id, state: i.state });
+    }),
+  );
+
+  server.registerTool(
+    'delete_sandbox',
+    { description: 'Stop and delete a sandbox and all its files.', inputSchema: { sandbox } },
+    guarded(async (a: { sandbox: string }) => {
+      await api.deleteInstance(a.sandbox, { force: true });
+      return ok({ deleted: a.sandbox });
+    }),
+  );
+
+  await server.connect(new StdioServerTransport());
+}
+
+/** What MCP clients read to start us: the CLI as an absolute path, `mcp` as its argument. */
+function snippet(): { mcpServers: Record<string, { command: string; args: string[]; env?: Record<string, string> }> } {
+  const entry = process.argv[1] ? path.resolve(process.argv[1]) : 'aegis';
+  const env = process.env['AEGIS_HOME'] ? { AEGIS_HOME: process.env['AEGIS_HOME'] } : undefined;
+  return { mcpServers: { aegis: { command: process.execPath, args: ['--', entry, 'mcp'], ...(env ? { env } : {}) } } };
+}
+
+/** Where each client keeps its MCP configuration. */
+function clientConfigPath(client: string): string {
+  const home = os.homedir();
+  switch (client) {
+    case 'claude':
+      return process.platform === 'darwin'
+        ? path.join(home, 'Library/Application Support/Claude/claude_desktop_config.json')
+        : path.join(home, '.config/Claude/claude_desktop_config.json');
+    case 'cursor':
+      return path.join(home, '.cursor/mcp.json');
+    case 'project':
+      return path.resolve('.mcp.json');
+    default:
+      throw new InvalidArgumentError(`unknown client "${client}": use claude, cursor or project`);
+  }
+}
+
+export function mcpCommand(): Command {
+  const mcp = new Command('mcp')
+    .description('serve the Model Context Protocol on stdio (tools for agents to use sandboxes)')
+    .action(async () => {
+      try {
+        await serve();
+      } catch (err) {
+        fail(err);
+      }
+    });
+  mcp
+    .command('install')
+    .description('print the MCP client configuration for aegis (or merge it into a client’s file with --write)')
+    .option('--client <name>', 'claude (Claude Desktop), cursor, or project (./.mcp.json)', 'project')
+    .option('--write', 'merge it into that client’s configuration file (other servers there are kept)')
+    .action((o: { client: string; write?: boolean }) => {
+      try {
+        const add = snippet();
+        if (!o.write) {
+          process.stdout.write(JSON.stringify(add, null, 2) + '\n');
+          return;
+        }
+        const file = clientConfigPath(o.client);
+        const current = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as { mcpServers?: Record<string, unknown> }) : {};
+        const merged = { ...current, mcpServers: { ...(current.mcpServers ?? {}), ...add.mcpServers } };
+        mkdirSync(path.dirname(file), { recursive: true });
+        writeFileSync(file, JSON.stringify(merged, null, 2) + '\n');
+        process.stdout.write(`${file}: aegis added\n`);
+      } catch (err) {
+        fail(
+          err instanceof SyntaxError ? new AegisError('INVALID_ARGUMENT', `the existing configuration is not JSON: ${err.message}`) : err,
+        );
+      }
+    });
+  return mcp;
+}

@@ -1,0 +1,98 @@
+/**
+ * `aegis mcp` driven end to end by the official MCP TypeScript SDK's Client over stdio,
+ * against a real daemon and real VMs: tool listing, a run, a file round trip, an error with
+ * our code, output capping, and cleanup.
+ */
+import path from 'node:path';
+import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
+import { afterEach, describe, expect, it } from 'vitest';
+import { ROOT, useDaemon } from './fixture.js';
+
+const daemon = useDaemon();
+let client: Client | undefined;
+afterEach(async () => {
+  await client?.close();
+  client = undefined;
+});
+
+type Result = { content: { type: string; text: string }[]; isError?: boolean; structuredContent?: Record<string, unknown> };
+
+async function connect(home: string): Promise<Client> {
+  const transport = new StdioClientTransport({
+    command: path.join(ROOT, 'bin/aegis'),
+    args: ['mcp'],
+    env: { ...(process.env as Record<string, string>), AEGIS_HOME: home },
+    stderr: 'pipe',
+  });
+  const c = new Client({ name: 'aegis-test', version: '1.0.0' });
+  await c.connect(transport);
+  return c;
+}
+
+async function call(c: Client, name: string, args: Record<string, unknown>): Promise<Result> {
+  return (await c.callTool({ name, arguments: args })) as Result;
+}
+
+describe('aegis mcp', () => {
+  it('lists its tools with JSON Schemas, runs a command, round-trips a file, caps output, reports errors with our code, and cleans up', async () => {
+    const d = daemon();
+    client = await connect(d.home);
+    const tools = (await client.listTools()).tools;
+    expect(tools.map((t) => t.name).sort()).toEqual([
+      'create_sandbox',
+      'delete_sandbox',
+      'list_files',
+      'list_sandboxes',
+      'logs',
+      'read_file',
+      'run_command',
+      'stop_sandbox',
+      'write_file',
+    ]);
+    const run = tools.find((t) => t.name === 'run_command');
+    expect(run?.inputSchema).toMatchObject({ type: 'object', required: expect.arrayContaining(['sandbox', 'command']) as unknown });
+
+    const created = await call(client, 'create_sandbox', { env: { WHO: 'agent' }, network: 'none' });
+    expect(created.isError).toBeFalsy();
+    const id = created.structuredContent?.['id'] as string;
+    expect((await d.client.getInstance(id)).labels).toEqual({ 'aegis.mcp': '1' });
+
+    const hi = await call(client, 'run_command', { sandbox: id, command: 'echo "hi $WHO"; echo oops >&2; exit 2' });
+    expect(hi.structuredContent).toMatchObject({ exitCode: 2, stdout: 'hi agent\n', stderr: 'oops\n', truncated: false, timedOut: false });
+    expect(hi.content[0]?.text).toMatch(/^exit code 2\n--- stdout ---\nhi agent\n/);
+
+    const big = await call(client, 'run_command', { sandbox: id, command: 'head -c 100000 /dev/zero | tr "\\0" a' });
+    expect(big.structuredContent?.['truncated']).toBe(true);
+    expect(big.structuredContent?.['stdout']).toMatch(/^a{32768}\n\[truncated: 67232 more bytes\]$/);
+
+    const slow = await call(client, 'run_command', { sandbox: id, command: 'sleep 100', timeoutSeconds: 2 });
+    expect(slow.structuredContent).toMatchObject({ timedOut: true });
+
+    expect((await call(client, 'write_file', { sandbox: id, path: '/work/notes/a.txt', content: 'from the agent\n' })).isError).toBeFalsy();
+    expect((await call(client, 'read_file', { sandbox: id, path: '/work/notes/a.txt' })).content[0]?.text).toBe('from the agent\n');
+    expect((await call(client, 'list_files', { sandbox: id, path: '/work/notes' })).structuredContent).toMatchObject({
+      entries: [{ name: 'a.txt', type: 'file', size: 15 }],
+    });
+    expect((await call(client, 'logs', { sandbox: id })).content[0]?.text).toContain('hi agent');
+
+    const missing = await call(client, 'read_file', { sandbox: id, path: '/nope' });
+    expect(missing.isError).toBe(true);
+    expect(missing.content[0]?.text).toBe('NOT_FOUND: /nope: no such file or directory');
+    const noBox = await call(client, 'run_command', { sandbox: 'no-such-sandbox', command: 'true' });
+    expect(noBox.isError).toBe(true);
+    expect(noBox.content[0]?.text).toMatch(/^NOT_FOUND: /);
+
+    expect((await call(client, 'list_sandboxes', {})).structuredContent).toMatchObject({ sandboxes: [{ id, state: 'running' }] });
+    expect((await call(client, 'delete_sandbox', { sandbox: id })).isError).toBeFalsy();
+    expect(await d.client.listInstances({ all: true })).toEqual([]);
+  });
+
+  it('install prints a snippet that starts this CLI as an MCP server', async () => {
+    const d = daemon();
+    const r = await d.cli(['mcp', 'install']);
+    const cfg = JSON.parse(r.stdout) as { mcpServers: { aegis: { command: string; args: string[]; env?: Record<string, string> } } };
+    expect(cfg.mcpServers.aegis.args.at(-1)).toBe('mcp');
+    expect(cfg.mcpServers.aegis.env).toEqual({ AEGIS_HOME: d.home });
+  });
+});
