@@ -3,7 +3,7 @@
 /** aegis: the command line over the aegisd API. */
 import { Command } from 'commander';
 import { infoCommand } from './commands/instance/info.js';
-import { deleteCommand, pauseCommand, restartCommand, resumeCommand, stopCommand } from './commands/instance/lifecycle.js';
+import { deleteCommand, extendCommand, pauseCommand, restartCommand, resumeCommand, stopCommand } from './commands/instance/lifecycle.js';
 import { listCommand } from './commands/instance/list.js';
 import { startCommand } from './commands/instance/start.js';
 import { execCommand } from './commands/exec.js';
@@ -51,6 +51,7 @@ for (const c of [
   pauseCommand(),
   resumeCommand(),
   restartCommand(),
+  extendCommand(),
 ]) {
   instance.addCommand(c);
 }

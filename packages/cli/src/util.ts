@@ -154,6 +154,16 @@ export function collectEnvFile(file: string, previous: Record<string, string> = 
   return out;
 }
 
+/** A duration: `500ms`, `90s`, `10m`, `2h`, `1d`, a bare number of seconds; `0` is none. In ms. */
+export function parseDuration(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(v.trim());
+  if (!m?.[1]) throw new InvalidArgumentError(`"${v}" is not a duration: use e.g. 90s, 10m, 2h or 0 for none`);
+  const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h' | 'd'];
+  const ms = Math.round(Number(m[1]) * unit);
+  if (ms > 31_536_000_000) throw new InvalidArgumentError(`"${v}" is over a year`);
+  return ms;
+}
+
 /** Docker's -u: `name`, `uid`, `name:group`, `uid:gid`. */
 export function parseUser(v: string): string {
   if (!/^[^:\s]+(:[^:\s]+)?$/.test(v)) throw new InvalidArgumentError(`"${v}": expected NAME|UID[:GROUP|GID]`);

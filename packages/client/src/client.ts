@@ -205,6 +205,11 @@ export class AegisClient {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/wait`, ...(signal ? { signal } : {}) });
   }
 
+  /** Gives a live instance a new deadline `timeoutMs` from now (0: none). */
+  setDeadline(ref: string, timeoutMs: number): Promise<Instance> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/deadline`, body: { timeoutMs } });
+  }
+
   /** The guest's processes (docker top). */
   topInstance(ref: string): Promise<{ processes: ProcessInfo[]; truncated?: boolean }> {
     return this.call({ method: 'GET', path: `/v1/instances/${encodeURIComponent(ref)}/top` });

@@ -21,6 +21,8 @@ export interface Instance {
   workdir?: string;
   user?: string;
   labels?: Record<string, string>;
+  /** When it will be stopped (its timeoutMs), ISO 8601. */
+  deadline?: string;
 }
 
 export interface Image {
@@ -76,6 +78,8 @@ export interface CreateInstanceRequest {
   tty?: { rows: number; cols: number };
   /** Key/value tags for finding and filtering it (docker --label). */
   labels?: Record<string, string>;
+  /** Stopped (and with autoRemove deleted) this long after creation; 0: none; default the daemon's. */
+  timeoutMs?: number;
 }
 
 export interface ExecRequest {

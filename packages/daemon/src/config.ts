@@ -22,6 +22,8 @@ export interface DaemonConfig {
   warmBoot: boolean;
   /** Where templates live (AEGIS_TEMPLATES); default: beside the guest artifacts. */
   templatesDir: string | undefined;
+  /** Run time given to an instance created without `timeoutMs` (AEGIS_DEFAULT_TIMEOUT_MS); 0: none. */
+  defaultTimeoutMs: number;
   /** Registries reached over plain http (AEGIS_INSECURE_REGISTRIES, comma-separated host[:port]); loopback always is. */
   insecureRegistries: string[];
 }
@@ -46,6 +48,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
     scratchDiskMiB: 4096,
     bootTimeoutMs: Number(env['AEGIS_BOOT_TIMEOUT_MS'] ?? 60_000),
     warmBoot: env['AEGIS_WARM_BOOT'] !== '0',
+    defaultTimeoutMs: Number(env['AEGIS_DEFAULT_TIMEOUT_MS'] ?? 0),
     templatesDir: env['AEGIS_TEMPLATES'],
     insecureRegistries: (env['AEGIS_INSECURE_REGISTRIES'] ?? '')
       .split(',')

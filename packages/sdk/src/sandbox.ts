@@ -22,6 +22,13 @@ export interface SandboxOptions {
   vcpuCount?: number;
   /** A unique handle; default one is generated. */
   name?: string;
+  /**
+   * Its life, in ms: at the end the daemon stops and deletes it, whether or not this program
+   * is still there (a crashed agent leaks nothing). 0: none. Default: the daemon's.
+   */
+  timeoutMs?: number;
+  /** Key/value tags, to find it again (`aegis ps --filter label=k=v`). */
+  labels?: Record<string, string>;
   /** The daemon's socket; default `$AEGIS_HOME/aegisd.sock` (`~/.aegis/aegisd.sock`). */
   socketPath?: string;
   signal?: AbortSignal;
@@ -273,6 +280,8 @@ export class Sandbox {
           ...(options.network ? { network: options.network } : {}),
           ...(options.memoryMiB !== undefined ? { memoryMiB: options.memoryMiB } : {}),
           ...(options.vcpuCount !== undefined ? { vcpuCount: options.vcpuCount } : {}),
+          ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
+          ...(options.labels ? { labels: options.labels } : {}),
           // A sandbox whose creator went away before it started is removed by the daemon.
           autoRemove: true,
         },
@@ -293,6 +302,16 @@ export class Sandbox {
     const m = this.instance.ports.find((p) => p.guestPort === port);
     if (!m) throw new SandboxError('NOT_FOUND', `port ${port} is not exposed; create the sandbox with ports: [${port}]`);
     return `${m.hostIp.includes(':') ? `[${m.hostIp}]` : m.hostIp}:${m.hostPort}`;
+  }
+
+  /** When the daemon will stop and delete it, if it has a deadline. */
+  get deadline(): Date | undefined {
+    return this.instance.deadline !== undefined ? new Date(this.instance.deadline) : undefined;
+  }
+
+  /** A new life: `timeoutMs` from now (0: none). */
+  async setTimeout(timeoutMs: number): Promise<void> {
+    this.instance = await wrap(() => this.client.setDeadline(this.instance.id, timeoutMs));
   }
 
   /** Whether its VM still runs. */

@@ -18,6 +18,7 @@ export const MCP_LABEL = 'aegis.mcp';
 const MAX_OUTPUT_BYTES = 32 * 1024;
 const MAX_FILE_BYTES = 256 * 1024;
 const DEFAULT_COMMAND_TIMEOUT_S = 60;
+const DEFAULT_SANDBOX_TIMEOUT_S = 3600;
 
 type ToolResult = { content: { type: 'text'; text: string }[]; isError?: boolean; structuredContent?: Record<string, unknown> };
 
@@ -86,6 +87,13 @@ async function serve(): Promise<void> {
         network: z.enum(['user', 'none']).optional().describe("'user' (default): outbound network; 'none': no network"),
         memoryMiB: z.number().int().min(128).max(65536).optional(),
         name: z.string().optional().describe('a unique name for it'),
+        timeoutSeconds: z
+          .number()
+          .int()
+          .min(0)
+          .max(86_400)
+          .optional()
+          .describe('stop and delete it this long after creation even if nobody asks (default 3600; 0: never)'),
       },
     },
     guarded(

@@ -17,13 +17,14 @@ import { AegisError, exitStatus, type ExitEvent, type FileRequest, type PsResult
 import type { Readable } from 'node:stream';
 import type { Backend, NetworkMode, Vm, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
-import type { InstanceRow, Registry } from '../registry/db.js';
+import type { InstanceRow, InstanceSpec, Registry } from '../registry/db.js';
 import type { Logger } from '../log.js';
 import type { SecretStore } from '../secrets/store.js';
 import { PortForwarder } from '../ports/forwarder.js';
 import type { ImageService, ResolvedImage } from '../images/service.js';
 import type { AgentConnection } from './agent.js';
 import { LogStore } from './logs.js';
+import { Deadlines } from './deadlines.js';
 import { fileOp, type FileResult } from './files.js';
 import type { TemplateCache } from './templates.js';
 import { OpQueue } from './op-queue.js';
@@ -42,12 +43,15 @@ export { toView, type CreateRequest, type ExecEvent, type ExecRequest, type Inst
 const MAX_SOCKET_PATH = 107;
 const RUN_TIMEOUT_MS = 30_000;
 const DEFAULT_STOP_TIMEOUT_MS = 10_000;
+/** At a deadline the workload gets this long after SIGTERM: the deadline is the user's limit, not a start of grace. */
+const DEADLINE_STOP_TIMEOUT_MS = 1000;
 /** Operations a stop or delete may cut short. */
 const CANCELLABLE = ['start', 'restart'] as const;
 
 export class InstanceManager {
   private readonly live = new Map<string, LiveInstance>();
   private readonly owners = new Map<string, OpQueue>();
+  private readonly deadlines = new Deadlines((id) => void this.deadlineReached(id));
 
   constructor(
     private readonly config: DaemonConfig,
@@ -200,6 +204,7 @@ export class InstanceManager {
     const command = effectiveCommand(req.command, image?.config);
     const id = randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
+    const timeoutMs = req.timeoutMs ?? this.config.defaultTimeoutMs;
     if (path.join(this.dirOf(id), 'vm', 'agent.sock').length > MAX_SOCKET_PATH) {
       throw new AegisError('FAILED_PRECONDITION', `AEGIS_HOME ${this.config.home} is too long for unix socket paths; use a shorter one`);
     }
@@ -229,9 +234,12 @@ export class InstanceManager {
         ...(req.stdin ? { stdin: true } : {}),
         ...(req.tty ? { tty: req.tty } : {}),
         ...(req.labels ? { labels: req.labels } : {}),
+        ...(timeoutMs > 0 ? { timeoutMs, deadlineAtMs: Date.now() + timeoutMs } : {}),
+        ...(req.autoRemove ? { autoRemove: true } : {}),
       },
     };
-    this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work
+    this.registry.insertInstance(row);
+    if (row.spec.deadlineAtMs !== undefined) this.deadlines.arm(id, row.spec.deadlineAtMs); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
     return row;
   }
@@ -358,6 +366,7 @@ export class InstanceManager {
           throw err;
         }
         this.log.info(`instance ${row.handle} (${row.id}): restarting`);
+        if (row.spec.timeoutMs !== undefined) this.setDeadline(row, row.spec.timeoutMs);
         const env = { ...imageEnv(image?.config), ...row.spec.env, ...secretEnv };
         return this.launch(row, forwarder, image, env, { keepDisk: true, autoRemove: false }, opSignal);
       },
@@ -457,12 +466,12 @@ export class InstanceManager {
   }
 
   /** Stops the instance; a start in flight is cancelled first (nothing boots afterwards). */
-  stop(ref: string, timeoutMs = DEFAULT_STOP_TIMEOUT_MS): Promise<InstanceView> {
+  stop(ref: string, timeoutMs = DEFAULT_STOP_TIMEOUT_MS, reason = 'stopped by request'): Promise<InstanceView> {
     return this.queued(
       ref,
       'stop',
       async (row) => {
-        await this.stopNow(row, timeoutMs);
+        await this.stopNow(row, timeoutMs, reason);
         return this.get(row.id);
       },
       { cancels: CANCELLABLE },
@@ -470,7 +479,7 @@ export class InstanceManager {
   }
 
   /** Within an operation: ends the instance's VM, the workload first given `timeoutMs`. */
-  private async stopNow(row: InstanceRow, timeoutMs: number): Promise<void> {
+  private async stopNow(row: InstanceRow, timeoutMs: number, reason = 'stopped by request'): Promise<void> {
     if (!isLive(row.state)) return; // like docker stop: nothing to do
     const live = this.live.get(row.id);
     if (!live) {
@@ -482,7 +491,7 @@ export class InstanceManager {
       await Promise.race([live.vm.resume().catch(() => undefined), new Promise((r) => setTimeout(r, 1000))]);
       live.resumed();
     }
-    this.move(row.id, 'stopping', { stateReason: 'stopped by request' }, ['running', 'paused', 'starting']);
+    this.move(row.id, 'stopping', { stateReason: reason }, ['running', 'paused', 'starting']);
     await live.powerOff(timeoutMs);
   }
 
@@ -516,6 +525,7 @@ export class InstanceManager {
     if (live) await live.kill(); // never leave a VM without its row
     await fs.rm(this.dirOf(id), { recursive: true, force: true });
     this.registry.deleteInstance(id);
+    this.deadlines.clear(id);
     this.owners.get(id)?.close(new AegisError('NOT_FOUND', `instance "${row.handle}" was deleted`));
     this.owners.delete(id);
     this.log.info(`instance ${row.handle} (${id}): deleted`);
@@ -686,6 +696,44 @@ export class InstanceManager {
       move: (id, to, patch) => this.move(id, to, patch),
       adopt: (row, vm) => this.adopt(row, vm),
     });
+    // Deadlines outlive the daemon: one that passed while it was down fires now.
+    for (const row of this.registry.listInstances()) {
+      if (isLive(row.state) && row.spec.deadlineAtMs !== undefined) this.deadlines.arm(row.id, row.spec.deadlineAtMs);
+    }
+  }
+
+  /** Sets a live instance's deadline `timeoutMs` from now (0: none), as `aegis instance extend`. */
+  extend(ref: string, timeoutMs: number): InstanceView {
+    const row = this.registry.resolveInstance(ref);
+    requireState(row.handle, row.state, ['starting', 'running', 'paused'], 'set the deadline of');
+    this.setDeadline(row, timeoutMs);
+    return this.get(row.id);
+  }
+
+  private setDeadline(row: InstanceRow, timeoutMs: number): void {
+    const spec: InstanceSpec = { ...row.spec };
+    if (timeoutMs > 0) spec.deadlineAtMs = Date.now() + timeoutMs;
+    else delete spec.deadlineAtMs;
+    this.registry.setInstanceSpec(row.id, spec);
+    row.spec = spec;
+    if (spec.deadlineAtMs !== undefined) this.deadlines.arm(row.id, spec.deadlineAtMs);
+    else this.deadlines.clear(row.id);
+  }
+
+  /**
+   * The workload gets SIGTERM (and the usual grace before SIGKILL), the VM stops; a throwaway
+   * instance is then deleted, as its creator would have done had it still been there.
+   */
+  private async deadlineReached(id: string): Promise<void> {
+    const row = this.registry.getInstance(id);
+    if (!row || !isLive(row.state) || row.spec.deadlineAtMs === undefined || row.spec.deadlineAtMs > Date.now()) return;
+    this.log.info(`instance ${row.handle} (${id}): deadline reached; stopping it`);
+    try {
+      await this.stop(id, DEADLINE_STOP_TIMEOUT_MS, `deadline reached (--timeout ${row.spec.timeoutMs ?? 0} ms)`);
+      if (row.spec.autoRemove) await this.delete(id, true);
+    } catch (err) {
+      this.log.warn(`instance ${row.handle}: stop at its deadline failed: ${(err as Error).message}`);
+    }
   }
 
   /**
@@ -719,6 +767,7 @@ export class InstanceManager {
 
   /** Lets go of every VM without stopping it: the next daemon takes them over. */
   detachAll(): void {
+    this.deadlines.clearAll();
     for (const live of this.live.values()) live.detach();
     this.live.clear();
   }

@@ -10,7 +10,7 @@ import type { NetworkMode } from '@aegis/vmm';
 import type { InstanceRow } from '../registry/db.js';
 import type { PortMapping } from '../ports/forwarder.js';
 import type { ImageConfig } from '../images/registry.js';
-import type { InstanceState } from './state.js';
+import { isLive, type InstanceState } from './state.js';
 
 export interface CreateRequest {
   /** With an image: replaces its Cmd (its Entrypoint stays); may then be omitted. */
@@ -39,6 +39,8 @@ export interface CreateRequest {
   /** Run the workload on a pseudo-terminal of this size (docker run -t). */
   tty?: { rows: number; cols: number };
   labels?: Record<string, string>;
+  /** Stopped (and with autoRemove deleted) this long after it is created; 0: never. Default: the daemon's. */
+  timeoutMs?: number;
 }
 
 export interface ExecRequest {
@@ -85,6 +87,8 @@ export interface InstanceView {
   workdir?: string;
   user?: string;
   labels?: Record<string, string>;
+  /** When it will be stopped (its --timeout), ISO 8601. */
+  deadline?: string;
 }
 
 export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
@@ -154,5 +158,6 @@ export function toView(row: InstanceRow): InstanceView {
   if (row.workdir) view.workdir = row.workdir;
   if (row.spec.user !== undefined) view.user = row.spec.user;
   if (row.spec.labels) view.labels = row.spec.labels;
+  if (row.spec.deadlineAtMs !== undefined && isLive(row.state)) view.deadline = new Date(row.spec.deadlineAtMs).toISOString();
   return view;
 }

@@ -108,6 +108,12 @@ export interface InstanceSpec {
   tty?: { rows: number; cols: number };
   /** Docker's labels: the user's key/value tags, for finding and filtering instances. */
   labels?: Record<string, string>;
+  /** Stopped (and, with autoRemove, deleted) at this time, epoch ms; absent: no deadline. */
+  deadlineAtMs?: number;
+  /** The run time it was given (`--timeout`): a restart gets a new deadline this far away. */
+  timeoutMs?: number;
+  /** Created as throwaway (`run`, the SDK): its deadline deletes it, not only stops it. */
+  autoRemove?: boolean;
 }
 
 /** The image an instance runs: the digest pins it; the reference is how the user named it. */
@@ -277,6 +283,11 @@ export class Registry {
       params[k] = k === 'vmRecord' && v !== null ? JSON.stringify(v) : v;
     }
     this.db.prepare(`UPDATE instances SET ${sets.join(', ')} WHERE id = @id`).run(params);
+  }
+
+  /** Replaces the instance's spec (a new deadline, say). */
+  setInstanceSpec(id: string, spec: InstanceSpec): void {
+    this.db.prepare('UPDATE instances SET spec = ?, updated_at = ? WHERE id = ?').run(JSON.stringify(spec), Date.now(), id);
   }
 
   /**

@@ -41,6 +41,7 @@ export function infoCommand(): Command {
           ['Backend', i.backend],
           ['Created', i.createdAt],
           ['Started', i.startedAt],
+          ['Deadline', i.deadline],
           ['Stopped', i.stoppedAt],
         ];
         for (const [k, v] of lines) if (v !== undefined && v !== null) process.stdout.write(`${`${k}:`.padEnd(11)}${v}\n`);

@@ -1,5 +1,5 @@
 import { Command, Option } from 'commander';
-import { client, fail, forEach, positiveInt } from '../../util.js';
+import { client, fail, forEach, parseDuration, positiveInt } from '../../util.js';
 
 /** `instance stop` and Docker's `stop`: every name is tried, failures reported, exit 1 if any. */
 export function stopCommand(): Command {
@@ -66,6 +66,21 @@ export function restartCommand(): Command {
     .action(async (ref: string) => {
       try {
         process.stdout.write(`${(await client().restartInstance(ref)).handle}\n`);
+      } catch (err) {
+        fail(err);
+      }
+    });
+}
+
+export function extendCommand(): Command {
+  return new Command('extend')
+    .description("set a running instance's deadline anew: DURATION from now (90s, 10m, 2h; 0 removes it)")
+    .argument('<instance>', 'handle, id or id prefix')
+    .argument('<duration>', 'how long from now', parseDuration)
+    .action(async (ref: string, timeoutMs: number) => {
+      try {
+        const i = await client().setDeadline(ref, timeoutMs);
+        process.stdout.write(`${i.handle}${i.deadline ? ` until ${i.deadline}` : ': no deadline'}\n`);
       } catch (err) {
         fail(err);
       }

@@ -3,6 +3,7 @@ import { AegisError, type CreateInstanceRequest, type NetworkMode } from '@aegis
 import { parseExpose } from '../../ports.js';
 import {
   absolutePath,
+  parseDuration,
   client,
   collectEnv,
   collectEnvFile,
@@ -30,6 +31,7 @@ export interface StartOptions {
   envFile?: Record<string, string>;
   user?: string;
   label?: Record<string, string>;
+  timeout?: number;
   json?: boolean;
   secret?: string[];
   expose?: NonNullable<CreateInstanceRequest['exposes']>;
@@ -60,6 +62,7 @@ export function withStartOptions(cmd: Command): Command {
     .option('--network <mode>', "'user' (default: outbound TCP/UDP and DNS, host loopback unreachable) or 'none'", parseNetwork)
     .option('--image <REF>', 'run in this OCI image (pulled if missing); the command then replaces its Cmd and may be omitted')
     .option('-w, --workdir <dir>', 'working directory in the guest (created if missing)', absolutePath)
+    .option('--timeout <duration>', 'stop it (SIGTERM, then the VM) this long after it starts: 90s, 10m, 2h; 0 for none', parseDuration)
     .option('-l, --label <KEY=VALUE>', 'a label to find and filter it by (repeatable)', collectLabel)
     .option('-u, --user <NAME|UID[:GROUP|GID]>', "run the workload as this user (default: the image's, else root)", parseUser)
     .option('-m, --memory <size>', 'guest memory: 512m, 1g, or MiB (128m-64g, default 512m)', parseMemory)
@@ -77,6 +80,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   if (o.env !== undefined || o.envFile !== undefined) req.env = { ...o.envFile, ...o.env };
   if (o.user !== undefined) req.user = o.user;
   if (o.label !== undefined) req.labels = o.label;
+  if (o.timeout !== undefined) req.timeoutMs = o.timeout;
   if (o.secret !== undefined) req.secrets = o.secret;
   if (o.expose !== undefined) req.exposes = o.expose;
   if (o.workdir !== undefined) req.workdir = o.workdir;

@@ -122,6 +122,14 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       handler: async ({ params, signal }) => ({ status: 200, body: await m.wait(param(params, 'ref'), signal) }),
     },
     {
+      method: 'POST',
+      path: '/v1/instances/{ref}/deadline',
+      handler: ({ params, body }) => {
+        const req = validateBody<{ timeoutMs: number }>('DeadlineRequest', body);
+        return Promise.resolve({ status: 200, body: m.extend(param(params, 'ref'), req.timeoutMs) });
+      },
+    },
+    {
       method: 'GET',
       path: '/v1/instances/{ref}/top',
       handler: async ({ params }) => ({ status: 200, body: await m.top(param(params, 'ref')) }),
