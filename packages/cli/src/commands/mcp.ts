@@ -109,6 +109,8 @@ async function serve(): Promise<void> {
           command: ['sleep', 'infinity'],
           labels: { [MCP_LABEL]: '1' },
           autoRemove: true,
+          // An agent forgets: a sandbox it started ends by itself unless asked otherwise.
+          timeoutMs: (a.timeoutSeconds ?? DEFAULT_SANDBOX_TIMEOUT_S) * 1000,
           ...(a.image ? { image: a.image } : {}),
           ...(a.env ? { env: a.env } : {}),
           ...(a.ports ? { exposes: a.ports.map((guestPort) => ({ guestPort })) } : {}),
