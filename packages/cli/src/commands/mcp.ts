@@ -104,6 +104,7 @@ async function serve(): Promise<void> {
         network?: 'user' | 'none';
         memoryMiB?: number;
         name?: string;
+        timeoutSeconds?: number;
       }) => {
         const inst = await api.createInstance({
           command: ['sleep', 'infinity'],
