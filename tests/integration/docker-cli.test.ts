@@ -213,6 +213,40 @@ describe('docker-style CLI', () => {
     expect(await d.client.listInstances({ all: true, labels: ['team=blue'] })).toEqual([]);
   });
 
+  it("stats: CPU and memory of the VMM, the guest's own memory and processes, the scratch disk; paused and stopped", async () => {
+    const d = daemon();
+    await d.client.createInstance({ handle: 'busy', command: ['sh', '-c', 'while :; do :; done'], network: 'none' });
+    await d.client.createInstance({ handle: 'idle', command: ['sleep', '600'], network: 'none' });
+    await new Promise((r) => setTimeout(r, 1500));
+    const r = await d.cli(['stats', '--no-stream', '--json']);
+    const stats = JSON.parse(r.stdout) as {
+      handle: string;
+      cpuPercent: number;
+      vmmMemoryBytes: number;
+      guestMemoryTotalBytes: number;
+      processes: number;
+      diskUsedBytes: number;
+    }[];
+    const busy = stats.find((s) => s.handle === 'busy');
+    const idle = stats.find((s) => s.handle === 'idle');
+    expect(busy?.cpuPercent).toBeGreaterThan(50); // a guest spinning keeps its vCPU thread busy
+    expect(idle?.cpuPercent).toBeLessThan(busy?.cpuPercent ?? 0);
+    expect(busy?.guestMemoryTotalBytes).toBeGreaterThan(400 << 20); // 512 MiB less the kernel's share
+    expect(busy?.vmmMemoryBytes).toBeGreaterThan(10 << 20);
+    expect(busy?.processes).toBeGreaterThan(1);
+    expect(busy?.diskUsedBytes).toBeGreaterThan(0);
+    const text = await d.cli(['stats', '--no-stream', 'busy']);
+    expect(text.stdout).toMatch(
+      /^NAME +ID +CPU % +MEM USAGE \/ LIMIT +MEM % +VMM MEM +DISK +PIDS\nbusy +[0-9a-f]{12} +\d+\.\d% +[\d.]+MiB \/ 512\.0MiB/,
+    );
+    await d.client.pauseInstance('idle');
+    expect(await d.client.instanceStats('idle')).toMatchObject({ state: 'paused', guestMemoryUsedBytes: null, processes: null });
+    await d.client.stopInstance('busy', { timeoutMs: 500 });
+    expect((await d.cli(['stats', '--no-stream', 'busy'])).stderr).toMatch(
+      /cannot measure instance "busy": it is stopped.*\[FAILED_PRECONDITION\]/,
+    );
+  });
+
   it('--json errors are JSON on stdout too (no daemon: UNAVAILABLE)', async () => {
     const home = mkdtempSync(path.join(os.tmpdir(), 'aegis-nodaemon-'));
     for (const args of [

@@ -50,6 +50,10 @@ export class FakeVm implements Vm {
     this.exited = new Promise((r) => (this.resolveExit = r));
   }
 
+  hostPid(): number | undefined {
+    return undefined;
+  }
+
   record(): VmRecord {
     return { backend: 'fake', id: this.id, pid: -1 };
   }

@@ -22,6 +22,7 @@ import {
   killCommand,
   psCommand,
   rmCommand,
+  statsCommand,
   topCommand,
   waitCommand,
 } from './commands/docker.js';
@@ -74,6 +75,7 @@ for (const c of [
   dockerInspectCommand(),
   waitCommand(),
   topCommand(),
+  statsCommand(),
   cpCommand(),
   mcpCommand(),
 ]) {

@@ -14,6 +14,7 @@ import type {
   FileStat,
   Image,
   Instance,
+  InstanceStats,
   LogEvent,
   ProcessInfo,
   PullEvent,
@@ -208,6 +209,11 @@ export class AegisClient {
   /** Gives a live instance a new deadline `timeoutMs` from now (0: none). */
   setDeadline(ref: string, timeoutMs: number): Promise<Instance> {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/deadline`, body: { timeoutMs } });
+  }
+
+  /** What it uses now (docker stats). */
+  instanceStats(ref: string): Promise<InstanceStats> {
+    return this.call({ method: 'GET', path: `/v1/instances/${encodeURIComponent(ref)}/stats` });
   }
 
   /** The guest's processes (docker top). */

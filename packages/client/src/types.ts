@@ -123,6 +123,19 @@ export interface WaitResult {
   stateReason?: string;
 }
 
+export interface InstanceStats {
+  id: string;
+  handle: string;
+  state: InstanceState;
+  cpuPercent: number | null;
+  vmmMemoryBytes: number | null;
+  memoryLimitBytes: number;
+  guestMemoryUsedBytes: number | null;
+  guestMemoryTotalBytes: number | null;
+  processes: number | null;
+  diskUsedBytes: number | null;
+}
+
 export interface ProcessInfo {
   pid: number;
   ppid: number;

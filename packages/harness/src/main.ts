@@ -23,7 +23,7 @@ import {
 import { spawn } from 'node:child_process';
 import { Channel } from './channel.js';
 import { GuestProcess, OutputGate } from './processes.js';
-import { listProcesses } from './ps.js';
+import { guestStats, listProcesses } from './ps.js';
 import { startFileService } from './files.js';
 
 /**
@@ -76,6 +76,9 @@ class Harness {
       case 'ps':
         parseParams.ps(raw);
         return listProcesses();
+      case 'stats':
+        parseParams.stats(raw);
+        return guestStats();
       case 'health':
         return this.health();
       case 'shutdown':

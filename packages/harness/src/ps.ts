@@ -3,7 +3,7 @@
  * The harness and aegis-init are listed too: they are what the guest runs.
  */
 import { readdir, readFile, stat } from 'node:fs/promises';
-import { MAX_PS_COMMAND, MAX_PS_PROCESSES, type ProcessInfo, type PsResult } from '@aegis/protocol';
+import { MAX_PS_COMMAND, MAX_PS_PROCESSES, type ProcessInfo, type PsResult, type StatsResult } from '@aegis/protocol';
 
 /** USER_HZ, the unit of /proc/PID/stat's times: 100 on every Linux ABI we boot. */
 const TICKS_PER_SECOND = 100;
@@ -55,4 +55,13 @@ export async function listProcesses(): Promise<PsResult> {
     .sort((a, b) => a - b);
   const all = (await Promise.all(pids.map(one))).filter((p): p is ProcessInfo => p !== undefined && p.pid !== 2 && p.ppid !== 2);
   return all.length > MAX_PS_PROCESSES ? { processes: all.slice(0, MAX_PS_PROCESSES), truncated: true } : { processes: all };
+}
+
+/** Memory and process count for `aegis stats`. */
+export async function guestStats(): Promise<StatsResult> {
+  const info = await readFile('/proc/meminfo', 'utf8');
+  const kib = (key: string): number => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(info)?.[1] ?? 0);
+  const total = kib('MemTotal');
+  const processes = (await readdir('/proc')).filter((d) => /^\d+$/.test(d)).length;
+  return { memTotalKiB: total, memAvailableKiB: Math.min(total, kib('MemAvailable')), processes };
 }

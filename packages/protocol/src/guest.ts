@@ -119,6 +119,14 @@ export interface PsResult {
   truncated?: boolean;
 }
 export const MAX_PS_PROCESSES = 4096;
+
+export type StatsParams = Record<string, never>;
+/** The guest's own view of its resources (`aegis stats`), from /proc. */
+export interface StatsResult {
+  memTotalKiB: number;
+  memAvailableKiB: number;
+  processes: number;
+}
 export const MAX_PS_COMMAND = 4096;
 
 export interface ShutdownParams {
@@ -136,6 +144,7 @@ export interface GuestMethods {
   fresh: { params: FreshParams; result: Record<string, never> };
   health: { params: HealthParams; result: HealthResult };
   ps: { params: PsParams; result: PsResult };
+  stats: { params: StatsParams; result: StatsResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
 export type GuestMethod = keyof GuestMethods;
@@ -368,6 +377,10 @@ export const parseParams: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
     onlyKeys(obj(v ?? {}, 'ps params'), [], 'ps params');
     return {};
   },
+  stats(v) {
+    onlyKeys(obj(v ?? {}, 'stats params'), [], 'stats params');
+    return {};
+  },
   shutdown(v) {
     const o = obj(v ?? {}, 'shutdown params');
     onlyKeys(o, ['timeoutMs'], 'shutdown params');
@@ -426,6 +439,15 @@ export const parseResult: { [M in GuestMethod]: (v: unknown) => GuestMethods[M][
       };
     });
     return o['truncated'] === true ? { processes, truncated: true } : { processes };
+  },
+  stats(v) {
+    const o = strict(v, ['memTotalKiB', 'memAvailableKiB', 'processes'], 'stats result');
+    const memTotalKiB = int(o['memTotalKiB'], 'memTotalKiB', 0, 2 ** 40);
+    return {
+      memTotalKiB,
+      memAvailableKiB: int(o['memAvailableKiB'], 'memAvailableKiB', 0, memTotalKiB),
+      processes: int(o['processes'], 'processes', 0, MAX_PID),
+    };
   },
   shutdown(v) {
     return empty(v, 'shutdown result');

@@ -512,6 +512,10 @@ class FirecrackerVm implements Vm {
     this.exited = new Promise((resolve) => (this.resolveExit = resolve));
   }
 
+  hostPid(): number | undefined {
+    return this.pid;
+  }
+
   record(): VmRecord {
     if (this.pid === undefined) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
     const r: FirecrackerRecord = {

@@ -429,6 +429,10 @@ class QemuVm implements Vm {
     this.exited = new Promise((resolve) => (this.resolveExit = resolve));
   }
 
+  hostPid(): number | undefined {
+    return this.pid;
+  }
+
   record(): VmRecord {
     if (this.pid === undefined) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
     const r: QemuRecord = { backend: 'qemu', id: this.id, pid: this.pid, stateDir: this.stateDir };

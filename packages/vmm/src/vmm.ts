@@ -139,6 +139,8 @@ export interface Vm {
   readonly exited: Promise<VmExit>;
   /** A short tail of the serial console, for error reports. Never secret-bearing by design. */
   consoleTail(maxBytes?: number): Promise<string>;
+  /** The VMM's host process, for resource accounting (`aegis stats`); undefined before it starts. */
+  hostPid(): number | undefined;
 }
 
 export interface Backend {

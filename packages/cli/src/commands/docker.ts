@@ -106,3 +106,63 @@ export function topCommand(): Command {
       }
     });
 }
+
+const size = (n: number | null): string =>
+  n === null
+    ? '--'
+    : n >= 1 << 30
+      ? `${(n / (1 << 30)).toFixed(2)}GiB`
+      : n >= 1 << 20
+        ? `${(n / (1 << 20)).toFixed(1)}MiB`
+        : `${(n / 1024).toFixed(0)}KiB`;
+
+export function statsCommand(): Command {
+  return new Command('stats')
+    .description('what instances use, refreshed every 2 s like docker stats (all running ones when none is named)')
+    .argument('[instance...]', 'handles, ids or id prefixes')
+    .option('--no-stream', 'print once and exit')
+    .option('--json', 'JSON: an array per refresh (one line each when streaming)')
+    .action(async (refs: string[], o: { stream: boolean; json?: boolean }) => {
+      errorsAsJson(o.json);
+      const api = client();
+      try {
+        for (;;) {
+          const names =
+            refs.length > 0
+              ? refs
+              : (await api.listInstances()).filter((i) => i.state === 'running' || i.state === 'paused').map((i) => i.id);
+          const { results, failed } = await eachRef(names, (ref) => api.instanceStats(ref));
+          if (o.json) process.stdout.write(JSON.stringify(results, null, o.stream ? undefined : 2) + '\n');
+          else {
+            const rows = [['NAME', 'ID', 'CPU %', 'MEM USAGE / LIMIT', 'MEM %', 'VMM MEM', 'DISK', 'PIDS']];
+            for (const s of results) {
+              const pct =
+                s.guestMemoryUsedBytes !== null && s.guestMemoryTotalBytes
+                  ? `${((s.guestMemoryUsedBytes / s.guestMemoryTotalBytes) * 100).toFixed(1)}%`
+                  : '--';
+              rows.push([
+                s.handle,
+                s.id.slice(0, 12),
+                s.cpuPercent === null ? '--' : `${s.cpuPercent.toFixed(1)}%`,
+                `${size(s.guestMemoryUsedBytes)} / ${size(s.memoryLimitBytes)}`,
+                pct,
+                size(s.vmmMemoryBytes),
+                size(s.diskUsedBytes),
+                s.processes === null ? '--' : String(s.processes),
+              ]);
+            }
+            // A terminal is redrawn in place; a pipe gets one table after another.
+            if (o.stream && process.stdout.isTTY) process.stdout.write('\x1b[H\x1b[2J');
+            process.stdout.write(table(rows));
+          }
+          if (!o.stream) {
+            if (failed) exit(1);
+            return;
+          }
+          await new Promise((r) => setTimeout(r, 2000));
+        }
+      } catch (err) {
+        fail(err);
+      }
+    });
+}

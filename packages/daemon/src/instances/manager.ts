@@ -25,14 +25,29 @@ import type { ImageService, ResolvedImage } from '../images/service.js';
 import type { AgentConnection } from './agent.js';
 import { LogStore } from './logs.js';
 import { Deadlines } from './deadlines.js';
+import { allocatedBytes, cpuPercent, processMemoryBytes, sampleCpu, type ProcessSample } from './stats.js';
 import { fileOp, type FileResult } from './files.js';
 import type { TemplateCache } from './templates.js';
 import { OpQueue } from './op-queue.js';
 import { LiveInstance, type ExecEmitter } from './live.js';
 import { bootVm, type BootContext } from './boot.js';
 import { recover } from './recovery.js';
-import { effectiveCommand, imageEnv, toView, type CreateRequest, type ExecRequest, type InstanceView } from './spec.js';
+import { effectiveCommand, existingDisk, imageEnv, toView, type CreateRequest, type ExecRequest, type InstanceView } from './spec.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
+
+export interface InstanceStats {
+  id: string;
+  handle: string;
+  state: InstanceState;
+  /** Of one CPU (200 = two busy CPUs); null when the VMM process cannot be read. */
+  cpuPercent: number | null;
+  vmmMemoryBytes: number | null;
+  memoryLimitBytes: number;
+  guestMemoryUsedBytes: number | null;
+  guestMemoryTotalBytes: number | null;
+  processes: number | null;
+  diskUsedBytes: number | null;
+}
 
 /** A file request as a caller gives it: which root (image or not) is the instance's to say. */
 export type FileOpRequest = FileRequest extends infer R ? (R extends FileRequest ? Omit<R, 'image'> : never) : never;
@@ -52,6 +67,8 @@ export class InstanceManager {
   private readonly live = new Map<string, LiveInstance>();
   private readonly owners = new Map<string, OpQueue>();
   private readonly deadlines = new Deadlines((id) => void this.deadlineReached(id));
+  /** The last CPU sample of each instance's VMM, for `stats` (CPU since the previous call). */
+  private readonly cpuSamples = new Map<string, ProcessSample>();
 
   constructor(
     private readonly config: DaemonConfig,
@@ -526,6 +543,7 @@ export class InstanceManager {
     await fs.rm(this.dirOf(id), { recursive: true, force: true });
     this.registry.deleteInstance(id);
     this.deadlines.clear(id);
+    this.cpuSamples.delete(id);
     this.owners.get(id)?.close(new AegisError('NOT_FOUND', `instance "${row.handle}" was deleted`));
     this.owners.delete(id);
     this.log.info(`instance ${row.handle} (${id}): deleted`);
@@ -642,6 +660,46 @@ export class InstanceManager {
     const forwarder = this.requireLive(row, 'reach the files of').forwarder;
     if (!forwarder) throw new AegisError('UNAVAILABLE', `instance "${row.handle}" is not serving its data channel yet`);
     return fileOp(() => forwarder.open(0), { ...req, image: row.image !== null } as FileRequest, body, signal);
+  }
+
+  /**
+   * What the instance costs and uses (`docker stats`): CPU of its VMM process since the last
+   * call (or over a short sample on the first), the VMM's memory (PSS), its scratch disk's
+   * allocated bytes, and the guest's own memory and process count (absent while paused).
+   */
+  async stats(ref: string): Promise<InstanceStats> {
+    const row = this.registry.resolveInstance(ref);
+    requireState(row.handle, row.state, ['running', 'paused'], 'measure');
+    const live = this.requireLive(row, 'measure');
+    const pid = live.vm.hostPid();
+    let cpu: number | null = null;
+    if (pid !== undefined) {
+      let before = this.cpuSamples.get(row.id);
+      if (!before) {
+        before = await sampleCpu(pid);
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      const now = await sampleCpu(pid);
+      if (before && now) {
+        cpu = cpuPercent(before, now);
+        this.cpuSamples.set(row.id, now);
+      }
+    }
+    const disk = await existingDisk(this.dirOf(row.id));
+    const guest =
+      row.state === 'running' && live.agent ? await live.agent.call('stats', {}, { timeoutMs: 5000 }).catch(() => undefined) : undefined;
+    return {
+      id: row.id,
+      handle: row.handle,
+      state: row.state,
+      cpuPercent: cpu,
+      vmmMemoryBytes: pid !== undefined ? ((await processMemoryBytes(pid)) ?? null) : null,
+      memoryLimitBytes: row.memoryMiB * 1024 * 1024,
+      guestMemoryUsedBytes: guest ? (guest.memTotalKiB - guest.memAvailableKiB) * 1024 : null,
+      guestMemoryTotalBytes: guest ? guest.memTotalKiB * 1024 : null,
+      processes: guest ? guest.processes : null,
+      diskUsedBytes: disk ? ((await allocatedBytes(disk.path)) ?? null) : null,
+    };
   }
 
   /** The guest's processes (`docker top`). */

@@ -131,6 +131,11 @@ export function instanceRoutes(d: DaemonContext): Route[] {
     },
     {
       method: 'GET',
+      path: '/v1/instances/{ref}/stats',
+      handler: async ({ params }) => ({ status: 200, body: await m.stats(param(params, 'ref')) }),
+    },
+    {
+      method: 'GET',
       path: '/v1/instances/{ref}/top',
       handler: async ({ params }) => ({ status: 200, body: await m.top(param(params, 'ref')) }),
     },
