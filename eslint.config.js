@@ -13,7 +13,16 @@ const layer = (files, forbidden) => ({
 });
 
 export default tseslint.config(
-  { ignores: ['**/dist/**', 'node_modules/**', 'bench/results/**', 'bench/.build/**', 'packages/sdk/docs/**'] },
+  {
+    ignores: [
+      '**/dist/**',
+      'node_modules/**',
+      'bench/results/**',
+      'bench/.build/**',
+      'packages/sdk/docs/**',
+      'packages/client/src/generated/**',
+    ],
+  },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

@@ -32,7 +32,11 @@ function quote(v: string): string {
  * passed: still validation, still before anything is bound, resolved or booted.
  */
 const EXTRA_CHECKS: Record<string, (body: never) => void> = {
-  CreateInstanceRequest: (body: { exposes?: { hostIp?: string }[] }) => {
+  CreateInstanceRequest: (body: { exposes?: { hostIp?: string }[]; command?: unknown; image?: unknown }) => {
+    // Said here, not as an anyOf in the schema: the API's generated types stay one plain object.
+    if (body.command === undefined && body.image === undefined) {
+      throw new AegisError('INVALID_ARGUMENT', "invalid request: body must have 'command' or 'image' (or both)");
+    }
     for (const [i, e] of (body.exposes ?? []).entries()) {
       // A host name here would be resolved by listen(): a DNS query leaving the machine.
       if (e.hostIp !== undefined && isIP(e.hostIp) === 0) {
