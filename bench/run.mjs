@@ -19,6 +19,8 @@
 //   API client doing the same exec, median of N. Target (issue 11): the CLI adds <= 25 ms.
 //   `aegis cp` of a 256 MiB file in and out vs. the data channel's raw rate (TCP through --expose)
 //   and vs. `cat` over `aegis exec`. Target (issue 12): cp >= 80% of the raw rate.
+//   The SDK (create + run `true` + kill) vs. the raw typed client doing the same (target <= 1.1x),
+//   and an MCP tool call's round trip through `aegis mcp` (issue 13).
 import { execFile, spawn } from 'node:child_process';
 import {
   mkdtempSync,
@@ -611,9 +613,79 @@ serve(9001, send)`;
   }
 }
 
-// BENCH_ONLY=expose|images|accel|cli|cp runs one section alone (a minute or two; the whole bench takes several).
-if (['expose', 'images', 'accel', 'cli', 'cp'].includes(process.env.BENCH_ONLY ?? '')) {
-  const only = { expose: benchExpose, images: benchImages, accel: benchAccel, cli: benchCli, cp: benchCp }[process.env.BENCH_ONLY];
+/**
+ * The SDK against the raw typed client doing the same work (create a sandbox, run `true`,
+ * kill it), interleaved, on a warm daemon; target SDK <= 1.1x. And an MCP tool call's round
+ * trip through `aegis mcp` driven by the official client: `run_command true` and a call that
+ * touches no VM (`list_sandboxes`).
+ */
+async function benchSdk() {
+  const d = await startDaemon(true);
+  const { Sandbox } = await import(path.join(ROOT, 'packages/sdk/dist/sdk.mjs'));
+  const { Client } = await import('@modelcontextprotocol/sdk/client/index.js');
+  const { StdioClientTransport } = await import('@modelcontextprotocol/sdk/client/stdio.js');
+  const socketPath = path.join(d.home, 'aegisd.sock');
+  try {
+    for (let i = 0; i < 600 && !/template \w+: ready/.test(d.log()); i++) await new Promise((r) => setTimeout(r, 100));
+    const viaSdk = async () => {
+      const t0 = performance.now();
+      const sbx = await Sandbox.create({ socketPath, network: 'none' });
+      const r = await sbx.commands.run(['true']);
+      await sbx.kill();
+      if (r.exitCode !== 0) throw new Error('sdk: true failed');
+      return performance.now() - t0;
+    };
+    const viaClient = async () => {
+      const t0 = performance.now();
+      const inst = await d.client.createInstance({ command: ['sleep', 'infinity'], network: 'none', autoRemove: true });
+      for await (const ev of d.client.exec(inst.id, { command: ['true'] }))
+        if (ev.type === 'exit' && ev.exitCode !== 0) throw new Error('client: true failed');
+      await d.client.deleteInstance(inst.id, { force: true });
+      return performance.now() - t0;
+    };
+    await viaSdk();
+    await viaClient();
+    const sdk = [];
+    const raw = [];
+    for (let i = 0; i < RUNS; i++) {
+      raw.push(await viaClient());
+      sdk.push(await viaSdk());
+    }
+    const mcp = new Client({ name: 'bench', version: '1' });
+    await mcp.connect(new StdioClientTransport({ command: path.join(ROOT, 'bin/aegis'), args: ['mcp'], env: d.env, stderr: 'ignore' }));
+    const created = await mcp.callTool({ name: 'create_sandbox', arguments: { network: 'none' } });
+    const id = created.structuredContent.id;
+    const CALLS = Math.max(10, RUNS * 4);
+    const toolRun = [];
+    const toolList = [];
+    for (let i = 0; i < CALLS; i++) {
+      let t0 = performance.now();
+      await mcp.callTool({ name: 'run_command', arguments: { sandbox: id, command: 'true' } });
+      toolRun.push(performance.now() - t0);
+      t0 = performance.now();
+      await mcp.callTool({ name: 'list_sandboxes', arguments: {} });
+      toolList.push(performance.now() - t0);
+    }
+    await mcp.callTool({ name: 'delete_sandbox', arguments: { sandbox: id } });
+    await mcp.close();
+    const ratio = median(sdk) / median(raw);
+    console.log(`\nSDK vs the raw typed client, warm daemon, median of ${RUNS}:`);
+    console.log(`${'client: createInstance + exec true + delete'.padEnd(56)} median ${fmt(median(raw))}`);
+    console.log(`${'SDK: Sandbox.create + commands.run(true) + kill'.padEnd(56)} median ${fmt(median(sdk))}`);
+    console.log(`ratio SDK / client: ${ratio.toFixed(2)}x (target <= 1.10x: ${ratio <= 1.1 ? 'met' : 'NOT met'})`);
+    console.log(`${'MCP tool call run_command `true` (official client, stdio)'.padEnd(56)} median ${median(toolRun).toFixed(1)} ms`);
+    console.log(`${'MCP tool call list_sandboxes (no VM work)'.padEnd(56)} median ${median(toolList).toFixed(1)} ms`);
+    return { sdkMs: sdk, clientMs: raw, ratio, mcpRunCommandMs: toolRun, mcpListMs: toolList };
+  } finally {
+    await d.stop();
+  }
+}
+
+// BENCH_ONLY=expose|images|accel|cli|cp|sdk runs one section alone (a minute or two; the whole bench takes several).
+if (['expose', 'images', 'accel', 'cli', 'cp', 'sdk'].includes(process.env.BENCH_ONLY ?? '')) {
+  const only = { expose: benchExpose, images: benchImages, accel: benchAccel, cli: benchCli, cp: benchCp, sdk: benchSdk }[
+    process.env.BENCH_ONLY
+  ];
   await only();
   process.exit(0);
 }
@@ -685,6 +757,7 @@ try {
   const images = await benchImages();
   const cliStart = await benchCli();
   const cp = await benchCp();
+  const sdk = await benchSdk();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -701,6 +774,7 @@ try {
         images,
         cli: cliStart,
         cp,
+        sdk,
         backend: status.backend,
       },
       null,
