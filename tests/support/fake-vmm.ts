@@ -176,6 +176,7 @@ export class FakeBackend implements Backend {
         acceleration: 'tcg',
         networkModes: ['none'],
         qcow2ScratchDisks: false,
+        volumeKinds: ['disk', 'share'],
       },
     };
   }

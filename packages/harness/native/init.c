@@ -52,8 +52,9 @@
 #define AGENT_PORT_NAME "aegis.agent"
 #define AGENT_VSOCK_PORT 1024
 #define SCRATCH_DEV "/dev/vdb"
-/* An OCI image's prepared filesystem (ext4, read-only, shared by every instance of it). */
-#define IMAGE_DEV "/dev/vdc"
+/* An OCI image's prepared filesystem (ext4, read-only, shared by every instance of it) is the
+ * disk named by aegis_image= (the backend's word, /dev/vdc): named, not guessed from vdc
+ * existing, since a named volume is vdc when there is no image. */
 #define IMAGE_ROOT "/aegis/image"
 
 static void image_names(const char *hostname);
@@ -111,12 +112,13 @@ static void enter_overlay_root(void) {
              "lowerdir=/,upperdir=/aegis/scratch/upper,workdir=/aegis/scratch/work");
   /* The image's root: its read-only filesystem under this instance's own writable layer, on
    * the same scratch disk. Mounted inside the new root so that pivot_root carries it along. */
-  if (stat(IMAGE_DEV, &st) == 0) {
+  const char *image_dev = getenv("aegis_image");
+  if (image_dev && stat(image_dev, &st) == 0) {
     mkdir("/aegis/newroot/aegis/image-lower", 0755);
     mkdir("/aegis/newroot" IMAGE_ROOT, 0755);
     mkdir("/aegis/scratch/image-upper", 0755);
     mkdir("/aegis/scratch/image-work", 0755);
-    must_mount(IMAGE_DEV, "/aegis/newroot/aegis/image-lower", "ext4", MS_RDONLY | MS_NOATIME, "");
+    must_mount(image_dev, "/aegis/newroot/aegis/image-lower", "ext4", MS_RDONLY | MS_NOATIME, "");
     must_mount("overlay", "/aegis/newroot" IMAGE_ROOT, "overlay", MS_NOATIME,
                "lowerdir=/aegis/newroot/aegis/image-lower,upperdir=/aegis/scratch/image-upper,workdir=/aegis/scratch/image-work");
   }
@@ -541,6 +543,122 @@ static void prepare_image_root(const char *hostname) {
   }
 }
 
+/* ---- volumes ---------------------------------------------------------------------------
+ * aegis_volN=FSTYPE,SOURCE,MODE,PATH (N from 0; PATH percent-encoded), put on the kernel
+ * command line by the VMM backend: a named volume (ext4 on a block device) or a host
+ * directory (9p) to mount at PATH in the workload's root before anything runs. With an image,
+ * PATH is in the image's root, and the mount is made by a child chrooted there, so the
+ * image's own symlinks resolve inside it, as they will for the workload. A volume that cannot
+ * be mounted is not skipped: the harness refuses to run the workload and says why
+ * (AEGIS_VOLUME_ERROR), so nothing writes to the scratch disk thinking it is persisted. */
+#define MAX_VOLUMES 32
+/* 9p over virtio: the largest message the guest's transport takes (512 KiB less headers);
+ * cache=mmap: reads and writes go to the host at once (the host sees every write, and host
+ * edits are seen), page cache only for mmap()ed files (which cache=none cannot map shared).
+ * docs/design.md, "Volumes", has the measurements. */
+#define SHARE_OPTIONS "trans=virtio,version=9p2000.L,msize=512000,cache=mmap"
+static char volume_error[512];
+
+static int hexval(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  return -1;
+}
+
+static int percent_decode(const char *in, char *out, size_t outlen) {
+  size_t n = 0;
+  for (const char *p = in; *p; p++) {
+    int c = (unsigned char)*p;
+    if (c == '%') {
+      int hi = hexval(p[1]), lo = hi < 0 ? -1 : hexval(p[2]);
+      if (lo < 0) return -1;
+      c = hi * 16 + lo;
+      p += 2;
+    }
+    if (c == 0 || n + 1 >= outlen) return -1;
+    out[n++] = (char)c;
+  }
+  out[n] = 0;
+  return 0;
+}
+
+/* mkdir -p, in whatever root we are in now. */
+static int make_parents(const char *path) {
+  char buf[4096];
+  snprintf(buf, sizeof buf, "%s", path);
+  for (char *p = buf + 1;; p++) {
+    if (*p == '/' || *p == 0) {
+      char saved = *p;
+      *p = 0;
+      if (mkdir(buf, 0755) != 0 && errno != EEXIST) return errno;
+      *p = saved;
+      if (saved == 0) return 0;
+    }
+  }
+}
+
+/* Returns 0 or an errno. */
+static int mount_volume_here(const char *fstype, const char *source, int readonly, const char *path) {
+  int err = make_parents(path);
+  if (err) return err;
+  unsigned long flags = readonly ? MS_RDONLY : 0;
+  if (strcmp(fstype, "9p") == 0) {
+    /* Host files are data here: no device nodes or setuid programs taken from them. */
+    return mount(source, path, "9p", flags | MS_NOSUID | MS_NODEV, SHARE_OPTIONS) == 0 ? 0 : errno;
+  }
+  if (strcmp(fstype, "ext4") != 0) return EINVAL;
+  if (mount(source, path, "ext4", flags, "") == 0) return 0;
+  err = errno;
+  /* A volume whose last writer was killed has a journal to replay, which a read-only
+   * device cannot do: read it as it is instead. */
+  if (readonly && mount(source, path, "ext4", flags, "noload") == 0) {
+    say("volume %s: mounted without replaying its journal (its last writer did not unmount it)", path);
+    return 0;
+  }
+  return err;
+}
+
+static void mount_volumes(void) {
+  struct stat st;
+  int in_image = stat("/aegis/image-lower", &st) == 0;
+  for (int i = 0; i < MAX_VOLUMES; i++) {
+    char name[32];
+    snprintf(name, sizeof name, "aegis_vol%d", i);
+    const char *spec = getenv(name);
+    if (!spec) continue;
+    char buf[2048], path[1024];
+    snprintf(buf, sizeof buf, "%s", spec);
+    char *fields[4] = {buf, NULL, NULL, NULL};
+    for (int f = 1; f < 4; f++) {
+      char *comma = fields[f - 1] ? strchr(fields[f - 1], ',') : NULL;
+      if (comma) *comma = 0;
+      fields[f] = comma ? comma + 1 : NULL;
+    }
+    int err = 0;
+    if (!fields[3] || percent_decode(fields[3], path, sizeof path) != 0 || path[0] != '/') {
+      say("%s=%s: expected FSTYPE,SOURCE,ro|rw,PATH", name, spec);
+      err = EINVAL;
+      snprintf(path, sizeof path, "(volume %d)", i);
+    } else if (in_image) {
+      pid_t child = fork();
+      if (child == 0) {
+        if (chroot(IMAGE_ROOT) != 0 || chdir("/") != 0) _exit(errno ? errno : EIO);
+        _exit(mount_volume_here(fields[0], fields[1], strcmp(fields[2], "ro") == 0, path));
+      }
+      int status = 0;
+      if (child < 0 || waitpid(child, &status, 0) != child) err = child < 0 ? errno : ECHILD;
+      else err = WIFEXITED(status) ? WEXITSTATUS(status) : EIO;
+    } else {
+      err = mount_volume_here(fields[0], fields[1], strcmp(fields[2], "ro") == 0, path);
+    }
+    if (err) {
+      say("volume %s: %s", path, strerror(err));
+      if (!volume_error[0]) snprintf(volume_error, sizeof volume_error, "AEGIS_VOLUME_ERROR=%.400s: %.80s", path, strerror(err));
+    }
+  }
+}
+
 /* `aegis-init blocking -- CMD...`: CMD with its stdin and stdout in blocking mode. The harness
  * hands file-service sockets to cat and tar this way (bytes then never pass through Node);
  * Node keeps its sockets non-blocking, a flag the child shares, and cat or tar would stop at
@@ -725,6 +843,7 @@ int main(int argc, char **argv) {
   if (!hostname) hostname = "aegis";
   sethostname(hostname, strlen(hostname));
   prepare_image_root(hostname);
+  mount_volumes();
 
   mark("filesystems mounted");
   static struct relay relay;
@@ -771,6 +890,7 @@ int main(int argc, char **argv) {
         "HOME=/root",
         "LANG=C.UTF-8",
         "AEGIS_AGENT_FD=3",
+        volume_error[0] ? volume_error : NULL,
         NULL,
     };
     execve("/aegis/node", argv, envp);

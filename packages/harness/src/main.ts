@@ -34,6 +34,13 @@ import { startFileService } from './files.js';
 const UNACKED_EXIT_POWEROFF_MS = 60_000;
 const DEFAULT_STOP_TIMEOUT_MS = 3_000;
 
+/**
+ * A volume aegis-init could not mount (`PATH: reason`). The workload must not run without it:
+ * it would write to the scratch disk what it meant to keep, or read an empty directory.
+ */
+const VOLUME_ERROR = process.env['AEGIS_VOLUME_ERROR'];
+delete process.env['AEGIS_VOLUME_ERROR'];
+
 class Harness {
   private workload: GuestProcess | undefined;
   private readonly execs = new Map<string, GuestProcess>();
@@ -94,6 +101,7 @@ class Harness {
   private async run(p: RunParams): Promise<GuestMethods['run']['result']> {
     if (this.workload) throw new AegisError('ALREADY_EXISTS', 'the workload is already running; use exec for more commands');
     if (this.shuttingDown) throw new AegisError('FAILED_PRECONDITION', 'the VM is shutting down');
+    if (VOLUME_ERROR !== undefined) throw new AegisError('FAILED_PRECONDITION', `volume ${VOLUME_ERROR.slice(0, 400)} (not mounted)`);
     const proc = await GuestProcess.start(
       p,
       {

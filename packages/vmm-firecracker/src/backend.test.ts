@@ -309,6 +309,17 @@ describe('FirecrackerBackend.create', () => {
     expect((await failure(backend().create(config({ restoreFrom: snap })))).code).toBe('NOT_FOUND'); // no snap.bin.mem
   });
 
+  it('refuses a host directory with UNSUPPORTED (no 9p or virtio-fs in Firecracker), and volumes on a restore', async () => {
+    const share = { kind: 'share' as const, hostPath: dir, guestPath: '/work', readOnly: false };
+    const err = await failure(backend().create(config({ volumes: [share] })));
+    expect(err.code).toBe('UNSUPPORTED');
+    expect(err.message).toContain('named volume');
+    const snap = path.join(dir, 'snap.bin');
+    fs.writeFileSync(snap, 'x');
+    const disk = { kind: 'disk' as const, hostPath: path.join(dir, 'v.ext4'), guestPath: '/v', readOnly: false };
+    expect((await failure(backend().create(config({ restoreFrom: snap, volumes: [disk] })))).code).toBe('UNSUPPORTED');
+  });
+
   it('does not start anything', async () => {
     await backend().create(config());
     expect(requests()).toEqual([]);
@@ -350,6 +361,34 @@ describe('FirecrackerVm', () => {
     expect(drives.map((r) => r.path)).toEqual(['/drives/rootfs', '/drives/scratch', '/drives/image']);
     expect(drives[2]?.body).toEqual({ drive_id: 'image', path_on_host: 'image.disk', is_root_device: false, is_read_only: true });
     expect(fs.readlinkSync(path.join(dir, 'vm1', 'image.disk'))).toBe(path.join(dir, 'image.erofs'));
+  });
+
+  it('adds named volumes after the fixed drives and tells the guest their names (vdd, vde with an image)', async () => {
+    const vol = (name: string, readOnly: boolean): NonNullable<VmConfig['volumes']>[number] => ({
+      kind: 'disk',
+      hostPath: path.join(dir, `${name}.ext4`),
+      guestPath: `/data/${name}`,
+      readOnly,
+    });
+    await started(config({ imageDiskPath: path.join(dir, 'image.erofs'), volumes: [vol('a', false), vol('b b', true)] }));
+    const drives = requests().filter((r) => r.path.startsWith('/drives/'));
+    expect(drives.slice(3)).toEqual([
+      {
+        method: 'PUT',
+        path: '/drives/volume0',
+        body: { drive_id: 'volume0', path_on_host: 'volume0.disk', is_root_device: false, is_read_only: false, cache_type: 'Writeback' },
+      },
+      {
+        method: 'PUT',
+        path: '/drives/volume1',
+        body: { drive_id: 'volume1', path_on_host: 'volume1.disk', is_root_device: false, is_read_only: true },
+      },
+    ]);
+    expect(fs.readlinkSync(path.join(dir, 'vm1', 'volume1.disk'))).toBe(path.join(dir, 'b b.ext4'));
+    const boot = requests().find((r) => r.path === '/boot-source')?.body as { boot_args: string };
+    expect(boot.boot_args).toBe(
+      `${BOOT_ARGS} aegis_image=/dev/vdc aegis_vol0=ext4,/dev/vdd,rw,/data/a aegis_vol1=ext4,/dev/vde,ro,/data/b%20b aegis_hostname=h1`,
+    );
   });
 
   it('restores a snapshot with one load request and nothing else, RAM mapped from the memory file', async () => {

@@ -32,6 +32,9 @@ import {
   type VmConfig,
   type VmExit,
   type VmRecord,
+  KERNEL_CMDLINE_MAX_BYTES,
+  virtioDiskName,
+  volumeKernelArg,
 } from '@aegis/vmm';
 import { FirecrackerApi } from './api.js';
 import { testBoot } from './kvm-test.js';
@@ -123,6 +126,8 @@ function capabilities(): Capabilities {
     networkModes: ['none'],
     // Firecracker's block devices are raw files only.
     qcow2ScratchDisks: false,
+    // Extra drives, yes; it has no 9p or virtio-fs device to share a host directory with.
+    volumeKinds: ['disk'],
   };
 }
 
@@ -140,6 +145,8 @@ interface FirecrackerRecord {
  * Firecracker by these relative names (see the top of this file).
  */
 const DISK = { rootfs: 'rootfs.disk', scratch: 'scratch.disk', image: 'image.disk' } as const;
+/** The state directory's name for the n-th volume's disk, like the fixed ones. */
+const volumeDisk = (i: number): string => `volume${i}.disk`;
 const VSOCK_NAME = 'vsock.sock';
 
 function paths(stateDir: string): { api: string; vsock: string; log: string } {
@@ -282,6 +289,23 @@ export class FirecrackerBackend implements Backend {
         'Firecracker maps a snapshot memory file privately (copy-on-write): a restored VM cannot write its RAM back to the file',
       );
     }
+    const volumes = config.volumes ?? [];
+    if (volumes.some((v) => v.kind !== 'disk')) {
+      throw new AegisError(
+        'UNSUPPORTED',
+        'the Firecracker backend cannot share a host directory (Firecracker has no 9p or virtio-fs device); use a named volume, or the QEMU backend',
+      );
+    }
+    if (config.restoreFrom && volumes.length > 0) {
+      throw new AegisError('UNSUPPORTED', 'a VM restored from a snapshot cannot gain volumes; boot it cold');
+    }
+    const cmdlineBytes = Buffer.byteLength(bootArgs(config).join(' ')) + 40 * (3 + volumes.length);
+    if (cmdlineBytes > KERNEL_CMDLINE_MAX_BYTES) {
+      throw new AegisError(
+        'INVALID_ARGUMENT',
+        `the volumes' guest paths make the kernel command line too long (${cmdlineBytes} of ${KERNEL_CMDLINE_MAX_BYTES} bytes); use shorter paths`,
+      );
+    }
     const memoryPath = restoreMemoryPath(config);
     if (config.restoreFrom && memoryPath) {
       for (const [what, file] of [
@@ -347,12 +371,24 @@ async function linkDisks(config: VmConfig): Promise<void> {
     [DISK.rootfs, config.rootfsPath],
     [DISK.scratch, config.scratchDiskPath],
     [DISK.image, config.imageDiskPath],
+    ...(config.volumes ?? []).map((v, i): [string, string] => [volumeDisk(i), v.hostPath]),
   ];
   for (const [name, target] of links) {
     const link = path.join(config.stateDir, name);
     await fs.rm(link, { force: true });
     if (target) await fs.symlink(path.resolve(target), link);
   }
+}
+
+/**
+ * Our command line, `aegis_image=` naming the image's disk when there is one, and one
+ * `aegis_volN=` word per volume: its drive is added after the fixed ones, in order, so the
+ * guest names it vdd, vde... (vdc without an image).
+ */
+function bootArgs(config: VmConfig): string[] {
+  const first = config.imageDiskPath ? 3 : 2;
+  const volumes = (config.volumes ?? []).map((v, i) => volumeKernelArg(i, 'ext4', virtioDiskName(first + i), v.readOnly, v.guestPath));
+  return [...BASE_BOOT_ARGS, ...(config.imageDiskPath ? [`aegis_image=${virtioDiskName(2)}`] : []), ...volumes, ...config.kernelArgs];
 }
 
 /** The configuration requests of a cold boot, in order (drive order is guest device order). */
@@ -376,11 +412,12 @@ export function bootRequests(config: VmConfig): { path: string; body: unknown }[
     { path: '/machine-config', body: { vcpu_count: config.vcpuCount, mem_size_mib: config.memoryMiB, smt: false } },
     {
       path: '/boot-source',
-      body: { kernel_image_path: path.resolve(config.kernelPath), boot_args: [...BASE_BOOT_ARGS, ...config.kernelArgs].join(' ') },
+      body: { kernel_image_path: path.resolve(config.kernelPath), boot_args: bootArgs(config).join(' ') },
     },
     drive('rootfs', DISK.rootfs, true),
     drive('scratch', DISK.scratch, false),
     ...(config.imageDiskPath ? [drive('image', DISK.image, true)] : []),
+    ...(config.volumes ?? []).map((v, i) => drive(`volume${i}`, volumeDisk(i), v.readOnly)),
     // Relative: Firecracker binds it in its working directory, this VM's state directory.
     { path: '/vsock', body: { guest_cid: GUEST_CID, uds_path: VSOCK_NAME } },
     // The guest's entropy source, as QEMU's virtio-rng-device.

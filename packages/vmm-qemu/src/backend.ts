@@ -25,6 +25,10 @@ import {
   type VmConfig,
   type VmExit,
   type VmRecord,
+  type VmVolume,
+  KERNEL_CMDLINE_MAX_BYTES,
+  virtioDiskName,
+  volumeKernelArg,
 } from '@aegis/vmm';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { testKvmBoot } from './kvm-test.js';
@@ -40,13 +44,16 @@ interface ArchProfile {
   machine: string;
   /** Kernel console device for early and panic messages. */
   console: string;
+  /** How many virtio devices the machine can take (each is one virtio-mmio transport). */
+  virtioSlots: number;
 }
 
 const ARCH: Record<string, ArchProfile> = {
   // microvm boots fastest under TCG (see shared notes). acpi=off makes QEMU describe each
   // virtio-mmio device on the kernel command line; rtc stays on (turning it off cost 1.8 s).
-  x64: { binary: 'qemu-system-x86_64', machine: 'microvm,acpi=off,x-option-roms=off,rtc=on', console: 'ttyS0' },
-  arm64: { binary: 'qemu-system-aarch64', machine: 'virt,gic-version=max', console: 'ttyAMA0' },
+  // Without ACPI it has 8 transports (IRQs 12 down to 5); `ioapic2=on` does not add any then.
+  x64: { binary: 'qemu-system-x86_64', machine: 'microvm,acpi=off,x-option-roms=off,rtc=on', console: 'ttyS0', virtioSlots: 8 },
+  arm64: { binary: 'qemu-system-aarch64', machine: 'virt,gic-version=max', console: 'ttyAMA0', virtioSlots: 32 },
 };
 
 function profile(): ArchProfile {
@@ -111,6 +118,7 @@ function capabilitiesFor(kvm: boolean, passt: boolean): Capabilities {
     acceleration: kvm ? 'kvm' : 'tcg',
     networkModes: passt ? ['user', 'none'] : ['none'],
     qcow2ScratchDisks: true,
+    volumeKinds: ['disk', 'share'],
   };
 }
 
@@ -286,9 +294,66 @@ async function qemuVersion(binary: string): Promise<string> {
   }
 }
 
-async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
+/** A value inside a QEMU option list (`-drive a=b,c=d`): commas are doubled. */
+const optValue = (v: string): string => v.replaceAll(',', ',,');
+
+/**
+ * Host directories are 9p exports of QEMU itself (no helper process). `mapped-xattr`: QEMU
+ * creates every file as its own user, with host mode 0644 (directories 0755), and keeps the
+ * guest's owner, mode, device numbers and symlink targets in `user.virtfs.*` xattrs, so what
+ * the guest makes (setuid files, device nodes, symlinks) is a plain file on the host.
+ * `multidevs=remap` keeps inode numbers unique when the directory spans file systems.
+ * docs/design.md, "Volumes", has the measurements and the reasoning.
+ */
+function shareArgs(v: VmVolume, tag: string): string[] {
+  const fsdev = `local,id=${tag},path=${optValue(v.hostPath)},security_model=mapped-xattr,multidevs=remap,fmode=0644,dmode=0755`;
+  return ['-fsdev', v.readOnly ? `${fsdev},readonly=on` : fsdev, '-device', `virtio-9p-device,fsdev=${tag},mount_tag=${tag}`];
+}
+
+/**
+ * The volumes' devices and the `aegis_volN=` words telling aegis-init where to mount them.
+ * Shares go before every other device: on microvm the fifth transport shares IRQ 8 with the
+ * RTC, which only drivers probing before rtc_cmos (block, net, console, rng) can take; 9p's
+ * probes after it and failed there with EBUSY. Disks come after the image disk, so the
+ * fixed ones keep their names (vda root, vdb scratch, vdc image).
+ */
+function volumeArgs(config: VmConfig, arch: ArchProfile): { shares: string[]; disks: string[]; kernelArgs: string[] } {
+  const volumes = config.volumes ?? [];
+  if (volumes.length === 0) return { shares: [], disks: [], kernelArgs: [] };
+  if (config.restoreFrom) throw new AegisError('UNSUPPORTED', 'a VM restored from a snapshot cannot gain volumes; boot it cold');
+  // root, scratch, rng, the agent's virtio-serial, and the image disk and network device when present.
+  const fixed = 4 + (config.imageDiskPath ? 1 : 0) + (config.network === 'user' ? 1 : 0);
+  const free = arch.virtioSlots - fixed;
+  if (volumes.length > free) {
+    throw new AegisError(
+      'INVALID_ARGUMENT',
+      `this instance can have at most ${free} volumes: QEMU's ${arch.machine.split(',')[0]} machine has ${arch.virtioSlots} device slots` +
+        ` and ${fixed} are taken (disks, the agent channel, entropy${config.network === 'user' ? ', the network' : ''}${config.imageDiskPath ? ', the image' : ''})`,
+    );
+  }
+  const shares: string[] = [];
+  const disks: string[] = [];
+  const kernelArgs: string[] = [];
+  let disk = config.imageDiskPath ? 3 : 2;
+  for (const [i, v] of volumes.entries()) {
+    const tag = `aegis${i}`;
+    if (v.kind === 'share') {
+      shares.push(...shareArgs(v, tag));
+      kernelArgs.push(volumeKernelArg(i, '9p', tag, v.readOnly, v.guestPath));
+    } else {
+      const drive = `id=${tag},file=${optValue(v.hostPath)},format=raw,if=none,discard=unmap${v.readOnly ? ',readonly=on' : ''}`;
+      disks.push('-drive', drive, '-device', `virtio-blk-device,drive=${tag}`);
+      kernelArgs.push(volumeKernelArg(i, 'ext4', virtioDiskName(disk++), v.readOnly, v.guestPath));
+    }
+  }
+  return { shares, disks, kernelArgs };
+}
+
+/** The whole QEMU command line for `config` (exported for its tests). */
+export async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
   const p = paths(config.stateDir, config.id);
   const arch = profile();
+  const volumes = volumeArgs(config, arch);
   const tscKhz = kvm ? undefined : await hostTscKhz();
   const mem = config.memoryFile;
   if (mem) shellSafe(mem.path);
@@ -304,8 +369,18 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     'init=/aegis/init',
     ...(tscKhz ? [`tsc_early_khz=${tscKhz}`] : []),
     ...(config.network === 'user' ? [`aegis_net=${GUEST_NET.address}/${GUEST_NET.prefix},${GUEST_NET.gateway},${GUEST_NET.dns}`] : []),
+    ...(config.imageDiskPath ? [`aegis_image=${virtioDiskName(2)}`] : []),
+    ...volumes.kernelArgs,
     ...config.kernelArgs,
   ];
+  // QEMU appends one `virtio_mmio.device=512@0xfeb00e00:12` (~36 bytes) per device.
+  const cmdlineBytes = Buffer.byteLength(cmdline.join(' ')) + 40 * arch.virtioSlots;
+  if (cmdlineBytes > KERNEL_CMDLINE_MAX_BYTES) {
+    throw new AegisError(
+      'INVALID_ARGUMENT',
+      `the volumes' guest paths make the kernel command line too long (${cmdlineBytes} of ${KERNEL_CMDLINE_MAX_BYTES} bytes); use shorter paths`,
+    );
+  }
   return [
     '-name',
     `aegis-${config.id},process=aegis-vm-${config.id}`,
@@ -327,6 +402,7 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     config.kernelPath,
     '-append',
     cmdline.join(' '),
+    ...volumes.shares,
     '-drive',
     `id=root,file=${config.rootfsPath},format=raw,if=none,readonly=on`,
     '-device',
@@ -338,6 +414,7 @@ async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]> {
     ...(config.imageDiskPath
       ? ['-drive', `id=image,file=${config.imageDiskPath},format=raw,if=none,readonly=on`, '-device', 'virtio-blk-device,drive=image']
       : []),
+    ...volumes.disks,
     '-device',
     'virtio-rng-device',
     ...(config.network === 'user'

@@ -13,3 +13,11 @@ export {
   type AccelMode,
   type AccelVerdict,
 } from './accel.js';
+export {
+  decodeGuestPath,
+  encodeGuestPath,
+  KERNEL_CMDLINE_MAX_BYTES,
+  virtioDiskName,
+  volumeKernelArg,
+  type GuestFsType,
+} from './volumes.js';

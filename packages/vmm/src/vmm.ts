@@ -30,9 +30,32 @@ export interface Capabilities {
    * is how warm-boot clones share their template's disk. Without it the daemon boots cold.
    */
   qcow2ScratchDisks: boolean;
+  /** The kinds of `VmConfig.volumes` the backend can attach; any other is UNSUPPORTED. */
+  volumeKinds: VolumeKind[];
 }
 
 export type NetworkMode = 'user' | 'none';
+
+/**
+ * `disk`: a file holding an ext4 file system (a named volume), attached as one more virtio
+ * block device; the host never mounts it. `share`: a host directory, served to the guest by
+ * the VMM (QEMU: 9p, `security_model=mapped-xattr`), confined to that directory.
+ */
+export type VolumeKind = 'disk' | 'share';
+
+/** A volume aegis-init mounts before the harness starts. */
+export interface VmVolume {
+  kind: VolumeKind;
+  /** The disk image file, or the shared directory; absolute, symlinks already resolved. */
+  hostPath: string;
+  /**
+   * Where the guest mounts it: an absolute path in the workload's root (with an image, inside
+   * the image's root). Created when missing.
+   */
+  guestPath: string;
+  /** Enforced by the VMM (a read-only drive, a read-only export), not only by the mount. */
+  readOnly: boolean;
+}
 
 export interface Probe {
   available: boolean;
@@ -90,6 +113,13 @@ export interface VmConfig {
   network: NetworkMode;
   /** Extra kernel command-line words (the backend adds its own). */
   kernelArgs: string[];
+  /**
+   * Volumes to attach, in order. The backend attaches each (kinds in
+   * `capabilities.volumeKinds`, else UNSUPPORTED) and tells the guest where to mount it with
+   * `aegis_volN=` words on the kernel command line (`volumeKernelArgs`). A machine restored
+   * from a snapshot cannot gain devices: UNSUPPORTED together with `restoreFrom`.
+   */
+  volumes?: VmVolume[];
 }
 
 /** What the daemon stores to find a running VM again after it restarts. Opaque to the daemon. */
