@@ -21,6 +21,7 @@ import type {
   RunEvent,
   SecretMeta,
   Status,
+  Volume,
   WaitResult,
 } from './types.js';
 
@@ -359,6 +360,28 @@ export class AegisClient {
 
   removeImage(ref: string): Promise<{ untagged: string[]; deleted?: string }> {
     return this.call({ method: 'DELETE', path: `/v1/images/${encodeURIComponent(ref)}` });
+  }
+
+  /**
+   * Creates a named volume (`sizeMiB` default 1024, sparse). Like `docker volume create`, an
+   * existing one is returned as it is, unless another size is asked (ALREADY_EXISTS).
+   */
+  createVolume(name: string, options: { sizeMiB?: number } = {}): Promise<Volume> {
+    const body = options.sizeMiB !== undefined ? { name, sizeMiB: options.sizeMiB } : { name };
+    return this.call({ method: 'POST', path: '/v1/volumes', body });
+  }
+
+  async listVolumes(): Promise<Volume[]> {
+    return (await this.call<{ volumes: Volume[] }>({ method: 'GET', path: '/v1/volumes' })).volumes;
+  }
+
+  getVolume(name: string): Promise<Volume> {
+    return this.call({ method: 'GET', path: `/v1/volumes/${encodeURIComponent(name)}` });
+  }
+
+  /** Removes the volume and its data; FAILED_PRECONDITION while any instance names it. */
+  removeVolume(name: string): Promise<void> {
+    return this.call({ method: 'DELETE', path: `/v1/volumes/${encodeURIComponent(name)}` });
   }
 
   exec(ref: string, req: ExecRequest, signal?: AbortSignal): AsyncGenerator<ExecEvent> {

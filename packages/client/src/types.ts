@@ -28,3 +28,7 @@ export type ProcessInfo = Schemas['ProcessInfo'];
 /** What is at a guest path (files API). */
 export type FileStat = Schemas['FileStat'];
 export type SecretMeta = Schemas['Secret'];
+/** A host directory (`bind`) or a named volume (`volume`) of an instance (docker -v). */
+export type VolumeMount = Schemas['VolumeMount'];
+/** A named volume: an ext4 file system in a file of the daemon's, attached to VMs as a disk. */
+export type Volume = Schemas['Volume'];

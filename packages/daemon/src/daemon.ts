@@ -18,6 +18,8 @@ import { instanceRoutes } from './api/routes/instances.js';
 import { fileRoutes } from './api/routes/files.js';
 import { secretRoutes } from './api/routes/secrets.js';
 import { imageRoutes } from './api/routes/images.js';
+import { volumeRoutes } from './api/routes/volumes.js';
+import { VolumeService } from './volumes/service.js';
 import { ImageService } from './images/service.js';
 import { SecretStore } from './secrets/store.js';
 import { TemplateCache } from './instances/templates.js';
@@ -106,8 +108,11 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     templates,
     probe.capabilities?.networkModes ?? ['none'],
     images,
+    new VolumeService(path.join(config.home, 'volumes'), registry, log),
+    probe.capabilities?.volumeKinds ?? [],
   );
   await instances.recover();
+  await instances.volumes.cleanup();
   // What a killed daemon left: half-built templates (and their VMMs), unreferenced old builds.
   await templates.collect();
   void instances.warmUp();
@@ -142,7 +147,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     },
   };
   const server: http.Server = createServer(
-    [...systemRoutes(ctx), ...instanceRoutes(ctx), ...fileRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx)],
+    [...systemRoutes(ctx), ...instanceRoutes(ctx), ...fileRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx), ...volumeRoutes(ctx)],
     log,
   );
   // The socket is the daemon's whole authority: only its owner may connect.

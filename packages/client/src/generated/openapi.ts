@@ -638,6 +638,44 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/volumes": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Named volumes */
+        get: operations["listVolumes"];
+        put?: never;
+        /** Create a named volume (as `docker volume create`: an existing one is returned with 200, unless another size is asked: ALREADY_EXISTS) */
+        post: operations["createVolume"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/volumes/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["schemas"]["VolumeName"];
+            };
+            cookie?: never;
+        };
+        /** One named volume */
+        get: operations["getVolume"];
+        put?: never;
+        post?: never;
+        /** Remove a named volume and its data. FAILED_PRECONDITION while any instance (running or not) names it */
+        delete: operations["removeVolume"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -687,6 +725,8 @@ export interface components {
             labels?: components["schemas"]["Labels"];
             /** @description Run time: at this many ms after creation the workload gets SIGTERM and the instance stops (an autoRemove one is then deleted). 0: none. Default: the daemon's (AEGIS_DEFAULT_TIMEOUT_MS, 0 unless set). Survives an aegisd restart. */
             timeoutMs?: number;
+            /** @description Host directories and named volumes, mounted before the workload starts. An instance with volumes boots cold (a snapshot template cannot gain devices). QEMU's microvm has 8 device slots: 4 are ours, one each for the network and an image, the rest for volumes */
+            volumes?: components["schemas"]["VolumeMount"][];
         };
         StopRequest: {
             timeoutMs?: number;
@@ -736,6 +776,8 @@ export interface components {
              * @description When it will be stopped (its timeoutMs), while it is live
              */
             deadline?: string;
+            /** @description Host directories and named volumes, in mount order (parents first); kept for restart */
+            volumes: components["schemas"]["VolumeMount"][];
         };
         InstanceList: {
             instances: components["schemas"]["Instance"][];
@@ -981,6 +1023,41 @@ export interface components {
             processes: number | null;
             /** @description Bytes its scratch disk (the writable layer) occupies on the host */
             diskUsedBytes: number | null;
+        };
+        /** @description A named volume's name (Docker's rule): a letter or digit, then letters, digits, `_`, `.`, `-`; at most 64 */
+        VolumeName: string;
+        /** @description A volume of an instance (docker -v HOST:GUEST[:ro], NAME:GUEST[:ro]) */
+        VolumeMount: {
+            /**
+             * @description `bind`: a host directory, shared with the guest (9p; the guest cannot reach outside it). `volume`: a named volume (an ext4 disk of its own), created with the default size when it does not exist
+             * @enum {string}
+             */
+            type: "bind" | "volume";
+            /** @description bind: an absolute host path to an existing directory (shown resolved); volume: the volume's name */
+            source: string;
+            /** @description Absolute guest path, in the image's root with an image; created when missing. Not /, nor under /proc, /sys, /dev or /aegis; each target once */
+            target: string;
+            /** @description Enforced by the VMM (a read-only drive or export). A named volume has one writer and no other user at a time, or any number of readers */
+            readOnly?: boolean;
+        };
+        CreateVolumeRequest: {
+            name: components["schemas"]["VolumeName"];
+            /** @description The file system's size (a sparse file: it costs what is written). Default 1024 */
+            sizeMiB?: number;
+        };
+        /** @description A named volume: an ext4 file system in a file under $AEGIS_HOME/volumes, attached to VMs as a disk; the host never mounts it */
+        Volume: {
+            name: string;
+            sizeMiB: number;
+            /** Format: date-time */
+            createdAt: string;
+            /** @description What its sparse file takes on the host's disk now */
+            allocatedBytes: number;
+            /** @description Handles of the instances (any state) naming it; it cannot be removed while there are any */
+            usedBy: string[];
+        };
+        VolumeList: {
+            volumes: components["schemas"]["Volume"][];
         };
     };
     responses: never;
@@ -2291,6 +2368,137 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["Instance"];
                 };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listVolumes: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VolumeList"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    createVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CreateVolumeRequest"];
+            };
+        };
+        responses: {
+            /** @description It existed already */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["schemas"]["VolumeName"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    removeVolume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["schemas"]["VolumeName"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Removed */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description Any failure: `{code, message}` with a stable code */
             default: {

@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { Ajv2020, type ValidateFunction } from 'ajv/dist/2020.js';
 import { AegisError } from '@aegis/protocol';
+import { checkMounts, type VolumeMount } from '../volumes/mounts.js';
 
 const SPEC_URL = new URL('../../../../spec/openapi.json', import.meta.url);
 
@@ -32,7 +33,7 @@ function quote(v: string): string {
  * passed: still validation, still before anything is bound, resolved or booted.
  */
 const EXTRA_CHECKS: Record<string, (body: never) => void> = {
-  CreateInstanceRequest: (body: { exposes?: { hostIp?: string }[]; command?: unknown; image?: unknown }) => {
+  CreateInstanceRequest: (body: { exposes?: { hostIp?: string }[]; command?: unknown; image?: unknown; volumes?: VolumeMount[] }) => {
     // Said here, not as an anyOf in the schema: the API's generated types stay one plain object.
     if (body.command === undefined && body.image === undefined) {
       throw new AegisError('INVALID_ARGUMENT', "invalid request: body must have 'command' or 'image' (or both)");
@@ -46,6 +47,7 @@ const EXTRA_CHECKS: Record<string, (body: never) => void> = {
         );
       }
     }
+    checkMounts((body.volumes ?? []).map((v) => ({ ...v, readOnly: v.readOnly === true })));
   },
 };
 

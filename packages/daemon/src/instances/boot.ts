@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
-import type { Backend, Vm } from '@aegis/vmm';
+import type { Backend, Vm, VmVolume } from '@aegis/vmm';
 import type { Logger } from '../log.js';
 import type { Registry } from '../registry/db.js';
 import type { AgentConnection } from './agent.js';
@@ -40,6 +40,8 @@ export async function bootVm(
   template: Template | undefined,
   keepDisk: boolean,
   signal: AbortSignal,
+  /** Host directories and named volumes (never with a template: a restored VM cannot gain devices). */
+  volumes: VmVolume[] = [],
 ): Promise<{ live: LiveInstance; agent: AgentConnection }> {
   const t0 = Date.now();
   const phases: string[] = [];
@@ -73,6 +75,7 @@ export async function bootVm(
       vcpuCount: shape.vcpuCount,
       network: shape.network,
       ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
+      ...(volumes.length > 0 ? { volumes } : {}),
       // A restored machine must match its template's exactly; it gets its name from `fresh`.
       kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
       ...(template ? { restoreFrom: template.snapshot, memoryFile: { path: template.memory, shared: false } } : {}),

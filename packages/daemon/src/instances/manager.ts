@@ -15,7 +15,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError, exitStatus, type ExitEvent, type FileRequest, type PsResult } from '@aegis/protocol';
 import type { Readable } from 'node:stream';
-import type { Backend, NetworkMode, Vm, VmExit } from '@aegis/vmm';
+import type { Backend, NetworkMode, Vm, VmExit, VolumeKind } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { InstanceRow, InstanceSpec, Registry } from '../registry/db.js';
 import type { Logger } from '../log.js';
@@ -34,6 +34,8 @@ import { bootVm, type BootContext } from './boot.js';
 import { recover } from './recovery.js';
 import { effectiveCommand, existingDisk, imageEnv, toView, type CreateRequest, type ExecRequest, type InstanceView } from './spec.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
+import { VolumeService } from '../volumes/service.js';
+import { checkMounts, normalTarget, type VolumeMount } from '../volumes/mounts.js';
 
 export interface InstanceStats {
   id: string;
@@ -80,6 +82,9 @@ export class InstanceManager {
     /** What the backend can give a guest (its probe's capabilities). */
     private readonly networkModes: readonly NetworkMode[],
     private readonly images: ImageService,
+    readonly volumes: VolumeService = new VolumeService(path.join(config.home, 'volumes'), registry, log),
+    /** What kinds of volume the backend can attach (its probe's capabilities). */
+    private readonly volumeKinds: readonly VolumeKind[] = ['disk', 'share'],
   ) {}
 
   /** Outbound network unless the backend cannot provide it (then the guest is offline). */
@@ -186,6 +191,8 @@ export class InstanceManager {
         `the ${this.backend.name} backend cannot give a guest network "${req.network}" here (aegis doctor)`,
       );
     }
+    // Host directories checked and named volumes made (as Docker does) before anything binds.
+    const mounts = await this.prepareMounts(req.volumes ?? []);
     // Host ports are bound first: a taken one fails the start before anything else exists.
     const forwarder = await PortForwarder.listen(
       (req.exposes ?? []).map((e) => ({
@@ -199,7 +206,7 @@ export class InstanceManager {
     let image: ResolvedImage | undefined;
     try {
       image = req.image !== undefined ? await this.images.resolve(req.image, signal) : undefined;
-      row = this.insertRow(req, forwarder, image);
+      row = this.insertRow(req, forwarder, image, mounts);
     } catch (err) {
       forwarder.close();
       throw err;
@@ -217,7 +224,78 @@ export class InstanceManager {
     }
   }
 
-  private insertRow(req: CreateRequest, forwarder: PortForwarder, image: ResolvedImage | undefined): InstanceRow {
+  /**
+   * The request's volumes as the instance will keep them: host directories resolved (they
+   * must exist and be directories), named volumes created when missing.
+   */
+  private async prepareMounts(requested: NonNullable<CreateRequest['volumes']>): Promise<VolumeMount[]> {
+    const mounts: VolumeMount[] = requested.map((m) => ({
+      type: m.type,
+      source: m.source,
+      target: normalTarget(m.target) ?? m.target,
+      readOnly: m.readOnly === true,
+    }));
+    checkMounts(mounts);
+    for (const m of mounts) this.requireVolumeKind(m);
+    for (const m of mounts) {
+      if (m.type === 'bind') m.source = await this.hostDirectory(m.source);
+      else await this.volumes.ensure(m.source);
+    }
+    return mounts;
+  }
+
+  private requireVolumeKind(m: VolumeMount): void {
+    if (this.volumeKinds.includes(m.type === 'bind' ? 'share' : 'disk')) return;
+    throw new AegisError(
+      'UNSUPPORTED',
+      m.type === 'bind'
+        ? `the ${this.backend.name} backend cannot share a host directory (${m.source}); use a named volume`
+        : `the ${this.backend.name} backend cannot attach named volumes`,
+    );
+  }
+
+  /**
+   * A host directory to share: it must exist and be a directory (9p exports directories),
+   * symlinks resolved now, and it must not overlap AEGIS_HOME, whose registry, secrets key and
+   * VM disks a guest must never reach.
+   */
+  private async hostDirectory(given: string): Promise<string> {
+    let real: string;
+    try {
+      real = await fs.realpath(given);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw new AegisError('NOT_FOUND', `host path ${given} does not exist`);
+      throw new AegisError('INVALID_ARGUMENT', `host path ${given}: ${code ?? (err as Error).message}`);
+    }
+    if (!(await fs.stat(real)).isDirectory()) {
+      throw new AegisError(
+        'INVALID_ARGUMENT',
+        `host path ${given} is not a directory: only directories can be shared (copy a file in with aegis cp)`,
+      );
+    }
+    const home = await fs.realpath(this.config.home).catch(() => this.config.home);
+    const inside = (a: string, b: string): boolean => a === b || a.startsWith(b.endsWith('/') ? b : `${b}/`);
+    if (inside(real, home) || inside(home, real)) {
+      throw new AegisError(
+        'INVALID_ARGUMENT',
+        `host path ${given} overlaps AEGIS_HOME (${home}): the daemon's registry, secrets key and VM disks are not shared with guests`,
+      );
+    }
+    return real;
+  }
+
+  /** Before a restart: the instance's host directories must still be there. */
+  private async recheckMounts(mounts: readonly VolumeMount[]): Promise<void> {
+    for (const m of mounts) {
+      this.requireVolumeKind(m);
+      if (m.type === 'bind' && (await this.hostDirectory(m.source)) !== m.source) {
+        throw new AegisError('FAILED_PRECONDITION', `host path ${m.source} is now a symlink; it was shared as a directory`);
+      }
+    }
+  }
+
+  private insertRow(req: CreateRequest, forwarder: PortForwarder, image: ResolvedImage | undefined, mounts: VolumeMount[]): InstanceRow {
     const command = effectiveCommand(req.command, image?.config);
     const id = randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
@@ -254,7 +332,10 @@ export class InstanceManager {
         ...(timeoutMs > 0 ? { timeoutMs, deadlineAtMs: Date.now() + timeoutMs } : {}),
         ...(req.autoRemove ? { autoRemove: true } : {}),
       },
+      volumes: mounts,
     };
+    // Checked and inserted with no await between: a second start of the same volume sees this row.
+    this.volumes.checkAttach(mounts);
     this.registry.insertInstance(row);
     if (row.spec.deadlineAtMs !== undefined) this.deadlines.arm(id, row.spec.deadlineAtMs); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
@@ -299,11 +380,13 @@ export class InstanceManager {
         network: row.network,
         ...(image ? { imageDiskPath: image.fsPath } : {}),
       };
-      // A restart keeps the instance's disk (its writes), so it boots cold on that disk.
-      const template = options.keepDisk ? undefined : this.templates.lookup(shape);
+      // A restart keeps the instance's disk (its writes), so it boots cold on that disk. So does
+      // an instance with volumes: a machine restored from a template cannot gain devices.
+      const volumes = this.volumes.vmVolumes(row.volumes);
+      const template = options.keepDisk || volumes.length > 0 ? undefined : this.templates.lookup(shape);
       let booted: Awaited<ReturnType<typeof bootVm>>;
       try {
-        booted = await bootVm(this.bootContext(), id, handle, dir, shape, template, options.keepDisk, signal);
+        booted = await bootVm(this.bootContext(), id, handle, dir, shape, template, options.keepDisk, signal, volumes);
       } catch (err) {
         if (!template || signal.aborted) throw err;
         // A template that will not restore must not break instances: set it aside, boot cold.
@@ -315,7 +398,7 @@ export class InstanceManager {
         }
         await this.templates.discard(template);
         this.registry.updateInstance(id, { vmRecord: null });
-        booted = await bootVm(this.bootContext(), id, handle, dir, shape, undefined, false, signal);
+        booted = await bootVm(this.bootContext(), id, handle, dir, shape, undefined, false, signal, volumes);
       }
       signal.throwIfAborted();
       this.serve(booted.live, forwarder);
@@ -375,8 +458,11 @@ export class InstanceManager {
         if (row.network === 'user' && !this.networkModes.includes('user')) {
           throw new AegisError('UNSUPPORTED', `the ${this.backend.name} backend cannot give this instance its network here`);
         }
+        await this.recheckMounts(row.volumes);
         const forwarder = await PortForwarder.listen(row.ports);
         try {
+          // No await between the check and the move: see insertRow.
+          this.volumes.checkAttach(this.registry.resolveInstance(row.id).volumes, row.id);
           this.mustMove(row.id, 'starting', { exitCode: null, stateReason: null, startedAt: null, stoppedAt: null });
         } catch (err) {
           forwarder.close();

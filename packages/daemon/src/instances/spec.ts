@@ -11,6 +11,7 @@ import type { InstanceRow } from '../registry/db.js';
 import type { PortMapping } from '../ports/forwarder.js';
 import type { ImageConfig } from '../images/registry.js';
 import { isLive, type InstanceState } from './state.js';
+import type { VolumeMount } from '../volumes/mounts.js';
 
 export interface CreateRequest {
   /** With an image: replaces its Cmd (its Entrypoint stays); may then be omitted. */
@@ -41,6 +42,8 @@ export interface CreateRequest {
   labels?: Record<string, string>;
   /** Stopped (and with autoRemove deleted) this long after it is created; 0: never. Default: the daemon's. */
   timeoutMs?: number;
+  /** Host directories (`bind`, an absolute host path) and named volumes (`volume`, made when missing). */
+  volumes?: { type: 'bind' | 'volume'; source: string; target: string; readOnly?: boolean }[];
 }
 
 export interface ExecRequest {
@@ -89,6 +92,8 @@ export interface InstanceView {
   labels?: Record<string, string>;
   /** When it will be stopped (its --timeout), ISO 8601. */
   deadline?: string;
+  /** Host directories and named volumes, in mount order. */
+  volumes: VolumeMount[];
 }
 
 export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
@@ -145,6 +150,7 @@ export function toView(row: InstanceRow): InstanceView {
     backend: row.backend,
     ports: row.ports,
     network: row.network,
+    volumes: row.volumes,
   };
   if (row.image) {
     view.image = row.image.reference ?? row.image.digest;

@@ -26,6 +26,7 @@ function row(overrides: Partial<InstanceRow> = {}): InstanceRow {
     network: 'none',
     image: null,
     spec: { env: {}, secrets: [] },
+    volumes: [],
     ...overrides,
   };
 }
@@ -174,6 +175,29 @@ describe('Registry', () => {
       expect(isAegisError(thrown, 'ALREADY_EXISTS')).toBe(false);
       expect(reg.resolveInstance('web').id).toBe('0123456789abcdef');
       expectCode(() => reg.resolveInstance('other'), 'NOT_FOUND');
+    });
+  });
+
+  describe('volumes', () => {
+    it("keeps an instance's volumes (host directories and named volumes) in order", () => {
+      const reg = open();
+      const volumes = [
+        { type: 'bind' as const, source: '/home/me/src', target: '/src', readOnly: true },
+        { type: 'volume' as const, source: 'cache', target: '/root/.cache', readOnly: false },
+      ];
+      reg.insertInstance(row({ volumes }));
+      expect(reg.getInstance('0123456789abcdef')?.volumes).toEqual(volumes);
+    });
+
+    it('stores named volumes by name and refuses a taken one with ALREADY_EXISTS', () => {
+      const reg = open();
+      reg.insertVolume({ name: 'cache', sizeMiB: 1024, createdAt: 1 });
+      reg.insertVolume({ name: 'a.b-c_d', sizeMiB: 16, createdAt: 2 });
+      expect(reg.getVolume('cache')).toEqual({ name: 'cache', sizeMiB: 1024, createdAt: 1 });
+      expect(reg.listVolumes().map((v) => v.name)).toEqual(['a.b-c_d', 'cache']);
+      expectCode(() => reg.insertVolume({ name: 'cache', sizeMiB: 16, createdAt: 3 }), 'ALREADY_EXISTS');
+      reg.deleteVolume('cache');
+      expect(reg.getVolume('cache')).toBeUndefined();
     });
   });
 

@@ -8,6 +8,7 @@ import { AegisError } from '@aegis/protocol';
 import type { InstanceState } from '../instances/state.js';
 import type { NetworkMode } from '@aegis/vmm';
 import type { PortMapping } from '../ports/forwarder.js';
+import type { VolumeMount } from '../volumes/mounts.js';
 
 const MIGRATIONS: string[] = [
   `CREATE TABLE instances (
@@ -52,6 +53,14 @@ const MIGRATIONS: string[] = [
   `ALTER TABLE instances ADD COLUMN image TEXT`,
   // JSON InstanceSpec: what a restart needs that no other column holds.
   `ALTER TABLE instances ADD COLUMN spec TEXT NOT NULL DEFAULT '{}'`,
+  // Named volumes: ext4 files under AEGIS_HOME/volumes, kept when instances go.
+  `CREATE TABLE volumes (
+     name        TEXT PRIMARY KEY,
+     size_mib    INTEGER NOT NULL,
+     created_at  INTEGER NOT NULL
+   )`,
+  // JSON VolumeMount[]: the instance's host directories and named volumes (docker -v).
+  `ALTER TABLE instances ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]'`,
 ];
 
 /** The schema version this build writes (PRAGMA user_version). */
@@ -70,6 +79,14 @@ interface RawSecret {
   created_at: number;
   updated_at: number;
 }
+
+interface RawVolume {
+  name: string;
+  size_mib: number;
+  created_at: number;
+}
+
+const volumeFromRaw = (r: RawVolume): VolumeRow => ({ name: r.name, sizeMiB: r.size_mib, createdAt: r.created_at });
 
 const secretFromRaw = (r: RawSecret): SecretRow => ({ name: r.name, value: r.value, createdAt: r.created_at, updatedAt: r.updated_at });
 
@@ -93,6 +110,8 @@ export interface InstanceRow {
   network: NetworkMode;
   image: InstanceImage | null;
   spec: InstanceSpec;
+  /** Host directories and named volumes, in the order they are mounted. */
+  volumes: VolumeMount[];
 }
 
 /**
@@ -122,6 +141,12 @@ export interface InstanceImage {
   digest: string;
 }
 
+export interface VolumeRow {
+  name: string;
+  sizeMiB: number;
+  createdAt: number;
+}
+
 export interface ImageRow {
   digest: string;
   /** Opaque to the registry: the image service's own JSON. */
@@ -149,6 +174,7 @@ interface RawRow {
   network: string;
   image: string | null;
   spec: string;
+  volumes: string;
 }
 
 function fromRaw(r: RawRow): InstanceRow {
@@ -171,6 +197,7 @@ function fromRaw(r: RawRow): InstanceRow {
     network: r.network === 'user' ? 'user' : 'none',
     image: r.image === null ? null : (JSON.parse(r.image) as InstanceImage),
     spec: { env: {}, secrets: [], ...(JSON.parse(r.spec) as Partial<InstanceSpec>) },
+    volumes: JSON.parse(r.volumes) as VolumeMount[],
   };
 }
 
@@ -255,9 +282,9 @@ export class Registry {
       this.db
         .prepare(
           `INSERT INTO instances (id, handle, state, command, workdir, memory_mib, vcpu_count, backend, vm_record,
-             exit_code, state_reason, created_at, started_at, stopped_at, updated_at, ports, network, image, spec)
+             exit_code, state_reason, created_at, started_at, stopped_at, updated_at, ports, network, image, spec, volumes)
            VALUES (@id, @handle, @state, @command, @workdir, @memoryMiB, @vcpuCount, @backend, @vmRecord,
-             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt, @ports, @network, @image, @spec)`,
+             @exitCode, @stateReason, @createdAt, @startedAt, @stoppedAt, @createdAt, @ports, @network, @image, @spec, @volumes)`,
         )
         .run({
           ...row,
@@ -266,6 +293,7 @@ export class Registry {
           ports: JSON.stringify(row.ports),
           image: row.image && JSON.stringify(row.image),
           spec: JSON.stringify(row.spec),
+          volumes: JSON.stringify(row.volumes),
         });
     } catch (err) {
       if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {
@@ -340,6 +368,31 @@ export class Registry {
 
   deleteSecret(name: string): boolean {
     return this.db.prepare('DELETE FROM secrets WHERE name = ?').run(name).changes > 0;
+  }
+
+  /** ALREADY_EXISTS when the name is taken. */
+  insertVolume(row: VolumeRow): void {
+    try {
+      this.db.prepare('INSERT INTO volumes (name, size_mib, created_at) VALUES (?, ?, ?)').run(row.name, row.sizeMiB, row.createdAt);
+    } catch (err) {
+      if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_PRIMARYKEY') {
+        throw new AegisError('ALREADY_EXISTS', `a volume named "${row.name}" already exists`);
+      }
+      throw err;
+    }
+  }
+
+  getVolume(name: string): VolumeRow | undefined {
+    const r = this.db.prepare('SELECT * FROM volumes WHERE name = ?').get(name) as RawVolume | undefined;
+    return r && volumeFromRaw(r);
+  }
+
+  listVolumes(): VolumeRow[] {
+    return (this.db.prepare('SELECT * FROM volumes ORDER BY name').all() as RawVolume[]).map(volumeFromRaw);
+  }
+
+  deleteVolume(name: string): void {
+    this.db.prepare('DELETE FROM volumes WHERE name = ?').run(name);
   }
 
   /** Records an image (or refreshes it) and points `references` at it, atomically. */
