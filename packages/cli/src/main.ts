@@ -13,6 +13,7 @@ import { logsCommand } from './commands/logs.js';
 import { runCommand } from './commands/run.js';
 import { secretCommand } from './commands/secret/secret.js';
 import { imageCommand } from './commands/image/image.js';
+import { volumeCommand } from './commands/volume.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
 import {
@@ -63,6 +64,7 @@ for (const c of [
   logsCommand(),
   secretCommand(),
   imageCommand(),
+  volumeCommand(),
   upCommand(),
   downCommand(),
   statusCommand(),

@@ -81,6 +81,8 @@ const FIELD_FLAGS: [RegExp, string][] = [
   [/\bhandle\b/g, '--name'],
   [/\bexposes\.(\d+)\.\w+/g, '--expose #$1'],
   [/\bexposes\b/g, '--expose'],
+  [/\bvolumes\.(\d+)\.\w+/g, '--volume #$1'],
+  [/\bvolumes\b/g, '--volume'],
   [/\bworkdir\b/g, '--workdir'],
   [/\buser\b(?= must)/g, '--user'],
   [/\benv\.(\w+)/g, '--env $1'],

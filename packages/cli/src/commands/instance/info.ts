@@ -1,5 +1,6 @@
 import { Command } from 'commander';
 import { formatPorts } from '../../ports.js';
+import { formatVolumes } from '../../volumes.js';
 import { client, errorsAsJson, fail, shellJoin } from '../../util.js';
 
 export function infoCommand(): Command {
@@ -35,6 +36,7 @@ export function infoCommand(): Command {
           ],
           ['Image', i.image ? `${i.image}${i.imageDigest && i.imageDigest !== i.image ? ` (${i.imageDigest})` : ''}` : undefined],
           ['Ports', i.ports.length > 0 ? formatPorts(i.ports) : undefined],
+          ['Volumes', i.volumes.length > 0 ? formatVolumes(i.volumes) : undefined],
           ['Network', i.network],
           ['Memory', `${i.memoryMiB} MiB`],
           ['vCPUs', i.vcpuCount],

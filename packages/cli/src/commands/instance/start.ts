@@ -1,6 +1,7 @@
 import { Command, InvalidArgumentError } from 'commander';
 import { AegisError, type CreateInstanceRequest, type NetworkMode } from '@aegis/client';
 import { parseExpose } from '../../ports.js';
+import { parseVolume } from '../../volumes.js';
 import {
   absolutePath,
   parseDuration,
@@ -40,6 +41,7 @@ export interface StartOptions {
   cpus?: number;
   network?: NetworkMode;
   image?: string;
+  volume?: NonNullable<CreateInstanceRequest['volumes']>;
 }
 
 function parseNetwork(v: string): NetworkMode {
@@ -59,6 +61,11 @@ export function withStartOptions(cmd: Command): Command {
       (v: string, prev: string[] = []) => [...prev, v],
     )
     .option('-p, --expose <[IP:][HOST:]GUEST[/tcp]>', 'forward a host port to a guest port, as docker -p (repeatable)', parseExpose)
+    .option(
+      '-v, --volume <HOST:GUEST[:ro]|NAME:GUEST[:ro]>',
+      'a host directory (absolute or ./relative) or a named volume (created if missing) at GUEST (repeatable)',
+      parseVolume,
+    )
     .option('--network <mode>', "'user' (default: outbound TCP/UDP and DNS, host loopback unreachable) or 'none'", parseNetwork)
     .option('--image <REF>', 'run in this OCI image (pulled if missing); the command then replaces its Cmd and may be omitted')
     .option('-w, --workdir <dir>', 'working directory in the guest (created if missing)', absolutePath)
@@ -87,6 +94,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   if (o.memory !== undefined) req.memoryMiB = o.memory;
   if (o.cpus !== undefined) req.vcpuCount = o.cpus;
   if (o.network !== undefined) req.network = o.network;
+  if (o.volume !== undefined) req.volumes = o.volume;
   return req;
 }
 
