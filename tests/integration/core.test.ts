@@ -134,7 +134,7 @@ describe('a background instance', () => {
     expect((await d.cli(['instance', 'pause', 'p'])).code).toBe(0);
     const refused = await d.cli(['exec', 'p', '--', 'true']);
     expect(refused.code).not.toBe(0);
-    expect(refused.stderr).toMatch(/paused; resume it first .*\[FAILED_PRECONDITION\]/);
+    expect(refused.stderr).toMatch(/paused; resume it first: aegis instance resume p \[FAILED_PRECONDITION\]/);
     expect((await d.cli(['instance', 'resume', 'p'])).code).toBe(0);
     expect((await d.cli(['exec', 'p', '--', 'echo', 'back'])).stdout).toBe('back\n');
     expect((await d.cli(['instance', 'delete', '--force', 'p'])).code).toBe(0);
