@@ -313,12 +313,14 @@ describe('an aegisd that is not root', () => {
   let dir: string;
 
   beforeAll(async () => {
-    // Its own home and artifacts it can read (hard links to the built ones), owned by nobody.
+    // Its own home, and artifacts it can read: hard links to the built ones, which stay root's
+    // (a chown through a hard link would change the shared file's owner).
     const home = mkdtempSync('/tmp/aegis-it-nobody-');
     const a = artifacts();
     mkdirSync(path.join(home, 'art'));
     for (const f of [a.kernel, a.rootfs]) linkSync(f, path.join(home, 'art', path.basename(f)));
-    execFileSync('chown', ['-R', `${UID}:${UID}`, home]);
+    chownSync(home, UID, UID);
+    chownSync(path.join(home, 'art'), UID, UID);
     chmodSync(work, 0o755);
     dir = hostDir({ 'in.txt': 'hi\n' });
     chownSync(dir, UID, UID);
