@@ -309,13 +309,14 @@ describe('volumes and the instance lifecycle', () => {
 describe('an aegisd that is not root', () => {
   const UID = 65534;
   let d: TestDaemon | undefined;
+  let home: string | undefined;
   let failed = false;
   let dir: string;
 
   beforeAll(async () => {
     // Its own home, and artifacts it can read: hard links to the built ones, which stay root's
     // (a chown through a hard link would change the shared file's owner).
-    const home = mkdtempSync('/tmp/aegis-it-nobody-');
+    home = mkdtempSync('/tmp/aegis-it-nobody-');
     const a = artifacts();
     mkdirSync(path.join(home, 'art'));
     for (const f of [a.kernel, a.rootfs]) linkSync(f, path.join(home, 'art', path.basename(f)));
@@ -338,6 +339,7 @@ describe('an aegisd that is not root', () => {
 
   afterAll(async () => {
     if (d) await teardown(d, failed);
+    else if (home) rmSync(home, { recursive: true, force: true });
   });
 
   it("gives what the guest creates to aegisd's user, never to root, and no set-id bits", async () => {
