@@ -154,7 +154,7 @@ describe('host directories (-v HOST:GUEST)', () => {
     expect(lstatSync(path.join(dir, 'host-link')).isSymbolicLink()).toBe(true);
   });
 
-  it('refuses a missing host path, a file, a reserved guest path and AEGIS_HOME before anything boots', async () => {
+  it("refuses a missing host path, a file, a reserved guest path, AEGIS_HOME and the guest's artifacts before anything boots", async () => {
     const d = daemon();
     const file = path.join(hostDir({ f: 'x' }), 'f');
     const missing = await d.cli(['run', '-v', `${work}/nope:/x`, '--', 'true']);
@@ -164,6 +164,10 @@ describe('host directories (-v HOST:GUEST)', () => {
       /--volume #0 \/proc\/x is reserved.*\[INVALID_ARGUMENT\]/,
     );
     expect((await d.cli(['run', '-v', `${d.home}:/x`, '--', 'true'])).stderr).toMatch(/overlaps AEGIS_HOME.*\[INVALID_ARGUMENT\]/);
+    const rootfsDir = path.dirname(artifacts().rootfs);
+    expect((await d.cli(['run', '-v', `${rootfsDir}:/x:ro`, '--', 'true'])).stderr).toMatch(
+      /overlaps the guest rootfs.*\[INVALID_ARGUMENT\]/,
+    );
     expect((await d.cli(['run', '-v', 'some/dir:/x', '--', 'true'])).stderr).toMatch(/must be an absolute path or start with \.\//);
     expect(await d.client.listInstances({ all: true })).toEqual([]);
   });

@@ -256,8 +256,9 @@ export class InstanceManager {
 
   /**
    * A host directory to share: it must exist and be a directory (9p exports directories),
-   * symlinks resolved now, and it must not overlap AEGIS_HOME, whose registry, secrets key and
-   * VM disks a guest must never reach.
+   * symlinks resolved now, and it must not overlap what a guest must never reach: AEGIS_HOME
+   * (registry, secrets key, VM disks), the guest kernel and rootfs every VM boots, and the
+   * snapshot templates every clone maps.
    */
   private async hostDirectory(given: string): Promise<string> {
     let real: string;
@@ -274,13 +275,22 @@ export class InstanceManager {
         `host path ${given} is not a directory: only directories can be shared (copy a file in with aegis cp)`,
       );
     }
-    const home = await fs.realpath(this.config.home).catch(() => this.config.home);
+    const resolved = (p: string): Promise<string> => fs.realpath(p).catch(() => path.resolve(p));
+    const rootfs = await resolved(this.config.rootfsPath);
+    const protectedDirs: [string, string][] = [
+      ['AEGIS_HOME', await resolved(this.config.home)],
+      ['the guest kernel', path.dirname(await resolved(this.config.kernelPath))],
+      ['the guest rootfs', path.dirname(rootfs)],
+      ['the snapshot templates', await resolved(this.config.templatesDir ?? path.join(path.dirname(path.dirname(rootfs)), 'templates'))],
+    ];
     const inside = (a: string, b: string): boolean => a === b || a.startsWith(b.endsWith('/') ? b : `${b}/`);
-    if (inside(real, home) || inside(home, real)) {
-      throw new AegisError(
-        'INVALID_ARGUMENT',
-        `host path ${given} overlaps AEGIS_HOME (${home}): the daemon's registry, secrets key and VM disks are not shared with guests`,
-      );
+    for (const [what, dir] of protectedDirs) {
+      if (inside(real, dir) || inside(dir, real)) {
+        throw new AegisError(
+          'INVALID_ARGUMENT',
+          `host path ${given} overlaps ${what} (${dir}): the daemon's own files are never shared with guests`,
+        );
+      }
     }
     return real;
   }
