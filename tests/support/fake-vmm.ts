@@ -152,6 +152,8 @@ export class FakeBackend implements Backend {
   readonly name = 'qemu' as const;
   readonly vms: FakeVm[] = [];
   readonly events: string[] = [];
+  /** Every config `create` was given, in order. */
+  readonly configs: VmConfig[] = [];
   private openGate!: () => void;
   bootGate: Promise<void> = Promise.resolve();
 
@@ -182,6 +184,7 @@ export class FakeBackend implements Backend {
   }
 
   async create(config: VmConfig): Promise<Vm> {
+    this.configs.push(config);
     const vm = new FakeVm(config.id, this);
     this.vms.push(vm);
     return vm;

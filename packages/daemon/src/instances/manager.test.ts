@@ -3,10 +3,10 @@
  * a start in flight is cancelled by the stop or delete behind it, and nothing it would have
  * booted runs afterwards. The same lifecycle runs against real VMs in tests/integration.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, onTestFinished } from 'vitest';
 import { AegisError } from '@aegis/protocol';
 import { FakeBackend } from '../../../../tests/support/fake-vmm.js';
 import { loadConfig } from '../config.js';
@@ -151,5 +151,62 @@ describe('one owner per instance', () => {
     caller.abort();
     expect(await codeOf(create)).toBe('CANCELLED');
     expect(backend.runningVms()).toEqual([]);
+  });
+});
+
+describe('volumes', () => {
+  it('hands the backend its volumes (parents first, host paths resolved) and boots them cold', async () => {
+    // Outside AEGIS_HOME, which may not be shared.
+    const outside = mkdtempSync(path.join(os.tmpdir(), 'aegis-owner-share-'));
+    const shared = path.join(outside, 'shared');
+    mkdirSync(shared);
+    onTestFinished(() => rmSync(outside, { recursive: true, force: true }));
+    await m.create({
+      handle: 'v',
+      command: ['sleep', '60'],
+      volumes: [
+        { type: 'volume', source: 'cache', target: '/work/cache/' },
+        { type: 'bind', source: path.join(outside, '.', 'shared'), target: '/work', readOnly: true },
+      ],
+    });
+    const config = backend.configs.at(-1);
+    expect(config?.restoreFrom).toBeUndefined();
+    expect(config?.volumes).toEqual([
+      { kind: 'share', hostPath: shared, guestPath: '/work', readOnly: true },
+      { kind: 'disk', hostPath: m.volumes.fileOf('cache'), guestPath: '/work/cache', readOnly: false },
+    ]);
+    expect(m.get('v').volumes.map((v) => v.target)).toEqual(['/work/cache', '/work']);
+  });
+
+  it('lets one of two concurrent starts have a volume read-write, and refuses the other', async () => {
+    const start = (handle: string): Promise<unknown> =>
+      m.create({ handle, command: ['sleep', '60'], volumes: [{ type: 'volume', source: 'one', target: '/v' }] });
+    const codes = await Promise.all([codeOf(start('a')), codeOf(start('b')), codeOf(start('c'))]);
+    expect([...codes].sort()).toEqual(['FAILED_PRECONDITION', 'FAILED_PRECONDITION', 'ok']);
+    await m.stop(['a', 'b', 'c'][codes.indexOf('ok')] ?? '');
+    expect(await codeOf(start('d'))).toBe('ok');
+  });
+
+  it('refuses a missing host directory (NOT_FOUND) and a kind the backend lacks (UNSUPPORTED) before anything exists', async () => {
+    expect(await codeOf(m.create({ command: ['true'], volumes: [{ type: 'bind', source: path.join(home, 'nope'), target: '/x' }] }))).toBe(
+      'NOT_FOUND',
+    );
+    const probe = await backend.probe();
+    const diskOnly = new InstanceManager(
+      { ...loadConfig({ AEGIS_HOME: home }), kernelPath: path.join(home, 'vmlinux'), rootfsPath: path.join(home, 'base.erofs') },
+      registry,
+      backend,
+      { info: () => undefined, warn: () => undefined },
+      new SecretStore(registry, path.join(home, 'secrets.key')),
+      new TemplateCache(backend, () => probe, path.join(home, 'templates'), { info: () => undefined, warn: () => undefined }, 5000, false),
+      ['none'],
+      new ImageService(home, registry, { info: () => undefined, warn: () => undefined }, { insecureRegistries: [] }),
+      undefined,
+      ['disk'],
+    );
+    expect(await codeOf(diskOnly.create({ command: ['true'], volumes: [{ type: 'bind', source: home, target: '/x' }] }))).toBe(
+      'UNSUPPORTED',
+    );
+    expect(m.list(true)).toEqual([]);
   });
 });
