@@ -193,6 +193,42 @@ describe('validateBody: exposes', () => {
   });
 });
 
+describe('validateBody: volumes', () => {
+  const v = (over: Record<string, unknown>): unknown => ({
+    command: ['x'],
+    volumes: [{ type: 'volume', source: 'c', target: '/c', ...over }],
+  });
+
+  it('accepts host directories and named volumes, read-only or not', () => {
+    const body = {
+      command: ['x'],
+      volumes: [
+        { type: 'bind', source: '/home/me', target: '/w', readOnly: true },
+        { type: 'volume', source: 'cache', target: '/root/.cache' },
+      ],
+    };
+    expect(validateBody('CreateInstanceRequest', body)).toBe(body);
+  });
+
+  it('refuses unknown fields and types, bad names, relative and reserved targets, and a target given twice', () => {
+    expect(rejectCreate(v({ propagation: 'rshared' }))).toContain('unknown field "propagation"');
+    expect(rejectCreate(v({ type: 'tmpfs' }))).toContain('volumes.0.type');
+    expect(rejectCreate(v({ source: 'a/b' }))).toContain('is not a volume name');
+    expect(rejectCreate(v({ type: 'bind', source: 'rel' }))).toContain('absolute host path');
+    expect(rejectCreate(v({ target: 'c' }))).toContain('volumes.0.target');
+    expect(rejectCreate(v({ target: '/sys/x' }))).toContain('reserved');
+    expect(rejectCreate(v({ target: '/a/../b' }))).toContain('"." or ".."');
+    const twice = {
+      command: ['x'],
+      volumes: [
+        { type: 'volume', source: 'c', target: '/c' },
+        { type: 'bind', source: '/h', target: '/c/' },
+      ],
+    };
+    expect(rejectCreate(twice)).toContain('volumes.1.target /c is given twice');
+  });
+});
+
 describe('validateBody: messages', () => {
   it('cuts a huge unknown field name or env name short in the message', () => {
     const long = 'x'.repeat(100_000);
