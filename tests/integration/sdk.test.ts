@@ -4,7 +4,7 @@
  * against a real daemon and real VMs.
  */
 import { execFile } from 'node:child_process';
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -118,10 +118,24 @@ try {
   await sbx[Symbol.asyncDispose]();
 }
 out.gone = await Sandbox.connect(sbx.id).then(() => 'still there', (e) => e.code);
+const shared = process.env.SHARED_DIR;
+const withVolume = await Sandbox.create({ network: 'none', volumes: [{ type: 'bind', source: shared, target: '/shared' }] });
+try {
+  out.volume = (await withVolume.commands.run('echo from-guest > /shared/out.txt && cat /shared/in.txt')).stdout;
+} finally {
+  await withVolume.kill();
+}
 console.log(JSON.stringify(out));
 `,
     );
-    const r = await run(process.execPath, ['use.mjs'], { cwd: project, env: { ...process.env, AEGIS_HOME: d.home }, timeoutMs: 180_000 });
+    const shared = path.join(project, 'shared');
+    mkdirSync(shared);
+    writeFileSync(path.join(shared, 'in.txt'), 'from-host\n');
+    const r = await run(process.execPath, ['use.mjs'], {
+      cwd: project,
+      env: { ...process.env, AEGIS_HOME: d.home, SHARED_DIR: shared },
+      timeoutMs: 180_000,
+    });
     expect(r.stderr).toBe('');
     const out = JSON.parse(r.stdout) as Record<string, unknown>;
     expect(out['run']).toEqual({ exitCode: 3, signal: null, stdout: '42\n', stderr: 'err\n' });
@@ -139,6 +153,8 @@ console.log(JSON.stringify(out));
     expect([out['left'], out['seesItself']]).toEqual([false, true]); // the timed-out and cancelled commands were killed in the guest
     expect(out['host']).toMatch(/^127\.0\.0\.1:\d+$/);
     expect(out['gone']).toBe('NOT_FOUND');
+    expect(out['volume']).toBe('from-host\n');
+    expect(readFileSync(path.join(shared, 'out.txt'), 'utf8')).toBe('from-guest\n');
     expect(await d.client.listInstances({ all: true })).toEqual([]);
   });
 });

@@ -29,6 +29,11 @@ export interface SandboxOptions {
   timeoutMs?: number;
   /** Key/value tags, to find it again (`aegis ps --filter label=k=v`). */
   labels?: Record<string, string>;
+  /**
+   * Host directories (`bind`, an existing absolute path) and named volumes (`volume`, made when
+   * missing) mounted at `target` before the sandbox starts, as `docker -v`.
+   */
+  volumes?: { type: 'bind' | 'volume'; source: string; target: string; readOnly?: boolean }[];
   /** The daemon's socket; default `$AEGIS_HOME/aegisd.sock` (`~/.aegis/aegisd.sock`). */
   socketPath?: string;
   signal?: AbortSignal;
@@ -282,6 +287,7 @@ export class Sandbox {
           ...(options.vcpuCount !== undefined ? { vcpuCount: options.vcpuCount } : {}),
           ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
           ...(options.labels ? { labels: options.labels } : {}),
+          ...(options.volumes ? { volumes: options.volumes } : {}),
           // A sandbox whose creator went away before it started is removed by the daemon.
           autoRemove: true,
         },
