@@ -31,6 +31,24 @@ export interface FileResult {
  * comes back as an AegisError with its code when it is one of ours (INTERNAL otherwise).
  */
 export async function fileOp(open: OpenFileConnection, req: FileRequest, body?: Readable, signal?: AbortSignal): Promise<FileResult> {
+  try {
+    return await fileOpOnce(open, req, body, signal);
+  } catch (err) {
+    // Nothing answered the first line (the connection never opened, or closed at once): no
+    // byte of the body was taken and nothing happened in the guest, so one more try is safe.
+    if (!(err instanceof NoAnswer) || signal?.aborted) throw err;
+    return fileOpOnce(open, req, body, signal);
+  }
+}
+
+/** The guest's file service said nothing before the connection ended. */
+class NoAnswer extends AegisError {
+  constructor() {
+    super('UNAVAILABLE', 'the guest file service did not answer (the VM stopped, or its agent is not running)');
+  }
+}
+
+async function fileOpOnce(open: OpenFileConnection, req: FileRequest, body?: Readable, signal?: AbortSignal): Promise<FileResult> {
   const conn = await open();
   const onAbort = (): void => void conn.destroy();
   signal?.addEventListener('abort', onAbort, { once: true });
@@ -43,7 +61,10 @@ export async function fileOp(open: OpenFileConnection, req: FileRequest, body?: 
     // The guest is ready for the bytes; its answer comes once it has them all.
     body.on('error', (err) => conn.destroy(err));
     body.pipe(conn);
-    reply = await replyLine(conn, signal);
+    reply = await replyLine(conn, signal).catch((err: unknown) => {
+      // Too late to try again: the body is spent.
+      throw err instanceof NoAnswer ? new AegisError('UNAVAILABLE', err.message) : err;
+    });
   }
   if (!reply.ok) {
     conn.destroy();
@@ -59,7 +80,7 @@ async function replyLine(conn: Duplex, signal: AbortSignal | undefined): Promise
     conn.destroy();
     if (signal?.aborted) throw new AegisError('CANCELLED', 'the caller went away');
     throw AegisError.from(err).code === 'UNAVAILABLE'
-      ? new AegisError('UNAVAILABLE', 'the guest file service did not answer (the VM stopped, or its agent is not running)')
+      ? new NoAnswer()
       : new AegisError('INTERNAL', `the guest file service sent a bad reply: ${(err as Error).message}`);
   }
 }

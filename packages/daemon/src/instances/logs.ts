@@ -75,6 +75,16 @@ class LogFile {
     return `${this.file}.1`;
   }
 
+  /**
+   * How much of the file holds entries already announced: what a follower reads from disk
+   * before it takes live entries. Not the file's size on disk: an append that has landed
+   * there is announced a moment later (its callback still queued), and would then be seen
+   * twice, once from the file and once live.
+   */
+  announcedSize(): number {
+    return this.size >= 0 ? this.size : fileSize(this.file);
+  }
+
   push(entry: LogEntry): void {
     const line =
       JSON.stringify({ t: entry.timeMs, s: entry.stream, d: entry.data, ...(entry.execId !== undefined ? { x: entry.execId } : {}) }) +
@@ -233,7 +243,7 @@ export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd]; d
 
   /** How far each file is written now (read up to here, then follow `entry`). */
   sizes(): LogSizes {
-    return { workload: fileSize(this.workload.file), execs: fileSize(this.execs.file) };
+    return { workload: this.workload.announcedSize(), execs: this.execs.announcedSize() };
   }
 
   /**

@@ -131,7 +131,7 @@ export class DataChannel {
    * Forwards `socket` (paused, as accepted) to `guestPort` on the guest's loopback; port 0 is
    * the harness's file service.
    */
-  forward(socket: ConnSocket, guestPort: number): void {
+  forward(socket: ConnSocket, guestPort: number, openTimeoutMs = OPEN_TIMEOUT_MS): void {
     if (this.closed) return void socket.destroy();
     if (this.conns.size >= this.maxConnections) {
       if (!this.warnedFull) {
@@ -178,7 +178,7 @@ export class DataChannel {
       this.send(id, FrameType.FIN);
       this.finishIfDone(id, c);
     });
-    c.timer = setTimeout(() => socket.destroy(), OPEN_TIMEOUT_MS);
+    c.timer = setTimeout(() => socket.destroy(), openTimeoutMs);
     const port = Buffer.alloc(2);
     port.writeUInt16BE(guestPort);
     this.send(id, FrameType.OPEN, port);

@@ -18,6 +18,9 @@ export interface PortMapping {
   protocol: 'tcp';
 }
 
+/** A file-service connection (port 0) not open by then is given up, and tried once more by the caller. */
+const FILE_SERVICE_OPEN_TIMEOUT_MS = 5000;
+
 export class PortForwarder {
   private connect: (() => Promise<Duplex>) | undefined;
   private channel: Promise<DataChannel> | undefined;
@@ -107,7 +110,8 @@ export class PortForwarder {
     const channel = await this.dataChannel();
     const [mine, theirs] = duplexPair();
     mine.pause(); // as an accepted socket: the channel resumes it once the guest end is open
-    channel.forward(mine, guestPort);
+    // The file service is local to the guest and opens in milliseconds: not a TCP connect's patience.
+    channel.forward(mine, guestPort, guestPort === 0 ? FILE_SERVICE_OPEN_TIMEOUT_MS : undefined);
     return theirs;
   }
 
