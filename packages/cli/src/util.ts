@@ -115,20 +115,36 @@ export function fail(err: unknown): never {
   exit(e.code === 'INVALID_ARGUMENT' ? 2 : 1);
 }
 
-const MEMORY_UNITS: Record<string, number> = { '': 1, b: 1 / (1 << 20), k: 1 / 1024, m: 1, g: 1024, t: 1024 * 1024 };
+const SIZE_UNITS: Record<string, number> = { '': 1, b: 1 / (1 << 20), k: 1 / 1024, m: 1, g: 1024, t: 1024 * 1024 };
 
 /**
- * Docker's `-m`: `512m`, `1g`, `1.5g`, `512mb`. A bare number is MiB (Docker reads bytes, but
- * nobody means a 512-byte VM; plain MiB is what `--memory` has always taken here).
+ * A size flag in MiB, as Docker writes sizes: `512m`, `1g`, `1.5g`, `512mb`, `1GiB`; a bare
+ * number is MiB. It must come to a whole number of MiB inside `[minMiB, maxMiB]`.
  */
-export function parseMemory(v: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([bkmgt]?)b?$/i.exec(v.trim());
-  const unit = MEMORY_UNITS[m?.[2]?.toLowerCase() ?? ''];
-  if (!m?.[1] || unit === undefined) throw new InvalidArgumentError(`"${v}" is not a size: use e.g. 512m, 1g or 2048 (MiB)`);
-  const mib = Number(m[1]) * unit;
-  if (!Number.isInteger(mib)) throw new InvalidArgumentError(`"${v}" is not a whole number of MiB`);
-  if (mib < 128 || mib > 65536) throw new InvalidArgumentError(`"${v}" is out of range: 128m to 64g`);
-  return mib;
+export function mibParser(minMiB: number, maxMiB: number, range: string): (v: string) => number {
+  return (v) => {
+    const m = /^(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?$/i.exec(v.trim());
+    const unit = SIZE_UNITS[m?.[2]?.toLowerCase() ?? ''];
+    if (!m?.[1] || unit === undefined) throw new InvalidArgumentError(`"${v}" is not a size: use e.g. 512m, 1g or 2048 (MiB)`);
+    const mib = Number(m[1]) * unit;
+    if (!Number.isInteger(mib)) throw new InvalidArgumentError(`"${v}" is not a whole number of MiB`);
+    if (mib < minMiB || mib > maxMiB) throw new InvalidArgumentError(`"${v}" is out of range: ${range}`);
+    return mib;
+  };
+}
+
+/**
+ * Docker's `-m`. A bare number is MiB (Docker reads bytes, but nobody means a 512-byte VM;
+ * plain MiB is what `--memory` has always taken here).
+ */
+export const parseMemory = mibParser(128, 65536, '128m to 64g');
+
+/** Bytes for people: `512B`, `3.4KiB`, `12.5MiB`, `1.25GiB`. */
+export function formatBytes(n: number): string {
+  if (n >= 1 << 30) return `${(n / (1 << 30)).toFixed(2)}GiB`;
+  if (n >= 1 << 20) return `${(n / (1 << 20)).toFixed(1)}MiB`;
+  if (n >= 1024) return `${(n / 1024).toFixed(1)}KiB`;
+  return `${n}B`;
 }
 
 /**

@@ -78,20 +78,21 @@ export class AegisClient {
     });
   }
 
-  /** A response whose body is bytes (a file, a tar); errors are thrown before any is read. */
-  private async bytes(opts: RequestOptions): Promise<http.IncomingMessage> {
+  /**
+   * A response that is not an error: one (an HTTP status of 400 or more) is read and thrown
+   * as the daemon's AegisError before the caller reads anything.
+   */
+  private async success(opts: RequestOptions): Promise<http.IncomingMessage> {
     const res = await this.open(opts);
     const status = res.statusCode ?? 500;
-    if (status >= 400) {
-      const chunks: Buffer[] = [];
-      for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
-      throw errorFromBody(Buffer.concat(chunks).toString('utf8'), status);
-    }
-    return res;
+    if (status < 400) return res;
+    const chunks: Buffer[] = [];
+    for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
+    throw errorFromBody(Buffer.concat(chunks).toString('utf8'), status);
   }
 
   private async call<T>(opts: RequestOptions): Promise<T> {
-    const res = await this.open(opts);
+    const res = await this.success(opts);
     const chunks: Buffer[] = [];
     try {
       for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
@@ -100,20 +101,12 @@ export class AegisClient {
       throw new AegisError('UNAVAILABLE', `answer from aegisd broke: ${(err as Error).message}`);
     }
     const text = Buffer.concat(chunks).toString('utf8');
-    const status = res.statusCode ?? 500;
-    if (status >= 400) throw errorFromBody(text, status);
     return (text === '' ? undefined : JSON.parse(text)) as T;
   }
 
   /** An NDJSON stream; a final `{type:"error"}` event is thrown as an AegisError. */
   private async *stream<T>(opts: RequestOptions): AsyncGenerator<T> {
-    const res = await this.open(opts);
-    const status = res.statusCode ?? 500;
-    if (status >= 400) {
-      const chunks: Buffer[] = [];
-      for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
-      throw errorFromBody(Buffer.concat(chunks).toString('utf8'), status);
-    }
+    const res = await this.success(opts);
     const decoder = new LineDecoder();
     try {
       for await (const chunk of res as AsyncIterable<Buffer>) {
@@ -235,7 +228,7 @@ export class AegisClient {
    * carries the file's length).
    */
   async readFile(ref: string, guestPath: string, signal?: AbortSignal): Promise<{ mode: number; size: number; data: Readable }> {
-    const res = await this.bytes({
+    const res = await this.success({
       method: 'GET',
       path: `/v1/instances/${encodeURIComponent(ref)}/files?${pathQuery(guestPath)}`,
       ...(signal ? { signal } : {}),
@@ -288,7 +281,7 @@ export class AegisClient {
 
   /** A tar of a guest path (docker cp out) and what the path is. */
   async getArchive(ref: string, guestPath: string, signal?: AbortSignal): Promise<{ stat: FileStat; tar: Readable }> {
-    const res = await this.bytes({
+    const res = await this.success({
       method: 'GET',
       path: `/v1/instances/${encodeURIComponent(ref)}/archive?${pathQuery(guestPath)}`,
       ...(signal ? { signal } : {}),

@@ -3,7 +3,7 @@
  * sandbox is. Built on the typed client; everything here is a thin, decoded view of it.
  */
 import { Readable } from 'node:stream';
-import { AegisClient, defaultSocketPath, type ExecEvent, type Instance } from '@aegis/client';
+import { AegisClient, defaultSocketPath, type ExecEvent, type FileStat, type Instance } from '@aegis/client';
 import { SandboxError, toSandboxError, wrap } from './errors.js';
 
 export interface SandboxOptions {
@@ -227,16 +227,7 @@ export class Files {
   }
 }
 
-function info(s: {
-  name: string;
-  type: FileInfo['type'];
-  size: number;
-  mode: number;
-  uid: number;
-  gid: number;
-  mtimeMs: number;
-  linkTarget?: string;
-}): FileInfo {
+function info(s: FileStat): FileInfo {
   return {
     name: s.name,
     type: s.type,

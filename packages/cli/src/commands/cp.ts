@@ -11,7 +11,7 @@ import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { Command } from 'commander';
 import { AegisError, isAegisError, type FileStat } from '@aegis/client';
-import { client, fail } from '../util.js';
+import { client, fail, formatBytes } from '../util.js';
 
 interface Target {
   /** Absent: a host path. */
@@ -31,15 +31,6 @@ function parseTarget(arg: string): Target {
 
 /** `dir/.`: the directory's contents, not the directory. */
 const contentsOf = (p: string): boolean => p === '.' || p.endsWith('/.');
-
-const human = (n: number): string =>
-  n >= 1 << 30
-    ? `${(n / (1 << 30)).toFixed(1)}GiB`
-    : n >= 1 << 20
-      ? `${(n / (1 << 20)).toFixed(1)}MiB`
-      : n >= 1024
-        ? `${(n / 1024).toFixed(1)}KiB`
-        : `${n}B`;
 
 async function guestStat(ref: string, p: string): Promise<FileStat | undefined> {
   try {
@@ -170,7 +161,7 @@ export function cpCommand(): Command {
         else
           throw new AegisError('INVALID_ARGUMENT', 'copy between the host and an instance: exactly one of SRC and DEST is INSTANCE:PATH');
         if (!o.quiet && process.stderr.isTTY && srcArg !== '-' && destArg !== '-') {
-          process.stderr.write(`Successfully copied ${human(bytes)} to ${destArg}\n`);
+          process.stderr.write(`Successfully copied ${formatBytes(bytes)} to ${destArg}\n`);
         }
       } catch (err) {
         fail(err);

@@ -5,7 +5,7 @@
  * `b`), so do they, and they exit non-zero at the end.
  */
 import { Command } from 'commander';
-import { client, eachRef, errorsAsJson, exit, fail, forEach, table } from '../util.js';
+import { client, eachRef, errorsAsJson, exit, fail, forEach, formatBytes, table } from '../util.js';
 import { listCommand } from './instance/list.js';
 import { deleteCommand, stopCommand } from './instance/lifecycle.js';
 
@@ -107,14 +107,7 @@ export function topCommand(): Command {
     });
 }
 
-const size = (n: number | null): string =>
-  n === null
-    ? '--'
-    : n >= 1 << 30
-      ? `${(n / (1 << 30)).toFixed(2)}GiB`
-      : n >= 1 << 20
-        ? `${(n / (1 << 20)).toFixed(1)}MiB`
-        : `${(n / 1024).toFixed(0)}KiB`;
+const size = (n: number | null): string => (n === null ? '--' : formatBytes(n));
 
 export function statsCommand(): Command {
   return new Command('stats')

@@ -1,19 +1,9 @@
-import { Command, InvalidArgumentError } from 'commander';
+import { Command } from 'commander';
 import type { Volume } from '@aegis/client';
-import { age, client, errorsAsJson, exit, fail, printError, table } from '../util.js';
-
-const UNITS: Record<string, number> = { '': 1, m: 1, g: 1024, t: 1024 * 1024 };
+import { age, client, errorsAsJson, exit, fail, mibParser, printError, table } from '../util.js';
 
 /** `--size`: `512m`, `1g`, `1.5g`, or MiB; 16m to 1t. */
-export function parseSize(v: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([mgt]?)(?:i?b)?$/i.exec(v.trim());
-  const unit = UNITS[m?.[2]?.toLowerCase() ?? ''];
-  if (!m?.[1] || unit === undefined) throw new InvalidArgumentError(`"${v}" is not a size: use e.g. 512m, 1g or 2048 (MiB)`);
-  const mib = Number(m[1]) * unit;
-  if (!Number.isInteger(mib)) throw new InvalidArgumentError(`"${v}" is not a whole number of MiB`);
-  if (mib < 16 || mib > 1 << 20) throw new InvalidArgumentError(`"${v}" is out of range: 16m to 1t`);
-  return mib;
-}
+export const parseSize = mibParser(16, 1 << 20, '16m to 1t');
 
 const size = (mib: number): string => (mib % 1024 === 0 ? `${mib / 1024} GiB` : `${mib} MiB`);
 const used = (bytes: number): string => `${(bytes / (1 << 20)).toFixed(1)} MiB`;
