@@ -40,6 +40,7 @@
 #include <grp.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -677,6 +678,45 @@ static int blocking_main(int argc, char **argv) {
   return 127;
 }
 
+/* `aegis-init sendfile`: copies stdin (a regular file) to stdout (the file service's socket)
+ * with sendfile(2). Under emulation every copy of a byte is costly: read() + write() (cat) made
+ * `aegis cp` out of a guest ~40% slower than the same bytes sent by sendfile. Where sendfile
+ * cannot serve (an fs without it), the rest goes by read() and write(). */
+static int sendfile_main(void) {
+  for (int fd = 0; fd <= 1; fd++) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  }
+  for (;;) {
+    ssize_t n = sendfile(1, 0, NULL, 1 << 30);
+    if (n > 0) continue;
+    if (n == 0) return 0;
+    if (errno == EINTR) continue;
+    if (errno == EINVAL || errno == ENOSYS) break;
+    fprintf(stderr, "sendfile: %s\n", strerror(errno));
+    return 1;
+  }
+  static char buf[128 * 1024];
+  for (;;) {
+    ssize_t n = read(0, buf, sizeof buf);
+    if (n == 0) return 0;
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fprintf(stderr, "read: %s\n", strerror(errno));
+      return 1;
+    }
+    for (ssize_t off = 0; off < n;) {
+      ssize_t w = write(1, buf + off, (size_t)(n - off));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        fprintf(stderr, "write: %s\n", strerror(errno));
+        return 1;
+      }
+      off += w;
+    }
+  }
+}
+
 /* ---- `aegis-init chroot ROOT UID GID GROUPS CWD -- CMD...`: a command in the image root ---
  * Run by the harness for every workload and exec of an instance with an image. GROUPS is a
  * comma-separated list of supplementary gids ("-" for none). The command is looked up on the
@@ -811,6 +851,7 @@ int main(int argc, char **argv) {
   if (argc > 1 && strcmp(argv[1], "chroot") == 0) return chroot_main(argc, argv);
   if (argc > 1 && strcmp(argv[1], "cg") == 0) return cg_main(argc, argv);
   if (argc > 1 && strcmp(argv[1], "blocking") == 0) return blocking_main(argc, argv);
+  if (argc > 1 && strcmp(argv[1], "sendfile") == 0) return sendfile_main();
   if (getpid() != 1) {
     say("must run as PID 1");
     return 2;

@@ -26,13 +26,13 @@ export const FILES_SOCKET = '/run/aegis-files.sock';
 const INIT = '/aegis/init';
 
 /**
- * Runs cat or tar on the connection's socket itself: under emulation every byte Node touches
- * costs ~10x what C costs, so bulk data never passes through this process. Their stderr
- * (bounded) is the error's message.
+ * Runs cat or tar (`aegis-init blocking -- …`), or aegis-init's own sendfile copy, on the
+ * connection's socket itself: under emulation every byte Node touches costs ~10x what C costs,
+ * so bulk data never passes through this process. Their stderr (bounded) is the error's message.
  */
 function helper(argv: string[], stdio: StdioOptions): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = spawn(INIT, ['blocking', '--', ...argv], { stdio });
+    const child = spawn(INIT, argv[0] === 'sendfile' ? argv : ['blocking', '--', ...argv], { stdio });
     let err = '';
     child.stderr?.on('data', (c: Buffer) => {
       if (err.length < 4096) err += c.toString('utf8');
@@ -157,7 +157,7 @@ async function serve(conn: net.Socket): Promise<void> {
           if (!st.isFile())
             throw new AegisError('INVALID_ARGUMENT', `${req.path} is ${st.isDirectory() ? 'a directory' : 'not a regular file'}`);
           await begin({ ok: true, stat: statOf(path.basename(req.path), st) });
-          await helper(['cat'], [fh.fd, conn, 'pipe']);
+          await helper(['sendfile'], [fh.fd, conn, 'pipe']);
         } finally {
           await fh.close();
         }
