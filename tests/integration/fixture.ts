@@ -46,7 +46,16 @@ export class TestDaemon {
 
   get env(): NodeJS.ProcessEnv {
     const a = artifacts();
-    return { ...process.env, AEGIS_HOME: this.home, AEGIS_KERNEL: a.kernel, AEGIS_ROOTFS: a.rootfs, ...this.extraEnv };
+    // No warm pool unless a test asks for one: every test daemon filling its own would load a
+    // 2-core machine with VMs that nothing uses (pool.test.ts runs with it).
+    return {
+      ...process.env,
+      AEGIS_HOME: this.home,
+      AEGIS_KERNEL: a.kernel,
+      AEGIS_ROOTFS: a.rootfs,
+      AEGIS_POOL_SIZE: '0',
+      ...this.extraEnv,
+    };
   }
 
   get pid(): number | undefined {

@@ -24,6 +24,10 @@ export interface DaemonConfig {
   templatesDir: string | undefined;
   /** Run time given to an instance created without `timeoutMs` (AEGIS_DEFAULT_TIMEOUT_MS); 0: none. */
   defaultTimeoutMs: number;
+  /** Paused VMs kept ready per machine shape (AEGIS_POOL_SIZE, default 2; 0 turns the pool off). Needs warm boot. */
+  poolSize: number;
+  /** Guest memory the whole pool may hold (AEGIS_POOL_MEMORY_MIB, default 2048). */
+  poolMemoryMiB: number;
   /** Registries reached over plain http (AEGIS_INSECURE_REGISTRIES, comma-separated host[:port]); loopback always is. */
   insecureRegistries: string[];
 }
@@ -50,11 +54,21 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
     warmBoot: env['AEGIS_WARM_BOOT'] !== '0',
     defaultTimeoutMs: Number(env['AEGIS_DEFAULT_TIMEOUT_MS'] ?? 0),
     templatesDir: env['AEGIS_TEMPLATES'],
+    poolSize: countFrom(env, 'AEGIS_POOL_SIZE', 2),
+    poolMemoryMiB: countFrom(env, 'AEGIS_POOL_MEMORY_MIB', 2048),
     insecureRegistries: (env['AEGIS_INSECURE_REGISTRIES'] ?? '')
       .split(',')
       .map((h) => h.trim())
       .filter(Boolean),
   };
+}
+
+/** A whole number ≥ 0 from the environment, or `fallback` when unset. */
+function countFrom(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  if (!/^\d{1,9}$/.test(raw.trim())) throw new AegisError('INVALID_ARGUMENT', `${name} must be a whole number ≥ 0, not "${raw}"`);
+  return Number(raw.trim());
 }
 
 /**

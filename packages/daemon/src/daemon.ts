@@ -137,8 +137,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
       log.info('shutting down (running VMs keep running)');
       ctx.loopDelay.stop();
       instances.detachAll();
-      // A template build's VMM is ours alone: it must not outlive the daemon.
-      await templates.close();
+      // A template build's VMM is ours alone: it must not outlive the daemon. Nor a pooled VM.
+      await Promise.all([templates.close(), instances.closePool()]);
       server.close();
       server.closeAllConnections();
       await fs.rm(config.socketPath, { force: true });

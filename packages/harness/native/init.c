@@ -59,6 +59,7 @@
 #define IMAGE_ROOT "/aegis/image"
 
 static void image_names(const char *hostname);
+static void machine_id(void);
 #define HARNESS "/aegis/harness.mjs"
 
 static void say(const char *fmt, ...) {
@@ -480,6 +481,7 @@ static int fresh_main(void) {
   if (clock_settime(CLOCK_REALTIME, &now) != 0) say("fresh: setting the clock failed: %s", strerror(errno));
   if (sethostname(hostname, strlen(hostname)) != 0) say("fresh: sethostname failed: %s", strerror(errno));
   image_names(hostname);
+  machine_id();
   return 0;
 }
 
@@ -523,6 +525,31 @@ static void image_names(const char *hostname) {
   write_image_file("/etc/hosts", line);
   snprintf(line, sizeof line, "%s\n", hostname);
   write_image_file("/etc/hostname", line);
+}
+
+/* A new /etc/machine-id (ours, and the image's) from the kernel RNG: at boot, and again after
+ * `fresh` has reseeded it, so every clone of a snapshot (or VM taken from the pool) has its own. */
+static void machine_id(void) {
+  unsigned char b[16];
+  int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || read(fd, b, sizeof b) != (ssize_t)sizeof b) {
+    say("machine-id: %s", strerror(errno));
+    if (fd >= 0) close(fd);
+    return;
+  }
+  close(fd);
+  char line[34];
+  for (size_t i = 0; i < sizeof b; i++) snprintf(line + 2 * i, 3, "%02x", b[i]);
+  line[32] = '\n';
+  line[33] = 0;
+  unlink("/etc/machine-id");
+  fd = open("/etc/machine-id", O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0444);
+  if (fd >= 0) {
+    if (write(fd, line, 33) < 0) say("machine-id: %s", strerror(errno));
+    close(fd);
+  }
+  struct stat st;
+  if (stat("/aegis/image-lower", &st) == 0) write_image_file("/etc/machine-id", line);
 }
 
 static void prepare_image_root(const char *hostname) {
@@ -884,6 +911,7 @@ int main(int argc, char **argv) {
   if (!hostname) hostname = "aegis";
   sethostname(hostname, strlen(hostname));
   prepare_image_root(hostname);
+  machine_id();
   mount_volumes();
 
   mark("filesystems mounted");

@@ -187,7 +187,7 @@ class Harness {
  * left waiting on its stdin, so that a VM restored from a snapshot finds it already running.
  */
 class Freshener {
-  private child = this.startHelper();
+  private child: ReturnType<typeof spawn> | undefined = this.startHelper();
 
   private startHelper(): ReturnType<typeof spawn> {
     const child = spawn('/aegis/init', ['fresh'], { stdio: ['pipe', 'ignore', 'pipe'] });
@@ -196,8 +196,12 @@ class Freshener {
   }
 
   apply(p: FreshParams): Promise<Record<string, never>> {
-    const child = this.child;
-    this.child = this.startHelper(); // for a later `fresh` (a snapshot of this VM, say)
+    const child = this.child ?? this.startHelper();
+    this.child = undefined;
+    // The next one (for a later `fresh`: a snapshot of this VM, say) is started a little after:
+    // a spawn under emulation blocks for tens of ms, and the workload's own start comes next.
+    // (The warm pool's warm-up outlasts the delay, so a pooled VM is paused with one waiting.)
+    setTimeout(() => (this.child ??= this.startHelper()), 300).unref();
     return new Promise((resolve, reject) => {
       let err = '';
       child.stderr?.on('data', (c: Buffer) => (err += c.toString()));

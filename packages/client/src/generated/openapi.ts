@@ -806,6 +806,31 @@ export interface components {
                 total: number;
                 running: number;
             };
+            /** @description The warm pool of paused VMs that `create` takes instead of booting; absent when off (AEGIS_POOL_SIZE=0, or no warm boot) */
+            pool?: {
+                /** @description VMs kept ready per machine shape (AEGIS_POOL_SIZE) */
+                size: number;
+                /** @description Guest memory the whole pool may hold (AEGIS_POOL_MEMORY_MIB) */
+                memoryBudgetMiB: number;
+                /** @description VMs ready now, all shapes */
+                ready: number;
+                /** @description A VM is being made ready */
+                filling: boolean;
+                /** @description Instances started from the pool since aegisd started */
+                taken: number;
+                /** @description Instances that found no ready VM of their shape (they booted from a template or cold) */
+                missed: number;
+                shapes: {
+                    memoryMiB: number;
+                    vcpuCount: number;
+                    network: string;
+                    /** @description An OCI image's shape */
+                    image: boolean;
+                    /** @description The daemon's default shape, always kept */
+                    default: boolean;
+                    ready: number;
+                }[];
+            };
         };
         ExecEvent: {
             /** @constant */

@@ -47,8 +47,8 @@ export class AgentConnection {
    */
   constructor(
     private readonly stream: Duplex,
-    onEvent: AgentEventHandler,
-    private readonly onProtocolError: (err: AegisError) => void,
+    private onEvent: AgentEventHandler,
+    private onProtocolError: (err: AegisError) => void,
   ) {
     this.peer = new RpcPeer({
       maxLineBytes: AGENT_MAX_LINE_BYTES,
@@ -63,13 +63,13 @@ export class AgentConnection {
           switch (method) {
             case 'ready':
               this.sawReady();
-              return onEvent('ready', parseEvent.ready(params));
+              return this.onEvent('ready', parseEvent.ready(params));
             case 'output':
-              return onEvent('output', parseEvent.output(params));
+              return this.onEvent('output', parseEvent.output(params));
             case 'exit':
-              return onEvent('exit', parseEvent.exit(params));
+              return this.onEvent('exit', parseEvent.exit(params));
             case 'execExit':
-              return onEvent('execExit', parseEvent.execExit(params));
+              return this.onEvent('execExit', parseEvent.execExit(params));
           }
         } catch (err) {
           this.protocolError(AegisError.from(err, 'INVALID_ARGUMENT'), `bad ${method} event: `);
@@ -92,6 +92,15 @@ export class AgentConnection {
       });
     });
     stream.on('error', () => undefined); // 'close' follows
+  }
+
+  /**
+   * Gives the channel to a new owner (a VM taken from the warm pool becomes an instance's):
+   * events and protocol errors go to it from now on, with no line lost in between.
+   */
+  handOver(onEvent: AgentEventHandler, onProtocolError: (err: AegisError) => void): void {
+    this.onEvent = onEvent;
+    this.onProtocolError = onProtocolError;
   }
 
   /**

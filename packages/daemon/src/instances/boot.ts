@@ -8,6 +8,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
 import type { Backend, Vm, VmVolume } from '@aegis/vmm';
+import type { FreshParams } from '@aegis/protocol';
 import type { Logger } from '../log.js';
 import type { Registry } from '../registry/db.js';
 import type { AgentConnection } from './agent.js';
@@ -24,6 +25,11 @@ export interface BootContext {
   bootTimeoutMs: number;
   /** Wraps a started VM so its exit and agent are followed (and it is findable by id). */
   track(id: string, handle: string, vm: Vm): LiveInstance;
+}
+
+/** A VM's identity, made fresh for each instance restored from a template (or claimed from the pool). */
+export function freshIdentity(hostname: string): FreshParams {
+  return { timeMs: Date.now(), hostname, entropy: randomBytes(64).toString('base64') };
 }
 
 /**
@@ -46,6 +52,38 @@ export async function bootVm(
   const t0 = Date.now();
   const phases: string[] = [];
   const phase = (name: string): void => void phases.push(`${name} ${Date.now() - t0}`);
+  const vm = await startVm(ctx, id, handle, dir, shape, template, keepDisk, signal, volumes);
+  phase(template ? 'restored' : 'vmm started');
+  // Recorded and tracked at once: from here a crash or a cancel finds this VM.
+  ctx.registry.updateInstance(id, { vmRecord: vm.record() });
+  const live = ctx.track(id, handle, vm);
+  signal.throwIfAborted();
+  const agent = await live.connectAgent(ctx.bootTimeoutMs, signal);
+  phase('agent ready');
+  if (template) {
+    await agent.call('fresh', freshIdentity(handle), { timeoutMs: 15_000, signal });
+    phase('fresh');
+  }
+  if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
+  ctx.log.info(`instance ${handle} (${id}): ${template ? 'warm' : 'cold'} boot, ms: ${phases.join(', ')}`);
+  return { live, agent };
+}
+
+/**
+ * Makes the VM's disk and starts its VMM (a restore when `template` is given), not yet
+ * connected to. The caller owns the VM from the moment this returns.
+ */
+export async function startVm(
+  ctx: Pick<BootContext, 'backend' | 'templates'>,
+  id: string,
+  handle: string,
+  dir: string,
+  shape: MachineShape,
+  template: Template | undefined,
+  keepDisk: boolean,
+  signal: AbortSignal,
+  volumes: VmVolume[] = [],
+): Promise<Vm> {
   const vmDir = path.join(dir, 'vm');
   await fs.rm(vmDir, { recursive: true, force: true });
   await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });
@@ -82,22 +120,12 @@ export async function bootVm(
     },
     signal,
   );
-  phase('disk');
   signal.throwIfAborted();
-  await vm.start(signal);
-  phase(template ? 'restored' : 'vmm started');
-  // Recorded and tracked at once: from here a crash or a cancel finds this VM.
-  ctx.registry.updateInstance(id, { vmRecord: vm.record() });
-  const live = ctx.track(id, handle, vm);
-  signal.throwIfAborted();
-  const agent = await live.connectAgent(ctx.bootTimeoutMs, signal);
-  phase('agent ready');
-  if (template) {
-    const fresh = { timeMs: Date.now(), hostname: handle, entropy: randomBytes(64).toString('base64') };
-    await agent.call('fresh', fresh, { timeoutMs: 15_000, signal });
-    phase('fresh');
+  try {
+    await vm.start(signal);
+  } catch (err) {
+    await vm.stop({ timeoutMs: 0 }).catch(() => undefined);
+    throw err;
   }
-  if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
-  ctx.log.info(`instance ${handle} (${id}): ${template ? 'warm' : 'cold'} boot, ms: ${phases.join(', ')}`);
-  return { live, agent };
+  return vm;
 }

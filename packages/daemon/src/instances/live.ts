@@ -85,10 +85,9 @@ export class LiveInstance {
     const agent = new AgentConnection(
       stream,
       (event, params) => this.onAgentEvent(event, params),
-      (err) => this.log.warn(`instance ${this.handle}: bad message from guest: ${err.message}`),
+      (err) => this.onProtocolError(err),
     );
-    this.agent = agent;
-    void agent.closed.then(() => this.onAgentClosed(agent));
+    this.useAgent(agent);
     try {
       if (!this.paused) await agent.waitReady(timeoutMs, signal);
     } catch (err) {
@@ -98,6 +97,24 @@ export class LiveInstance {
     // Backpressure applies to output, never to the handshake.
     if (this.holds.size > 0 && !this.ending) agent.pause();
     return agent;
+  }
+
+  /** Takes over a channel that is already connected and answering (a VM from the warm pool). */
+  adoptAgent(agent: AgentConnection): void {
+    agent.handOver(
+      (event, params) => this.onAgentEvent(event, params),
+      (err) => this.onProtocolError(err),
+    );
+    this.useAgent(agent);
+  }
+
+  private useAgent(agent: AgentConnection): void {
+    this.agent = agent;
+    void agent.closed.then(() => this.onAgentClosed(agent));
+  }
+
+  private onProtocolError(err: AegisError): void {
+    this.log.warn(`instance ${this.handle}: bad message from guest: ${err.message}`);
   }
 
   /**

@@ -146,8 +146,9 @@ class LogFile {
   }
 }
 
-export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd]; drain: [] }> {
+export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd]; exit: [LogEnd]; drain: [] }> {
   private ended: LogEnd | undefined;
+  private exited: LogEnd | undefined;
   private readonly workload: LogFile;
   private readonly execs: LogFile;
   private warnedFailure = false;
@@ -239,6 +240,21 @@ export class LogStore extends EventEmitter<{ entry: [LogEntry]; end: [LogEnd]; d
 
   get endInfo(): LogEnd | undefined {
     return this.ended;
+  }
+
+  /**
+   * The workload exited: its status is known and its output is all here (the guest sends
+   * `exit` after the last output), while the VM may still be powering off. `run` ends here.
+   */
+  workloadExited(info: LogEnd): void {
+    if (this.exited) return;
+    this.exited = info;
+    void this.settled().then(() => this.emit('exit', info));
+  }
+
+  /** The workload's exit, or else the VM's end, once known. */
+  get exitInfo(): LogEnd | undefined {
+    return this.exited ?? this.ended;
   }
 
   /** How far each file is written now (read up to here, then follow `entry`). */

@@ -27,10 +27,11 @@ import { LogStore } from './logs.js';
 import { Deadlines } from './deadlines.js';
 import { allocatedBytes, cpuPercent, processMemoryBytes, sampleCpu, type ProcessSample } from './stats.js';
 import { fileOp, type FileResult } from './files.js';
-import type { TemplateCache } from './templates.js';
+import type { MachineShape, TemplateCache } from './templates.js';
+import { WarmPool, type PooledVm, type PoolStatus } from './pool.js';
 import { OpQueue } from './op-queue.js';
 import { LiveInstance, type ExecEmitter } from './live.js';
-import { bootVm, type BootContext } from './boot.js';
+import { bootVm, freshIdentity, type BootContext } from './boot.js';
 import { recover } from './recovery.js';
 import { effectiveCommand, existingDisk, imageEnv, toView, type CreateRequest, type ExecRequest, type InstanceView } from './spec.js';
 import { canTransition, isLive, requireState, type InstanceState } from './state.js';
@@ -85,7 +86,50 @@ export class InstanceManager {
     readonly volumes: VolumeService = new VolumeService(path.join(config.home, 'volumes'), registry, log),
     /** What kinds of volume the backend can attach (its probe's capabilities). */
     private readonly volumeKinds: readonly VolumeKind[] = ['disk', 'share'],
-  ) {}
+  ) {
+    // Pooled VMs are restored from templates: no templates, no pool.
+    if (config.poolSize > 0 && templates.enabled) {
+      this.pool = new WarmPool({
+        backend,
+        templates,
+        instancesDir: config.instancesDir,
+        log,
+        bootTimeoutMs: config.bootTimeoutMs,
+        size: config.poolSize,
+        memoryBudgetMiB: config.poolMemoryMiB,
+        defaultShape: () => this.defaultShape(),
+      });
+    }
+  }
+
+  private readonly pool: WarmPool | undefined;
+
+  /** The warm pool's state (undefined: no pool). */
+  poolStatus(): PoolStatus | undefined {
+    return this.pool?.status();
+  }
+
+  /** The machine an instance of these settings runs on (what templates and the pool are keyed by). */
+  private async shapeOf(
+    memoryMiB: number,
+    vcpuCount: number,
+    network: NetworkMode,
+    image: ResolvedImage | undefined,
+  ): Promise<MachineShape> {
+    return {
+      kernelPath: await fs.realpath(this.config.kernelPath),
+      rootfsPath: await fs.realpath(this.config.rootfsPath),
+      memoryMiB,
+      vcpuCount,
+      scratchDiskMiB: this.config.scratchDiskMiB,
+      network,
+      ...(image ? { imageDiskPath: image.fsPath } : {}),
+    };
+  }
+
+  private defaultShape(): Promise<MachineShape> {
+    return this.shapeOf(this.config.defaultMemoryMiB, this.config.defaultVcpuCount, this.defaultNetwork(), undefined);
+  }
 
   /** Outbound network unless the backend cannot provide it (then the guest is offline). */
   private defaultNetwork(): NetworkMode {
@@ -204,10 +248,24 @@ export class InstanceManager {
     );
     let row: InstanceRow;
     let image: ResolvedImage | undefined;
+    let pooled: PooledVm | undefined;
     try {
       image = req.image !== undefined ? await this.images.resolve(req.image, signal) : undefined;
-      row = this.insertRow(req, forwarder, image, mounts);
+      // A ready VM of this shape, if the pool has one (an instance with volumes needs devices a
+      // restored VM cannot gain). The instance takes its id: its files are already there.
+      if (this.pool && mounts.length === 0) {
+        const network = req.network ?? this.defaultNetwork();
+        const shape = await this.shapeOf(
+          req.memoryMiB ?? this.config.defaultMemoryMiB,
+          req.vcpuCount ?? this.config.defaultVcpuCount,
+          network,
+          image,
+        );
+        pooled = this.pool.take(shape);
+      }
+      row = this.insertRow(req, forwarder, image, mounts, pooled?.id);
     } catch (err) {
+      if (pooled) this.pool?.giveBack(pooled);
       forwarder.close();
       throw err;
     }
@@ -218,7 +276,11 @@ export class InstanceManager {
     const abandoned = (): void => void this.delete(row.id, true).catch(() => undefined);
     if (opts.autoRemove) signal?.addEventListener('abort', abandoned, { once: true });
     try {
-      return await this.ownerOf(row.id).run('start', (s) => this.launch(row, forwarder, image, env, opts, s), signal);
+      return await this.ownerOf(row.id).run('start', (s) => this.launch(row, forwarder, image, env, { ...opts, pooled }, s), signal);
+    } catch (err) {
+      // Cancelled before the start ran: the pooled VM it took was never followed.
+      if (pooled && !this.live.has(row.id)) await pooled.vm.stop({ timeoutMs: 0 }).catch(() => undefined);
+      throw err;
     } finally {
       signal?.removeEventListener('abort', abandoned);
     }
@@ -305,9 +367,16 @@ export class InstanceManager {
     }
   }
 
-  private insertRow(req: CreateRequest, forwarder: PortForwarder, image: ResolvedImage | undefined, mounts: VolumeMount[]): InstanceRow {
+  private insertRow(
+    req: CreateRequest,
+    forwarder: PortForwarder,
+    image: ResolvedImage | undefined,
+    mounts: VolumeMount[],
+    /** A pooled VM's id, whose files are already in the instance's directory. */
+    pooledId?: string,
+  ): InstanceRow {
     const command = effectiveCommand(req.command, image?.config);
-    const id = randomBytes(8).toString('hex');
+    const id = pooledId ?? randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
     const timeoutMs = req.timeoutMs ?? this.config.defaultTimeoutMs;
     if (path.join(this.dirOf(id), 'vm', 'agent.sock').length > MAX_SOCKET_PATH) {
@@ -374,39 +443,34 @@ export class InstanceManager {
     forwarder: PortForwarder,
     image: ResolvedImage | undefined,
     env: Record<string, string>,
-    options: { keepDisk: boolean; autoRemove: boolean },
+    options: { keepDisk: boolean; autoRemove: boolean; pooled?: PooledVm | undefined },
     signal: AbortSignal,
   ): Promise<InstanceView> {
     const { id, handle } = row;
     const dir = this.dirOf(id);
+    const { pooled } = options;
     try {
       await fs.mkdir(path.join(dir, 'vm'), { recursive: true, mode: 0o700 });
-      const shape = {
-        kernelPath: await fs.realpath(this.config.kernelPath),
-        rootfsPath: await fs.realpath(this.config.rootfsPath),
-        memoryMiB: row.memoryMiB,
-        vcpuCount: row.vcpuCount,
-        scratchDiskMiB: this.config.scratchDiskMiB,
-        network: row.network,
-        ...(image ? { imageDiskPath: image.fsPath } : {}),
-      };
+      const shape = await this.shapeOf(row.memoryMiB, row.vcpuCount, row.network, image);
       // A restart keeps the instance's disk (its writes), so it boots cold on that disk. So does
       // an instance with volumes: a machine restored from a template cannot gain devices.
       const volumes = this.volumes.vmVolumes(row.volumes);
-      const template = options.keepDisk || volumes.length > 0 ? undefined : this.templates.lookup(shape);
+      const template = pooled || options.keepDisk || volumes.length > 0 ? undefined : this.templates.lookup(shape);
       let booted: Awaited<ReturnType<typeof bootVm>>;
       try {
-        booted = await bootVm(this.bootContext(), id, handle, dir, shape, template, options.keepDisk, signal, volumes);
+        booted = pooled
+          ? await this.fromPool(row, pooled, signal)
+          : await bootVm(this.bootContext(), id, handle, dir, shape, template, options.keepDisk, signal, volumes);
       } catch (err) {
-        if (!template || signal.aborted) throw err;
-        // A template that will not restore must not break instances: set it aside, boot cold.
-        this.log.warn(`instance ${handle} (${id}): warm boot failed (${(err as Error).message}); booting cold`);
+        if ((!template && !pooled) || signal.aborted) throw err;
+        // A template or pooled VM that fails must not break instances: set it aside, boot cold.
+        this.log.warn(`instance ${handle} (${id}): ${pooled ? 'pooled VM' : 'warm boot'} failed (${(err as Error).message}); booting cold`);
         const failed = this.live.get(id);
         if (failed) {
           failed.retired = true;
           await failed.kill();
-        }
-        await this.templates.discard(template);
+        } else await pooled?.vm.stop({ timeoutMs: 0 }).catch(() => undefined);
+        if (template) await this.templates.discard(template);
         this.registry.updateInstance(id, { vmRecord: null });
         booted = await bootVm(this.bootContext(), id, handle, dir, shape, undefined, false, signal, volumes);
       }
@@ -449,6 +513,24 @@ export class InstanceManager {
   }
 
   /**
+   * Makes a pooled VM this instance's: followed as any instance's VM, with the pool's agent
+   * channel handed over before the guest runs again (nothing it says is lost), then resumed
+   * and given its identity before any of the instance's own work reaches it.
+   */
+  private async fromPool(row: InstanceRow, pooled: PooledVm, signal: AbortSignal): Promise<Awaited<ReturnType<typeof bootVm>>> {
+    const t0 = Date.now();
+    this.registry.updateInstance(row.id, { vmRecord: pooled.vm.record() });
+    const live = this.track(row.id, row.handle, pooled.vm);
+    live.adoptAgent(pooled.agent);
+    await pooled.vm.resume();
+    const resumedMs = Date.now() - t0;
+    await pooled.agent.call('fresh', freshIdentity(row.handle), { timeoutMs: 15_000, signal });
+    if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during start');
+    this.log.info(`instance ${row.handle} (${row.id}): from the warm pool, ms: resumed ${resumedMs}, fresh ${Date.now() - t0}`);
+    return { live, agent: pooled.agent };
+  }
+
+  /**
    * `docker restart`: stops the instance if it runs, then boots a new VM for it with the same
    * command, environment (secrets resolved again by name), image, network and host ports, on
    * its own disk, so what it wrote survives. Logs continue in the same store.
@@ -487,20 +569,19 @@ export class InstanceManager {
     );
   }
 
-  /** Builds the warm-boot template for the default machine shape, in the background. */
+  /** Builds the warm-boot template for the default machine shape, then fills the pool, in the background. */
   async warmUp(): Promise<void> {
     try {
-      await this.templates.ensure({
-        kernelPath: await fs.realpath(this.config.kernelPath),
-        rootfsPath: await fs.realpath(this.config.rootfsPath),
-        memoryMiB: this.config.defaultMemoryMiB,
-        vcpuCount: this.config.defaultVcpuCount,
-        scratchDiskMiB: this.config.scratchDiskMiB,
-        network: this.defaultNetwork(),
-      });
+      await this.templates.ensure(await this.defaultShape());
     } catch {
       // no artifacts yet: instances will say so
     }
+    this.pool?.start();
+  }
+
+  /** Ends the pool's VMs (daemon shutdown). */
+  async closePool(): Promise<void> {
+    await this.pool?.close();
   }
 
   private async checkArtifacts(): Promise<void> {
@@ -546,7 +627,10 @@ export class InstanceManager {
     const code = exitStatus(ev);
     this.registry.updateInstance(live.id, { exitCode: code });
     // From starting (it exited before `run` answered), running or paused; a stop already on its way keeps its reason.
-    this.move(live.id, 'stopping', { stateReason: `workload exited with status ${code}` }, ['starting', 'running', 'paused']);
+    const reason = `workload exited with status ${code}`;
+    this.move(live.id, 'stopping', { stateReason: reason }, ['starting', 'running', 'paused']);
+    // Its status is known now: `run` returns while the VM powers off behind it.
+    live.logs.workloadExited({ state: 'stopping', exitCode: code, stateReason: reason });
     void live.powerOff(1000);
   }
 
@@ -570,6 +654,9 @@ export class InstanceManager {
       exitCode: after?.exitCode ?? null,
       ...(after?.stateReason ? { stateReason: after.stateReason } : {}),
     });
+    // A throwaway instance (`run`'s) is removed once it stops, whoever stopped it: `run` has
+    // returned already, and this also holds when nobody is left to ask.
+    if (after?.spec.autoRemove && !isLive(after.state)) void this.delete(live.id, true).catch(() => undefined);
   }
 
   private requireLive(row: InstanceRow, op: string): LiveInstance {
@@ -850,9 +937,17 @@ export class InstanceManager {
       move: (id, to, patch) => this.move(id, to, patch),
       adopt: (row, vm) => this.adopt(row, vm),
     });
-    // Deadlines outlive the daemon: one that passed while it was down fires now.
+    // What a pooled VM left when its daemon died (its VMM was ended above): a directory no row names.
+    for (const name of await fs.readdir(this.config.instancesDir).catch(() => [] as string[])) {
+      if (/^[0-9a-f]{16}$/.test(name) && !this.registry.getInstance(name)) {
+        await fs.rm(path.join(this.config.instancesDir, name), { recursive: true, force: true });
+      }
+    }
     for (const row of this.registry.listInstances()) {
+      // Deadlines outlive the daemon: one that passed while it was down fires now.
       if (isLive(row.state) && row.spec.deadlineAtMs !== undefined) this.deadlines.arm(row.id, row.spec.deadlineAtMs);
+      // A throwaway instance that stopped while no daemon was there to remove it.
+      if (!isLive(row.state) && row.spec.autoRemove) await this.delete(row.id, true).catch(() => undefined);
     }
   }
 

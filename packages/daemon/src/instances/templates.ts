@@ -78,7 +78,8 @@ export class TemplateCache {
     readonly enabled: boolean,
   ) {}
 
-  private key(shape: MachineShape): string {
+  /** Names a machine shape: everything that shapes the machine, with the VMM and accelerator. */
+  key(shape: MachineShape): string {
     const h = createHash('sha256');
     // A snapshot taken under TCG does not restore under KVM (nor one VMM version's in another).
     const p = this.probe();
@@ -86,6 +87,11 @@ export class TemplateCache {
       JSON.stringify({ f: TEMPLATE_FORMAT, b: this.backend.name, v: p.version ?? p.detail, a: p.capabilities?.acceleration, ...shape }),
     );
     return h.digest('hex').slice(0, 20);
+  }
+
+  /** Whether `t` is still the build new instances of its shape get (not replaced, not discarded). */
+  isCurrent(t: Template): boolean {
+    return this.current(t.key) === t.build;
   }
 
   private usable(): boolean {

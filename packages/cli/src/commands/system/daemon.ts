@@ -3,7 +3,7 @@ import { mkdirSync, openSync, closeSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command } from 'commander';
-import { AegisClient, isAegisError } from '@aegis/client';
+import { AegisClient, isAegisError, type Status } from '@aegis/client';
 import { client, errorsAsJson, fail } from '../../util.js';
 
 /** aegisd's entry point in this checkout (the CLI never imports daemon code). */
@@ -92,10 +92,23 @@ export function statusCommand(): Command {
             `backend:   ${s.backend.name} (${s.backend.detail})\n` +
             `accel:     ${s.backend.accelerationReason || s.backend.acceleration}\n` +
             `instances: ${s.instances.running} running, ${s.instances.total} total\n` +
+            `pool:      ${poolLine(s.pool)}\n` +
             `loop lag:  p50 ${s.eventLoopDelayMs.p50Ms} ms, p99 ${s.eventLoopDelayMs.p99Ms} ms, max ${s.eventLoopDelayMs.maxMs} ms (last ${Math.round(s.eventLoopDelayMs.windowMs / 1000)} s)\n`,
         );
       } catch (err) {
         fail(err);
       }
     });
+}
+
+/** The warm pool in one line: how many ready, of which shapes, and how it has served. */
+function poolLine(p: Status['pool']): string {
+  if (!p) return 'off (AEGIS_POOL_SIZE=0, or no warm boot)';
+  const shapes = p.shapes
+    .map(
+      (sh) =>
+        `${sh.ready}/${p.size} ${sh.default ? 'default' : sh.image ? 'image' : 'other'} ${sh.memoryMiB} MiB ${sh.vcpuCount} vCPU ${sh.network}`,
+    )
+    .join(', ');
+  return `${p.ready} ready${shapes ? ` (${shapes})` : ''}${p.filling ? ', filling' : ''}; ${p.taken} taken, ${p.missed} missed; budget ${p.memoryBudgetMiB} MiB`;
 }

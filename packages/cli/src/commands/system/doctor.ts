@@ -3,7 +3,7 @@ import { accessSync, constants, existsSync, realpathSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Command } from 'commander';
-import { isAegisError } from '@aegis/client';
+import { isAegisError, type Status } from '@aegis/client';
 import type { Probe } from '@aegis/vmm';
 import { client, exit } from '../../util.js';
 
@@ -67,6 +67,21 @@ export function daemonCheck(status: { pid: number; backend: string } | Error): C
   return { name: 'aegisd', status: 'missing', detail: `not answering: ${status.message}` };
 }
 
+/** The warm pool, as the running daemon has it. */
+export function poolCheck(pool: Status['pool']): Check {
+  if (!pool)
+    return {
+      name: 'warm pool',
+      status: 'warn',
+      detail: 'off (AEGIS_POOL_SIZE=0, or warm boot off): instances start from a template or boot',
+    };
+  return {
+    name: 'warm pool',
+    status: 'ok',
+    detail: `${pool.ready} VM(s) ready, ${pool.size} per shape, budget ${pool.memoryBudgetMiB} MiB`,
+  };
+}
+
 /** One line per check: its status, its name, what was found or what to do. */
 export function formatChecks(checks: Check[]): string {
   return checks.map((c) => `${c.status.padEnd(7)} ${c.name.padEnd(20)} ${c.detail}\n`).join('');
@@ -91,6 +106,9 @@ export function doctorCommand(): Command {
       const qemu = await settle(await new QemuBackend(opts).probe());
       const firecracker = await settle(await new FirecrackerBackend(opts).probe());
       const userNet = qemu.capabilities?.networkModes.includes('user') === true;
+      const status = await client()
+        .status()
+        .catch((err: unknown) => (err instanceof Error ? err : new Error(String(err))));
       const checks: Check[] = [
         ...backendChecks(
           [
@@ -110,12 +128,8 @@ export function doctorCommand(): Command {
           : { name: 'guest network', status: 'warn', detail: 'passt not found: guests get --network none only (apt-get install passt)' },
         fileCheck('guest kernel', kernelPath, 'build it with: make kernel'),
         fileCheck('base rootfs', rootfsPath, 'build it with: make base-rootfs'),
-        daemonCheck(
-          await client()
-            .status()
-            .then((s) => ({ pid: s.pid, backend: s.backend.name }))
-            .catch((err: unknown) => (err instanceof Error ? err : new Error(String(err)))),
-        ),
+        daemonCheck(status instanceof Error ? status : { pid: status.pid, backend: status.backend.name }),
+        ...(status instanceof Error ? [] : [poolCheck(status.pool)]),
       ];
       process.stdout.write(o.json ? JSON.stringify(checks, null, 2) + '\n' : formatChecks(checks));
       exit(checks.some((c) => c.status === 'missing') ? 1 : 0);

@@ -158,13 +158,15 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         write({ type: 'created', instance: inst });
         const { store, live } = m.logs(inst.id);
         let end: LogEnd | undefined;
-        if (live) end = await follow(store, write, signal, { execs: false });
+        // A throwaway instance's run ends at the workload's exit: the VM's teardown and the
+        // instance's removal (the manager's, once it stops) go on after the caller has its
+        // status. One that is kept is seen stopped when its run returns, as with Docker.
+        if (live) end = await follow(store, write, signal, { execs: false }, undefined, req.autoRemove === true);
         else {
           // It ended before we could follow it (a workload that exits at once).
           for await (const e of store.read(undefined, undefined, { execs: false })) await write({ type: 'output', ...e });
-          end = endOf(m.get(inst.id));
+          end = store.exitInfo ?? endOf(m.get(inst.id));
         }
-        if (end && req.autoRemove) await m.delete(inst.id, true).catch(() => undefined);
         ended = true;
         if (end) write({ type: 'end', ...end });
         res.end();
@@ -242,6 +244,8 @@ async function follow(
   signal: AbortSignal,
   filter: LogFilter,
   tail?: number,
+  /** Stop at the workload's exit rather than the VM's end. */
+  untilExit = false,
 ): Promise<LogEnd | undefined> {
   // Subscribe first, then replay the file up to this instant: no gap, no duplicate.
   const pending: unknown[] = [];
@@ -252,9 +256,13 @@ async function follow(
     if (replaying) pending.push(ev);
     else write(ev);
   };
+  let onEnd: ((end: LogEnd) => void) | undefined;
   const ended = new Promise<LogEnd>((resolve) => {
-    if (store.endInfo) resolve(store.endInfo);
-    else store.once('end', resolve);
+    const known = untilExit ? store.exitInfo : store.endInfo;
+    if (known) return resolve(known);
+    onEnd = resolve;
+    store.on('end', onEnd);
+    if (untilExit) store.on('exit', onEnd);
   });
   store.on('entry', onEntry);
   try {
@@ -265,6 +273,7 @@ async function follow(
     return await Promise.race([ended, gone]);
   } finally {
     store.off('entry', onEntry);
+    if (onEnd) store.off('end', onEnd).off('exit', onEnd);
   }
 }
 

@@ -21,6 +21,7 @@ export function systemRoutes(d: DaemonContext): Route[] {
               accelerationReason: d.probe.accelerationReason ?? '',
             },
             instances: d.instances.counts(),
+            ...(d.instances.poolStatus() ? { pool: d.instances.poolStatus() } : {}),
             eventLoopDelayMs: d.loopDelay.read(),
           },
         }),
