@@ -25,6 +25,8 @@
 //   (-v HOST:GUEST, 9p) and on a named volume (-v NAME:GUEST, an ext4 disk) vs. the same work on
 //   the guest's own scratch disk, same VM, interleaved, timed inside the guest. Target (issue 12):
 //   named volume >= 90% of the scratch disk.
+//   The warm pool (issue 14): cold, template-warm and pooled `aegis run -- true` (CLI and API
+//   client), median of >= 10 each, and sequential runs per minute. Target: cold / pooled >= 10x.
 import { execFile, spawn } from 'node:child_process';
 import {
   mkdtempSync,
@@ -258,6 +260,8 @@ async function startDaemon(warm, extraEnv = {}) {
   const home = mkdtempSync('/tmp/aegis-bench-');
   const env = {
     ...process.env,
+    // A section that measures the warm pool turns it on; elsewhere "warm" means a template restore.
+    AEGIS_POOL_SIZE: '0',
     ...extraEnv,
     AEGIS_HOME: home,
     AEGIS_KERNEL: realpathSync(kernel),
@@ -803,14 +807,110 @@ async function benchVolumes() {
   }
 }
 
-// BENCH_ONLY=expose|images|accel|cli|cp|sdk|volumes runs one section alone (a minute or two; the whole bench takes several).
-if (['expose', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes'].includes(process.env.BENCH_ONLY ?? '')) {
+/** Time from a client `run` request to its `end` event (the API client, no CLI start). */
+async function apiRun(client) {
+  const t0 = performance.now();
+  let code;
+  for await (const ev of client.run({ command: ['true'], autoRemove: true })) if (ev.type === 'end') code = ev.exitCode;
+  if (code !== 0) throw new Error(`run ended with ${code}`);
+  return performance.now() - t0;
+}
+
+/**
+ * Issue 14: `aegis run -- true`, CLI start to exit code, on three daemons of the bench's own:
+ * cold (kernel boot), template-warm (restored from a snapshot, no pool) and pooled (a paused,
+ * warmed-up VM taken from the pool), median of >= 10 each, interleaved round by round; the
+ * same through the API client; and sequential runs per minute, back to back (the pool then
+ * refills as fast as it can, and a run that finds it empty restores from the template).
+ * Target: cold / pooled >= 10x.
+ */
+async function benchPool() {
+  const N = Math.max(10, Number(process.env.BENCH_POOL_RUNS ?? 10));
+  const cold = await startDaemon(false);
+  const warm = await startDaemon(true);
+  const pooled = await startDaemon(true, { AEGIS_POOL_SIZE: '2' });
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const poolReady = async (n = 1) => {
+    for (let i = 0; i < 1800; i++) {
+      if (((await pooled.client.status()).pool?.ready ?? 0) >= n) return;
+      await sleep(100);
+    }
+    throw new Error(`the pool never had ${n} ready VM(s):\n${pooled.log()}`);
+  };
+  try {
+    for (let i = 0; i < 600 && !/template \w+: ready/.test(warm.log()); i++) await sleep(100);
+    // One of each first: templates built, guest code paths translated once.
+    await aegisRun(cold.env);
+    await aegisRun(warm.env);
+    await poolReady(2);
+    await aegisRun(pooled.env);
+    const t = { cold: [], warm: [], pooled: [], apiCold: [], apiWarm: [], apiPooled: [] };
+    for (let i = 0; i < N; i++) {
+      t.cold.push(await aegisRun(cold.env));
+      t.apiCold.push(await apiRun(cold.client));
+      t.warm.push(await aegisRun(warm.env));
+      t.apiWarm.push(await apiRun(warm.client));
+      await poolReady(2);
+      t.pooled.push(await aegisRun(pooled.env));
+      t.apiPooled.push(await apiRun(pooled.client));
+    }
+    const taken = (pooled.log().match(/: from the warm pool/g) ?? []).length;
+    if (taken < 2 * N) throw new Error(`only ${taken} of ${2 * N + 1} pooled runs came from the pool`);
+    // Back to back: as many runs as a minute allows, at most 40.
+    await poolReady(2);
+    const before = taken;
+    const seq = [];
+    const t0 = performance.now();
+    while (seq.length < 40 && performance.now() - t0 < 60_000) seq.push(await aegisRun(pooled.env));
+    const seqMs = performance.now() - t0;
+    const seqFromPool = (pooled.log().match(/: from the warm pool/g) ?? []).length - before;
+    const coldSeq = [];
+    const c0 = performance.now();
+    while (coldSeq.length < 10 && performance.now() - c0 < 60_000) coldSeq.push(await aegisRun(cold.env));
+    const coldSeqMs = performance.now() - c0;
+
+    console.log(`\n\`aegis run -- true\`, CLI start to exit code, median of ${N} each (3 daemons, interleaved):`);
+    const rows = [
+      ['cold (kernel boot, Node start)', t.cold, t.apiCold],
+      ['template-warm (restored from a snapshot)', t.warm, t.apiWarm],
+      ['pooled (a paused, warmed-up VM resumed)', t.pooled, t.apiPooled],
+    ];
+    console.log(`${''.padEnd(44)} ${'CLI'.padStart(9)} ${'API client'.padStart(11)}`);
+    for (const [name, cli, api] of rows) console.log(`${name.padEnd(44)} ${fmt(median(cli)).padStart(9)} ${fmt(median(api)).padStart(11)}`);
+    const ratio = median(t.cold) / median(t.pooled);
+    const apiRatio = median(t.apiCold) / median(t.apiPooled);
+    console.log(
+      `\nratio cold / pooled: CLI ${ratio.toFixed(1)}x (target >= 10x: ${ratio >= 10 ? 'met' : 'NOT met'}), API client ${apiRatio.toFixed(1)}x; ` +
+        `cold / template-warm: ${(median(t.cold) / median(t.warm)).toFixed(1)}x`,
+    );
+    const perMin = (n, ms) => (n / ms) * 60_000;
+    console.log(
+      `sequential runs per minute: pooled ${perMin(seq.length, seqMs).toFixed(0)} (${seq.length} runs, ${seqFromPool} from the pool, the rest restored while it refilled); ` +
+        `cold ${perMin(coldSeq.length, coldSeqMs).toFixed(0)}`,
+    );
+    return {
+      runs: N,
+      ms: t,
+      ratio,
+      apiRatio,
+      sequential: { pooled: { runs: seq.length, ms: seqMs, fromPool: seqFromPool }, cold: { runs: coldSeq.length, ms: coldSeqMs } },
+    };
+  } finally {
+    await cold.stop();
+    await warm.stop();
+    await pooled.stop();
+  }
+}
+
+// BENCH_ONLY=expose|images|accel|cli|cp|sdk|volumes|pool runs one section alone (a minute or two; the whole bench takes several).
+if (['expose', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool'].includes(process.env.BENCH_ONLY ?? '')) {
   const only = {
     expose: benchExpose,
     images: benchImages,
     accel: benchAccel,
     cli: benchCli,
     cp: benchCp,
+    pool: benchPool,
     sdk: benchSdk,
     volumes: benchVolumes,
   }[process.env.BENCH_ONLY];
@@ -887,6 +987,7 @@ try {
   const cp = await benchCp();
   const sdk = await benchSdk();
   const volumes = await benchVolumes();
+  const pool = await benchPool();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -905,6 +1006,7 @@ try {
         cp,
         sdk,
         volumes,
+        pool,
         backend: status.backend,
       },
       null,
