@@ -73,6 +73,10 @@ describe('aegis cp', () => {
     expect(readFileSync(path.join(out, 'renamed.txt'), 'utf8')).toBe('alpha\n');
     expect((await d.cli(['cp', 'box:/work/repo/.', path.join(out, 'contents')])).code).toBe(0);
     expect(readdirSync(path.join(out, 'contents')).sort()).toEqual(['a.txt', 'sub']);
+    // A symlink comes out as the link itself, as docker cp copies it (not what it points to).
+    await d.cli(['exec', 'box', '--', 'ln', '-s', 'a.txt', '/work/link']);
+    expect((await d.cli(['cp', 'box:/work/link', path.join(out, 'link')])).code).toBe(0);
+    expect(readlinkSync(path.join(out, 'link'))).toBe('a.txt');
 
     // `-`: a tar on stdout, and one on stdin.
     const listed = await d.cli(['cp', 'box:/work/sub', '-']);

@@ -5,7 +5,7 @@
  * can be turned off. Also here: `run` returns at the workload's exit while the teardown
  * finishes behind it, even across an aegisd that dies in between.
  */
-import { copyFileSync, mkdtempSync, rmSync, symlinkSync, renameSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readdirSync, rmSync, symlinkSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { Status } from '@aegis/client';
@@ -135,6 +135,21 @@ describe('the warm pool', () => {
     const again = await d.cli(['run', '--name', 'new-shape', '--', 'echo', 'new']);
     expect(again.stdout).toBe('new\n');
     expect(d.log()).toMatch(/instance new-shape \(\w+\): from the warm pool/);
+  });
+
+  it('never hands out a VM made from a template that was replaced meanwhile', async () => {
+    const d = daemon();
+    await until(async () => (await pool(d)).ready === 1, 180_000, 'a ready VM in the pool');
+    const pooledBefore = await qemuProcessesFor(d.home);
+    // The current build is set aside, as after a failed restore: a new one will be built.
+    for (const n of readdirSync(templates).filter((n) => n.endsWith('.current'))) rmSync(path.join(templates, n));
+    const r = await d.cli(['run', '--name', 'after-rebuild', '--', 'echo', 'fine']);
+    expect(r.stdout).toBe('fine\n');
+    expect(d.log()).not.toMatch(/instance after-rebuild \(\w+\): from the warm pool/);
+    await until(async () => (await qemuProcessesFor(d.home)).every((l) => !pooledBefore.includes(l)), 30_000, 'the stale VM to end');
+    await until(async () => (await pool(d)).ready === 1, 180_000, 'a VM from the new template');
+    await d.cli(['run', '--name', 'rebuilt', '--', 'true']);
+    expect(d.log()).toMatch(/instance rebuilt \(\w+\): from the warm pool/);
   });
 
   it('ends its VMs when aegisd stops', async () => {

@@ -121,15 +121,40 @@ async function copyOut(src: Target & { instance: string }, dest: string): Promis
  * file, or the destination is not a plain file name: the tar path handles those.
  */
 async function copyFileOut(src: Target & { instance: string }, dest: string): Promise<number | undefined> {
-  const stat = await guestStat(src.instance, src.path);
-  if (stat?.type !== 'file') return undefined;
-  const target = await hostStat(dest);
-  if (dest.endsWith('/') && !target) throw new AegisError('NOT_FOUND', `no such directory: ${dest}`);
-  const file = target?.isDirectory() ? path.join(dest, stat.name) : path.resolve(dest);
-  if (!(await hostStat(path.dirname(file)))?.isDirectory()) throw new AegisError('NOT_FOUND', `no such directory: ${path.dirname(file)}`);
-  const existing = await fs.lstat(file).catch(() => undefined);
-  if (existing && !existing.isFile()) return undefined; // a directory or a link there: tar's rules
-  const { data, size } = await client().readFile(src.instance, src.path);
+  // The read is asked for beside the stat, not after it: one round trip to the guest less. It
+  // waits, pushing back, until the stat says a plain file and the destination is settled; it
+  // is dropped otherwise (a directory fails it anyway; a symlink goes by tar, as docker cp does).
+  const reading = client()
+    .readFile(src.instance, src.path)
+    .catch((err: unknown) => (err instanceof Error ? err : new Error(String(err))));
+  const drop = async (): Promise<void> => {
+    const r = await reading;
+    if (!(r instanceof Error)) r.data.destroy();
+  };
+  let file: string;
+  let stat: FileStat | undefined;
+  try {
+    stat = await guestStat(src.instance, src.path);
+    if (stat?.type !== 'file') {
+      await drop();
+      return undefined;
+    }
+    const target = await hostStat(dest);
+    if (dest.endsWith('/') && !target) throw new AegisError('NOT_FOUND', `no such directory: ${dest}`);
+    file = target?.isDirectory() ? path.join(dest, stat.name) : path.resolve(dest);
+    if (!(await hostStat(path.dirname(file)))?.isDirectory()) throw new AegisError('NOT_FOUND', `no such directory: ${path.dirname(file)}`);
+    const existing = await fs.lstat(file).catch(() => undefined);
+    if (existing && !existing.isFile()) {
+      await drop(); // a directory or a link there: tar's rules
+      return undefined;
+    }
+  } catch (err) {
+    await drop();
+    throw err;
+  }
+  const r = await reading;
+  if (r instanceof Error) throw r;
+  const { data, size } = r;
   const temp = path.join(path.dirname(file), `.${path.basename(file).slice(0, 200)}.aegis-cp-${process.pid}`);
   try {
     // O_EXCL: nothing already at the temporary name is written through. Written synchronously
@@ -147,11 +172,12 @@ async function copyFileOut(src: Target & { instance: string }, dest: string): Pr
     await fs.chmod(temp, stat.mode & 0o777);
     await fs.utimes(temp, new Date(stat.mtimeMs), new Date(stat.mtimeMs));
     await fs.rename(temp, file);
+    return got;
   } catch (err) {
+    data.destroy();
     await fs.rm(temp, { force: true });
     throw err;
   }
-  return stat.size;
 }
 
 export function cpCommand(): Command {
