@@ -2,6 +2,7 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
+import { checkIdlePauseMs, parseDurationMs } from './instances/idle.js';
 
 export interface DaemonConfig {
   home: string;
@@ -28,6 +29,8 @@ export interface DaemonConfig {
   poolSize: number;
   /** Guest memory the whole pool may hold (AEGIS_POOL_MEMORY_MIB, default 2048). */
   poolMemoryMiB: number;
+  /** Idle time after which an instance created without `idlePauseMs` is paused (AEGIS_IDLE_PAUSE, a duration); 0: never. */
+  defaultIdlePauseMs: number;
   /** Registries reached over plain http (AEGIS_INSECURE_REGISTRIES, comma-separated host[:port]); loopback always is. */
   insecureRegistries: string[];
 }
@@ -53,6 +56,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
     bootTimeoutMs: Number(env['AEGIS_BOOT_TIMEOUT_MS'] ?? 60_000),
     warmBoot: env['AEGIS_WARM_BOOT'] !== '0',
     defaultTimeoutMs: Number(env['AEGIS_DEFAULT_TIMEOUT_MS'] ?? 0),
+    defaultIdlePauseMs: idlePauseSetting(env['AEGIS_IDLE_PAUSE']),
     templatesDir: env['AEGIS_TEMPLATES'],
     poolSize: countFrom(env, 'AEGIS_POOL_SIZE', 2),
     poolMemoryMiB: countFrom(env, 'AEGIS_POOL_MEMORY_MIB', 2048),
@@ -69,6 +73,14 @@ function countFrom(env: NodeJS.ProcessEnv, name: string, fallback: number): numb
   if (raw === undefined || raw === '') return fallback;
   if (!/^\d{1,9}$/.test(raw.trim())) throw new AegisError('INVALID_ARGUMENT', `${name} must be a whole number ≥ 0, not "${raw}"`);
   return Number(raw.trim());
+}
+
+/** AEGIS_IDLE_PAUSE: off unless set; a bad value stops aegisd from starting, with the reason. */
+function idlePauseSetting(v: string | undefined): number {
+  if (v === undefined || v.trim() === '') return 0;
+  const ms = parseDurationMs(v, 'AEGIS_IDLE_PAUSE');
+  checkIdlePauseMs(ms, 'AEGIS_IDLE_PAUSE');
+  return ms;
 }
 
 /**

@@ -125,7 +125,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Freeze guest execution */
+        /**
+         * Freeze guest execution
+         * @description A user's pause: nothing but resume (or stop) ends it. An instance paused for idleness becomes paused by the user.
+         */
         post: operations["pauseInstance"];
         delete?: never;
         options?: never;
@@ -164,7 +167,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Run a command in a running instance; streams its output and exit status */
+        /**
+         * Run a command in a running instance; streams its output and exit status
+         * @description An idle-paused instance (idlePauseMs) is resumed first; one the user paused fails with FAILED_PRECONDITION.
+         */
         post: operations["execInstance"];
         delete?: never;
         options?: never;
@@ -727,6 +733,8 @@ export interface components {
             timeoutMs?: number;
             /** @description Host directories and named volumes, mounted before the workload starts. An instance with volumes boots cold (a snapshot template cannot gain devices). QEMU's microvm has 8 device slots: 4 are ours, one each for the network and an image, the rest for volumes */
             volumes?: components["schemas"]["VolumeMount"][];
+            /** @description Idle pause: after this many ms with no exec in progress, no output, no files call and no byte through an exposed port, the instance is paused (no CPU; state `paused`, `idlePaused: true`, the reason in `stateReason`). The next exec, logs follow, files call, new connection to an exposed port or bytes from the host on an open one resumes it first; the caller waits. 0: never; otherwise at least 1000. Default: the daemon's (AEGIS_IDLE_PAUSE, off unless set). Kept across restarts. */
+            idlePauseMs?: number;
         };
         StopRequest: {
             timeoutMs?: number;
@@ -778,6 +786,10 @@ export interface components {
             deadline?: string;
             /** @description Host directories and named volumes, in mount order (parents first); kept for restart */
             volumes: components["schemas"]["VolumeMount"][];
+            /** @description Paused after this many ms unused (its idlePauseMs); absent: never */
+            idlePauseMs?: number;
+            /** @description True while it is paused because nobody used it: the next use wakes it. A user's pause has no such mark and is never woken by use */
+            idlePaused?: boolean;
         };
         InstanceList: {
             instances: components["schemas"]["Instance"][];
@@ -1048,6 +1060,8 @@ export interface components {
             processes: number | null;
             /** @description Bytes its scratch disk (the writable layer) occupies on the host */
             diskUsedBytes: number | null;
+            /** @description True while it is paused because nobody used it (idlePauseMs) */
+            idlePaused?: boolean;
         };
         /** @description A named volume's name (Docker's rule): a letter or digit, then letters, digits, `_`, `.`, `-`; at most 64 */
         VolumeName: string;

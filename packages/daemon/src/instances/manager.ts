@@ -25,6 +25,7 @@ import type { ImageService, ResolvedImage } from '../images/service.js';
 import type { AgentConnection } from './agent.js';
 import { LogStore } from './logs.js';
 import { Deadlines } from './deadlines.js';
+import { checkIdlePauseMs, IdleTimers, idleReason, isIdlePaused } from './idle.js';
 import { allocatedBytes, cpuPercent, processMemoryBytes, sampleCpu, type ProcessSample } from './stats.js';
 import { fileOp, type FileResult } from './files.js';
 import type { MachineShape, TemplateCache } from './templates.js';
@@ -50,6 +51,8 @@ export interface InstanceStats {
   guestMemoryTotalBytes: number | null;
   processes: number | null;
   diskUsedBytes: number | null;
+  /** Paused because nobody used it (`--idle-pause`): the next use wakes it. */
+  idlePaused?: boolean;
 }
 
 /** A file request as a caller gives it: which root (image or not) is the instance's to say. */
@@ -70,6 +73,8 @@ export class InstanceManager {
   private readonly live = new Map<string, LiveInstance>();
   private readonly owners = new Map<string, OpQueue>();
   private readonly deadlines = new Deadlines((id) => void this.deadlineReached(id));
+  /** `--idle-pause`: when a running instance has gone unused for its idle time (idle.ts). */
+  private readonly idle = new IdleTimers((id) => void this.idlePause(id));
   /** The last CPU sample of each instance's VMM, for `stats` (CPU since the previous call). */
   private readonly cpuSamples = new Map<string, ProcessSample>();
 
@@ -210,6 +215,9 @@ export class InstanceManager {
     if (!row || (from && !from.includes(row.state)) || !canTransition(row.state, to)) return false;
     if (!this.registry.transitionInstance(id, row.state, { ...patch, state: to })) return false;
     this.log.info(`instance ${row.handle} (${id}): ${row.state} -> ${to}${patch.stateReason ? ` (${patch.stateReason})` : ''}`);
+    // Idle time counts only while it runs: from each start or wake, not across a pause.
+    if (to === 'running' && row.spec.idlePauseMs) this.idle.arm(id, row.spec.idlePauseMs);
+    else if (to !== 'running') this.idle.disarm(id);
     return true;
   }
 
@@ -379,6 +387,8 @@ export class InstanceManager {
     const id = pooledId ?? randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
     const timeoutMs = req.timeoutMs ?? this.config.defaultTimeoutMs;
+    const idlePauseMs = req.idlePauseMs ?? this.config.defaultIdlePauseMs;
+    checkIdlePauseMs(idlePauseMs);
     if (path.join(this.dirOf(id), 'vm', 'agent.sock').length > MAX_SOCKET_PATH) {
       throw new AegisError('FAILED_PRECONDITION', `AEGIS_HOME ${this.config.home} is too long for unix socket paths; use a shorter one`);
     }
@@ -410,6 +420,7 @@ export class InstanceManager {
         ...(req.labels ? { labels: req.labels } : {}),
         ...(timeoutMs > 0 ? { timeoutMs, deadlineAtMs: Date.now() + timeoutMs } : {}),
         ...(req.autoRemove ? { autoRemove: true } : {}),
+        ...(idlePauseMs > 0 ? { idlePauseMs } : {}),
       },
       volumes: mounts,
     };
@@ -603,6 +614,15 @@ export class InstanceManager {
     forwarder.serve(
       () => live.vm.connectData(),
       (err) => this.log.warn(`instance ${live.handle}: port listener: ${err.message}`),
+      {
+        // A new connection to an idle-paused instance waits for it to wake (paused, as accepted).
+        admit: () => (live.paused ? this.wake(live.id, 'a connection').then(() => undefined) : Promise.resolve()),
+        // Bytes either way are use; bytes from the host on an open connection wake it (they wait in the channel).
+        traffic: (fromHost) => {
+          this.idle.touch(live.id);
+          if (fromHost && live.paused) void this.wake(live.id, 'a connection').catch(() => undefined);
+        },
+      },
     );
   }
 
@@ -620,6 +640,8 @@ export class InstanceManager {
       this.log,
     );
     this.live.set(id, live);
+    // Output of the workload or an exec is use (`--idle-pause`).
+    live.logs.on('entry', () => this.idle.touch(id));
     return live;
   }
 
@@ -735,6 +757,11 @@ export class InstanceManager {
 
   pause(ref: string): Promise<InstanceView> {
     return this.queued(ref, 'pause', async (row) => {
+      if (isIdlePaused(row)) {
+        // Paused already, for idleness: now the user's pause, which use does not wake.
+        this.registry.updateInstance(row.id, { stateReason: null });
+        return this.get(row.id);
+      }
       requireState(row.handle, row.state, ['running'], 'pause');
       const live = this.requireLive(row, 'pause');
       await live.vm.pause();
@@ -749,7 +776,7 @@ export class InstanceManager {
       requireState(row.handle, row.state, ['paused'], 'resume');
       const live = this.requireLive(row, 'resume');
       await live.vm.resume();
-      this.mustMove(row.id, 'running');
+      this.mustMove(row.id, 'running', isIdlePaused(row) ? { stateReason: null } : {});
       live.resumed();
       return this.get(row.id);
     });
@@ -763,11 +790,15 @@ export class InstanceManager {
     const { agent, done } = await this.queued(
       ref,
       'exec',
-      async (row) => {
+      async (queuedRow) => {
+        const row = await this.wakeNow(queuedRow, 'exec');
         const agent = this.runningAgent(row, 'exec in');
         const live = this.requireLive(row, 'exec in');
         const done = live.trackExec(execId, emit);
         done.catch(() => undefined); // observed below; not an unhandled rejection meanwhile
+        // An exec in progress is use, however quiet (`--idle-pause`).
+        const release = this.idle.hold(row.id);
+        void done.then(release, release);
         try {
           // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
           const image = row.image ? this.images.resolveDigest(row.image.digest).config : undefined;
@@ -816,19 +847,19 @@ export class InstanceManager {
 
   /** Sends a signal to the workload, or to one exec. */
   async signal(ref: string, signal: string, execId?: string): Promise<void> {
-    const agent = this.runningAgent(this.registry.resolveInstance(ref), 'signal');
+    const agent = this.runningAgent(await this.wake(ref, 'a signal'), 'signal');
     await agent.call('signal', execId === undefined ? { signal } : { execId, signal }, { timeoutMs: 10_000 });
   }
 
   /** Resizes the terminal of the workload (no execId) or of an exec. */
   async resize(ref: string, execId: string | undefined, rows: number, cols: number): Promise<void> {
-    const agent = this.runningAgent(this.registry.resolveInstance(ref), 'resize a terminal in');
+    const agent = this.runningAgent(await this.wake(ref, 'a terminal resize'), 'resize a terminal in');
     await agent.call('resize', { ...(execId !== undefined ? { execId } : {}), rows, cols }, { timeoutMs: 10_000 });
   }
 
   /** Feeds the stdin of the workload (no execId) or of an exec: base64 `data`, then optionally end of file. */
   async input(ref: string, execId: string | undefined, data: string | undefined, eof: boolean): Promise<void> {
-    const agent = this.runningAgent(this.registry.resolveInstance(ref), 'write to');
+    const agent = this.runningAgent(await this.wake(ref, 'input'), 'write to');
     const params = { ...(execId !== undefined ? { execId } : {}), ...(data !== undefined ? { data } : {}), ...(eof ? { eof: true } : {}) };
     await agent.call('stdin', params, { timeoutMs: 30_000 });
   }
@@ -838,11 +869,20 @@ export class InstanceManager {
    * (its image's when it has one). The instance must be running: a paused guest cannot answer.
    */
   async files(ref: string, req: FileOpRequest, body?: Readable, signal?: AbortSignal): Promise<FileResult> {
-    const row = this.registry.resolveInstance(ref);
-    requireState(row.handle, row.state, ['running'], 'reach the files of');
-    const forwarder = this.requireLive(row, 'reach the files of').forwarder;
-    if (!forwarder) throw new AegisError('UNAVAILABLE', `instance "${row.handle}" is not serving its data channel yet`);
-    return fileOp(() => forwarder.open(0), { ...req, image: row.image !== null } as FileRequest, body, signal);
+    // In progress until its bytes are through: not idle meanwhile (`--idle-pause`), and woken first.
+    const release = this.idle.hold(this.registry.resolveInstance(ref).id);
+    try {
+      const row = await this.wake(ref, 'files');
+      requireState(row.handle, row.state, ['running'], 'reach the files of');
+      const forwarder = this.requireLive(row, 'reach the files of').forwarder;
+      if (!forwarder) throw new AegisError('UNAVAILABLE', `instance "${row.handle}" is not serving its data channel yet`);
+      const result = await fileOp(() => forwarder.open(0), { ...req, image: row.image !== null } as FileRequest, body, signal);
+      result.data.once('close', release);
+      return result;
+    } catch (err) {
+      release();
+      throw err;
+    }
   }
 
   /**
@@ -882,12 +922,13 @@ export class InstanceManager {
       guestMemoryTotalBytes: guest ? guest.memTotalKiB * 1024 : null,
       processes: guest ? guest.processes : null,
       diskUsedBytes: disk ? ((await allocatedBytes(disk.path)) ?? null) : null,
+      ...(isIdlePaused(row) ? { idlePaused: true } : {}),
     };
   }
 
   /** The guest's processes (`docker top`). */
   async top(ref: string): Promise<PsResult> {
-    const agent = this.runningAgent(this.registry.resolveInstance(ref), 'list the processes of');
+    const agent = this.runningAgent(await this.wake(ref, 'top'), 'list the processes of');
     return agent.call('ps', {}, { timeoutMs: 10_000 });
   }
 
@@ -927,6 +968,53 @@ export class InstanceManager {
     return { row, store: this.logsOf(row.id), live: live !== undefined && isLive(row.state) };
   }
 
+  /**
+   * `--idle-pause`: the instance went unused for its idle time. Paused as the user's `pause`
+   * does, through its queue, after looking again (a use may have come while this waited).
+   */
+  private async idlePause(id: string): Promise<void> {
+    try {
+      await this.queued(id, 'idle-pause', async (row) => {
+        const live = this.live.get(id);
+        if (row.state !== 'running' || !live || !row.spec.idlePauseMs) return;
+        if (!this.idle.isIdle(id)) return this.idle.reschedule(id);
+        await live.vm.pause();
+        live.paused = true;
+        if (!this.move(id, 'paused', { stateReason: idleReason(row.spec.idlePauseMs) }, ['running'])) {
+          // The workload exited (or the VM went) meanwhile: that is its state; let it run to its end.
+          await live.vm.resume().catch(() => undefined);
+          live.resumed();
+        }
+      });
+    } catch (err) {
+      const e = AegisError.from(err);
+      if (e.code !== 'NOT_FOUND') this.log.warn(`instance ${id}: idle pause failed: ${e.message}`);
+    }
+  }
+
+  /** Within an operation: resumes an idle-paused instance (`why` woke it); any other row is returned as it is. */
+  private async wakeNow(row: InstanceRow, why: string): Promise<InstanceRow> {
+    if (!isIdlePaused(row)) return row;
+    const live = this.requireLive(row, 'wake');
+    const started = Date.now();
+    await live.vm.resume();
+    this.mustMove(row.id, 'running', { stateReason: null });
+    live.resumed();
+    this.log.info(`instance ${row.handle} (${row.id}): woken by ${why} in ${Date.now() - started} ms`);
+    return this.registry.resolveInstance(row.id);
+  }
+
+  /**
+   * Resumes the instance if it is idle-paused (several wakers at once queue behind one resume
+   * and find it running); a user's pause is left alone. Use either way: its idle time restarts.
+   */
+  async wake(ref: string, why: string): Promise<InstanceRow> {
+    const row = this.registry.resolveInstance(ref);
+    this.idle.touch(row.id);
+    if (!isIdlePaused(row)) return row;
+    return this.queued(row.id, 'wake', (current) => this.wakeNow(current, why));
+  }
+
   /** Finds VMs left running by an earlier daemon and takes them over; ends any no instance owns. */
   async recover(): Promise<void> {
     await recover({
@@ -948,6 +1036,8 @@ export class InstanceManager {
       if (isLive(row.state) && row.spec.deadlineAtMs !== undefined) this.deadlines.arm(row.id, row.spec.deadlineAtMs);
       // A throwaway instance that stopped while no daemon was there to remove it.
       if (!isLive(row.state) && row.spec.autoRemove) await this.delete(row.id, true).catch(() => undefined);
+      // Idle time starts again with the new daemon; an idle-paused one stays paused until used.
+      if (row.state === 'running' && row.spec.idlePauseMs) this.idle.arm(row.id, row.spec.idlePauseMs);
     }
   }
 
@@ -1017,6 +1107,7 @@ export class InstanceManager {
   /** Lets go of every VM without stopping it: the next daemon takes them over. */
   detachAll(): void {
     this.deadlines.clearAll();
+    this.idle.clearAll();
     for (const live of this.live.values()) live.detach();
     this.live.clear();
   }

@@ -11,6 +11,7 @@ import type { InstanceRow } from '../registry/db.js';
 import type { PortMapping } from '../ports/forwarder.js';
 import type { ImageConfig } from '../images/registry.js';
 import { isLive, type InstanceState } from './state.js';
+import { isIdlePaused } from './idle.js';
 import type { VolumeMount } from '../volumes/mounts.js';
 
 export interface CreateRequest {
@@ -44,6 +45,8 @@ export interface CreateRequest {
   timeoutMs?: number;
   /** Host directories (`bind`, an absolute host path) and named volumes (`volume`, made when missing). */
   volumes?: { type: 'bind' | 'volume'; source: string; target: string; readOnly?: boolean }[];
+  /** Paused after this long unused, woken by the next use; 0: never. Default: the daemon's (AEGIS_IDLE_PAUSE). */
+  idlePauseMs?: number;
 }
 
 export interface ExecRequest {
@@ -94,6 +97,10 @@ export interface InstanceView {
   deadline?: string;
   /** Host directories and named volumes, in mount order. */
   volumes: VolumeMount[];
+  /** `--idle-pause`: paused after this long unused. */
+  idlePauseMs?: number;
+  /** Paused because nobody used it: the next use wakes it (a user's pause is not woken). */
+  idlePaused?: boolean;
 }
 
 export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
@@ -165,5 +172,7 @@ export function toView(row: InstanceRow): InstanceView {
   if (row.spec.user !== undefined) view.user = row.spec.user;
   if (row.spec.labels) view.labels = row.spec.labels;
   if (row.spec.deadlineAtMs !== undefined && isLive(row.state)) view.deadline = new Date(row.spec.deadlineAtMs).toISOString();
+  if (row.spec.idlePauseMs) view.idlePauseMs = row.spec.idlePauseMs;
+  if (isIdlePaused(row)) view.idlePaused = true;
   return view;
 }

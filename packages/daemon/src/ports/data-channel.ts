@@ -71,6 +71,8 @@ export interface DataChannelOptions {
   /** Names the channel in log lines, e.g. "instance web: data channel". */
   name?: string;
   maxConnections?: number;
+  /** Bytes went through a connection: from the host's socket (`fromHost`) or from the guest. */
+  onTraffic?: (fromHost: boolean) => void;
 }
 
 export class DataChannel {
@@ -79,6 +81,7 @@ export class DataChannel {
   private readonly log: Logger;
   private readonly name: string;
   private readonly maxConnections: number;
+  private readonly onTraffic: ((fromHost: boolean) => void) | undefined;
   private nextId = 1;
   private closed = false;
   /** The connection limit is logged once per channel: a client retrying at it would flood the log. */
@@ -93,6 +96,7 @@ export class DataChannel {
     this.log = options.log ?? stderrLogger();
     this.name = options.name ?? 'data channel';
     this.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
+    this.onTraffic = options.onTraffic;
     stream.on('data', (chunk: Buffer) => {
       if (this.closed) return;
       let frames: Frame[];
@@ -166,6 +170,7 @@ export class DataChannel {
       }
     });
     socket.on('data', (chunk: Buffer) => {
+      this.onTraffic?.(true);
       for (let off = 0; off < chunk.length; off += MAX_PAYLOAD) this.send(id, FrameType.DATA, chunk.subarray(off, off + MAX_PAYLOAD));
       c.unacked += chunk.length;
       if (c.unacked >= WINDOW_BYTES && !c.paused) {
@@ -245,6 +250,7 @@ export class DataChannel {
     }
     c.held += n;
     this.heldTotal += n;
+    this.onTraffic?.(false);
     if (c.blocked) this.appendBacklog(c, payload);
     else this.writeToClient(id, c, payload); // a view into a chunk the channel handed us: nothing else writes to it
   }

@@ -21,11 +21,20 @@ export interface PortMapping {
 /** A file-service connection (port 0) not open by then is given up, and tried once more by the caller. */
 const FILE_SERVICE_OPEN_TIMEOUT_MS = 5000;
 
+/** What the instance's owner hears about its connections (`--idle-pause`). */
+export interface ForwardHooks {
+  /** Before an accepted connection is forwarded (it stays paused meanwhile); a rejection refuses it. */
+  admit?: () => Promise<void>;
+  /** Bytes went through a connection, the host's (`fromHost`) or the guest's. */
+  traffic?: (fromHost: boolean) => void;
+}
+
 export class PortForwarder {
   private connect: (() => Promise<Duplex>) | undefined;
   private channel: Promise<DataChannel> | undefined;
   private closed = false;
   private onError: ((err: Error) => void) | undefined;
+  private hooks: ForwardHooks = {};
 
   private constructor(
     private readonly servers: net.Server[],
@@ -81,11 +90,12 @@ export class PortForwarder {
   /**
    * Starts accepting; each connection goes over the VM's data channel, which `connect` opens
    * on first use (and again if it closed, e.g. after a daemon restart). `onError` hears about
-   * errors of the listeners, which keep listening through them.
+   * errors of the listeners, which keep listening through them; `hooks` hears about connections.
    */
-  serve(connect: () => Promise<Duplex>, onError?: (err: Error) => void): void {
+  serve(connect: () => Promise<Duplex>, onError?: (err: Error) => void, hooks: ForwardHooks = {}): void {
     this.connect = connect;
     this.onError = onError;
+    this.hooks = hooks;
     this.servers.forEach((server, i) => {
       const m = this.mappings[i];
       if (!m) return;
@@ -96,6 +106,8 @@ export class PortForwarder {
   private async forward(socket: net.Socket, guestPort: number): Promise<void> {
     socket.on('error', () => socket.destroy());
     try {
+      await this.hooks.admit?.();
+      if (socket.destroyed) return;
       (await this.dataChannel()).forward(socket, guestPort);
     } catch {
       socket.destroy();
@@ -121,7 +133,7 @@ export class PortForwarder {
       const connect = this.connect;
       if (!connect) return Promise.reject(new AegisError('UNAVAILABLE', 'not serving yet'));
       const pending = connect().then((stream) => {
-        const ch = new DataChannel(stream);
+        const ch = new DataChannel(stream, { onTraffic: (fromHost) => this.hooks.traffic?.(fromHost) });
         stream.once('close', () => {
           if (this.channel === pending) this.channel = undefined;
         });

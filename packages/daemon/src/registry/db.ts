@@ -133,6 +133,8 @@ export interface InstanceSpec {
   timeoutMs?: number;
   /** Created as throwaway (`run`, the SDK): its deadline deletes it, not only stops it. */
   autoRemove?: boolean;
+  /** `--idle-pause`: paused after this long unused, woken by the next use (instances/idle.ts). */
+  idlePauseMs?: number;
 }
 
 /** The image an instance runs: the digest pins it; the reference is how the user named it. */

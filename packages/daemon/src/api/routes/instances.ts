@@ -217,6 +217,8 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         const tail = intQuery(query, 'tail');
         const since = intQuery(query, 'since');
         const filter = { ...(since !== undefined ? { sinceMs: since } : {}), execs: boolQuery(query, 'execs') };
+        // A follower wakes an idle-paused instance (--idle-pause); one the user paused it waits for.
+        if (following) await m.wake(param(params, 'ref'), 'logs --follow').catch(() => undefined);
         const { store, live } = m.logs(param(params, 'ref'));
         const write = startStream(res);
         if (!following || !live) {
