@@ -182,6 +182,19 @@ export function parseDuration(v: string): number {
   return ms;
 }
 
+/** A duration in ms as parseDuration takes it, in its shortest exact spelling: `90s`, `5m`, `1500ms`. */
+export function formatMs(ms: number): string {
+  for (const [unit, size] of [
+    ['d', 86_400_000],
+    ['h', 3_600_000],
+    ['m', 60_000],
+    ['s', 1000],
+  ] as const) {
+    if (ms >= size && ms % size === 0) return `${ms / size}${unit}`;
+  }
+  return `${ms}ms`;
+}
+
 /** Docker's -u: `name`, `uid`, `name:group`, `uid:gid`. */
 export function parseUser(v: string): string {
   if (!/^[^:\s]+(:[^:\s]+)?$/.test(v)) throw new InvalidArgumentError(`"${v}": expected NAME|UID[:GROUP|GID]`);

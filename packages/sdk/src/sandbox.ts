@@ -27,6 +27,11 @@ export interface SandboxOptions {
    * is still there (a crashed agent leaks nothing). 0: none. Default: the daemon's.
    */
   timeoutMs?: number;
+  /**
+   * Paused after this many ms unused (no command, output, file call or port traffic), at no CPU
+   * cost; the next command, file call or connection wakes it first. 0: never. Default: the daemon's.
+   */
+  idlePauseMs?: number;
   /** Key/value tags, to find it again (`aegis ps --filter label=k=v`). */
   labels?: Record<string, string>;
   /**
@@ -277,6 +282,7 @@ export class Sandbox {
           ...(options.memoryMiB !== undefined ? { memoryMiB: options.memoryMiB } : {}),
           ...(options.vcpuCount !== undefined ? { vcpuCount: options.vcpuCount } : {}),
           ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
+          ...(options.idlePauseMs !== undefined ? { idlePauseMs: options.idlePauseMs } : {}),
           ...(options.labels ? { labels: options.labels } : {}),
           ...(options.volumes ? { volumes: options.volumes } : {}),
           // A sandbox whose creator went away before it started is removed by the daemon.

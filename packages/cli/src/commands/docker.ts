@@ -133,8 +133,10 @@ export function statsCommand(): Command {
                 s.guestMemoryUsedBytes !== null && s.guestMemoryTotalBytes
                   ? `${((s.guestMemoryUsedBytes / s.guestMemoryTotalBytes) * 100).toFixed(1)}%`
                   : '--';
+              // Paused ones say so (docker stats does not; a VM that is paused for idleness costs no CPU).
+              const name = s.idlePaused ? `${s.handle} (idle)` : s.state === 'paused' ? `${s.handle} (paused)` : s.handle;
               rows.push([
-                s.handle,
+                name,
                 s.id.slice(0, 12),
                 s.cpuPercent === null ? '--' : `${s.cpuPercent.toFixed(1)}%`,
                 `${size(s.guestMemoryUsedBytes)} / ${size(s.memoryLimitBytes)}`,

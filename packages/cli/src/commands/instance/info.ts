@@ -1,7 +1,7 @@
 import { Command } from 'commander';
 import { formatPorts } from '../../ports.js';
 import { formatVolumes } from '../../volumes.js';
-import { client, errorsAsJson, fail, shellJoin } from '../../util.js';
+import { client, errorsAsJson, fail, formatMs, shellJoin } from '../../util.js';
 
 export function infoCommand(): Command {
   return new Command('info')
@@ -20,7 +20,7 @@ export function infoCommand(): Command {
         const lines: [string, string | number | null | undefined][] = [
           ['Handle', i.handle],
           ['ID', i.id],
-          ['State', i.state],
+          ['State', i.idlePaused ? `${i.state} (idle)` : i.state],
           ['Reason', i.stateReason],
           ['Exit code', i.exitCode],
           ['Command', shellJoin(i.command)],
@@ -44,6 +44,7 @@ export function infoCommand(): Command {
           ['Created', i.createdAt],
           ['Started', i.startedAt],
           ['Deadline', i.deadline],
+          ['Idle pause', i.idlePauseMs !== undefined ? `after ${formatMs(i.idlePauseMs)} unused` : undefined],
           ['Stopped', i.stoppedAt],
         ];
         for (const [k, v] of lines) if (v !== undefined && v !== null) process.stdout.write(`${`${k}:`.padEnd(11)}${v}\n`);

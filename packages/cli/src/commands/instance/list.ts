@@ -49,7 +49,7 @@ export function listCommand(name: 'list' | 'ps' = 'list'): Command {
         }
         const rows = [['HANDLE', 'ID', 'STATE', 'IMAGE', 'AGE', 'PORTS', 'COMMAND']];
         for (const i of list) {
-          const state = i.exitCode !== null && i.state === 'stopped' ? `stopped (${i.exitCode})` : i.state;
+          const state = i.exitCode !== null && i.state === 'stopped' ? `stopped (${i.exitCode})` : i.idlePaused ? 'paused (idle)' : i.state;
           const cmd = shellJoin(i.command);
           const ports = i.state === 'running' || i.state === 'paused' ? formatPorts(i.ports) : '';
           const image = i.image ? i.image.replace(/^docker\.io\/(library\/)?/, '') : '-';

@@ -33,6 +33,7 @@ export interface StartOptions {
   user?: string;
   label?: Record<string, string>;
   timeout?: number;
+  idlePause?: number;
   json?: boolean;
   secret?: string[];
   expose?: NonNullable<CreateInstanceRequest['exposes']>;
@@ -42,6 +43,13 @@ export interface StartOptions {
   network?: NetworkMode;
   image?: string;
   volume?: NonNullable<CreateInstanceRequest['volumes']>;
+}
+
+/** --idle-pause: a duration of at least 1 s, or 0 for never (the daemon checks the same). */
+function parseIdlePause(v: string): number {
+  const ms = parseDuration(v);
+  if (ms !== 0 && ms < 1000) throw new InvalidArgumentError(`"${v}" is too short: at least 1s (or 0 for never)`);
+  return ms;
 }
 
 function parseNetwork(v: string): NetworkMode {
@@ -70,6 +78,12 @@ export function withStartOptions(cmd: Command): Command {
     .option('--image <REF>', 'run in this OCI image (pulled if missing); the command then replaces its Cmd and may be omitted')
     .option('-w, --workdir <dir>', 'working directory in the guest (created if missing)', absolutePath)
     .option('--timeout <duration>', 'stop it (SIGTERM, then the VM) this long after it starts: 90s, 10m, 2h; 0 for none', parseDuration)
+    .option(
+      '--idle-pause <duration>',
+      'pause it after this long with no exec, output, files call or traffic on its ports (30s, 5m, 1h, 1500ms; at least 1s); ' +
+        "the next exec, logs -f, cp or connection wakes it; 0 for never (default: aegisd's AEGIS_IDLE_PAUSE)",
+      parseIdlePause,
+    )
     .option('-l, --label <KEY=VALUE>', 'a label to find and filter it by (repeatable)', collectLabel)
     .option('-u, --user <NAME|UID[:GROUP|GID]>', "run the workload as this user (default: the image's, else root)", parseUser)
     .option('-m, --memory <size>', 'guest memory: 512m, 1g, or MiB (128m-64g, default 512m)', parseMemory)
@@ -88,6 +102,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   if (o.user !== undefined) req.user = o.user;
   if (o.label !== undefined) req.labels = o.label;
   if (o.timeout !== undefined) req.timeoutMs = o.timeout;
+  if (o.idlePause !== undefined) req.idlePauseMs = o.idlePause;
   if (o.secret !== undefined) req.secrets = o.secret;
   if (o.expose !== undefined) req.exposes = o.expose;
   if (o.workdir !== undefined) req.workdir = o.workdir;
