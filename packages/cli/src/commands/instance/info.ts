@@ -44,7 +44,7 @@ export function infoCommand(): Command {
           ['Created', i.createdAt],
           ['Started', i.startedAt],
           ['Deadline', i.deadline],
-          ['Idle pause', i.idlePauseMs !== undefined ? `after ${formatMs(i.idlePauseMs)} unused` : undefined],
+          ['Idle', i.idlePauseMs !== undefined ? `pauses after ${formatMs(i.idlePauseMs)} unused` : undefined],
           ['Stopped', i.stoppedAt],
         ];
         for (const [k, v] of lines) if (v !== undefined && v !== null) process.stdout.write(`${`${k}:`.padEnd(11)}${v}\n`);
