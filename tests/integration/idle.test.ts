@@ -250,6 +250,15 @@ describe('idle pause', () => {
     expect(await codeOf(d.client.statFile('up', '/'))).toBe('FAILED_PRECONDITION');
   });
 
+  it('an attached run is not paused while its client waits: a workload quiet for longer than the idle time finishes', async () => {
+    const d = daemon();
+    const r = await d.cli(['run', '--network', 'none', '--idle-pause', '1s', '--', 'sh', '-c', 'sleep 3; echo done'], {
+      timeoutMs: 30_000,
+    });
+    expect(r.stdout).toBe('done\n');
+    expect(r.code).toBe(0);
+  });
+
   it('bad values: one line naming the flag (INVALID_ARGUMENT) from the CLI, INVALID_ARGUMENT from the API', async () => {
     const d = daemon();
     const soon = await d.cli(['run', '--idle-pause', 'soon', '--', 'true']);

@@ -1015,6 +1015,11 @@ export class InstanceManager {
     return this.queued(row.id, 'wake', (current) => this.wakeNow(current, why));
   }
 
+  /** Keeps the instance from pausing for idleness until the returned function is called (an attached `run`). */
+  holdAwake(id: string): () => void {
+    return this.idle.hold(id);
+  }
+
   /** Finds VMs left running by an earlier daemon and takes them over; ends any no instance owns. */
   async recover(): Promise<void> {
     await recover({

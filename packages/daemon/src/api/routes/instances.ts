@@ -157,12 +157,15 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         const write = startStream(res);
         write({ type: 'created', instance: inst });
         const { store, live } = m.logs(inst.id);
+        // Its client waits on the workload, as on an exec: not paused for idleness meanwhile (--idle-pause).
+        const release = m.holdAwake(inst.id);
         let end: LogEnd | undefined;
         // A throwaway instance's run ends at the workload's exit: the VM's teardown and the
         // instance's removal (the manager's, once it stops) go on after the caller has its
         // status. One that is kept is seen stopped when its run returns, as with Docker.
-        if (live) end = await follow(store, write, signal, { execs: false }, undefined, req.autoRemove === true);
+        if (live) end = await follow(store, write, signal, { execs: false }, undefined, req.autoRemove === true).finally(release);
         else {
+          release();
           // It ended before we could follow it (a workload that exits at once).
           for await (const e of store.read(undefined, undefined, { execs: false })) await write({ type: 'output', ...e });
           end = store.exitInfo ?? endOf(m.get(inst.id));
