@@ -27,6 +27,10 @@
 //   named volume >= 90% of the scratch disk.
 //   The warm pool (issue 14): cold, template-warm and pooled `aegis run -- true` (CLI and API
 //   client), median of >= 10 each, and sequential runs per minute. Target: cold / pooled >= 10x.
+//   Idle pause (issue 14): `aegis exec <h> -- true` and the first response byte of a new TCP
+//   connection through --expose on an idle-paused instance vs. the same on a running one,
+//   interleaved, median of >= 10; and density: N idle-paused instances (BENCH_IDLE_N, default
+//   8), the PSS of each one's VMM and passt, and how many would fit in MemAvailable (extrapolated).
 import { execFile, spawn } from 'node:child_process';
 import {
   mkdtempSync,
@@ -38,6 +42,7 @@ import {
   openSync,
   closeSync,
   readFileSync,
+  readdirSync,
   createReadStream,
   statSync,
 } from 'node:fs';
@@ -902,8 +907,226 @@ async function benchPool() {
   }
 }
 
-// BENCH_ONLY=expose|images|accel|cli|cp|sdk|volumes|pool runs one section alone (a minute or two; the whole bench takes several).
-if (['expose', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool'].includes(process.env.BENCH_ONLY ?? '')) {
+/** Key figures of /proc/<pid>/smaps_rollup, in KiB; undefined when the process is gone. */
+function smapsRollup(pid) {
+  try {
+    const out = {};
+    for (const line of readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8').split('\n')) {
+      const m = /^(\w+):\s+(\d+) kB$/.exec(line);
+      if (m) out[m[1]] = Number(m[2]);
+    }
+    return out;
+  } catch {
+    return undefined;
+  }
+}
+
+/** CPU time (user + system) of a process so far, in ms. */
+function cpuMs(pid) {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100; // utime, stime in USER_HZ (100)
+  } catch {
+    return 0;
+  }
+}
+
+/** The VMM and passt processes of one instance: their command lines name its directory. */
+function processesOf(home, id) {
+  const found = { vmm: [], passt: [] };
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    let cmdline = '';
+    try {
+      cmdline = readFileSync(`/proc/${name}/cmdline`, 'utf8');
+    } catch {
+      continue;
+    }
+    const argv0 = cmdline.split('\0')[0];
+    // passt run by root keeps its socket under /run/aegis/passt/<id> (it cannot reach AEGIS_HOME).
+    if (!cmdline.includes(`${home}/instances/${id}/`) && !(argv0.includes('passt') && cmdline.includes(`/passt/${id}/`))) continue;
+    if (argv0.includes('passt')) found.passt.push(Number(name));
+    else if (/qemu-system|firecracker/.test(argv0)) found.vmm.push(Number(name));
+  }
+  return found;
+}
+
+function memAvailableKiB() {
+  return Number(/^MemAvailable:\s+(\d+) kB$/m.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+}
+
+/**
+ * Idle pause (issue 14): what waking costs a caller, and what an idle instance costs the host.
+ * Wake: `aegis exec <h> -- true` (CLI to exit) and the first response byte of a new TCP
+ * connection through --expose (connect to first byte), each on an idle-paused instance and
+ * then at once on the same instance running, interleaved, median of BENCH_IDLE_RUNS (>= 10).
+ * Density: BENCH_IDLE_N instances (default 8; default shape: 512 MiB, passt network), the CPU
+ * their VMMs use while they run idle and once they are idle-paused, the PSS of each VMM and its
+ * passt from smaps_rollup, and the count that would fit in MemAvailable, extrapolated from N.
+ */
+async function benchIdle() {
+  const RUNS_IDLE = Math.max(10, Number(process.env.BENCH_IDLE_RUNS ?? 10));
+  const N = Number(process.env.BENCH_IDLE_N ?? 8);
+  const d = await startDaemon(true);
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const untilPaused = async (h, withinMs = 60_000) => {
+    for (const t0 = Date.now(); Date.now() - t0 < withinMs; await sleep(50)) {
+      const i = await d.client.getInstance(h);
+      if (i.idlePaused) return;
+      if (i.state !== 'running') throw new Error(`${h} is ${i.state}`);
+    }
+    throw new Error(`${h} was not idle-paused within ${withinMs} ms`);
+  };
+  /** Connect to the first byte of the answer to a small GET on a new connection. */
+  const firstByte = (port) =>
+    new Promise((resolve, reject) => {
+      const t0 = performance.now();
+      const c = net.connect(port, '127.0.0.1', () => c.write('GET /small HTTP/1.0\r\n\r\n'));
+      c.once('data', () => {
+        resolve(performance.now() - t0);
+        c.destroy();
+      });
+      c.on('error', reject);
+    });
+  try {
+    for (let i = 0; i < 600 && !/template \w+: ready/.test(d.log()); i++) await sleep(100);
+    const status = await d.client.status();
+    console.log(`\nidle pause (${status.backend.detail}):`);
+
+    // Wake by exec: one instance, 1 s idle time; each round waits for the pause, then execs twice.
+    await d.client.createInstance({ handle: 'idle-exec', command: ['sleep', 'infinity'], idlePauseMs: 1000 });
+    const exec = { paused: [], running: [], apiPaused: [], apiRunning: [] };
+    await aegisExec(d.env, 'idle-exec');
+    for (let i = 0; i < RUNS_IDLE; i++) {
+      await untilPaused('idle-exec');
+      exec.paused.push(await aegisExec(d.env, 'idle-exec'));
+      exec.running.push(await aegisExec(d.env, 'idle-exec'));
+      await untilPaused('idle-exec');
+      exec.apiPaused.push((await apiExec(d.client, 'idle-exec')).ms);
+      exec.apiRunning.push((await apiExec(d.client, 'idle-exec')).ms);
+    }
+    await d.client.deleteInstance('idle-exec', { force: true });
+
+    // Wake by a connection: a guest web server behind --expose (its request log is use, so the
+    // idle time starts after each answer).
+    const web = await d.client.createInstance({
+      handle: 'idle-web',
+      command: ['sh', '-c', 'echo hi > /tmp/small && exec python3 -m http.server 8000 --directory /tmp'],
+      exposes: [{ guestPort: 8000 }],
+      idlePauseMs: 1000,
+    });
+    const port = web.ports[0].hostPort;
+    for (let i = 0; ; i++) {
+      try {
+        await firstByte(port);
+        break;
+      } catch (err) {
+        if (i > 300) throw err;
+        await sleep(200);
+      }
+    }
+    const tcp = { paused: [], running: [] };
+    for (let i = 0; i < RUNS_IDLE; i++) {
+      await untilPaused('idle-web');
+      tcp.paused.push(await firstByte(port));
+      tcp.running.push(await firstByte(port));
+    }
+    await d.client.deleteInstance('idle-web', { force: true });
+    // The daemon's own part of a wake: QMP `cont` and the state change, from its log.
+    const resumeMs = [...d.log().matchAll(/woken by .* in (\d+) ms/g)].map((m) => Number(m[1]));
+
+    const ms = (xs) => `${median(xs).toFixed(1)} ms`;
+    console.log(`wake-from-idle latency, median of ${RUNS_IDLE} each (paused and running interleaved, same instance):`);
+    console.log(`${'`aegis exec <h> -- true`, running (reference)'.padEnd(56)} median ${ms(exec.running)}`);
+    console.log(`${'`aegis exec <h> -- true`, idle-paused'.padEnd(56)} median ${ms(exec.paused)}`);
+    console.log(`${'exec `true` through the API client, running (reference)'.padEnd(56)} median ${ms(exec.apiRunning)}`);
+    console.log(`${'exec `true` through the API client, idle-paused'.padEnd(56)} median ${ms(exec.apiPaused)}`);
+    console.log(`${'new TCP conn. via --expose, first byte, running'.padEnd(56)} median ${ms(tcp.running)}`);
+    console.log(`${'new TCP conn. via --expose, first byte, idle-paused'.padEnd(56)} median ${ms(tcp.paused)}`);
+    console.log(`${"aegisd's resume (QMP cont + state), from its log".padEnd(56)} median ${ms(resumeMs)} (${resumeMs.length} wakes)`);
+    console.log(
+      `wake adds: exec (CLI) ${(median(exec.paused) - median(exec.running)).toFixed(1)} ms, ` +
+        `exec (API) ${(median(exec.apiPaused) - median(exec.apiRunning)).toFixed(1)} ms, ` +
+        `TCP first byte ${(median(tcp.paused) - median(tcp.running)).toFixed(1)} ms`,
+    );
+
+    // Density: N instances of the default shape, idle long enough to measure them running first.
+    const availableKiB = memAvailableKiB();
+    const idleMs = 20_000 + 5000 * N;
+    const handles = [];
+    for (let i = 0; i < N; i++) {
+      const inst = await d.client.createInstance({ handle: `idle-${i}`, command: ['sleep', 'infinity'], idlePauseMs: idleMs });
+      handles.push({ h: inst.handle, id: inst.id });
+    }
+    const procs = handles.map(({ h, id }) => ({ h, ...processesOf(d.home, id) }));
+    const pids = procs.flatMap((p) => [...p.vmm, ...p.passt]);
+    const cpuOver = async (windowMs) => {
+      const before = pids.map(cpuMs);
+      await sleep(windowMs);
+      const used = pids.map(cpuMs).reduce((a, x, i) => a + x - before[i], 0);
+      return (used / windowMs) * 100;
+    };
+    const running = (await d.client.listInstances()).filter((i) => i.state === 'running' && !i.idlePaused).length;
+    const cpuRunning = await cpuOver(3000);
+    const pssRunning = procs.map((p) => [...p.vmm, ...p.passt].reduce((a, pid) => a + (smapsRollup(pid)?.Pss ?? 0), 0));
+    for (const { h } of handles) await untilPaused(h, idleMs + 60_000);
+    const cpuPaused = await cpuOver(3000);
+    const per = procs.map((p) => {
+      const vmm = p.vmm.map(smapsRollup).filter(Boolean);
+      const passt = p.passt.map(smapsRollup).filter(Boolean);
+      const sum = (xs, k) => xs.reduce((a, x) => a + (x[k] ?? 0), 0);
+      return {
+        handle: p.h,
+        vmmPids: p.vmm,
+        passtPids: p.passt,
+        vmmPssKiB: sum(vmm, 'Pss'),
+        passtPssKiB: sum(passt, 'Pss'),
+        pssKiB: sum(vmm, 'Pss') + sum(passt, 'Pss'),
+        privateKiB: sum([...vmm, ...passt], 'Private_Clean') + sum([...vmm, ...passt], 'Private_Dirty'),
+        rssKiB: sum([...vmm, ...passt], 'Rss'),
+      };
+    });
+    for (const { h } of handles) await d.client.deleteInstance(h, { force: true });
+    const mib = (kib) => `${(kib / 1024).toFixed(1)} MiB`;
+    console.log(`\nidle density: ${N} instances (512 MiB guests, passt network, restored from the template), idle-paused:`);
+    for (const p of per) {
+      console.log(
+        `  ${p.handle.padEnd(8)} VMM pid ${p.vmmPids.join(',')} PSS ${mib(p.vmmPssKiB)}; passt pid ${p.passtPids.join(',') || '-'} PSS ${mib(p.passtPssKiB)}; ` +
+          `private ${mib(p.privateKiB)}, RSS ${mib(p.rssKiB)}`,
+      );
+    }
+    const medPss = median(per.map((p) => p.pssKiB));
+    const fits = Math.floor(availableKiB / medPss);
+    console.log(`${'PSS per instance (VMM + passt), idle-paused'.padEnd(56)} median ${mib(medPss)}`);
+    console.log(`${'PSS per instance, earlier while running idle'.padEnd(56)} median ${mib(median(pssRunning))}`);
+    console.log(
+      `${'private memory per instance (not shared with any other)'.padEnd(56)} median ${mib(median(per.map((p) => p.privateKiB)))}`,
+    );
+    console.log(`${`CPU of all ${N} VMMs + passt, running idle (${running} running)`.padEnd(56)} ${cpuRunning.toFixed(1)}% of one CPU`);
+    console.log(`${`CPU of all ${N} VMMs + passt, idle-paused`.padEnd(56)} ${cpuPaused.toFixed(1)}% of one CPU`);
+    console.log(
+      `MemAvailable before they started: ${mib(availableKiB)}; at the median PSS that is ~${fits} idle instances ` +
+        `(EXTRAPOLATED from ${N} measured, not started; guests that touch more of their 512 MiB cost more)`,
+    );
+    return {
+      wake: { execCliMs: exec, tcpFirstByteMs: tcp, daemonResumeMs: resumeMs },
+      density: {
+        n: N,
+        perInstance: per,
+        medianPssKiB: medPss,
+        pssRunningKiB: pssRunning,
+        memAvailableKiB: availableKiB,
+        extrapolatedFit: fits,
+      },
+      cpuPercent: { running: cpuRunning, runningCount: running, paused: cpuPaused },
+    };
+  } finally {
+    await d.stop();
+  }
+}
+
+// BENCH_ONLY=expose|images|accel|cli|cp|sdk|volumes|pool|idle runs one section alone (a minute or two; the whole bench takes several).
+if (['expose', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle'].includes(process.env.BENCH_ONLY ?? '')) {
   const only = {
     expose: benchExpose,
     images: benchImages,
@@ -913,6 +1136,7 @@ if (['expose', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool'].include
     pool: benchPool,
     sdk: benchSdk,
     volumes: benchVolumes,
+    idle: benchIdle,
   }[process.env.BENCH_ONLY];
   await only();
   process.exit(0);
@@ -988,6 +1212,7 @@ try {
   const sdk = await benchSdk();
   const volumes = await benchVolumes();
   const pool = await benchPool();
+  const idle = await benchIdle();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -1007,6 +1232,7 @@ try {
         sdk,
         volumes,
         pool,
+        idle,
         backend: status.backend,
       },
       null,
