@@ -308,3 +308,20 @@ describe('AEGIS_IDLE_PAUSE', () => {
     expect(err).toMatch(/AEGIS_IDLE_PAUSE="later" is not a duration/);
   });
 });
+
+describe('with the warm pool', () => {
+  it('an instance taken from the pool idles and is woken like a booted one', async () => {
+    const d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'), { AEGIS_POOL_SIZE: '1' });
+    let ok = false;
+    onTestFinished(() => teardown(d, !ok));
+    await d.start();
+    for (let i = 0; i < 1200 && (await d.client.status()).pool?.ready !== 1; i++) await sleep(100);
+    expect((await d.client.status()).pool?.ready).toBe(1);
+    await d.client.createInstance({ handle: 'pooled', command: ['sleep', '600'], idlePauseMs: IDLE_MS });
+    expect(d.log()).toMatch(/instance pooled \(\w+\): from the warm pool/);
+    await untilIdlePaused(d, 'pooled');
+    expect((await d.cli(['exec', 'pooled', '--', 'echo', 'from-the-pool'])).stdout).toBe('from-the-pool\n');
+    expect((await d.client.getInstance('pooled')).state).toBe('running');
+    ok = true;
+  });
+});
