@@ -877,7 +877,8 @@ export class InstanceManager {
       const forwarder = this.requireLive(row, 'reach the files of').forwarder;
       if (!forwarder) throw new AegisError('UNAVAILABLE', `instance "${row.handle}" is not serving its data channel yet`);
       const result = await fileOp(() => forwarder.open(0), { ...req, image: row.image !== null } as FileRequest, body, signal);
-      result.data.once('close', release);
+      // However the transfer ends (the VM going closes it too).
+      for (const ev of ['close', 'end', 'error']) result.data.once(ev, release);
       return result;
     } catch (err) {
       release();
