@@ -5,7 +5,7 @@
  * gets its answer. A user's pause is never woken by use.
  */
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -192,6 +192,7 @@ describe('idle pause', () => {
     const d = daemon();
     await d.client.createInstance({ handle: 'fs', command: ['sleep', '600'], network: 'none', idlePauseMs: IDLE_MS });
     const dir = mkdtempSync(path.join(os.tmpdir(), 'aegis-idle-cp-'));
+    onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
     writeFileSync(path.join(dir, 'in.txt'), 'copied in while idle\n');
     await untilIdlePaused(d, 'fs');
     const cpIn = await d.cli(['cp', path.join(dir, 'in.txt'), 'fs:/root/in.txt']);
