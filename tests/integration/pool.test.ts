@@ -51,6 +51,9 @@ describe('the warm pool', () => {
     const p0 = await pool(d);
     expect(p0).toMatchObject({ size: 1, ready: 1, taken: 0 });
     expect(p0.shapes).toEqual([expect.objectContaining({ default: true, ready: 1, memoryMiB: 512, vcpuCount: 1, image: false })]);
+    expect((await d.cli(['status'])).stdout).toMatch(/^pool: +1 ready \(1\/1 default 512 MiB 1 vCPU \w+\); 0 taken, 0 missed/m);
+    const doctor = JSON.parse((await d.cli(['doctor', '--json'])).stdout) as { name: string; status: string; detail: string }[];
+    expect(doctor.find((c) => c.name === 'warm pool')).toMatchObject({ status: 'ok', detail: expect.stringMatching(/^1 VM\(s\) ready/) });
     await d.cli(['secret', 'set', 'GREETING', 'hello from a secret']);
 
     const a = await d.cli(['run', '--name', 'pool-a', '--secret', 'GREETING', '--', ...PROBE]);

@@ -162,7 +162,12 @@ async function copyFileOut(src: Target & { instance: string }, dest: string): Pr
     // round trips through the thread pool paused the socket often enough to cost ~20% of the rate.
     const fd = await fs.open(temp, 'wx', stat.mode & 0o777);
     try {
-      for await (const chunk of data as AsyncIterable<Buffer>) writeAll(fd.fd, chunk);
+      await new Promise<void>((resolve, reject) => {
+        data.on('data', (chunk: Buffer) => writeAll(fd.fd, chunk));
+        data.once('end', resolve);
+        data.once('error', reject);
+        data.once('close', () => (data.readableEnded ? resolve() : reject(new AegisError('UNAVAILABLE', 'the copy was cut short'))));
+      });
     } finally {
       await fd.close();
     }
