@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { AegisClient, AegisError, type Instance, type Stream } from '@aegis/client';
 import { InvalidArgumentError } from 'commander';
+import { formatDurationMs, parseDurationMs } from '@aegis/protocol';
 
 export function client(): AegisClient {
   return new AegisClient();
@@ -172,28 +173,17 @@ export function collectEnvFile(file: string, previous: Record<string, string> = 
   return out;
 }
 
-/** A duration: `500ms`, `90s`, `10m`, `2h`, `1d`, a bare number of seconds; `0` is none. In ms. */
+/** A duration flag (protocol's parseDurationMs): `500ms`, `90s`, `10m`, `2h`, `1d`, a bare number of seconds; `0` is none. In ms. */
 export function parseDuration(v: string): number {
-  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(v.trim());
-  if (!m?.[1]) throw new InvalidArgumentError(`"${v}" is not a duration: use e.g. 90s, 10m, 2h or 0 for none`);
-  const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h' | 'd'];
-  const ms = Math.round(Number(m[1]) * unit);
-  if (ms > 31_536_000_000) throw new InvalidArgumentError(`"${v}" is over a year`);
-  return ms;
+  try {
+    return parseDurationMs(v);
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message);
+  }
 }
 
-/** A duration in ms as parseDuration takes it, in its shortest exact spelling: `90s`, `5m`, `1500ms`. */
-export function formatMs(ms: number): string {
-  for (const [unit, size] of [
-    ['d', 86_400_000],
-    ['h', 3_600_000],
-    ['m', 60_000],
-    ['s', 1000],
-  ] as const) {
-    if (ms >= size && ms % size === 0) return `${ms / size}${unit}`;
-  }
-  return `${ms}ms`;
-}
+/** A duration in ms as parseDuration takes it, in its shortest exact spelling. */
+export const formatMs = formatDurationMs;
 
 /** Docker's -u: `name`, `uid`, `name:group`, `uid:gid`. */
 export function parseUser(v: string): string {

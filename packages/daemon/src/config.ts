@@ -2,7 +2,8 @@ import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
-import { checkIdlePauseMs, parseDurationMs } from './instances/idle.js';
+import { parseDurationMs } from '@aegis/protocol';
+import { checkIdlePauseMs } from './instances/idle.js';
 
 export interface DaemonConfig {
   home: string;

@@ -11,7 +11,7 @@
  * once resume it once. Whether an instance is idle-paused is in the registry, in its state
  * reason (written with the state in one compare-and-set), so it survives an aegisd restart.
  */
-import { AegisError } from '@aegis/protocol';
+import { AegisError, formatDurationMs } from '@aegis/protocol';
 import type { InstanceRow } from '../registry/db.js';
 
 /** Shortest idle time: a pause and a resume cost milliseconds each, and a shorter one would thrash. */
@@ -21,18 +21,6 @@ export const MAX_IDLE_PAUSE_MS = 31_536_000_000;
 
 const REASON_PREFIX = 'idle for ';
 
-/** `60s`, `5m`, `1h`, `1500ms`: the shortest exact spelling. */
-export function formatDurationMs(ms: number): string {
-  for (const [unit, size] of [
-    ['h', 3_600_000],
-    ['m', 60_000],
-    ['s', 1000],
-  ] as const) {
-    if (ms >= size && ms % size === 0) return `${ms / size}${unit}`;
-  }
-  return `${ms}ms`;
-}
-
 /** The state reason of an idle pause: why it is paused, and what wakes it. */
 export function idleReason(idlePauseMs: number): string {
   return `${REASON_PREFIX}${formatDurationMs(idlePauseMs)}; wakes on exec, logs --follow, files or a connection`;
@@ -41,17 +29,6 @@ export function idleReason(idlePauseMs: number): string {
 /** Paused because nobody used it (woken by use), not by a user's `pause` (never woken by use). */
 export function isIdlePaused(row: Pick<InstanceRow, 'state' | 'stateReason'>): boolean {
   return row.state === 'paused' && row.stateReason?.startsWith(REASON_PREFIX) === true;
-}
-
-/**
- * A duration as the CLI takes it: `1500ms`, `30s`, `5m`, `1h`, `1d`, a bare number of seconds;
- * `0` is off. In ms. `what` names the setting in the error.
- */
-export function parseDurationMs(v: string, what: string): number {
-  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(v.trim());
-  if (!m?.[1]) throw new AegisError('INVALID_ARGUMENT', `${what}="${v}" is not a duration: use e.g. 30s, 5m, 1h, 1500ms, or 0 for off`);
-  const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h' | 'd'];
-  return Math.round(Number(m[1]) * unit);
 }
 
 /** Throws INVALID_ARGUMENT unless `ms` is 0 (off) or between MIN_IDLE_PAUSE_MS and a year. */
