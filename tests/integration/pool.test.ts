@@ -6,6 +6,7 @@
  * finishes behind it, even across an aegisd that dies in between.
  */
 import { copyFileSync, mkdtempSync, readdirSync, rmSync, symlinkSync, renameSync } from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { Status } from '@aegis/client';
@@ -198,6 +199,31 @@ describe('run returns at the workload exit', () => {
     expect((await d.client.listInstances({ all: true })).map((i) => `${i.handle} ${i.state}`)).toEqual(['early stopping']);
     await until(async () => (await d.client.listInstances({ all: true })).length === 0, 20_000, 'the instance to be removed');
     await until(async () => (await qemuProcessesFor(d.home)).length === 0, 10_000, 'its VM to end');
+  });
+
+  it('a run right after one holding the same name, host port or volume waits for it to go, as with Docker', async () => {
+    const d = daemon();
+    const port = await new Promise<number>((resolve) => {
+      const srv = net.createServer().listen(0, '127.0.0.1', () => {
+        const p = (srv.address() as net.AddressInfo).port;
+        srv.close(() => resolve(p));
+      });
+    });
+    // The workload leaves a process that ignores SIGTERM: its VM is still going when run returns.
+    const slowExit = ['sh', '-c', '(trap "" TERM; sleep 600) & echo done'];
+    for (let i = 0; i < 2; i++) {
+      const r = await d.cli(['run', '--name', 'same', '-p', `127.0.0.1:${port}:8080`, '--', ...slowExit]);
+      expect(r.stderr).toBe('');
+      expect(r.stdout).toBe('done\n');
+    }
+    for (let i = 0; i < 2; i++) {
+      // With a volume, run returns once the VM stopped: the volume is free (and flushed) then.
+      expect((await d.cli(['run', '-v', 'vol:/v', '--', 'sh', '-c', `echo ${i} >> /v/n; cat /v/n`])).stdout).toBe(
+        i === 0 ? '0\n' : '0\n1\n',
+      );
+      const volumes = JSON.parse((await d.cli(['volume', 'ls', '--json'])).stdout) as { usedBy: unknown[] }[];
+      expect(volumes.map((v) => v.usedBy)).toEqual([[]]);
+    }
   });
 
   it('and the removal still happens when aegisd dies before it', async () => {

@@ -69,6 +69,9 @@ const DEADLINE_STOP_TIMEOUT_MS = 1000;
 /** Operations a stop or delete may cut short. */
 const CANCELLABLE = ['start', 'restart'] as const;
 
+/** How long a create waits for throwaway instances on their way out (see afterLeaving). */
+const LEAVING_WAIT_MS = 15_000;
+
 export class InstanceManager {
   private readonly live = new Map<string, LiveInstance>();
   private readonly owners = new Map<string, OpQueue>();
@@ -243,6 +246,7 @@ export class InstanceManager {
         `the ${this.backend.name} backend cannot give a guest network "${req.network}" here (aegis doctor)`,
       );
     }
+    await this.afterLeaving(req);
     // Host directories checked and named volumes made (as Docker does) before anything binds.
     const mounts = await this.prepareMounts(req.volumes ?? []);
     // Host ports are bound first: a taken one fails the start before anything else exists.
@@ -292,6 +296,23 @@ export class InstanceManager {
     } finally {
       signal?.removeEventListener('abort', abandoned);
     }
+  }
+
+  /**
+   * A throwaway run returns at its workload's exit; its instance keeps its name, host ports and
+   * volumes until its VM has stopped and it is removed, a second or two later. A request that
+   * names any of those waits for such instances to be gone (bounded) instead of failing on what
+   * is about to be free: `aegis run --name x …` twice in a row works as with Docker.
+   */
+  private async afterLeaving(req: CreateRequest): Promise<void> {
+    const claims = req.handle !== undefined || (req.exposes ?? []).some((e) => e.hostPort) || (req.volumes?.length ?? 0) > 0;
+    if (!claims) return;
+    const leaving = (): boolean =>
+      this.registry
+        .listInstances()
+        .some((r) => r.spec.autoRemove && r.exitCode !== null && (isLive(r.state) || Date.now() - (r.stoppedAt ?? 0) < LEAVING_WAIT_MS));
+    const end = Date.now() + LEAVING_WAIT_MS;
+    while (leaving() && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
   }
 
   /**

@@ -162,14 +162,18 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         let end: LogEnd | undefined;
         // A throwaway instance's run ends at the workload's exit: the VM's teardown and the
         // instance's removal (the manager's, once it stops) go on after the caller has its
-        // status. One that is kept is seen stopped when its run returns, as with Docker.
-        if (live) end = await follow(store, write, signal, { execs: false }, undefined, req.autoRemove === true).finally(release);
+        // status. One that is kept is seen stopped when its run returns, as with Docker; so is
+        // one with volumes (free again, and a named one's disk flushed, when run returns).
+        const early = req.autoRemove === true && (req.volumes?.length ?? 0) === 0;
+        if (live) end = await follow(store, write, signal, { execs: false }, undefined, early).finally(release);
         else {
           release();
           // It ended before we could follow it (a workload that exits at once).
           for await (const e of store.read(undefined, undefined, { execs: false })) await write({ type: 'output', ...e });
           end = store.exitInfo ?? endOf(m.get(inst.id));
         }
+        // Not ended early: removed before run returns, as it always was (the manager may be at it too).
+        if (end && req.autoRemove && !early) await m.delete(inst.id, true).catch(() => undefined);
         ended = true;
         if (end) write({ type: 'end', ...end });
         res.end();
