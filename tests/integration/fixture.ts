@@ -130,6 +130,31 @@ export class TestDaemon {
   }
 }
 
+/** Polls `check` every 100 ms until it holds; throws naming `what` after `timeoutMs`. */
+export async function until(check: () => Promise<boolean> | boolean, timeoutMs: number, what: string): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    if (await check()) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+/**
+ * A throwaway `run` returns at its workload's exit and its VM is torn down behind it: waits
+ * until this daemon has no VM, no instance and no instance files left.
+ */
+export async function untilNothingLeft(d: TestDaemon, timeoutMs = 20_000): Promise<void> {
+  await until(
+    async () =>
+      (await qemuProcessesFor(d.home)).length === 0 &&
+      d.instanceDirs().length === 0 &&
+      (await d.client.listInstances({ all: true })).length === 0,
+    timeoutMs,
+    'no VM, instance or instance files left',
+  );
+}
+
 /** VMM processes (QEMU, Firecracker) started for VMs of this daemon's home. */
 export async function qemuProcessesFor(home: string): Promise<string[]> {
   const out = await new Promise<string>((resolve) =>

@@ -2,7 +2,7 @@
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ROOT, qemuProcessesFor, useDaemon } from './fixture.js';
+import { ROOT, untilNothingLeft, useDaemon } from './fixture.js';
 
 const daemon = useDaemon();
 
@@ -57,8 +57,7 @@ describe('Ctrl-C', () => {
     );
     expect(r.stdout).toBe('ready\ngot INT\n');
     expect(r.code).toBe(5);
-    expect(await qemuProcessesFor(d.home)).toEqual([]);
-    expect(await d.client.listInstances({ all: true })).toEqual([]);
+    await untilNothingLeft(d);
   });
 
   it('aegis exec forwards SIGINT to the command in the guest', async () => {

@@ -10,16 +10,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { Status } from '@aegis/client';
-import { artifacts, qemuProcessesFor, TestDaemon, teardown, useDaemon } from './fixture.js';
-
-async function until(check: () => Promise<boolean> | boolean, timeoutMs: number, what: string): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    if (await check()) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
+import { artifacts, qemuProcessesFor, TestDaemon, teardown, until, useDaemon } from './fixture.js';
 
 async function pool(d: TestDaemon): Promise<NonNullable<Status['pool']>> {
   const s = await d.client.status();
