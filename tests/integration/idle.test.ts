@@ -10,7 +10,8 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, expect, it, onTestFinished } from 'vitest';
-import { AegisError, type Instance } from '@aegis/client';
+import type { Instance } from '@aegis/client';
+import { codeOf } from '../support/rejection.js';
 import { ROOT, TestDaemon, teardown, useDaemon } from './fixture.js';
 
 const daemon = useDaemon();
@@ -27,15 +28,6 @@ async function untilIdlePaused(d: TestDaemon, h: string, withinMs = 20_000): Pro
     if (i.state === 'paused' && i.idlePaused === true) return Date.now();
     if (i.state !== 'running' || Date.now() > deadline) throw new Error(`${h} was not idle-paused: ${JSON.stringify(i)}`);
     await sleep(100);
-  }
-}
-
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-    return 'ok';
-  } catch (err) {
-    return err instanceof AegisError ? err.code : `not an AegisError: ${String(err)}`;
   }
 }
 

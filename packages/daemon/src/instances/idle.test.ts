@@ -3,20 +3,14 @@
  * paused for idleness, woken once by several callers at once, a user's pause left alone). The
  * same behaviour against real VMs is tests/integration/idle.test.ts.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { AegisError } from '@aegis/protocol';
-import { FakeBackend, type FakeVm } from '../../../../tests/support/fake-vmm.js';
-import { loadConfig } from '../config.js';
-import { ImageService } from '../images/service.js';
-import { Registry } from '../registry/db.js';
-import { SecretStore } from '../secrets/store.js';
 import { formatDurationMs, parseDurationMs } from '@aegis/protocol';
+import { fakeDaemon, type FakeDaemon } from '../../../../tests/support/fake-daemon.js';
+import type { FakeBackend, FakeVm } from '../../../../tests/support/fake-vmm.js';
+import { codeOf } from '../../../../tests/support/rejection.js';
+import { loadConfig } from '../config.js';
 import { IdleTimers, idleReason, isIdlePaused } from './idle.js';
-import { InstanceManager } from './manager.js';
-import { TemplateCache } from './templates.js';
+import type { InstanceManager } from './manager.js';
 import type { ExecEvent } from './spec.js';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -24,15 +18,6 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 async function until(cond: () => boolean, what: string, ms = 3000): Promise<void> {
   for (let i = 0; i < ms / 10 && !cond(); i++) await sleep(10);
   if (!cond()) throw new Error(`timed out waiting for ${what}`);
-}
-
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-    return 'ok';
-  } catch (err) {
-    return err instanceof AegisError ? err.code : `not an AegisError: ${String(err)}`;
-  }
 }
 
 describe('idle timers', () => {
@@ -90,35 +75,19 @@ describe('idle timers', () => {
 });
 
 describe('idle pause, fake backend', () => {
-  let home = '';
-  let registry: Registry;
   let backend: FakeBackend;
   let m: InstanceManager;
-  const logged: string[] = [];
+  let fake: FakeDaemon;
 
   beforeEach(async () => {
-    home = mkdtempSync(path.join(os.tmpdir(), 'aegis-idle-'));
-    const kernelPath = path.join(home, 'vmlinux');
-    const rootfsPath = path.join(home, 'base.erofs');
-    writeFileSync(kernelPath, '');
-    writeFileSync(rootfsPath, '');
-    const config = { ...loadConfig({ AEGIS_HOME: home }), kernelPath, rootfsPath, scratchDiskMiB: 8, warmBoot: false, bootTimeoutMs: 5000 };
-    registry = new Registry(config.dbPath);
-    backend = new FakeBackend();
-    const log = { info: (s: string) => void logged.push(s), warn: (s: string) => void logged.push(s) };
-    const probe = await backend.probe();
-    const templates = new TemplateCache(backend, () => probe, path.join(home, 'templates'), log, 5000, false);
-    const images = new ImageService(home, registry, log, { insecureRegistries: [] });
-    const secrets = new SecretStore(registry, path.join(home, 'secrets.key'));
-    m = new InstanceManager(config, registry, backend, log, secrets, templates, ['none'], images);
+    fake = await fakeDaemon('aegis-idle-');
+    ({ backend, m } = fake);
   });
 
   afterEach(async () => {
     for (const i of m.list(true)) await m.delete(i.id, true).catch(() => undefined);
     m.detachAll();
-    registry.close();
-    rmSync(home, { recursive: true, force: true });
-    logged.length = 0;
+    fake.close();
   });
 
   /** Counts the VM's resumes. */

@@ -3,68 +3,30 @@
  * a start in flight is cancelled by the stop or delete behind it, and nothing it would have
  * booted runs afterwards. The same lifecycle runs against real VMs in tests/integration.
  */
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, onTestFinished } from 'vitest';
-import { AegisError } from '@aegis/protocol';
-import { FakeBackend } from '../../../../tests/support/fake-vmm.js';
-import { loadConfig } from '../config.js';
-import { ImageService } from '../images/service.js';
-import { Registry } from '../registry/db.js';
-import { SecretStore } from '../secrets/store.js';
-import { InstanceManager } from './manager.js';
-import { TemplateCache } from './templates.js';
+import { fakeDaemon, type FakeDaemon } from '../../../../tests/support/fake-daemon.js';
+import type { FakeBackend } from '../../../../tests/support/fake-vmm.js';
+import { codeOf } from '../../../../tests/support/rejection.js';
+import type { InstanceManager } from './manager.js';
 
 let home = '';
-let registry: Registry;
 let backend: FakeBackend;
 let m: InstanceManager;
-const logged: string[] = [];
+let fake: FakeDaemon;
 
 beforeEach(async () => {
-  home = mkdtempSync(path.join(os.tmpdir(), 'aegis-owner-'));
-  const kernelPath = path.join(home, 'vmlinux');
-  const rootfsPath = path.join(home, 'base.erofs');
-  writeFileSync(kernelPath, '');
-  writeFileSync(rootfsPath, '');
-  const config = { ...loadConfig({ AEGIS_HOME: home }), kernelPath, rootfsPath, scratchDiskMiB: 8, warmBoot: false, bootTimeoutMs: 5000 };
-  registry = new Registry(config.dbPath);
-  backend = new FakeBackend();
-  const log = { info: (s: string) => void logged.push(s), warn: (s: string) => void logged.push(s) };
-  const probe = await backend.probe();
-  const templates = new TemplateCache(backend, () => probe, path.join(home, 'templates'), log, 5000, false);
-  const images = new ImageService(home, registry, log, { insecureRegistries: [] });
-  m = new InstanceManager(
-    config,
-    registry,
-    backend,
-    log,
-    new SecretStore(registry, path.join(home, 'secrets.key')),
-    templates,
-    ['none'],
-    images,
-  );
+  fake = await fakeDaemon('aegis-owner-');
+  ({ home, backend, m } = fake);
 });
 
-afterEach(() => {
-  registry.close();
-  rmSync(home, { recursive: true, force: true });
-  logged.length = 0;
-});
+afterEach(() => fake.close());
 
 async function until(cond: () => boolean, what: string): Promise<void> {
   for (let i = 0; i < 200 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
   if (!cond()) throw new Error(`timed out waiting for ${what}`);
-}
-
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-    return 'ok';
-  } catch (err) {
-    return err instanceof AegisError ? err.code : `not an AegisError: ${String(err)}`;
-  }
 }
 
 /** Starts a create whose boot is held open; resolves once the VM is booting. */
@@ -191,20 +153,9 @@ describe('volumes', () => {
     expect(await codeOf(m.create({ command: ['true'], volumes: [{ type: 'bind', source: path.join(home, 'nope'), target: '/x' }] }))).toBe(
       'NOT_FOUND',
     );
-    const probe = await backend.probe();
-    const diskOnly = new InstanceManager(
-      { ...loadConfig({ AEGIS_HOME: home }), kernelPath: path.join(home, 'vmlinux'), rootfsPath: path.join(home, 'base.erofs') },
-      registry,
-      backend,
-      { info: () => undefined, warn: () => undefined },
-      new SecretStore(registry, path.join(home, 'secrets.key')),
-      new TemplateCache(backend, () => probe, path.join(home, 'templates'), { info: () => undefined, warn: () => undefined }, 5000, false),
-      ['none'],
-      new ImageService(home, registry, { info: () => undefined, warn: () => undefined }, { insecureRegistries: [] }),
-      undefined,
-      ['disk'],
-    );
-    expect(await codeOf(diskOnly.create({ command: ['true'], volumes: [{ type: 'bind', source: home, target: '/x' }] }))).toBe(
+    const diskOnly = await fakeDaemon('aegis-owner-disk-', { volumeKinds: ['disk'] });
+    onTestFinished(() => diskOnly.close());
+    expect(await codeOf(diskOnly.m.create({ command: ['true'], volumes: [{ type: 'bind', source: diskOnly.home, target: '/x' }] }))).toBe(
       'UNSUPPORTED',
     );
     expect(m.list(true)).toEqual([]);

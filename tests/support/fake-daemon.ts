@@ -1,0 +1,55 @@
+/**
+ * The instance owner of aegisd over a fake backend (no VM), in a home of its own: what unit
+ * tests of the manager's operations start from.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { loadConfig } from '../../packages/daemon/src/config.js';
+import { ImageService } from '../../packages/daemon/src/images/service.js';
+import { InstanceManager } from '../../packages/daemon/src/instances/manager.js';
+import { TemplateCache } from '../../packages/daemon/src/instances/templates.js';
+import { Registry } from '../../packages/daemon/src/registry/db.js';
+import { SecretStore } from '../../packages/daemon/src/secrets/store.js';
+import type { VolumeKind } from '@aegis/vmm';
+import { FakeBackend } from './fake-vmm.js';
+
+export interface FakeDaemon {
+  home: string;
+  registry: Registry;
+  backend: FakeBackend;
+  m: InstanceManager;
+  /** Every line the manager logged. */
+  logged: string[];
+  /** Closes the registry and removes the home. */
+  close(): void;
+}
+
+export async function fakeDaemon(prefix: string, options: { volumeKinds?: VolumeKind[] } = {}): Promise<FakeDaemon> {
+  const home = mkdtempSync(path.join(os.tmpdir(), prefix));
+  const kernelPath = path.join(home, 'vmlinux');
+  const rootfsPath = path.join(home, 'base.erofs');
+  writeFileSync(kernelPath, '');
+  writeFileSync(rootfsPath, '');
+  const config = { ...loadConfig({ AEGIS_HOME: home }), kernelPath, rootfsPath, scratchDiskMiB: 8, warmBoot: false, bootTimeoutMs: 5000 };
+  const registry = new Registry(config.dbPath);
+  const backend = new FakeBackend();
+  const logged: string[] = [];
+  const log = { info: (s: string) => void logged.push(s), warn: (s: string) => void logged.push(s) };
+  const probe = await backend.probe();
+  const templates = new TemplateCache(backend, () => probe, path.join(home, 'templates'), log, 5000, false);
+  const images = new ImageService(home, registry, log, { insecureRegistries: [] });
+  const secrets = new SecretStore(registry, path.join(home, 'secrets.key'));
+  const m = new InstanceManager(config, registry, backend, log, secrets, templates, ['none'], images, undefined, options.volumeKinds);
+  return {
+    home,
+    registry,
+    backend,
+    m,
+    logged,
+    close() {
+      registry.close();
+      rmSync(home, { recursive: true, force: true });
+    },
+  };
+}
