@@ -27,6 +27,22 @@ export interface BootContext {
   track(id: string, handle: string, vm: Vm): LiveInstance;
 }
 
+/** Which VM to start, for whom, and from what. */
+export interface VmPlan {
+  id: string;
+  /** Its name (a cold boot's hostname; a restored one gets it from `fresh`). */
+  handle: string;
+  /** The instance's directory: the disk and `vm/` (sockets, pid file) live there. */
+  dir: string;
+  shape: MachineShape;
+  /** Restore from this template (then `fresh`), else boot cold. */
+  template?: Template | undefined;
+  /** Boot on the instance's own kept disk (a restart). */
+  keepDisk?: boolean;
+  /** Host directories and named volumes (never with a template: a restored VM cannot gain devices). */
+  volumes?: VmVolume[];
+}
+
 /** A VM's identity, made fresh for each instance restored from a template (or claimed from the pool). */
 export function freshIdentity(hostname: string): FreshParams {
   return { timeMs: Date.now(), hostname, entropy: randomBytes(64).toString('base64') };
@@ -37,22 +53,12 @@ export function freshIdentity(hostname: string): FreshParams {
  * and returns once its harness answers. A VM that started is tracked before anything can
  * fail, so the caller can always find and stop it.
  */
-export async function bootVm(
-  ctx: BootContext,
-  id: string,
-  handle: string,
-  dir: string,
-  shape: MachineShape,
-  template: Template | undefined,
-  keepDisk: boolean,
-  signal: AbortSignal,
-  /** Host directories and named volumes (never with a template: a restored VM cannot gain devices). */
-  volumes: VmVolume[] = [],
-): Promise<{ live: LiveInstance; agent: AgentConnection }> {
+export async function bootVm(ctx: BootContext, plan: VmPlan, signal: AbortSignal): Promise<{ live: LiveInstance; agent: AgentConnection }> {
+  const { id, handle, template } = plan;
   const t0 = Date.now();
   const phases: string[] = [];
   const phase = (name: string): void => void phases.push(`${name} ${Date.now() - t0}`);
-  const vm = await startVm(ctx, id, handle, dir, shape, template, keepDisk, signal, volumes);
+  const vm = await startVm(ctx, plan, signal);
   phase(template ? 'restored' : 'vmm started');
   // Recorded and tracked at once: from here a crash or a cancel finds this VM.
   ctx.registry.updateInstance(id, { vmRecord: vm.record() });
@@ -73,17 +79,8 @@ export async function bootVm(
  * Makes the VM's disk and starts its VMM (a restore when `template` is given), not yet
  * connected to. The caller owns the VM from the moment this returns.
  */
-export async function startVm(
-  ctx: Pick<BootContext, 'backend' | 'templates'>,
-  id: string,
-  handle: string,
-  dir: string,
-  shape: MachineShape,
-  template: Template | undefined,
-  keepDisk: boolean,
-  signal: AbortSignal,
-  volumes: VmVolume[] = [],
-): Promise<Vm> {
+export async function startVm(ctx: Pick<BootContext, 'backend' | 'templates'>, plan: VmPlan, signal: AbortSignal): Promise<Vm> {
+  const { id, handle, dir, shape, template, keepDisk = false, volumes = [] } = plan;
   const vmDir = path.join(dir, 'vm');
   await fs.rm(vmDir, { recursive: true, force: true });
   await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });

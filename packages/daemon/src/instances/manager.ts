@@ -261,16 +261,16 @@ export class InstanceManager {
     let row: InstanceRow;
     let image: ResolvedImage | undefined;
     let pooled: PooledVm | undefined;
+    let shape: MachineShape | undefined;
     try {
       image = req.image !== undefined ? await this.images.resolve(req.image, signal) : undefined;
       // A ready VM of this shape, if the pool has one (an instance with volumes needs devices a
       // restored VM cannot gain). The instance takes its id: its files are already there.
       if (this.pool && mounts.length === 0) {
-        const network = req.network ?? this.defaultNetwork();
-        const shape = await this.shapeOf(
+        shape = await this.shapeOf(
           req.memoryMiB ?? this.config.defaultMemoryMiB,
           req.vcpuCount ?? this.config.defaultVcpuCount,
-          network,
+          req.network ?? this.defaultNetwork(),
           image,
         );
         pooled = this.pool.take(shape);
@@ -288,7 +288,7 @@ export class InstanceManager {
     const abandoned = (): void => void this.delete(row.id, true).catch(() => undefined);
     if (opts.autoRemove) signal?.addEventListener('abort', abandoned, { once: true });
     try {
-      return await this.ownerOf(row.id).run('start', (s) => this.launch(row, forwarder, image, env, { ...opts, pooled }, s), signal);
+      return await this.ownerOf(row.id).run('start', (s) => this.launch(row, forwarder, image, env, { ...opts, pooled, shape }, s), signal);
     } catch (err) {
       // Cancelled before the start ran: the pooled VM it took was never followed.
       if (pooled && !this.live.has(row.id)) await pooled.vm.stop({ timeoutMs: 0 }).catch(() => undefined);
@@ -475,7 +475,8 @@ export class InstanceManager {
     forwarder: PortForwarder,
     image: ResolvedImage | undefined,
     env: Record<string, string>,
-    options: { keepDisk: boolean; autoRemove: boolean; pooled?: PooledVm | undefined },
+    /** `shape`: the create worked it out already (to look in the pool). */
+    options: { keepDisk: boolean; autoRemove: boolean; pooled?: PooledVm | undefined; shape?: MachineShape | undefined },
     signal: AbortSignal,
   ): Promise<InstanceView> {
     const { id, handle } = row;
@@ -483,7 +484,7 @@ export class InstanceManager {
     const { pooled } = options;
     try {
       await fs.mkdir(path.join(dir, 'vm'), { recursive: true, mode: 0o700 });
-      const shape = await this.shapeOf(row.memoryMiB, row.vcpuCount, row.network, image);
+      const shape = options.shape ?? (await this.shapeOf(row.memoryMiB, row.vcpuCount, row.network, image));
       // A restart keeps the instance's disk (its writes), so it boots cold on that disk. So does
       // an instance with volumes: a machine restored from a template cannot gain devices.
       const volumes = this.volumes.vmVolumes(row.volumes);
@@ -492,7 +493,7 @@ export class InstanceManager {
       try {
         booted = pooled
           ? await this.fromPool(row, pooled, signal)
-          : await bootVm(this.bootContext(), id, handle, dir, shape, template, options.keepDisk, signal, volumes);
+          : await bootVm(this.bootContext(), { id, handle, dir, shape, template, keepDisk: options.keepDisk, volumes }, signal);
       } catch (err) {
         if ((!template && !pooled) || signal.aborted) throw err;
         // A template or pooled VM that fails must not break instances: set it aside, boot cold.
@@ -504,7 +505,7 @@ export class InstanceManager {
         } else await pooled?.vm.stop({ timeoutMs: 0 }).catch(() => undefined);
         if (template) await this.templates.discard(template);
         this.registry.updateInstance(id, { vmRecord: null });
-        booted = await bootVm(this.bootContext(), id, handle, dir, shape, undefined, false, signal, volumes);
+        booted = await bootVm(this.bootContext(), { id, handle, dir, shape, volumes }, signal);
       }
       signal.throwIfAborted();
       this.serve(booted.live, forwarder);

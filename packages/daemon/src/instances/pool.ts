@@ -256,7 +256,7 @@ export class WarmPool {
     let vm: Vm | undefined;
     let agent: AgentConnection | undefined;
     try {
-      vm = await startVm(this.o, id, 'pool', dir, shape, template, false, signal);
+      vm = await startVm(this.o, { id, handle: 'pool', dir, shape, template }, signal);
       const execs = new Map<string, () => void>();
       agent = new AgentConnection(
         await vm.connectAgent(signal),
