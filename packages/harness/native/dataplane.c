@@ -122,10 +122,17 @@ static void drop(struct conn *c, int send_rst) {
   free(c);
 }
 
+void widen_send_buffer(int fd) {
+  /* setsockopt doubles what it is given; FORCE passes net.core.wmem_max (we are root). */
+  int half = FILES_SNDBUF_BYTES / 2;
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &half, sizeof half) != 0) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &half, sizeof half);
+}
+
 static int start_connect(struct conn *c) {
   if (c->port == 0) {
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
+    widen_send_buffer(fd); /* host -> guest: `aegis cp` in, written here into the socket */
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     strncpy(a.sun_path, FILES_SOCKET, sizeof a.sun_path - 1);
     if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0 && errno != EINPROGRESS) {

@@ -13,5 +13,13 @@ struct dp_port {
   int listen_fd;
 };
 
+/* Gives a file-service socket a send buffer of FILES_SNDBUF_BYTES, as the kernel counts it
+ * (overhead included); anything but a socket is left alone. A unix stream socket queues no
+ * more than its sender's buffer, 208 KiB by default, so the sender (sendfile, tar, the data
+ * plane) and its reader took turns at every ~200 KiB, and under emulation each turn costs
+ * more than the bytes. Measured with 256 MiB under TCG: `aegis cp` out 2.16 s -> 1.92 s. */
+#define FILES_SNDBUF_BYTES (4 * 1024 * 1024)
+void widen_send_buffer(int fd);
+
 /* arg: a struct dp_port. Never returns while the VM runs. */
 void *dataplane_main(void *arg);

@@ -700,6 +700,7 @@ static int blocking_main(int argc, char **argv) {
     int fl = fcntl(fd, F_GETFL);
     if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
   }
+  widen_send_buffer(1); /* a tar or a listing out to the file service's socket */
   execvp(argv[3], &argv[3]);
   fprintf(stderr, "aegis-init blocking: %s: %s\n", argv[3], strerror(errno));
   return 127;
@@ -714,6 +715,7 @@ static int sendfile_main(void) {
     int fl = fcntl(fd, F_GETFL);
     if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
   }
+  widen_send_buffer(1);
   for (;;) {
     ssize_t n = sendfile(1, 0, NULL, 1 << 30);
     if (n > 0) continue;
