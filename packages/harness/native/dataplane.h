@@ -17,7 +17,7 @@ struct dp_port {
  * (overhead included); anything but a socket is left alone. A unix stream socket queues no
  * more than its sender's buffer, 208 KiB by default, so the sender (sendfile, tar, the data
  * plane) and its reader took turns at every ~200 KiB, and under emulation each turn costs
- * more than the bytes. Measured with 256 MiB under TCG: `aegis cp` out 2.16 s -> 1.92 s. */
+ * more than the bytes. Measured (BENCH_ONLY=cp, 256 MiB, TCG): `aegis cp` out 2.36 s -> 2.12 s. */
 #define FILES_SNDBUF_BYTES (4 * 1024 * 1024)
 void widen_send_buffer(int fd);
 
