@@ -626,7 +626,8 @@ serve(9001, send)`;
     ];
     // Every run beside the median: one slow run among five is the machine, all five is us.
     const each = (xs) => xs.map((ms) => (ms / 1000).toFixed(2)).join(' ');
-    for (const [name, xs] of rows) console.log(`${name.padEnd(56)} median ${rate(xs).toFixed(1)} MB/s (${fmt(median(xs))}; runs ${each(xs)} s)`);
+    for (const [name, xs] of rows)
+      console.log(`${name.padEnd(56)} median ${rate(xs).toFixed(1)} MB/s (${fmt(median(xs))}; runs ${each(xs)} s)`);
     const outRatio = rate(t.cpOut) / rate(t.rawOut);
     const inRatio = rate(t.cpIn) / rate(t.rawIn);
     const verdict = (r) => `${(r * 100).toFixed(0)}% (target >= 80%: ${r >= 0.8 ? 'met' : 'NOT met'})`;
