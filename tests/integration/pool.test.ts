@@ -31,11 +31,13 @@ describe('the warm pool', () => {
   // The rootfs through a symlink of our own, so the test can give the daemon another one.
   const rootfsLink = path.join(work, 'rootfs.erofs');
   symlinkSync(artifacts().rootfs, rootfsLink);
-  const daemon = useDaemon({ AEGIS_TEMPLATES: templates, AEGIS_POOL_SIZE: '1', AEGIS_ROOTFS: rootfsLink });
+  // Registered before the daemon's own: after-hooks run in reverse, so these directories go
+  // once the daemon has stopped (it may still be building a template into them until then).
   afterAll(() => {
     rmSync(templates, { recursive: true, force: true });
     rmSync(work, { recursive: true, force: true });
   });
+  const daemon = useDaemon({ AEGIS_TEMPLATES: templates, AEGIS_POOL_SIZE: '1', AEGIS_ROOTFS: rootfsLink });
 
   it('gives each run a ready VM, refills behind it, and each one is its own machine with nothing of its warm-up', async () => {
     const d = daemon();

@@ -9,8 +9,10 @@ import { useDaemon } from './fixture.js';
 
 // Templates of its own: the fallback test spoils them on purpose.
 const templates = mkdtempSync('/tmp/aegis-templates-');
-const daemon = useDaemon({ AEGIS_TEMPLATES: templates });
+// Before the daemon's hook: after-hooks run in reverse, so the directory goes once the daemon
+// has stopped writing templates into it.
 afterAll(() => rmSync(templates, { recursive: true, force: true }));
+const daemon = useDaemon({ AEGIS_TEMPLATES: templates });
 
 async function untilWarm(d: ReturnType<typeof daemon>): Promise<void> {
   // The daemon builds the template in the background after it starts.
