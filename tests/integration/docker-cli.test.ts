@@ -5,11 +5,11 @@
  * client, its `run` leaves no instance and its exec no guest process.
  */
 import { execFile, execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, onTestFinished } from 'vitest';
 import { ROOT, qemuProcessesFor, useDaemon } from './fixture.js';
 
 const daemon = useDaemon();
@@ -121,6 +121,7 @@ describe('docker-style CLI', () => {
   it('takes -m with units, --env-file, -u uid:gid and a -w that does not exist yet; errors name the flag', async () => {
     const d = daemon();
     const dir = mkdtempSync(path.join(os.tmpdir(), 'aegis-envfile-'));
+    onTestFinished(() => rmSync(dir, { recursive: true, force: true }));
     const file = path.join(dir, 'env');
     writeFileSync(file, '# a comment\nA=from file\nB=file\n\nFROM_HOST\nUNSET_HERE\n');
     const r = await d.cli(
