@@ -8,7 +8,7 @@ import { existsSync, mkdtempSync, openSync, closeSync, readFileSync, realpathSyn
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, afterEach, beforeAll } from 'vitest';
+import { afterAll, afterEach, beforeAll, onTestFinished } from 'vitest';
 import { AegisClient } from '@aegis/client';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -178,6 +178,17 @@ export async function teardown(d: TestDaemon, printLog: boolean): Promise<void> 
     }
     rmSync(d.home, { recursive: true, force: true });
   }
+}
+
+/**
+ * A daemon of the calling test's own (its own environment), started; torn down when the test
+ * finishes, with its log printed if the test failed.
+ */
+export async function ownDaemon(extraEnv: NodeJS.ProcessEnv = {}): Promise<TestDaemon> {
+  const d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'), extraEnv);
+  onTestFinished((ctx) => teardown(d, ctx.task.result?.state === 'fail'));
+  await d.start();
+  return d;
 }
 
 /**

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { describe, expect, it, onTestFinished } from 'vitest';
 import type { Instance } from '@aegis/client';
 import { codeOf } from '../support/rejection.js';
-import { ROOT, TestDaemon, teardown, useDaemon } from './fixture.js';
+import { ROOT, TestDaemon, ownDaemon, teardown, useDaemon } from './fixture.js';
 
 const daemon = useDaemon();
 
@@ -269,10 +269,7 @@ describe('idle pause', () => {
 
 describe('AEGIS_IDLE_PAUSE', () => {
   it('gives instances created without idlePauseMs their idle time; an idle pause outlives an aegisd restart and is woken after it', async () => {
-    const d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'), { AEGIS_IDLE_PAUSE: '2s' });
-    let ok = false;
-    onTestFinished(() => teardown(d, !ok));
-    await d.start();
+    const d = await ownDaemon({ AEGIS_IDLE_PAUSE: '2s' });
     const plain: Instance = await d.client.createInstance({ handle: 'dflt', command: ['sleep', '600'], network: 'none' });
     expect(plain.idlePauseMs).toBe(IDLE_MS);
     const never = await d.client.createInstance({ handle: 'never', command: ['sleep', '600'], network: 'none', idlePauseMs: 0 });
@@ -287,7 +284,6 @@ describe('AEGIS_IDLE_PAUSE', () => {
     expect((await d.client.getInstance('dflt')).state).toBe('running');
     await untilIdlePaused(d, 'dflt'); // re-armed by the new daemon
     expect((await d.client.getInstance('never')).state).toBe('running');
-    ok = true;
   });
 
   it('a malformed value stops aegisd from starting, with the reason', async () => {
@@ -304,10 +300,7 @@ describe('AEGIS_IDLE_PAUSE', () => {
 
 describe('with the warm pool', () => {
   it('an instance taken from the pool idles and is woken like a booted one', async () => {
-    const d = new TestDaemon(mkdtempSync('/tmp/aegis-it-'), { AEGIS_POOL_SIZE: '1' });
-    let ok = false;
-    onTestFinished(() => teardown(d, !ok));
-    await d.start();
+    const d = await ownDaemon({ AEGIS_POOL_SIZE: '1' });
     for (let i = 0; i < 1200 && (await d.client.status()).pool?.ready !== 1; i++) await sleep(100);
     expect((await d.client.status()).pool?.ready).toBe(1);
     await d.client.createInstance({ handle: 'pooled', command: ['sleep', '600'], idlePauseMs: IDLE_MS });
@@ -315,6 +308,5 @@ describe('with the warm pool', () => {
     await untilIdlePaused(d, 'pooled');
     expect((await d.cli(['exec', 'pooled', '--', 'echo', 'from-the-pool'])).stdout).toBe('from-the-pool\n');
     expect((await d.client.getInstance('pooled')).state).toBe('running');
-    ok = true;
   });
 });
