@@ -47,7 +47,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/instances/{ref}/files',
       handler: async ({ params, query, signal, res }) => {
-        const { stat, data } = await m.files(ref(params), { op: 'read', path: pathQuery(query) }, undefined, signal);
+        const { stat, data } = await m.instance(ref(params)).files({ op: 'read', path: pathQuery(query) }, undefined, signal);
         await sendBytes(
           res,
           {
@@ -74,7 +74,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
           ...(mode !== undefined ? { mode } : {}),
           ...(size !== undefined ? { size } : {}),
         };
-        const { stat, data } = await m.files(ref(params), op, req, signal);
+        const { stat, data } = await m.instance(ref(params)).files(op, req, signal);
         data.resume();
         return { status: 200, body: stat };
       },
@@ -83,12 +83,9 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'DELETE',
       path: '/v1/instances/{ref}/files',
       handler: async ({ params, query, signal }) => {
-        const { data } = await m.files(
-          ref(params),
-          { op: 'remove', path: pathQuery(query), recursive: boolQuery(query, 'recursive') },
-          undefined,
-          signal,
-        );
+        const { data } = await m
+          .instance(ref(params))
+          .files({ op: 'remove', path: pathQuery(query), recursive: boolQuery(query, 'recursive') }, undefined, signal);
         data.resume();
         return { status: 204 };
       },
@@ -97,7 +94,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/instances/{ref}/files/stat',
       handler: async ({ params, query, signal }) => {
-        const { stat, data } = await m.files(ref(params), { op: 'stat', path: pathQuery(query) }, undefined, signal);
+        const { stat, data } = await m.instance(ref(params)).files({ op: 'stat', path: pathQuery(query) }, undefined, signal);
         data.resume();
         if (!stat) throw new AegisError('INTERNAL', 'the guest answered stat without one');
         return { status: 200, body: stat };
@@ -107,7 +104,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/instances/{ref}/files/list',
       handler: async ({ params, query, signal }) => {
-        const { data } = await m.files(ref(params), { op: 'list', path: pathQuery(query) }, undefined, signal);
+        const { data } = await m.instance(ref(params)).files({ op: 'list', path: pathQuery(query) }, undefined, signal);
         return { status: 200, body: { entries: await readEntries(data) } };
       },
     },
@@ -122,7 +119,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
           parents: req.parents === true,
           ...(req.mode !== undefined ? { mode: req.mode } : {}),
         };
-        const { stat, data } = await m.files(ref(params), op, undefined, signal);
+        const { stat, data } = await m.instance(ref(params)).files(op, undefined, signal);
         data.resume();
         return { status: 200, body: stat };
       },
@@ -132,7 +129,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/archive',
       handler: async ({ params, query, signal, res }) => {
         const op = { op: 'tarOut' as const, path: pathQuery(query) };
-        const { stat, data } = await m.files(ref(params), op, undefined, signal);
+        const { stat, data } = await m.instance(ref(params)).files(op, undefined, signal);
         // What was archived, as Docker's X-Docker-Container-Path-Stat: the client needs it to
         // decide where the copy goes before it reads the tar.
         const statHeader: Record<string, string> = stat
@@ -148,7 +145,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       rawBody: true,
       handler: async ({ params, query, signal, req }) => {
         const op = { op: 'tarIn' as const, path: pathQuery(query), keepOwner: boolQuery(query, 'keepOwner') };
-        const { stat, data } = await m.files(ref(params), op, req, signal);
+        const { stat, data } = await m.instance(ref(params)).files(op, req, signal);
         data.resume();
         return { status: 200, body: stat };
       },
