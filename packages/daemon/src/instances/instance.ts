@@ -24,7 +24,7 @@ import type { AgentConnection } from './agent.js';
 import { freshIdentity, machineShape, startVm, type VmPlan } from './boot.js';
 import { fileOp, type FileResult } from './files.js';
 import { isIdlePaused } from './idle.js';
-import { type ExecEmitter } from './live.js';
+import { LiveInstance, type ExecEmitter } from './live.js';
 import { LogStore } from './logs.js';
 import type { PooledVm } from './pool.js';
 import { existingDisk, imageEnv, type ExecRequest, type InstanceView } from './spec.js';
@@ -193,6 +193,33 @@ export class Instance extends InstanceOwner {
     if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during start');
     this.s.log.info(`instance ${row.handle} (${this.id}): from the warm pool, ms: resumed ${resumedMs}, fresh ${Date.now() - t0}`);
     return pooled.agent;
+  }
+
+  /** Starts following a VM: its exit and its agent report to this owner. */
+  private follow(vm: Vm, handle: string): LiveInstance {
+    const live = new LiveInstance(this.id, handle, vm, new LogStore(path.join(this.dir, 'output.ndjson')), this, this.s.log);
+    this.live = live;
+    // Output of the workload or an exec is use (`--idle-pause`).
+    live.logs.on('entry', () => this.idle.touch());
+    return live;
+  }
+
+  /** Forwards the exposed ports over the VM's data channel for as long as it runs. */
+  private serve(live: LiveInstance, forwarder: PortForwarder): void {
+    live.forwarder = forwarder;
+    forwarder.serve(
+      () => live.vm.connectData(),
+      (err) => this.s.log.warn(`instance ${live.handle}: port listener: ${err.message}`),
+      {
+        // A new connection to an idle-paused instance waits for it to wake (paused, as accepted).
+        admit: () => (live.paused ? this.wake('a connection').then(() => undefined) : Promise.resolve()),
+        // Bytes either way are use; bytes from the host on an open connection wake it (they wait in the channel).
+        traffic: (fromHost) => {
+          this.idle.touch();
+          if (fromHost && live.paused) void this.wake('a connection').catch(() => undefined);
+        },
+      },
+    );
   }
 
   /** Stops the instance; a start in flight is cancelled first (nothing boots afterwards). */

@@ -7,20 +7,19 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError, exitStatus, type ExitEvent, type FileRequest } from '@aegis/protocol';
-import type { Backend, NetworkMode, Vm, VmExit } from '@aegis/vmm';
+import type { Backend, NetworkMode, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { Logger } from '../log.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
 import type { SecretStore } from '../secrets/store.js';
 import type { ImageService, ResolvedImage } from '../images/service.js';
-import { PortForwarder } from '../ports/forwarder.js';
+import type { PortForwarder } from '../ports/forwarder.js';
 import type { HostMounts } from '../volumes/host-mounts.js';
 import type { VolumeService } from '../volumes/service.js';
 import type { AgentConnection } from './agent.js';
 import { DeadlineTimer } from './deadlines.js';
 import { IdleClock, idleReason, isIdlePaused } from './idle.js';
-import { LiveInstance, type LiveEvents } from './live.js';
-import { LogStore } from './logs.js';
+import type { LiveEvents, LiveInstance } from './live.js';
 import { OpQueue } from './op-queue.js';
 import type { PooledVm } from './pool.js';
 import { toView, type InstanceView } from './spec.js';
@@ -149,33 +148,6 @@ export abstract class InstanceOwner implements LiveEvents {
   protected requireLive(row: InstanceRow, op: string): LiveInstance {
     if (!this.live) throw new AegisError('FAILED_PRECONDITION', `cannot ${op} instance "${row.handle}": its VM is not running`);
     return this.live;
-  }
-
-  /** Starts following a VM: its exit and its agent report to this owner. */
-  protected follow(vm: Vm, handle: string): LiveInstance {
-    const live = new LiveInstance(this.id, handle, vm, new LogStore(path.join(this.dir, 'output.ndjson')), this, this.s.log);
-    this.live = live;
-    // Output of the workload or an exec is use (`--idle-pause`).
-    live.logs.on('entry', () => this.idle.touch());
-    return live;
-  }
-
-  /** Forwards the exposed ports over the VM's data channel for as long as it runs. */
-  protected serve(live: LiveInstance, forwarder: PortForwarder): void {
-    live.forwarder = forwarder;
-    forwarder.serve(
-      () => live.vm.connectData(),
-      (err) => this.s.log.warn(`instance ${live.handle}: port listener: ${err.message}`),
-      {
-        // A new connection to an idle-paused instance waits for it to wake (paused, as accepted).
-        admit: () => (live.paused ? this.wake('a connection').then(() => undefined) : Promise.resolve()),
-        // Bytes either way are use; bytes from the host on an open connection wake it (they wait in the channel).
-        traffic: (fromHost) => {
-          this.idle.touch();
-          if (fromHost && live.paused) void this.wake('a connection').catch(() => undefined);
-        },
-      },
-    );
   }
 
   /** Within an operation: ends the VM, the workload first given `timeoutMs`. */
