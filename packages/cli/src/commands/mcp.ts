@@ -343,7 +343,8 @@ export function mcpCommand(): Command {
     .option('--all', 'the server may use and delete every instance, not only the sandboxes MCP created')
     .action((o: { client: string; write?: boolean; all?: boolean }) => {
       try {
-        const add = snippet(o.all === true);
+        // `mcp install --all`: commander hands `--all` to the parent command, whose option it also is.
+        const add = snippet(o.all === true || mcp.opts<{ all?: boolean }>().all === true);
         if (!o.write) {
           process.stdout.write(JSON.stringify(add, null, 2) + '\n');
           return;
