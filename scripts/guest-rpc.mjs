@@ -140,11 +140,13 @@ export const guestRpcSchema = ${JSON.stringify(doc, null, 2)} as const;
 for (const name of Object.keys(defs)) if (named(name)) ts += `${declare(name, defs[name])}\n`;
 for (const [m, spec] of Object.entries(doc.methods)) {
   ts += declare(`${cap(m)}Params`, spec.params, spec.description);
-  ts += declare(`${cap(m)}Result`, spec.result);
+  ts += `${declare(`${cap(m)}Result`, spec.result)}\n`;
 }
-ts += '\n';
-for (const [e, spec] of Object.entries(doc.events)) ts += declare(`${cap(e)}Event`, spec.params, spec.description);
-ts += `\n/** Every request the host sends, with what the guest answers. */\nexport interface GuestMethods {\n${Object.keys(doc.methods)
+for (const [e, spec] of Object.entries(doc.events)) {
+  const d = declare(`${cap(e)}Event`, spec.params, spec.description);
+  if (d) ts += `${d}\n`;
+}
+ts += `/** Every request the host sends, with what the guest answers. */\nexport interface GuestMethods {\n${Object.keys(doc.methods)
   .map((m) => `  ${m}: { params: ${cap(m)}Params; result: ${cap(m)}Result };`)
   .join('\n')}\n}\n`;
 ts += `\n/** Every notification the guest sends. */\nexport interface GuestEvents {\n${Object.keys(doc.events)
@@ -170,7 +172,7 @@ function shape(schema) {
       if (typeof r.additionalProperties === 'object') return `${f.name}{}${opt}`;
       if (r.enum) return `${f.name}${opt}: ${shape(r)}`;
       if (ft.includes('object') || r.allOf) return `${f.name}${opt}: ${shape(r)}${orNull}`;
-      if (r.contentEncoding === 'base64' || f.schema.description === 'base64') return `${f.name}${opt}: base64`;
+      if (r.contentEncoding === 'base64') return `${f.name}${opt}: base64`;
       return `${f.name}${opt}${orNull}`;
     });
     return `{${parts.join(', ')}}`;

@@ -731,6 +731,7 @@ export interface RunResult {
   pid: number;
   startedAtMs: number;
 }
+
 /** Starts a command beside the workload. */
 export interface ExecParams extends ProcessParams {
   /** Chosen by the host; names the exec in `output` and `execExit`. */
@@ -740,6 +741,7 @@ export interface ExecResult {
   /** On Linux pid_max is at most 2^22. */
   pid: number;
 }
+
 /** Sends a signal to the workload or an exec. */
 export interface SignalParams {
   /** Omitted: the workload. */
@@ -749,6 +751,7 @@ export interface SignalParams {
   group?: boolean;
 }
 export type SignalResult = Record<string, never>;
+
 /** Feeds a process's stdin. */
 export interface StdinParams {
   /** Omitted: the workload. */
@@ -759,12 +762,14 @@ export interface StdinParams {
   eof?: boolean;
 }
 export type StdinResult = Record<string, never>;
+
 /** Resizes a process's terminal. */
 export interface ResizeParams extends TtySize {
   /** Omitted: the workload. */
   execId?: string;
 }
 export type ResizeResult = Record<string, never>;
+
 /** The guest's processes, from /proc, kernel threads left out. */
 export type PsParams = Record<string, never>;
 export interface PsResult {
@@ -772,6 +777,7 @@ export interface PsResult {
   /** There were more than 4096: the list is cut. */
   truncated?: boolean;
 }
+
 /** The guest's own view of its resources (`aegis stats`), from /proc/meminfo and /proc. */
 export type StatsParams = Record<string, never>;
 export interface StatsResult {
@@ -780,6 +786,7 @@ export interface StatsResult {
   memAvailableKiB: number;
   processes: number;
 }
+
 /** Makes a VM restored from a snapshot its own: clock set, hostname set, kernel RNG reseeded. */
 export interface FreshParams {
   timeMs: number;
@@ -788,6 +795,7 @@ export interface FreshParams {
   entropy: string;
 }
 export type FreshResult = Record<string, never>;
+
 /** Whether the harness answers, and its workload. */
 export type HealthParams = Record<string, never>;
 export interface HealthResult {
@@ -799,6 +807,7 @@ export interface HealthResult {
     running: boolean;
   } | null;
 }
+
 /** Stops the workload, then the VM powers off. */
 export interface ShutdownParams {
   /** How long the workload gets after SIGTERM before SIGKILL. */
@@ -810,6 +819,7 @@ export type ShutdownResult = Record<string, never>;
 export interface ReadyEvent {
   version: number;
 }
+
 /** A chunk of output (no `execId`: the workload's). */
 export interface OutputEvent {
   /** Omitted: output of the workload. */
@@ -818,6 +828,7 @@ export interface OutputEvent {
   /** The harness sends pipe reads (at most 64 KiB each). */
   data: string;
 }
+
 /** An exec ended, as `exit` (`durationMs`: the guest's own measure from request to exit). */
 export interface ExecExitEvent extends ExitEvent {
   /** Chosen by the host; names the exec in `output` and `execExit`. */
