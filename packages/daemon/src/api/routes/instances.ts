@@ -1,6 +1,6 @@
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../../daemon.js';
-import type { InstanceView } from '../../instances/manager.js';
+import type { InstanceView } from '../../instances/spec.js';
 import { matches, type LogEnd, type LogEntry, type LogFilter, type LogStore } from '../../instances/logs.js';
 import { validateBody } from '../validate.js';
 import { boolQuery, intQuery, reply, startStream, STREAMED, type Route } from '../server.js';
