@@ -3,6 +3,7 @@
  * against a real daemon and real VMs: tool listing, a run, a file round trip, an error with
  * our code, output capping, and cleanup.
  */
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
@@ -18,10 +19,10 @@ afterEach(async () => {
 
 type Result = { content: { type: string; text: string }[]; isError?: boolean; structuredContent?: Record<string, unknown> };
 
-async function connect(home: string): Promise<Client> {
+async function connect(home: string, args: string[] = []): Promise<Client> {
   const transport = new StdioClientTransport({
     command: path.join(ROOT, 'bin/aegis'),
-    args: ['mcp'],
+    args: ['mcp', ...args],
     env: { ...(process.env as Record<string, string>), AEGIS_HOME: home },
     stderr: 'pipe',
   });
@@ -88,11 +89,90 @@ describe('aegis mcp', () => {
     expect(await d.client.listInstances({ all: true })).toEqual([]);
   });
 
+  it("acts only on its own sandboxes: a user's instance beside them is not found by any tool, by name, id or prefix; --all opens it", async () => {
+    const d = daemon();
+    const mine = await d.client.createInstance({
+      handle: 'users-own',
+      command: ['sleep', '600'],
+      network: 'none',
+      env: { TOKEN: 's3cret' },
+    });
+    client = await connect(d.home);
+    const created = await call(client, 'create_sandbox', { network: 'none', name: 'agents' });
+    const agents = created.structuredContent?.['id'] as string;
+    const refs = ['users-own', mine.id, mine.id.slice(0, 2)].filter((r) => !agents.startsWith(r));
+    for (const sandbox of refs) {
+      for (const [tool, args] of [
+        ['run_command', { command: 'env' }],
+        ['read_file', { path: '/etc/hostname' }],
+        ['write_file', { path: '/tmp/x', content: 'x' }],
+        ['list_files', { path: '/' }],
+        ['logs', {}],
+        ['stop_sandbox', {}],
+        ['delete_sandbox', {}],
+      ] as const) {
+        const r = await call(client, tool, { sandbox, ...args });
+        expect(r.isError, `${tool} ${sandbox}`).toBe(true);
+        // The same answer as for a name that does not exist: no existence oracle.
+        expect(r.content[0]?.text).toBe(`NOT_FOUND: no sandbox "${sandbox}" (list_sandboxes shows the ones this server can use)`);
+      }
+    }
+    expect((await call(client, 'list_sandboxes', {})).structuredContent).toMatchObject({ sandboxes: [{ id: agents }] });
+    expect((await d.client.getInstance(mine.id)).state).toBe('running');
+    expect((await call(client, 'run_command', { sandbox: 'agents', command: 'echo ok' })).structuredContent).toMatchObject({
+      stdout: 'ok\n',
+    });
+    await client.close();
+
+    client = await connect(d.home, ['--all']);
+    const all = await call(client, 'run_command', { sandbox: 'users-own', command: 'echo $TOKEN' });
+    expect(all.structuredContent).toMatchObject({ exitCode: 0, stdout: 's3cret\n' });
+    await call(client, 'delete_sandbox', { sandbox: agents });
+    await d.client.deleteInstance(mine.id, { force: true });
+  });
+
   it('install prints a snippet that starts this CLI as an MCP server', async () => {
     const d = daemon();
     const r = await d.cli(['mcp', 'install']);
     const cfg = JSON.parse(r.stdout) as { mcpServers: { aegis: { command: string; args: string[]; env?: Record<string, string> } } };
     expect(cfg.mcpServers.aegis.args.at(-1)).toBe('mcp');
     expect(cfg.mcpServers.aegis.env).toEqual({ AEGIS_HOME: d.home });
+    const all = JSON.parse((await d.cli(['mcp', 'install', '--all'])).stdout) as { mcpServers: { aegis: { args: string[] } } };
+    expect(all.mcpServers.aegis.args.slice(-2)).toEqual(['mcp', '--all']);
+  });
+
+  it('survives an oversized and a malformed message: each gets a JSON-RPC error, stderr says why, the next call works', async () => {
+    const d = daemon();
+    const child = spawn(path.join(ROOT, 'bin/aegis'), ['mcp'], {
+      env: { ...process.env, AEGIS_HOME: d.home },
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (c: Buffer) => (out += c.toString()));
+    child.stderr.on('data', (c: Buffer) => (err += c.toString()));
+    const replies = (): Record<string, unknown>[] =>
+      out
+        .split('\n')
+        .filter((l) => l)
+        .map((l) => JSON.parse(l) as Record<string, unknown>);
+    const until = async (n: number): Promise<void> => {
+      for (let i = 0; i < 300 && replies().length < n; i++) await new Promise((r) => setTimeout(r, 50));
+    };
+    // 12 MiB in one line, over the 8 MiB limit: before, the server exited 0 with nothing said.
+    child.stdin.write(`{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"pad":"${'x'.repeat(12 * 1024 * 1024)}"}}\n`);
+    child.stdin.write('{oops\n');
+    child.stdin.write(`${JSON.stringify({ jsonrpc: '2.0', id: 2, method: 'ping' })}\n`);
+    await until(3);
+    expect(replies()).toEqual([
+      { jsonrpc: '2.0', id: null, error: { code: -32600, message: `message over ${8 * 1024 * 1024} bytes refused` } },
+      { jsonrpc: '2.0', id: null, error: { code: -32700, message: 'parse error: the line is not JSON' } },
+      { jsonrpc: '2.0', id: 2, result: {} },
+    ]);
+    expect(err).toMatch(/message over \d+ bytes refused/);
+    expect(child.exitCode).toBeNull();
+    child.stdin.end();
+    await new Promise((r) => child.once('exit', r));
+    expect(err).toMatch(/stdin closed; exiting/);
   });
 });

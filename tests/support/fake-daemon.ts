@@ -21,6 +21,8 @@ export interface FakeDaemon {
   m: InstanceManager;
   /** Every line the manager logged. */
   logged: string[];
+  /** A new daemon over the same registry and backend: the old one lets go of its VMs, the new one recovers them. */
+  restart(whileDown?: () => void | Promise<void>): Promise<InstanceManager>;
   /** Closes the registry and removes the home. */
   close(): void;
 }
@@ -40,16 +42,25 @@ export async function fakeDaemon(prefix: string, options: { volumeKinds?: Volume
   const templates = new TemplateCache(backend, () => probe, path.join(home, 'templates'), log, 5000, false);
   const images = new ImageService(home, registry, log, { insecureRegistries: [] });
   const secrets = new SecretStore(registry, path.join(home, 'secrets.key'));
-  const m = new InstanceManager(config, registry, backend, log, secrets, templates, ['none'], images, undefined, options.volumeKinds);
-  return {
+  const manager = (): InstanceManager =>
+    new InstanceManager(config, registry, backend, log, secrets, templates, ['none'], images, undefined, options.volumeKinds);
+  const fake: FakeDaemon = {
     home,
     registry,
     backend,
-    m,
+    m: manager(),
     logged,
+    async restart(whileDown) {
+      fake.m.detachAll();
+      await whileDown?.();
+      fake.m = manager();
+      await fake.m.recover();
+      return fake.m;
+    },
     close() {
       registry.close();
       rmSync(home, { recursive: true, force: true });
     },
   };
+  return fake;
 }

@@ -101,6 +101,8 @@ export class FakeVm implements Vm {
       case 'run':
         this.runs.push(params['command'] as string[]);
         this.backend.events.push(`run ${this.id}`);
+        // A workload that exits at once: its exit reaches the host before the answer to `run`.
+        if (this.backend.exitOnRun !== undefined) this.guest?.peer.notify('exit', { exitCode: this.backend.exitOnRun, signal: null });
         return { pid: 10, startedAtMs: Date.now() };
       case 'exec':
         this.execs.push(params['command'] as string[]);
@@ -141,7 +143,10 @@ export class FakeVm implements Vm {
     this.resolveExit(exit);
   }
 
-  detach(): void {}
+  /** As a real VM: the old handle's `exited` never resolves after this; `attach` hands out the VM again. */
+  detach(): void {
+    (this as { exited: Promise<VmExit> }).exited = new Promise((r) => (this.resolveExit = r));
+  }
 
   async consoleTail(): Promise<string> {
     return '';
@@ -156,6 +161,8 @@ export class FakeBackend implements Backend {
   readonly configs: VmConfig[] = [];
   private openGate!: () => void;
   bootGate: Promise<void> = Promise.resolve();
+  /** Set: every workload exits with this status as soon as it is run. */
+  exitOnRun: number | undefined;
 
   /** Holds every boot until `releaseBoots`. */
   holdBoots(): void {
@@ -190,8 +197,12 @@ export class FakeBackend implements Backend {
     return vm;
   }
 
-  async attach(): Promise<Vm> {
-    throw new AegisError('NOT_FOUND', 'fake VMs do not survive');
+  /** A VM whose "VMM" still runs survives its daemon (a new daemon over the same backend finds it). */
+  async attach(record: VmRecord): Promise<Vm> {
+    const vm = this.vms.find((v) => v.id === record['id'] && v.running && !v.gone);
+    if (!vm) throw new AegisError('NOT_FOUND', `VM ${String(record['id'])} is not running`);
+    this.events.push(`attach ${vm.id}`);
+    return vm;
   }
 
   /** VMs whose "VMM" still runs. */

@@ -3,7 +3,7 @@
  * An agent gets tools to create a sandbox, run commands in it (time-limited, output capped and
  * marked truncated), read, write and list its files, read its logs, stop and delete it. Every
  * sandbox it creates carries the label `aegis.mcp=1`, so `aegis ps --filter label=aegis.mcp`
- * finds what an agent left. Errors are MCP tool errors whose text starts with our code.
+ * finds what an agent left, and every tool acts only on such sandboxes unless `--all` is given. Errors are MCP tool errors whose text starts with our code.
  * `aegis mcp install` prints (or writes) the configuration snippet MCP clients read.
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { AegisClient, AegisError, type ExecEvent } from '@aegis/client';
+import { BoundedStdioTransport } from '../mcp-transport.js';
 import { fail } from '../util.js';
 
 export const MCP_LABEL = 'aegis.mcp';
@@ -56,13 +57,40 @@ class Capped {
   }
 }
 
-async function serve(): Promise<void> {
-  const [{ McpServer }, { StdioServerTransport }, { z }] = await Promise.all([
-    import('@modelcontextprotocol/sdk/server/mcp.js'),
-    import('@modelcontextprotocol/sdk/server/stdio.js'),
-    import('zod'),
-  ]);
+/**
+ * What this server may name. By default only the sandboxes MCP servers created (the label):
+ * the agent is the party we trust least, and a user's own instances (their secrets, their
+ * files) are not its to read or delete. A name or id outside the scope is "not found", the
+ * same answer as for one that does not exist. `--all` (explicit) opens every instance.
+ */
+class Scope {
+  constructor(
+    private readonly api: AegisClient,
+    readonly all: boolean,
+  ) {}
+
+  /** The full id of the sandbox `ref` names (a name, an id, a unique id prefix), within scope. */
+  async resolve(ref: string): Promise<string> {
+    if (this.all) return ref;
+    const mine = await this.api.listInstances({ all: true, labels: [MCP_LABEL] });
+    const byName = mine.find((i) => i.handle === ref);
+    const byId = ref === '' ? [] : mine.filter((i) => i.id.startsWith(ref));
+    if (byName) return byName.id;
+    if (byId.length > 1) throw new AegisError('INVALID_ARGUMENT', `"${ref}" matches more than one sandbox id; give more characters`);
+    if (byId[0]) return byId[0].id;
+    throw new AegisError('NOT_FOUND', `no sandbox "${ref}" (list_sandboxes shows the ones this server can use)`);
+  }
+
+  /** The labels `list_sandboxes` filters on (none with --all). */
+  labels(): string[] {
+    return this.all ? [] : [MCP_LABEL];
+  }
+}
+
+async function serve(options: { all?: boolean }): Promise<void> {
+  const [{ McpServer }, { z }] = await Promise.all([import('@modelcontextprotocol/sdk/server/mcp.js'), import('zod')]);
   const api = new AegisClient();
+  const scope = new Scope(api, options.all === true);
   const server = new McpServer({ name: 'aegis', version: '0.1.0' });
   const sandbox = z.string().min(1).describe('sandbox id or name (from create_sandbox)');
   const guarded =
@@ -144,7 +172,7 @@ async function serve(): Promise<void> {
       let timedOut = false;
       try {
         const req = { command: ['sh', '-c', a.command], ...(a.cwd ? { workdir: a.cwd } : {}), ...(a.env ? { env: a.env } : {}) };
-        for await (const ev of api.exec(a.sandbox, req, AbortSignal.timeout(limitS * 1000))) {
+        for await (const ev of api.exec(await scope.resolve(a.sandbox), req, AbortSignal.timeout(limitS * 1000))) {
           if (ev.type === 'output') out[ev.stream].push(Buffer.from(ev.data, 'base64'));
           else if (ev.type === 'exit') exit = ev;
         }
@@ -174,7 +202,7 @@ async function serve(): Promise<void> {
       inputSchema: { sandbox, path: z.string().startsWith('/').describe('absolute path in the sandbox') },
     },
     guarded(async (a: { sandbox: string; path: string }) => {
-      const { data, size } = await api.readFile(a.sandbox, a.path);
+      const { data, size } = await api.readFile(await scope.resolve(a.sandbox), a.path);
       const chunks: Buffer[] = [];
       let got = 0;
       for await (const c of data as AsyncIterable<Buffer>) {
@@ -197,9 +225,10 @@ async function serve(): Promise<void> {
       inputSchema: { sandbox, path: z.string().startsWith('/'), content: z.string() },
     },
     guarded(async (a: { sandbox: string; path: string; content: string }) => {
+      const id = await scope.resolve(a.sandbox);
       const dir = path.posix.dirname(a.path);
-      if (dir !== '/') await api.makeDirectory(a.sandbox, dir, { parents: true });
-      const st = await api.writeFile(a.sandbox, a.path, a.content);
+      if (dir !== '/') await api.makeDirectory(id, dir, { parents: true });
+      const st = await api.writeFile(id, a.path, a.content);
       return ok({ path: a.path, size: st.size });
     }),
   );
@@ -208,7 +237,7 @@ async function serve(): Promise<void> {
     'list_files',
     { description: 'List a directory in a sandbox.', inputSchema: { sandbox, path: z.string().startsWith('/') } },
     guarded(async (a: { sandbox: string; path: string }) => {
-      const entries = await api.listFiles(a.sandbox, a.path);
+      const entries = await api.listFiles(await scope.resolve(a.sandbox), a.path);
       return ok(
         { path: a.path, entries: entries.map((e) => ({ name: e.name, type: e.type, size: e.size })) },
         entries
@@ -226,7 +255,7 @@ async function serve(): Promise<void> {
     },
     guarded(async (a: { sandbox: string; tail?: number }) => {
       const out = new Capped();
-      for await (const ev of api.logs(a.sandbox, { tail: a.tail ?? 200, execs: true })) {
+      for await (const ev of api.logs(await scope.resolve(a.sandbox), { tail: a.tail ?? 200, execs: true })) {
         if (ev.type === 'output') out.push(Buffer.from(ev.data, 'base64'));
       }
       const text = out.text();
@@ -236,9 +265,14 @@ async function serve(): Promise<void> {
 
   server.registerTool(
     'list_sandboxes',
-    { description: 'Sandboxes created through this MCP server that still exist.', inputSchema: {} },
+    {
+      description: scope.all
+        ? 'Every instance of this Aegis daemon (the server runs with --all).'
+        : 'Sandboxes created through MCP that still exist.',
+      inputSchema: {},
+    },
     guarded(async () => {
-      const list = await api.listInstances({ all: true, labels: [MCP_LABEL] });
+      const list = await api.listInstances({ all: true, labels: scope.labels() });
       return ok({ sandboxes: list.map((i) => ({ id: i.id, name: i.handle, state: i.state, image: i.image ?? null })) });
     }),
   );
@@ -247,7 +281,7 @@ async function serve(): Promise<void> {
     'stop_sandbox',
     { description: 'Stop a sandbox (its files stay until it is deleted).', inputSchema: { sandbox } },
     guarded(async (a: { sandbox: string }) => {
-      const i = await api.stopInstance(a.sandbox, { timeoutMs: 3000 });
+      const i = await api.stopInstance(await scope.resolve(a.sandbox), { timeoutMs: 3000 });
       return ok({ id: i.id, state: i.state });
     }),
   );
@@ -256,19 +290,21 @@ async function serve(): Promise<void> {
     'delete_sandbox',
     { description: 'Stop and delete a sandbox and all its files.', inputSchema: { sandbox } },
     guarded(async (a: { sandbox: string }) => {
-      await api.deleteInstance(a.sandbox, { force: true });
+      await api.deleteInstance(await scope.resolve(a.sandbox), { force: true });
       return ok({ deleted: a.sandbox });
     }),
   );
 
-  await server.connect(new StdioServerTransport());
+  await server.connect(new BoundedStdioTransport());
 }
 
 /** What MCP clients read to start us: the CLI as an absolute path, `mcp` as its argument. */
-function snippet(): { mcpServers: Record<string, { command: string; args: string[]; env?: Record<string, string> }> } {
+function snippet(all: boolean): { mcpServers: Record<string, { command: string; args: string[]; env?: Record<string, string> }> } {
   const entry = process.argv[1] ? path.resolve(process.argv[1]) : 'aegis';
   const env = process.env['AEGIS_HOME'] ? { AEGIS_HOME: process.env['AEGIS_HOME'] } : undefined;
-  return { mcpServers: { aegis: { command: process.execPath, args: ['--', entry, 'mcp'], ...(env ? { env } : {}) } } };
+  return {
+    mcpServers: { aegis: { command: process.execPath, args: ['--', entry, 'mcp', ...(all ? ['--all'] : [])], ...(env ? { env } : {}) } },
+  };
 }
 
 /** Where each client keeps its MCP configuration. */
@@ -291,9 +327,10 @@ function clientConfigPath(client: string): string {
 export function mcpCommand(): Command {
   const mcp = new Command('mcp')
     .description('serve the Model Context Protocol on stdio (tools for agents to use sandboxes)')
-    .action(async () => {
+    .option('--all', 'let the agent use and delete every instance, not only the sandboxes MCP created')
+    .action(async (o: { all?: boolean }) => {
       try {
-        await serve();
+        await serve(o);
       } catch (err) {
         fail(err);
       }
@@ -303,9 +340,10 @@ export function mcpCommand(): Command {
     .description('print the MCP client configuration for aegis (or merge it into a client’s file with --write)')
     .option('--client <name>', 'claude (Claude Desktop), cursor, or project (./.mcp.json)', 'project')
     .option('--write', 'merge it into that client’s configuration file (other servers there are kept)')
-    .action((o: { client: string; write?: boolean }) => {
+    .option('--all', 'the server may use and delete every instance, not only the sandboxes MCP created')
+    .action((o: { client: string; write?: boolean; all?: boolean }) => {
       try {
-        const add = snippet();
+        const add = snippet(o.all === true);
         if (!o.write) {
           process.stdout.write(JSON.stringify(add, null, 2) + '\n');
           return;

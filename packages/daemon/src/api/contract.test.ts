@@ -134,12 +134,9 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
   const called = new Set<string>();
   let failures: string[] = [];
 
-  const instances = {
-    counts: () => ({ total: 1, running: 1 }),
-    poolStatus: () => undefined,
-    list: () => [toView(ROW), toView(STOPPED)],
-    create: () => Promise.resolve(toView({ ...ROW, state: 'running' })),
-    get: () => toView(STOPPED),
+  /** One instance's owner, as the routes reach it through `instances.instance(ref)`. */
+  const instance = {
+    view: () => toView(STOPPED),
     delete: () => Promise.resolve(),
     stop: () => Promise.resolve(toView(STOPPED)),
     pause: () => Promise.resolve(toView({ ...ROW, state: 'paused' })),
@@ -164,7 +161,7 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
       Promise.resolve({
         processes: [{ pid: 7, ppid: 1, uid: 0, state: 'S', rssKiB: 900, cpuMs: 10, startedAfterBootMs: 400, command: 'sleep 600' }],
       }),
-    exec: async (_ref: string, _req: unknown, emit: (ev: ExecEvent) => void | Promise<void>) => {
+    exec: async (_req: unknown, emit: (ev: ExecEvent) => void | Promise<void>) => {
       await emit({ type: 'started', execId: 'e1' });
       await emit({ type: 'output', stream: 'stdout', data: 'aGk=' });
       await emit({ type: 'exit', exitCode: 0, signal: null, guestDurationMs: 3, truncated: true });
@@ -173,6 +170,8 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     resize: () => Promise.resolve(),
     signal: () => Promise.resolve(),
     wake: () => Promise.resolve(),
+    abandon: () => undefined,
+    removed: Promise.resolve(),
     holdAwake: () => () => undefined,
     // A store whose instance has ended: logs replays it, run reads it and reports the end.
     logs: () => ({
@@ -185,10 +184,18 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
         },
       },
     }),
-    files: (_ref: string, req: { op: string }) => {
+    files: (req: { op: string }) => {
       const data = Readable.from(req.op === 'list' ? [`${JSON.stringify(STAT)}\n`] : []);
       return Promise.resolve(req.op === 'remove' ? { data } : { stat: STAT, data });
     },
+  };
+  const instances = {
+    counts: () => ({ total: 1, running: 1 }),
+    poolStatus: () => undefined,
+    list: () => [toView(ROW), toView(STOPPED)],
+    create: () => Promise.resolve(toView({ ...ROW, state: 'running' })),
+    get: () => toView(STOPPED),
+    instance: () => instance,
     userOfImage: () => undefined,
     volumes: {
       list: () => Promise.resolve([VOLUME]),

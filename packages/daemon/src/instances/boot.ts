@@ -1,31 +1,18 @@
 /**
- * Booting one instance's VM: its disk (new, a copy-on-write child of a template, or its own
- * kept one on a restart), the VMM, the agent channel, and for a restored clone its own
- * identity (`fresh`). Every step takes the start's signal: a cancelled start stops here.
+ * Starting a VM for an instance or the pool: the machine shape, its disk (new, a copy-on-write
+ * child of a template, or its own kept one on a restart) and the VMM; and the fresh identity a
+ * restored clone is given. Every step takes the start's signal: a cancelled start stops here.
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { AegisError } from '@aegis/protocol';
-import type { Backend, Vm, VmVolume } from '@aegis/vmm';
 import type { FreshParams } from '@aegis/protocol';
-import type { Logger } from '../log.js';
-import type { Registry } from '../registry/db.js';
-import type { AgentConnection } from './agent.js';
+import type { Backend, NetworkMode, Vm, VmVolume } from '@aegis/vmm';
+import type { DaemonConfig } from '../config.js';
+import type { ResolvedImage } from '../images/service.js';
 import { makeChildDisk, makeScratchDisk } from './disks.js';
-import type { LiveInstance } from './live.js';
 import { existingDisk } from './spec.js';
 import type { MachineShape, Template, TemplateCache } from './templates.js';
-
-export interface BootContext {
-  backend: Backend;
-  registry: Registry;
-  templates: TemplateCache;
-  log: Logger;
-  bootTimeoutMs: number;
-  /** Wraps a started VM so its exit and agent are followed (and it is findable by id). */
-  track(id: string, handle: string, vm: Vm): LiveInstance;
-}
 
 /** Which VM to start, for whom, and from what. */
 export interface VmPlan {
@@ -48,38 +35,30 @@ export function freshIdentity(hostname: string): FreshParams {
   return { timeMs: Date.now(), hostname, entropy: randomBytes(64).toString('base64') };
 }
 
-/**
- * Starts the instance's VM, warm from `template` when given (restore + `fresh`), else cold,
- * and returns once its harness answers. A VM that started is tracked before anything can
- * fail, so the caller can always find and stop it.
- */
-export async function bootVm(ctx: BootContext, plan: VmPlan, signal: AbortSignal): Promise<{ live: LiveInstance; agent: AgentConnection }> {
-  const { id, handle, template } = plan;
-  const t0 = Date.now();
-  const phases: string[] = [];
-  const phase = (name: string): void => void phases.push(`${name} ${Date.now() - t0}`);
-  const vm = await startVm(ctx, plan, signal);
-  phase(template ? 'restored' : 'vmm started');
-  // Recorded and tracked at once: from here a crash or a cancel finds this VM.
-  ctx.registry.updateInstance(id, { vmRecord: vm.record() });
-  const live = ctx.track(id, handle, vm);
-  signal.throwIfAborted();
-  const agent = await live.connectAgent(ctx.bootTimeoutMs, signal);
-  phase('agent ready');
-  if (template) {
-    await agent.call('fresh', freshIdentity(handle), { timeoutMs: 15_000, signal });
-    phase('fresh');
-  }
-  if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
-  ctx.log.info(`instance ${handle} (${id}): ${template ? 'warm' : 'cold'} boot, ms: ${phases.join(', ')}`);
-  return { live, agent };
+/** The machine an instance of these settings runs on (what templates and the pool are keyed by). */
+export async function machineShape(
+  config: Pick<DaemonConfig, 'kernelPath' | 'rootfsPath' | 'scratchDiskMiB'>,
+  memoryMiB: number,
+  vcpuCount: number,
+  network: NetworkMode,
+  image: ResolvedImage | undefined,
+): Promise<MachineShape> {
+  return {
+    kernelPath: await fs.realpath(config.kernelPath),
+    rootfsPath: await fs.realpath(config.rootfsPath),
+    memoryMiB,
+    vcpuCount,
+    scratchDiskMiB: config.scratchDiskMiB,
+    network,
+    ...(image ? { imageDiskPath: image.fsPath } : {}),
+  };
 }
 
 /**
  * Makes the VM's disk and starts its VMM (a restore when `template` is given), not yet
  * connected to. The caller owns the VM from the moment this returns.
  */
-export async function startVm(ctx: Pick<BootContext, 'backend' | 'templates'>, plan: VmPlan, signal: AbortSignal): Promise<Vm> {
+export async function startVm(ctx: { backend: Backend; templates: TemplateCache }, plan: VmPlan, signal: AbortSignal): Promise<Vm> {
   const { id, handle, dir, shape, template, keepDisk = false, volumes = [] } = plan;
   const vmDir = path.join(dir, 'vm');
   await fs.rm(vmDir, { recursive: true, force: true });

@@ -9,7 +9,7 @@ import { fakeDaemon, type FakeDaemon } from '../../../../tests/support/fake-daem
 import type { FakeBackend, FakeVm } from '../../../../tests/support/fake-vmm.js';
 import { codeOf } from '../../../../tests/support/rejection.js';
 import { loadConfig } from '../config.js';
-import { IdleTimers, idleReason, isIdlePaused } from './idle.js';
+import { IdleClock, idleReason, isIdlePaused } from './idle.js';
 import type { InstanceManager } from './manager.js';
 import type { ExecEvent } from './spec.js';
 
@@ -20,34 +20,35 @@ async function until(cond: () => boolean, what: string, ms = 3000): Promise<void
   if (!cond()) throw new Error(`timed out waiting for ${what}`);
 }
 
-describe('idle timers', () => {
-  it('fire once after the idle time; a use postpones them, a hold keeps them off until released', async () => {
+describe('idle clock', () => {
+  it('fires once after the idle time; a use postpones it, a hold keeps it off until released', async () => {
     const fired: string[] = [];
-    const t = new IdleTimers((id) => fired.push(id));
-    t.arm('a', 60);
-    t.arm('b', 60);
-    const hold = t.hold('b');
+    const a = new IdleClock(() => fired.push('a'));
+    const b = new IdleClock(() => fired.push('b'));
+    a.arm(60);
+    b.arm(60);
+    const hold = b.hold();
     await sleep(30);
-    t.touch('a');
+    a.touch();
     await sleep(45);
     expect(fired).toEqual([]); // a was used 45 ms ago
     await sleep(40);
     expect(fired).toEqual(['a']);
-    expect(t.isIdle('a')).toBe(true);
-    expect(t.isIdle('b')).toBe(false); // held
+    expect(a.isIdle()).toBe(true);
+    expect(b.isIdle()).toBe(false); // held
     hold();
     hold(); // a second release is ignored
     await sleep(30);
     expect(fired).toEqual(['a']); // the idle time starts at the release
     await sleep(50);
     expect(fired).toEqual(['a', 'b']);
-    t.disarm('a');
-    t.disarm('b');
-    t.arm('c', 30);
-    t.disarm('c');
+    a.disarm();
+    b.disarm();
+    const c = new IdleClock(() => fired.push('c'));
+    c.arm(30);
+    c.disarm();
     await sleep(50);
     expect(fired).toEqual(['a', 'b']);
-    t.clearAll();
   });
 
   it('durations: parsed as the CLI parses them, shown in their shortest spelling', () => {
@@ -85,7 +86,11 @@ describe('idle pause, fake backend', () => {
   });
 
   afterEach(async () => {
-    for (const i of m.list(true)) await m.delete(i.id, true).catch(() => undefined);
+    for (const i of m.list(true))
+      await m
+        .instance(i.id)
+        .delete(true)
+        .catch(() => undefined);
     m.detachAll();
     fake.close();
   });
@@ -115,7 +120,7 @@ describe('idle pause, fake backend', () => {
     const view = m.get('w');
     expect(view.idlePaused).toBe(true);
     expect(view.stateReason).toBe('idle for 1s; wakes on exec, logs --follow, files or a connection');
-    const woken = await Promise.all([m.wake('w', 'test'), m.wake('w', 'test'), m.wake('w', 'test')]);
+    const woken = await Promise.all([m.instance('w').wake('test'), m.instance('w').wake('test'), m.instance('w').wake('test')]);
     expect(woken.map((r) => r.state)).toEqual(['running', 'running', 'running']);
     expect(resumes()).toBe(1);
     expect(vm.paused).toBe(false);
@@ -132,7 +137,7 @@ describe('idle pause, fake backend', () => {
     if (!vm) throw new Error('no VM');
     await until(() => m.get('e').state === 'paused', 'the idle pause');
     const events: ExecEvent[] = [];
-    const exec = m.exec('e', { command: ['sleep', '5'] }, (ev) => void events.push(ev));
+    const exec = m.instance('e').exec({ command: ['sleep', '5'] }, (ev) => void events.push(ev));
     await until(() => events.some((e) => e.type === 'started'), 'the exec to start');
     expect(m.get('e').state).toBe('running');
     expect(vm.execs).toEqual([['sleep', '5']]);
@@ -149,21 +154,21 @@ describe('idle pause, fake backend', () => {
 
   it("a user's pause is not woken: exec fails FAILED_PRECONDITION, wake leaves it; pause turns an idle pause into the user's", async () => {
     await m.create({ handle: 'u', command: ['sleep', '60'], idlePauseMs: 1000 });
-    await m.pause('u');
+    await m.instance('u').pause();
     expect(m.get('u').idlePaused).toBeUndefined();
-    expect(await codeOf(m.exec('u', { command: ['true'] }, () => undefined))).toBe('FAILED_PRECONDITION');
-    expect((await m.wake('u', 'test')).state).toBe('paused');
-    await m.resume('u');
+    expect(await codeOf(m.instance('u').exec({ command: ['true'] }, () => undefined))).toBe('FAILED_PRECONDITION');
+    expect((await m.instance('u').wake('test')).state).toBe('paused');
+    await m.instance('u').resume();
     await until(() => m.get('u').state === 'paused', 'the idle pause');
     expect(m.get('u').idlePaused).toBe(true);
-    await m.pause('u');
+    await m.instance('u').pause();
     expect(m.get('u').state).toBe('paused');
     expect(m.get('u').idlePaused).toBeUndefined();
-    expect(await codeOf(m.exec('u', { command: ['true'] }, () => undefined))).toBe('FAILED_PRECONDITION');
+    expect(await codeOf(m.instance('u').exec({ command: ['true'] }, () => undefined))).toBe('FAILED_PRECONDITION');
     // A resume of an idle-paused one clears the reason too.
-    await m.resume('u');
+    await m.instance('u').resume();
     await until(() => m.get('u').idlePaused === true, 'the idle pause again');
-    await m.resume('u');
+    await m.instance('u').resume();
     expect(m.get('u').stateReason).toBeUndefined();
   });
 

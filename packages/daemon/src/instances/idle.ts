@@ -6,8 +6,8 @@
  * connection or bytes from the host on an open one. The caller waits for the resume; nothing is
  * refused. A user's `pause` is not an idle pause and is never woken by use.
  *
- * This file holds the timers (one per instance, in memory) and the rules; the owner
- * (manager.ts) pauses and wakes through the instance's operation queue, so several wakers at
+ * This file holds the clock (one per instance, in memory) and the rules; the owner
+ * (instance.ts) pauses and wakes through its operation queue, so several wakers at
  * once resume it once. Whether an instance is idle-paused is in the registry, in its state
  * reason (written with the state in one compare-and-set), so it survives an aegisd restart.
  */
@@ -37,106 +37,76 @@ export function checkIdlePauseMs(ms: number, what = 'idlePauseMs'): void {
   throw new AegisError('INVALID_ARGUMENT', `${what} must be 0 (off) or from 1s to a year, not ${ms} ms`);
 }
 
-interface Watch {
-  idleMs: number;
-  /** Last use, epoch ms. */
-  lastMs: number;
-  /** Uses in progress (execs, files calls): never idle while any runs. */
-  busy: number;
-  timer: NodeJS.Timeout | undefined;
-}
-
 /**
- * One idle timer per running instance that asked for idle pause. A use only records the time
- * (no timer is reset per byte); the timer, when it fires early, waits for the rest.
+ * One instance's idle clock: armed while it runs with an idle time. A use only records the
+ * time (no timer is reset per byte); the timer, when it fires early, waits for the rest.
  */
-export class IdleTimers {
-  private readonly watched = new Map<string, Watch>();
+export class IdleClock {
+  private idleMs = 0;
+  /** Last use, epoch ms. */
+  private lastMs = Date.now();
+  /** Uses in progress (execs, files calls): never idle while any runs. */
+  private busy = 0;
+  private timer: NodeJS.Timeout | undefined;
 
-  constructor(private readonly onIdle: (id: string) => void) {}
+  constructor(private readonly onIdle: () => void) {}
 
-  /** Starts (or restarts) watching `id`: it is idle `idleMs` from now unless used. */
-  arm(id: string, idleMs: number): void {
-    const w = this.watched.get(id);
-    if (w) {
-      w.idleMs = idleMs;
-      w.lastMs = Date.now();
-      this.schedule(id, w);
-      return;
-    }
-    const fresh: Watch = { idleMs, lastMs: Date.now(), busy: 0, timer: undefined };
-    this.watched.set(id, fresh);
-    this.schedule(id, fresh);
+  /** Starts (or restarts) the clock: idle `idleMs` from now unless used. */
+  arm(idleMs: number): void {
+    this.idleMs = idleMs;
+    this.lastMs = Date.now();
+    this.schedule();
   }
 
-  /** Stops watching (paused, stopped, deleted); uses in progress keep their count if re-armed. */
-  disarm(id: string): void {
-    const w = this.watched.get(id);
-    if (!w) return;
-    clearTimeout(w.timer);
-    w.timer = undefined;
-    if (w.busy === 0) this.watched.delete(id);
-    else w.idleMs = 0; // kept for its busy count; armed again by `arm`
+  /** Stops the clock (paused, stopped, deleted); uses in progress keep their count for the next arm. */
+  disarm(): void {
+    this.idleMs = 0;
+    this.schedule();
   }
 
   /** A use: the idle time starts again from now. */
-  touch(id: string): void {
-    const w = this.watched.get(id);
-    if (w) w.lastMs = Date.now();
+  touch(): void {
+    this.lastMs = Date.now();
   }
 
   /**
-   * A use that lasts (an exec, a files call): the instance is not idle until the returned
-   * function is called (once is enough; more are ignored).
+   * A use that lasts (an exec, a files call): not idle until the returned function is called
+   * (once is enough; more are ignored).
    */
-  hold(id: string): () => void {
-    let w = this.watched.get(id);
-    if (!w) {
-      w = { idleMs: 0, lastMs: Date.now(), busy: 0, timer: undefined };
-      this.watched.set(id, w);
-    }
-    const held = w;
-    held.busy++;
+  hold(): () => void {
+    this.busy++;
+    this.schedule();
     let released = false;
     return () => {
       if (released) return;
       released = true;
-      held.busy--;
-      held.lastMs = Date.now();
-      if (this.watched.get(id) !== held) return;
-      if (held.idleMs === 0 && held.busy === 0) this.watched.delete(id);
-      else if (held.busy === 0) this.schedule(id, held);
+      this.busy--;
+      this.lastMs = Date.now();
+      this.schedule();
     };
   }
 
-  /** True when `id` is watched, nothing is in progress, and it has not been used for its idle time. */
-  isIdle(id: string): boolean {
-    const w = this.watched.get(id);
-    return w !== undefined && w.idleMs > 0 && w.busy === 0 && Date.now() - w.lastMs >= w.idleMs;
+  /** True when armed, nothing is in progress, and it has not been used for its idle time. */
+  isIdle(): boolean {
+    return this.idleMs > 0 && this.busy === 0 && Date.now() - this.lastMs >= this.idleMs;
   }
 
   /** Looked at too early (a use came meanwhile): waits for the rest of the idle time again. */
-  reschedule(id: string): void {
-    const w = this.watched.get(id);
-    if (w) this.schedule(id, w);
+  reschedule(): void {
+    this.schedule();
   }
 
-  clearAll(): void {
-    for (const w of this.watched.values()) clearTimeout(w.timer);
-    this.watched.clear();
-  }
-
-  private schedule(id: string, w: Watch): void {
-    clearTimeout(w.timer);
-    w.timer = undefined;
-    if (w.idleMs === 0 || w.busy > 0) return; // a release schedules it again
-    const wait = Math.max(0, w.lastMs + w.idleMs - Date.now());
-    w.timer = setTimeout(() => {
-      w.timer = undefined;
-      if (this.watched.get(id) !== w || w.busy > 0 || w.idleMs === 0) return;
-      if (Date.now() - w.lastMs < w.idleMs) this.schedule(id, w);
-      else this.onIdle(id);
+  private schedule(): void {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.idleMs === 0 || this.busy > 0) return; // a release schedules it again
+    const wait = Math.max(0, this.lastMs + this.idleMs - Date.now());
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      if (this.busy > 0 || this.idleMs === 0) return;
+      if (Date.now() - this.lastMs < this.idleMs) this.schedule();
+      else this.onIdle();
     }, wait);
-    w.timer.unref();
+    this.timer.unref();
   }
 }

@@ -22,7 +22,7 @@ const AGENT_RECONNECT_MS = 15_000;
 export interface LiveEvents {
   /** The workload exited (the guest's `exit` event). */
   onWorkloadExit(live: LiveInstance, exit: ExitEvent): void;
-  /** The VMM process is gone, for any reason. Called once. */
+  /** The VMM process is gone, for any reason (`vmExit` says how). Called once. */
   onVmExit(live: LiveInstance, exit: VmExit): void;
 }
 
@@ -46,6 +46,10 @@ export class LiveInstance {
   forwarder: PortForwarder | undefined;
   /** Replaced by another VM for the same instance (a warm boot that fell back to cold). */
   retired = false;
+  /** How the VMM process ended, once it has. */
+  vmExit: VmExit | undefined;
+  /** The owner has recorded this VM's end (it does so once, whoever sees it first). */
+  recorded = false;
   /** Resolves after the VM's exit has been handled. */
   readonly finished: Promise<void>;
   private vmGone = false;
@@ -66,6 +70,7 @@ export class LiveInstance {
   ) {
     this.finished = vm.exited.then((exit) => {
       this.vmGone = true;
+      this.vmExit = exit;
       this.agent?.close();
       this.failExecs(new AegisError('UNAVAILABLE', `instance ${handle} stopped during exec`));
       if (!this.retired) this.forwarder?.close();

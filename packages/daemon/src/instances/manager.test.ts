@@ -41,7 +41,7 @@ async function startHeld(handle: string): Promise<{ create: Promise<unknown>; id
 describe('one owner per instance', () => {
   it('stop while starting cancels the start: nothing boots afterwards and no VM is left', async () => {
     const { create } = await startHeld('s');
-    const stopped = await m.stop('s');
+    const stopped = await m.instance('s').stop();
     expect(await codeOf(create)).toBe('CANCELLED');
     expect(stopped.state).toBe('stopped');
     expect(stopped.stateReason).toMatch(/stopped while starting/);
@@ -53,7 +53,7 @@ describe('one owner per instance', () => {
 
   it('delete --force during a start returns after the start is undone, and the workload never starts', async () => {
     const { create } = await startHeld('d');
-    await m.delete('d', true);
+    await m.instance('d').delete(true);
     expect(await codeOf(create)).toBe('CANCELLED');
     expect(m.list(true)).toEqual([]);
     backend.releaseBoots();
@@ -64,7 +64,7 @@ describe('one owner per instance', () => {
 
   it('a plain delete during a start is refused with FAILED_PRECONDITION and the start goes on', async () => {
     const { create } = await startHeld('p');
-    expect(await codeOf(m.delete('p', false))).toBe('FAILED_PRECONDITION');
+    expect(await codeOf(m.instance('p').delete(false))).toBe('FAILED_PRECONDITION');
     backend.releaseBoots();
     expect(await codeOf(create)).toBe('ok');
     expect(m.get('p').state).toBe('running');
@@ -73,7 +73,14 @@ describe('one owner per instance', () => {
 
   it('serialises concurrent operations: every one either succeeds or is refused with a code, and the end state is consistent', async () => {
     await m.create({ handle: 'c', command: ['sleep', '60'] });
-    const ops = [m.pause('c'), m.resume('c'), m.pause('c'), m.stop('c'), m.resume('c'), m.pause('c')];
+    const ops = [
+      m.instance('c').pause(),
+      m.instance('c').resume(),
+      m.instance('c').pause(),
+      m.instance('c').stop(),
+      m.instance('c').resume(),
+      m.instance('c').pause(),
+    ];
     const codes = await Promise.all(ops.map(codeOf));
     expect(codes).toEqual(['ok', 'ok', 'ok', 'ok', 'FAILED_PRECONDITION', 'FAILED_PRECONDITION']);
     expect(m.get('c').state).toBe('stopped');
@@ -82,8 +89,8 @@ describe('one owner per instance', () => {
 
   it('operations queued behind a delete find the instance gone (NOT_FOUND), never a half-deleted one', async () => {
     await m.create({ handle: 'g', command: ['sleep', '60'] });
-    const del = m.delete('g', true);
-    const after = m.pause('g');
+    const del = m.instance('g').delete(true);
+    const after = m.instance('g').pause();
     expect(await codeOf(del)).toBe('ok');
     expect(await codeOf(after)).toBe('NOT_FOUND');
   });
@@ -91,7 +98,7 @@ describe('one owner per instance', () => {
   it('exec fails with UNAVAILABLE instead of hanging when the agent channel drops while the VM lives', async () => {
     await m.create({ handle: 'e', command: ['sleep', '60'] });
     const events: string[] = [];
-    const exec = m.exec('e', { command: ['sleep', '60'] }, (ev) => void events.push(ev.type));
+    const exec = m.instance('e').exec({ command: ['sleep', '60'] }, (ev) => void events.push(ev.type));
     exec.catch(() => undefined);
     await until(() => events.includes('started'), 'the exec to start');
     backend.vms[0]?.dropAgent();
@@ -100,9 +107,12 @@ describe('one owner per instance', () => {
     expect(Date.now() - started).toBeLessThan(1000);
     // The channel is opened again: the instance keeps working.
     await until(() => backend.vms[0]?.guest !== undefined, 'the agent to reconnect');
-    void m.exec('e', { command: ['true'] }, () => undefined).catch(() => undefined);
+    void m
+      .instance('e')
+      .exec({ command: ['true'] }, () => undefined)
+      .catch(() => undefined);
     await until(() => backend.vms[0]?.execs.length === 2, 'a second exec to reach the guest');
-    await m.delete('e', true); // ends the second exec (its guest never answers)
+    await m.instance('e').delete(true); // ends the second exec (its guest never answers)
   });
 
   it('an aborted API call surfaces as CANCELLED, not INTERNAL', async () => {
@@ -145,7 +155,7 @@ describe('volumes', () => {
       m.create({ handle, command: ['sleep', '60'], volumes: [{ type: 'volume', source: 'one', target: '/v' }] });
     const codes = await Promise.all([codeOf(start('a')), codeOf(start('b')), codeOf(start('c'))]);
     expect([...codes].sort()).toEqual(['FAILED_PRECONDITION', 'FAILED_PRECONDITION', 'ok']);
-    await m.stop(['a', 'b', 'c'][codes.indexOf('ok')] ?? '');
+    await m.instance(['a', 'b', 'c'][codes.indexOf('ok')] ?? '').stop();
     expect(await codeOf(start('d'))).toBe('ok');
   });
 

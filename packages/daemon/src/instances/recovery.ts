@@ -1,25 +1,13 @@
 /**
- * After a daemon restart (or crash): make the registry and the machine agree. Instances whose
- * VM still runs are taken over; those caught half-way (`starting`, `stopping`) are settled; and
- * any VMM process started for an instance of this home that is not a listed live instance's
- * own VM (a start whose record was never written, a row deleted under a running VM) is ended.
+ * After a daemon restart (or crash), once each instance has taken over or settled its own VM
+ * (Instance.recover): any VMM process started for an instance of this home that is not a
+ * listed live instance's own VM (a start whose record was never written, a row deleted under a
+ * running VM) is ended.
  */
 import { promises as fs } from 'node:fs';
-import type { Backend, Vm } from '@aegis/vmm';
 import type { Logger } from '../log.js';
-import type { InstanceRow, Registry } from '../registry/db.js';
+import type { Registry } from '../registry/db.js';
 import { isLive } from './state.js';
-
-export interface RecoveryContext {
-  registry: Registry;
-  backend: Backend;
-  log: Logger;
-  instancesDir: string;
-  /** Moves a row; false when the state table or a concurrent change refuses it. */
-  move(id: string, to: InstanceRow['state'], patch: Parameters<Registry['updateInstance']>[1]): boolean;
-  /** Takes over a VM found running for a live instance. */
-  adopt(row: InstanceRow, vm: Vm): Promise<void>;
-}
 
 /** VMM processes whose command line names a directory under `instancesDir`: pid → instance id. */
 export async function vmmProcessesUnder(instancesDir: string): Promise<Map<number, string>> {
@@ -44,37 +32,8 @@ function pidOf(record: unknown): number | undefined {
   return typeof pid === 'number' ? pid : undefined;
 }
 
-export async function recover(ctx: RecoveryContext): Promise<void> {
-  for (const row of ctx.registry.listInstances()) {
-    if (!isLive(row.state)) continue;
-    if (!row.vmRecord || row.state === 'starting') {
-      // A start is never resumed: its caller has gone. Whatever it booted is ended below.
-      if (row.vmRecord) {
-        const vm = await ctx.backend.attach(row.vmRecord).catch(() => undefined);
-        await vm?.stop({ timeoutMs: 1000 }).catch(() => undefined);
-      }
-      ctx.move(row.id, 'failed', { stateReason: 'aegisd stopped while the instance was starting', stoppedAt: Date.now(), vmRecord: null });
-      continue;
-    }
-    let vm: Vm;
-    try {
-      vm = await ctx.backend.attach(row.vmRecord);
-    } catch (err) {
-      const clean = row.state === 'stopping' || row.exitCode !== null;
-      ctx.move(row.id, clean ? 'stopped' : 'failed', {
-        stateReason: `VM ended while aegisd was not running (${(err as Error).message})`,
-        stoppedAt: Date.now(),
-        vmRecord: null,
-      });
-      continue;
-    }
-    await ctx.adopt(row, vm);
-  }
-  await endStrays(ctx);
-}
-
 /** Ends VMM processes of this home that no live instance owns. */
-async function endStrays(ctx: Pick<RecoveryContext, 'registry' | 'instancesDir' | 'log'>): Promise<number> {
+export async function endStrays(ctx: { registry: Registry; instancesDir: string; log: Logger }): Promise<number> {
   const owned = new Map<string, number | undefined>();
   for (const row of ctx.registry.listInstances()) {
     if (isLive(row.state) && row.vmRecord) owned.set(row.id, pidOf(row.vmRecord));

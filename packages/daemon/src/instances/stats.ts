@@ -5,6 +5,9 @@
  * it sends.
  */
 import { promises as fs } from 'node:fs';
+import type { InstanceRow } from '../registry/db.js';
+import { isIdlePaused } from './idle.js';
+import type { InstanceState } from './state.js';
 
 /** USER_HZ: /proc/PID/stat counts CPU time in these. */
 const TICKS_PER_SECOND = 100;
@@ -44,4 +47,65 @@ export async function processMemoryBytes(pid: number): Promise<number | undefine
 export async function allocatedBytes(file: string): Promise<number | undefined> {
   const st = await fs.stat(file).catch(() => undefined);
   return st ? st.blocks * 512 : undefined;
+}
+
+export interface InstanceStats {
+  id: string;
+  handle: string;
+  state: InstanceState;
+  /** Of one CPU (200 = two busy CPUs); null when the VMM process cannot be read. */
+  cpuPercent: number | null;
+  vmmMemoryBytes: number | null;
+  memoryLimitBytes: number;
+  guestMemoryUsedBytes: number | null;
+  guestMemoryTotalBytes: number | null;
+  processes: number | null;
+  diskUsedBytes: number | null;
+  /** Paused because nobody used it (`--idle-pause`): the next use wakes it. */
+  idlePaused?: boolean;
+}
+
+/** What the guest says of itself (the agent's `stats`), when it can answer. */
+export type GuestStats = { memTotalKiB: number; memAvailableKiB: number; processes: number } | undefined;
+
+/**
+ * One `docker stats` row: CPU of the VMM process since `previous` (or over a short sample when
+ * there is none), the VMM's memory, the disk's allocated bytes, and the guest's own figures.
+ * Returns the row and the sample to measure the next call's CPU from.
+ */
+export async function measure(
+  row: InstanceRow,
+  vmmPid: number | undefined,
+  diskPath: string | undefined,
+  guest: GuestStats,
+  previous: ProcessSample | undefined,
+): Promise<{ stats: InstanceStats; sample: ProcessSample | undefined }> {
+  let cpu: number | null = null;
+  let sample = previous;
+  if (vmmPid !== undefined) {
+    let before = previous;
+    if (!before) {
+      before = await sampleCpu(vmmPid);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    const now = await sampleCpu(vmmPid);
+    if (before && now) {
+      cpu = cpuPercent(before, now);
+      sample = now;
+    }
+  }
+  const stats: InstanceStats = {
+    id: row.id,
+    handle: row.handle,
+    state: row.state,
+    cpuPercent: cpu,
+    vmmMemoryBytes: vmmPid !== undefined ? ((await processMemoryBytes(vmmPid)) ?? null) : null,
+    memoryLimitBytes: row.memoryMiB * 1024 * 1024,
+    guestMemoryUsedBytes: guest ? (guest.memTotalKiB - guest.memAvailableKiB) * 1024 : null,
+    guestMemoryTotalBytes: guest ? guest.memTotalKiB * 1024 : null,
+    processes: guest ? guest.processes : null,
+    diskUsedBytes: diskPath ? ((await allocatedBytes(diskPath)) ?? null) : null,
+    ...(isIdlePaused(row) ? { idlePaused: true } : {}),
+  };
+  return { stats, sample };
 }

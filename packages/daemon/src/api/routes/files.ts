@@ -56,7 +56,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/instances/{ref}/files',
       handler: async ({ params, query, signal, res }) => {
-        const { stat, data } = await m.files(ref(params), { op: 'read', path: pathQuery(query) }, undefined, signal);
+        const { stat, data } = await m.instance(ref(params)).files({ op: 'read', path: pathQuery(query) }, undefined, signal);
         await sendBytes(
           res,
           {
@@ -83,7 +83,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
           ...(mode !== undefined ? { mode } : {}),
           ...(size !== undefined ? { size } : {}),
         };
-        const { stat, data } = await m.files(ref(params), op, req, signal);
+        const { stat, data } = await m.instance(ref(params)).files(op, req, signal);
         data.resume();
         return reply('writeFile', 200, statOf(stat, 'write'));
       },
@@ -92,12 +92,9 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'DELETE',
       path: '/v1/instances/{ref}/files',
       handler: async ({ params, query, signal }) => {
-        const { data } = await m.files(
-          ref(params),
-          { op: 'remove', path: pathQuery(query), recursive: boolQuery(query, 'recursive') },
-          undefined,
-          signal,
-        );
+        const { data } = await m
+          .instance(ref(params))
+          .files({ op: 'remove', path: pathQuery(query), recursive: boolQuery(query, 'recursive') }, undefined, signal);
         data.resume();
         return { status: 204 };
       },
@@ -106,7 +103,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/instances/{ref}/files/stat',
       handler: async ({ params, query, signal }) => {
-        const { stat, data } = await m.files(ref(params), { op: 'stat', path: pathQuery(query) }, undefined, signal);
+        const { stat, data } = await m.instance(ref(params)).files({ op: 'stat', path: pathQuery(query) }, undefined, signal);
         data.resume();
         return reply('statFile', 200, statOf(stat, 'stat'));
       },
@@ -115,7 +112,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/instances/{ref}/files/list',
       handler: async ({ params, query, signal }) => {
-        const { data } = await m.files(ref(params), { op: 'list', path: pathQuery(query) }, undefined, signal);
+        const { data } = await m.instance(ref(params)).files({ op: 'list', path: pathQuery(query) }, undefined, signal);
         return reply('listFiles', 200, { entries: await readEntries(data) });
       },
     },
@@ -130,7 +127,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
           parents: req.parents === true,
           ...(req.mode !== undefined ? { mode: req.mode } : {}),
         };
-        const { stat, data } = await m.files(ref(params), op, undefined, signal);
+        const { stat, data } = await m.instance(ref(params)).files(op, undefined, signal);
         data.resume();
         return reply('makeDirectory', 200, statOf(stat, 'mkdir'));
       },
@@ -140,7 +137,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/archive',
       handler: async ({ params, query, signal, res }) => {
         const op = { op: 'tarOut' as const, path: pathQuery(query) };
-        const { stat, data } = await m.files(ref(params), op, undefined, signal);
+        const { stat, data } = await m.instance(ref(params)).files(op, undefined, signal);
         // What was archived, as Docker's X-Docker-Container-Path-Stat: the client needs it to
         // decide where the copy goes before it reads the tar.
         const statHeader: Record<string, string> = stat
@@ -156,7 +153,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       rawBody: true,
       handler: async ({ params, query, signal, req }) => {
         const op = { op: 'tarIn' as const, path: pathQuery(query), keepOwner: boolQuery(query, 'keepOwner') };
-        const { stat, data } = await m.files(ref(params), op, req, signal);
+        const { stat, data } = await m.instance(ref(params)).files(op, req, signal);
         data.resume();
         return reply('putArchive', 200, statOf(stat, 'tarIn'));
       },

@@ -5,6 +5,9 @@ import { matches, type LogEnd, type LogEntry, type LogFilter, type LogStore } fr
 import { validateBody } from '../validate.js';
 import { boolQuery, intQuery, reply, startStream, STREAMED, type Route } from '../server.js';
 
+/** How long a `run` with volumes waits for its throwaway instance to be removed before it returns anyway. */
+const REMOVAL_WAIT_MS = 30_000;
+
 function param(params: Record<string, string>, name: string): string {
   const v = params[name];
   if (v === undefined) throw new AegisError('INVALID_ARGUMENT', `missing ${name}`);
@@ -48,7 +51,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'DELETE',
       path: '/v1/instances/{ref}',
       handler: async ({ params, query }) => {
-        await m.delete(param(params, 'ref'), boolQuery(query, 'force'));
+        await m.instance(param(params, 'ref')).delete(boolQuery(query, 'force'));
         return { status: 204 };
       },
     },
@@ -57,23 +60,23 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/stop',
       handler: async ({ params, body }) => {
         const req = validateBody('StopRequest', body ?? {});
-        return reply('stopInstance', 200, await m.stop(param(params, 'ref'), req.timeoutMs));
+        return reply('stopInstance', 200, await m.instance(param(params, 'ref')).stop(req.timeoutMs));
       },
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/pause',
-      handler: async ({ params }) => reply('pauseInstance', 200, await m.pause(param(params, 'ref'))),
+      handler: async ({ params }) => reply('pauseInstance', 200, await m.instance(param(params, 'ref')).pause()),
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/resume',
-      handler: async ({ params }) => reply('resumeInstance', 200, await m.resume(param(params, 'ref'))),
+      handler: async ({ params }) => reply('resumeInstance', 200, await m.instance(param(params, 'ref')).resume()),
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/restart',
-      handler: async ({ params, signal }) => reply('restartInstance', 200, await m.restart(param(params, 'ref'), signal)),
+      handler: async ({ params, signal }) => reply('restartInstance', 200, await m.instance(param(params, 'ref')).restart(signal)),
     },
     {
       method: 'POST',
@@ -82,8 +85,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         const req = validateBody('ExecRequest', body);
         let write: ((ev: unknown) => Promise<void> | undefined) | undefined;
         // Errors before the exec starts are plain HTTP errors; after, the stream's last event.
-        await m.exec(
-          param(params, 'ref'),
+        await m.instance(param(params, 'ref')).exec(
           req,
           (ev) => {
             write ??= startStream(res);
@@ -101,7 +103,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/input',
       handler: async ({ params, body }) => {
         const req = validateBody('ExecInputRequest', body);
-        await m.input(param(params, 'ref'), undefined, req.data, req.eof === true);
+        await m.instance(param(params, 'ref')).input(undefined, req.data, req.eof === true);
         return { status: 204 };
       },
     },
@@ -110,32 +112,32 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/resize',
       handler: async ({ params, body }) => {
         const req = validateBody('TtySize', body);
-        await m.resize(param(params, 'ref'), undefined, req.rows, req.cols);
+        await m.instance(param(params, 'ref')).resize(undefined, req.rows, req.cols);
         return { status: 204 };
       },
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/wait',
-      handler: async ({ params, signal }) => reply('waitInstance', 200, await m.wait(param(params, 'ref'), signal)),
+      handler: async ({ params, signal }) => reply('waitInstance', 200, await m.instance(param(params, 'ref')).wait(signal)),
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/deadline',
       handler: ({ params, body }) => {
         const req = validateBody('DeadlineRequest', body);
-        return Promise.resolve(reply('setDeadline', 200, m.extend(param(params, 'ref'), req.timeoutMs)));
+        return Promise.resolve(reply('setDeadline', 200, m.instance(param(params, 'ref')).extend(req.timeoutMs)));
       },
     },
     {
       method: 'GET',
       path: '/v1/instances/{ref}/stats',
-      handler: async ({ params }) => reply('instanceStats', 200, await m.stats(param(params, 'ref'))),
+      handler: async ({ params }) => reply('instanceStats', 200, await m.instance(param(params, 'ref')).stats()),
     },
     {
       method: 'GET',
       path: '/v1/instances/{ref}/top',
-      handler: async ({ params }) => reply('topInstance', 200, await m.top(param(params, 'ref'))),
+      handler: async ({ params }) => reply('topInstance', 200, await m.instance(param(params, 'ref')).top()),
     },
     {
       method: 'POST',
@@ -143,20 +145,15 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       handler: async ({ body, signal, res }) => {
         const req = validateBody('CreateInstanceRequest', body);
         const inst = await m.create(req, signal);
+        const instance = m.instance(inst.id);
         // From here the instance lives no longer than this request, if it was asked to be throwaway.
         let ended = false;
-        signal.addEventListener(
-          'abort',
-          () => {
-            if (!ended && req.autoRemove) void m.delete(inst.id, true).catch(() => undefined);
-          },
-          { once: true },
-        );
+        signal.addEventListener('abort', () => !ended && instance.abandon(), { once: true });
         const write = startStream(res);
         write({ type: 'created', instance: inst });
-        const { store, live } = m.logs(inst.id);
+        const { store, live } = instance.logs();
         // Its client waits on the workload, as on an exec: not paused for idleness meanwhile (--idle-pause).
-        const release = m.holdAwake(inst.id);
+        const release = instance.holdAwake();
         let end: LogEnd | undefined;
         // A throwaway instance's run ends at the workload's exit: the VM's teardown and the
         // instance's removal (the manager's, once it stops) go on after the caller has its
@@ -168,10 +165,10 @@ export function instanceRoutes(d: DaemonContext): Route[] {
           release();
           // It ended before we could follow it (a workload that exits at once).
           for await (const e of store.read(undefined, undefined, { execs: false })) await write({ type: 'output', ...e });
-          end = store.exitInfo ?? endOf(m.get(inst.id));
+          end = store.exitInfo ?? endOf(instance.view());
         }
-        // Not ended early: removed before run returns, as it always was (the manager may be at it too).
-        if (end && req.autoRemove && !early) await m.delete(inst.id, true).catch(() => undefined);
+        // Not ended early: its owner removes it once its VM is down, before run returns, as it always was.
+        if (end && req.autoRemove && !early) await Promise.race([instance.removed, new Promise((r) => setTimeout(r, REMOVAL_WAIT_MS))]);
         ended = true;
         if (end) write({ type: 'end', ...end });
         res.end();
@@ -183,7 +180,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/signal',
       handler: async ({ params, body }) => {
         const req = validateBody('SignalRequest', body);
-        await m.signal(param(params, 'ref'), req.signal);
+        await m.instance(param(params, 'ref')).signal(req.signal);
         return { status: 204 };
       },
     },
@@ -192,7 +189,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/execs/{execId}/signal',
       handler: async ({ params, body }) => {
         const req = validateBody('SignalRequest', body);
-        await m.signal(param(params, 'ref'), req.signal, param(params, 'execId'));
+        await m.instance(param(params, 'ref')).signal(req.signal, param(params, 'execId'));
         return { status: 204 };
       },
     },
@@ -201,7 +198,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/execs/{execId}/resize',
       handler: async ({ params, body }) => {
         const req = validateBody('TtySize', body);
-        await m.resize(param(params, 'ref'), param(params, 'execId'), req.rows, req.cols);
+        await m.instance(param(params, 'ref')).resize(param(params, 'execId'), req.rows, req.cols);
         return { status: 204 };
       },
     },
@@ -210,7 +207,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/execs/{execId}/input',
       handler: async ({ params, body }) => {
         const req = validateBody('ExecInputRequest', body);
-        await m.input(param(params, 'ref'), param(params, 'execId'), req.data, req.eof === true);
+        await m.instance(param(params, 'ref')).input(param(params, 'execId'), req.data, req.eof === true);
         return { status: 204 };
       },
     },
@@ -223,12 +220,13 @@ export function instanceRoutes(d: DaemonContext): Route[] {
         const since = intQuery(query, 'since');
         const filter = { ...(since !== undefined ? { sinceMs: since } : {}), execs: boolQuery(query, 'execs') };
         // A follower wakes an idle-paused instance (--idle-pause); one the user paused it waits for.
-        if (following) await m.wake(param(params, 'ref'), 'logs --follow').catch(() => undefined);
-        const { store, live } = m.logs(param(params, 'ref'));
+        const instance = m.instance(param(params, 'ref'));
+        if (following) await instance.wake('logs --follow').catch(() => undefined);
+        const { store, live } = instance.logs();
         const write = startStream(res);
         if (!following || !live) {
           for await (const e of store.read(tail, undefined, filter)) await write({ type: 'output', ...e });
-          if (following) write({ type: 'end', ...endOf(m.get(param(params, 'ref'))) });
+          if (following) write({ type: 'end', ...endOf(instance.view()) });
           res.end();
           return STREAMED;
         }

@@ -1,0 +1,511 @@
+/**
+ * One instance's owner (containerd's per-task `Init`, Firecracker's single VMM thread): its
+ * operation queue, its running VM, its deadline and idle clock (owner.ts holds that machinery;
+ * this file, what callers ask of an instance). Every operation that changes it — start, stop, delete, pause, resume, restart, the admission of an exec, a signal, a
+ * resize, input, a files call, `top` — runs as the next item of its queue, so none interleave;
+ * a start in flight is cancelled by the stop or delete queued behind it. What the VM does (the
+ * workload exited, the VMM went away) arrives as queued events too. Reads (`view`, `logs`,
+ * `stats`, `wait`) and the deadline (`extend`, which must not wait behind a boot) go through
+ * this object without queueing.
+ *
+ * State changes are compare-and-set against the state table (state.ts). After every queued
+ * step `settle` looks once: a throwaway instance (`autoRemove`) that is down is removed — the
+ * only place that decision is made.
+ */
+import { randomBytes } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import { AegisError, type FileRequest, type PsResult } from '@aegis/protocol';
+import type { Vm } from '@aegis/vmm';
+import type { InstanceRow } from '../registry/db.js';
+import { PortForwarder } from '../ports/forwarder.js';
+import type { AgentConnection } from './agent.js';
+import { freshIdentity, machineShape, startVm, type VmPlan } from './boot.js';
+import { fileOp, type FileResult } from './files.js';
+import { isIdlePaused } from './idle.js';
+import { LiveInstance, type ExecEmitter } from './live.js';
+import { LogStore } from './logs.js';
+import type { PooledVm } from './pool.js';
+import { existingDisk, imageEnv, type ExecRequest, type InstanceView } from './spec.js';
+import { isLive, requireState, type InstanceState } from './state.js';
+import { measure, type InstanceStats, type ProcessSample } from './stats.js';
+import { DEFAULT_STOP_TIMEOUT_MS, InstanceOwner, type StartPlan, type FileOpRequest } from './owner.js';
+
+const RUN_TIMEOUT_MS = 30_000;
+/** Operations a stop or delete may cut short. */
+const CANCELLABLE = ['start', 'restart'] as const;
+
+export class Instance extends InstanceOwner {
+  /** The last CPU sample of its VMM, for `stats` (CPU since the previous call). */
+  private cpuSample: ProcessSample | undefined;
+
+  /** The create's start: boots the VM and starts the workload (see launch). */
+  start(plan: StartPlan, signal?: AbortSignal): Promise<InstanceView> {
+    return this.op('start', (row, s) => this.launch(row, plan, false, s), { signal, always: true });
+  }
+
+  /**
+   * `docker restart`: stops the instance if it runs, then boots a new VM for it with the same
+   * command, environment (secrets resolved again by name), image, network and host ports, on
+   * its own disk, so what it wrote survives. Logs continue in the same store.
+   */
+  restart(signal?: AbortSignal): Promise<InstanceView> {
+    return this.op(
+      'restart',
+      async (row, opSignal) => {
+        if (isLive(row.state)) {
+          await this.stopNow(row, DEFAULT_STOP_TIMEOUT_MS);
+          row = this.row();
+        }
+        requireState(row.handle, row.state, ['stopped', 'failed'], 'restart');
+        const secretEnv = this.s.secrets.resolve(row.spec.secrets);
+        const image = row.image ? this.s.images.resolveDigest(row.image.digest) : undefined;
+        if (row.network === 'user' && !this.s.networkModes.includes('user')) {
+          throw new AegisError('UNSUPPORTED', `the ${this.s.backend.name} backend cannot give this instance its network here`);
+        }
+        await this.s.mounts.recheck(row.volumes);
+        const forwarder = await PortForwarder.listen(row.ports);
+        try {
+          // No await between the check and the move: a start of the same volume elsewhere sees this one.
+          this.s.volumes.checkAttach(this.row().volumes, this.id);
+          this.mustMove('starting', { exitCode: null, stateReason: null, startedAt: null, stoppedAt: null });
+        } catch (err) {
+          forwarder.close();
+          throw err;
+        }
+        this.s.log.info(`instance ${row.handle} (${this.id}): restarting`);
+        if (row.spec.timeoutMs !== undefined) this.setDeadline(row.spec.timeoutMs);
+        const env = { ...imageEnv(image?.config), ...row.spec.env, ...secretEnv };
+        return this.launch(this.row(), { forwarder, image, env }, true, opSignal);
+      },
+      { signal },
+    );
+  }
+
+  /**
+   * Boots the VM (from the pool, warm from a template when one fits and the disk is new, else
+   * cold), serves its ports, and starts its workload. When `signal` aborts (a stop or delete
+   * queued behind, or the caller gone), whatever it booted is ended before it returns.
+   */
+  private async launch(row: InstanceRow, plan: StartPlan, keepDisk: boolean, signal: AbortSignal): Promise<InstanceView> {
+    const { handle } = row;
+    const { forwarder, image, pooled } = plan;
+    try {
+      signal.throwIfAborted();
+      await fs.mkdir(path.join(this.dir, 'vm'), { recursive: true, mode: 0o700 });
+      const shape = plan.shape ?? (await machineShape(this.s.config, row.memoryMiB, row.vcpuCount, row.network, image));
+      // A restart keeps the instance's disk (its writes), so it boots cold on that disk. So does
+      // an instance with volumes: a machine restored from a template cannot gain devices.
+      const volumes = this.s.volumes.vmVolumes(row.volumes);
+      const template = pooled || keepDisk || volumes.length > 0 ? undefined : this.s.templates.lookup(shape);
+      let agent: AgentConnection;
+      try {
+        agent = pooled ? await this.fromPool(row, pooled, signal) : await this.boot(row, { shape, template, keepDisk, volumes }, signal);
+      } catch (err) {
+        if ((!template && !pooled) || signal.aborted) throw err;
+        // A template or pooled VM that fails must not break instances: set it aside, boot cold.
+        this.s.log.warn(
+          `instance ${handle} (${this.id}): ${pooled ? 'pooled VM' : 'warm boot'} failed (${(err as Error).message}); booting cold`,
+        );
+        const failed = this.live;
+        if (failed) {
+          failed.retired = true;
+          this.live = undefined;
+          await failed.kill();
+        } else await pooled?.vm.stop({ timeoutMs: 0 }).catch(() => undefined);
+        if (template) await this.s.templates.discard(template);
+        this.s.registry.updateInstance(this.id, { vmRecord: null });
+        agent = await this.boot(row, { shape, volumes }, signal);
+      }
+      signal.throwIfAborted();
+      if (this.live) this.serve(this.live, forwarder);
+      const params = {
+        command: row.command,
+        env: plan.env,
+        ...(row.workdir ? { workdir: row.workdir } : {}),
+        ...(row.spec.user !== undefined ? { user: row.spec.user } : {}),
+        ...(row.spec.stdin ? { stdin: true } : {}),
+        ...(row.spec.tty ? { tty: row.spec.tty } : {}),
+        ...(image ? { image: image.config.user ? { user: image.config.user } : {} } : {}),
+      };
+      await agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS, signal });
+      this.move('running', { startedAt: Date.now() }, ['starting']);
+      return this.view();
+    } catch (err) {
+      const cancelled = signal.aborted;
+      const e = cancelled ? AegisError.from(signal.reason ?? err, 'CANCELLED') : AegisError.from(err);
+      const live = this.live;
+      const tail = e.code === 'TIMEOUT' && live ? await live.vm.consoleTail(1500) : '';
+      this.s.log.warn(
+        `instance ${handle} (${this.id}): start ${cancelled ? 'cancelled' : 'failed'}: ${e.message}${tail ? `\n--- console ---\n${tail}` : ''}`,
+      );
+      this.move(
+        cancelled ? 'stopped' : 'failed',
+        { stateReason: cancelled ? `stopped while starting (${e.message})` : `start failed: ${e.message}`, stoppedAt: Date.now() },
+        ['starting'],
+      );
+      // Whatever booted is ended before this operation returns; a pooled VM never followed too.
+      if (live) await this.kill(live);
+      else await pooled?.vm.stop({ timeoutMs: 0 }).catch(() => undefined);
+      forwarder.close();
+      throw e;
+    }
+  }
+
+  /**
+   * Starts the VM (warm from `template`: restore + `fresh`, else cold) and returns once its
+   * harness answers. It is followed before anything can fail, so a cancel always finds it.
+   */
+  private async boot(row: InstanceRow, plan: Omit<VmPlan, 'id' | 'handle' | 'dir'>, signal: AbortSignal): Promise<AgentConnection> {
+    const t0 = Date.now();
+    const phases: string[] = [];
+    const phase = (name: string): void => void phases.push(`${name} ${Date.now() - t0}`);
+    const vm = await startVm(this.s, { id: this.id, handle: row.handle, dir: this.dir, ...plan }, signal);
+    phase(plan.template ? 'restored' : 'vmm started');
+    this.s.registry.updateInstance(this.id, { vmRecord: vm.record() });
+    const live = this.follow(vm, row.handle);
+    signal.throwIfAborted();
+    const agent = await live.connectAgent(this.s.config.bootTimeoutMs, signal);
+    phase('agent ready');
+    if (plan.template) {
+      await agent.call('fresh', freshIdentity(row.handle), { timeoutMs: 15_000, signal });
+      phase('fresh');
+    }
+    if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
+    this.s.log.info(`instance ${row.handle} (${this.id}): ${plan.template ? 'warm' : 'cold'} boot, ms: ${phases.join(', ')}`);
+    return agent;
+  }
+
+  /**
+   * Makes a pooled VM this instance's: followed as any instance's VM, with the pool's agent
+   * channel handed over before the guest runs again (nothing it says is lost), then resumed
+   * and given its identity before any of the instance's own work reaches it.
+   */
+  private async fromPool(row: InstanceRow, pooled: PooledVm, signal: AbortSignal): Promise<AgentConnection> {
+    const t0 = Date.now();
+    this.s.registry.updateInstance(this.id, { vmRecord: pooled.vm.record() });
+    const live = this.follow(pooled.vm, row.handle);
+    live.adoptAgent(pooled.agent);
+    await pooled.vm.resume();
+    const resumedMs = Date.now() - t0;
+    await pooled.agent.call('fresh', freshIdentity(row.handle), { timeoutMs: 15_000, signal });
+    if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during start');
+    this.s.log.info(`instance ${row.handle} (${this.id}): from the warm pool, ms: resumed ${resumedMs}, fresh ${Date.now() - t0}`);
+    return pooled.agent;
+  }
+
+  /** Starts following a VM: its exit and its agent report to this owner. */
+  private follow(vm: Vm, handle: string): LiveInstance {
+    const live = new LiveInstance(this.id, handle, vm, new LogStore(path.join(this.dir, 'output.ndjson')), this, this.s.log);
+    this.live = live;
+    // Output of the workload or an exec is use (`--idle-pause`).
+    live.logs.on('entry', () => this.idle.touch());
+    return live;
+  }
+
+  /** Forwards the exposed ports over the VM's data channel for as long as it runs. */
+  private serve(live: LiveInstance, forwarder: PortForwarder): void {
+    live.forwarder = forwarder;
+    forwarder.serve(
+      () => live.vm.connectData(),
+      (err) => this.s.log.warn(`instance ${live.handle}: port listener: ${err.message}`),
+      {
+        // A new connection to an idle-paused instance waits for it to wake (paused, as accepted).
+        admit: () => (live.paused ? this.wake('a connection').then(() => undefined) : Promise.resolve()),
+        // Bytes either way are use; bytes from the host on an open connection wake it (they wait in the channel).
+        traffic: (fromHost) => {
+          this.idle.touch();
+          if (fromHost && live.paused) void this.wake('a connection').catch(() => undefined);
+        },
+      },
+    );
+  }
+
+  /** Stops the instance; a start in flight is cancelled first (nothing boots afterwards). */
+  stop(timeoutMs = DEFAULT_STOP_TIMEOUT_MS, reason = 'stopped by request'): Promise<InstanceView> {
+    return this.op(
+      'stop',
+      async (row) => {
+        await this.stopNow(row, timeoutMs, reason);
+        return this.view();
+      },
+      { cancels: CANCELLABLE },
+    );
+  }
+
+  /** Deletes the instance; with `force` a live one is stopped first (a start in flight cancelled). */
+  async delete(force: boolean): Promise<void> {
+    const first = this.row();
+    const refuse = (row: InstanceRow): AegisError =>
+      new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" is ${row.state}; stop it first or delete with --force`);
+    if (isLive(first.state) && !force) throw refuse(first);
+    await this.op(
+      'delete',
+      async (row) => {
+        if (isLive(row.state)) {
+          if (!force) throw refuse(row);
+          await this.stopNow(row, 2000);
+        }
+        await this.removeNow();
+      },
+      force ? { cancels: CANCELLABLE } : {},
+    );
+  }
+
+  /**
+   * The creator of a throwaway instance went away (`run`'s connection dropped): it is stopped,
+   * a start in flight cancelled, and `settle` removes it. A kept instance is left alone.
+   */
+  abandon(): void {
+    if (this.s.registry.getInstance(this.id)?.spec.autoRemove) void this.stop(2000, 'its creator went away').catch(() => undefined);
+  }
+
+  pause(): Promise<InstanceView> {
+    return this.op('pause', async (row) => {
+      if (isIdlePaused(row)) {
+        // Paused already, for idleness: now the user's pause, which use does not wake.
+        this.s.registry.updateInstance(this.id, { stateReason: null });
+        return this.view();
+      }
+      requireState(row.handle, row.state, ['running'], 'pause');
+      const live = this.requireLive(row, 'pause');
+      await live.vm.pause();
+      live.paused = true;
+      this.mustMove('paused');
+      return this.view();
+    });
+  }
+
+  resume(): Promise<InstanceView> {
+    return this.op('resume', async (row) => {
+      requireState(row.handle, row.state, ['paused'], 'resume');
+      const live = this.requireLive(row, 'resume');
+      await live.vm.resume();
+      this.mustMove('running', isIdlePaused(row) ? { stateReason: null } : {});
+      live.resumed();
+      return this.view();
+    });
+  }
+
+  /** Runs a command in the instance, calling `emit` for each event; resolves after `exit`. */
+  async exec(req: ExecRequest, emit: ExecEmitter, signal?: AbortSignal): Promise<void> {
+    const execId = randomBytes(6).toString('hex');
+    // Admission is an operation of the instance (no stop can slip in between the check and
+    // the guest starting the command); the command's output then streams outside the queue.
+    const { agent, done } = await this.op(
+      'exec',
+      async (queued) => {
+        const row = await this.wakeNow(queued, 'exec');
+        requireState(row.handle, row.state, ['running'], 'exec in');
+        const live = this.requireLive(row, 'exec in');
+        const agent = live.agent;
+        if (!agent) throw new AegisError('UNAVAILABLE', `agent of instance "${row.handle}" is not connected`);
+        const done = live.trackExec(execId, emit);
+        done.catch(() => undefined); // observed below; not an unhandled rejection meanwhile
+        // An exec in progress is use, however quiet (`--idle-pause`).
+        const release = this.idle.hold();
+        void done.then(release, release);
+        try {
+          // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
+          const image = row.image ? this.s.images.resolveDigest(row.image.digest).config : undefined;
+          const workdir = req.workdir ?? image?.workingDir;
+          const secretEnv = this.s.secrets.resolve(row.spec.secrets, { skipMissing: true });
+          const params = {
+            execId,
+            command: req.command,
+            // As docker exec: the instance's environment (image, --env, secrets looked up again by name), then the exec's own.
+            env: { ...imageEnv(image), ...row.spec.env, ...secretEnv, ...req.env },
+            ...(workdir ? { workdir } : {}),
+            ...(req.user !== undefined ? { user: req.user } : {}),
+            ...(image ? { image: image.user ? { user: image.user } : {} } : {}),
+            ...(req.stdin ? { stdin: true } : {}),
+            ...(req.tty ? { tty: req.tty } : {}),
+          };
+          await agent.call('exec', params, { timeoutMs: RUN_TIMEOUT_MS });
+        } catch (err) {
+          live.execs.delete(execId);
+          throw err;
+        }
+        return { agent, done };
+      },
+      { signal },
+    );
+    emit({ type: 'started', execId });
+    const onAbort = (): void => {
+      // The caller went away: don't leave its command running unseen, nor what it started.
+      void agent.call('signal', { execId, signal: 'SIGKILL', group: true }, { timeoutMs: 5000 }).catch(() => undefined);
+    };
+    if (signal?.aborted) onAbort();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      await done;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Sends a signal to the workload, or to one exec. */
+  async signal(signal: string, execId?: string): Promise<void> {
+    const { agent } = await this.admit('signal', 'a signal');
+    await agent.call('signal', execId === undefined ? { signal } : { execId, signal }, { timeoutMs: 10_000 });
+  }
+
+  /** Resizes the terminal of the workload (no execId) or of an exec. */
+  async resize(execId: string | undefined, rows: number, cols: number): Promise<void> {
+    const { agent } = await this.admit('resize a terminal in', 'a terminal resize');
+    await agent.call('resize', { ...(execId !== undefined ? { execId } : {}), rows, cols }, { timeoutMs: 10_000 });
+  }
+
+  /** Feeds the stdin of the workload (no execId) or of an exec: base64 `data`, then optionally end of file. */
+  async input(execId: string | undefined, data: string | undefined, eof: boolean): Promise<void> {
+    const { agent } = await this.admit('write to', 'input');
+    const params = { ...(execId !== undefined ? { execId } : {}), ...(data !== undefined ? { data } : {}), ...(eof ? { eof: true } : {}) };
+    await agent.call('stdin', params, { timeoutMs: 30_000 });
+  }
+
+  /** The guest's processes (`docker top`). */
+  async top(): Promise<PsResult> {
+    const { agent } = await this.admit('list the processes of', 'top');
+    return agent.call('ps', {}, { timeoutMs: 10_000 });
+  }
+
+  /**
+   * One operation of the guest's file service (files API, `aegis cp`), in the instance's root
+   * (its image's when it has one). The instance must be running: a paused guest cannot answer.
+   */
+  async files(req: FileOpRequest, body?: Readable, signal?: AbortSignal): Promise<FileResult> {
+    // In progress until its bytes are through: not idle meanwhile (`--idle-pause`), and woken first.
+    const release = this.idle.hold();
+    try {
+      const { row, live } = await this.admit('reach the files of', 'files');
+      const forwarder = live.forwarder;
+      if (!forwarder) throw new AegisError('UNAVAILABLE', `instance "${row.handle}" is not serving its data channel yet`);
+      const result = await fileOp(() => forwarder.open(0), { ...req, image: row.image !== null } as FileRequest, body, signal);
+      // However the transfer ends (the VM going closes it too).
+      for (const ev of ['close', 'end', 'error']) result.data.once(ev, release);
+      return result;
+    } catch (err) {
+      release();
+      throw err;
+    }
+  }
+
+  /** What the instance costs and uses (`docker stats`); the guest's own figures are absent while paused. */
+  async stats(): Promise<InstanceStats> {
+    const row = this.row();
+    requireState(row.handle, row.state, ['running', 'paused'], 'measure');
+    const live = this.requireLive(row, 'measure');
+    const guest =
+      row.state === 'running' && live.agent ? await live.agent.call('stats', {}, { timeoutMs: 5000 }).catch(() => undefined) : undefined;
+    const disk = await existingDisk(this.dir);
+    const { stats, sample } = await measure(row, live.vm.hostPid(), disk?.path, guest, this.cpuSample);
+    this.cpuSample = sample;
+    return stats;
+  }
+
+  /** The log store plus whether more output can still come. */
+  logs(): { row: InstanceRow; store: LogStore; live: boolean } {
+    const row = this.row();
+    const store = this.live?.logs ?? new LogStore(path.join(this.dir, 'output.ndjson'));
+    return { row, store, live: this.live !== undefined && isLive(row.state) };
+  }
+
+  /** Resolves once the instance is stopped or failed (`docker wait`), with how it ended. */
+  async wait(signal?: AbortSignal): Promise<{ state: InstanceState; exitCode: number | null; stateReason?: string }> {
+    for (;;) {
+      const row = this.s.registry.getInstance(this.id);
+      if (!row) throw new AegisError('NOT_FOUND', `instance ${this.id} was deleted while waited for`);
+      if (!isLive(row.state)) {
+        return { state: row.state, exitCode: row.exitCode, ...(row.stateReason ? { stateReason: row.stateReason } : {}) };
+      }
+      // Woken by the VM's end; the poll covers a start that has no VM yet, and a restart.
+      const store = this.live?.logs;
+      await new Promise<void>((resolve, reject) => {
+        const done = (): void => {
+          clearTimeout(timer);
+          store?.off('end', done);
+          signal?.removeEventListener('abort', gone);
+          resolve();
+        };
+        const gone = (): void => {
+          done();
+          reject(new AegisError('CANCELLED', 'the caller went away'));
+        };
+        const timer = setTimeout(done, 500);
+        store?.once('end', done);
+        signal?.addEventListener('abort', gone, { once: true });
+      });
+    }
+  }
+
+  /**
+   * Sets the deadline `timeoutMs` from now (0: none), as `aegis instance extend`. Not queued:
+   * it touches only the timer, and must not wait behind a boot.
+   */
+  extend(timeoutMs: number): InstanceView {
+    const row = this.row();
+    requireState(row.handle, row.state, ['starting', 'running', 'paused'], 'set the deadline of');
+    this.setDeadline(timeoutMs);
+    return this.view();
+  }
+
+  /**
+   * After a daemon restart: takes over the VM an earlier daemon started if it still runs; a
+   * start caught half-way is failed (its caller has gone) and whatever it booted ended.
+   */
+  recover(): Promise<void> {
+    return this.op('recover', async (row) => {
+      if (isLive(row.state)) {
+        if (!row.vmRecord || row.state === 'starting') {
+          if (row.vmRecord) {
+            const vm = await this.s.backend.attach(row.vmRecord).catch(() => undefined);
+            await vm?.stop({ timeoutMs: 1000 }).catch(() => undefined);
+          }
+          this.move('failed', { stateReason: 'aegisd stopped while the instance was starting', stoppedAt: Date.now(), vmRecord: null });
+        } else {
+          let vm: Vm | undefined;
+          try {
+            vm = await this.s.backend.attach(row.vmRecord);
+          } catch (err) {
+            const clean = row.state === 'stopping' || row.exitCode !== null;
+            this.move(clean ? 'stopped' : 'failed', {
+              stateReason: `VM ended while aegisd was not running (${(err as Error).message})`,
+              stoppedAt: Date.now(),
+              vmRecord: null,
+            });
+          }
+          if (vm) await this.adopt(row, vm);
+        }
+      }
+      this.armFromRow();
+    });
+  }
+
+  /**
+   * Takes over a running VM. Its agent is connected in the background: the daemon serves
+   * requests at once, however many guests are slow to answer. A paused guest cannot answer at
+   * all: its channel is connected without waiting, and checked on resume.
+   */
+  private async adopt(row: InstanceRow, vm: Vm): Promise<void> {
+    const live = this.follow(vm, row.handle);
+    live.paused = row.state === 'paused';
+    // The same host ports as before (connections that were open did not survive), and the data
+    // channel the files API uses, ports or not.
+    const forwarder = await PortForwarder.listen(row.ports).catch(async (err: unknown) => {
+      this.s.log.warn(`instance ${row.handle}: ports not restored: ${(err as Error).message}`);
+      return PortForwarder.listen([]);
+    });
+    this.serve(live, forwarder);
+    void live.connectAgent(15_000).then(
+      () => {
+        this.s.log.info(`instance ${row.handle} (${this.id}): reattached (${row.state})`);
+        if (row.state === 'stopping') void this.stop(1000).catch(() => undefined);
+      },
+      (err: unknown) => {
+        this.s.log.warn(`instance ${row.handle}: agent did not answer after reattach: ${(err as Error).message}`);
+        if (!live.paused) void this.stop(1000, 'its agent did not answer after aegisd restarted').catch(() => undefined);
+      },
+    );
+  }
+}

@@ -1,0 +1,336 @@
+/**
+ * The machinery of one instance's owner (instance.ts is the owner, with the operations callers
+ * ask for): its operation queue, its running VM and what that VM reports, its deadline and
+ * idle clock, and `settle`, the one place a throwaway instance is removed. Every state change
+ * is a compare-and-set against the state table (state.ts), made from inside the queue.
+ */
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { AegisError, exitStatus, type ExitEvent, type FileRequest } from '@aegis/protocol';
+import type { Backend, NetworkMode, VmExit } from '@aegis/vmm';
+import type { DaemonConfig } from '../config.js';
+import type { Logger } from '../log.js';
+import type { InstanceRow, Registry } from '../registry/db.js';
+import type { SecretStore } from '../secrets/store.js';
+import type { ImageService, ResolvedImage } from '../images/service.js';
+import type { PortForwarder } from '../ports/forwarder.js';
+import type { HostMounts } from '../volumes/host-mounts.js';
+import type { VolumeService } from '../volumes/service.js';
+import type { AgentConnection } from './agent.js';
+import { DeadlineTimer } from './deadlines.js';
+import { IdleClock, idleReason, isIdlePaused } from './idle.js';
+import type { LiveEvents, LiveInstance } from './live.js';
+import { OpQueue } from './op-queue.js';
+import type { PooledVm } from './pool.js';
+import { toView, type InstanceView } from './spec.js';
+import { canTransition, isLive, requireState, type InstanceState } from './state.js';
+import type { MachineShape, TemplateCache } from './templates.js';
+
+/** What every instance's owner shares with the others. */
+export interface InstanceServices {
+  config: DaemonConfig;
+  registry: Registry;
+  backend: Backend;
+  log: Logger;
+  secrets: SecretStore;
+  templates: TemplateCache;
+  images: ImageService;
+  volumes: VolumeService;
+  mounts: HostMounts;
+  /** What the backend can give a guest (its probe's capabilities). */
+  networkModes: readonly NetworkMode[];
+}
+
+/** What a create hands the instance's first start. */
+export interface StartPlan {
+  /** Its host ports, bound already. */
+  forwarder: PortForwarder;
+  image: ResolvedImage | undefined;
+  env: Record<string, string>;
+  /** A ready VM from the warm pool (its files are in the instance's directory). */
+  pooled?: PooledVm | undefined;
+  /** Worked out already by the create (to look in the pool). */
+  shape?: MachineShape | undefined;
+}
+
+/** A file request as a caller gives it: which root (image or not) is the instance's to say. */
+export type FileOpRequest = FileRequest extends infer R ? (R extends FileRequest ? Omit<R, 'image'> : never) : never;
+
+type Patch = Parameters<Registry['updateInstance']>[1];
+
+export const DEFAULT_STOP_TIMEOUT_MS = 10_000;
+/** At a deadline the workload gets this long after SIGTERM: the deadline is the user's limit, not a start of grace. */
+const DEADLINE_STOP_TIMEOUT_MS = 1000;
+
+export abstract class InstanceOwner implements LiveEvents {
+  readonly dir: string;
+  /** Resolves once the instance is removed (row and files gone). */
+  readonly removed: Promise<void>;
+  protected markRemoved!: () => void;
+  protected readonly queue = new OpQueue();
+  protected live: LiveInstance | undefined;
+  protected readonly deadline = new DeadlineTimer(() => void this.deadlineReached());
+  /** `--idle-pause`: when it has gone unused for its idle time (idle.ts). */
+  protected readonly idle = new IdleClock(() => void this.idlePause());
+
+  constructor(
+    readonly id: string,
+    protected readonly s: InstanceServices,
+  ) {
+    this.dir = path.join(s.config.instancesDir, id);
+    this.removed = new Promise((r) => (this.markRemoved = r));
+  }
+
+  row(): InstanceRow {
+    const row = this.s.registry.getInstance(this.id);
+    if (!row) throw new AegisError('NOT_FOUND', `instance ${this.id} not found`);
+    return row;
+  }
+
+  view(): InstanceView {
+    return toView(this.row());
+  }
+
+  /** Its timers as its row says (a new instance, or one found by a new daemon). */
+  armFromRow(): void {
+    const row = this.row();
+    if (isLive(row.state) && row.spec.deadlineAtMs !== undefined) this.deadline.arm(row.spec.deadlineAtMs);
+    // Idle time starts again with a new daemon; an idle-paused one stays paused until used.
+    if (row.state === 'running' && row.spec.idlePauseMs) this.idle.arm(row.spec.idlePauseMs);
+  }
+
+  /**
+   * Runs `fn` as the instance's next operation, on its row as it is then. `signal` is the
+   * caller's: an operation whose caller went away before its turn does not run, unless it
+   * must undo what was prepared for it (`always`: a create's start).
+   */
+  protected op<T>(
+    name: string,
+    fn: (row: InstanceRow, signal: AbortSignal) => Promise<T>,
+    o: { cancels?: readonly string[]; signal?: AbortSignal | undefined; always?: boolean } = {},
+  ): Promise<T> {
+    if (o.cancels) this.queue.cancel(o.cancels, `cancelled by ${name}`);
+    return this.queue.run(name, async (own) => {
+      try {
+        if (!o.always) o.signal?.throwIfAborted();
+        return await fn(this.row(), o.signal ? AbortSignal.any([own, o.signal]) : own);
+      } finally {
+        await this.settle();
+      }
+    });
+  }
+
+  /** The one place a throwaway instance is removed: once it is down and no VM of its is left. */
+  protected async settle(): Promise<void> {
+    const row = this.s.registry.getInstance(this.id);
+    if (!row?.spec.autoRemove || isLive(row.state) || this.live) return;
+    await this.removeNow().catch((err: unknown) => this.s.log.warn(`instance ${row.handle}: removal failed: ${(err as Error).message}`));
+  }
+
+  /** Compare-and-set from the state it is in now to `to`, if the table allows; false when refused. */
+  protected move(to: InstanceState, patch: Patch = {}, from?: readonly InstanceState[]): boolean {
+    const row = this.s.registry.getInstance(this.id);
+    if (!row || (from && !from.includes(row.state)) || !canTransition(row.state, to)) return false;
+    if (!this.s.registry.transitionInstance(this.id, row.state, { ...patch, state: to })) return false;
+    this.s.log.info(`instance ${row.handle} (${this.id}): ${row.state} -> ${to}${patch.stateReason ? ` (${patch.stateReason})` : ''}`);
+    // Idle time counts only while it runs: from each start or wake, not across a pause.
+    if (to === 'running' && row.spec.idlePauseMs) this.idle.arm(row.spec.idlePauseMs);
+    else if (to !== 'running') this.idle.disarm();
+    return true;
+  }
+
+  protected mustMove(to: InstanceState, patch: Patch = {}): void {
+    if (this.move(to, patch)) return;
+    const row = this.s.registry.getInstance(this.id);
+    throw new AegisError('FAILED_PRECONDITION', `instance "${row?.handle ?? this.id}" is ${row?.state ?? 'gone'}, it cannot become ${to}`);
+  }
+
+  protected requireLive(row: InstanceRow, op: string): LiveInstance {
+    if (!this.live) throw new AegisError('FAILED_PRECONDITION', `cannot ${op} instance "${row.handle}": its VM is not running`);
+    return this.live;
+  }
+
+  /** Within an operation: ends the VM, the workload first given `timeoutMs`. */
+  protected async stopNow(row: InstanceRow, timeoutMs: number, reason = 'stopped by request'): Promise<void> {
+    if (!isLive(row.state)) return; // like docker stop: nothing to do
+    const live = this.live;
+    if (!live) {
+      this.move('failed', { stateReason: 'VM was not found', stoppedAt: Date.now(), vmRecord: null });
+      return;
+    }
+    // A frozen VMM never answers `cont`: don't let that hold the stop past its deadline.
+    if (row.state === 'paused') {
+      await Promise.race([live.vm.resume().catch(() => undefined), new Promise((r) => setTimeout(r, 1000))]);
+      live.resumed();
+    }
+    this.move('stopping', { stateReason: reason }, ['running', 'paused', 'starting']);
+    await live.powerOff(timeoutMs);
+    this.vmEnded(live);
+  }
+
+  /** Ends the VM at once and records its end. */
+  protected async kill(live: LiveInstance): Promise<void> {
+    await live.kill();
+    this.vmEnded(live);
+  }
+
+  /** Within an operation: removes a stopped instance's files and row; later operations find nothing. */
+  protected async removeNow(): Promise<void> {
+    const row = this.s.registry.getInstance(this.id);
+    if (!row) return;
+    if (this.live) await this.kill(this.live); // never leave a VM without its row
+    await fs.rm(this.dir, { recursive: true, force: true });
+    this.s.registry.deleteInstance(this.id);
+    this.deadline.clear();
+    this.idle.disarm();
+    this.queue.close(new AegisError('NOT_FOUND', `instance "${row.handle}" was deleted`));
+    this.s.log.info(`instance ${row.handle} (${this.id}): deleted`);
+    void this.s.templates.collect().catch(() => undefined);
+    this.markRemoved();
+  }
+
+  onWorkloadExit(live: LiveInstance, ev: ExitEvent): void {
+    const code = exitStatus(ev);
+    // A fact the guest reported, kept at once whatever is queued; what it means for the state is queued.
+    this.s.registry.updateInstance(this.id, { exitCode: code });
+    void this.op('workload-exit', async () => {
+      if (this.live !== live) return;
+      const reason = `workload exited with status ${code}`;
+      // From starting, running or paused; a stop already on its way keeps its reason.
+      this.move('stopping', { stateReason: reason }, ['starting', 'running', 'paused']);
+      // Its status is known now: `run` returns while the VM powers off behind it.
+      live.logs.workloadExited({ state: 'stopping', exitCode: code, stateReason: reason });
+      await live.powerOff(1000);
+      this.vmEnded(live);
+    }).catch(() => undefined);
+  }
+
+  onVmExit(live: LiveInstance): void {
+    // Usually recorded already by the operation that ended it; otherwise (a crash, a guest
+    // that powered off by itself) this is where.
+    void this.op('vm-exit', () => Promise.resolve(this.vmEnded(live))).catch(() => undefined);
+  }
+
+  /** The VM under the instance has gone: what that means for the instance, decided once per VM. */
+  protected vmEnded(live: LiveInstance): void {
+    if (live.recorded) return;
+    live.recorded = true;
+    if (this.live === live) this.live = undefined;
+    if (live.retired) return;
+    const exit: VmExit = live.vmExit ?? { reason: 'killed', detail: 'VM ended' };
+    const row = this.s.registry.getInstance(this.id);
+    if (row && isLive(row.state)) {
+      const clean = live.exit !== undefined || row.state === 'stopping' || exit.reason === 'host-stop';
+      // A VM that ended under a paused instance (nobody stopped it through `stop`, which
+      // resumes first) did not stop cleanly from the user's point of view: failed, with why.
+      const to: InstanceState = clean && canTransition(row.state, 'stopped') ? 'stopped' : 'failed';
+      const reason = clean ? (row.stateReason ?? exit.detail) : `VM ended unexpectedly: ${exit.detail}`;
+      if (!this.move(to, { stoppedAt: Date.now(), stateReason: reason, vmRecord: null })) {
+        this.s.log.warn(`instance ${live.handle}: VM exit not recorded: ${row.state} -> ${to} refused`);
+      }
+    }
+    const after = this.s.registry.getInstance(this.id);
+    live.logs.end({
+      state: after?.state ?? 'stopped',
+      exitCode: after?.exitCode ?? null,
+      ...(after?.stateReason ? { stateReason: after.stateReason } : {}),
+    });
+  }
+
+  /**
+   * Admission of a call to the guest, as an operation (no stop slips in between the check and
+   * the call); an idle-paused instance is woken first. The call itself runs outside the queue.
+   */
+  protected admit(op: string, why: string): Promise<{ row: InstanceRow; agent: AgentConnection; live: LiveInstance }> {
+    this.idle.touch();
+    return this.op(op, async (queued) => {
+      const row = await this.wakeNow(queued, why);
+      requireState(row.handle, row.state, ['running'], op);
+      const live = this.requireLive(row, op);
+      if (!live.agent) throw new AegisError('UNAVAILABLE', `agent of instance "${row.handle}" is not connected`);
+      return { row, agent: live.agent, live };
+    });
+  }
+
+  protected setDeadline(timeoutMs: number): void {
+    const spec = { ...this.row().spec };
+    if (timeoutMs > 0) spec.deadlineAtMs = Date.now() + timeoutMs;
+    else delete spec.deadlineAtMs;
+    this.s.registry.setInstanceSpec(this.id, spec);
+    if (spec.deadlineAtMs !== undefined) this.deadline.arm(spec.deadlineAtMs);
+    else this.deadline.clear();
+  }
+
+  /** The workload gets SIGTERM and a short grace, the VM stops; `settle` removes a throwaway one. */
+  protected async deadlineReached(): Promise<void> {
+    const row = this.s.registry.getInstance(this.id);
+    if (!row || !isLive(row.state) || row.spec.deadlineAtMs === undefined || row.spec.deadlineAtMs > Date.now()) return;
+    this.s.log.info(`instance ${row.handle} (${this.id}): deadline reached; stopping it`);
+    await this.stop(DEADLINE_STOP_TIMEOUT_MS, `deadline reached (--timeout ${row.spec.timeoutMs ?? 0} ms)`).catch((err: unknown) =>
+      this.s.log.warn(`instance ${row.handle}: stop at its deadline failed: ${(err as Error).message}`),
+    );
+  }
+
+  /**
+   * `--idle-pause`: unused for its idle time. Paused as the user's `pause` does, through the
+   * queue, after looking again (a use may have come while this waited).
+   */
+  protected async idlePause(): Promise<void> {
+    try {
+      await this.op('idle-pause', async (row) => {
+        const live = this.live;
+        if (row.state !== 'running' || !live || !row.spec.idlePauseMs) return;
+        if (!this.idle.isIdle()) return this.idle.reschedule();
+        await live.vm.pause();
+        live.paused = true;
+        if (!this.move('paused', { stateReason: idleReason(row.spec.idlePauseMs) }, ['running'])) {
+          // The workload exited (or the VM went) meanwhile: that is its state; let it run to its end.
+          await live.vm.resume().catch(() => undefined);
+          live.resumed();
+        }
+      });
+    } catch (err) {
+      const e = AegisError.from(err);
+      if (e.code !== 'NOT_FOUND') this.s.log.warn(`instance ${this.id}: idle pause failed: ${e.message}`);
+    }
+  }
+
+  /** Within an operation: resumes an idle-paused instance (`why` woke it); any other row is returned as it is. */
+  protected async wakeNow(row: InstanceRow, why: string): Promise<InstanceRow> {
+    if (!isIdlePaused(row)) return row;
+    const live = this.requireLive(row, 'wake');
+    const started = Date.now();
+    await live.vm.resume();
+    this.mustMove('running', { stateReason: null });
+    live.resumed();
+    this.s.log.info(`instance ${row.handle} (${this.id}): woken by ${why} in ${Date.now() - started} ms`);
+    return this.row();
+  }
+
+  /**
+   * Resumes it if it is idle-paused (several wakers at once queue behind one resume and find
+   * it running); a user's pause is left alone. Use either way: its idle time restarts.
+   */
+  async wake(why: string): Promise<InstanceRow> {
+    this.idle.touch();
+    const row = this.row();
+    if (!isIdlePaused(row)) return row;
+    return this.op('wake', (current) => this.wakeNow(current, why));
+  }
+
+  /** Keeps it from pausing for idleness until the returned function is called (an attached `run`). */
+  holdAwake(): () => void {
+    return this.idle.hold();
+  }
+
+  /** Lets go of its VM without stopping it: the next daemon takes it over. */
+  detach(): void {
+    this.deadline.clear();
+    this.idle.disarm();
+    this.live?.detach();
+    this.live = undefined;
+  }
+
+  /** Stops the instance (instance.ts): what a deadline, and a reattached VM that must end, ask for. */
+  abstract stop(timeoutMs?: number, reason?: string): Promise<InstanceView>;
+}
