@@ -20,7 +20,7 @@ export default tseslint.config(
       'bench/results/**',
       'bench/.build/**',
       'packages/sdk/docs/**',
-      'packages/client/src/generated/**',
+      'packages/protocol/src/generated/**',
     ],
   },
   js.configs.recommended,

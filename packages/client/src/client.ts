@@ -23,7 +23,7 @@ import type {
   Status,
   Volume,
   WaitResult,
-} from './types.js';
+} from '@aegis/protocol/api';
 
 export function defaultSocketPath(env: NodeJS.ProcessEnv = process.env): string {
   return path.join(env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis'), 'aegisd.sock');

@@ -4,17 +4,13 @@
  * of the last 10–20 s and are reported by `status`, so stress runs and users can see them.
  */
 import { createHistogram, type RecordableHistogram } from 'node:perf_hooks';
+import type { ApiSchemas } from '@aegis/protocol/api';
 
 const TICK_MS = 20;
 const WINDOW_MS = 10_000;
 
-export interface LoopDelay {
-  p50Ms: number;
-  p99Ms: number;
-  maxMs: number;
-  /** Over how long these were measured. */
-  windowMs: number;
-}
+/** The figures as `status` shows them (`windowMs`: over how long they were measured). */
+export type LoopDelay = ApiSchemas['Status']['eventLoopDelayMs'];
 
 export class LoopDelayMonitor {
   private current: RecordableHistogram = createHistogram();

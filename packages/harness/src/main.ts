@@ -13,6 +13,8 @@ import {
   type ExecParams,
   type FreshParams,
   type ExitEvent,
+  type GuestEvent,
+  type GuestEvents,
   type GuestMethods,
   type RunParams,
   type ShutdownParams,
@@ -93,9 +95,14 @@ class Harness {
     }
   }
 
+  /** A notification of the guest contract: its params must have the schema's type. */
+  notify<E extends GuestEvent>(event: E, params: GuestEvents[E]): void {
+    this.peer.notify(event, params);
+  }
+
   private output(stream: Stream, data: Buffer, execId?: string): void {
     const base64 = data.toString('base64');
-    this.peer.notify('output', execId === undefined ? { stream, data: base64 } : { execId, stream, data: base64 });
+    this.notify('output', execId === undefined ? { stream, data: base64 } : { execId, stream, data: base64 });
   }
 
   private async run(p: RunParams): Promise<GuestMethods['run']['result']> {
@@ -115,7 +122,7 @@ class Harness {
   }
 
   private workloadExited(exit: ExitEvent): void {
-    this.peer.notify('exit', exit);
+    this.notify('exit', exit);
     // The host normally answers with `shutdown` at once; if it is away (restarting), give it
     // a while to collect the exit status, then power off anyway so no VM is left behind.
     setTimeout(() => void this.powerOff(), UNACKED_EXIT_POWEROFF_MS).unref();
@@ -131,7 +138,7 @@ class Harness {
         onOutput: (stream, data) => this.output(stream, data, p.execId),
         onExit: (exit) => {
           this.execs.delete(p.execId);
-          this.peer.notify('execExit', { execId: p.execId, ...exit, durationMs: Math.round(performance.now() - received) });
+          this.notify('execExit', { execId: p.execId, ...exit, durationMs: Math.round(performance.now() - received) });
         },
       },
       this.gate,
@@ -225,7 +232,7 @@ function main(): void {
   // Before `ready`: a host told the guest is ready may copy files at once.
   void startFileService()
     .catch((err: unknown) => console.error(`aegis-harness: file service: ${(err as Error).message}`))
-    .finally(() => harness.peer.notify('ready', { version: GUEST_PROTOCOL_VERSION }));
+    .finally(() => harness.notify('ready', { version: GUEST_PROTOCOL_VERSION }));
 }
 
 try {

@@ -7,20 +7,14 @@ import { constants as fsConstants } from 'node:fs';
 import { access, rmdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { constants as osConstants } from 'node:os';
-import { AegisError, type ExitEvent, type ImageContext, type Stream, type TtySize } from '@aegis/protocol';
+import { AegisError, type ExitEvent, type ProcessParams, type Stream, type TtySize } from '@aegis/protocol';
 import { DEFAULT_IMAGE_PATH, IMAGE_ROOT, ensureWorkdir, rootLaunch } from './image.js';
 
-export interface ProcessSpec {
+/** What `run` and `exec` ask for, and where the process's cgroup goes. */
+export type ProcessSpec = ProcessParams & {
   /** Names its cgroup under the workload's (`main` for the workload, one per exec). */
   cgroupName?: string;
-  command: string[];
-  env: Record<string, string>;
-  workdir?: string;
-  user?: string;
-  stdin?: boolean;
-  tty?: TtySize;
-  image?: ImageContext;
-}
+};
 
 /** aegis-init doubles as the PTY helper (`aegis-init pty ROWS COLS -- CMD`): Node has no openpty. */
 const PTY_HELPER = '/aegis/init';

@@ -3,20 +3,11 @@
  * unchanged, so a caller can `catch (e) { if (e instanceof NotFoundError) … }` or switch on
  * `e.code`. Messages may change; codes do not.
  */
-import { AegisError } from '@aegis/protocol';
+import { AegisError, type ErrorCode } from '@aegis/protocol';
 
-export type ErrorCode =
-  | 'INVALID_ARGUMENT'
-  | 'NOT_FOUND'
-  | 'ALREADY_EXISTS'
-  | 'FAILED_PRECONDITION'
-  | 'UNSUPPORTED'
-  | 'TIMEOUT'
-  | 'UNAVAILABLE'
-  | 'RESOURCE_EXHAUSTED'
-  | 'CANCELLED'
-  | 'INTERNAL'
-  | 'UNKNOWN';
+// The registry's codes (protocol/errors.ts). build.mjs writes the union out in the shipped
+// declarations, which cannot import a package the tarball does not have.
+export type { ErrorCode };
 
 export class SandboxError extends Error {
   override name = 'SandboxError';

@@ -5,6 +5,7 @@
 import http from 'node:http';
 import type { Duplex } from 'node:stream';
 import { AegisError, type ErrorCode } from '@aegis/protocol';
+import type { ApiOperations } from '@aegis/protocol/api';
 import type { Logger } from '../log.js';
 
 export interface RequestContext {
@@ -23,6 +24,24 @@ export interface Reply {
   status: number;
   body?: unknown;
 }
+/** The JSON body that operation `Op` of spec/openapi.json answers with `status`. */
+export type ResponseBody<Op extends keyof ApiOperations, S extends number> = ApiOperations[Op]['responses'] extends infer R
+  ? S extends keyof R
+    ? R[S] extends { content: { 'application/json': infer B } }
+      ? B
+      : never
+    : never
+  : never;
+
+/**
+ * A JSON answer of the spec's operation `op`. The operation id is there for the compiler: the
+ * body must have the type generated from that operation's response schema, so a daemon type
+ * drifting from spec/openapi.json fails to build.
+ */
+export function reply<Op extends keyof ApiOperations, S extends number>(_op: Op, status: S, body: ResponseBody<Op, S>): Reply {
+  return { status, body };
+}
+
 /** The handler wrote the response itself (a stream). */
 export const STREAMED = Symbol('streamed');
 export type Streamed = typeof STREAMED;

@@ -6,7 +6,8 @@ import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { Ajv2020, type ValidateFunction } from 'ajv/dist/2020.js';
 import { AegisError } from '@aegis/protocol';
-import { checkMounts, type VolumeMount } from '../volumes/mounts.js';
+import type { ApiSchemaName, ApiSchemas } from '@aegis/protocol/api';
+import { checkMounts } from '../volumes/mounts.js';
 
 const SPEC_URL = new URL('../../../../spec/openapi.json', import.meta.url);
 
@@ -32,8 +33,8 @@ function quote(v: string): string {
  * Rules the schemas cannot state (ajv checks no `format` here), applied once the schema has
  * passed: still validation, still before anything is bound, resolved or booted.
  */
-const EXTRA_CHECKS: Record<string, (body: never) => void> = {
-  CreateInstanceRequest: (body: { exposes?: { hostIp?: string }[]; command?: unknown; image?: unknown; volumes?: VolumeMount[] }) => {
+const EXTRA_CHECKS: { [N in ApiSchemaName]?: (body: ApiSchemas[N]) => void } = {
+  CreateInstanceRequest: (body) => {
     // Said here, not as an anyOf in the schema: the API's generated types stay one plain object.
     if (body.command === undefined && body.image === undefined) {
       throw new AegisError('INVALID_ARGUMENT', "invalid request: body must have 'command' or 'image' (or both)");
@@ -51,7 +52,11 @@ const EXTRA_CHECKS: Record<string, (body: never) => void> = {
   },
 };
 
-export function validateBody<T>(schemaName: string, body: unknown): T {
+/**
+ * Checks `body` against the OpenAPI schema named `schemaName` and returns it as that schema's
+ * generated type: the name picks both the check and the type, so they cannot disagree.
+ */
+export function validateBody<N extends ApiSchemaName>(schemaName: N, body: unknown): ApiSchemas[N] {
   let fn = cache.get(schemaName);
   if (!fn) {
     fn = ajv.getSchema(`aegis-api#/$defs/${schemaName}`);
@@ -74,8 +79,9 @@ export function validateBody<T>(schemaName: string, body: unknown): T {
             : (e?.message ?? 'is invalid');
     throw new AegisError('INVALID_ARGUMENT', `invalid request: ${where} ${detail}`);
   }
-  (EXTRA_CHECKS[schemaName] as ((b: unknown) => void) | undefined)?.(body);
-  return body as T;
+  const valid = body as ApiSchemas[N];
+  (EXTRA_CHECKS[schemaName] as ((b: ApiSchemas[N]) => void) | undefined)?.(valid);
+  return valid;
 }
 
 export function specPaths(): string[] {

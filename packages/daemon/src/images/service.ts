@@ -11,13 +11,14 @@ import { createHash } from 'node:crypto';
 import { existsSync, promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
+import type { ApiSchemas } from '@aegis/protocol/api';
 import type { Logger } from '../log.js';
 import type { Registry } from '../registry/db.js';
 import { importArchive } from './archive.js';
 import { BlobStore } from './blobs.js';
 import { buildImageFilesystem } from './layers.js';
 import { formatReference, parseReference, validateDigest } from './reference.js';
-import { pullImage, type ImageConfig, type LayerDescriptor, type PulledImage, type PullProgress } from './registry.js';
+import { pullImage, type ImageConfig, type LayerDescriptor, type PulledImage } from './registry.js';
 
 /** What the registry keeps per image (its `image` JSON). */
 interface StoredImage {
@@ -32,17 +33,7 @@ interface StoredImage {
   fsKey: string;
 }
 
-export interface ImageView {
-  digest: string;
-  references: string[];
-  sizeBytes: number;
-  fsBytes: number;
-  /** When aegis stored it. */
-  storedAt: string;
-  /** The image's own creation time, from its config. */
-  created?: string;
-  architecture: string;
-}
+export type ImageView = ApiSchemas['Image'];
 
 export interface ResolvedImage {
   digest: string;
@@ -52,11 +43,8 @@ export interface ResolvedImage {
   fsPath: string;
 }
 
-export type PullEvent =
-  | { type: 'resolved'; reference: string }
-  | { type: 'progress'; digest: string; phase: PullProgress['phase']; doneBytes: number; totalBytes: number }
-  | { type: 'preparing'; digest: string }
-  | { type: 'done'; image: ImageView; cached: boolean };
+/** What a pull reports; the `error` event is the server's, written when the stream fails. */
+export type PullEvent = Exclude<ApiSchemas['PullEvent'], { type: 'error' }>;
 
 export class ImageService {
   private readonly blobs: BlobStore;

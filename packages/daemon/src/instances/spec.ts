@@ -5,103 +5,26 @@
  */
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { AegisError, type Stream } from '@aegis/protocol';
-import type { NetworkMode } from '@aegis/vmm';
+import { AegisError } from '@aegis/protocol';
+import type { ApiSchemas } from '@aegis/protocol/api';
 import type { InstanceRow } from '../registry/db.js';
-import type { PortMapping } from '../ports/forwarder.js';
 import type { ImageConfig } from '../images/registry.js';
 import { isLive, type InstanceState } from './state.js';
 import { isIdlePaused } from './idle.js';
-import type { VolumeMount } from '../volumes/mounts.js';
 
-export interface CreateRequest {
-  /** With an image: replaces its Cmd (its Entrypoint stays); may then be omitted. */
-  command?: string[];
-  /** An OCI image reference or digest; pulled first when this host does not have it. */
-  image?: string;
-  handle?: string;
-  env?: Record<string, string>;
-  /** Secret names for the workload's environment; `*` for all. */
-  secrets?: string[];
-  /**
-   * Delete the instance if it fails to start, or if the caller goes away before it started
-   * (`aegis run`); under POST /v1/run also when it ends or that request is dropped.
-   */
-  autoRemove?: boolean;
-  /** Ports to forward from the host into the guest. */
-  exposes?: { guestPort: number; hostPort?: number; hostIp?: string; protocol?: 'tcp' }[];
-  workdir?: string;
-  memoryMiB?: number;
-  vcpuCount?: number;
-  network?: NetworkMode;
-  /** Docker's --user: `name`, `uid`, `name:group`, `uid:gid`; default the image's User, else root. */
-  user?: string;
-  /** Keep the workload's stdin open for `input` (docker run -i). */
-  stdin?: boolean;
-  /** Run the workload on a pseudo-terminal of this size (docker run -t). */
-  tty?: { rows: number; cols: number };
-  labels?: Record<string, string>;
-  /** Stopped (and with autoRemove deleted) this long after it is created; 0: never. Default: the daemon's. */
-  timeoutMs?: number;
-  /** Host directories (`bind`, an absolute host path) and named volumes (`volume`, made when missing). */
-  volumes?: { type: 'bind' | 'volume'; source: string; target: string; readOnly?: boolean }[];
-  /** Paused after this long unused, woken by the next use; 0: never. Default: the daemon's (AEGIS_IDLE_PAUSE). */
-  idlePauseMs?: number;
-}
+/** POST /v1/instances and /v1/run, as spec/openapi.json has it (validated against it at the edge). */
+export type CreateRequest = ApiSchemas['CreateInstanceRequest'];
+export type ExecRequest = ApiSchemas['ExecRequest'];
+/** What an exec emits; the `error` event is the server's, written when a stream fails. */
+export type ExecEvent = Exclude<ApiSchemas['ExecEvent'], { type: 'error' }>;
+/** An instance as the API shows it. */
+export type InstanceView = ApiSchemas['Instance'];
 
-export interface ExecRequest {
-  command: string[];
-  env?: Record<string, string>;
-  workdir?: string;
-  user?: string;
-  /** Keep the command's stdin open for `execInput` (otherwise it reads /dev/null). */
-  stdin?: boolean;
-  /** Run on a pseudo-terminal of this size (stdin is then always open). */
-  tty?: { rows: number; cols: number };
-}
-
-export type ExecEvent =
-  | { type: 'started'; execId: string }
-  | { type: 'output'; stream: Stream; data: string }
-  | {
-      type: 'exit';
-      exitCode: number | null;
-      signal: string | null;
-      guestDurationMs?: number;
-      /** A background process kept the command's pipes open: output after the grace was cut. */
-      truncated?: boolean;
-    };
-
-export interface InstanceView {
-  id: string;
-  handle: string;
-  state: InstanceState;
-  command: string[];
-  createdAt: string;
-  startedAt?: string;
-  stoppedAt?: string;
-  exitCode: number | null;
-  stateReason?: string;
-  memoryMiB: number;
-  vcpuCount: number;
-  backend: string;
-  ports: PortMapping[];
-  network: NetworkMode;
-  /** The image's reference (or digest when it has none); absent for the base rootfs. */
-  image?: string;
-  imageDigest?: string;
-  workdir?: string;
-  user?: string;
-  labels?: Record<string, string>;
-  /** When it will be stopped (its --timeout), ISO 8601. */
-  deadline?: string;
-  /** Host directories and named volumes, in mount order. */
-  volumes: VolumeMount[];
-  /** `--idle-pause`: paused after this long unused. */
-  idlePauseMs?: number;
-  /** Paused because nobody used it: the next use wakes it (a user's pause is not woken). */
-  idlePaused?: boolean;
-}
+// The state union is written in state.ts (with its transitions) and in the spec: a compile
+// error here when the two lists disagree.
+type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
+type Holds<T extends true> = T;
+export type StatesMatchSpec = Holds<Same<InstanceState, ApiSchemas['InstanceState']>>;
 
 export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
   for (const [name, format] of [

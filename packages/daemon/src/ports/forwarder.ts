@@ -7,16 +7,12 @@
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
+import type { ApiSchemas } from '@aegis/protocol/api';
 import { DataChannel } from './data-channel.js';
 import { duplexPair } from './duplex-pair.js';
 
-export interface PortMapping {
-  guestPort: number;
-  /** 0 on request: any free port (the chosen one is recorded). */
-  hostPort: number;
-  hostIp: string;
-  protocol: 'tcp';
-}
+/** A forwarded port as the API shows it; `hostPort` 0 on request means any free port (the chosen one is recorded). */
+export type PortMapping = ApiSchemas['PortMapping'];
 
 /** A file-service connection (port 0) not open by then is given up, and tried once more by the caller. */
 const FILE_SERVICE_OPEN_TIMEOUT_MS = 5000;

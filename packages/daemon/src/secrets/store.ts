@@ -7,13 +7,11 @@
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { closeSync, constants, openSync, readFileSync, statSync, writeSync } from 'node:fs';
 import { AegisError } from '@aegis/protocol';
+import type { ApiSchemas } from '@aegis/protocol/api';
 import type { Registry, SecretRow } from '../registry/db.js';
 
-export interface SecretMeta {
-  name: string;
-  createdAt: string;
-  updatedAt: string;
-}
+/** A secret as the API lists it: never its value. */
+export type SecretMeta = ApiSchemas['Secret'];
 
 const IV_BYTES = 12;
 const TAG_BYTES = 16;

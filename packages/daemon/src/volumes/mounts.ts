@@ -4,16 +4,14 @@
  */
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
+import type { ApiSchemas } from '@aegis/protocol/api';
 
-/** A volume of an instance: a host directory (`bind`) or a named volume (`volume`). */
-export interface VolumeMount {
-  type: 'bind' | 'volume';
-  /** bind: the host directory (absolute; symlinks resolved when the instance was created). volume: its name. */
-  source: string;
-  /** Absolute path in the workload's root (an image's root when it has one). */
-  target: string;
-  readOnly: boolean;
-}
+/**
+ * A volume of an instance (the API's VolumeMount): a host directory (`bind`, its symlinks
+ * resolved when the instance was created) or a named volume (`volume`). `readOnly` is always
+ * said once a request has been read, so nothing downstream guesses its default.
+ */
+export type VolumeMount = Required<ApiSchemas['VolumeMount']>;
 
 /** Docker's rule for a local volume name, capped at 64 characters (it is a file name of ours). */
 export const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;

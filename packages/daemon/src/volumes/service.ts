@@ -10,6 +10,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { AegisError } from '@aegis/protocol';
+import type { ApiSchemas } from '@aegis/protocol/api';
 import type { VmVolume } from '@aegis/vmm';
 import type { Logger } from '../log.js';
 import type { InstanceRow, Registry, VolumeRow } from '../registry/db.js';
@@ -24,15 +25,8 @@ export const DEFAULT_VOLUME_MIB = 1024;
 export const MIN_VOLUME_MIB = 16;
 export const MAX_VOLUME_MIB = 1 << 20;
 
-export interface VolumeView {
-  name: string;
-  sizeMiB: number;
-  createdAt: string;
-  /** What the sparse file takes on the host's disk now. */
-  allocatedBytes: number;
-  /** Instances (any state) that name the volume: it cannot be removed while there are any. */
-  usedBy: string[];
-}
+/** A volume as the API shows it (`usedBy`: instances, any state, that name it; it cannot be removed while there are any). */
+export type VolumeView = ApiSchemas['Volume'];
 
 export class VolumeService {
   /** Creations in flight, so two `-v cache:…` at once make one volume. */

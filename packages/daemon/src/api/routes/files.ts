@@ -5,11 +5,11 @@
  */
 import type http from 'node:http';
 import { pipeline } from 'node:stream/promises';
-import { AegisError } from '@aegis/protocol';
+import { AegisError, type FileStat } from '@aegis/protocol';
 import type { DaemonContext } from '../../daemon.js';
 import { readEntries } from '../../instances/files.js';
 import { validateBody } from '../validate.js';
-import { boolQuery, STREAMED, type Route } from '../server.js';
+import { boolQuery, reply, STREAMED, type Route } from '../server.js';
 
 function ref(params: Record<string, string>): string {
   const v = params['ref'];
@@ -32,6 +32,15 @@ function modeQuery(q: URLSearchParams): number | undefined {
   if (m === null) return undefined;
   if (!/^0?[0-7]{3,4}$/.test(m)) throw new AegisError('INVALID_ARGUMENT', 'query parameter mode must be octal, e.g. 0644');
   return parseInt(m, 8);
+}
+
+/**
+ * The stat a guest's answer must carry (the harness sends one for each of these operations):
+ * without it there is no body the API promises.
+ */
+function statOf(stat: FileStat | undefined, op: string): FileStat {
+  if (!stat) throw new AegisError('INTERNAL', `the guest answered ${op} without one`);
+  return stat;
 }
 
 /** Copies the guest's bytes into the response; a transfer the guest cuts short ends the response early. */
@@ -76,7 +85,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
         };
         const { stat, data } = await m.instance(ref(params)).files(op, req, signal);
         data.resume();
-        return { status: 200, body: stat };
+        return reply('writeFile', 200, statOf(stat, 'write'));
       },
     },
     {
@@ -96,8 +105,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
       handler: async ({ params, query, signal }) => {
         const { stat, data } = await m.instance(ref(params)).files({ op: 'stat', path: pathQuery(query) }, undefined, signal);
         data.resume();
-        if (!stat) throw new AegisError('INTERNAL', 'the guest answered stat without one');
-        return { status: 200, body: stat };
+        return reply('statFile', 200, statOf(stat, 'stat'));
       },
     },
     {
@@ -105,14 +113,14 @@ export function fileRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/files/list',
       handler: async ({ params, query, signal }) => {
         const { data } = await m.instance(ref(params)).files({ op: 'list', path: pathQuery(query) }, undefined, signal);
-        return { status: 200, body: { entries: await readEntries(data) } };
+        return reply('listFiles', 200, { entries: await readEntries(data) });
       },
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/files/mkdir',
       handler: async ({ params, body, signal }) => {
-        const req = validateBody<{ path: string; parents?: boolean; mode?: number }>('MkdirRequest', body);
+        const req = validateBody('MkdirRequest', body);
         const op = {
           op: 'mkdir' as const,
           path: req.path,
@@ -121,7 +129,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
         };
         const { stat, data } = await m.instance(ref(params)).files(op, undefined, signal);
         data.resume();
-        return { status: 200, body: stat };
+        return reply('makeDirectory', 200, statOf(stat, 'mkdir'));
       },
     },
     {
@@ -147,7 +155,7 @@ export function fileRoutes(d: DaemonContext): Route[] {
         const op = { op: 'tarIn' as const, path: pathQuery(query), keepOwner: boolQuery(query, 'keepOwner') };
         const { stat, data } = await m.instance(ref(params)).files(op, req, signal);
         data.resume();
-        return { status: 200, body: stat };
+        return reply('putArchive', 200, statOf(stat, 'tarIn'));
       },
     },
   ];

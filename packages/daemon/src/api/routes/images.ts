@@ -1,6 +1,6 @@
 import type { DaemonContext } from '../../daemon.js';
 import { AegisError } from '@aegis/protocol';
-import { STREAMED, startStream, type Route } from '../server.js';
+import { reply, STREAMED, startStream, type Route } from '../server.js';
 import { validateBody } from '../validate.js';
 
 function ref(params: Record<string, string>): string {
@@ -14,18 +14,18 @@ export function imageRoutes(d: DaemonContext): Route[] {
     {
       method: 'GET',
       path: '/v1/images',
-      handler: () => Promise.resolve({ status: 200, body: { images: d.images.list() } }),
+      handler: () => Promise.resolve(reply('listImages', 200, { images: d.images.list() })),
     },
     {
       method: 'GET',
       path: '/v1/images/{ref}',
-      handler: ({ params }) => Promise.resolve({ status: 200, body: d.images.get(ref(params)) }),
+      handler: ({ params }) => Promise.resolve(reply('getImage', 200, d.images.get(ref(params)))),
     },
     {
       method: 'POST',
       path: '/v1/images/pull',
       handler: async ({ body, signal, res }) => {
-        const req = validateBody<{ reference: string }>('PullImageRequest', body);
+        const req = validateBody('PullImageRequest', body);
         // Progress streams as NDJSON; an error after the first event is the stream's last event.
         let write: ((ev: unknown) => void) | undefined;
         try {
@@ -49,17 +49,15 @@ export function imageRoutes(d: DaemonContext): Route[] {
       method: 'POST',
       path: '/v1/images/import',
       handler: async ({ body, signal }) => {
-        const req = validateBody<{ path: string; reference?: string }>('ImportImageRequest', body);
-        return { status: 200, body: { images: await d.images.import(req.path, req.reference, signal) } };
+        const req = validateBody('ImportImageRequest', body);
+        return reply('importImage', 200, { images: await d.images.import(req.path, req.reference, signal) });
       },
     },
     {
       method: 'DELETE',
       path: '/v1/images/{ref}',
-      handler: async ({ params }) => ({
-        status: 200,
-        body: await d.images.remove(ref(params), (digest) => d.instances.userOfImage(digest)),
-      }),
+      handler: async ({ params }) =>
+        reply('removeImage', 200, await d.images.remove(ref(params), (digest) => d.instances.userOfImage(digest))),
     },
   ];
 }

@@ -1,9 +1,9 @@
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../../daemon.js';
-import type { CreateRequest, ExecRequest, InstanceView } from '../../instances/manager.js';
+import type { InstanceView } from '../../instances/spec.js';
 import { matches, type LogEnd, type LogEntry, type LogFilter, type LogStore } from '../../instances/logs.js';
 import { validateBody } from '../validate.js';
-import { boolQuery, intQuery, startStream, STREAMED, type Route } from '../server.js';
+import { boolQuery, intQuery, reply, startStream, STREAMED, type Route } from '../server.js';
 
 /** How long a `run` with volumes waits for its throwaway instance to be removed before it returns anyway. */
 const REMOVAL_WAIT_MS = 30_000;
@@ -33,21 +33,19 @@ export function instanceRoutes(d: DaemonContext): Route[] {
               (l) => i.labels !== undefined && Object.hasOwn(i.labels, l.key) && (l.value === undefined || i.labels[l.key] === l.value),
             ),
           );
-        return Promise.resolve({ status: 200, body: { instances } });
+        return Promise.resolve(reply('listInstances', 200, { instances }));
       },
     },
     {
       method: 'POST',
       path: '/v1/instances',
-      handler: async ({ body, signal }) => ({
-        status: 201,
-        body: await m.create(validateBody<CreateRequest>('CreateInstanceRequest', body), signal),
-      }),
+      handler: async ({ body, signal }) =>
+        reply('createInstance', 201, await m.create(validateBody('CreateInstanceRequest', body), signal)),
     },
     {
       method: 'GET',
       path: '/v1/instances/{ref}',
-      handler: ({ params }) => Promise.resolve({ status: 200, body: m.get(param(params, 'ref')) }),
+      handler: ({ params }) => Promise.resolve(reply('getInstance', 200, m.get(param(params, 'ref')))),
     },
     {
       method: 'DELETE',
@@ -61,30 +59,30 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'POST',
       path: '/v1/instances/{ref}/stop',
       handler: async ({ params, body }) => {
-        const req = validateBody<{ timeoutMs?: number }>('StopRequest', body ?? {});
-        return { status: 200, body: await m.instance(param(params, 'ref')).stop(req.timeoutMs) };
+        const req = validateBody('StopRequest', body ?? {});
+        return reply('stopInstance', 200, await m.instance(param(params, 'ref')).stop(req.timeoutMs));
       },
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/pause',
-      handler: async ({ params }) => ({ status: 200, body: await m.instance(param(params, 'ref')).pause() }),
+      handler: async ({ params }) => reply('pauseInstance', 200, await m.instance(param(params, 'ref')).pause()),
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/resume',
-      handler: async ({ params }) => ({ status: 200, body: await m.instance(param(params, 'ref')).resume() }),
+      handler: async ({ params }) => reply('resumeInstance', 200, await m.instance(param(params, 'ref')).resume()),
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/restart',
-      handler: async ({ params, signal }) => ({ status: 200, body: await m.instance(param(params, 'ref')).restart(signal) }),
+      handler: async ({ params, signal }) => reply('restartInstance', 200, await m.instance(param(params, 'ref')).restart(signal)),
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/exec',
       handler: async ({ params, body, signal, res }) => {
-        const req = validateBody<ExecRequest>('ExecRequest', body);
+        const req = validateBody('ExecRequest', body);
         let write: ((ev: unknown) => Promise<void> | undefined) | undefined;
         // Errors before the exec starts are plain HTTP errors; after, the stream's last event.
         await m.instance(param(params, 'ref')).exec(
@@ -104,7 +102,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'POST',
       path: '/v1/instances/{ref}/input',
       handler: async ({ params, body }) => {
-        const req = validateBody<{ data?: string; eof?: boolean }>('ExecInputRequest', body);
+        const req = validateBody('ExecInputRequest', body);
         await m.instance(param(params, 'ref')).input(undefined, req.data, req.eof === true);
         return { status: 204 };
       },
@@ -113,7 +111,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'POST',
       path: '/v1/instances/{ref}/resize',
       handler: async ({ params, body }) => {
-        const req = validateBody<{ rows: number; cols: number }>('TtySize', body);
+        const req = validateBody('TtySize', body);
         await m.instance(param(params, 'ref')).resize(undefined, req.rows, req.cols);
         return { status: 204 };
       },
@@ -121,31 +119,31 @@ export function instanceRoutes(d: DaemonContext): Route[] {
     {
       method: 'POST',
       path: '/v1/instances/{ref}/wait',
-      handler: async ({ params, signal }) => ({ status: 200, body: await m.instance(param(params, 'ref')).wait(signal) }),
+      handler: async ({ params, signal }) => reply('waitInstance', 200, await m.instance(param(params, 'ref')).wait(signal)),
     },
     {
       method: 'POST',
       path: '/v1/instances/{ref}/deadline',
       handler: ({ params, body }) => {
-        const req = validateBody<{ timeoutMs: number }>('DeadlineRequest', body);
-        return Promise.resolve({ status: 200, body: m.instance(param(params, 'ref')).extend(req.timeoutMs) });
+        const req = validateBody('DeadlineRequest', body);
+        return Promise.resolve(reply('setDeadline', 200, m.instance(param(params, 'ref')).extend(req.timeoutMs)));
       },
     },
     {
       method: 'GET',
       path: '/v1/instances/{ref}/stats',
-      handler: async ({ params }) => ({ status: 200, body: await m.instance(param(params, 'ref')).stats() }),
+      handler: async ({ params }) => reply('instanceStats', 200, await m.instance(param(params, 'ref')).stats()),
     },
     {
       method: 'GET',
       path: '/v1/instances/{ref}/top',
-      handler: async ({ params }) => ({ status: 200, body: await m.instance(param(params, 'ref')).top() }),
+      handler: async ({ params }) => reply('topInstance', 200, await m.instance(param(params, 'ref')).top()),
     },
     {
       method: 'POST',
       path: '/v1/run',
       handler: async ({ body, signal, res }) => {
-        const req = validateBody<CreateRequest>('CreateInstanceRequest', body);
+        const req = validateBody('CreateInstanceRequest', body);
         const inst = await m.create(req, signal);
         const instance = m.instance(inst.id);
         // From here the instance lives no longer than this request, if it was asked to be throwaway.
@@ -181,7 +179,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'POST',
       path: '/v1/instances/{ref}/signal',
       handler: async ({ params, body }) => {
-        const req = validateBody<{ signal: string }>('SignalRequest', body);
+        const req = validateBody('SignalRequest', body);
         await m.instance(param(params, 'ref')).signal(req.signal);
         return { status: 204 };
       },
@@ -190,7 +188,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'POST',
       path: '/v1/instances/{ref}/execs/{execId}/signal',
       handler: async ({ params, body }) => {
-        const req = validateBody<{ signal: string }>('SignalRequest', body);
+        const req = validateBody('SignalRequest', body);
         await m.instance(param(params, 'ref')).signal(req.signal, param(params, 'execId'));
         return { status: 204 };
       },
@@ -199,7 +197,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'POST',
       path: '/v1/instances/{ref}/execs/{execId}/resize',
       handler: async ({ params, body }) => {
-        const req = validateBody<{ rows: number; cols: number }>('TtySize', body);
+        const req = validateBody('TtySize', body);
         await m.instance(param(params, 'ref')).resize(param(params, 'execId'), req.rows, req.cols);
         return { status: 204 };
       },
@@ -208,7 +206,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'POST',
       path: '/v1/instances/{ref}/execs/{execId}/input',
       handler: async ({ params, body }) => {
-        const req = validateBody<{ data?: string; eof?: boolean }>('ExecInputRequest', body);
+        const req = validateBody('ExecInputRequest', body);
         await m.instance(param(params, 'ref')).input(param(params, 'execId'), req.data, req.eof === true);
         return { status: 204 };
       },

@@ -1,7 +1,7 @@
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../../daemon.js';
 import { validateBody } from '../validate.js';
-import type { Route } from '../server.js';
+import { reply, type Route } from '../server.js';
 
 function name(params: Record<string, string>): string {
   const n = params['name'];
@@ -14,14 +14,14 @@ export function secretRoutes(d: DaemonContext): Route[] {
     {
       method: 'GET',
       path: '/v1/secrets',
-      handler: () => Promise.resolve({ status: 200, body: { secrets: d.secrets.list() } }),
+      handler: () => Promise.resolve(reply('listSecrets', 200, { secrets: d.secrets.list() })),
     },
     {
       method: 'PUT',
       path: '/v1/secrets/{name}',
       handler: ({ params, body }) => {
-        const req = validateBody<{ value: string }>('SetSecretRequest', body);
-        return Promise.resolve({ status: 200, body: d.secrets.set(name(params), req.value) });
+        const req = validateBody('SetSecretRequest', body);
+        return Promise.resolve(reply('setSecret', 200, d.secrets.set(name(params), req.value)));
       },
     },
     {

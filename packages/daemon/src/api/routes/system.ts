@@ -1,4 +1,4 @@
-import type { Route } from '../server.js';
+import { reply, type Route } from '../server.js';
 import type { DaemonContext } from '../../daemon.js';
 
 export function systemRoutes(d: DaemonContext): Route[] {
@@ -7,9 +7,8 @@ export function systemRoutes(d: DaemonContext): Route[] {
       method: 'GET',
       path: '/v1/status',
       handler: () =>
-        Promise.resolve({
-          status: 200,
-          body: {
+        Promise.resolve(
+          reply('getStatus', 200, {
             version: d.version,
             pid: process.pid,
             uptimeMs: Math.round(process.uptime() * 1000),
@@ -23,8 +22,8 @@ export function systemRoutes(d: DaemonContext): Route[] {
             instances: d.instances.counts(),
             ...(d.instances.poolStatus() ? { pool: d.instances.poolStatus() } : {}),
             eventLoopDelayMs: d.loopDelay.read(),
-          },
-        }),
+          }),
+        ),
     },
     {
       method: 'POST',

@@ -1,7 +1,7 @@
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../../daemon.js';
 import { validateBody } from '../validate.js';
-import type { Route } from '../server.js';
+import { reply, type Route } from '../server.js';
 
 function name(params: Record<string, string>): string {
   const n = params['name'];
@@ -15,21 +15,21 @@ export function volumeRoutes(d: DaemonContext): Route[] {
     {
       method: 'GET',
       path: '/v1/volumes',
-      handler: async () => ({ status: 200, body: { volumes: await volumes.list() } }),
+      handler: async () => reply('listVolumes', 200, { volumes: await volumes.list() }),
     },
     {
       method: 'POST',
       path: '/v1/volumes',
       handler: async ({ body }) => {
-        const req = validateBody<{ name: string; sizeMiB?: number }>('CreateVolumeRequest', body);
+        const req = validateBody('CreateVolumeRequest', body);
         const { volume, created } = await volumes.create(req.name, req.sizeMiB);
-        return { status: created ? 201 : 200, body: volume };
+        return created ? reply('createVolume', 201, volume) : reply('createVolume', 200, volume);
       },
     },
     {
       method: 'GET',
       path: '/v1/volumes/{name}',
-      handler: async ({ params }) => ({ status: 200, body: await volumes.get(name(params)) }),
+      handler: async ({ params }) => reply('getVolume', 200, await volumes.get(name(params))),
     },
     {
       method: 'DELETE',

@@ -861,6 +861,8 @@ export interface components {
             signal: string | null;
             /** @description The harness's own measure from receiving the exec to the process's exit */
             guestDurationMs?: number;
+            /** @description A background process kept the command's pipes open after it exited: output after the grace was cut */
+            truncated?: boolean;
         } | {
             /** @constant */
             type: "error";
