@@ -21,3 +21,15 @@ export {
   volumeKernelArg,
   type GuestFsType,
 } from './volumes.js';
+export {
+  DetachedProcess,
+  findStrays,
+  procArgv,
+  procStat,
+  type ProcessExit,
+  type ProcessIdentity,
+  type ProcessKind,
+  type SpawnDetachedOptions,
+  type SpawnFn,
+  type StrayProcess,
+} from './process.js';
