@@ -6,7 +6,7 @@
  */
 import { Duplex } from 'node:stream';
 import { AegisError, RpcPeer } from '@aegis/protocol';
-import type { Backend, Probe, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
+import type { Backend, Probe, StrayProcess, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
 
 /** Two connected in-memory byte streams (what one writes, the other reads); destroying one ends both. */
 export function duplexPair(): [Duplex, Duplex] {
@@ -123,10 +123,6 @@ export class FakeVm implements Vm {
     return duplexPair()[0];
   }
 
-  async saveSnapshot(): Promise<void> {
-    throw new AegisError('UNSUPPORTED', 'fake');
-  }
-
   async stop(): Promise<void> {
     this.end({ reason: 'host-stop', detail: 'stopped by the host' });
     await this.exited;
@@ -149,7 +145,7 @@ export class FakeVm implements Vm {
 }
 
 export class FakeBackend implements Backend {
-  readonly name = 'qemu' as const;
+  readonly name = 'fake';
   readonly vms: FakeVm[] = [];
   readonly events: string[] = [];
   /** Every config `create` was given, in order. */
@@ -177,7 +173,7 @@ export class FakeBackend implements Backend {
         agentTransport: 'virtio-serial',
         acceleration: 'tcg',
         networkModes: ['none'],
-        qcow2ScratchDisks: false,
+        diskClones: false,
         volumeKinds: ['disk', 'share'],
       },
     };
@@ -192,6 +188,11 @@ export class FakeBackend implements Backend {
 
   async attach(): Promise<Vm> {
     throw new AegisError('NOT_FOUND', 'fake VMs do not survive');
+  }
+
+  /** Its VMs are objects in this process: none can be left behind. */
+  async strays(): Promise<StrayProcess[]> {
+    return [];
   }
 
   /** VMs whose "VMM" still runs. */

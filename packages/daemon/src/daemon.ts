@@ -96,7 +96,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   const registry = new Registry(config.dbPath);
   const secrets = new SecretStore(registry, path.join(config.home, 'secrets.key'));
   // Warm boot needs snapshots and copy-on-write children of the template's disk.
-  const warm = config.warmBoot && probe.capabilities?.snapshot === true && probe.capabilities.qcow2ScratchDisks;
+  const warm = config.warmBoot && probe.capabilities?.snapshot === true && probe.capabilities.diskClones;
   const templates = new TemplateCache(backend, () => currentProbe, await templatesDir(config), log, config.bootTimeoutMs, warm);
   const images = new ImageService(config.home, registry, log, { insecureRegistries: config.insecureRegistries });
   const instances = new InstanceManager(

@@ -33,3 +33,4 @@ export {
   type SpawnFn,
   type StrayProcess,
 } from './process.js';
+export { GUEST_NET, PASST_BINARY, PASST_INSTALL_HINT, Passt, guestNetKernelArg, isPasst, passtAvailable, passtPaths } from './network.js';

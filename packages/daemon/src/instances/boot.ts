@@ -1,7 +1,8 @@
 /**
- * Booting one instance's VM: its disk (new, a copy-on-write child of a template, or its own
- * kept one on a restart), the VMM, the agent channel, and for a restored clone its own
- * identity (`fresh`). Every step takes the start's signal: a cancelled start stops here.
+ * Booting one instance's VM: its disk (new, a copy-on-write child of a template made by the
+ * backend, or its own kept one on a restart), the VMM, the agent channel, and for a restored
+ * clone its own identity (`fresh`). Every step takes the start's signal: a cancelled start
+ * stops here.
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
@@ -12,7 +13,7 @@ import type { FreshParams } from '@aegis/protocol';
 import type { Logger } from '../log.js';
 import type { Registry } from '../registry/db.js';
 import type { AgentConnection } from './agent.js';
-import { makeChildDisk, makeScratchDisk } from './disks.js';
+import { makeScratchDisk, SCRATCH_DISK } from './disks.js';
 import type { LiveInstance } from './live.js';
 import { existingDisk } from './spec.js';
 import type { MachineShape, Template, TemplateCache } from './templates.js';
@@ -87,15 +88,16 @@ export async function startVm(ctx: Pick<BootContext, 'backend' | 'templates'>, p
   // A kept disk is the instance's own: raw, or a child of the template it was cloned from.
   const kept = keepDisk ? await existingDisk(dir) : undefined;
   if (!kept) {
-    await fs.rm(path.join(dir, 'scratch.img'), { force: true });
-    await fs.rm(path.join(dir, 'scratch.qcow2'), { force: true });
+    await fs.rm(path.join(dir, SCRATCH_DISK.raw), { force: true });
+    await fs.rm(path.join(dir, SCRATCH_DISK.clone), { force: true });
   }
-  const scratch = kept?.path ?? path.join(dir, template ? 'scratch.qcow2' : 'scratch.img');
-  const scratchFormat = kept?.format ?? (template ? 'qcow2' : 'raw');
+  const cloned = kept?.cloned ?? template !== undefined;
+  const scratch = kept?.path ?? path.join(dir, cloned ? SCRATCH_DISK.clone : SCRATCH_DISK.raw);
   if (!kept && template) {
+    if (!ctx.backend.cloneDisk) throw new AegisError('UNSUPPORTED', `the ${ctx.backend.name} backend cannot clone a template's disk`);
     // Registered first: the template's directory then outlives every disk made from it.
     await ctx.templates.reference(template, scratch);
-    await makeChildDisk(scratch, template.scratch);
+    await ctx.backend.cloneDisk(template.scratch, scratch, signal);
   } else if (!kept) await makeScratchDisk(scratch, shape.scratchDiskMiB);
   signal.throwIfAborted();
   const vm = await ctx.backend.create(
@@ -105,7 +107,7 @@ export async function startVm(ctx: Pick<BootContext, 'backend' | 'templates'>, p
       kernelPath: shape.kernelPath,
       rootfsPath: shape.rootfsPath,
       scratchDiskPath: scratch,
-      scratchDiskFormat: scratchFormat,
+      ...(cloned ? { scratchDiskCloned: true } : {}),
       memoryMiB: shape.memoryMiB,
       vcpuCount: shape.vcpuCount,
       network: shape.network,
@@ -113,7 +115,7 @@ export async function startVm(ctx: Pick<BootContext, 'backend' | 'templates'>, p
       ...(volumes.length > 0 ? { volumes } : {}),
       // A restored machine must match its template's exactly; it gets its name from `fresh`.
       kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
-      ...(template ? { restoreFrom: template.snapshot, memoryFile: { path: template.memory, shared: false } } : {}),
+      ...(template ? { restoreFrom: template.snapshot, snapshotMemory: { path: template.memory, access: 'map' as const } } : {}),
     },
     signal,
   );

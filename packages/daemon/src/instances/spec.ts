@@ -13,6 +13,7 @@ import type { ImageConfig } from '../images/registry.js';
 import { isLive, type InstanceState } from './state.js';
 import { isIdlePaused } from './idle.js';
 import type { VolumeMount } from '../volumes/mounts.js';
+import { SCRATCH_DISK } from './disks.js';
 
 export interface CreateRequest {
   /** With an image: replaces its Cmd (its Entrypoint stays); may then be omitted. */
@@ -103,19 +104,17 @@ export interface InstanceView {
   idlePaused?: boolean;
 }
 
-export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
-  for (const [name, format] of [
-    ['scratch.qcow2', 'qcow2'],
-    ['scratch.img', 'raw'],
-  ] as const) {
-    const file = path.join(dir, name);
+/** The instance's kept disk in `dir`, and whether the backend made it (`cloneDisk`), if it has one. */
+export async function existingDisk(dir: string): Promise<{ path: string; cloned: boolean } | undefined> {
+  for (const cloned of [true, false]) {
+    const file = path.join(dir, cloned ? SCRATCH_DISK.clone : SCRATCH_DISK.raw);
     if (
       await fs.stat(file).then(
         () => true,
         () => false,
       )
     )
-      return { path: file, format };
+      return { path: file, cloned };
   }
   return undefined;
 }
