@@ -8,8 +8,7 @@ import path from 'node:path';
 import type http from 'node:http';
 import { AegisError } from '@aegis/protocol';
 import { selectBackend, type Backend, type Probe } from '@aegis/vmm';
-import { QemuBackend } from '@aegis/vmm-qemu';
-import { FirecrackerBackend } from '@aegis/vmm-firecracker';
+import { createBackends } from '@aegis/backends';
 import { makePrivateDirs, type DaemonConfig } from './config.js';
 import { InstanceManager } from './instances/manager.js';
 import { Registry } from './registry/db.js';
@@ -30,14 +29,13 @@ import { LoopDelayMonitor } from './lag.js';
 export const VERSION = '0.1.0';
 
 /**
- * Backends compiled into this daemon, in order of preference. They test KVM by booting the
- * guest kernel, and keep the verdict beside the guest artifacts (shared like the templates).
+ * Every backend of the registry (@aegis/backends), in order of preference. They test KVM by
+ * booting the guest kernel, and keep the verdict beside the guest artifacts (shared like the
+ * templates).
  */
 export async function knownBackends(config: DaemonConfig): Promise<Backend[]> {
   const kernelPath = await fs.realpath(config.kernelPath).catch(() => undefined);
-  const opts = { cacheDir: await artifactCacheDir(config), ...(kernelPath ? { kernelPath } : {}) };
-  // QEMU first: it runs everywhere (TCG without KVM); AEGIS_BACKEND=firecracker picks the other.
-  return [new QemuBackend(opts), new FirecrackerBackend(opts)];
+  return createBackends({ cacheDir: await artifactCacheDir(config), ...(kernelPath ? { kernelPath } : {}) });
 }
 
 /** The directory holding the guest artifacts (`cache/`), or AEGIS_HOME/cache without them. */

@@ -34,3 +34,4 @@ export {
   type StrayProcess,
 } from './process.js';
 export { GUEST_NET, PASST_BINARY, PASST_INSTALL_HINT, Passt, guestNetKernelArg, isPasst, passtAvailable, passtPaths } from './network.js';
+export type { BackendEntry, BackendOptions, MissingBackend } from './registry.js';
