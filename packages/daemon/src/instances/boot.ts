@@ -13,7 +13,7 @@ import type { FreshParams } from '@aegis/protocol';
 import type { Logger } from '../log.js';
 import type { Registry } from '../registry/db.js';
 import type { AgentConnection } from './agent.js';
-import { makeScratchDisk, SCRATCH_DISK } from './disks.js';
+import { isScratchDisk, makeScratchDisk, SCRATCH_DISK } from './disks.js';
 import type { LiveInstance } from './live.js';
 import { existingDisk } from './spec.js';
 import type { MachineShape, Template, TemplateCache } from './templates.js';
@@ -88,8 +88,7 @@ export async function startVm(ctx: Pick<BootContext, 'backend' | 'templates'>, p
   // A kept disk is the instance's own: raw, or a child of the template it was cloned from.
   const kept = keepDisk ? await existingDisk(dir) : undefined;
   if (!kept) {
-    await fs.rm(path.join(dir, SCRATCH_DISK.raw), { force: true });
-    await fs.rm(path.join(dir, SCRATCH_DISK.clone), { force: true });
+    for (const name of await fs.readdir(dir)) if (isScratchDisk(name)) await fs.rm(path.join(dir, name), { force: true });
   }
   const cloned = kept?.cloned ?? template !== undefined;
   const scratch = kept?.path ?? path.join(dir, cloned ? SCRATCH_DISK.clone : SCRATCH_DISK.raw);

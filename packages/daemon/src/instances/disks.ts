@@ -25,3 +25,8 @@ export async function makeScratchDisk(file: string, sizeMiB: number): Promise<vo
  * (in the backend's format; the VM is told so, never left to guess it from the file).
  */
 export const SCRATCH_DISK = { raw: 'scratch.img', clone: 'scratch.clone' } as const;
+
+/** An instance's disk by its name, whichever way it was made. */
+export function isScratchDisk(name: string): boolean {
+  return /^scratch\.[a-z0-9]+$/.test(name);
+}

@@ -13,7 +13,7 @@ import type { ImageConfig } from '../images/registry.js';
 import { isLive, type InstanceState } from './state.js';
 import { isIdlePaused } from './idle.js';
 import type { VolumeMount } from '../volumes/mounts.js';
-import { SCRATCH_DISK } from './disks.js';
+import { isScratchDisk, SCRATCH_DISK } from './disks.js';
 
 export interface CreateRequest {
   /** With an image: replaces its Cmd (its Entrypoint stays); may then be omitted. */
@@ -104,19 +104,16 @@ export interface InstanceView {
   idlePaused?: boolean;
 }
 
-/** The instance's kept disk in `dir`, and whether the backend made it (`cloneDisk`), if it has one. */
+/**
+ * The instance's kept disk in `dir`, and whether the backend made it (`cloneDisk`), if it has
+ * one. Any `scratch.*` but the raw one is a clone: instances cloned before the file was called
+ * `scratch.clone` keep the name their backend gave it.
+ */
 export async function existingDisk(dir: string): Promise<{ path: string; cloned: boolean } | undefined> {
-  for (const cloned of [true, false]) {
-    const file = path.join(dir, cloned ? SCRATCH_DISK.clone : SCRATCH_DISK.raw);
-    if (
-      await fs.stat(file).then(
-        () => true,
-        () => false,
-      )
-    )
-      return { path: file, cloned };
-  }
-  return undefined;
+  const names = await fs.readdir(dir).catch(() => [] as string[]);
+  const clone = names.includes(SCRATCH_DISK.clone) ? SCRATCH_DISK.clone : names.find((n) => isScratchDisk(n) && n !== SCRATCH_DISK.raw);
+  if (clone) return { path: path.join(dir, clone), cloned: true };
+  return names.includes(SCRATCH_DISK.raw) ? { path: path.join(dir, SCRATCH_DISK.raw), cloned: false } : undefined;
 }
 
 /** Docker's rule: a given command replaces the image's Cmd; its Entrypoint stays in front. */
