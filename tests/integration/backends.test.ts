@@ -79,7 +79,11 @@ for (const c of candidates) {
       for (const stray of (await c.backend?.strays(dir, []).catch(() => [])) ?? []) stray.end();
       rmSync(dir, { recursive: true, force: true });
       const list = (xs: string[]): string => (xs.length ? xs.map((x) => `\n    - ${x}`).join('') : ' none');
-      process.stdout.write(`backend ${c.name}: ran ${ran.length}:${list(ran)}\n  skipped ${skipped.length}:${list(skipped)}\n`);
+      process.stdout.write(
+        skipReason
+          ? `backend ${c.name}: ran none, skipped all ${skipped.length} (${skipReason})\n`
+          : `backend ${c.name}: ran ${ran.length}:${list(ran)}\n  skipped ${skipped.length}:${list(skipped)}\n`,
+      );
     });
 
     /**
@@ -90,7 +94,7 @@ for (const c of candidates) {
       const name = ctx.task.name;
       const why = skipReason ?? (needs && caps && !needs.when(caps) ? needs.because : undefined);
       if (why) {
-        skipped.push(`${name} (${why})`);
+        skipped.push(skipReason ? name : `${name} (${why})`);
         ctx.skip(why);
         return false;
       }
