@@ -21,6 +21,7 @@ export default tseslint.config(
       'bench/.build/**',
       'packages/sdk/docs/**',
       'packages/client/src/generated/**',
+      'tests/support/*.bundle.mjs',
     ],
   },
   js.configs.recommended,

@@ -3,7 +3,10 @@
 // the unix sockets libkrun's krun_add_vsock_port2(listen) would give the host for vsock ports
 // 1024 (agent) and 1025 (data), one host connection at a time, each accepted again after the last
 // closed (aegis-init's rule), and serves a scripted harness on the agent port:
-//   health    -> {version: 1, uptimeMs, workload: null}
+//   health    -> {version: 1, uptimeMs, workload}
+//   run       -> {pid, startedAtMs}; a workload `echo ARGS...` prints ARGS on stdout and exits 0,
+//                any other runs until signalled
+//   signal    -> {} and the workload exits on that signal
 //   shutdown  -> {} and then the process exits 0 (the guest powered off)
 //   any other -> JSON-RPC "method not found"
 // Arguments: --id ID --state-dir DIR. SIGTERM ends it (the graceful stop of a launcher).
@@ -22,6 +25,8 @@ if (!stateDir || !arg('--id')) {
   process.exit(2);
 }
 const started = Date.now();
+/** The workload: what `health` reports and `signal` ends. */
+let workload = null;
 
 /** One listener per vsock port; a second host connection waits until the first has closed. */
 function listen(name, serve) {
@@ -59,8 +64,32 @@ function serveAgent(sock) {
         continue;
       }
       if (req.id === undefined) continue; // a notification or an answer: nothing to say
-      if (req.method === 'health') send({ id: req.id, result: { version: 1, uptimeMs: Date.now() - started, workload: null } });
-      else if (req.method === 'shutdown') {
+      if (req.method === 'health') {
+        const w = workload && { pid: workload.pid, running: workload.running };
+        send({ id: req.id, result: { version: 1, uptimeMs: Date.now() - started, workload: w } });
+      } else if (req.method === 'run') {
+        workload = { pid: 2, running: true };
+        send({ id: req.id, result: { pid: 2, startedAtMs: Date.now() } });
+        const [cmd, ...rest] = req.params?.command ?? [];
+        if (cmd === 'echo') {
+          const out = Buffer.from(`${rest.join(' ')}\n`);
+          setTimeout(() => {
+            send({ method: 'output', params: { stream: 'stdout', data: out.toString('base64') } });
+            workload.running = false;
+            send({ method: 'exit', params: { exitCode: 0, signal: null, bytes: { stdout: out.length, stderr: 0 } } });
+          }, 20);
+        }
+      } else if (req.method === 'signal') {
+        send({ id: req.id, result: {} });
+        if (workload?.running && req.params?.execId === undefined) {
+          workload.running = false;
+          send({ method: 'exit', params: { exitCode: null, signal: req.params?.signal ?? 'SIGTERM', bytes: { stdout: 0, stderr: 0 } } });
+        }
+      } else if (req.method === 'shutdown') {
+        if (workload?.running) {
+          workload.running = false;
+          send({ method: 'exit', params: { exitCode: null, signal: 'SIGTERM', bytes: { stdout: 0, stderr: 0 } } });
+        }
         send({ id: req.id, result: {} });
         setTimeout(() => process.exit(0), 50);
       } else send({ id: req.id, error: { code: -32601, message: `method not found: ${req.method}` } });
