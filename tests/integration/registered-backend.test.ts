@@ -8,7 +8,7 @@ import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { build } from 'esbuild';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { ROOT, ownDaemon, until } from './fixture.js';
+import { ROOT, TestDaemon, ownDaemon, until } from './fixture.js';
 
 const BUNDLE = path.join(ROOT, 'tests/support/launcher-vmm.bundle.mjs');
 
@@ -57,5 +57,22 @@ describe('a backend registered by module (AEGIS_BACKEND_MODULES), with no daemon
     expect((await d.client.getInstance('long')).state).toBe('running');
     expect((await d.cli(['rm', '-f', 'long'])).code).toBe(0);
     await until(async () => (await launchers(d.home)).length === 0, 10_000, 'the launcher to end');
+  });
+
+  it('a VM started with it is ended when aegisd comes back with another backend, and its instance settled', async () => {
+    const d = await ownDaemon(env);
+    expect((await d.cli(['run', '-d', '--network', 'none', '--name', 'orphan', '--', 'sleep', '600'])).code).toBe(0);
+    expect(await launchers(d.home)).toHaveLength(1);
+    await d.kill();
+    // The same home, the module still registered, but QEMU chosen: nothing can own that VM now.
+    const other = new TestDaemon(d.home, { AEGIS_BACKEND_MODULES: BUNDLE, AEGIS_WARM_BOOT: '0' });
+    try {
+      await other.start();
+      expect((await other.client.status()).backend.name).toBe('qemu');
+      await until(async () => (await launchers(d.home)).length === 0, 10_000, 'the launcher to be ended');
+      expect((await other.client.getInstance('orphan')).state).toBe('failed');
+    } finally {
+      await other.stop();
+    }
   });
 });

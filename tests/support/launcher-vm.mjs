@@ -32,6 +32,7 @@ let workload = null;
 function listen(name, serve) {
   const file = path.join(stateDir, name);
   fs.rmSync(file, { force: true });
+  fs.rmSync(path.join(stateDir, 'running'), { force: true });
   let busy = false;
   const server = net.createServer((sock) => {
     if (busy) {
@@ -97,7 +98,12 @@ function serveAgent(sock) {
   });
 }
 
-listen('agent.sock', serveAgent);
-// The data plane: no frames are ever sent (no --expose here); the connection is only held.
-listen('data.sock', () => undefined);
+const servers = [
+  listen('agent.sock', serveAgent),
+  // The data plane: no frames are ever sent (no --expose here); the connection is only held.
+  listen('data.sock', () => undefined),
+];
+// A socket file exists from bind(), a moment before listen(): the host waits for this instead.
+await Promise.all(servers.map((s) => new Promise((resolve) => (s.listening ? resolve() : s.once('listening', resolve)))));
+fs.writeFileSync(path.join(stateDir, 'running'), `${process.pid}\n`);
 process.stdout.write(`launcher ${arg('--id')}: running (pid ${process.pid})\n`);

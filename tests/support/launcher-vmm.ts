@@ -140,9 +140,9 @@ class LauncherVm implements Vm {
     });
     this.proc = proc;
     void proc.exited.then((e) => this.onGone(e));
-    // Running the guest, for this backend, is listening on the agent port.
+    // Running the guest, for this backend, is listening on its ports (the launcher says so).
     const deadline = Date.now() + 10_000;
-    while (!existsSync(path.join(this.stateDir, 'agent.sock'))) {
+    while (!existsSync(path.join(this.stateDir, 'running'))) {
       if (proc.hasExited || signal?.aborted || Date.now() > deadline) {
         proc.kill('SIGKILL');
         if (signal?.aborted) throw new AegisError('CANCELLED', `start of VM ${this.id} cancelled`);

@@ -11,6 +11,7 @@ import { selectBackend, type Backend, type Probe } from '@aegis/vmm';
 import { createBackends } from '@aegis/backends';
 import { makePrivateDirs, type DaemonConfig } from './config.js';
 import { InstanceManager } from './instances/manager.js';
+import { endStrays } from './instances/recovery.js';
 import { Registry } from './registry/db.js';
 import { createServer } from './api/server.js';
 import { instanceRoutes } from './api/routes/instances.js';
@@ -83,7 +84,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   }
   await fs.rm(config.socketPath, { force: true });
 
-  const { backend, probe } = await selectBackend(await knownBackends(config), config.backend);
+  const backends = await knownBackends(config);
+  const { backend, probe } = await selectBackend(backends, config.backend);
   log.info(`backend ${backend.name}: ${probe.detail}`);
   // The accelerator may still be under test: VMs boot under TCG until the verdict is in.
   let currentProbe = probe;
@@ -110,6 +112,11 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     probe.capabilities?.volumeKinds ?? [],
   );
   await instances.recover();
+  // VMs an earlier daemon started with another backend (AEGIS_BACKEND changed): no instance
+  // can own them now (their rows were settled above), and only their backend can find them.
+  for (const other of backends.filter((b) => b !== backend)) {
+    await endStrays({ registry, backend: other, instancesDir: config.instancesDir, log });
+  }
   await instances.volumes.cleanup();
   // What a killed daemon left: half-built templates (and their VMMs), unreferenced old builds.
   await templates.collect();

@@ -54,7 +54,7 @@ export async function recover(ctx: RecoveryContext): Promise<void> {
  * Ends the processes the backend started for VMs under the instances directory that no live
  * instance owns (the backend knows its own processes and reads its own records).
  */
-async function endStrays(ctx: Pick<RecoveryContext, 'registry' | 'backend' | 'instancesDir' | 'log'>): Promise<number> {
+export async function endStrays(ctx: Pick<RecoveryContext, 'registry' | 'backend' | 'instancesDir' | 'log'>): Promise<number> {
   const keep = ctx.registry.listInstances().flatMap((row) => (isLive(row.state) && row.vmRecord ? [row.vmRecord] : []));
   let ended = 0;
   for (const stray of await ctx.backend.strays(ctx.instancesDir, keep)) {
