@@ -82,7 +82,7 @@ export class TestDaemon {
   /** SIGKILL, as a crash would. */
   async kill(): Promise<void> {
     const p = this.proc;
-    if (!p || p.exitCode !== null) return;
+    if (!p || p.exitCode !== null || p.signalCode !== null) return;
     const gone = new Promise((r) => p.once('exit', r));
     p.kill('SIGKILL');
     await gone;
@@ -90,7 +90,7 @@ export class TestDaemon {
 
   async stop(): Promise<void> {
     const p = this.proc;
-    if (!p || p.exitCode !== null) return;
+    if (!p || p.exitCode !== null || p.signalCode !== null) return;
     const gone = new Promise((r) => p.once('exit', r));
     p.kill('SIGTERM');
     await gone;

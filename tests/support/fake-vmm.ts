@@ -6,7 +6,7 @@
  */
 import { Duplex } from 'node:stream';
 import { AegisError, RpcPeer } from '@aegis/protocol';
-import type { Backend, Probe, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
+import type { Backend, Probe, StrayProcess, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
 
 /** Two connected in-memory byte streams (what one writes, the other reads); destroying one ends both. */
 export function duplexPair(): [Duplex, Duplex] {
@@ -125,10 +125,6 @@ export class FakeVm implements Vm {
     return duplexPair()[0];
   }
 
-  async saveSnapshot(): Promise<void> {
-    throw new AegisError('UNSUPPORTED', 'fake');
-  }
-
   async stop(): Promise<void> {
     this.end({ reason: 'host-stop', detail: 'stopped by the host' });
     await this.exited;
@@ -154,7 +150,7 @@ export class FakeVm implements Vm {
 }
 
 export class FakeBackend implements Backend {
-  readonly name = 'qemu' as const;
+  readonly name = 'fake';
   readonly vms: FakeVm[] = [];
   readonly events: string[] = [];
   /** Every config `create` was given, in order. */
@@ -184,7 +180,7 @@ export class FakeBackend implements Backend {
         agentTransport: 'virtio-serial',
         acceleration: 'tcg',
         networkModes: ['none'],
-        qcow2ScratchDisks: false,
+        diskClones: false,
         volumeKinds: ['disk', 'share'],
       },
     };
@@ -203,6 +199,11 @@ export class FakeBackend implements Backend {
     if (!vm) throw new AegisError('NOT_FOUND', `VM ${String(record['id'])} is not running`);
     this.events.push(`attach ${vm.id}`);
     return vm;
+  }
+
+  /** Its VMs are objects in this process: none can be left behind. */
+  async strays(): Promise<StrayProcess[]> {
+    return [];
   }
 
   /** VMs whose "VMM" still runs. */

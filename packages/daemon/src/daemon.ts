@@ -8,10 +8,10 @@ import path from 'node:path';
 import type http from 'node:http';
 import { AegisError } from '@aegis/protocol';
 import { selectBackend, type Backend, type Probe } from '@aegis/vmm';
-import { QemuBackend } from '@aegis/vmm-qemu';
-import { FirecrackerBackend } from '@aegis/vmm-firecracker';
+import { createBackends } from '@aegis/backends';
 import { makePrivateDirs, type DaemonConfig } from './config.js';
 import { InstanceManager } from './instances/manager.js';
+import { endStrays } from './instances/recovery.js';
 import { Registry } from './registry/db.js';
 import { createServer } from './api/server.js';
 import { instanceRoutes } from './api/routes/instances.js';
@@ -30,14 +30,13 @@ import { LoopDelayMonitor } from './lag.js';
 export const VERSION = '0.1.0';
 
 /**
- * Backends compiled into this daemon, in order of preference. They test KVM by booting the
- * guest kernel, and keep the verdict beside the guest artifacts (shared like the templates).
+ * Every backend of the registry (@aegis/backends), in order of preference. They test KVM by
+ * booting the guest kernel, and keep the verdict beside the guest artifacts (shared like the
+ * templates).
  */
 export async function knownBackends(config: DaemonConfig): Promise<Backend[]> {
   const kernelPath = await fs.realpath(config.kernelPath).catch(() => undefined);
-  const opts = { cacheDir: await artifactCacheDir(config), ...(kernelPath ? { kernelPath } : {}) };
-  // QEMU first: it runs everywhere (TCG without KVM); AEGIS_BACKEND=firecracker picks the other.
-  return [new QemuBackend(opts), new FirecrackerBackend(opts)];
+  return createBackends({ cacheDir: await artifactCacheDir(config), ...(kernelPath ? { kernelPath } : {}) });
 }
 
 /** The directory holding the guest artifacts (`cache/`), or AEGIS_HOME/cache without them. */
@@ -85,7 +84,8 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   }
   await fs.rm(config.socketPath, { force: true });
 
-  const { backend, probe } = await selectBackend(await knownBackends(config), config.backend);
+  const backends = await knownBackends(config);
+  const { backend, probe } = await selectBackend(backends, config.backend);
   log.info(`backend ${backend.name}: ${probe.detail}`);
   // The accelerator may still be under test: VMs boot under TCG until the verdict is in.
   let currentProbe = probe;
@@ -96,7 +96,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   const registry = new Registry(config.dbPath);
   const secrets = new SecretStore(registry, path.join(config.home, 'secrets.key'));
   // Warm boot needs snapshots and copy-on-write children of the template's disk.
-  const warm = config.warmBoot && probe.capabilities?.snapshot === true && probe.capabilities.qcow2ScratchDisks;
+  const warm = config.warmBoot && probe.capabilities?.snapshot === true && probe.capabilities.diskClones;
   const templates = new TemplateCache(backend, () => currentProbe, await templatesDir(config), log, config.bootTimeoutMs, warm);
   const images = new ImageService(config.home, registry, log, { insecureRegistries: config.insecureRegistries });
   const instances = new InstanceManager(
@@ -112,6 +112,11 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     probe.capabilities?.volumeKinds ?? [],
   );
   await instances.recover();
+  // VMs an earlier daemon started with another backend (AEGIS_BACKEND changed): no instance
+  // can own them now (their rows were settled above), and only their backend can find them.
+  for (const other of backends.filter((b) => b !== backend)) {
+    await endStrays({ registry, backend: other, instancesDir: config.instancesDir, log });
+  }
   await instances.volumes.cleanup();
   // What a killed daemon left: half-built templates (and their VMMs), unreferenced old builds.
   await templates.collect();

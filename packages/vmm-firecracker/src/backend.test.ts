@@ -10,7 +10,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError } from '@aegis/protocol';
-import { processAlive, type Probe, type Vm, type VmConfig } from '@aegis/vmm';
+import { processAlive, type Backend, type Probe, type Vm, type VmConfig } from '@aegis/vmm';
 import { VERDICT_FILE } from '@aegis/vmm';
 import { CONSOLE_MAX_BYTES, FirecrackerBackend, type FirecrackerOptions } from './backend.js';
 
@@ -294,17 +294,18 @@ describe('FirecrackerBackend.create', () => {
     expect(err.message).toContain('--network none');
   });
 
-  it('refuses a qcow2 scratch disk with UNSUPPORTED: Firecracker takes raw images only', async () => {
-    const err = await failure(backend().create(config({ scratchDiskFormat: 'qcow2' })));
+  it('refuses a cloned scratch disk with UNSUPPORTED: Firecracker takes raw images only', async () => {
+    expect((backend() as Backend).cloneDisk).toBeUndefined();
+    const err = await failure(backend().create(config({ scratchDiskCloned: true })));
     expect(err.code).toBe('UNSUPPORTED');
     expect(err.message).toContain('raw disk images only');
   });
 
-  it('refuses an id Firecracker would refuse, a shared memory file on restore, and a missing snapshot', async () => {
+  it('refuses an id Firecracker would refuse, a memory file to write on restore, and a missing snapshot', async () => {
     expect((await failure(backend().create(config({ id: 'bad_id' })))).code).toBe('INVALID_ARGUMENT');
     const snap = path.join(dir, 'snap.bin');
     fs.writeFileSync(snap, 'x');
-    const shared = config({ restoreFrom: snap, memoryFile: { path: path.join(dir, 'mem'), shared: true } });
+    const shared = config({ restoreFrom: snap, snapshotMemory: { path: path.join(dir, 'mem'), access: 'write' } });
     expect((await failure(backend().create(shared))).code).toBe('UNSUPPORTED');
     expect((await failure(backend().create(config({ restoreFrom: snap })))).code).toBe('NOT_FOUND'); // no snap.bin.mem
   });
@@ -396,7 +397,7 @@ describe('FirecrackerVm', () => {
     const mem = path.join(dir, 'memory');
     fs.writeFileSync(snap, 'state');
     fs.writeFileSync(mem, 'ram');
-    await started(config({ restoreFrom: snap, memoryFile: { path: mem, shared: false } }));
+    await started(config({ restoreFrom: snap, snapshotMemory: { path: mem, access: 'map' } }));
     expect(requests()).toEqual([
       {
         method: 'PUT',
@@ -419,7 +420,7 @@ describe('FirecrackerVm', () => {
     const skip = requests().length;
     await vm.pause();
     await vm.resume();
-    await vm.saveSnapshot(path.join(dir, 'snap.bin'));
+    await vm.saveSnapshot?.(path.join(dir, 'snap.bin'));
     expect(requests().slice(skip)).toEqual([
       { method: 'PATCH', path: '/vm', body: { state: 'Paused' } },
       { method: 'PATCH', path: '/vm', body: { state: 'Resumed' } },
@@ -432,9 +433,9 @@ describe('FirecrackerVm', () => {
     ]);
   });
 
-  it("writes a template's RAM to its shared memory file, where the clones will map it from", async () => {
-    const vm = await started(config({ memoryFile: { path: path.join(dir, 'memory'), shared: true } }));
-    await vm.saveSnapshot(path.join(dir, 'snap.bin'));
+  it("writes a template's RAM to its memory file, where the clones will map it from", async () => {
+    const vm = await started(config({ snapshotMemory: { path: path.join(dir, 'memory'), access: 'write' } }));
+    await vm.saveSnapshot?.(path.join(dir, 'snap.bin'));
     expect(requests().at(-1)?.body).toMatchObject({ mem_file_path: path.join(dir, 'memory') });
   });
 

@@ -9,8 +9,8 @@
  * another state directory then finds its own disks and binds its own socket, which is what the
  * jailer's chroot achieves for Firecracker's own users.
  */
-import { execFile, spawn as nodeSpawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
-import { constants as fsc, promises as fs, openSync, closeSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { constants as fsc, promises as fs } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -21,8 +21,13 @@ import {
   accelMode,
   fileTail,
   kvmDeviceProblem,
-  processAlive,
   verdictKey,
+  DetachedProcess,
+  findStrays,
+  type ProcessExit,
+  type ProcessIdentity,
+  type SpawnFn,
+  type StrayProcess,
   verdictGate,
   type AccelVerdict,
   type Backend,
@@ -93,7 +98,7 @@ const CONSOLE_CHECK_MS = 1000;
 const SNAPSHOT_TIMEOUT_MS = 300_000;
 
 /** Starts the VMM process; replaceable so tests can run a stand-in for `firecracker`. */
-export type SpawnVmm = (binary: string, args: string[], options: SpawnOptions) => ChildProcess;
+export type SpawnVmm = SpawnFn;
 
 export interface FirecrackerOptions {
   /** The firecracker binary; default `$AEGIS_FIRECRACKER`, else `firecracker` on PATH. */
@@ -124,20 +129,34 @@ function capabilities(): Capabilities {
     acceleration: 'kvm',
     // passt cannot drive the TAP device Firecracker needs without root (docs/backends.md).
     networkModes: ['none'],
-    // Firecracker's block devices are raw files only.
-    qcow2ScratchDisks: false,
+    // Firecracker's block devices are raw files only: no copy-on-write children.
+    diskClones: false,
     // Extra drives, yes; it has no 9p or virtio-fs device to share a host directory with.
     volumeKinds: ['disk'],
   };
 }
 
-interface FirecrackerRecord {
+interface FirecrackerRecord extends ProcessIdentity {
   backend: 'firecracker';
   id: string;
-  pid: number;
   stateDir: string;
-  /** The shared memory file a later `saveSnapshot` writes RAM to, when the VM has one. */
+  /** The file a later `saveSnapshot` writes RAM to (`snapshotMemory` with `write`), when the VM has one. */
   memoryFile?: string;
+}
+
+function parseRecord(record: VmRecord): FirecrackerRecord | undefined {
+  const r = record as Partial<FirecrackerRecord>;
+  if (r.backend !== 'firecracker' || typeof r.pid !== 'number' || typeof r.id !== 'string' || typeof r.stateDir !== 'string') {
+    return undefined;
+  }
+  return {
+    backend: 'firecracker',
+    id: r.id,
+    pid: r.pid,
+    stateDir: r.stateDir,
+    ...(typeof r.startTicks === 'number' ? { startTicks: r.startTicks } : {}),
+    ...(typeof r.memoryFile === 'string' ? { memoryFile: r.memoryFile } : {}),
+  };
 }
 
 /**
@@ -277,13 +296,13 @@ export class FirecrackerBackend implements Backend {
         `the Firecracker backend has no ${config.network} networking: Firecracker needs a TAP device, which passt cannot drive without root; start with --network none, or use the QEMU backend`,
       );
     }
-    if ((config.scratchDiskFormat ?? 'raw') !== 'raw') {
+    if (config.scratchDiskCloned) {
       throw new AegisError(
         'UNSUPPORTED',
-        `Firecracker attaches raw disk images only, not ${config.scratchDiskFormat}: give the VM a raw scratch disk (a clone of a template needs a raw copy, e.g. cp --reflink=auto, not a qcow2 child)`,
+        'Firecracker attaches raw disk images only, and this backend makes no disk clones: give the VM a raw scratch disk (a clone of a template needs a raw copy, e.g. cp --reflink=auto)',
       );
     }
-    if (config.restoreFrom && config.memoryFile?.shared) {
+    if (config.restoreFrom && config.snapshotMemory?.access === 'write') {
       throw new AegisError(
         'UNSUPPORTED',
         'Firecracker maps a snapshot memory file privately (copy-on-write): a restored VM cannot write its RAM back to the file',
@@ -320,7 +339,7 @@ export class FirecrackerBackend implements Backend {
     await linkDisks(config);
     return new FirecrackerVm(config.id, config.stateDir, {
       binary: found.binary,
-      spawn: this.options.spawn ?? nodeSpawn,
+      ...(this.options.spawn ? { spawn: this.options.spawn } : {}),
       config,
       connectTimeoutMs: this.options.connectTimeoutMs ?? 60_000,
     });
@@ -328,15 +347,24 @@ export class FirecrackerBackend implements Backend {
 
   async attach(record: VmRecord, signal?: AbortSignal): Promise<Vm> {
     if (signal?.aborted) throw new AegisError('CANCELLED', 'attach cancelled');
-    const r = record as Partial<FirecrackerRecord>;
-    if (r.backend !== 'firecracker' || typeof r.pid !== 'number' || typeof r.id !== 'string' || typeof r.stateDir !== 'string') {
-      throw new AegisError('INVALID_ARGUMENT', 'not a Firecracker VM record');
-    }
-    if (!(await isOurFirecracker(r.pid, r.id, r.stateDir))) throw new AegisError('NOT_FOUND', `Firecracker process of VM ${r.id} is gone`);
-    const memoryFile = typeof r.memoryFile === 'string' ? { path: r.memoryFile, shared: true } : undefined;
-    const vm = new FirecrackerVm(r.id, r.stateDir, undefined, { connectTimeoutMs: this.options.connectTimeoutMs ?? 60_000, memoryFile });
-    vm.adopt(r.pid);
+    const r = parseRecord(record);
+    if (!r) throw new AegisError('INVALID_ARGUMENT', 'not a Firecracker VM record');
+    const proc = await DetachedProcess.adopt(r, isOurFirecracker(r.id, r.stateDir));
+    if (!proc) throw new AegisError('NOT_FOUND', `Firecracker process of VM ${r.id} is gone`);
+    const snapshotMemory = r.memoryFile ? { path: r.memoryFile, access: 'write' as const } : undefined;
+    const vm = new FirecrackerVm(r.id, r.stateDir, undefined, {
+      connectTimeoutMs: this.options.connectTimeoutMs ?? 60_000,
+      snapshotMemory,
+    });
+    vm.adopt(proc);
     return vm;
+  }
+
+  async strays(dir: string, keep: VmRecord[]): Promise<StrayProcess[]> {
+    const kept = keep.map(parseRecord).flatMap((r) => (r ? [{ identity: r, stateDir: r.stateDir }] : []));
+    return findStrays(dir, kept, (argv) =>
+      path.basename(argv[0] ?? '') === BINARY && argv.includes('--api-sock') ? { what: 'Firecracker', helper: false } : undefined,
+    );
   }
 }
 
@@ -346,23 +374,23 @@ function fromVerdict(found: string, verdict: AccelVerdict): Probe {
 }
 
 /**
- * Where a restore maps guest RAM from: the `memoryFile` when given, else the file
+ * Where a restore maps guest RAM from: `snapshotMemory` when given, else the file
  * `saveSnapshot` wrote next to the snapshot. Firecracker maps it privately: pages are read on
  * demand, never copied, and the guest's writes never reach the file.
  */
 function restoreMemoryPath(config: VmConfig): string | undefined {
   if (!config.restoreFrom) return undefined;
-  return config.memoryFile ? path.resolve(config.memoryFile.path) : `${path.resolve(config.restoreFrom)}.mem`;
+  return config.snapshotMemory ? path.resolve(config.snapshotMemory.path) : `${path.resolve(config.restoreFrom)}.mem`;
 }
 
 /**
  * Where `saveSnapshot` writes guest RAM. Firecracker cannot back a running guest's RAM with a
- * file (it is anonymous memory until a snapshot writes it out), so a `shared` memory file, the
- * one the caller expects to hold RAM (as QEMU's does), is where the snapshot writes it; else it
- * goes next to the snapshot. Never to a non-shared file: other clones may be mapping it.
+ * file (it is anonymous memory until a snapshot writes it out), so it writes it at snapshot time
+ * to the `write` file the caller named; else next to the snapshot. Never to a `map` file: other
+ * clones may be mapping it.
  */
-function snapshotMemoryPath(memoryFile: VmConfig['memoryFile'], snapshotPath: string): string {
-  return memoryFile?.shared ? path.resolve(memoryFile.path) : `${snapshotPath}.mem`;
+function snapshotMemoryPath(memory: VmConfig['snapshotMemory'], snapshotPath: string): string {
+  return memory?.access === 'write' ? path.resolve(memory.path) : `${snapshotPath}.mem`;
 }
 
 /** Points the state directory's disk names at this VM's files (see the top of this file). */
@@ -439,27 +467,15 @@ export function restoreRequest(snapshotPath: string, memoryPath: string): { path
 }
 
 /** A reused pid is not our VM: the process must carry this VM's `--id` and API socket. */
-async function isOurFirecracker(pid: number, id: string, stateDir: string): Promise<boolean> {
-  try {
-    const args = (await fs.readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
+const isOurFirecracker =
+  (id: string, stateDir: string) =>
+  (args: string[]): boolean => {
     const after = (flag: string): string | undefined => {
       const i = args.indexOf(flag);
       return i >= 0 ? args[i + 1] : undefined;
     };
     return after('--id') === id && after('--api-sock') === paths(stateDir).api;
-  } catch {
-    return false;
-  }
-}
-
-async function isZombie(pid: number): Promise<boolean> {
-  try {
-    const stat = await fs.readFile(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'Z';
-  } catch {
-    return false;
-  }
-}
+  };
 
 /**
  * Cuts a console log longer than `maxBytes` back to its last `keepBytes` (from the first whole
@@ -514,7 +530,7 @@ function sleep(ms: number): Promise<void> {
 
 interface Launch {
   binary: string;
-  spawn: SpawnVmm;
+  spawn?: SpawnVmm;
   config: VmConfig;
   connectTimeoutMs: number;
 }
@@ -522,8 +538,7 @@ interface Launch {
 class FirecrackerVm implements Vm {
   readonly exited: Promise<VmExit>;
   private resolveExit!: (e: VmExit) => void;
-  private pid: number | undefined;
-  private poll: NodeJS.Timeout | undefined;
+  private proc: DetachedProcess | undefined;
   /** Keeps firecracker.log bounded while this object is attached (`watchConsole`). */
   private consoleWatch: NodeJS.Timeout | undefined;
   private trimming = false;
@@ -534,33 +549,33 @@ class FirecrackerVm implements Vm {
   private readonly api: FirecrackerApi;
   private readonly p: ReturnType<typeof paths>;
   private readonly connectTimeoutMs: number;
-  private readonly memoryFile: VmConfig['memoryFile'];
+  private readonly snapshotMemory: VmConfig['snapshotMemory'];
 
   constructor(
     readonly id: string,
     private readonly stateDir: string,
     private readonly launch: Launch | undefined,
-    adopted?: { connectTimeoutMs: number; memoryFile: VmConfig['memoryFile'] },
+    adopted?: { connectTimeoutMs: number; snapshotMemory: VmConfig['snapshotMemory'] },
   ) {
     this.p = paths(stateDir);
     this.api = new FirecrackerApi(this.p.api);
     this.connectTimeoutMs = launch?.connectTimeoutMs ?? adopted?.connectTimeoutMs ?? 60_000;
-    this.memoryFile = launch ? launch.config.memoryFile : adopted?.memoryFile;
+    this.snapshotMemory = launch ? launch.config.snapshotMemory : adopted?.snapshotMemory;
     this.exited = new Promise((resolve) => (this.resolveExit = resolve));
   }
 
   hostPid(): number | undefined {
-    return this.pid;
+    return this.proc?.pid;
   }
 
   record(): VmRecord {
-    if (this.pid === undefined) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
+    if (!this.proc) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
     const r: FirecrackerRecord = {
       backend: 'firecracker',
       id: this.id,
-      pid: this.pid,
+      ...this.proc.identity(),
       stateDir: this.stateDir,
-      ...(this.memoryFile?.shared ? { memoryFile: this.memoryFile.path } : {}),
+      ...(this.snapshotMemory?.access === 'write' ? { memoryFile: this.snapshotMemory.path } : {}),
     };
     return { ...r };
   }
@@ -574,26 +589,16 @@ class FirecrackerVm implements Vm {
     // refuses to bind over an existing API socket, and a restored vsock device the same.
     await fs.rm(this.p.api, { force: true });
     await fs.rm(this.p.vsock, { force: true });
-    // 'a' (O_APPEND) is what makes `trimConsoleLog` safe: after we truncate the file,
-    // Firecracker's writes go to its new end. Keep it.
-    const log = openSync(this.p.log, 'a');
-    let child: ChildProcess;
-    try {
-      // Detached in its own session with no pipes to us: the VM outlives a daemon restart.
-      child = this.launch.spawn(binary, ['--api-sock', this.p.api, '--id', this.id], {
-        cwd: this.stateDir,
-        detached: true,
-        stdio: ['ignore', log, log],
-      });
-    } finally {
-      closeSync(log);
-    }
-    child.unref();
-    child.once('exit', (code, sig) => void this.onProcessGone(code, sig));
-    this.pid = await new Promise<number>((resolve, reject) => {
-      child.once('spawn', () => resolve(child.pid ?? -1));
-      child.once('error', (err) => reject(new AegisError('UNAVAILABLE', `cannot start ${binary}: ${err.message}`)));
+    // The supervisor opens the log O_APPEND, which is what makes `trimConsoleLog` safe: after
+    // we truncate the file, Firecracker's writes go to its new end.
+    const proc = await DetachedProcess.spawn(binary, ['--api-sock', this.p.api, '--id', this.id], {
+      logFile: this.p.log,
+      cwd: this.stateDir,
+      what: 'Firecracker',
+      ...(this.launch.spawn ? { spawn: this.launch.spawn } : {}),
     });
+    this.proc = proc;
+    void proc.exited.then((e) => this.onProcessGone(e));
     this.watchConsole();
     try {
       await this.waitForApi(signal);
@@ -605,7 +610,7 @@ class FirecrackerVm implements Vm {
         await this.api.put('/actions', { action_type: 'InstanceStart' }, { signal });
       }
     } catch (err) {
-      child.kill('SIGKILL');
+      proc.kill('SIGKILL');
       if (err instanceof AegisError && err.code === 'CANCELLED') throw err;
       // Let Firecracker's last words reach the log before we read it.
       await Promise.race([this.exited, sleep(200)]);
@@ -634,15 +639,12 @@ class FirecrackerVm implements Vm {
 
   /**
    * Takes over a Firecracker process started by an earlier daemon. It is not our child, so
-   * there is no 'exit' event and no HTTP connection that stays open: poll the pid.
+   * there is no 'exit' event and no HTTP connection that stays open: the supervisor polls the pid.
    */
-  adopt(pid: number): void {
-    this.pid = pid;
+  adopt(proc: DetachedProcess): void {
+    this.proc = proc;
     this.started = true;
-    this.poll = setInterval(() => {
-      if (!processAlive(pid)) void this.onProcessGone(null, null);
-    }, 100);
-    this.poll.unref();
+    void proc.exited.then((e) => this.onProcessGone(e));
     this.watchConsole();
   }
 
@@ -678,17 +680,16 @@ class FirecrackerVm implements Vm {
 
   detach(): void {
     this.detached = true;
-    if (this.poll) clearInterval(this.poll);
+    this.proc?.release();
     this.stopConsoleWatch();
   }
 
-  private async onProcessGone(code: number | null, sig: NodeJS.Signals | null): Promise<void> {
+  private onProcessGone({ code, signal }: ProcessExit): void {
     if (this.gone) return;
     this.gone = true;
-    if (this.poll) clearInterval(this.poll);
     this.stopConsoleWatch();
     if (this.detached) return;
-    this.resolveExit(this.exitReason(code, sig));
+    this.resolveExit(this.exitReason(code, signal));
   }
 
   /**
@@ -725,7 +726,7 @@ class FirecrackerVm implements Vm {
     const opts = signal ? { signal } : {};
     await api.patch('/vm', { state: 'Paused' }, opts);
     const snapshotPath = path.resolve(file);
-    const memPath = snapshotMemoryPath(this.memoryFile, snapshotPath);
+    const memPath = snapshotMemoryPath(this.snapshotMemory, snapshotPath);
     await api.put(
       '/snapshot/create',
       { snapshot_type: 'Full', snapshot_path: snapshotPath, mem_file_path: memPath },
@@ -768,54 +769,21 @@ class FirecrackerVm implements Vm {
    * and SIGKILL follows after `timeoutMs`.
    */
   async stop(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
-    if (this.pid === undefined || this.gone) return;
-    const pid = this.pid;
-    // Nothing watched this pid since detach: it may have ended and been reused by now.
-    if (this.detached && !(await isOurFirecracker(pid, this.id, this.stateDir))) {
-      this.gone = true;
-      return;
-    }
+    const proc = this.proc;
+    if (!proc || this.gone) return;
+    // After detach nothing watched the pid: the supervisor checks it is still this VM's first.
     this.stopRequested = true;
     const timeoutMs = options.timeoutMs ?? 3000;
-    if (process.arch === 'x64') {
-      await this.api.put('/actions', { action_type: 'SendCtrlAltDel' }, { timeoutMs: Math.min(timeoutMs, 1000) }).catch(() => undefined);
-    }
-    const waited = await Promise.race([
-      this.whenGone(pid),
-      new Promise<boolean>((resolve) => setTimeout(() => resolve(false), timeoutMs).unref()),
-      new Promise<boolean>((resolve) => {
-        if (options.signal?.aborted) resolve(false);
-        options.signal?.addEventListener('abort', () => resolve(false), { once: true });
-      }),
-    ]);
-    if (!waited) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-      await this.whenGone(pid);
-    }
+    const ctrlAltDel = (): Promise<unknown> =>
+      this.api.put('/actions', { action_type: 'SendCtrlAltDel' }, { timeoutMs: Math.min(timeoutMs, 1000) });
+    await proc.stop({
+      timeoutMs,
+      // Elsewhere than x86_64 there is no graceful way: the deadline's SIGKILL ends it.
+      ask: process.arch === 'x64' ? ctrlAltDel : () => undefined,
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
     if (this.detached) this.gone = true;
-  }
-
-  /**
-   * Resolves true once the VMM has gone. After `detach` nothing resolves `exited` (its exit is
-   * no longer this object's to report), so the pid itself is watched.
-   */
-  private whenGone(pid: number): Promise<boolean> {
-    if (!this.detached) return this.exited.then(() => true);
-    return (async () => {
-      // A zombie runs nothing but still answers kill(pid, 0). Its parent normally reaps it
-      // within milliseconds; one that never will (not ours after attach) must not hold us.
-      let zombieMs = 0;
-      while (processAlive(pid)) {
-        if (await isZombie(pid)) zombieMs += 20;
-        if (zombieMs >= 1000) break;
-        await sleep(20);
-      }
-      return true;
-    })();
+    else await this.exited;
   }
 
   /** The end of firecracker.log; trimming keeps its last CONSOLE_KEEP_BYTES or more. */

@@ -3,8 +3,8 @@
  * arm64), KVM when a test boot showed it can run the guest and TCG otherwise (kvm-test.ts). Control through QMP; the agent
  * channel is a virtio-serial port whose host end is a unix socket QEMU listens on.
  */
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { promises as fs, openSync, closeSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { promises as fs } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -16,8 +16,18 @@ import {
   type VerdictGate,
   accelMode,
   kvmDeviceProblem,
-  processAlive,
   verdictKey,
+  DetachedProcess,
+  Passt,
+  PASST_INSTALL_HINT,
+  findStrays,
+  guestNetKernelArg,
+  isPasst,
+  passtAvailable,
+  passtPaths,
+  type ProcessExit,
+  type ProcessIdentity,
+  type StrayProcess,
   type Backend,
   type Capabilities,
   type Probe,
@@ -84,30 +94,9 @@ async function hostTscKhz(): Promise<number | undefined> {
   return m?.[1] ? Math.round(Number(m[1]) * 1000) : undefined;
 }
 
-/**
- * User-mode networking is passt (Debian package `passt`), one process per VM, connected to
- * QEMU's `-netdev stream`. Chosen over QEMU's built-in slirp because slirp always maps its
- * gateway address to the host's loopback, and passt can be told not to (`--no-map-gw`): the
- * guest reaches the network but never aegisd's or anyone's 127.0.0.1 services.
- */
-const PASST_BINARY = 'passt';
-/** What passt is told to hand out, and what the guest is told to use (aegis_net=). */
-const GUEST_NET = { address: '10.0.2.15', prefix: 24, gateway: '10.0.2.2', dns: '10.0.2.3' } as const;
-
-const NOBODY = 65534;
-
 /** The serial console's ring (a power of two, as QEMU requires). */
 const CONSOLE_RING = 'console0';
 export const CONSOLE_RING_BYTES = 1 << 20;
-
-async function passtAvailable(): Promise<boolean> {
-  try {
-    await execFileP(PASST_BINARY, ['--version'], { timeout: 10_000 });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 function capabilitiesFor(kvm: boolean, passt: boolean): Capabilities {
   return {
@@ -117,41 +106,45 @@ function capabilitiesFor(kvm: boolean, passt: boolean): Capabilities {
     agentTransport: 'virtio-serial',
     acceleration: kvm ? 'kvm' : 'tcg',
     networkModes: passt ? ['user', 'none'] : ['none'],
-    qcow2ScratchDisks: true,
+    // qcow2 children (`qemu-img create -b`): a clone's disk in a few milliseconds.
+    diskClones: true,
     volumeKinds: ['disk', 'share'],
   };
 }
 
-interface QemuRecord {
+interface QemuRecord extends ProcessIdentity {
   backend: 'qemu';
   id: string;
-  pid: number;
   stateDir: string;
 }
 
-/**
- * As root, passt runs as "nobody" (one less thing a guest that breaks passt gets), and nobody
- * cannot reach into a 0700 AEGIS_HOME: its socket and log then live under /run instead.
- */
-function passtDir(stateDir: string, id: string): string {
-  return process.getuid?.() === 0 ? path.join(ROOT_PASST_DIR, id) : path.join(stateDir, 'net');
-}
-const ROOT_PASST_DIR = '/run/aegis/passt';
-
-function paths(
-  stateDir: string,
-  id: string,
-): { qmp: string; agent: string; data: string; vmmLog: string; pid: string; netDir: string; net: string; netLog: string } {
-  const netDir = passtDir(stateDir, id);
+function parseRecord(record: VmRecord): QemuRecord | undefined {
+  const r = record as Partial<QemuRecord>;
+  if (r.backend !== 'qemu' || typeof r.pid !== 'number' || typeof r.id !== 'string' || typeof r.stateDir !== 'string') return undefined;
   return {
-    netDir,
-    net: path.join(netDir, 'passt.sock'),
-    netLog: path.join(stateDir, 'passt.log'),
+    backend: 'qemu',
+    id: r.id,
+    pid: r.pid,
+    stateDir: r.stateDir,
+    ...(typeof r.startTicks === 'number' ? { startTicks: r.startTicks } : {}),
+  };
+}
+
+/** A reused pid is not our VM: QEMU's command line names the VM (`-name aegis-<id>,`). */
+const isOurQemu =
+  (id: string) =>
+  (argv: string[]): boolean =>
+    argv.some((a) => a.startsWith(`aegis-${id},`));
+
+function paths(stateDir: string, id: string): { qmp: string; agent: string; data: string; vmmLog: string; netDir: string; net: string } {
+  const net = passtPaths(stateDir, id);
+  return {
+    netDir: net.dir,
+    net: net.socket,
     qmp: path.join(stateDir, 'qmp.sock'),
     agent: path.join(stateDir, 'agent.sock'),
     data: path.join(stateDir, 'data.sock'),
     vmmLog: path.join(stateDir, 'qemu.log'),
-    pid: path.join(stateDir, 'qemu.pid'),
   };
 }
 
@@ -240,7 +233,7 @@ export class QemuBackend implements Backend {
     const passt = await passtAvailable();
     const answer = (accel: AccelDecision): Probe => ({
       available: true,
-      detail: `${version}; ${accel.why}; ` + (passt ? 'network: passt' : 'network: none (passt not found; Debian: apt-get install passt)'),
+      detail: `${version}; ${accel.why}; ` + (passt ? 'network: passt' : `network: none (passt not found; ${PASST_INSTALL_HINT})`),
       capabilities: capabilitiesFor(accel.kvm, passt),
       accelerationReason: accel.why,
       version,
@@ -253,7 +246,7 @@ export class QemuBackend implements Backend {
 
   async create(config: VmConfig): Promise<Vm> {
     if (config.network === 'user' && !(await passtAvailable())) {
-      throw new AegisError('UNSUPPORTED', 'user networking needs passt (Debian: apt-get install passt); or start with --network none');
+      throw new AegisError('UNSUPPORTED', `user networking needs passt (${PASST_INSTALL_HINT}); or start with --network none`);
     }
     const kvm = (this.accel ?? (await this.decideAccel(await qemuVersion(this.binary())))).kvm;
     const args = await qemuArgs(config, kvm);
@@ -262,20 +255,38 @@ export class QemuBackend implements Backend {
       args,
       kvm,
       ...(config.restoreFrom ? { restoreFrom: config.restoreFrom } : {}),
-      ramInFile: config.memoryFile !== undefined,
+      ramInFile: config.snapshotMemory !== undefined,
       userNetwork: config.network === 'user',
     });
   }
 
   async attach(record: VmRecord): Promise<Vm> {
-    const r = record as Partial<QemuRecord>;
-    if (r.backend !== 'qemu' || typeof r.pid !== 'number' || typeof r.id !== 'string' || typeof r.stateDir !== 'string') {
-      throw new AegisError('INVALID_ARGUMENT', 'not a QEMU VM record');
-    }
-    if (!(await isOurQemu(r.pid, r.id))) throw new AegisError('NOT_FOUND', `QEMU process of VM ${r.id} is gone`);
+    const r = parseRecord(record);
+    if (!r) throw new AegisError('INVALID_ARGUMENT', 'not a QEMU VM record');
+    const proc = await DetachedProcess.adopt(r, isOurQemu(r.id));
+    if (!proc) throw new AegisError('NOT_FOUND', `QEMU process of VM ${r.id} is gone`);
     const vm = new QemuVm(r.id, r.stateDir, undefined);
-    await vm.adopt(r.pid);
+    await vm.adopt(proc);
     return vm;
+  }
+
+  /** A qcow2 child naming `base` (raw) as its backing file: the instance's own layer in milliseconds. */
+  async cloneDisk(base: string, file: string): Promise<void> {
+    try {
+      await execFileP('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', file], { timeout: 30_000 });
+      await fs.chmod(file, 0o600);
+    } catch (err) {
+      throw new AegisError('UNAVAILABLE', `cannot create the VM's disk (is qemu-utils installed?): ${(err as Error).message}`);
+    }
+  }
+
+  async strays(dir: string, keep: VmRecord[]): Promise<StrayProcess[]> {
+    const kept = keep.map(parseRecord).flatMap((r) => (r ? [{ identity: r, stateDir: r.stateDir }] : []));
+    return findStrays(dir, kept, (argv) => {
+      if (path.basename(argv[0] ?? '').startsWith('qemu-system')) return { what: 'QEMU', helper: false };
+      // passt goes with its VM's QEMU (--one-off): a kept VM's is kept.
+      return isPasst(argv) ? { what: 'passt', helper: true } : undefined;
+    });
   }
 }
 
@@ -355,7 +366,7 @@ export async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]
   const arch = profile();
   const volumes = volumeArgs(config, arch);
   const tscKhz = kvm ? undefined : await hostTscKhz();
-  const mem = config.memoryFile;
+  const mem = config.snapshotMemory;
   if (mem) shellSafe(mem.path);
   const cmdline = [
     `console=${arch.console}`,
@@ -368,7 +379,7 @@ export async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]
     'ro',
     'init=/aegis/init',
     ...(tscKhz ? [`tsc_early_khz=${tscKhz}`] : []),
-    ...(config.network === 'user' ? [`aegis_net=${GUEST_NET.address}/${GUEST_NET.prefix},${GUEST_NET.gateway},${GUEST_NET.dns}`] : []),
+    ...(config.network === 'user' ? [guestNetKernelArg()] : []),
     ...(config.imageDiskPath ? [`aegis_image=${virtioDiskName(2)}`] : []),
     ...volumes.kernelArgs,
     ...config.kernelArgs,
@@ -387,7 +398,10 @@ export async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]
     '-machine',
     mem ? `${arch.machine},memory-backend=mem0` : arch.machine,
     ...(mem
-      ? ['-object', `memory-backend-file,id=mem0,size=${config.memoryMiB}M,mem-path=${mem.path},share=${mem.shared ? 'on' : 'off'}`]
+      ? [
+          '-object',
+          `memory-backend-file,id=mem0,size=${config.memoryMiB}M,mem-path=${mem.path},share=${mem.access === 'write' ? 'on' : 'off'}`,
+        ]
       : []),
     ...(kvm ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg', '-cpu', 'max']),
     '-m',
@@ -408,7 +422,7 @@ export async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]
     '-device',
     'virtio-blk-device,drive=root',
     '-drive',
-    `id=scratch,file=${config.scratchDiskPath},format=${config.scratchDiskFormat ?? 'raw'},if=none,discard=unmap`,
+    `id=scratch,file=${config.scratchDiskPath},format=${config.scratchDiskCloned ? 'qcow2' : 'raw'},if=none,discard=unmap`,
     '-device',
     'virtio-blk-device,drive=scratch',
     ...(config.imageDiskPath
@@ -445,20 +459,9 @@ export async function qemuArgs(config: VmConfig, kvm: boolean): Promise<string[]
     `ringbuf,id=${CONSOLE_RING},size=${CONSOLE_RING_BYTES}`,
     '-serial',
     `chardev:${CONSOLE_RING}`,
-    '-pidfile',
-    p.pid,
     // With RAM in a file, the device state is loaded after x-ignore-shared is set (over QMP).
     ...(config.restoreFrom ? ['-incoming', mem ? 'defer' : `exec:cat ${shellSafe(config.restoreFrom)}`] : []),
   ];
-}
-
-/**
- * For `npm run bench` only: AEGIS_BENCH_PASST_TCP=HOST:GUEST adds passt's own port forward,
- * the backend's raw mechanism that --expose is measured against on the same VM.
- */
-function benchPasstForward(): string | undefined {
-  const spec = process.env['AEGIS_BENCH_PASST_TCP'];
-  return spec && /^\d+:\d+$/.test(spec) ? spec : undefined;
 }
 
 /** QEMU runs `exec:` migration URIs through /bin/sh: only plain paths may go there. */
@@ -467,27 +470,10 @@ function shellSafe(file: string): string {
   return file;
 }
 
-function killPid(pid: number): void {
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    // already gone
-  }
-}
-
-async function isOurQemu(pid: number, id: string): Promise<boolean> {
-  try {
-    const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8');
-    return cmdline.includes(`aegis-${id},`);
-  } catch {
-    return false;
-  }
-}
-
 class QemuVm implements Vm {
   readonly exited: Promise<VmExit>;
   private resolveExit!: (e: VmExit) => void;
-  private pid: number | undefined;
+  private proc: DetachedProcess | undefined;
   private qmp: QmpClient | undefined;
   private shutdownEvent: QmpEvent | undefined;
   private stopRequested = false;
@@ -507,109 +493,37 @@ class QemuVm implements Vm {
   }
 
   hostPid(): number | undefined {
-    return this.pid;
+    return this.proc?.pid;
   }
 
   record(): VmRecord {
-    if (this.pid === undefined) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
-    const r: QemuRecord = { backend: 'qemu', id: this.id, pid: this.pid, stateDir: this.stateDir };
+    if (!this.proc) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} has not started`);
+    const r: QemuRecord = { backend: 'qemu', id: this.id, ...this.proc.identity(), stateDir: this.stateDir };
     return { ...r };
   }
 
   async start(signal?: AbortSignal): Promise<void> {
-    if (!this.launch) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} is already running`);
-    const passt = this.launch.userNetwork ? await this.startPasst(signal) : undefined;
-    const log = openSync(this.p.vmmLog, 'a');
-    // Detached in its own session with no pipes to us: the VM outlives a daemon restart.
-    const child = spawn(this.launch.binary, this.launch.args, { detached: true, stdio: ['ignore', log, log] });
+    if (!this.launch || this.proc) throw new AegisError('FAILED_PRECONDITION', `VM ${this.id} is already running`);
+    // passt serves one client (`--one-off`): it exits with QEMU, so it needs no record of its own.
+    const passt = this.launch.userNetwork ? await Passt.start(this.stateDir, this.id, signal) : undefined;
     const restoring = this.launch.restoreFrom !== undefined;
-    closeSync(log);
-    child.unref();
-    const spawned = await new Promise<number>((resolve, reject) => {
-      child.once('spawn', () => resolve(child.pid ?? -1));
-      child.once('error', (err) => reject(new AegisError('UNAVAILABLE', `cannot start ${this.launch?.binary}: ${err.message}`)));
-    }).catch(async (err: unknown) => {
-      passt?.kill('SIGKILL');
-      await fs.rm(this.p.netDir, { recursive: true, force: true });
-      throw err;
-    });
-    this.pid = spawned;
-    child.once('exit', (code, sig) => this.onProcessGone(code, sig));
+    const proc = await DetachedProcess.spawn(this.launch.binary, this.launch.args, { logFile: this.p.vmmLog, what: 'QEMU' }).catch(
+      async (err: unknown) => {
+        await passt?.kill();
+        throw err;
+      },
+    );
+    this.proc = proc;
+    void proc.exited.then((e) => this.onProcessGone(e));
     try {
       await this.connectQmp(signal);
       if (restoring) await this.finishIncoming();
       if (this.launch.kvm) this.watchKvm();
     } catch (err) {
-      child.kill('SIGKILL');
-      passt?.kill('SIGKILL');
+      proc.kill('SIGKILL');
+      await passt?.kill();
       const tail = await fs.readFile(this.p.vmmLog, 'utf8').catch(() => '');
       throw new AegisError('UNAVAILABLE', `QEMU did not start: ${tail.trim().split('\n').slice(-3).join(' | ') || (err as Error).message}`);
-    }
-  }
-
-  /**
-   * passt serves exactly one client (`--one-off`): it exits when QEMU does, so it needs no
-   * record of its own and never outlives its VM. Like QEMU it is detached and survives aegisd.
-   */
-  private async startPasst(signal?: AbortSignal): Promise<ChildProcess> {
-    const asRoot = process.getuid?.() === 0;
-    await fs.rm(this.p.netDir, { recursive: true, force: true });
-    if (asRoot) {
-      await fs.mkdir(ROOT_PASST_DIR, { recursive: true, mode: 0o711 });
-      await fs.chmod(ROOT_PASST_DIR, 0o711);
-    }
-    await fs.mkdir(this.p.netDir, { mode: 0o700 });
-    if (asRoot) await fs.chown(this.p.netDir, NOBODY, NOBODY);
-    const log = openSync(this.p.netLog, 'a');
-    const args = [
-      '--foreground',
-      '--one-off',
-      '--socket',
-      this.p.net,
-      '--no-map-gw',
-      '--address',
-      GUEST_NET.address,
-      '--netmask',
-      String(GUEST_NET.prefix),
-      '--gateway',
-      GUEST_NET.gateway,
-      '--dns-forward',
-      GUEST_NET.dns,
-      // No inbound forwarding through passt: --expose goes over the agent channel.
-      '--tcp-ports',
-      benchPasstForward() ?? 'none',
-      '--udp-ports',
-      'none',
-      // Logged through the stderr we give it: passt cannot open a log file once it is "nobody".
-      '--stderr',
-      '--quiet',
-      // passt would pick "nobody" on its own as root; saying so keeps it explicit.
-      ...(asRoot ? ['--runas', `${NOBODY}:${NOBODY}`] : []),
-    ];
-    const child = spawn(PASST_BINARY, args, { detached: true, stdio: ['ignore', log, log] });
-    closeSync(log);
-    child.unref();
-    await new Promise<void>((resolve, reject) => {
-      child.once('spawn', resolve);
-      child.once('error', (err) => reject(new AegisError('UNAVAILABLE', `cannot start passt: ${err.message}`)));
-    });
-    // QEMU's stream netdev connects once, at start: the socket must be there first.
-    const deadline = Date.now() + 10_000;
-    for (;;) {
-      if (
-        await fs.stat(this.p.net).then(
-          (st) => st.isSocket(),
-          () => false,
-        )
-      )
-        return child;
-      if (child.exitCode !== null || Date.now() > deadline || signal?.aborted) {
-        child.kill('SIGKILL');
-        await fs.rm(this.p.netDir, { recursive: true, force: true });
-        const tail = await fs.readFile(this.p.netLog, 'utf8').catch(() => '');
-        throw new AegisError('UNAVAILABLE', `passt did not start: ${tail.trim().split('\n').slice(-2).join(' | ') || 'no socket'}`);
-      }
-      await new Promise((r) => setTimeout(r, 5));
     }
   }
 
@@ -665,7 +579,7 @@ class QemuVm implements Vm {
       if (st.status === 'internal-error' || st.status === 'guest-panicked') {
         this.failure =
           st.status === 'internal-error' ? 'KVM internal error: the hypervisor could not run the guest' : 'guest kernel panicked';
-        if (this.pid !== undefined) killPid(this.pid);
+        this.proc?.kill('SIGKILL');
       }
     };
     // STOP arrives at once on an internal error; the poll is there for what sends no event.
@@ -677,22 +591,13 @@ class QemuVm implements Vm {
     void this.exited.then(() => clearInterval(timer));
   }
 
-  /** Takes over a QEMU process started by an earlier daemon (not our child). */
-  async adopt(pid: number): Promise<void> {
-    this.pid = pid;
+  /** Takes over a QEMU process started by an earlier daemon (not our child: its pid is polled). */
+  async adopt(proc: DetachedProcess): Promise<void> {
+    this.proc = proc;
+    void proc.exited.then((e) => this.onProcessGone(e));
     await this.connectQmp();
-    const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    const cmdline = await fs.readFile(`/proc/${proc.pid}/cmdline`, 'utf8').catch(() => '');
     if (cmdline.includes('\0-accel\0kvm\0')) this.watchKvm();
-    // Not our child: no 'exit' event. The QMP socket closing tells us it went; confirm by pid.
-    this.qmp?.once('close', () => {
-      if (this.detached) return;
-      const poll = setInterval(() => {
-        if (!processAlive(pid)) {
-          clearInterval(poll);
-          this.onProcessGone(null, null);
-        }
-      }, 100);
-    });
   }
 
   private async connectQmp(signal?: AbortSignal): Promise<void> {
@@ -705,14 +610,15 @@ class QemuVm implements Vm {
 
   detach(): void {
     this.detached = true;
+    this.proc?.release();
     this.qmp?.close();
   }
 
-  private onProcessGone(code: number | null, sig: NodeJS.Signals | null): void {
+  private onProcessGone({ code, signal: sig }: ProcessExit): void {
     if (this.detached) return;
     this.qmp?.close();
     // passt has gone with QEMU (--one-off); its directory may be outside the state dir.
-    void fs.rm(this.p.netDir, { recursive: true, force: true }).catch(() => undefined);
+    void Passt.cleanup(this.p.netDir);
     const reason = String(this.shutdownEvent?.data?.['reason'] ?? '');
     let exit: VmExit;
     if (this.failure) exit = { reason: 'vmm-error', detail: this.failure };
@@ -761,32 +667,18 @@ class QemuVm implements Vm {
     });
   }
 
-  async stop(options: { timeoutMs?: number } = {}): Promise<void> {
-    const pid = this.pid;
-    if (pid === undefined) return;
+  /** QMP `quit` (SIGTERM after `detach`), SIGKILL at the deadline whatever QMP does. */
+  async stop(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
+    const proc = this.proc;
+    if (!proc) return;
     this.stopRequested = true;
-    const timeoutMs = options.timeoutMs ?? 3000;
-    if (this.detached) {
-      // `exited` no longer resolves through this object: watch the process itself.
-      try {
-        process.kill(pid, 'SIGTERM');
-      } catch {
-        return;
-      }
-      const deadline = Date.now() + timeoutMs;
-      while (processAlive(pid)) {
-        if (Date.now() > deadline) killPid(pid);
-        await new Promise((r) => setTimeout(r, 20));
-      }
-      return;
-    }
-    const gone = this.exited.then(() => true);
-    const timer = new Promise<boolean>((r) => setTimeout(() => r(false), timeoutMs).unref());
-    // Not awaited: a frozen QEMU never answers `quit`, and the deadline must cover that too.
-    void this.qmp?.execute('quit').catch(() => undefined);
-    if (await Promise.race([gone, timer])) return;
-    killPid(pid);
-    await this.exited;
+    const qmp = this.detached ? undefined : this.qmp;
+    await proc.stop({
+      timeoutMs: options.timeoutMs ?? 3000,
+      ...(options.signal ? { signal: options.signal } : {}),
+      ...(qmp ? { ask: () => qmp.execute('quit') } : {}),
+    });
+    if (!this.detached) await this.exited;
   }
 
   /** The end of what the console ring holds (reading empties it: a tail is for reports). */

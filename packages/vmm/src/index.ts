@@ -21,3 +21,17 @@ export {
   volumeKernelArg,
   type GuestFsType,
 } from './volumes.js';
+export {
+  DetachedProcess,
+  findStrays,
+  procArgv,
+  procStat,
+  type ProcessExit,
+  type ProcessIdentity,
+  type ProcessKind,
+  type SpawnDetachedOptions,
+  type SpawnFn,
+  type StrayProcess,
+} from './process.js';
+export { GUEST_NET, PASST_BINARY, PASST_INSTALL_HINT, Passt, guestNetKernelArg, isPasst, passtAvailable, passtPaths } from './network.js';
+export type { BackendEntry, BackendOptions, MissingBackend } from './registry.js';

@@ -5,13 +5,15 @@
  * never `instanceof` checks. An operation a backend lacks fails with UNSUPPORTED.
  */
 import type { Duplex } from 'node:stream';
+import type { StrayProcess } from './process.js';
 
-export type BackendName = 'qemu' | 'firecracker' | 'libkrun';
+/** `qemu`, `firecracker`, or whatever name a registered backend has (`AEGIS_BACKEND` picks by it). */
+export type BackendName = string;
 
 export interface Capabilities {
   /** Guest execution can be frozen and continued (QMP stop/cont, PATCH /vm, SIGSTOP). */
   pause: boolean;
-  /** Memory + device state can be saved and restored. */
+  /** Memory and device state can be saved (`Vm.saveSnapshot`) and restored (`VmConfig.restoreFrom`). */
   snapshot: boolean;
   /** The VM keeps running when the daemon exits, and `attach` finds it again. */
   survivesDaemonRestart: boolean;
@@ -26,10 +28,11 @@ export interface Capabilities {
    */
   networkModes: NetworkMode[];
   /**
-   * The scratch disk may be a qcow2 copy-on-write child (`scratchDiskFormat: 'qcow2'`), which
-   * is how warm-boot clones share their template's disk. Without it the daemon boots cold.
+   * `Backend.cloneDisk` makes copy-on-write children of a disk, in the backend's own format,
+   * which a VM can then boot on (`scratchDiskCloned`): how warm-boot clones share their
+   * template's disk. Without it (or without `snapshot`) the daemon boots every VM cold.
    */
-  qcow2ScratchDisks: boolean;
+  diskClones: boolean;
   /** The kinds of `VmConfig.volumes` the backend can attach; any other is UNSUPPORTED. */
   volumeKinds: VolumeKind[];
 }
@@ -89,18 +92,24 @@ export interface VmConfig {
    * mounts it under this VM's own layer (on the scratch disk) as the workload's root.
    */
   imageDiskPath?: string;
-  /** `qcow2` for a copy-on-write child of a snapshot template's disk. Default `raw`. */
-  scratchDiskFormat?: 'raw' | 'qcow2';
   /**
-   * Back guest RAM with this file. `shared`: the guest's writes go to the file (a template
-   * being built; its snapshot then leaves RAM in the file). Not shared: the file is mapped
-   * copy-on-write (a clone of a template: pages are read from it on demand, never copied).
+   * The scratch disk was made by this backend's `Backend.cloneDisk` (a copy-on-write child, in
+   * the backend's own format). Default: a raw disk image. Never guessed from the file: a raw
+   * disk the guest wrote could look like any format's header.
    */
-  memoryFile?: { path: string; shared: boolean };
+  scratchDiskCloned?: boolean;
+  /**
+   * Where the guest RAM of a snapshot lives. `write`: this VM's `saveSnapshot` puts its RAM in
+   * this file (a backend may keep RAM there from boot, as QEMU does, so that saving writes
+   * device state only). `map`: with `restoreFrom`, RAM is mapped copy-on-write from this file
+   * (pages read on demand, shared between clones until written, never copied whole) and the
+   * file is never written.
+   */
+  snapshotMemory?: { path: string; access: 'write' | 'map' };
   /**
    * Resume from a snapshot written by `Vm.saveSnapshot` instead of booting. Every other field
    * must describe the same machine the snapshot was taken of (the scratch disk may be a
-   * copy-on-write child of that machine's). UNSUPPORTED where `capabilities.snapshot` is false.
+   * `cloneDisk` child of that machine's). UNSUPPORTED where `capabilities.snapshot` is false.
    */
   restoreFrom?: string;
   memoryMiB: number;
@@ -154,10 +163,11 @@ export interface Vm {
    */
   connectData(signal?: AbortSignal): Promise<Duplex>;
   /**
-   * Pauses the VM and writes its memory and device state to `file` (the VM stays paused; the
-   * caller usually stops it next). Disks are not copied: they must be kept as they are.
+   * Pauses the VM and writes its device state to `file` and its RAM as `snapshotMemory` says
+   * (the VM stays paused; the caller usually stops it next). Disks are not copied: they must be
+   * kept as they are. Present only where `capabilities.snapshot` is true.
    */
-  saveSnapshot(file: string, signal?: AbortSignal): Promise<void>;
+  saveSnapshot?(file: string, signal?: AbortSignal): Promise<void>;
   /** Ends the VMM process: graceful where the VMM has a way, then forced after `timeoutMs`. */
   stop(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<void>;
   /**
@@ -180,4 +190,17 @@ export interface Backend {
   create(config: VmConfig, signal?: AbortSignal): Promise<Vm>;
   /** Finds a VM started by an earlier daemon; NOT_FOUND when its process has gone. */
   attach(record: VmRecord, signal?: AbortSignal): Promise<Vm>;
+  /**
+   * Makes `file` a copy-on-write child of the disk image `base` (which must then never change
+   * while the child exists), for a VM started with `scratchDiskCloned`. Present only where
+   * `capabilities.diskClones` is true.
+   */
+  cloneDisk?(base: string, file: string, signal?: AbortSignal): Promise<void>;
+  /**
+   * The processes this backend started (VMMs and their helpers) for VMs whose state directory
+   * is under `dir`, except the VMs of the records in `keep` and their helpers: what a restarted
+   * daemon ends (a start whose record was never written, a pooled VM, a half-built template).
+   * Records of another backend are ignored.
+   */
+  strays(dir: string, keep: VmRecord[]): Promise<StrayProcess[]>;
 }

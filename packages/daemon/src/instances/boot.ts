@@ -1,16 +1,17 @@
 /**
  * Starting a VM for an instance or the pool: the machine shape, its disk (new, a copy-on-write
- * child of a template, or its own kept one on a restart) and the VMM; and the fresh identity a
- * restored clone is given. Every step takes the start's signal: a cancelled start stops here.
+ * child of a template made by the backend, or its own kept one on a restart) and the VMM; and
+ * the fresh identity a restored clone is given. Every step takes the start's signal: a
+ * cancelled start stops here.
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import type { FreshParams } from '@aegis/protocol';
+import { AegisError, type FreshParams } from '@aegis/protocol';
 import type { Backend, NetworkMode, Vm, VmVolume } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { ResolvedImage } from '../images/service.js';
-import { makeChildDisk, makeScratchDisk } from './disks.js';
+import { isScratchDisk, makeScratchDisk, SCRATCH_DISK } from './disks.js';
 import { existingDisk } from './spec.js';
 import type { MachineShape, Template, TemplateCache } from './templates.js';
 
@@ -66,15 +67,15 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
   // A kept disk is the instance's own: raw, or a child of the template it was cloned from.
   const kept = keepDisk ? await existingDisk(dir) : undefined;
   if (!kept) {
-    await fs.rm(path.join(dir, 'scratch.img'), { force: true });
-    await fs.rm(path.join(dir, 'scratch.qcow2'), { force: true });
+    for (const name of await fs.readdir(dir)) if (isScratchDisk(name)) await fs.rm(path.join(dir, name), { force: true });
   }
-  const scratch = kept?.path ?? path.join(dir, template ? 'scratch.qcow2' : 'scratch.img');
-  const scratchFormat = kept?.format ?? (template ? 'qcow2' : 'raw');
+  const cloned = kept?.cloned ?? template !== undefined;
+  const scratch = kept?.path ?? path.join(dir, cloned ? SCRATCH_DISK.clone : SCRATCH_DISK.raw);
   if (!kept && template) {
+    if (!ctx.backend.cloneDisk) throw new AegisError('UNSUPPORTED', `the ${ctx.backend.name} backend cannot clone a template's disk`);
     // Registered first: the template's directory then outlives every disk made from it.
     await ctx.templates.reference(template, scratch);
-    await makeChildDisk(scratch, template.scratch);
+    await ctx.backend.cloneDisk(template.scratch, scratch, signal);
   } else if (!kept) await makeScratchDisk(scratch, shape.scratchDiskMiB);
   signal.throwIfAborted();
   const vm = await ctx.backend.create(
@@ -84,7 +85,7 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
       kernelPath: shape.kernelPath,
       rootfsPath: shape.rootfsPath,
       scratchDiskPath: scratch,
-      scratchDiskFormat: scratchFormat,
+      ...(cloned ? { scratchDiskCloned: true } : {}),
       memoryMiB: shape.memoryMiB,
       vcpuCount: shape.vcpuCount,
       network: shape.network,
@@ -92,7 +93,7 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
       ...(volumes.length > 0 ? { volumes } : {}),
       // A restored machine must match its template's exactly; it gets its name from `fresh`.
       kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
-      ...(template ? { restoreFrom: template.snapshot, memoryFile: { path: template.memory, shared: false } } : {}),
+      ...(template ? { restoreFrom: template.snapshot, snapshotMemory: { path: template.memory, access: 'map' as const } } : {}),
     },
     signal,
   );

@@ -19,12 +19,14 @@ export async function makeScratchDisk(file: string, sizeMiB: number): Promise<vo
   }
 }
 
-/** A copy-on-write child of a template's disk: an instance's own layer in a few milliseconds. */
-export async function makeChildDisk(file: string, backing: string): Promise<void> {
-  try {
-    await execFileP('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', backing, '-F', 'raw', file], { timeout: 30_000 });
-    await fs.chmod(file, 0o600);
-  } catch (err) {
-    throw new AegisError('UNAVAILABLE', `cannot create the instance's disk (is qemu-utils installed?): ${(err as Error).message}`);
-  }
+/**
+ * An instance's writable disk, by how it was made: `scratch.img` a raw ext4 image of its own,
+ * `scratch.clone` a copy-on-write child of a template's disk made by the backend's `cloneDisk`
+ * (in the backend's format; the VM is told so, never left to guess it from the file).
+ */
+export const SCRATCH_DISK = { raw: 'scratch.img', clone: 'scratch.clone' } as const;
+
+/** An instance's disk by its name, whichever way it was made. */
+export function isScratchDisk(name: string): boolean {
+  return /^scratch\.[a-z0-9]+$/.test(name);
 }

@@ -1,5 +1,5 @@
 /**
- * One instance's owner (containerd's per-task `Init`, Firecracker's single VMM thread): its
+ * One instance's owner (containerd's per-task `Init`, a VMM's single API thread): its
  * operation queue, its running VM, its deadline and idle clock (owner.ts holds that machinery;
  * this file, what callers ask of an instance). Every operation that changes it — start, stop, delete, pause, resume, restart, the admission of an exec, a signal, a
  * resize, input, a files call, `top` — runs as the next item of its queue, so none interleave;

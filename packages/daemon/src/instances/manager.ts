@@ -300,7 +300,7 @@ export class InstanceManager {
    */
   async recover(): Promise<void> {
     for (const row of this.registry.listInstances()) await this.ownerOf(row.id).recover();
-    await endStrays({ registry: this.registry, instancesDir: this.config.instancesDir, log: this.log });
+    await endStrays({ registry: this.registry, backend: this.backend, instancesDir: this.config.instancesDir, log: this.log });
     // What a pooled VM left when its daemon died (its VMM was ended above): a directory no row names.
     for (const name of await fs.readdir(this.config.instancesDir).catch(() => [] as string[])) {
       if (/^[0-9a-f]{16}$/.test(name) && !this.registry.getInstance(name)) {

@@ -1,7 +1,7 @@
 /**
  * One instance's operations, one at a time. Every operation that changes an instance (start,
  * stop, delete, pause, resume, restart, exec admission) runs through its queue, so two of them
- * never interleave (containerd's per-task mutex; Firecracker's single VMM thread). An operation
+ * never interleave (containerd's per-task mutex; a microVM monitor's single VMM thread). An operation
  * in flight that may be cut short (a start) is cancellable: a stop or delete queued behind it
  * aborts it first, and the start then undoes what it did before the next one runs.
  */

@@ -11,6 +11,7 @@ import type { InstanceRow } from '../registry/db.js';
 import type { ImageConfig } from '../images/registry.js';
 import { isLive, type InstanceState } from './state.js';
 import { isIdlePaused } from './idle.js';
+import { isScratchDisk, SCRATCH_DISK } from './disks.js';
 
 /** POST /v1/instances and /v1/run, as spec/openapi.json has it (validated against it at the edge). */
 export type CreateRequest = ApiSchemas['CreateInstanceRequest'];
@@ -26,21 +27,16 @@ type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
 type Holds<T extends true> = T;
 export type StatesMatchSpec = Holds<Same<InstanceState, ApiSchemas['InstanceState']>>;
 
-export async function existingDisk(dir: string): Promise<{ path: string; format: 'raw' | 'qcow2' } | undefined> {
-  for (const [name, format] of [
-    ['scratch.qcow2', 'qcow2'],
-    ['scratch.img', 'raw'],
-  ] as const) {
-    const file = path.join(dir, name);
-    if (
-      await fs.stat(file).then(
-        () => true,
-        () => false,
-      )
-    )
-      return { path: file, format };
-  }
-  return undefined;
+/**
+ * The instance's kept disk in `dir`, and whether the backend made it (`cloneDisk`), if it has
+ * one. Any `scratch.*` but the raw one is a clone: instances cloned before the file was called
+ * `scratch.clone` keep the name their backend gave it.
+ */
+export async function existingDisk(dir: string): Promise<{ path: string; cloned: boolean } | undefined> {
+  const names = await fs.readdir(dir).catch(() => [] as string[]);
+  const clone = names.includes(SCRATCH_DISK.clone) ? SCRATCH_DISK.clone : names.find((n) => isScratchDisk(n) && n !== SCRATCH_DISK.raw);
+  if (clone) return { path: path.join(dir, clone), cloned: true };
+  return names.includes(SCRATCH_DISK.raw) ? { path: path.join(dir, SCRATCH_DISK.raw), cloned: false } : undefined;
 }
 
 /** Docker's rule: a given command replaces the image's Cmd; its Entrypoint stays in front. */

@@ -44,10 +44,10 @@ describe('template garbage collection', () => {
     makeBuild(build(2)); // old, a stopped instance's disk is its child
     makeBuild(build(3)); // old, its only instance was deleted
     symlinkSync(build(1), path.join(dir, `${KEY}.current`));
-    const disk = path.join(dir, 'instance-disk.qcow2');
+    const disk = path.join(dir, 'instance-disk.clone');
     writeFileSync(disk, '');
     ref(build(2), disk, 120_000);
-    ref(build(3), path.join(dir, 'deleted-instance.qcow2'), 120_000);
+    ref(build(3), path.join(dir, 'deleted-instance.clone'), 120_000);
     mkdirSync(path.join(dir, `${KEY}.lock`));
     writeFileSync(path.join(dir, `${KEY}.lock`, 'owner'), String(process.pid));
     mkdirSync(path.join(dir, `${'b'.repeat(20)}.lock`));
@@ -67,14 +67,14 @@ describe('template garbage collection', () => {
 
   it('keeps a build whose reference is brand new even before its disk exists (the disk is being made)', async () => {
     makeBuild(build(4));
-    ref(build(4), path.join(dir, 'not-yet.qcow2'));
+    ref(build(4), path.join(dir, 'not-yet.clone'));
     await cache.collect();
     expect(existsSync(path.join(dir, build(4)))).toBe(true);
   });
 
   it('removes a build once the last disk that referenced it is gone', async () => {
     makeBuild(build(5));
-    const disk = path.join(dir, 'd.qcow2');
+    const disk = path.join(dir, 'd.clone');
     writeFileSync(disk, '');
     ref(build(5), disk, 120_000);
     await cache.collect();

@@ -3,17 +3,17 @@
  * harness answers; then its device state is saved. A new instance of the same shape maps that
  * RAM file copy-on-write (pages come from the host's page cache on demand, and stay shared
  * between instances until written), loads the device state, and runs on a copy-on-write child
- * of the template's disk, instead of booting the kernel and starting Node again; the host then makes it its own (clock, hostname, a
+ * of the template's disk (made by the backend's `cloneDisk`), instead of booting the kernel and starting Node again; the host then makes it its own (clock, hostname, a
  * reseeded RNG: the harness's `fresh`). The template holds no instance data and no secrets.
  *
  * Templates are keyed by everything that shapes the machine (kernel, rootfs, memory, vCPUs,
- * disk size, network mode, VMM version, accelerator) and live beside the guest artifacts, so
+ * disk size, network mode, backend and its version, accelerator) and live beside the guest artifacts, so
  * every AEGIS_HOME using the same artifacts shares them. They are built in the background;
  * until one is ready, instances boot cold.
  *
  * A built template is immutable: it lives in its own directory `<key>.<build>` whose name is
  * never reused and whose files are never written again, because every instance disk made from
- * it (running or stopped) is a qcow2 child naming that directory's disk as its backing file.
+ * it (running or stopped) is a copy-on-write child naming that directory's disk as its base.
  * `<key>.current` (a symlink, replaced atomically) says which build new instances use. An
  * instance disk registers itself under `refs/<build dir>/` before it is created; a build is
  * removed only when it is not current and every disk that referenced it is gone. Layout:
@@ -28,7 +28,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, promises as fs, readlinkSync } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
-import { processAlive, type Backend, type NetworkMode, type Probe, type Vm } from '@aegis/vmm';
+import { processAlive, type Backend, type NetworkMode, type Probe, type StrayProcess, type Vm } from '@aegis/vmm';
 import type { Logger } from '../log.js';
 import { AgentConnection } from './agent.js';
 import { makeScratchDisk } from './disks.js';
@@ -81,7 +81,7 @@ export class TemplateCache {
   /** Names a machine shape: everything that shapes the machine, with the VMM and accelerator. */
   key(shape: MachineShape): string {
     const h = createHash('sha256');
-    // A snapshot taken under TCG does not restore under KVM (nor one VMM version's in another).
+    // A snapshot taken under TCG does not restore under KVM (nor one backend version's in another).
     const p = this.probe();
     h.update(
       JSON.stringify({ f: TEMPLATE_FORMAT, b: this.backend.name, v: p.version ?? p.detail, a: p.capabilities?.acceleration, ...shape }),
@@ -127,7 +127,7 @@ export class TemplateCache {
   }
 
   /**
-   * Records that `disk` (an instance's qcow2 child) is backed by `t`: call before creating the
+   * Records that `disk` (an instance's copy-on-write child) is backed by `t`: call before creating the
    * disk. The template's directory then stays until that disk is gone.
    */
   async reference(t: Template, disk: string): Promise<void> {
@@ -173,6 +173,8 @@ export class TemplateCache {
    */
   async collect(): Promise<void> {
     const names = await fs.readdir(this.dir).catch(() => [] as string[]);
+    // Processes of template builds: those of a dead daemon's build are ended with its directory.
+    const strays = names.some((n) => BUILD_DIR.test(n)) ? await this.backend.strays(this.dir, []) : [];
     const current = new Set<string>();
     for (const n of names) {
       if (!n.endsWith('.current')) continue;
@@ -181,7 +183,7 @@ export class TemplateCache {
     }
     for (const n of names) {
       const b = BUILD_DIR.exec(n);
-      if (b && !processAlive(Number(b[2]))) await this.removeBuild(path.join(this.dir, n));
+      if (b && !processAlive(Number(b[2]))) await this.removeBuild(path.join(this.dir, n), strays);
       if (n.endsWith('.lock')) {
         const owner = Number(await fs.readFile(path.join(this.dir, n, 'owner'), 'utf8').catch(() => '0'));
         if (!(owner > 0 && processAlive(owner))) await fs.rm(path.join(this.dir, n), { recursive: true, force: true });
@@ -210,18 +212,8 @@ export class TemplateCache {
   }
 
   /** A build dir of a dead daemon: its VMM may still run (a SIGKILLed aegisd cannot stop it). */
-  private async removeBuild(work: string): Promise<void> {
-    const pid = Number(await fs.readFile(path.join(work, 'qemu.pid'), 'utf8').catch(() => '0'));
-    if (pid > 0) {
-      const cmdline = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-      if (cmdline.includes(work)) {
-        try {
-          process.kill(pid, 'SIGKILL');
-        } catch {
-          // gone meanwhile
-        }
-      }
-    }
+  private async removeBuild(work: string, strays: StrayProcess[]): Promise<void> {
+    for (const s of strays) if (s.owner === path.basename(work)) s.end();
     await fs.rm(work, { recursive: true, force: true });
     this.log.info(`template build ${path.basename(work)}: removed (left by a daemon that is gone)`);
   }
@@ -270,7 +262,7 @@ export class TemplateCache {
           network: shape.network,
           ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
           kernelArgs: [],
-          memoryFile: { path: path.join(work, 'memory'), shared: true },
+          snapshotMemory: { path: path.join(work, 'memory'), access: 'write' },
         },
         signal,
       );
@@ -283,6 +275,7 @@ export class TemplateCache {
       try {
         await agent.waitReady(this.bootTimeoutMs, signal);
         signal.throwIfAborted();
+        if (!vm.saveSnapshot) throw new AegisError('UNSUPPORTED', `the ${this.backend.name} backend cannot save snapshots`);
         await vm.saveSnapshot(path.join(work, 'snapshot.bin'), signal);
       } finally {
         agent.close();
@@ -291,8 +284,8 @@ export class TemplateCache {
       vm = undefined;
       signal.throwIfAborted();
       // From here on the disk backs every instance made from this build and the memory file
-      // is their copy-on-write RAM: nothing may write to them again. (QEMU opens a RAM file
-      // read-write even to map it privately, so that one stays 0600.)
+      // is their copy-on-write RAM: nothing may write to them again. (A VMM may open the RAM
+      // file read-write even to map it privately, so that one stays 0600.)
       for (const f of ['scratch.img', 'snapshot.bin']) await fs.chmod(path.join(work, f), 0o400);
       await fs.chmod(path.join(work, 'memory'), 0o600);
       for (const f of await fs.readdir(work)) {

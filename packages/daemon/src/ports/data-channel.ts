@@ -12,7 +12,7 @@
  * ended, or that we never opened) is ignored; anything a correct guest never sends (a frame
  * type it may not send, a length its type cannot have, DATA past the window, an ACK for bytes
  * we did not send, DATA before OPENED or after FIN) is a protocol violation: it is logged once
- * and the whole channel is closed, with every forwarded connection (as Firecracker stops a
+ * and the whole channel is closed, with every forwarded connection (as a VMM stops a virtio
  * device whose driver broke the rules: a guest that does this is broken or hostile).
  */
 import type { Duplex } from 'node:stream';

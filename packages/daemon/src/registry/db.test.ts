@@ -15,7 +15,7 @@ function row(overrides: Partial<InstanceRow> = {}): InstanceRow {
     workdir: null,
     memoryMiB: 512,
     vcpuCount: 1,
-    backend: 'qemu',
+    backend: 'some-backend',
     vmRecord: null,
     exitCode: null,
     stateReason: null,

@@ -80,7 +80,7 @@ export interface Attachment {
  * Why `name` cannot be attached (`readOnly` or not) beside the instances that have it now, or
  * undefined when it can. One writer and nobody else, or any number of readers: ext4 has no
  * notion of a second kernel, so a VM reading a file system another VM writes sees stale
- * metadata (and a read-only mount of a dirty journal cannot even start). QEMU's image locks
+ * metadata (and a read-only mount of a dirty journal cannot even start). A VMM's image locks
  * refuse the same thing; this says it first, and says who holds it.
  */
 export function attachConflict(name: string, readOnly: boolean, holders: readonly Attachment[]): string | undefined {

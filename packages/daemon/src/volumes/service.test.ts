@@ -35,7 +35,7 @@ function instance(state: InstanceRow['state'], mounts: VolumeMount[]): InstanceR
     workdir: null,
     memoryMiB: 512,
     vcpuCount: 1,
-    backend: 'qemu',
+    backend: 'some-backend',
     vmRecord: null,
     exitCode: null,
     stateReason: null,

@@ -94,7 +94,7 @@ export function doctorCommand(): Command {
     .option('--json', 'print JSON: an array of {name, status, detail}')
     .action(async (o: { json?: boolean }) => {
       // The backends are loaded here only: every other command starts without them.
-      const [{ QemuBackend }, { FirecrackerBackend }] = await Promise.all([import('@aegis/vmm-qemu'), import('@aegis/vmm-firecracker')]);
+      const { MISSING_BACKENDS, backendEntries } = await import('@aegis/backends');
       const home = process.env['AEGIS_HOME'] ?? path.join(os.homedir(), '.aegis');
       const kernelPath = process.env['AEGIS_KERNEL'] ?? path.join(home, 'cache/kernel/vmlinux');
       const rootfsPath = process.env['AEGIS_ROOTFS'] ?? path.join(home, 'cache/rootfs/base.erofs');
@@ -103,22 +103,19 @@ export function doctorCommand(): Command {
       const opts = { cacheDir: artifacts, ...(existsSync(kernelPath) ? { kernelPath: realpathSync(kernelPath) } : {}) };
       // doctor waits for a KVM test the daemon would run in the background (a few seconds at most).
       const settle = async (p: Probe): Promise<Probe> => (p.settled ? await p.settled : p);
-      const qemu = await settle(await new QemuBackend(opts).probe());
-      const firecracker = await settle(await new FirecrackerBackend(opts).probe());
-      const userNet = qemu.capabilities?.networkModes.includes('user') === true;
+      const probes: { name: string; probe: Probe }[] = [];
+      for (const entry of await backendEntries()) probes.push({ name: entry.name, probe: await settle(await entry.create(opts).probe()) });
+      const preferred = process.env['AEGIS_BACKEND'];
+      // What the daemon would pick: the backend named, else the first usable, else the first.
+      const chosen = (preferred ? probes.find((p) => p.name === preferred) : probes.find((p) => p.probe.available)) ?? probes[0];
+      const userNet = chosen?.probe.capabilities?.networkModes.includes('user') === true;
       const status = await client()
         .status()
         .catch((err: unknown) => (err instanceof Error ? err : new Error(String(err))));
       const checks: Check[] = [
-        ...backendChecks(
-          [
-            { name: 'qemu', probe: qemu },
-            { name: 'firecracker', probe: firecracker },
-          ],
-          process.env['AEGIS_BACKEND'],
-        ),
-        { name: 'backend libkrun', status: 'warn', detail: 'not built into this version' },
-        accelerationCheck(qemu),
+        ...backendChecks(probes, preferred),
+        ...MISSING_BACKENDS.map((b): Check => ({ name: `backend ${b.name}`, status: 'warn', detail: b.missing })),
+        ...(chosen ? [accelerationCheck(chosen.probe)] : []),
         toolCheck('mkfs.ext4', ['-V'], 'missing', 'apt-get install e2fsprogs'),
         // Images are prepared with mke2fs -d and debugfs; qemu-img makes warm instances' disks.
         toolCheck('debugfs', ['-V'], 'warn', '--image cannot prepare images (apt-get install e2fsprogs)'),
