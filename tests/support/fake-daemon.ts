@@ -27,19 +27,32 @@ export interface FakeDaemon {
   close(): void;
 }
 
-export async function fakeDaemon(prefix: string, options: { volumeKinds?: VolumeKind[] } = {}): Promise<FakeDaemon> {
+export async function fakeDaemon(
+  prefix: string,
+  /** `warm`: templates (snapshots, disk clones) in use; `poolSize`: a warm pool of that many VMs. */
+  options: { volumeKinds?: VolumeKind[]; warm?: boolean; poolSize?: number } = {},
+): Promise<FakeDaemon> {
   const home = mkdtempSync(path.join(os.tmpdir(), prefix));
   const kernelPath = path.join(home, 'vmlinux');
   const rootfsPath = path.join(home, 'base.erofs');
   writeFileSync(kernelPath, '');
   writeFileSync(rootfsPath, '');
-  const config = { ...loadConfig({ AEGIS_HOME: home }), kernelPath, rootfsPath, scratchDiskMiB: 8, warmBoot: false, bootTimeoutMs: 5000 };
+  const warm = options.warm === true;
+  const config = {
+    ...loadConfig({ AEGIS_HOME: home }),
+    kernelPath,
+    rootfsPath,
+    scratchDiskMiB: 8,
+    warmBoot: warm,
+    poolSize: options.poolSize ?? 0,
+    bootTimeoutMs: 5000,
+  };
   const registry = new Registry(config.dbPath);
-  const backend = new FakeBackend();
+  const backend = new FakeBackend(warm);
   const logged: string[] = [];
   const log = { info: (s: string) => void logged.push(s), warn: (s: string) => void logged.push(s) };
   const probe = await backend.probe();
-  const templates = new TemplateCache(backend, () => probe, path.join(home, 'templates'), log, 5000, false);
+  const templates = new TemplateCache(backend, () => probe, path.join(home, 'templates'), log, 5000, warm);
   const images = new ImageService(home, registry, log, { insecureRegistries: [] });
   const secrets = new SecretStore(registry, path.join(home, 'secrets.key'));
   const manager = (): InstanceManager =>
@@ -58,6 +71,7 @@ export async function fakeDaemon(prefix: string, options: { volumeKinds?: Volume
       return fake.m;
     },
     close() {
+      void templates.close();
       registry.close();
       rmSync(home, { recursive: true, force: true });
     },

@@ -4,6 +4,7 @@
  * in-memory duplex). Tests control when a boot completes, see which workloads ran, and drop
  * channels. It never stands in for a real VM in a test that claims a feature works.
  */
+import { writeFileSync } from 'node:fs';
 import { Duplex } from 'node:stream';
 import { AegisError, RpcPeer } from '@aegis/protocol';
 import type { Backend, Probe, StrayProcess, Vm, VmConfig, VmExit, VmRecord } from '@aegis/vmm';
@@ -46,6 +47,7 @@ export class FakeVm implements Vm {
   constructor(
     readonly id: string,
     private readonly backend: FakeBackend,
+    readonly config: VmConfig,
   ) {
     this.exited = new Promise((r) => (this.resolveExit = r));
   }
@@ -60,6 +62,10 @@ export class FakeVm implements Vm {
 
   async start(signal?: AbortSignal): Promise<void> {
     this.backend.events.push(`start ${this.id}`);
+    if (this.config.restoreFrom !== undefined) {
+      this.backend.events.push(`restore ${this.id}`);
+      if (this.backend.failRestores) throw new AegisError('UNAVAILABLE', 'the snapshot does not restore');
+    }
     // A boot the test holds open, as a slow TCG boot would be.
     await new Promise<void>((resolve, reject) => {
       const onAbort = (): void => reject(new AegisError('CANCELLED', 'start cancelled'));
@@ -104,9 +110,16 @@ export class FakeVm implements Vm {
         // A workload that exits at once: its exit reaches the host before the answer to `run`.
         if (this.backend.exitOnRun !== undefined) this.guest?.peer.notify('exit', { exitCode: this.backend.exitOnRun, signal: null });
         return { pid: 10, startedAtMs: Date.now() };
-      case 'exec':
+      case 'exec': {
         this.execs.push(params['command'] as string[]);
+        // The warm pool's warm-up commands end at once, as they do in a real guest.
+        const execId = String(params['execId']);
+        if (execId.startsWith('warm-')) setImmediate(() => this.guest?.peer.notify('execExit', { execId, exitCode: 0, signal: null }));
         return { pid: 11 };
+      }
+      case 'fresh':
+        this.backend.events.push(`fresh ${this.id}`);
+        return {};
       case 'shutdown':
         setImmediate(() => this.end({ reason: 'guest-poweroff', detail: 'guest ended the VM' }));
         return {};
@@ -123,6 +136,15 @@ export class FakeVm implements Vm {
 
   async connectData(): Promise<Duplex> {
     return duplexPair()[0];
+  }
+
+  /** Writes the "snapshot" (and its RAM file, when the VM was made to write one). */
+  async saveSnapshot(file: string): Promise<void> {
+    this.paused = true;
+    writeFileSync(file, `snapshot of ${this.id}\n`);
+    const memory = this.config.snapshotMemory;
+    if (memory?.access === 'write') writeFileSync(memory.path, `memory of ${this.id}\n`);
+    this.backend.events.push(`snapshot ${this.id}`);
   }
 
   async stop(): Promise<void> {
@@ -159,6 +181,11 @@ export class FakeBackend implements Backend {
   bootGate: Promise<void> = Promise.resolve();
   /** Set: every workload exits with this status as soon as it is run. */
   exitOnRun: number | undefined;
+  /** Set: restoring a snapshot fails (a template that no longer fits this VMM). */
+  failRestores = false;
+
+  /** `snapshots`: it saves and restores snapshots and clones disks (the warm paths). */
+  constructor(readonly snapshots = false) {}
 
   /** Holds every boot until `releaseBoots`. */
   holdBoots(): void {
@@ -175,12 +202,12 @@ export class FakeBackend implements Backend {
       detail: 'fake',
       capabilities: {
         pause: true,
-        snapshot: false,
+        snapshot: this.snapshots,
         survivesDaemonRestart: false,
         agentTransport: 'virtio-serial',
         acceleration: 'tcg',
         networkModes: ['none'],
-        diskClones: false,
+        diskClones: this.snapshots,
         volumeKinds: ['disk', 'share'],
       },
     };
@@ -188,7 +215,7 @@ export class FakeBackend implements Backend {
 
   async create(config: VmConfig): Promise<Vm> {
     this.configs.push(config);
-    const vm = new FakeVm(config.id, this);
+    const vm = new FakeVm(config.id, this, config);
     this.vms.push(vm);
     return vm;
   }
@@ -199,6 +226,10 @@ export class FakeBackend implements Backend {
     if (!vm) throw new AegisError('NOT_FOUND', `VM ${String(record['id'])} is not running`);
     this.events.push(`attach ${vm.id}`);
     return vm;
+  }
+
+  async cloneDisk(base: string, file: string): Promise<void> {
+    writeFileSync(file, `clone of ${base}\n`, { mode: 0o600 });
   }
 
   /** Its VMs are objects in this process: none can be left behind. */

@@ -236,3 +236,76 @@ describe('a new daemon', () => {
     expect(next.get('late').stateReason).toMatch(/^deadline reached/);
   });
 });
+
+describe('warm paths: template, pool, and the cold boot they fall back to', () => {
+  async function warmDaemon(poolSize = 0): Promise<void> {
+    fake.close();
+    fake = await fakeDaemon('aegis-instance-warm-', { warm: true, poolSize });
+    ({ backend, m } = fake);
+  }
+
+  afterEach(async () => {
+    await fake.m.closePool();
+  });
+
+  it('restores from the template on a clone of its disk, then gives the VM its own identity', async () => {
+    await warmDaemon();
+    await m.warmUp(); // builds the template for the default shape
+    expect(backend.events.some((e) => e.startsWith('snapshot template-'))).toBe(true);
+    const view = await m.create({ handle: 'w', command: ['sleep', '60'] });
+    expect(view.state).toBe('running');
+    const config = backend.configs.at(-1);
+    expect(config?.restoreFrom).toMatch(/snapshot\.bin$/);
+    expect(config?.scratchDiskCloned).toBe(true);
+    expect(config?.snapshotMemory?.access).toBe('map');
+    expect(backend.events).toContain(`fresh ${view.id}`);
+    expect(vmOf('w').runs).toEqual([['sleep', '60']]);
+  });
+
+  it('a template that fails to restore is set aside and the instance boots cold', async () => {
+    await warmDaemon();
+    await m.warmUp();
+    backend.failRestores = true;
+    const view = await m.create({ handle: 'c', command: ['sleep', '60'] });
+    expect(view.state).toBe('running');
+    const [warm, cold] = backend.configs.slice(-2);
+    expect(warm?.restoreFrom).toBeDefined();
+    expect(cold?.restoreFrom).toBeUndefined();
+    expect(cold?.scratchDiskCloned).toBeFalsy();
+    expect(fake.logged.some((l) => /warm boot failed \(the snapshot does not restore\); booting cold/.test(l))).toBe(true);
+    expect(backend.runningVms().map((v) => v.id)).toEqual([view.id]);
+  });
+
+  it('takes a ready VM from the pool: it becomes the instance (same id), resumed and made fresh, with no boot', async () => {
+    await warmDaemon(1);
+    await m.warmUp();
+    await until(() => (m.poolStatus()?.ready ?? 0) === 1, 'the pool to fill', 5000);
+    const pooled = backend.runningVms()[0];
+    expect(pooled?.paused).toBe(true);
+    const starts = backend.events.filter((e) => e.startsWith('start ')).length;
+    const view = await m.create({ handle: 'p', command: ['sleep', '60'] });
+    expect(view.id).toBe(pooled?.id);
+    expect(pooled?.paused).toBe(false);
+    expect(backend.events).toContain(`fresh ${view.id}`);
+    expect(pooled?.runs).toEqual([['sleep', '60']]);
+    // No VM started for it (the pool's refill may start one of its own, never this instance's).
+    expect(backend.events.filter((e) => e.startsWith(`start ${view.id}`))).toHaveLength(1);
+    expect(backend.events.filter((e) => e.startsWith('start ')).length).toBeGreaterThanOrEqual(starts);
+    expect(m.poolStatus()?.taken).toBe(1);
+  });
+
+  it('a pooled VM that fails is ended and the instance boots cold', async () => {
+    await warmDaemon(1);
+    await m.warmUp();
+    await until(() => (m.poolStatus()?.ready ?? 0) === 1, 'the pool to fill', 5000);
+    const pooled = backend.runningVms()[0];
+    if (!pooled) throw new Error('no pooled VM');
+    pooled.resume = () => Promise.reject(new AegisError('UNAVAILABLE', 'the VMM does not answer'));
+    const view = await m.create({ handle: 'f', command: ['sleep', '60'] });
+    expect(view.state).toBe('running');
+    expect(pooled.gone).toBe(true);
+    expect(backend.configs.at(-1)?.restoreFrom).toBeUndefined();
+    expect(vmOf('f').runs).toEqual([['sleep', '60']]);
+    expect(fake.logged.some((l) => /pooled VM failed \(the VMM does not answer\); booting cold/.test(l))).toBe(true);
+  });
+});
