@@ -5,9 +5,9 @@ export AEGIS_HOME
 CACHE := $(AEGIS_HOME)/cache
 HARNESS_BUNDLE := packages/harness/dist/harness.mjs
 
-.PHONY: all deps node_modules aegisd aegis harness kernel base-rootfs demo test check bench clean
+.PHONY: all deps node_modules aegisd aegis harness sdk kernel base-rootfs demo test check bench clean
 
-all: deps aegisd aegis harness kernel base-rootfs
+all: deps aegisd aegis harness sdk kernel base-rootfs
 
 deps:
 	@scripts/setup.sh
@@ -25,6 +25,9 @@ aegis: node_modules
 harness: node_modules
 	npx tsc -b packages/harness
 	npm run build -w @aegis/harness --silent
+sdk: node_modules
+	npx tsc -b packages/sdk
+	npm run build -w @aegis/sdk --silent
 
 kernel: deps
 	@guest/kernel/build.sh "$(CACHE)" >/dev/null

@@ -29,8 +29,9 @@ function run(
 }
 
 beforeAll(async () => {
-  // The bundle is what the tarball ships; build it as `npm run build` does.
-  expect((await run(process.execPath, [path.join(ROOT, 'packages/sdk/build.mjs')], { cwd: ROOT })).code).toBe(0);
+  // From a clean tree: `npm pack` alone must build what the tarball ships (its prepack).
+  rmSync(path.join(ROOT, 'packages/sdk/dist'), { recursive: true, force: true });
+  rmSync(path.join(ROOT, 'packages/sdk/tsconfig.tsbuildinfo'), { force: true });
   const packed = await run('npm', ['pack', '--silent', '--pack-destination', project], { cwd: path.join(ROOT, 'packages/sdk') });
   expect(packed.code, packed.stderr).toBe(0);
   const tarball = readdirSync(project).find((f) => f.endsWith('.tgz'));

@@ -141,6 +141,16 @@ describe('deadlines', () => {
     expect(m.get('x').state).toBe('running');
   });
 
+  it('an exec in flight at the deadline ends with TIMEOUT saying the deadline was reached', async () => {
+    await m.create({ handle: 'de', command: ['sleep', '60'], timeoutMs: 400 });
+    const exec = m.instance('de').exec({ command: ['sleep', '60'] }, () => undefined);
+    await expect(exec).rejects.toMatchObject({
+      code: 'TIMEOUT',
+      message: 'instance "de" reached its deadline (--timeout 400 ms) and is being stopped',
+    });
+    await until(() => m.get('de').state === 'stopped', 'the stop');
+  });
+
   it('a throwaway instance is removed at its deadline', async () => {
     await m.create({ handle: 't', command: ['sleep', '60'], timeoutMs: 300, autoRemove: true });
     const removed = m.instance('t').removed;

@@ -172,7 +172,8 @@ export class LiveInstance {
     }
   }
 
-  private failExecs(err: AegisError): void {
+  /** Ends every exec waiting on this VM with `err` (the VM is going, for the reason it says). */
+  failExecs(err: AegisError): void {
     for (const sink of this.execs.values()) sink.fail(err);
     this.execs.clear();
   }

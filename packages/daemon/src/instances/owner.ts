@@ -266,7 +266,15 @@ export abstract class InstanceOwner implements LiveEvents {
     const row = this.s.registry.getInstance(this.id);
     if (!row || !isLive(row.state) || row.spec.deadlineAtMs === undefined || row.spec.deadlineAtMs > Date.now()) return;
     this.s.log.info(`instance ${row.handle} (${this.id}): deadline reached; stopping it`);
-    await this.stop(DEADLINE_STOP_TIMEOUT_MS, `deadline reached (--timeout ${row.spec.timeoutMs ?? 0} ms)`).catch((err: unknown) =>
+    const reason = `deadline reached (--timeout ${row.spec.timeoutMs ?? 0} ms)`;
+    // An exec in flight ends saying why, not as a channel that closed under it.
+    this.live?.failExecs(
+      new AegisError(
+        'TIMEOUT',
+        `instance "${row.handle}" reached its deadline (--timeout ${row.spec.timeoutMs ?? 0} ms) and is being stopped`,
+      ),
+    );
+    await this.stop(DEADLINE_STOP_TIMEOUT_MS, reason).catch((err: unknown) =>
       this.s.log.warn(`instance ${row.handle}: stop at its deadline failed: ${(err as Error).message}`),
     );
   }

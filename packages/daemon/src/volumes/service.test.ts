@@ -5,7 +5,7 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError, type ErrorCode } from '@aegis/protocol';
 import { Registry, type InstanceRow } from '../registry/db.js';
-import { VolumeService } from './service.js';
+import { MAX_VOLUME_MIB, VolumeService } from './service.js';
 import type { VolumeMount } from './mounts.js';
 
 let dir: string;
@@ -95,6 +95,20 @@ describe('VolumeService', () => {
     expect(await code(volumes.create('../x'))).toBe('INVALID_ARGUMENT');
     expect(await code(volumes.create('ok', 8))).toBe('INVALID_ARGUMENT');
     expect(await code(volumes.get('nope'))).toBe('NOT_FOUND');
+  });
+
+  it('refuses a volume larger than the free space of its disk with RESOURCE_EXHAUSTED and the figures, leaving nothing', async () => {
+    const st = fs.statfsSync(dir);
+    const tooBig = Math.floor((st.bavail * st.bsize) / (1024 * 1024)) + 1024;
+    // A disk with more free space than the largest volume cannot show this (the size check comes first).
+    if (tooBig > MAX_VOLUME_MIB) return expect(await code(volumes.create('huge', tooBig))).toBe('INVALID_ARGUMENT');
+    const err = await volumes.create('huge', tooBig).catch((e: unknown) => e as AegisError);
+    expect(err).toMatchObject({ code: 'RESOURCE_EXHAUSTED' });
+    expect((err as AegisError).message).toMatch(
+      new RegExp(`^volume "huge" of ${tooBig} MiB would not fit: \\d+ MiB free on the disk holding `),
+    );
+    expect(await volumes.list()).toEqual([]);
+    expect(fs.readdirSync(path.join(dir, 'volumes'))).toEqual([]);
   });
 
   it('refuses to remove a volume any instance names (running or stopped), then removes it and its file', async () => {

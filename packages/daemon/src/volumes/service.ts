@@ -81,6 +81,16 @@ export class VolumeService {
 
   private async make(name: string, sizeMiB: number): Promise<VolumeRow> {
     await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
+    // Sparse, so it costs nothing yet; but a guest that fills it must find the space there, and
+    // a full host disk fails every instance's writes at once. Refused up front with the figures.
+    const st = await fs.statfs(this.dir);
+    const freeMiB = Math.floor((st.bavail * st.bsize) / (1024 * 1024));
+    if (sizeMiB > freeMiB) {
+      throw new AegisError(
+        'RESOURCE_EXHAUSTED',
+        `volume "${name}" of ${sizeMiB} MiB would not fit: ${freeMiB} MiB free on the disk holding ${this.dir}`,
+      );
+    }
     const file = this.fileOf(name);
     const tmp = `${file}.tmp-${randomBytes(4).toString('hex')}`;
     try {
