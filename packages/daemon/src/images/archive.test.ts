@@ -180,6 +180,23 @@ describe('importArchive', () => {
     expect(again[0]?.digest).toBe(a?.digest);
   });
 
+  it("--name names what it imports whatever the archive's RepoTags claim; one name for several images is refused", async () => {
+    const layer = Buffer.from('uncompressed layer tar');
+    const cfg = config('amd64', [sha256Digest(layer)]);
+    const entry = { Config: `${hex(sha256Digest(cfg))}.json`, RepoTags: ['library/python:3.12'], Layers: ['l/layer.tar'] };
+    const file = path.join(root, 'claims.tar');
+    const files = [
+      { name: 'l/layer.tar', data: layer },
+      { name: `${hex(sha256Digest(cfg))}.json`, data: cfg },
+    ];
+    await writeTar(file, [...files, { name: 'manifest.json', data: json([entry]) }]);
+    expect((await importArchive(file, store, { name: 'evil:2' })).map((i) => i.reference)).toEqual(['docker.io/library/evil:2']);
+    expect((await importArchive(file, store)).map((i) => i.reference)).toEqual(['docker.io/library/python:3.12']);
+    const two = path.join(root, 'two.tar');
+    await writeTar(two, [...files, { name: 'manifest.json', data: json([entry, { ...entry, RepoTags: null }]) }]);
+    await expect(importArchive(two, store, { name: 'evil:2' })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+  });
+
   it('rejects a docker save layer that does not match its diff_id', async () => {
     const layer = Buffer.from('layer');
     const cfg = config('amd64', [sha256Digest(Buffer.from('something else'))]);

@@ -25,8 +25,10 @@ import {
 
 export interface ImportOptions {
   /**
-   * Reference for images the archive does not name, or the repository for an OCI layout that
-   * names its images by tag alone. Without it such images are addressed by digest only.
+   * The name the imported image gets, whatever the archive calls it (an archive from elsewhere
+   * must not claim a name such as `python:3.12` the user did not give). For an OCI layout of
+   * several images, the repository its tags are put under. Without it the archive's own names
+   * are used, and an image it does not name is addressed by digest only.
    */
   name?: string;
   /** Which entry of a multi-platform index to import; defaults to the host's. */
@@ -251,7 +253,9 @@ async function importOciLayout(archive: Archive, store: BlobStore, options: Impo
   for (const { manifest, digest, bytes, top } of found) {
     await store.put(digest, bytes);
     const configBytes = await store.read(manifest.config.digest, MAX_DOCUMENT_BYTES);
-    const name = nameOf(top, dockerNames.get(manifest.config.digest), options.name);
+    // A name with its own tag (or digest) is the image's whole name; a bare repository takes the layout's tags.
+    const whole = found.length === 1 && options.name !== undefined && /[:@][^/]*$/.test(options.name);
+    const name = whole ? canonicalName(options.name) : nameOf(top, dockerNames.get(manifest.config.digest), options.name);
     images.push(imageFromManifest(manifest, digest, configBytes, name));
   }
   return images;
@@ -319,6 +323,9 @@ function dockerSaveNames(archive: Archive): Map<string, string> {
 
 async function importDockerSave(archive: Archive, store: BlobStore, options: ImportOptions): Promise<PulledImage[]> {
   const entries = parseDockerManifest(archive);
+  if (options.name !== undefined && entries.length > 1) {
+    throw new AegisError('INVALID_ARGUMENT', `the archive holds ${entries.length} images; --name names one (import it without --name)`);
+  }
   const configs = await archive.readDocuments(entries.map((e) => e.config));
 
   // docker save writes layers uncompressed, so each layer's digest is its diff_id from the config.
@@ -379,8 +386,7 @@ async function importDockerSave(archive: Archive, store: BlobStore, options: Imp
       config: { mediaType: MEDIA_TYPES.dockerConfig, size: bytes.length, digest: configDigest },
       layers,
     };
-    const names = entry.repoTags.map(canonicalName).filter((n): n is string => n !== undefined);
-    if (names.length === 0 && unnamed !== undefined) names.push(unnamed);
+    const names = unnamed !== undefined ? [unnamed] : entry.repoTags.map(canonicalName).filter((n): n is string => n !== undefined);
     if (names.length === 0) images.push(imageFromManifest(manifest, manifestDigest, bytes));
     for (const name of names) images.push(imageFromManifest(manifest, manifestDigest, bytes, name));
   }
