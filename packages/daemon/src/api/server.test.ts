@@ -795,3 +795,38 @@ describe('intQuery', () => {
     }
   });
 });
+
+describe('idle connections', () => {
+  it('closes a connection that never sends and one left idle after its answer, never one with a quiet request in flight', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aegis-idle-conn-'));
+    const socketPath = path.join(dir, 'api.sock');
+    const quiet: Route = {
+      method: 'GET',
+      path: '/v1/quiet',
+      handler: async () => {
+        await new Promise((r) => setTimeout(r, 900)); // three idle periods with nothing on the wire
+        return { status: 200, body: { ok: true } };
+      },
+    };
+    const server = createServer([quiet], { info() {}, warn() {} }, { idleConnectionMs: 300 });
+    await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+    try {
+      const closedAfter = (socket: net.Socket): Promise<number> => {
+        const t0 = Date.now();
+        return new Promise((resolve) => socket.once('close', () => resolve(Date.now() - t0)));
+      };
+      const silent = net.connect(socketPath);
+      const idle = net.connect(socketPath, () => idle.write('GET /v1/quiet HTTP/1.1\r\nHost: x\r\n\r\n'));
+      let answer = '';
+      idle.on('data', (c: Buffer) => (answer += c.toString()));
+      const [silentMs, idleMs] = await Promise.all([closedAfter(silent), closedAfter(idle)]);
+      expect(silentMs).toBeGreaterThanOrEqual(250);
+      expect(answer).toMatch(/^HTTP\/1\.1 200 OK/); // answered after 900 quiet ms, then closed once idle
+      expect(idleMs).toBeGreaterThanOrEqual(900);
+    } finally {
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

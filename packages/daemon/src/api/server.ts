@@ -266,7 +266,15 @@ function onClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
   }
 }
 
-export function createServer(routes: Route[], log: Logger): http.Server {
+/**
+ * A connection with no request in flight is closed after this long without a byte either way:
+ * a client that keeps one open idle, or connects and never sends, would otherwise hold a file
+ * descriptor for ever (node closes only connections whose headers are slow, not silent ones).
+ * A request in flight may be quiet as long as it likes (`logs --follow`, `wait`, an exec).
+ */
+export const IDLE_CONNECTION_MS = 30_000;
+
+export function createServer(routes: Route[], log: Logger, options: { idleConnectionMs?: number } = {}): http.Server {
   const table = routes.map((r) => ({ ...r, re: compile(r.path) }));
   // No Host required (node's default answers a bare 400 without one): on a unix socket the
   // socket, not a host name, says which server this is.
@@ -321,6 +329,18 @@ export function createServer(routes: Route[], log: Logger): http.Server {
         }
       }
     })();
+  });
+  const inFlight = new WeakMap<Duplex, number>();
+  server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const socket = req.socket;
+    inFlight.set(socket, (inFlight.get(socket) ?? 0) + 1);
+    res.once('close', () => inFlight.set(socket, (inFlight.get(socket) ?? 1) - 1));
+  });
+  const idleMs = options.idleConnectionMs ?? IDLE_CONNECTION_MS;
+  // Between requests node times a kept-alive connection by this instead (then asks the handler below).
+  server.keepAliveTimeout = Math.min(server.keepAliveTimeout, idleMs);
+  server.setTimeout(idleMs, (socket: Duplex) => {
+    if ((inFlight.get(socket) ?? 0) === 0) socket.destroy();
   });
   server.on('clientError', onClientError);
   // An Expect other than 100-continue: node would answer a bare 417.
