@@ -109,6 +109,26 @@ describe('extractTar', () => {
     expect(statSync(path.join(dest, 'd')).mode & 0o777).toBe(0o750);
   });
 
+  it('a copy that fails half-way (a 300-character name: ENAMETOOLONG) removes what it made and says which entry', async () => {
+    writeFileSync(path.join(dest, 'kept'), 'there before');
+    const long = 'n'.repeat(300);
+    const stream = await tarOf([
+      { name: 'tree/', type: 'directory', mode: 0o755 },
+      { name: 'tree/a.txt', body: 'a' },
+      { name: 'b.txt', body: 'b' },
+      { name: `tree/${long}`, body: 'too long' },
+      { name: 'c.txt', body: 'never reached' },
+    ]);
+    const err = (await extractTar(stream, dest).then(
+      () => undefined,
+      (e: unknown) => e,
+    )) as { code: string; message: string };
+    expect(err).toMatchObject({ code: 'INVALID_ARGUMENT' });
+    expect(err.message).toMatch(new RegExp(`^cannot write tree/${long.slice(0, 20)}n* here: ENAMETOOLONG`));
+    expect((await fs.readdir(dest)).sort()).toEqual(['kept']);
+    expect(readFileSync(path.join(dest, 'kept'), 'utf8')).toBe('there before');
+  });
+
   it('refuses a stream that is not a tar, with INVALID_ARGUMENT', async () => {
     await expect(extractTar(Readable.from([Buffer.alloc(1024, 7)]), dest)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
   });

@@ -17,7 +17,7 @@ import { constants as fsConstants, createReadStream, promises as fs } from 'node
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import * as tar from 'tar-stream';
-import { AegisError } from '@aegis/protocol';
+import { AegisError, type ErrorCode } from '@aegis/protocol';
 
 export interface ExtractOptions {
   keepOwner?: boolean;
@@ -123,9 +123,12 @@ export async function extractTar(stream: Readable, dest: string, options: Extrac
   feed(stream.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>, extract).catch((err: unknown) =>
     extract.destroy(err as Error),
   );
+  const created: string[] = [];
   try {
-    await extractEntries(extract, dest, options, result, skip, dirTimes);
+    await extractEntries(extract, dest, options, result, skip, dirTimes, created);
   } catch (err) {
+    // A copy that fails half-way leaves nothing it made (what it replaced is gone, as with docker cp).
+    for (const p of created.reverse()) await fs.rm(p, { recursive: true, force: true }).catch(() => undefined);
     if (err instanceof AegisError) throw err;
     throw new AegisError('INVALID_ARGUMENT', `not a valid tar stream: ${(err as Error).message}`);
   }
@@ -141,113 +144,153 @@ async function extractEntries(
   result: ExtractResult,
   skip: (name: string, why: string) => void,
   dirTimes: [string, Date][],
+  /** What this extraction made (not what it replaced), in order: removed if it fails. */
+  created: string[],
 ): Promise<void> {
   for await (const entry of extract) {
-    const h = entry.header;
-    let parts = components(h.name);
-    if (typeof parts !== 'string' && options.topName !== undefined && parts.length > 0) {
-      parts = options.topName === '' ? parts.slice(1) : [options.topName, ...parts.slice(1)];
-      if (parts.length === 0 && h.type !== 'directory') parts = 'a top entry that is not a directory cannot be unpacked into one';
+    try {
+      await extractEntry(entry, dest, options, result, skip, dirTimes, created);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (err instanceof AegisError || code === undefined) throw err;
+      const name = entry.header.name.slice(0, 256);
+      throw new AegisError(HOST_ERRORS[code] ?? 'UNAVAILABLE', `cannot write ${name} here: ${code} (${(err as Error).message})`);
     }
-    const drain = (): Promise<void> => new Promise<void>((r) => entry.resume().once('end', () => r()));
-    if (typeof parts === 'string') {
-      skip(h.name, parts);
-      await drain();
-      continue;
-    }
-    const base = parts.at(-1);
-    const parent = await safeDir(dest, parts.slice(0, -1));
-    if (parent === undefined) {
-      skip(h.name, 'its directory is not a directory (a symlink or a file)');
-      await drain();
-      continue;
-    }
-    const target = base === undefined ? dest : path.join(parent, base);
-    const mode = (h.mode ?? 0o644) & (options.keepSpecialBits ? 0o7777 : 0o777);
-    switch (h.type) {
-      case 'directory': {
-        if (base === undefined) {
-          await drain(); // the destination itself: it keeps its own mode and times
-          break;
-        }
-        const st = await fs.lstat(target).catch(() => undefined);
-        if (st && !st.isDirectory()) await fs.unlink(target);
-        if (!st?.isDirectory()) await fs.mkdir(target, { mode: 0o700 });
-        await fs.chmod(target, mode);
-        if (h.mtime) dirTimes.push([target, h.mtime]);
-        await drain();
-        break;
-      }
-      case 'file':
-      case 'contiguous-file': {
-        if (base === undefined) {
-          skip(h.name, 'a file where the destination directory is');
-          await drain();
-          continue;
-        }
-        await clear(target);
-        // O_NOFOLLOW|O_EXCL: whatever appeared at `target` since, the write does not go through it.
-        const fh = await fs.open(target, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW, 0o600);
-        try {
-          // Batched into writes of up to 1 MiB: one awaited write per tar chunk made extraction
-          // the slowest step of `aegis cp` out. (A fs.WriteStream on the handle hung on end()
-          // when fed from tar-stream's iterator.)
-          let batch: Buffer[] = [];
-          let batched = 0;
-          for await (const chunk of entry as AsyncIterable<Buffer>) {
-            batch.push(chunk);
-            batched += chunk.length;
-            if (batched >= 1 << 20) {
-              await fh.write(Buffer.concat(batch, batched));
-              batch = [];
-              batched = 0;
-            }
-          }
-          if (batched > 0) await fh.write(Buffer.concat(batch, batched));
-          await fh.chmod(mode);
-          if (options.keepOwner) await fh.chown(h.uid ?? 0, h.gid ?? 0);
-          if (h.mtime) await fh.utimes(h.mtime, h.mtime);
-        } finally {
-          await fh.close();
-        }
-        result.bytes += h.size ?? 0;
-        break;
-      }
-      case 'symlink': {
-        if (base === undefined || !h.linkname) {
-          skip(h.name, 'a symlink with no name or target');
-          await drain();
-          continue;
-        }
-        await clear(target);
-        await fs.symlink(h.linkname, target);
-        if (options.keepOwner) await fs.lchown(target, h.uid ?? 0, h.gid ?? 0);
-        await drain();
-        break;
-      }
-      case 'link': {
-        let from = components(h.linkname ?? '');
-        if (typeof from !== 'string' && options.topName !== undefined && from.length > 0) {
-          from = options.topName === '' ? from.slice(1) : [options.topName, ...from.slice(1)];
-        }
-        const fromDir = typeof from === 'string' || from.length === 0 ? undefined : await safeDir(dest, from.slice(0, -1));
-        const fromPath = fromDir === undefined || typeof from === 'string' ? undefined : path.join(fromDir, from.at(-1) as string);
-        const fromStat = fromPath === undefined ? undefined : await fs.lstat(fromPath).catch(() => undefined);
-        if (base === undefined || !fromPath || !fromStat?.isFile()) {
-          skip(h.name, 'a hard link to nothing extracted here before');
-          await drain();
-          continue;
-        }
-        await clear(target);
-        await fs.link(fromPath, target);
-        await drain();
-        break;
-      }
-      default:
-        skip(h.name, `a ${h.type ?? 'special'} entry (devices, FIFOs and sockets are not copied)`);
-        await drain();
-        continue;
-    }
-    result.entries++;
   }
+}
+
+/** One entry as the extractor yields it. */
+type TarEntry = tar.Extract extends AsyncIterable<infer E> ? E : never;
+
+/** What a host error writing an entry means for the copy. */
+const HOST_ERRORS: Record<string, ErrorCode> = {
+  ENAMETOOLONG: 'INVALID_ARGUMENT',
+  ENOSPC: 'RESOURCE_EXHAUSTED',
+  EDQUOT: 'RESOURCE_EXHAUSTED',
+  EACCES: 'FAILED_PRECONDITION',
+  EPERM: 'FAILED_PRECONDITION',
+  EROFS: 'FAILED_PRECONDITION',
+};
+
+async function extractEntry(
+  entry: TarEntry,
+  dest: string,
+  options: ExtractOptions,
+  result: ExtractResult,
+  skip: (name: string, why: string) => void,
+  dirTimes: [string, Date][],
+  created: string[],
+): Promise<void> {
+  const h = entry.header;
+  let parts = components(h.name);
+  if (typeof parts !== 'string' && options.topName !== undefined && parts.length > 0) {
+    parts = options.topName === '' ? parts.slice(1) : [options.topName, ...parts.slice(1)];
+    if (parts.length === 0 && h.type !== 'directory') parts = 'a top entry that is not a directory cannot be unpacked into one';
+  }
+  const drain = (): Promise<void> => new Promise<void>((r) => entry.resume().once('end', () => r()));
+  if (typeof parts === 'string') {
+    skip(h.name, parts);
+    await drain();
+    return;
+  }
+  const base = parts.at(-1);
+  const parent = await safeDir(dest, parts.slice(0, -1));
+  if (parent === undefined) {
+    skip(h.name, 'its directory is not a directory (a symlink or a file)');
+    await drain();
+    return;
+  }
+  const target = base === undefined ? dest : path.join(parent, base);
+  const mode = (h.mode ?? 0o644) & (options.keepSpecialBits ? 0o7777 : 0o777);
+  switch (h.type) {
+    case 'directory': {
+      if (base === undefined) {
+        await drain(); // the destination itself: it keeps its own mode and times
+        break;
+      }
+      const st = await fs.lstat(target).catch(() => undefined);
+      if (st && !st.isDirectory()) await fs.unlink(target);
+      if (!st?.isDirectory()) {
+        await fs.mkdir(target, { mode: 0o700 });
+        created.push(target);
+      }
+      await fs.chmod(target, mode);
+      if (h.mtime) dirTimes.push([target, h.mtime]);
+      await drain();
+      break;
+    }
+    case 'file':
+    case 'contiguous-file': {
+      if (base === undefined) {
+        skip(h.name, 'a file where the destination directory is');
+        await drain();
+        return;
+      }
+      await clear(target);
+      // O_NOFOLLOW|O_EXCL: whatever appeared at `target` since, the write does not go through it.
+      const fh = await fs.open(target, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW, 0o600);
+      created.push(target);
+      try {
+        // Batched into writes of up to 1 MiB: one awaited write per tar chunk made extraction
+        // the slowest step of `aegis cp` out. (A fs.WriteStream on the handle hung on end()
+        // when fed from tar-stream's iterator.)
+        let batch: Buffer[] = [];
+        let batched = 0;
+        for await (const chunk of entry as AsyncIterable<Buffer>) {
+          batch.push(chunk);
+          batched += chunk.length;
+          if (batched >= 1 << 20) {
+            await fh.write(Buffer.concat(batch, batched));
+            batch = [];
+            batched = 0;
+          }
+        }
+        if (batched > 0) await fh.write(Buffer.concat(batch, batched));
+        await fh.chmod(mode);
+        if (options.keepOwner) await fh.chown(h.uid ?? 0, h.gid ?? 0);
+        if (h.mtime) await fh.utimes(h.mtime, h.mtime);
+      } finally {
+        await fh.close();
+      }
+      result.bytes += h.size ?? 0;
+      break;
+    }
+    case 'symlink': {
+      if (base === undefined || !h.linkname) {
+        skip(h.name, 'a symlink with no name or target');
+        await drain();
+        return;
+      }
+      await clear(target);
+      await fs.symlink(h.linkname, target);
+      created.push(target);
+      if (options.keepOwner) await fs.lchown(target, h.uid ?? 0, h.gid ?? 0);
+      await drain();
+      break;
+    }
+    case 'link': {
+      let from = components(h.linkname ?? '');
+      if (typeof from !== 'string' && options.topName !== undefined && from.length > 0) {
+        from = options.topName === '' ? from.slice(1) : [options.topName, ...from.slice(1)];
+      }
+      const fromDir = typeof from === 'string' || from.length === 0 ? undefined : await safeDir(dest, from.slice(0, -1));
+      const fromPath = fromDir === undefined || typeof from === 'string' ? undefined : path.join(fromDir, from.at(-1) as string);
+      const fromStat = fromPath === undefined ? undefined : await fs.lstat(fromPath).catch(() => undefined);
+      if (base === undefined || !fromPath || !fromStat?.isFile()) {
+        skip(h.name, 'a hard link to nothing extracted here before');
+        await drain();
+        return;
+      }
+      await clear(target);
+      await fs.link(fromPath, target);
+      created.push(target);
+      await drain();
+      break;
+    }
+    default:
+      skip(h.name, `a ${h.type ?? 'special'} entry (devices, FIFOs and sockets are not copied)`);
+      await drain();
+      return;
+  }
+  result.entries++;
 }
