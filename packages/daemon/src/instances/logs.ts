@@ -19,21 +19,13 @@ import { EventEmitter } from 'node:events';
 import { closeSync, createReadStream, openSync, promises as fs, readSync, statSync } from 'node:fs';
 import readline from 'node:readline';
 import type { Stream } from '@aegis/protocol';
+import type { ApiSchemas } from '@aegis/protocol/api';
 
-export interface LogEntry {
-  timeMs: number;
-  stream: Stream;
-  /** base64 */
-  data: string;
-  /** Set for the output of an exec; absent for the workload's. */
-  execId?: string;
-}
-
-export interface LogEnd {
-  state: string;
-  exitCode: number | null;
-  stateReason?: string;
-}
+type LogEvent = ApiSchemas['LogEvent'];
+/** One stored output entry: a log stream's `output` event (spec/openapi.json's LogEvent) without its type. */
+export type LogEntry = Omit<Extract<LogEvent, { type: 'output' }>, 'type'>;
+/** How the instance ended: a log stream's `end` event without its type. */
+export type LogEnd = Omit<Extract<LogEvent, { type: 'end' }>, 'type'>;
 
 export interface LogFilter {
   /** Only entries at or after this time. */

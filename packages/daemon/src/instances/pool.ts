@@ -17,6 +17,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import type { ApiSchemas } from '@aegis/protocol/api';
 import { AegisError, type ExecParams } from '@aegis/protocol';
 import type { Backend, Vm } from '@aegis/vmm';
 import type { Logger } from '../log.js';
@@ -55,25 +56,9 @@ export interface PoolOptions {
   defaultShape: () => Promise<MachineShape | undefined>;
 }
 
-export interface PoolShapeStatus {
-  memoryMiB: number;
-  vcpuCount: number;
-  network: string;
-  image: boolean;
-  default: boolean;
-  ready: number;
-}
-
-export interface PoolStatus {
-  size: number;
-  memoryBudgetMiB: number;
-  ready: number;
-  filling: boolean;
-  /** Instances that started from the pool, and those that found no VM of their shape ready. */
-  taken: number;
-  missed: number;
-  shapes: PoolShapeStatus[];
-}
+/** The pool as `status` shows it (spec/openapi.json's Status.pool). */
+export type PoolStatus = NonNullable<ApiSchemas['Status']['pool']>;
+export type PoolShapeStatus = PoolStatus['shapes'][number];
 
 interface Wanted {
   shape: MachineShape;

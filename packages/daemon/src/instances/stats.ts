@@ -5,9 +5,9 @@
  * it sends.
  */
 import { promises as fs } from 'node:fs';
+import type { ApiSchemas } from '@aegis/protocol/api';
 import type { InstanceRow } from '../registry/db.js';
 import { isIdlePaused } from './idle.js';
-import type { InstanceState } from './state.js';
 
 /** USER_HZ: /proc/PID/stat counts CPU time in these. */
 const TICKS_PER_SECOND = 100;
@@ -49,21 +49,8 @@ export async function allocatedBytes(file: string): Promise<number | undefined> 
   return st ? st.blocks * 512 : undefined;
 }
 
-export interface InstanceStats {
-  id: string;
-  handle: string;
-  state: InstanceState;
-  /** Of one CPU (200 = two busy CPUs); null when the VMM process cannot be read. */
-  cpuPercent: number | null;
-  vmmMemoryBytes: number | null;
-  memoryLimitBytes: number;
-  guestMemoryUsedBytes: number | null;
-  guestMemoryTotalBytes: number | null;
-  processes: number | null;
-  diskUsedBytes: number | null;
-  /** Paused because nobody used it (`--idle-pause`): the next use wakes it. */
-  idlePaused?: boolean;
-}
+/** One `docker stats` row, as spec/openapi.json has it. */
+export type InstanceStats = ApiSchemas['InstanceStats'];
 
 /** What the guest says of itself (the agent's `stats`), when it can answer. */
 export type GuestStats = { memTotalKiB: number; memAvailableKiB: number; processes: number } | undefined;
