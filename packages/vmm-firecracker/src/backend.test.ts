@@ -12,7 +12,8 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError } from '@aegis/protocol';
 import { processAlive, type Backend, type Probe, type Vm, type VmConfig } from '@aegis/vmm';
 import { VERDICT_FILE } from '@aegis/vmm';
-import { CONSOLE_MAX_BYTES, FirecrackerBackend, type FirecrackerOptions } from './backend.js';
+import { FirecrackerBackend, type FirecrackerOptions } from './backend.js';
+import { CONSOLE_MAX_BYTES } from './console.js';
 
 const FAKE = fileURLToPath(new URL('../test/fake-firecracker.mjs', import.meta.url));
 const BOOT_ARGS = 'console=ttyS0 reboot=k panic=-1 pci=off root=/dev/vda rootfstype=erofs ro init=/aegis/init aegis_agent=vsock';

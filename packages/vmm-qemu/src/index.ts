@@ -1,2 +1,3 @@
-export { QemuBackend, AGENT_PORT_NAME } from './backend.js';
+export { QemuBackend } from './backend.js';
+export { AGENT_PORT_NAME } from './args.js';
 export { QmpClient, type QmpEvent } from './qmp.js';

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { isAegisError } from '@aegis/protocol';
 import type { VmConfig } from '@aegis/vmm';
-import { qemuArgs } from './backend.js';
+import { qemuArgs } from './args.js';
 
 const base: VmConfig = {
   id: '0123456789abcdef',
