@@ -17,6 +17,8 @@
  *   samples), aegisd's RSS under 300 MiB, and its event-loop delay p99 (from `status`, a 10–20 s
  *   window, so each flood first waits for the last one to leave it) under 100 ms — or, when
  *   `status` does not report it, /v1/status latency as a proxy (the table says which).
+ * - mcp: `aegis mcp` fed 12 MiB lines, malformed lines, then concurrent tool calls: every one
+ *   answered (-32600, -32700, results) and the server still up.
  * - faults: aegisd SIGKILLed and restarted under 2 running instances (both still running and
  *   answering); the VMM SIGKILLed (instance `failed` within 1.5 s); the VMM SIGSTOPped, then
  *   `stop` with a 2 s deadline, or `delete --force`: each back within deadline + 1 s (< 3.5 s).
@@ -28,12 +30,13 @@
  * times). AEGIS_STRESS_SEED=<seed> replays the payloads of a run. (AEGIS_STRESS_RUNS sizes
  * the API fuzzer, api-fuzz.test.ts, and is not read here.)
  */
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { ExecEvent, Status } from '@aegis/client';
-import { qemuProcessesFor, TestDaemon, teardown } from '../integration/fixture.js';
+import { qemuProcessesFor, ROOT, TestDaemon, teardown } from '../integration/fixture.js';
 
 const env = process.env;
 const SCALE = Math.max(1, Math.floor(Number(env['AEGIS_STRESS_SCALE'] ?? 1)) || 1);
@@ -671,6 +674,76 @@ describe('floods', () => {
       );
     });
     assertRows(mine);
+  });
+});
+
+describe('mcp', () => {
+  it('an MCP flood: oversized and malformed messages, then many concurrent calls; the server stays up', async () => {
+    const child = spawn(path.join(ROOT, 'bin/aegis'), ['mcp'], { env: { ...env, AEGIS_HOME: d.home }, stdio: ['pipe', 'pipe', 'pipe'] });
+    const replies: { id?: unknown; error?: { code: number }; result?: unknown }[] = [];
+    let pending = '';
+    child.stdout.on('data', (c: Buffer) => {
+      pending += c.toString();
+      for (let nl = pending.indexOf('\n'); nl >= 0; nl = pending.indexOf('\n')) {
+        replies.push(JSON.parse(pending.slice(0, nl)) as (typeof replies)[number]);
+        pending = pending.slice(nl + 1);
+      }
+    });
+    const until = async (n: number, timeoutMs: number): Promise<number> => {
+      const t0 = Date.now();
+      while (replies.length < n && Date.now() - t0 < timeoutMs && child.exitCode === null) await sleep(20);
+      return Date.now() - t0;
+    };
+    const send = (msg: unknown): boolean => child.stdin.write(`${typeof msg === 'string' ? msg : JSON.stringify(msg)}\n`);
+    const OVERSIZED = 3;
+    const MALFORMED = 100 * SCALE;
+    const CALLS = 50 * SCALE;
+    let peakRss = 0;
+    const sampler = setInterval(() => (peakRss = Math.max(peakRss, rssBytes(child.pid) || 0)), 50);
+    try {
+      send({
+        jsonrpc: '2.0',
+        id: 'init',
+        method: 'initialize',
+        params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 'stress', version: '1' } },
+      });
+      await until(1, 10_000);
+      send({ jsonrpc: '2.0', method: 'notifications/initialized' });
+      const t0 = Date.now();
+      for (let i = 0; i < OVERSIZED; i++)
+        send(`{"jsonrpc":"2.0","id":"big${i}","method":"tools/list","params":{"pad":"${'x'.repeat(12 << 20)}"}}`);
+      for (let i = 0; i < MALFORMED; i++) send(i % 2 ? `{"id":${i},"not":"json-rpc"}` : `{broken ${i}`);
+      await until(1 + OVERSIZED + MALFORMED, 60_000);
+      const floodMs = Date.now() - t0;
+      const errors = replies.slice(1);
+      const oversizedOk = errors.filter((r) => r.error?.code === -32600 && r.id === null).length;
+      const parseErrors = errors.filter((r) => r.error?.code === -32700).length;
+      const invalid = errors.filter((r) => r.error?.code === -32600 && r.id !== null).length;
+      for (let i = 0; i < CALLS; i++)
+        send({ jsonrpc: '2.0', id: `call${i}`, method: 'tools/call', params: { name: 'list_sandboxes', arguments: {} } });
+      const callsMs = await until(1 + OVERSIZED + MALFORMED + CALLS, 120_000);
+      const answered = replies.filter((r) => typeof r.id === 'string' && r.id.startsWith('call') && r.result !== undefined).length;
+      const alive = child.exitCode === null;
+      const mine = [
+        record(
+          'mcp: oversized + malformed',
+          `${OVERSIZED} lines of 12 MiB: ${oversizedOk} refused -32600; ${MALFORMED} malformed: ${parseErrors} -32700 + ${invalid} -32600, in ${ms(floodMs)}; peak RSS ${mib(peakRss)}`,
+          'each answered, server up',
+          oversizedOk === OVERSIZED && parseErrors + invalid === MALFORMED && alive,
+        ),
+        record(
+          'mcp: concurrent calls',
+          `${answered}/${CALLS} list_sandboxes answered in ${ms(callsMs)}, server ${alive ? 'up' : 'GONE'}`,
+          'all answered',
+          answered === CALLS && alive,
+        ),
+      ];
+      assertRows(mine);
+    } finally {
+      clearInterval(sampler);
+      child.stdin.end();
+      child.kill();
+    }
   });
 });
 

@@ -253,8 +253,12 @@ describe('FirecrackerBackend.probe: is KVM able to run the guest?', () => {
   });
 
   it('runs one test boot for two probes that ask while it runs', async () => {
-    const a = await probing({ kvmTestTimeoutMs: 300 }, { FAKE_FC_BOOT: 'hang' }).probe();
-    const b = await probing({ kvmTestTimeoutMs: 300 }, { FAKE_FC_BOOT: 'hang' }).probe();
+    // The boot hangs for the whole test timeout: long enough that the second probe asks while it
+    // still runs however slow this machine is at the moment (300 ms raced a loaded host).
+    const [a, b] = await Promise.all([
+      probing({ kvmTestTimeoutMs: 3000 }, { FAKE_FC_BOOT: 'hang' }).probe(),
+      probing({ kvmTestTimeoutMs: 3000 }, { FAKE_FC_BOOT: 'hang' }).probe(),
+    ]);
     expect((await settle(a)).detail).toBe((await settle(b)).detail);
     expect(runs()).toBe(1);
   });
