@@ -7,7 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { isAegisError } from '@aegis/protocol';
 import { importArchive } from './archive.js';
 import { BlobStore, sha256Digest } from './blobs.js';
-import { MEDIA_TYPES, parseManifestDocument } from './registry.js';
+import { MEDIA_TYPES, parseManifestDocument } from './manifest.js';
 import { rejection } from '../../../../tests/support/rejection.js';
 
 type TarEntry = { name: string; data: Buffer } | { name: string; symlink: string };

@@ -13,15 +13,14 @@ import {
   MEDIA_TYPES,
   checkLayerMediaType,
   hostPlatform,
-  imageFromManifest,
   parseImageConfig,
   parseManifestDocument,
   selectManifest,
   type Descriptor,
   type ParsedManifest,
   type Platform,
-  type PulledImage,
-} from './registry.js';
+} from './manifest.js';
+import { imageFromManifest, type PulledImage } from './registry.js';
 
 export interface ImportOptions {
   /**

@@ -7,7 +7,9 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { isAegisError } from '@aegis/protocol';
 import { BlobStore, sha256Digest } from './blobs.js';
 import { parseReference } from './reference.js';
-import { MEDIA_TYPES, parseChallenge, parseImageConfig, pullImage, selectManifest, type PullOptions } from './registry.js';
+import { MEDIA_TYPES, parseImageConfig, selectManifest } from './manifest.js';
+import { parseChallenge } from './registry-client.js';
+import { pullImage, type PullOptions } from './registry.js';
 import { rejection } from '../../../../tests/support/rejection.js';
 
 interface Manifest {

@@ -17,8 +17,9 @@ import type { Registry } from '../registry/db.js';
 import { importArchive } from './archive.js';
 import { BlobStore } from './blobs.js';
 import { buildImageFilesystem } from './layers.js';
+import type { ImageConfig } from './manifest.js';
 import { formatReference, parseReference, validateDigest } from './reference.js';
-import { pullImage, type ImageConfig, type LayerDescriptor, type PulledImage } from './registry.js';
+import { pullImage, type LayerDescriptor, type PulledImage } from './registry.js';
 
 /** What the registry keeps per image (its `image` JSON). */
 interface StoredImage {

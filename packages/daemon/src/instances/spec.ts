@@ -8,7 +8,7 @@ import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
 import type { ApiSchemas } from '@aegis/protocol/api';
 import type { InstanceRow } from '../registry/db.js';
-import type { ImageConfig } from '../images/registry.js';
+import type { ImageConfig } from '../images/manifest.js';
 import { isLive, type InstanceState } from './state.js';
 import { isIdlePaused } from './idle.js';
 import { isScratchDisk, SCRATCH_DISK } from './disks.js';
