@@ -5,7 +5,7 @@
  */
 import { PassThrough } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import type { JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
+import { JSONRPCMessageSchema, type JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
 import { BoundedStdioTransport } from './mcp-transport.js';
 
 function harness(maxLineBytes?: number): { input: PassThrough; replies: () => unknown[]; got: JSONRPCMessage[] } {
@@ -14,7 +14,7 @@ function harness(maxLineBytes?: number): { input: PassThrough; replies: () => un
   const got: JSONRPCMessage[] = [];
   let text = '';
   output.on('data', (c: Buffer) => (text += c.toString()));
-  const t = new BoundedStdioTransport(input, output, maxLineBytes);
+  const t = new BoundedStdioTransport((v) => JSONRPCMessageSchema.safeParse(v), input, output, maxLineBytes);
   t.onmessage = (m) => void got.push(m);
   void t.start();
   return {

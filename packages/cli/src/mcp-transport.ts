@@ -7,7 +7,13 @@
  */
 import type { Readable, Writable } from 'node:stream';
 import type { Transport } from '@modelcontextprotocol/sdk/shared/transport.js';
-import { JSONRPCMessageSchema, type JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
+import type { JSONRPCMessage } from '@modelcontextprotocol/sdk/types.js';
+
+/**
+ * Recognises a JSON-RPC message (the SDK's schema, handed in by `aegis mcp`: importing the SDK
+ * here would load it, and zod, at every start of the CLI, a tenth of a second each).
+ */
+export type MessageCheck = (value: unknown) => { success: true; data: JSONRPCMessage } | { success: false };
 
 /** Largest request line (a write_file of a large text included). */
 export const MAX_MCP_LINE_BYTES = 8 * 1024 * 1024;
@@ -26,6 +32,7 @@ export class BoundedStdioTransport implements Transport {
   private closed = false;
 
   constructor(
+    private readonly check: MessageCheck,
     private readonly input: Readable = process.stdin,
     private readonly output: Writable = process.stdout,
     private readonly maxLineBytes = MAX_MCP_LINE_BYTES,
@@ -78,7 +85,7 @@ export class BoundedStdioTransport implements Transport {
       this.refuse(null, PARSE_ERROR, 'parse error: the line is not JSON');
       return;
     }
-    const parsed = JSONRPCMessageSchema.safeParse(value);
+    const parsed = this.check(value);
     if (!parsed.success) {
       const id = (value as { id?: unknown } | null)?.id;
       this.refuse(

@@ -88,7 +88,11 @@ class Scope {
 }
 
 async function serve(options: { all?: boolean }): Promise<void> {
-  const [{ McpServer }, { z }] = await Promise.all([import('@modelcontextprotocol/sdk/server/mcp.js'), import('zod')]);
+  const [{ McpServer }, { JSONRPCMessageSchema }, { z }] = await Promise.all([
+    import('@modelcontextprotocol/sdk/server/mcp.js'),
+    import('@modelcontextprotocol/sdk/types.js'),
+    import('zod'),
+  ]);
   const api = new AegisClient();
   const scope = new Scope(api, options.all === true);
   const server = new McpServer({ name: 'aegis', version: '0.1.0' });
@@ -295,7 +299,7 @@ async function serve(options: { all?: boolean }): Promise<void> {
     }),
   );
 
-  await server.connect(new BoundedStdioTransport());
+  await server.connect(new BoundedStdioTransport((v) => JSONRPCMessageSchema.safeParse(v)));
 }
 
 /** What MCP clients read to start us: the CLI as an absolute path, `mcp` as its argument. */
