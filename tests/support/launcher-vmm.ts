@@ -9,12 +9,12 @@
  * `backends`): the proof that a backend can be added without editing the daemon.
  */
 import { existsSync } from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import type { Duplex } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { AegisError } from '@aegis/protocol';
 import {
+  connectSocket,
   DetachedProcess,
   fileTail,
   findStrays,
@@ -171,22 +171,7 @@ class LauncherVm implements Vm {
 
   private connect(name: string, what: string, signal?: AbortSignal): Promise<Duplex> {
     this.requireRunning();
-    return new Promise((resolve, reject) => {
-      const s = net.connect(path.join(this.stateDir, name));
-      const onAbort = (): void => {
-        s.destroy();
-        reject(new AegisError('CANCELLED', `${what} channel connect cancelled`));
-      };
-      signal?.addEventListener('abort', onAbort, { once: true });
-      s.once('connect', () => {
-        signal?.removeEventListener('abort', onAbort);
-        resolve(s);
-      });
-      s.once('error', (err) => {
-        signal?.removeEventListener('abort', onAbort);
-        reject(new AegisError('UNAVAILABLE', `${what} channel of VM ${this.id}: ${err.message}`));
-      });
-    });
+    return connectSocket(path.join(this.stateDir, name), what, this.id, signal);
   }
 
   async stop(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {

@@ -123,12 +123,12 @@ export async function extractTar(stream: Readable, dest: string, options: Extrac
   feed(stream.iterator({ destroyOnReturn: false }) as AsyncIterable<Buffer>, extract).catch((err: unknown) =>
     extract.destroy(err as Error),
   );
-  const created: string[] = [];
+  const x: Extraction = { dest, options, result, skip, dirTimes, created: [] };
   try {
-    await extractEntries(extract, dest, options, result, skip, dirTimes, created);
+    await extractEntries(extract, x);
   } catch (err) {
     // A copy that fails half-way leaves nothing it made (what it replaced is gone, as with docker cp).
-    for (const p of created.reverse()) await fs.rm(p, { recursive: true, force: true }).catch(() => undefined);
+    for (const p of x.created.reverse()) await fs.rm(p, { recursive: true, force: true }).catch(() => undefined);
     if (err instanceof AegisError) throw err;
     throw new AegisError('INVALID_ARGUMENT', `not a valid tar stream: ${(err as Error).message}`);
   }
@@ -137,19 +137,21 @@ export async function extractTar(stream: Readable, dest: string, options: Extrac
   return result;
 }
 
-async function extractEntries(
-  extract: tar.Extract,
-  dest: string,
-  options: ExtractOptions,
-  result: ExtractResult,
-  skip: (name: string, why: string) => void,
-  dirTimes: [string, Date][],
+/** One extraction's destination, options and what it has done so far. */
+interface Extraction {
+  dest: string;
+  options: ExtractOptions;
+  result: ExtractResult;
+  skip: (name: string, why: string) => void;
+  dirTimes: [string, Date][];
   /** What this extraction made (not what it replaced), in order: removed if it fails. */
-  created: string[],
-): Promise<void> {
+  created: string[];
+}
+
+async function extractEntries(extract: tar.Extract, x: Extraction): Promise<void> {
   for await (const entry of extract) {
     try {
-      await extractEntry(entry, dest, options, result, skip, dirTimes, created);
+      await extractEntry(entry, x);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (err instanceof AegisError || code === undefined) throw err;
@@ -172,15 +174,8 @@ const HOST_ERRORS: Record<string, ErrorCode> = {
   EROFS: 'FAILED_PRECONDITION',
 };
 
-async function extractEntry(
-  entry: TarEntry,
-  dest: string,
-  options: ExtractOptions,
-  result: ExtractResult,
-  skip: (name: string, why: string) => void,
-  dirTimes: [string, Date][],
-  created: string[],
-): Promise<void> {
+async function extractEntry(entry: TarEntry, x: Extraction): Promise<void> {
+  const { dest, options, result, skip, dirTimes, created } = x;
   const h = entry.header;
   let parts = components(h.name);
   if (typeof parts !== 'string' && options.topName !== undefined && parts.length > 0) {

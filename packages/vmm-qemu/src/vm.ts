@@ -4,10 +4,18 @@
  * and taking it over again after a daemon restart (its record).
  */
 import { promises as fs } from 'node:fs';
-import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
-import { DetachedProcess, Passt, type ProcessExit, type ProcessIdentity, type Vm, type VmExit, type VmRecord } from '@aegis/vmm';
+import {
+  connectSocket,
+  DetachedProcess,
+  Passt,
+  type ProcessExit,
+  type ProcessIdentity,
+  type Vm,
+  type VmExit,
+  type VmRecord,
+} from '@aegis/vmm';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { CONSOLE_RING, CONSOLE_RING_BYTES, paths, shellSafe } from './args.js';
 
@@ -214,22 +222,7 @@ export class QemuVm implements Vm {
   }
 
   private connectPort(socketPath: string, what: string, signal?: AbortSignal): Promise<Duplex> {
-    return new Promise((resolve, reject) => {
-      const s = net.connect(socketPath);
-      const onAbort = (): void => {
-        s.destroy();
-        reject(new AegisError('CANCELLED', `${what} channel connect cancelled`));
-      };
-      signal?.addEventListener('abort', onAbort, { once: true });
-      s.once('connect', () => {
-        signal?.removeEventListener('abort', onAbort);
-        resolve(s);
-      });
-      s.once('error', (err) => {
-        signal?.removeEventListener('abort', onAbort);
-        reject(new AegisError('UNAVAILABLE', `${what} channel of VM ${this.id}: ${err.message}`));
-      });
-    });
+    return connectSocket(socketPath, what, this.id, signal);
   }
 
   /** QMP `quit` (SIGTERM after `detach`), SIGKILL at the deadline whatever QMP does. */

@@ -1,4 +1,7 @@
 import { promises as fs } from 'node:fs';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { AegisError } from '@aegis/protocol';
 
 /** The last `maxBytes` of a file (a VMM's console or log), or '' when it cannot be read. */
 export async function fileTail(file: string, maxBytes: number): Promise<string> {
@@ -26,4 +29,27 @@ export function processAlive(pid: number): boolean {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
+}
+
+/**
+ * Connects to a VM channel's unix socket (`what`: agent, data); CANCELLED when `signal`
+ * aborts first, UNAVAILABLE naming the VM when nothing answers there.
+ */
+export function connectSocket(socketPath: string, what: string, vmId: string, signal?: AbortSignal): Promise<Duplex> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect(socketPath);
+    const onAbort = (): void => {
+      s.destroy();
+      reject(new AegisError('CANCELLED', `${what} channel connect cancelled`));
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+    s.once('connect', () => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve(s);
+    });
+    s.once('error', (err) => {
+      signal?.removeEventListener('abort', onAbort);
+      reject(new AegisError('UNAVAILABLE', `${what} channel of VM ${vmId}: ${err.message}`));
+    });
+  });
 }
