@@ -15,6 +15,7 @@
  * root (its image's, when it has one); symlinks resolve inside that root. Everything the guest
  * sends is parsed with the bounds below: the host trusts no reply.
  */
+import type { ApiSchemas } from './api.js';
 import { AegisError } from './errors.js';
 
 export type FileRequest =
@@ -35,20 +36,9 @@ export type FileRequest =
 
 export type FileOp = FileRequest['op'];
 
-export type FileType = 'file' | 'directory' | 'symlink' | 'other';
-
-export interface FileStat {
-  name: string;
-  type: FileType;
-  size: number;
-  /** Permission bits and setuid/setgid/sticky (0o7777). */
-  mode: number;
-  uid: number;
-  gid: number;
-  mtimeMs: number;
-  /** For a symlink: where it points (as stored, not resolved). */
-  linkTarget?: string;
-}
+/** What the guest reports of a file: the same FileStat the files API answers with (spec/openapi.json). */
+export type FileStat = ApiSchemas['FileStat'];
+export type FileType = FileStat['type'];
 
 export type FileReply = { ok: true; ready?: true; stat?: FileStat; entries?: number } | { ok: false; code: string; message: string };
 
