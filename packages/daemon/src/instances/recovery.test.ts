@@ -11,6 +11,7 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { Vm, VmConfig } from '@aegis/vmm';
 import { LauncherBackend } from '../../../../tests/support/launcher-vmm.js';
+import { instanceRow } from '../../../../tests/support/rows.js';
 import { Registry, type InstanceRow } from '../registry/db.js';
 import { endStrays } from './recovery.js';
 
@@ -52,28 +53,18 @@ async function started(id: string): Promise<Vm> {
 }
 
 function row(id: string, over: Partial<InstanceRow>): InstanceRow {
-  return {
+  const now = Date.now();
+  return instanceRow({
     id,
     handle: `h-${id.slice(0, 4)}`,
     state: 'running',
     command: ['true'],
-    workdir: null,
     memoryMiB: 128,
-    vcpuCount: 1,
     backend: backend.name,
-    vmRecord: null,
-    exitCode: null,
-    stateReason: null,
-    createdAt: Date.now(),
-    startedAt: Date.now(),
-    stoppedAt: null,
-    ports: [],
-    network: 'none',
-    image: null,
-    spec: { env: {}, secrets: [] },
-    volumes: [],
+    createdAt: now,
+    startedAt: now,
     ...over,
-  };
+  });
 }
 
 describe('endStrays', () => {

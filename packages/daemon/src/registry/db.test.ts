@@ -4,32 +4,10 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError, isAegisError, type ErrorCode } from '@aegis/protocol';
-import { Registry, SCHEMA_VERSION, type InstanceRow } from './db.js';
+import { instanceRow } from '../../../../tests/support/rows.js';
+import { Registry, SCHEMA_VERSION } from './db.js';
 
-function row(overrides: Partial<InstanceRow> = {}): InstanceRow {
-  return {
-    id: '0123456789abcdef',
-    handle: 'web',
-    state: 'starting',
-    command: ['echo', 'hello world'],
-    workdir: null,
-    memoryMiB: 512,
-    vcpuCount: 1,
-    backend: 'some-backend',
-    vmRecord: null,
-    exitCode: null,
-    stateReason: null,
-    createdAt: 1_700_000_000_000,
-    startedAt: null,
-    stoppedAt: null,
-    ports: [],
-    network: 'none',
-    image: null,
-    spec: { env: {}, secrets: [] },
-    volumes: [],
-    ...overrides,
-  };
-}
+const row = instanceRow;
 
 function errorOf(fn: () => unknown): AegisError {
   try {

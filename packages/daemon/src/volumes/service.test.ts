@@ -5,6 +5,7 @@ import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError, type ErrorCode } from '@aegis/protocol';
 import { Registry, type InstanceRow } from '../registry/db.js';
+import { instanceRow } from '../../../../tests/support/rows.js';
 import { MAX_VOLUME_MIB, VolumeService } from './service.js';
 import type { VolumeMount } from './mounts.js';
 
@@ -27,27 +28,7 @@ afterEach(() => {
 let n = 0;
 function instance(state: InstanceRow['state'], mounts: VolumeMount[]): InstanceRow {
   const id = (++n).toString(16).padStart(16, '0');
-  const row: InstanceRow = {
-    id,
-    handle: `h${n}`,
-    state,
-    command: ['true'],
-    workdir: null,
-    memoryMiB: 512,
-    vcpuCount: 1,
-    backend: 'some-backend',
-    vmRecord: null,
-    exitCode: null,
-    stateReason: null,
-    createdAt: Date.now(),
-    startedAt: null,
-    stoppedAt: null,
-    ports: [],
-    network: 'none',
-    image: null,
-    spec: { env: {}, secrets: [] },
-    volumes: mounts,
-  };
+  const row = instanceRow({ id, handle: `h${n}`, state, command: ['true'], createdAt: Date.now(), volumes: mounts });
   registry.insertInstance(row);
   return row;
 }
