@@ -1,8 +1,10 @@
 /**
- * Guest networking on real VMs. The daemon (and so passt and QEMU) runs in a network namespace
- * of its own with a private "internet" (tests/support/netns-world.mjs): nothing a guest sends
- * leaves the machine, and the host-loopback service it must not reach is a real server on
- * 127.0.0.1 of that namespace.
+ * Guest networking and the egress policy on real VMs. The daemon (and so QEMU) runs in a
+ * network namespace of its own whose "internet" is a second namespace
+ * (tests/support/netns-world.mjs, netns-internet.mjs): a public server, a second one, a cloud
+ * metadata address, a LAN host and a DNS server that also answers a public name with a private
+ * address. Nothing a guest sends leaves the machine; the host-loopback and host-address
+ * services it must not reach are real servers of the daemon's namespace.
  */
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -11,21 +13,45 @@ import { ROOT, useDaemon } from './fixture.js';
 const world = ['unshare', '--net', '--mount', process.execPath, path.join(ROOT, 'tests/support/netns-world.mjs')];
 const daemon = useDaemon({}, world);
 
-/** Fetches each URL from inside the guest; prints `URL -> body` or `URL -> ERROR kind`. */
-const fetchScript = (urls: string[]): string[] => [
-  'python3',
-  '-c',
-  `
-import sys, urllib.request
+/**
+ * Fetches each URL from inside the guest; prints `URL -> body` or `URL -> ERROR kind`, where a
+ * refusal names its cause (reset, refused, no such name) and a hang shows as `timeout`.
+ * `tls:HOST:PORT:SNI` opens TLS to HOST with server name SNI (no certificate check) and GETs /.
+ */
+const FETCH = `
+import socket, ssl, sys, urllib.request
+def kind(e):
+    r = getattr(e, 'reason', None)
+    e = r if isinstance(r, BaseException) else e
+    if isinstance(e, socket.timeout) or 'timed out' in str(e): return 'timeout'
+    if isinstance(e, socket.gaierror): return 'noname'
+    if isinstance(e, (ConnectionResetError, ConnectionRefusedError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError)) or 'reset' in str(e) or 'EOF' in str(e) or 'closed' in str(e) or 'Remote end' in str(e): return 'refused'
+    return type(e).__name__
 for url in sys.argv[1:]:
     try:
-        body = urllib.request.urlopen(url, timeout=4).read().decode().strip()
+        if url.startswith('tls:'):
+            _, host, port, sni = url.split(':')
+            ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+            with socket.create_connection((host, int(port)), timeout=4) as raw, ctx.wrap_socket(raw, server_hostname=sni) as s:
+                s.sendall(b'GET / HTTP/1.0\\r\\nHost: ' + sni.encode() + b'\\r\\n\\r\\n')
+                body = s.recv(4096).decode().split('\\r\\n\\r\\n', 1)[-1].strip()
+        else:
+            body = urllib.request.urlopen(url, timeout=4).read().decode().strip()
         print(url, '->', body)
     except Exception as e:
-        print(url, '->', 'ERROR', type(e).__name__)
-`,
-  ...urls,
-];
+        print(url, '->', 'ERROR', kind(e))
+`;
+const fetchScript = (urls: string[]): string[] => ['python3', '-c', FETCH, ...urls];
+
+/** `URL -> result` lines as a map. */
+function results(stdout: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const line of stdout.trim().split('\n')) {
+    const [url, result] = line.split(' -> ');
+    if (url && result !== undefined) out[url] = result;
+  }
+  return out;
+}
 
 describe('guest network', () => {
   it('reaches the outside by address and by name (DNS through the user-mode stack)', async () => {
@@ -74,6 +100,142 @@ describe('guest network', () => {
     expect(i.network).toBe('user');
     const r = await daemon().cli(['exec', i.handle, '--', 'sh', '-c', 'ls /sys/class/net; cat /etc/resolv.conf']);
     expect(r.stdout).toBe('eth0\nlo\nnameserver 10.0.2.3\n');
+  });
+
+  it('by default: the public internet works; private, metadata, host, loopback and rebinding names are refused fast', async () => {
+    const r = await daemon().cli([
+      'run',
+      '--name',
+      'egress-default',
+      '--',
+      'sh',
+      '-c',
+      `python3 -c "$0" "$@"; python3 -c "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); s.connect(('192.0.2.1', 9999)); s.send(b'x'); s.recv(1)" 2>&1 | tail -1`,
+      FETCH,
+      'http://192.0.2.1:8081/',
+      'http://example.test:8081/',
+      'http://10.99.0.5:8081/',
+      'http://169.254.169.254:8081/',
+      'http://rebind.test:8081/',
+      'http://meta.test:8081/',
+      'http://192.0.2.2:8084/',
+      'http://10.0.2.2:8084/',
+    ]);
+    const got = results(r.stdout);
+    expect(got).toEqual({
+      'http://192.0.2.1:8081/': 'outside-ok',
+      'http://example.test:8081/': 'outside-ok',
+      'http://10.99.0.5:8081/': 'ERROR refused',
+      'http://169.254.169.254:8081/': 'ERROR refused',
+      'http://rebind.test:8081/': 'ERROR noname',
+      'http://meta.test:8081/': 'ERROR noname',
+      'http://192.0.2.2:8084/': 'ERROR refused',
+      'http://10.0.2.2:8084/': 'ERROR refused',
+    });
+    // UDP other than DNS is refused at once in the guest (the send fails), not dropped into a timeout.
+    expect(r.stdout).toMatch(/PermissionError|ConnectionRefusedError/);
+    expect(r.stdout).not.toMatch(/timed out|TimeoutError/);
+    expect(r.code).toBe(0);
+  });
+
+  it('--egress-allow: only allowed names (and the private address an allowed name gives), SNI and Host checked', async () => {
+    const r = await daemon().cli([
+      'run',
+      '--egress-allow',
+      'example.test',
+      '--egress-allow',
+      'lan.test:8081',
+      '--',
+      ...fetchScript([
+        'http://example.test:8081/',
+        'http://lan.test:8081/',
+        'http://second.test:8081/',
+        'http://198.51.100.7:8081/',
+        'http://10.99.0.5:8081/',
+        'tls:example.test:8443:example.test',
+        'tls:example.test:8443:other.test',
+        'tls:example.test:8443:198.51.100.7',
+      ]),
+    ]);
+    expect(results(r.stdout)).toEqual({
+      'http://example.test:8081/': 'outside-ok',
+      'http://lan.test:8081/': 'lan-secret',
+      'http://second.test:8081/': 'ERROR noname',
+      'http://198.51.100.7:8081/': 'ERROR refused',
+      // Pinned to lan.test by the answer above, but a request naming the bare address is not a request for lan.test.
+      'http://10.99.0.5:8081/': 'ERROR refused',
+      'tls:example.test:8443:example.test': 'outside-ok',
+      'tls:example.test:8443:other.test': 'ERROR refused',
+      'tls:example.test:8443:198.51.100.7': 'ERROR refused',
+    });
+  });
+
+  it('--egress-deny wins, names answer NXDOMAIN; address rules with ports; shown in egress show with reasons', async () => {
+    const d = daemon();
+    const i = await d.client.createInstance({
+      command: ['sleep', '600'],
+      handle: 'egress-deny',
+      egress: { allow: ['192.0.2.0/24:8081', 'second.test'], deny: ['second.test', '192.0.2.1:8443'] },
+    });
+    expect(i.egress).toEqual({ allow: ['192.0.2.0/24:8081', 'second.test'], deny: ['second.test', '192.0.2.1:8443'] });
+    const r = await d.cli([
+      'exec',
+      'egress-deny',
+      '--',
+      ...fetchScript(['http://192.0.2.1:8081/', 'http://second.test:8081/', 'tls:192.0.2.1:8443:example.test']),
+    ]);
+    expect(results(r.stdout)).toEqual({
+      'http://192.0.2.1:8081/': 'outside-ok',
+      'http://second.test:8081/': 'ERROR noname',
+      'tls:192.0.2.1:8443:example.test': 'ERROR refused',
+    });
+    const shown = await d.client.instanceEgress('egress-deny', true);
+    expect(shown.mode).toBe('allow-list');
+    const log = shown.log ?? [];
+    expect(log).toContainEqual(
+      expect.objectContaining({ kind: 'dns', name: 'second.test', allowed: false, reason: 'denied by second.test' }),
+    );
+    expect(log).toContainEqual(
+      expect.objectContaining({ kind: 'connect', address: '192.0.2.1', port: 8443, allowed: false, reason: 'denied by 192.0.2.1:8443' }),
+    );
+    const ok = log.find((e) => e.kind === 'connect' && e.port === 8081 && e.allowed);
+    expect(ok?.bytesIn).toBeGreaterThan(0);
+    expect(shown.counters).toContainEqual(expect.objectContaining({ destination: '192.0.2.1:8081', allowed: 1 }));
+    const text = await d.cli(['egress', 'show', 'egress-deny', '--log']);
+    expect(text.stdout).toContain('denied by second.test');
+    expect(text.code).toBe(0);
+  });
+
+  it('egress allow/deny change a running instance at once ("install, then lock"), and a restart keeps them', async () => {
+    const d = daemon();
+    await d.client.createInstance({ command: ['sleep', '600'], handle: 'egress-live' });
+    const fetch = async (): Promise<Record<string, string>> =>
+      results(
+        (await d.cli(['exec', 'egress-live', '--', ...fetchScript(['http://second.test:8081/', 'http://example.test:8081/'])])).stdout,
+      );
+    expect(await fetch()).toEqual({ 'http://second.test:8081/': 'second-ok', 'http://example.test:8081/': 'outside-ok' });
+    const locked = await d.cli(['egress', 'allow', 'egress-live', 'example.test']);
+    expect(locked.stdout).toContain('allow: example.test');
+    expect(await fetch()).toEqual({ 'http://second.test:8081/': 'ERROR noname', 'http://example.test:8081/': 'outside-ok' });
+    expect((await d.cli(['egress', 'deny', 'egress-live', 'example.test'])).code).toBe(0);
+    expect(await fetch()).toEqual({ 'http://second.test:8081/': 'ERROR noname', 'http://example.test:8081/': 'ERROR noname' });
+    await d.client.restartInstance('egress-live');
+    expect((await d.client.instanceEgress('egress-live')).deny).toEqual(['example.test']);
+    expect(await fetch()).toEqual({ 'http://second.test:8081/': 'ERROR noname', 'http://example.test:8081/': 'ERROR noname' });
+  });
+
+  it('--network unfiltered is the whole network the host reaches (no policy); egress rules need the default network', async () => {
+    const r = await daemon().cli(['run', '--network', 'unfiltered', '--', ...fetchScript(['http://10.99.0.5:8081/'])]);
+    expect(results(r.stdout)).toEqual({ 'http://10.99.0.5:8081/': 'lan-secret' });
+    await expect(
+      daemon().client.createInstance({ command: ['true'], network: 'none', egress: { allow: ['example.test'] } }),
+    ).rejects.toMatchObject({
+      code: 'INVALID_ARGUMENT',
+    });
+    const bad = await daemon().cli(['run', '--egress-allow', 'not a name', '--', 'true']);
+    expect(bad.stderr).toMatch(/egress pattern "not a name"/);
+    expect(bad.stderr.trim().split('\n')).toHaveLength(1);
+    expect(bad.code).not.toBe(0);
   });
 
   it('refuses an unknown network mode with a coded error', async () => {

@@ -14,6 +14,7 @@ import { runCommand } from './commands/run.js';
 import { secretCommand } from './commands/secret/secret.js';
 import { imageCommand } from './commands/image/image.js';
 import { volumeCommand } from './commands/volume.js';
+import { egressCommand } from './commands/egress.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
 import {
@@ -65,6 +66,7 @@ for (const c of [
   secretCommand(),
   imageCommand(),
   volumeCommand(),
+  egressCommand(),
   upCommand(),
   downCommand(),
   statusCommand(),

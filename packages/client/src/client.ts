@@ -9,6 +9,8 @@ import path from 'node:path';
 import { AegisError, LineDecoder } from '@aegis/protocol';
 import type {
   CreateInstanceRequest,
+  EgressPolicy,
+  EgressView,
   ExecEvent,
   ExecRequest,
   FileStat,
@@ -203,6 +205,16 @@ export class AegisClient {
   /** Gives a live instance a new deadline `timeoutMs` from now (0: none). */
   setDeadline(ref: string, timeoutMs: number): Promise<Instance> {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/deadline`, body: { timeoutMs } });
+  }
+
+  /** Its egress policy, per-destination counters and (with `log`) its latest decisions. */
+  instanceEgress(ref: string, log = false): Promise<EgressView> {
+    return this.call({ method: 'GET', path: `/v1/instances/${encodeURIComponent(ref)}/egress${log ? '?log=1' : ''}` });
+  }
+
+  /** Adds egress rules to a running (or stopped) `user`-network instance; new connections follow them at once. */
+  updateEgress(ref: string, change: EgressPolicy): Promise<EgressView> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/egress`, body: change });
   }
 
   /** What it uses now (docker stats). */

@@ -14,6 +14,11 @@
  *   ACK    both         u32 count: that many DATA bytes were written to the socket
  *   FIN    both         the sender's socket will send no more (a half-close)
  *   RST    both         the connection is gone (refused, reset, or aborted)
+ *   CONNECT guest->host payload u8 4, 4-byte IPv4 address, u16 port: a connection of the
+ *                       guest's own (egress.c redirected it here) to that destination; the
+ *                       host answers OPENED or RST. Its id has the top bit set (the host's do not)
+ *   DNS    both         a DNS query (guest->host, from a program of the guest's) or its
+ *                       answer (host->guest, same id)
  * Each side keeps at most DP_WINDOW unacknowledged bytes in flight per connection, so a slow
  * reader never makes the other side buffer without bound. The host end (aegisd) is trusted
  * no more than it must be: malformed or oversized frames end the connection they name.
@@ -43,13 +48,23 @@
 #define DP_HDR 9
 #define DP_PORT_BUF (4 * 1024 * 1024)
 
-enum { F_OPEN = 1, F_OPENED = 2, F_DATA = 3, F_ACK = 4, F_FIN = 5, F_RST = 6 };
+enum { F_OPEN = 1, F_OPENED = 2, F_DATA = 3, F_ACK = 4, F_FIN = 5, F_RST = 6, F_CONNECT = 7, F_DNS = 8 };
+
+/* Connections the guest opens (egress) are numbered from here; the host numbers below it. */
+#define DP_GUEST_IDS 0x80000000u
+/* A DNS message over UDP (EDNS allows 4096). */
+#define DP_DNS_MAX 4096
+/* Queries waiting for the host's answer; a slot unanswered this long is reused. */
+#define DP_DNS_SLOTS 64
+#define DP_DNS_WAIT_MS 10000
+/* connecting: 4 = a guest connection waiting for the host's OPENED or RST. */
+#define WAITING_HOST 4
 
 struct conn {
   uint32_t id;
   int fd;
   uint16_t port;
-  int connecting; /* 1: to 127.0.0.1, 2: to ::1 */
+  int connecting; /* 1: to 127.0.0.1, 2: to ::1, 3: the file service, WAITING_HOST */
   long long retry_at_ms;
   long long give_up_ms;
   int backoff_ms;
@@ -219,6 +234,78 @@ static int drain_out(struct conn *c) {
   return 0;
 }
 
+struct dns_slot {
+  int used;
+  long long sent_ms;
+  struct sockaddr_in from;
+};
+static struct dns_slot dns_slots[DP_DNS_SLOTS];
+static int dns_fd = -1;
+static uint32_t next_guest_id;
+
+/* A query from a program of the guest's: to the host, which resolves it under the policy. */
+static void dns_query(void) {
+  static unsigned char q[DP_DNS_MAX];
+  struct sockaddr_in from;
+  socklen_t fl = sizeof from;
+  ssize_t k = recvfrom(dns_fd, q, sizeof q, 0, (struct sockaddr *)&from, &fl);
+  if (k < 12 || fl != sizeof from || !room_for((size_t)k)) return;
+  long long now = now_ms();
+  for (uint32_t i = 0; i < DP_DNS_SLOTS; i++) {
+    struct dns_slot *s = &dns_slots[i];
+    if (s->used && now - s->sent_ms < DP_DNS_WAIT_MS) continue;
+    s->used = 1;
+    s->sent_ms = now;
+    s->from = from;
+    put_frame(DP_GUEST_IDS | i, F_DNS, q, (uint32_t)k);
+    return;
+  }
+  /* Every slot is waiting: the query is dropped and its program retries, as over a real link. */
+}
+
+static void dns_answer(uint32_t id, const unsigned char *p, uint32_t len) {
+  uint32_t i = id & ~DP_GUEST_IDS;
+  if (!(id & DP_GUEST_IDS) || i >= DP_DNS_SLOTS || !dns_slots[i].used || len > DP_DNS_MAX) return;
+  dns_slots[i].used = 0;
+  sendto(dns_fd, p, len, MSG_DONTWAIT, (struct sockaddr *)&dns_slots[i].from, sizeof dns_slots[i].from);
+}
+
+/* A program of the guest's connected somewhere: ask the host to connect it there. */
+static void egress_accept(int listen_fd) {
+  for (;;) {
+    int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;
+    struct sockaddr_in dst;
+    socklen_t dl = sizeof dst;
+    /* SO_ORIGINAL_DST (80): where the program meant to go, before the redirect. */
+    if (nconns >= DP_MAX_CONNS || !room_for(7) || getsockopt(fd, SOL_IP, 80, &dst, &dl) != 0 || dst.sin_family != AF_INET) {
+      struct linger l = {1, 0}; /* refused at once: a reset, not a hang */
+      setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+      close(fd);
+      continue;
+    }
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) {
+      close(fd);
+      continue;
+    }
+    do c->id = DP_GUEST_IDS | (next_guest_id++ & ~DP_GUEST_IDS);
+    while (find(c->id));
+    c->fd = fd;
+    c->connecting = WAITING_HOST;
+    /* As long as the host may take to connect (it gives up sooner). */
+    c->give_up_ms = c->retry_at_ms = now_ms() + DP_CONNECT_TIMEOUT_MS;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    conns[nconns++] = c;
+    unsigned char dest[7];
+    dest[0] = 4;
+    memcpy(dest + 1, &dst.sin_addr, 4);
+    memcpy(dest + 5, &dst.sin_port, 2); /* both already in network order */
+    put_frame(c->id, F_CONNECT, dest, 7);
+  }
+}
+
 static uint32_t be32(const unsigned char *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
 
 static void handle_frame(uint32_t id, uint8_t type, const unsigned char *p, uint32_t len) {
@@ -271,6 +358,12 @@ static void handle_frame(uint32_t id, uint8_t type, const unsigned char *p, uint
     case F_RST:
       if (c) drop(c, 0);
       return;
+    case F_OPENED:
+      if (c && c->connecting == WAITING_HOST && len == 0) c->connecting = 0;
+      return;
+    case F_DNS:
+      dns_answer(id, p, len);
+      return;
   }
 }
 
@@ -297,6 +390,7 @@ static void parse_input(void) {
 
 static void host_gone(void) {
   while (nconns > 0) drop(conns[0], 0);
+  memset(dns_slots, 0, sizeof dns_slots);
   in_len = out_len = out_off = 0;
 }
 
@@ -306,13 +400,22 @@ void *dataplane_main(void *arg) {
   inb = malloc(DP_PORT_BUF);
   outb = malloc(DP_PORT_BUF);
   if (!inb || !outb) return NULL;
-  static struct pollfd pfd[DP_MAX_CONNS + 1];
+  /* pfd[0]: the port; [1]: the egress listener; [2]: the DNS socket; then the connections. */
+  enum { FIXED = 3 };
+  static struct pollfd pfd[DP_MAX_CONNS + FIXED];
+  dns_fd = dp->dns_fd;
   static struct conn *polled[DP_MAX_CONNS];
   int host_away = 0;
   for (;;) {
     int accepting = port < 0 && dp->listen_fd >= 0; /* vsock: waiting for the host to connect */
     pfd[0].fd = accepting ? dp->listen_fd : host_away ? -1 : port;
     pfd[0].events = accepting ? POLLIN : (in_len < DP_PORT_BUF ? POLLIN : 0) | (out_len > out_off ? POLLOUT : 0);
+    /* New guest connections and queries only while the host is there to take them. */
+    int egress_open = !accepting && !host_away && room_for(DP_DNS_MAX);
+    pfd[1].fd = egress_open && nconns < DP_MAX_CONNS ? dp->egress_fd : -1;
+    pfd[1].events = POLLIN;
+    pfd[2].fd = egress_open ? dp->dns_fd : -1;
+    pfd[2].events = POLLIN;
     int n = 0;
     long long now = now_ms(), next_retry = -1;
     for (int i = 0; i < nconns; i++) {
@@ -325,19 +428,19 @@ void *dataplane_main(void *arg) {
       if (c->fd < 0) continue;
       if (c->connecting && (next_retry < 0 || c->retry_at_ms < next_retry)) next_retry = c->retry_at_ms;
       short ev = 0;
-      if (c->connecting || c->out_len > 0) ev |= POLLOUT;
+      if ((c->connecting && c->connecting != WAITING_HOST) || c->out_len > 0) ev |= POLLOUT;
       if (!c->connecting && !c->read_done && c->unacked < DP_WINDOW && room_for(DP_CHUNK)) ev |= POLLIN;
       polled[n] = c;
       /* Nothing wanted now (a full window, EOF already read): not polled at all, or a peer that
        * hung up would report POLLHUP on every pass and spin this loop until the host catches up. */
-      pfd[n + 1].fd = ev ? c->fd : -1;
-      pfd[n + 1].events = ev;
-      pfd[n + 1].revents = 0;
+      pfd[n + FIXED].fd = ev ? c->fd : -1;
+      pfd[n + FIXED].events = ev;
+      pfd[n + FIXED].revents = 0;
       n++;
     }
     /* With the host away the port reports POLLHUP continuously; look again in a while. */
     int timeout = host_away ? 20 : next_retry < 0 ? -1 : (int)(next_retry - now > 0 ? next_retry - now : 0);
-    int r = poll(pfd, (nfds_t)n + 1, timeout);
+    int r = poll(pfd, (nfds_t)n + FIXED, timeout);
     if (r < 0) {
       if (errno == EINTR) continue;
       return NULL;
@@ -377,7 +480,7 @@ void *dataplane_main(void *arg) {
     /* Sockets before new frames: the frames may drop connections polled[] still names. */
     for (int i = 0; i < n; i++) {
       struct conn *c = polled[i];
-      short re = pfd[i + 1].revents;
+      short re = pfd[i + FIXED].revents;
       if (!re) continue;
       if (c->connecting) {
         int err = 0;
@@ -419,5 +522,8 @@ void *dataplane_main(void *arg) {
       }
     }
     parse_input();
+    /* After the sockets: a new connection is appended to conns[], which polled[] mirrors. */
+    if (pfd[1].fd >= 0 && (pfd[1].revents & POLLIN)) egress_accept(dp->egress_fd);
+    if (pfd[2].fd >= 0 && (pfd[2].revents & POLLIN)) dns_query();
   }
 }

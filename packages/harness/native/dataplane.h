@@ -11,7 +11,21 @@
 struct dp_port {
   int fd;
   int listen_fd;
+  /* With aegis_egress=1 (egress.c): the listener every outgoing TCP connection is redirected
+   * to, and the UDP socket DNS queries are; -1 otherwise. */
+  int egress_fd;
+  int dns_fd;
 };
+
+/* Where nftables redirects the guest's outgoing TCP (127.0.0.1; a privileged port no program
+ * of the guest's is likely to want). */
+#define EGRESS_PORT 1
+/* egress.c: dummy0 becomes eth0 (aegis_net= then configures it as a real card would be). */
+int egress_rename_dummy(void);
+/* egress.c: loads the redirect and reject rules (nft, from our rootfs). */
+int egress_rules(const char *guest_addr);
+/* egress.c: opens the TCP listener and the DNS socket the rules redirect to. */
+int egress_listen(int *tcp_fd, int *dns_fd);
 
 /* Gives a file-service socket a send buffer of FILES_SNDBUF_BYTES, as the kernel counts it
  * (overhead included); anything but a socket is left alone. A unix stream socket queues no

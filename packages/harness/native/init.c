@@ -908,7 +908,21 @@ int main(int argc, char **argv) {
   setup_cgroups();
   loopback_up();
   const char *net = getenv("aegis_net");
+  /* aegis_egress=1: no network card; the host carries each connection (egress.c). */
+  const char *egress = getenv("aegis_egress");
+  int egress_on = net && egress && strcmp(egress, "1") == 0;
+  static struct dp_port data = {.fd = -1, .listen_fd = -1, .egress_fd = -1, .dns_fd = -1};
+  if (egress_on && egress_rename_dummy() != 0) say("egress: dummy0 -> eth0: %s", strerror(errno));
   if (net) network_up(net);
+  if (egress_on) {
+    char addr[64];
+    snprintf(addr, sizeof addr, "%s", net);
+    addr[strcspn(addr, "/,")] = '\0';
+    /* Without its rules or listeners the guest is offline, never unfiltered: the host only
+     * carries what the data plane asks it to. */
+    if (egress_rules(addr) != 0) say("egress: nft rules: %s", strerror(errno));
+    else if (egress_listen(&data.egress_fd, &data.dns_fd) != 0) say("egress: listen: %s", strerror(errno));
+  }
   const char *hostname = getenv("aegis_hostname");
   if (!hostname) hostname = "aegis";
   sethostname(hostname, strlen(hostname));
@@ -918,7 +932,6 @@ int main(int argc, char **argv) {
 
   mark("filesystems mounted");
   static struct relay relay;
-  static struct dp_port data = {.fd = -1, .listen_fd = -1};
   int sv[2];
   relay.listen_fd = -1;
   /* aegis_agent=vsock: the backend carries both channels over vsock (ports 1024 and 1025);

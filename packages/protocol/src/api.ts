@@ -20,6 +20,8 @@ export type PullEvent = ApiSchemas['PullEvent'];
 /** `user`: outbound network, host loopback unreachable. `none`: no network device. */
 export type NetworkMode = NonNullable<ApiSchemas['CreateInstanceRequest']['network']>;
 export type PortMapping = ApiSchemas['PortMapping'];
+export type EgressPolicy = ApiSchemas['EgressPolicy'];
+export type EgressView = ApiSchemas['EgressView'];
 export type CreateInstanceRequest = ApiSchemas['CreateInstanceRequest'];
 export type ExecRequest = ApiSchemas['ExecRequest'];
 export type Status = ApiSchemas['Status'];

@@ -17,12 +17,24 @@ export const FrameType = {
   FIN: 5,
   /** The connection is gone: refused, reset, or aborted. */
   RST: 6,
+  /**
+   * guest→host; payload u8 4, 4-byte IPv4 address, u16 port: a connection a program of the
+   * guest's opened (aegis-init redirected it to the data plane); the host connects it where the
+   * egress policy allows and answers OPENED, or refuses with RST. Its id has GUEST_IDS set.
+   */
+  CONNECT: 7,
+  /** Both ways: a DNS message, a query from the guest or the host's answer (same id). */
+  DNS: 8,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
 export const HEADER_BYTES = 9;
 export const MAX_PAYLOAD = 256 * 1024;
 export const WINDOW_BYTES = 1024 * 1024;
+/** Ids of connections (and DNS queries) the guest starts have this bit set; the host's never do. */
+export const GUEST_IDS = 0x80000000;
+/** The longest DNS message either side sends (EDNS over UDP allows 4096 bytes). */
+export const DNS_MAX_BYTES = 4096;
 /** Connections one channel carries at once (the guest end, dataplane.c, has as many slots). */
 export const MAX_CONNECTIONS = 1024;
 

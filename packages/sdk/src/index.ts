@@ -2,11 +2,13 @@ export {
   Sandbox,
   Commands,
   Files,
+  Egress,
   type SandboxOptions,
   type CommandOptions,
   type CommandResult,
   type CommandHandle,
   type FileInfo,
+  type EgressInfo,
 } from './sandbox.js';
 export {
   SandboxError,

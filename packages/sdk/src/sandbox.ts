@@ -16,8 +16,18 @@ export interface SandboxOptions {
   secrets?: string[];
   /** Guest ports reachable from the host (`getHost(port)`). */
   ports?: number[];
-  /** `user` (default): outbound network; `none`: no network device. */
-  network?: 'user' | 'none';
+  /**
+   * `user` (default): outbound TCP and DNS under the egress policy (public addresses only,
+   * unless `egress` says otherwise); `none`: no network; `unfiltered`: every address the host
+   * reaches, no policy.
+   */
+  network?: 'user' | 'none' | 'unfiltered';
+  /**
+   * Egress rules (network `user`): `allow` (any rule makes everything else denied) and `deny`
+   * (wins); each a name (`pypi.org`), `*.suffix`, IP or CIDR with an optional `:PORT`.
+   * Change them later with `sandbox.egress.allow()` / `.deny()`.
+   */
+  egress?: { allow?: string[]; deny?: string[] };
   memoryMiB?: number;
   vcpuCount?: number;
   /** A unique handle; default one is generated. */
@@ -245,9 +255,55 @@ function info(s: FileStat): FileInfo {
   };
 }
 
+/** A sandbox's egress policy and what it did (`sandbox.egress.show()`). */
+export interface EgressInfo {
+  network: 'user' | 'none' | 'unfiltered';
+  /** `default`: public addresses; `allow-list`: only what `allow` matches; `off`: no policy. */
+  mode: 'default' | 'allow-list' | 'off';
+  allow: string[];
+  deny: string[];
+  counters: Array<{ destination: string; allowed: number; denied: number; bytesOut: number; bytesIn: number }>;
+  log?: Array<{
+    timeMs: number;
+    kind: 'dns' | 'connect';
+    name?: string;
+    address?: string;
+    port?: number;
+    allowed: boolean;
+    reason: string;
+    bytesOut?: number;
+    bytesIn?: number;
+  }>;
+}
+
+/** A sandbox's egress policy, changed while it runs ("install, then lock"). */
+export class Egress {
+  /** @internal */
+  constructor(
+    private readonly client: AegisClient,
+    private readonly ref: string,
+  ) {}
+
+  /** The policy, per-destination counters and (with `log`) the latest decisions. */
+  show(options: { log?: boolean } = {}): Promise<EgressInfo> {
+    return wrap(() => this.client.instanceEgress(this.ref, options.log === true));
+  }
+
+  /** Allows these destinations from now on (the first allow rule makes everything else denied). */
+  allow(...patterns: string[]): Promise<EgressInfo> {
+    return wrap(() => this.client.updateEgress(this.ref, { allow: patterns }));
+  }
+
+  /** Denies these destinations from now on (wins over allow). */
+  deny(...patterns: string[]): Promise<EgressInfo> {
+    return wrap(() => this.client.updateEgress(this.ref, { deny: patterns }));
+  }
+}
+
 export class Sandbox {
   readonly commands: Commands;
   readonly files: Files;
+  readonly egress: Egress;
 
   private constructor(
     private readonly client: AegisClient,
@@ -255,6 +311,7 @@ export class Sandbox {
   ) {
     this.commands = new Commands(client, instance.id);
     this.files = new Files(client, instance.id);
+    this.egress = new Egress(client, instance.id);
   }
 
   /** The instance id (stable; `name` is the handle). */
@@ -279,6 +336,7 @@ export class Sandbox {
           ...(options.secrets ? { secrets: options.secrets } : {}),
           ...(options.ports ? { exposes: options.ports.map((guestPort) => ({ guestPort })) } : {}),
           ...(options.network ? { network: options.network } : {}),
+          ...(options.egress ? { egress: { allow: options.egress.allow ?? [], deny: options.egress.deny ?? [] } } : {}),
           ...(options.memoryMiB !== undefined ? { memoryMiB: options.memoryMiB } : {}),
           ...(options.vcpuCount !== undefined ? { vcpuCount: options.vcpuCount } : {}),
           ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),

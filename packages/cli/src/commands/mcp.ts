@@ -116,7 +116,24 @@ async function serve(options: { all?: boolean }): Promise<void> {
         image: z.string().optional().describe('OCI image reference, e.g. python:3.12 (default: a Debian base with python3)'),
         env: z.record(z.string(), z.string()).optional().describe('environment variables for every command'),
         ports: z.array(z.number().int().min(1).max(65535)).optional().describe('guest TCP ports to make reachable from the host'),
-        network: z.enum(['user', 'none']).optional().describe("'user' (default): outbound network; 'none': no network"),
+        network: z
+          .enum(['user', 'none'])
+          .optional()
+          .describe(
+            "'user' (default): outbound TCP and DNS to public addresses (private, LAN and metadata addresses refused); 'none': no network",
+          ),
+        egressAllow: z
+          .array(z.string().min(1).max(300))
+          .max(256)
+          .optional()
+          .describe(
+            'reach only these destinations: names (pypi.org), *.suffix, public IPs or CIDRs, optional :PORT; private ranges stay refused',
+          ),
+        egressDeny: z
+          .array(z.string().min(1).max(300))
+          .max(256)
+          .optional()
+          .describe('never reach these destinations (same patterns; wins over egressAllow)'),
         memoryMiB: z.number().int().min(128).max(65536).optional(),
         name: z.string().optional().describe('a unique name for it'),
         timeoutSeconds: z
@@ -134,6 +151,8 @@ async function serve(options: { all?: boolean }): Promise<void> {
         env?: Record<string, string>;
         ports?: number[];
         network?: 'user' | 'none';
+        egressAllow?: string[];
+        egressDeny?: string[];
         memoryMiB?: number;
         name?: string;
         timeoutSeconds?: number;
@@ -148,6 +167,10 @@ async function serve(options: { all?: boolean }): Promise<void> {
           ...(a.env ? { env: a.env } : {}),
           ...(a.ports ? { exposes: a.ports.map((guestPort) => ({ guestPort })) } : {}),
           ...(a.network ? { network: a.network } : {}),
+          // The agent writes these rules: they may narrow its reach, never open the host's LAN.
+          ...(a.network !== 'none'
+            ? { egress: { allow: a.egressAllow ?? [], deny: a.egressDeny ?? [], privateRanges: 'never' as const } }
+            : {}),
           ...(a.memoryMiB ? { memoryMiB: a.memoryMiB } : {}),
           ...(a.name ? { handle: a.name } : {}),
         });

@@ -8,10 +8,12 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError, type FreshParams } from '@aegis/protocol';
-import type { Backend, NetworkMode, Vm, VmVolume } from '@aegis/vmm';
+import type { NetworkMode } from '@aegis/protocol/api';
+import type { Backend, NetworkMode as VmNetwork, Vm, VmVolume } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { ResolvedImage } from '../images/service.js';
 import { isScratchDisk, makeScratchDisk, SCRATCH_DISK } from './disks.js';
+import { vmNetwork } from './network.js';
 import { existingDisk } from './spec.js';
 import type { MachineShape, Template, TemplateCache } from './templates.js';
 
@@ -88,11 +90,13 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
       ...(cloned ? { scratchDiskCloned: true } : {}),
       memoryMiB: shape.memoryMiB,
       vcpuCount: shape.vcpuCount,
-      network: shape.network,
       ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
       ...(volumes.length > 0 ? { volumes } : {}),
-      // A restored machine must match its template's exactly; it gets its name from `fresh`.
-      kernelArgs: template ? [] : [`aegis_hostname=${handle}`],
+      // A restored machine must match its template's exactly (its command line included); it
+      // gets its name from `fresh`.
+      ...(template
+        ? { network: vmNetwork(shape.network).network, kernelArgs: [] }
+        : withArgs(vmNetwork(shape.network), `aegis_hostname=${handle}`)),
       ...(template ? { restoreFrom: template.snapshot, snapshotMemory: { path: template.memory, access: 'map' as const } } : {}),
     },
     signal,
@@ -105,4 +109,8 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
     throw err;
   }
   return vm;
+}
+
+function withArgs(net: { network: VmNetwork; kernelArgs: string[] }, ...args: string[]): { network: VmNetwork; kernelArgs: string[] } {
+  return { network: net.network, kernelArgs: [...net.kernelArgs, ...args] };
 }

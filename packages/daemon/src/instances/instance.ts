@@ -17,7 +17,9 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { AegisError, type FileRequest, type PsResult } from '@aegis/protocol';
+import type { EgressPolicy, EgressView } from '@aegis/protocol/api';
 import type { Vm } from '@aegis/vmm';
+import { Egress } from '../egress/egress.js';
 import type { InstanceRow } from '../registry/db.js';
 import { PortForwarder } from '../ports/forwarder.js';
 import type { AgentConnection } from './agent.js';
@@ -61,7 +63,7 @@ export class Instance extends InstanceOwner {
         requireState(row.handle, row.state, ['stopped', 'failed'], 'restart');
         const secretEnv = this.s.secrets.resolve(row.spec.secrets);
         const image = row.image ? this.s.images.resolveDigest(row.image.digest) : undefined;
-        if (row.network === 'user' && !this.s.networkModes.includes('user')) {
+        if (!this.s.networkModes.includes(row.network)) {
           throw new AegisError('UNSUPPORTED', `the ${this.s.backend.name} backend cannot give this instance its network here`);
         }
         await this.s.mounts.recheck(row.volumes);
@@ -218,6 +220,7 @@ export class Instance extends InstanceOwner {
           this.idle.touch();
           if (fromHost && live.paused) void this.wake('a connection').catch(() => undefined);
         },
+        egress: this.egressFor(this.row()),
       },
     );
   }
@@ -392,6 +395,36 @@ export class Instance extends InstanceOwner {
   }
 
   /** What the instance costs and uses (`docker stats`); the guest's own figures are absent while paused. */
+  /** The guest's egress policy and what it did (a `user`-network instance's; made from its row once). */
+  private egressState: Egress | undefined;
+  private egressFor(row: InstanceRow): Egress | undefined {
+    if (row.network !== 'user') return undefined;
+    this.egressState ??= new Egress(row.spec.egress ?? { allow: [], deny: [] });
+    return this.egressState;
+  }
+
+  egress(withLog: boolean): EgressView {
+    const row = this.row();
+    const e = this.egressFor(row);
+    if (!e) return { network: row.network, mode: 'off', allow: [], deny: [], counters: [] };
+    return { network: row.network, ...e.view(withLog) };
+  }
+
+  /** Adds rules (for new connections and queries at once), kept for restarts and a restarted aegisd. */
+  updateEgress(change: EgressPolicy): EgressView {
+    const row = this.row();
+    const e = this.egressFor(row);
+    if (!e) {
+      throw new AegisError(
+        'FAILED_PRECONDITION',
+        `instance "${row.handle}" has network ${row.network}: egress rules need the default network (user)`,
+      );
+    }
+    const spec = e.update(change);
+    this.s.registry.setInstanceSpec(this.id, { ...this.row().spec, egress: spec });
+    return this.egress(false);
+  }
+
   async stats(): Promise<InstanceStats> {
     const row = this.row();
     requireState(row.handle, row.state, ['running', 'paused'], 'measure');

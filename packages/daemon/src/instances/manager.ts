@@ -13,7 +13,10 @@ import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
-import type { Backend, NetworkMode, VolumeKind } from '@aegis/vmm';
+import type { NetworkMode } from '@aegis/protocol/api';
+import type { Backend, NetworkMode as VmNetwork, VolumeKind } from '@aegis/vmm';
+import { parseRules } from '../egress/rules.js';
+import { networkModes } from './network.js';
 import type { DaemonConfig } from '../config.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
 import type { Logger } from '../log.js';
@@ -47,6 +50,7 @@ export class InstanceManager {
   /** The owner of each instance this daemon has touched, by id; an owner leaves once its instance is removed. */
   private readonly owners = new Map<string, Instance>();
   private readonly services: InstanceServices;
+  private readonly networkModes: readonly NetworkMode[];
   private readonly pool: WarmPool | undefined;
 
   constructor(
@@ -57,14 +61,15 @@ export class InstanceManager {
     private readonly secrets: SecretStore,
     templates: TemplateCache,
     /** What the backend can give a guest (its probe's capabilities). */
-    private readonly networkModes: readonly NetworkMode[],
+    backendNetworks: readonly VmNetwork[],
     private readonly images: ImageService,
     readonly volumes: VolumeService = new VolumeService(path.join(config.home, 'volumes'), registry, log),
     /** What kinds of volume the backend can attach (its probe's capabilities). */
     volumeKinds: readonly VolumeKind[] = ['disk', 'share'],
   ) {
     const mounts = new HostMounts(config, volumes, backend.name, volumeKinds);
-    this.services = { config, registry, backend, log, secrets, templates, images, volumes, mounts, networkModes };
+    this.networkModes = networkModes(backendNetworks);
+    this.services = { config, registry, backend, log, secrets, templates, images, volumes, mounts, networkModes: this.networkModes };
     // Pooled VMs are restored from templates: no templates, no pool.
     if (config.poolSize > 0 && templates.enabled) {
       this.pool = new WarmPool({
@@ -105,9 +110,9 @@ export class InstanceManager {
     return machineShape(this.config, this.config.defaultMemoryMiB, this.config.defaultVcpuCount, this.defaultNetwork(), undefined);
   }
 
-  /** Outbound network unless the backend cannot provide it (then the guest is offline). */
+  /** Outbound network under the egress policy: every backend can carry it (its data channel). */
   private defaultNetwork(): NetworkMode {
-    return this.networkModes.includes('user') ? 'user' : 'none';
+    return 'user';
   }
 
   /** The handle of a live instance running the image `digest`, if any (`image rm` asks). */
@@ -151,6 +156,12 @@ export class InstanceManager {
         `the ${this.backend.name} backend cannot give a guest network "${req.network}" here (aegis doctor)`,
       );
     }
+    const network = req.network ?? this.defaultNetwork();
+    if (req.egress && network !== 'user') {
+      throw new AegisError('INVALID_ARGUMENT', `egress rules need the default network (user); this instance's is ${network}`);
+    }
+    parseRules(req.egress?.allow ?? [], 'allow');
+    parseRules(req.egress?.deny ?? [], 'deny');
     await this.afterLeaving(req);
     // Host directories checked and named volumes made (as Docker does) before anything binds.
     const mounts = await this.services.mounts.prepare(req.volumes ?? []);
@@ -256,6 +267,15 @@ export class InstanceManager {
         ...(timeoutMs > 0 ? { timeoutMs, deadlineAtMs: Date.now() + timeoutMs } : {}),
         ...(req.autoRemove ? { autoRemove: true } : {}),
         ...(idlePauseMs > 0 ? { idlePauseMs } : {}),
+        ...(req.egress && (req.egress.allow?.length || req.egress.deny?.length || req.egress.privateRanges === 'never')
+          ? {
+              egress: {
+                allow: req.egress.allow ?? [],
+                deny: req.egress.deny ?? [],
+                ...(req.egress.privateRanges === 'never' ? { privateRanges: 'never' as const } : {}),
+              },
+            }
+          : {}),
       },
       volumes: mounts,
     };

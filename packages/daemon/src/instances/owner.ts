@@ -7,7 +7,8 @@
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError, exitStatus, type ExitEvent, type FileRequest } from '@aegis/protocol';
-import type { Backend, NetworkMode, VmExit } from '@aegis/vmm';
+import type { NetworkMode } from '@aegis/protocol/api';
+import type { Backend, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { Logger } from '../log.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
@@ -37,7 +38,7 @@ export interface InstanceServices {
   images: ImageService;
   volumes: VolumeService;
   mounts: HostMounts;
-  /** What the backend can give a guest (its probe's capabilities). */
+  /** The network modes an instance can have here (instances/network.ts). */
   networkModes: readonly NetworkMode[];
 }
 

@@ -28,7 +28,9 @@ import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, promises as fs, readlinkSync } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
-import { processAlive, type Backend, type NetworkMode, type Probe, type StrayProcess, type Vm } from '@aegis/vmm';
+import type { NetworkMode } from '@aegis/protocol/api';
+import { processAlive, type Backend, type Probe, type StrayProcess, type Vm } from '@aegis/vmm';
+import { vmNetwork } from './network.js';
 import type { Logger } from '../log.js';
 import { AgentConnection } from './agent.js';
 import { makeScratchDisk } from './disks.js';
@@ -259,9 +261,8 @@ export class TemplateCache {
           scratchDiskPath: scratch,
           memoryMiB: shape.memoryMiB,
           vcpuCount: shape.vcpuCount,
-          network: shape.network,
+          ...vmNetwork(shape.network),
           ...(shape.imageDiskPath ? { imageDiskPath: shape.imageDiskPath } : {}),
-          kernelArgs: [],
           snapshotMemory: { path: path.join(work, 'memory'), access: 'write' },
         },
         signal,

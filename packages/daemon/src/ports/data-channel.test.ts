@@ -8,7 +8,17 @@ import os from 'node:os';
 import path from 'node:path';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { encodeFrame, frameHeader, FrameDecoder, FrameType, HEADER_BYTES, MAX_PAYLOAD, WINDOW_BYTES, type Frame } from '@aegis/protocol';
+import {
+  encodeFrame,
+  frameHeader,
+  FrameDecoder,
+  FrameType,
+  GUEST_IDS,
+  HEADER_BYTES,
+  MAX_PAYLOAD,
+  WINDOW_BYTES,
+  type Frame,
+} from '@aegis/protocol';
 import type { Logger } from '../log.js';
 import { DataChannel, type DataChannelOptions } from './data-channel.js';
 
@@ -253,7 +263,7 @@ describe('DataChannel', () => {
   });
 
   it('a frame type the guest may not send (unknown, or OPEN) closes the channel with one logged violation', async () => {
-    for (const type of [0, 7, 255, FrameType.OPEN]) {
+    for (const type of [0, 9, 255, FrameType.OPEN]) {
       const r = await rig();
       r.channel.forward(r.accepted, 80);
       await until(() => r.frames.length >= 1, 'OPEN');
@@ -320,5 +330,76 @@ describe('DataChannel', () => {
       for (const c of clients) c.destroy();
       tcp.close();
     }
+  });
+});
+
+describe("DataChannel: the guest's own connections and DNS (egress)", () => {
+  const connectFrame = (id: number, address: string, port: number): Buffer => {
+    const p = Buffer.alloc(7);
+    p[0] = 4;
+    address.split('.').forEach((b, i) => (p[1 + i] = Number(b)));
+    p.writeUInt16BE(port, 5);
+    return encodeFrame(id, FrameType.CONNECT, p);
+  };
+
+  it('carries a guest CONNECT where the handler connects it, after its first bytes pass inspection', async () => {
+    const upstream = net.createServer((s) => s.on('data', (d) => s.end(`echo:${d.toString()}`)));
+    await new Promise<void>((r) => upstream.listen(0, '127.0.0.1', r));
+    const port = (upstream.address() as net.AddressInfo).port;
+    const seen: string[] = [];
+    const r = await rig({
+      egress: {
+        connect: async (dest) => {
+          seen.push(`${dest.address}:${dest.port}`);
+          const socket = net.connect(port, '127.0.0.1');
+          await new Promise((res) => socket.once('connect', res));
+          return { socket, inspect: (head) => (head.length < 4 ? 'more' : head.toString().startsWith('good') ? 'ok' : { deny: 'bad' }) };
+        },
+        dns: () => Promise.resolve(undefined),
+      },
+    });
+    const id = GUEST_IDS + 7;
+    r.guest.write(connectFrame(id, '203.0.113.9', 443));
+    await until(() => r.frames.some((f) => f.connId === id && f.type === FrameType.OPENED), 'OPENED');
+    expect(seen).toEqual(['203.0.113.9:443']);
+    // Two bytes are not enough to decide: nothing reaches upstream yet, then the rest passes.
+    r.guest.write(encodeFrame(id, FrameType.DATA, Buffer.from('go')));
+    r.guest.write(encodeFrame(id, FrameType.DATA, Buffer.from('od')));
+    await until(
+      () =>
+        Buffer.concat(r.frames.filter((f) => f.connId === id && f.type === FrameType.DATA).map((f) => f.payload)).toString() ===
+        'echo:good',
+      'the echo',
+    );
+
+    // A connection whose first bytes are refused is reset, and upstream never sees them.
+    const id2 = GUEST_IDS + 8;
+    r.guest.write(connectFrame(id2, '203.0.113.9', 443));
+    await until(() => r.frames.some((f) => f.connId === id2 && f.type === FrameType.OPENED), 'OPENED 2');
+    r.guest.write(encodeFrame(id2, FrameType.DATA, Buffer.from('evil!')));
+    await until(() => r.frames.some((f) => f.connId === id2 && f.type === FrameType.RST), 'RST');
+    expect(r.frames.some((f) => f.connId === id2 && f.type === FrameType.DATA)).toBe(false);
+    upstream.close();
+  });
+
+  it('refuses a CONNECT the handler declines (or with no handler) with RST, and answers DNS with the same id', async () => {
+    const r = await rig({
+      egress: { connect: () => Promise.resolve(undefined), dns: (q) => Promise.resolve(Buffer.concat([Buffer.from('A:'), q])) },
+    });
+    r.guest.write(connectFrame(GUEST_IDS + 1, '10.0.0.1', 80));
+    r.guest.write(encodeFrame(GUEST_IDS + 3, FrameType.DNS, Buffer.from('query')));
+    await until(() => r.frames.some((f) => f.connId === GUEST_IDS + 1 && f.type === FrameType.RST), 'RST');
+    await until(() => r.frames.some((f) => f.connId === GUEST_IDS + 3 && f.type === FrameType.DNS), 'DNS answer');
+    expect(r.frames.find((f) => f.type === FrameType.DNS)?.payload.toString()).toBe('A:query');
+    const bare = await rig();
+    bare.guest.write(connectFrame(GUEST_IDS + 1, '10.0.0.1', 80));
+    await until(() => bare.frames.some((f) => f.type === FrameType.RST), 'RST without a handler');
+  });
+
+  it('treats a CONNECT with a host id, or a malformed one, as a protocol violation', async () => {
+    const r = await rig({ egress: { connect: () => Promise.resolve(undefined), dns: () => Promise.resolve(undefined) } });
+    r.guest.write(connectFrame(5, '10.0.0.1', 80));
+    await until(() => r.channel.isClosed, 'the channel closed');
+    expect(r.logged.join('\n')).toMatch(/malformed CONNECT/);
   });
 });

@@ -16,7 +16,17 @@
  * device whose driver broke the rules: a guest that does this is broken or hostile).
  */
 import type { Duplex } from 'node:stream';
-import { frameHeader, FrameDecoder, FrameType, MAX_CONNECTIONS, MAX_PAYLOAD, WINDOW_BYTES, type Frame } from '@aegis/protocol';
+import {
+  DNS_MAX_BYTES,
+  frameHeader,
+  FrameDecoder,
+  FrameType,
+  GUEST_IDS,
+  MAX_CONNECTIONS,
+  MAX_PAYLOAD,
+  WINDOW_BYTES,
+  type Frame,
+} from '@aegis/protocol';
 import { stderrLogger, type Logger } from '../log.js';
 
 /** As patient as a TCP connect: a guest server with a short accept queue leaves SYNs to be retried. */
@@ -36,13 +46,49 @@ function guestFrameLimit(type: number): number {
     case FrameType.FIN:
     case FrameType.RST:
       return 0;
+    case FrameType.CONNECT:
+      return 7;
+    case FrameType.DNS:
+      return DNS_MAX_BYTES;
     default:
       return -1; // OPEN goes host → guest only; anything else is no frame at all
   }
 }
 
 /** A TCP client's socket, or one end of a duplexPair (a file transfer of the daemon's own). */
-type ConnSocket = Duplex & { setNoDelay?: (noDelay: boolean) => unknown };
+export type ConnSocket = Duplex & { setNoDelay?: (noDelay: boolean) => unknown };
+
+/** Where a connection of the guest's own was headed (SO_ORIGINAL_DST in the guest). */
+export interface GuestDestination {
+  address: string;
+  port: number;
+}
+
+/**
+ * What a guest connection's first bytes decide: `more` (not enough yet), `ok` (carry it), or a
+ * reason to refuse it (a TLS server name or HTTP host the policy does not allow).
+ */
+export type FirstBytesVerdict = 'more' | 'ok' | { deny: string };
+
+/** A guest connection the egress policy let through, connected to where it was headed. */
+export interface EgressConnection {
+  socket: ConnSocket;
+  /** Checks the guest's first bytes before any reach `socket` (they are held, within the window, until it decides). */
+  inspect?: (head: Buffer, ended: boolean) => FirstBytesVerdict;
+}
+
+/** The host side of the guest's own network traffic (the egress policy, instances/egress). */
+export interface EgressHandler {
+  /** Resolves with the connection, or undefined to refuse it (the guest's program sees a reset). */
+  connect(dest: GuestDestination): Promise<EgressConnection | undefined>;
+  /** Answers a DNS query (undefined: no answer; the guest's resolver retries or gives up). */
+  dns(query: Buffer): Promise<Buffer | undefined>;
+}
+
+/** The most DNS queries of one guest answered at once (the guest keeps as many slots). */
+const MAX_DNS_IN_FLIGHT = 64;
+/** The most of a guest connection's first bytes held for `inspect` (a TLS ClientHello fits well within). */
+const INSPECT_MAX_BYTES = 16 * 1024;
 
 interface Conn {
   socket: ConnSocket;
@@ -59,6 +105,10 @@ interface Conn {
   ackable: number;
   /** The socket's write() said false: no ACKs and no more writes until 'drain'. */
   blocked: boolean;
+  /** A guest connection whose first bytes are still being checked (EgressConnection.inspect). */
+  inspect: EgressConnection['inspect'];
+  /** What arrived while inspecting. */
+  head: Buffer[];
   /** DATA that arrived while blocked, coalesced; `tail` is the last buffer, `tailLen` its fill. */
   backlog: Buffer[];
   tail: Buffer | undefined;
@@ -73,6 +123,8 @@ export interface DataChannelOptions {
   maxConnections?: number;
   /** Bytes went through a connection: from the host's socket (`fromHost`) or from the guest. */
   onTraffic?: (fromHost: boolean) => void;
+  /** Carries the guest's own connections and DNS; without it every CONNECT is refused. */
+  egress?: EgressHandler;
 }
 
 export class DataChannel {
@@ -82,6 +134,11 @@ export class DataChannel {
   private readonly name: string;
   private readonly maxConnections: number;
   private readonly onTraffic: ((fromHost: boolean) => void) | undefined;
+  private readonly egress: EgressHandler | undefined;
+  /** Guest connections the egress handler is still deciding (a RST from the guest cancels). */
+  private readonly pending = new Set<number>();
+  private dnsInFlight = 0;
+  private readonly closeListeners: Array<() => void> = [];
   private nextId = 1;
   private closed = false;
   /** The connection limit is logged once per channel: a client retrying at it would flood the log. */
@@ -97,6 +154,7 @@ export class DataChannel {
     this.name = options.name ?? 'data channel';
     this.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
     this.onTraffic = options.onTraffic;
+    this.egress = options.egress;
     stream.on('data', (chunk: Buffer) => {
       if (this.closed) return;
       let frames: Frame[];
@@ -116,6 +174,12 @@ export class DataChannel {
 
   get isClosed(): boolean {
     return this.closed;
+  }
+
+  /** Runs `fn` once the channel has closed (at once if it has). */
+  onClose(fn: () => void): void {
+    if (this.closed) return fn();
+    this.closeListeners.push(fn);
   }
 
   /**
@@ -145,9 +209,18 @@ export class DataChannel {
       return void socket.destroy();
     }
     const id = this.allocateId();
+    const c = this.register(id, socket, false);
+    c.timer = setTimeout(() => socket.destroy(), openTimeoutMs);
+    const port = Buffer.alloc(2);
+    port.writeUInt16BE(guestPort);
+    this.send(id, FrameType.OPEN, port);
+  }
+
+  /** A connection's state, and its socket's events wired to frames. */
+  private register(id: number, socket: ConnSocket, opened: boolean, inspect?: EgressConnection['inspect']): Conn {
     const c: Conn = {
       socket,
-      opened: false,
+      opened,
       unacked: 0,
       paused: false,
       sentFin: false,
@@ -156,6 +229,8 @@ export class DataChannel {
       held: 0,
       ackable: 0,
       blocked: false,
+      inspect,
+      head: [],
       backlog: [],
       tail: undefined,
       tailLen: 0,
@@ -183,28 +258,32 @@ export class DataChannel {
       this.send(id, FrameType.FIN);
       this.finishIfDone(id, c);
     });
-    c.timer = setTimeout(() => socket.destroy(), openTimeoutMs);
-    const port = Buffer.alloc(2);
-    port.writeUInt16BE(guestPort);
-    this.send(id, FrameType.OPEN, port);
+    return c;
   }
 
-  /** The next id no open connection uses (ids wrap after 2^32 - 1; 0 is never used). */
+  /** The next id no open connection uses (ids wrap below GUEST_IDS; 0 is never used). */
   private allocateId(): number {
     for (;;) {
       const id = this.nextId;
-      this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
+      this.nextId = this.nextId >= GUEST_IDS - 1 ? 1 : this.nextId + 1;
       if (!this.conns.has(id)) return id;
     }
   }
 
   private onFrame(f: Frame): void {
     // Types and lengths were checked by the decoder (guestFrameLimit).
+    if (f.type === FrameType.CONNECT) return this.onConnect(f.connId, f.payload);
+    if (f.type === FrameType.DNS) return this.onDns(f.connId, f.payload);
     const c = this.conns.get(f.connId);
-    if (!c) return; // ended here already (RST crossed in flight), or never ours: nothing to do
+    if (!c) {
+      // A guest connection still being decided, given up on by the guest.
+      if (f.type === FrameType.RST) this.pending.delete(f.connId);
+      return; // ended here already (RST crossed in flight), or never ours: nothing to do
+    }
     switch (f.type) {
       case FrameType.OPENED:
-        if (c.opened) return this.violation(`a second OPENED for connection ${f.connId}`);
+        if (c.opened)
+          return this.violation(`${f.connId >= GUEST_IDS ? "OPENED for the guest's own" : 'a second OPENED for'} connection ${f.connId}`);
         c.opened = true;
         clearTimeout(c.timer);
         c.socket.setNoDelay?.(true);
@@ -226,6 +305,10 @@ export class DataChannel {
       case FrameType.FIN:
         if (!c.opened || c.gotFin) return this.violation(`FIN for connection ${f.connId} ${c.gotFin ? 'twice' : 'before OPENED'}`);
         c.gotFin = true;
+        if (c.inspect) {
+          this.inspectHead(f.connId, c, true);
+          if (this.conns.get(f.connId) !== c) return;
+        }
         // After what is still queued for the client: end() follows every write before it.
         this.flushBacklog(f.connId, c);
         c.socket.end();
@@ -251,8 +334,76 @@ export class DataChannel {
     c.held += n;
     this.heldTotal += n;
     this.onTraffic?.(false);
+    if (c.inspect) {
+      c.head.push(payload);
+      return this.inspectHead(id, c, false);
+    }
     if (c.blocked) this.appendBacklog(c, payload);
     else this.writeToClient(id, c, payload); // a view into a chunk the channel handed us: nothing else writes to it
+  }
+
+  /**
+   * A CONNECT from the guest: one of its programs connected somewhere. The egress handler
+   * decides (and connects) while the guest's program waits; a refusal is a RST.
+   */
+  private onConnect(id: number, dest: Buffer): void {
+    if (id < GUEST_IDS || dest.length !== 7 || dest[0] !== 4) return this.violation(`a malformed CONNECT (id ${id}, ${dest.length} bytes)`);
+    if (this.conns.has(id) || this.pending.has(id)) return this.violation(`CONNECT for connection ${id}, which is open`);
+    const egress = this.egress;
+    if (!egress || this.conns.size + this.pending.size >= this.maxConnections) return this.send(id, FrameType.RST);
+    const to: GuestDestination = { address: `${dest[1]}.${dest[2]}.${dest[3]}.${dest[4]}`, port: dest.readUInt16BE(5) };
+    this.pending.add(id);
+    const refuse = (): void => {
+      if (!this.pending.delete(id)) return;
+      this.send(id, FrameType.RST);
+    };
+    egress.connect(to).then(
+      (conn) => {
+        if (!conn) return refuse();
+        if (!this.pending.delete(id) || this.closed) return void conn.socket.destroy();
+        this.register(id, conn.socket, true, conn.inspect);
+        conn.socket.setNoDelay?.(true);
+        this.send(id, FrameType.OPENED);
+      },
+      (err: unknown) => {
+        this.log.warn(`${this.name}: egress to ${to.address}:${to.port}: ${(err as Error).message}`);
+        refuse();
+      },
+    );
+  }
+
+  private onDns(id: number, query: Buffer): void {
+    if (id < GUEST_IDS) return this.violation(`a DNS query with id ${id}`);
+    const egress = this.egress;
+    if (!egress || this.dnsInFlight >= MAX_DNS_IN_FLIGHT) return; // dropped, as a busy link drops; the resolver retries
+    this.dnsInFlight++;
+    egress
+      .dns(query)
+      .catch(() => undefined)
+      .then((answer) => {
+        this.dnsInFlight--;
+        if (answer && answer.length <= DNS_MAX_BYTES) this.send(id, FrameType.DNS, answer);
+      })
+      .catch(() => undefined);
+  }
+
+  /** The guest's first bytes on a connection: carried once `inspect` says so, refused if it does not. */
+  private inspectHead(id: number, c: Conn, ended: boolean): void {
+    const inspect = c.inspect;
+    if (!inspect) return;
+    const head = Buffer.concat(c.head);
+    let verdict = head.length > INSPECT_MAX_BYTES ? { deny: `${head.length} bytes without a decision` } : inspect(head, ended);
+    if (verdict === 'more' && ended) verdict = { deny: 'the connection ended before the policy could decide' };
+    if (verdict === 'more') return;
+    c.inspect = undefined;
+    c.head = [];
+    if (verdict !== 'ok') {
+      this.forget(id);
+      this.send(id, FrameType.RST);
+      c.socket.destroy();
+      return;
+    }
+    this.writeToClient(id, c, head);
   }
 
   /** Writes to the client; when its write() says false, ACKs stop until 'drain'. */
@@ -356,6 +507,8 @@ export class DataChannel {
       this.forget(id);
       c.socket.destroy();
     }
+    this.pending.clear();
+    for (const fn of this.closeListeners.splice(0)) fn();
     this.stream.destroy();
   }
 }

@@ -8,7 +8,7 @@ import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
 import type { ApiSchemas } from '@aegis/protocol/api';
-import { DataChannel } from './data-channel.js';
+import { DataChannel, type EgressHandler } from './data-channel.js';
 import { duplexPair } from './duplex-pair.js';
 
 /** A forwarded port as the API shows it; `hostPort` 0 on request means any free port (the chosen one is recorded). */
@@ -23,6 +23,8 @@ export interface ForwardHooks {
   admit?: () => Promise<void>;
   /** Bytes went through a connection, the host's (`fromHost`) or the guest's. */
   traffic?: (fromHost: boolean) => void;
+  /** The guest's own connections and DNS (a `user`-network instance): the channel is then opened at once, and again if it closes. */
+  egress?: EgressHandler;
 }
 
 export class PortForwarder {
@@ -97,6 +99,19 @@ export class PortForwarder {
       if (!m) return;
       server.on('connection', (socket: net.Socket) => void this.forward(socket, m.guestPort));
     });
+    if (hooks.egress) this.keepOpen();
+  }
+
+  /**
+   * The guest may start a connection at any time, so a policy-carrying channel is connected at
+   * once and reconnected if it closes while the VM runs (as after an aegisd restart).
+   */
+  private keepOpen(): void {
+    if (this.closed) return;
+    this.dataChannel().then(
+      (ch) => ch.onClose(() => setTimeout(() => this.keepOpen(), 100)),
+      () => setTimeout(() => this.keepOpen(), 500),
+    );
   }
 
   private async forward(socket: net.Socket, guestPort: number): Promise<void> {
@@ -129,7 +144,10 @@ export class PortForwarder {
       const connect = this.connect;
       if (!connect) return Promise.reject(new AegisError('UNAVAILABLE', 'not serving yet'));
       const pending = connect().then((stream) => {
-        const ch = new DataChannel(stream, { onTraffic: (fromHost) => this.hooks.traffic?.(fromHost) });
+        const ch = new DataChannel(stream, {
+          onTraffic: (fromHost) => this.hooks.traffic?.(fromHost),
+          ...(this.hooks.egress ? { egress: this.hooks.egress } : {}),
+        });
         stream.once('close', () => {
           if (this.channel === pending) this.channel = undefined;
         });

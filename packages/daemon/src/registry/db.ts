@@ -6,7 +6,7 @@ import { chmodSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import { AegisError } from '@aegis/protocol';
 import type { InstanceState } from '../instances/state.js';
-import type { NetworkMode } from '@aegis/vmm';
+import type { NetworkMode } from '@aegis/protocol/api';
 import type { PortMapping } from '../ports/forwarder.js';
 import type { VolumeMount } from '../volumes/mounts.js';
 
@@ -135,6 +135,8 @@ export interface InstanceSpec {
   autoRemove?: boolean;
   /** `--idle-pause`: paused after this long unused, woken by the next use (instances/idle.ts). */
   idlePauseMs?: number;
+  /** `--egress-allow` / `--egress-deny`, with what `egress allow|deny` added while it ran. */
+  egress?: { allow: string[]; deny: string[]; privateRanges?: 'named' | 'never' };
 }
 
 /** The image an instance runs: the digest pins it; the reference is how the user named it. */
@@ -196,7 +198,7 @@ function fromRaw(r: RawRow): InstanceRow {
     startedAt: r.started_at,
     stoppedAt: r.stopped_at,
     ports: JSON.parse(r.ports) as PortMapping[],
-    network: r.network === 'user' ? 'user' : 'none',
+    network: r.network === 'user' || r.network === 'unfiltered' ? r.network : 'none',
     image: r.image === null ? null : (JSON.parse(r.image) as InstanceImage),
     spec: { env: {}, secrets: [], ...(JSON.parse(r.spec) as Partial<InstanceSpec>) },
     volumes: JSON.parse(r.volumes) as VolumeMount[],

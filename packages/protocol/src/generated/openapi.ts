@@ -298,6 +298,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/instances/{ref}/egress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Instance handle, id, or unique id prefix */
+                ref: string;
+            };
+            cookie?: never;
+        };
+        /** The instance's egress policy, per-destination counters and (with log=1) its latest decisions */
+        get: operations["instanceEgress"];
+        put?: never;
+        /** Adds allow or deny rules to a `user`-network instance; new connections and queries follow them at once */
+        post: operations["updateEgress"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/instances/{ref}/files": {
         parameters: {
             query: {
@@ -716,10 +737,10 @@ export interface components {
             /** @description Host ports forwarded into the guest over the agent channel; a guest server bound to 0.0.0.0 or 127.0.0.1 is reachable. Bound before the VM boots. */
             exposes?: components["schemas"]["ExposeRequest"][];
             /**
-             * @description `user` (default): outbound TCP/UDP and DNS through a user-mode network stack; the host's loopback is not reachable from the guest. `none`: no network device, only `lo`.
+             * @description `user` (default): outbound TCP and DNS carried by aegisd under the instance's egress policy (`egress`; with none, public addresses only: loopback, private, link-local, CGNAT, ULA, multicast and the host's own addresses refused). `none`: no network, only `lo`. `unfiltered`: the backend's user-mode network stack (passt) with no egress policy: every address the host reaches, UDP too, except the host's loopback.
              * @enum {string}
              */
-            network?: "user" | "none";
+            network?: "user" | "none" | "unfiltered";
             /** @description An OCI image reference (`python:3.12`, `registry:5000/team/tools:1.2`, `…@sha256:…`) or a stored image's digest. Pulled first when this host does not have it. Its Env, WorkingDir and User apply; `command` then replaces its Cmd (its Entrypoint stays) and may be omitted. */
             image?: string;
             /** @description Who the process runs as, as Docker's --user: `name`, `uid`, `name:group` or `uid:gid`, resolved in the guest's (or the image's) /etc/passwd and /etc/group. Default: the image's User, else root. */
@@ -735,6 +756,7 @@ export interface components {
             volumes?: components["schemas"]["VolumeMount"][];
             /** @description Idle pause: after this many ms with no exec in progress, no output, no files call and no byte through an exposed port, the instance is paused (no CPU; state `paused`, `idlePaused: true`, the reason in `stateReason`). The next exec, logs follow, files call, new connection to an exposed port or bytes from the host on an open one resumes it first; the caller waits. 0: never; otherwise at least 1000. Default: the daemon's (AEGIS_IDLE_PAUSE, off unless set). Kept across restarts. */
             idlePauseMs?: number;
+            egress?: components["schemas"]["EgressPolicy"];
         };
         StopRequest: {
             timeoutMs?: number;
@@ -771,7 +793,7 @@ export interface components {
             backend?: string;
             ports: components["schemas"]["PortMapping"][];
             /** @enum {string} */
-            network: "user" | "none";
+            network: "user" | "none" | "unfiltered";
             /** @description The image's reference as given (canonical), or its digest */
             image?: string;
             imageDigest?: string;
@@ -790,6 +812,7 @@ export interface components {
             idlePauseMs?: number;
             /** @description True while it is paused because nobody used it: the next use wakes it. A user's pause has no such mark and is never woken by use */
             idlePaused?: boolean;
+            egress?: components["schemas"]["EgressPolicy"];
         };
         InstanceList: {
             instances: components["schemas"]["Instance"][];
@@ -1099,6 +1122,53 @@ export interface components {
         };
         VolumeList: {
             volumes: components["schemas"]["Volume"][];
+        };
+        /** @description Egress rules of a `user`-network instance. PATTERN: a name (`pypi.org`), a suffix (`*.pythonhosted.org`), an IP or CIDR (`10.0.0.5`, `10.0.0.0/8`), each with an optional `:PORT`. */
+        EgressPolicy: {
+            /** @description Only these destinations (any rule makes everything else denied); an address or name given here may be in a range refused by default */
+            allow?: string[];
+            /** @description Never these (wins over allow) */
+            deny?: string[];
+            /**
+             * @description `named` (default): an address the rules name, or a name they allow, may be in a range refused by default (a LAN model server). `never`: those ranges stay refused whatever the rules say (what `aegis mcp` asks for: the agent writes its rules).
+             * @enum {string}
+             */
+            privateRanges?: "named" | "never";
+        };
+        EgressDecision: {
+            timeMs: number;
+            /** @enum {string} */
+            kind: "dns" | "connect";
+            name?: string;
+            address?: string;
+            port?: number;
+            allowed: boolean;
+            reason: string;
+            bytesOut?: number;
+            bytesIn?: number;
+        };
+        EgressView: {
+            /** @enum {string} */
+            network: "user" | "none" | "unfiltered";
+            /**
+             * @description `default`: public addresses; `allow-list`: only what `allow` matches; `off`: the instance has no policy (network `none` or `unfiltered`)
+             * @enum {string}
+             */
+            mode: "default" | "allow-list" | "off";
+            allow: string[];
+            deny: string[];
+            /** @description Per destination since aegisd started (name or address, with port) */
+            counters: {
+                destination: string;
+                allowed: number;
+                denied: number;
+                bytesOut: number;
+                bytesIn: number;
+            }[];
+            /** @description The latest decisions, oldest first (at most 1000) */
+            log?: components["schemas"]["EgressDecision"][];
+            /** @enum {string} */
+            privateRanges?: "named" | "never";
         };
     };
     responses: never;
@@ -1652,6 +1722,76 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["InstanceStats"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    instanceEgress: {
+        parameters: {
+            query?: {
+                log?: "0" | "1" | "true" | "false";
+            };
+            header?: never;
+            path: {
+                /** @description Instance handle, id, or unique id prefix */
+                ref: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The policy */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EgressView"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    updateEgress: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Instance handle, id, or unique id prefix */
+                ref: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["EgressPolicy"];
+            };
+        };
+        responses: {
+            /** @description The policy after the change */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EgressView"];
                 };
             };
             /** @description Any failure: `{code, message}` with a stable code */

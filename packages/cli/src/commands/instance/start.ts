@@ -41,6 +41,8 @@ export interface StartOptions {
   memory?: number;
   cpus?: number;
   network?: NetworkMode;
+  egressAllow?: string[];
+  egressDeny?: string[];
   image?: string;
   volume?: NonNullable<CreateInstanceRequest['volumes']>;
 }
@@ -53,9 +55,13 @@ function parseIdlePause(v: string): number {
 }
 
 function parseNetwork(v: string): NetworkMode {
-  if (v === 'user' || v === 'none') return v;
-  throw new InvalidArgumentError(`"${v}": expected user (outbound network, the default) or none (no network device)`);
+  if (v === 'user' || v === 'none' || v === 'unfiltered') return v;
+  throw new InvalidArgumentError(
+    `"${v}": expected user (the default: outbound TCP and DNS under the egress policy), none (lo only) or unfiltered (no policy)`,
+  );
 }
+
+const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 
 /** Options shared by `instance start` and `run`. */
 export function withStartOptions(cmd: Command): Command {
@@ -74,7 +80,19 @@ export function withStartOptions(cmd: Command): Command {
       'a host directory (absolute or ./relative) or a named volume (created if missing) at GUEST (repeatable)',
       parseVolume,
     )
-    .option('--network <mode>', "'user' (default: outbound TCP/UDP and DNS, host loopback unreachable) or 'none'", parseNetwork)
+    .option(
+      '--network <mode>',
+      "'user' (default: outbound TCP and DNS under the egress policy: public addresses only unless allowed), 'none' (lo only), " +
+        "or 'unfiltered' (every address the host reaches, UDP too: no policy)",
+      parseNetwork,
+    )
+    .option(
+      '--egress-allow <PATTERN>',
+      'allow only these destinations (repeatable): a name (pypi.org), *.suffix, IP or CIDR, with an optional :PORT; ' +
+        'an address or name given here may be private (a LAN model server)',
+      collect,
+    )
+    .option('--egress-deny <PATTERN>', 'never these destinations (repeatable; wins over --egress-allow)', collect)
     .option('--image <REF>', 'run in this OCI image (pulled if missing); the command then replaces its Cmd and may be omitted')
     .option('-w, --workdir <dir>', 'working directory in the guest (created if missing)', absolutePath)
     .option('--timeout <duration>', 'stop it (SIGTERM, then the VM) this long after it starts: 90s, 10m, 2h; 0 for none', parseDuration)
@@ -109,6 +127,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   if (o.memory !== undefined) req.memoryMiB = o.memory;
   if (o.cpus !== undefined) req.vcpuCount = o.cpus;
   if (o.network !== undefined) req.network = o.network;
+  if (o.egressAllow !== undefined || o.egressDeny !== undefined) req.egress = { allow: o.egressAllow ?? [], deny: o.egressDeny ?? [] };
   if (o.volume !== undefined) req.volumes = o.volume;
   return req;
 }

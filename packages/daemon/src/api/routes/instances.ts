@@ -136,6 +136,20 @@ export function instanceRoutes(d: DaemonContext): Route[] {
     },
     {
       method: 'GET',
+      path: '/v1/instances/{ref}/egress',
+      handler: ({ params, query }) =>
+        Promise.resolve(reply('instanceEgress', 200, m.instance(param(params, 'ref')).egress(boolQuery(query, 'log')))),
+    },
+    {
+      method: 'POST',
+      path: '/v1/instances/{ref}/egress',
+      handler: ({ params, body }) => {
+        const req = validateBody('EgressPolicy', body);
+        return Promise.resolve(reply('updateEgress', 200, m.instance(param(params, 'ref')).updateEgress(req)));
+      },
+    },
+    {
+      method: 'GET',
       path: '/v1/instances/{ref}/top',
       handler: async ({ params }) => reply('topInstance', 200, await m.instance(param(params, 'ref')).top()),
     },
