@@ -14,6 +14,7 @@ import { Ajv2020, type ValidateFunction } from 'ajv/dist/2020.js';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { AegisError } from '@aegis/protocol';
 import type { ApiSchemas } from '@aegis/protocol/api';
+import { Egress } from '../egress/egress.js';
 import type { DaemonContext } from '../daemon.js';
 import type { Logger } from '../log.js';
 import { Registry, type InstanceRow } from '../registry/db.js';
@@ -134,6 +135,8 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
   const called = new Set<string>();
   let failures: string[] = [];
 
+  const egress = new Egress({ allow: [], deny: ['evil.example'] });
+  void egress.connect({ address: '169.254.169.254', port: 80 });
   /** One instance's owner, as the routes reach it through `instances.instance(ref)`. */
   const instance = {
     view: () => toView(STOPPED),
@@ -157,6 +160,12 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
         processes: 5,
         diskUsedBytes: 1 << 20,
       }),
+    // A real policy's view, with a decision in its log.
+    egress: (log: boolean) => ({ network: 'user' as const, ...egress.view(log) }),
+    updateEgress: (change: { allow?: string[]; deny?: string[] }) => {
+      egress.update(change);
+      return { network: 'user' as const, ...egress.view(false) };
+    },
     top: () =>
       Promise.resolve({
         processes: [{ pid: 7, ppid: 1, uid: 0, state: 'S', rssKiB: 900, cpuMs: 10, startedAfterBootMs: 400, command: 'sleep 600' }],
@@ -309,6 +318,8 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     await ok('POST', '/v1/instances/web/deadline', { timeoutMs: 60_000 });
     await ok('GET', '/v1/instances/web/stats');
     await ok('GET', '/v1/instances/web/top');
+    await ok('GET', '/v1/instances/web/egress?log=1');
+    await ok('POST', '/v1/instances/web/egress', { allow: ['pypi.org', '*.pythonhosted.org:443'] });
     await ok('POST', '/v1/instances/web/exec', { command: ['echo', 'hi'] });
     await ok('POST', '/v1/instances/web/input', { data: 'aGk=' });
     await ok('POST', '/v1/instances/web/resize', { rows: 24, cols: 80 });
