@@ -6,7 +6,7 @@
 import * as tar from 'tar-stream';
 import { AegisError } from '@aegis/protocol';
 import type { ContentStore } from './content-store.js';
-import { MAX_NAME_BYTES, MAX_PATH_BYTES, bytes, count, exhausted, imageLimits, type ImageLimits } from './limits.js';
+import { MAX_NAME_BYTES, MAX_PATH_BYTES, asBytes, asCount, exhausted, imageLimits, type ImageLimits } from './limits.js';
 
 export type Kind = 'file' | 'dir' | 'symlink' | 'char' | 'block' | 'fifo';
 
@@ -180,7 +180,7 @@ export class LayerTree {
     // Refused on the size the header declares, before any of it is written out.
     this.intake.declaredBytes += inode.size;
     if (this.intake.declaredBytes > this.limits.unpackedBytesPerImage) {
-      throw exhausted('the image unpacked', bytes(this.limits.unpackedBytesPerImage), 'per image');
+      throw exhausted('the image unpacked', asBytes(this.limits.unpackedBytesPerImage), 'per image');
     }
     if (inode.size > 0) inode.blob = await this.store.add(entry, inode.size);
     else await drain(entry);
@@ -258,9 +258,9 @@ export class LayerTree {
   private count(): void {
     const { intake, limits } = this;
     if (++intake.layerEntries > limits.entriesPerLayer) {
-      throw exhausted(intake.where, count(limits.entriesPerLayer, 'entries'), 'per layer');
+      throw exhausted(intake.where, asCount(limits.entriesPerLayer, 'entries'), 'per layer');
     }
-    if (++intake.entries > limits.entriesPerImage) throw exhausted('the image', count(limits.entriesPerImage, 'entries'), 'per image');
+    if (++intake.entries > limits.entriesPerImage) throw exhausted('the image', asCount(limits.entriesPerImage, 'entries'), 'per image');
   }
 
   /** Bytes of names, targets and attributes the tree is about to hold. */
@@ -269,7 +269,7 @@ export class LayerTree {
     if (this.intake.metadataBytes > this.limits.metadataBytesPerImage) {
       throw exhausted(
         'the names, symlink targets and extended attributes of the image',
-        bytes(this.limits.metadataBytesPerImage),
+        asBytes(this.limits.metadataBytesPerImage),
         'per image',
       );
     }
@@ -279,7 +279,7 @@ export class LayerTree {
     let length = 0;
     for (const [key, value] of Object.entries(pax)) length += key.length + value.length;
     if (length > this.limits.paxHeaderBytesPerEntry) {
-      throw exhausted(`a PAX header in ${where}`, bytes(this.limits.paxHeaderBytesPerEntry), 'per entry');
+      throw exhausted(`a PAX header in ${where}`, asBytes(this.limits.paxHeaderBytesPerEntry), 'per entry');
     }
   }
 

@@ -25,7 +25,7 @@ import { AegisError, isAegisError } from '@aegis/protocol';
 import { ContentStore, MAX_PENDING_WRITES } from './content-store.js';
 import { runDebugfs, writeScript } from './debugfs.js';
 import { LayerTree } from './layer-tree.js';
-import { bytes, exhausted, imageLimits, type ImageLimits } from './limits.js';
+import { asBytes, exhausted, imageLimits, type ImageLimits } from './limits.js';
 import { makeFilesystem, stage } from './mke2fs.js';
 
 export interface LayerFile {
@@ -174,7 +174,7 @@ class Meter extends Transform {
   }
   override _transform(chunk: Buffer, _encoding: BufferEncoding, done: TransformCallback): void {
     this.meter.bytes += chunk.length;
-    if (this.meter.bytes > this.meter.limit) done(exhausted('the image unpacked', bytes(this.meter.limit), 'per image'));
+    if (this.meter.bytes > this.meter.limit) done(exhausted('the image unpacked', asBytes(this.meter.limit), 'per image'));
     else done(null, chunk);
   }
 }

@@ -85,12 +85,12 @@ export function exhausted(what: string, limit: string, which: string): AegisErro
 }
 
 /** `1,000,000 entries` */
-export function count(n: number, unit: string): string {
+export function asCount(n: number, unit: string): string {
   return `${n.toLocaleString('en-US')} ${unit}`;
 }
 
 /** `64 GiB`, `4 MiB`, or bytes when not a whole number of either. */
-export function bytes(n: number): string {
+export function asBytes(n: number): string {
   for (const [unit, size] of [
     ['GiB', 2 ** 30],
     ['MiB', 2 ** 20],
@@ -98,5 +98,5 @@ export function bytes(n: number): string {
   ] as const) {
     if (n >= size && n % size === 0) return `${n / size} ${unit}`;
   }
-  return count(n, 'bytes');
+  return asCount(n, 'bytes');
 }
