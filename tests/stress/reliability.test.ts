@@ -17,6 +17,10 @@
  *   samples), aegisd's RSS under 300 MiB, and its event-loop delay p99 (from `status`, a 10–20 s
  *   window, so each flood first waits for the last one to leave it) under 100 ms — or, when
  *   `status` does not report it, /v1/status latency as a proxy (the table says which).
+ * - images: an import bomb (issue 26), a `docker save` archive of one layer of 750,000 empty files
+ *   (1.5× the default limit per layer, ~6 MiB gzipped): refused with RESOURCE_EXHAUSTED at the
+ *   limit, nothing stored, aegisd's peak RSS (sampled every 50 ms) at most 256 MiB over its RSS
+ *   before. No VM boots.
  * - mcp: `aegis mcp` fed 12 MiB lines, malformed lines, then concurrent tool calls: every one
  *   answered (-32600, -32700, results) and the server still up.
  * - faults: aegisd SIGKILLed and restarted under 2 running instances (both still running and
@@ -32,11 +36,12 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import type { ExecEvent, Status } from '@aegis/client';
+import { isAegisError, type ExecEvent, type Status } from '@aegis/client';
 import { qemuProcessesFor, ROOT, TestDaemon, teardown } from '../integration/fixture.js';
+import { writeDockerSaveBomb } from '../support/import-bomb.js';
 
 const env = process.env;
 const SCALE = Math.max(1, Math.floor(Number(env['AEGIS_STRESS_SCALE'] ?? 1)) || 1);
@@ -55,6 +60,8 @@ const FILL_MIB = Math.min(SCRATCH_MIB, 512 * SCALE);
 const FAULT_ROUNDS = SCALE;
 
 const RSS_BOUND_MIB = 300;
+/** What refusing an import bomb at the default entry limit may add to aegisd's RSS. */
+const BOMB_RSS_GROWTH_MIB = 256;
 const LAG_BOUND_MS = 100;
 /** The proxy's bound when `status` has no event-loop figure: /v1/status answered within this. */
 const STATUS_BOUND_MS = 500;
@@ -193,6 +200,7 @@ async function vmmPid(home: string, id: string): Promise<number | undefined> {
 /** Bytes of the files under `dir`: `other` apart from the scratch disks; scratch disks allocated and apparent. */
 function dirSizes(dir: string): { other: number; scratchAllocated: number; scratchApparent: number } {
   const out = { other: 0, scratchAllocated: 0, scratchApparent: 0 };
+  if (!existsSync(dir)) return out;
   const walk = (p: string): void => {
     for (const e of readdirSync(p, { withFileTypes: true })) {
       const f = path.join(p, e.name);
@@ -674,6 +682,47 @@ describe('floods', () => {
       );
     });
     assertRows(mine);
+  });
+});
+
+describe('images', () => {
+  it('an import bomb (750,000 empty files in one layer) is refused at the entry limit with aegisd RSS bounded', async () => {
+    // 1.5× limits.ts's entriesPerLayer: aegisd's defaults, not lowered for the test.
+    const FILES = 750_000;
+    const file = path.join(d.home, 'bomb.tar.gz');
+    const archiveBytes = await writeDockerSaveBomb(file, FILES);
+    const rssBefore = rssBytes(d.pid);
+    let peakRss = rssBefore;
+    const sampler = setInterval(() => (peakRss = Math.max(peakRss, rssBytes(d.pid) || 0)), 50);
+    const t0 = performance.now();
+    let outcome: string;
+    let code = '';
+    try {
+      const imported = await d.client.importImage(file);
+      outcome = `imported ${imported.length} image(s)`;
+    } catch (err) {
+      code = isAegisError(err) ? err.code : 'not an AegisError';
+      outcome = `${code}: ${(err as Error).message.slice(0, 200)}`;
+    } finally {
+      clearInterval(sampler);
+      rmSync(file, { force: true });
+    }
+    const tookMs = performance.now() - t0;
+    const left = (await d.client.listImages()).length;
+    const stored = dirSizes(path.join(d.home, 'images')).other;
+    // The tree at the limit is ~120 MiB of heap; V8 lets the heap grow to about twice what is live
+    // while tar-stream's per-entry garbage is collected. Growth is bounded, not the absolute figure:
+    // earlier rows leave aegisd at different sizes.
+    const growth = peakRss - rssBefore;
+    assertRows([
+      record(
+        'import bomb',
+        `${FILES.toLocaleString('en-US')} empty files (${mib(archiveBytes)} gzipped): ${outcome}, in ${secs(tookMs)}; ` +
+          `aegisd RSS ${mib(rssBefore)} -> peak ${mib(peakRss)}; ${left} images, ${mib(stored)} left in images/`,
+        `RESOURCE_EXHAUSTED, RSS growth < ${BOMB_RSS_GROWTH_MIB} MiB, nothing stored`,
+        code === 'RESOURCE_EXHAUSTED' && growth < BOMB_RSS_GROWTH_MIB * 2 ** 20 && left === 0 && stored === 0,
+      ),
+    ]);
   });
 });
 

@@ -8,6 +8,10 @@ import { isAegisError } from '@aegis/protocol';
 import { importArchive } from './archive.js';
 import { BlobStore, sha256Digest } from './blobs.js';
 import { MEDIA_TYPES, parseManifestDocument } from './manifest.js';
+import { MAX_DOCUMENT_BYTES } from './limits.js';
+import { ImageService } from './service.js';
+import { Registry } from '../registry/db.js';
+import { writeDockerSaveBomb } from '../../../../tests/support/import-bomb.js';
 import { rejection } from '../../../../tests/support/rejection.js';
 
 type TarEntry = { name: string; data: Buffer } | { name: string; symlink: string };
@@ -223,5 +227,108 @@ describe('importArchive', () => {
     expect(err.message).toContain('neither');
 
     expect(isAegisError(await rejection(importArchive(path.join(root, 'missing.tar'), store)), 'NOT_FOUND')).toBe(true);
+  });
+});
+
+describe('import bombs (issue 26)', () => {
+  let root: string;
+
+  beforeEach(() => {
+    root = fs.mkdtempSync(path.join(os.tmpdir(), 'aegis-bomb-test-'));
+  });
+
+  afterEach(() => {
+    fs.rmSync(root, { recursive: true, force: true });
+  });
+
+  /** Every file under `dir`, relative to it. */
+  const files = (dir: string): string[] =>
+    fs.existsSync(dir)
+      ? (fs.readdirSync(dir, { recursive: true, withFileTypes: true }) as fs.Dirent[]).filter((e) => e.isFile()).map((e) => e.name)
+      : [];
+
+  it('an import bomb of 200k empty files is refused at the entry limit, storing no image, filesystem or blob', async () => {
+    const file = path.join(root, 'bomb.tar.gz');
+    const archiveBytes = await writeDockerSaveBomb(file, 200_000);
+    expect(archiveBytes).toBeLessThan(3 << 20);
+    const home = path.join(root, 'home');
+    fs.mkdirSync(home);
+    const registry = new Registry(path.join(home, 'aegis.db'));
+    try {
+      const log = { info: () => undefined, warn: () => undefined };
+      const images = new ImageService(home, registry, log, { insecureRegistries: [], limits: { entriesPerLayer: 20_000 } });
+      const err = await rejection(images.import(file, undefined));
+      expect([isAegisError(err) && err.code, err.message]).toEqual([
+        'RESOURCE_EXHAUSTED',
+        expect.stringMatching(/^layer 1 \([0-9a-f]{64}\) exceeds 20,000 entries, the limit per layer$/),
+      ]);
+      expect(images.list()).toEqual([]);
+      expect(files(path.join(home, 'images'))).toEqual([]);
+    } finally {
+      registry.close();
+    }
+  }, 60_000);
+
+  it('an oversized manifest.json is refused before anything is stored', async () => {
+    const file = path.join(root, 'big-manifest.tar');
+    await writeTar(file, [{ name: 'manifest.json', data: Buffer.alloc(MAX_DOCUMENT_BYTES + 1, 0x20) }]);
+    const store = new BlobStore(path.join(root, 'store'));
+    const err = await rejection(importArchive(file, store));
+    expect([isAegisError(err) && err.code, err.message]).toEqual([
+      'RESOURCE_EXHAUSTED',
+      'manifest.json in the archive exceeds 4 MiB, the limit per document',
+    ]);
+    expect(files(store.root)).toEqual([]);
+  });
+
+  it('an oversized config is refused before any layer is stored', async () => {
+    const layer = Buffer.alloc(1024);
+    const cfg = Buffer.concat([
+      config('amd64', [sha256Digest(layer)]).subarray(0, -1),
+      Buffer.from(`,"pad":"${'x'.repeat(MAX_DOCUMENT_BYTES)}"}`),
+    ]);
+    const file = path.join(root, 'big-config.tar');
+    await writeTar(file, [
+      { name: 'layer.tar', data: layer },
+      { name: 'config.json', data: cfg },
+      { name: 'manifest.json', data: json([{ Config: 'config.json', Layers: ['layer.tar'] }]) },
+    ]);
+    const store = new BlobStore(path.join(root, 'store'));
+    const err = await rejection(importArchive(file, store));
+    expect([isAegisError(err) && err.code, err.message]).toEqual([
+      'RESOURCE_EXHAUSTED',
+      'config.json in the archive exceeds 4 MiB, the limit per document',
+    ]);
+    expect(files(store.root)).toEqual([]);
+  });
+
+  it('layers bigger than the unpacked limit are refused before they are copied into the store', async () => {
+    const layer = Buffer.alloc(4096);
+    const file = path.join(root, 'big-layer.tar');
+    await writeTar(file, [
+      { name: 'layer.tar', data: layer },
+      { name: 'config.json', data: config('amd64', [sha256Digest(layer)]) },
+      { name: 'manifest.json', data: json([{ Config: 'config.json', Layers: ['layer.tar'] }]) },
+    ]);
+    const store = new BlobStore(path.join(root, 'store'));
+    const err = await rejection(importArchive(file, store, { limits: { unpackedBytesPerImage: 1024 } }));
+    expect([isAegisError(err) && err.code, err.message]).toEqual([
+      'RESOURCE_EXHAUSTED',
+      expect.stringMatching(/^the layers of image sha256:[0-9a-f]{64} in the archive exceeds 1 KiB, the limit unpacked per image$/),
+    ]);
+    expect(files(store.root)).toEqual([]);
+  });
+
+  it('an archive of more entries than the limit is refused while it is first read', async () => {
+    const file = path.join(root, 'many.tar');
+    await writeTar(
+      file,
+      Array.from({ length: 20 }, (_, i) => ({ name: `junk/${i}`, data: Buffer.alloc(0) })),
+    );
+    const err = await rejection(importArchive(file, new BlobStore(path.join(root, 'store')), { limits: { archiveEntries: 10 } }));
+    expect([isAegisError(err) && err.code, err.message]).toEqual([
+      'RESOURCE_EXHAUSTED',
+      'the archive exceeds 10 entries, the limit per archive',
+    ]);
   });
 });

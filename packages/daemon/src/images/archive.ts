@@ -9,7 +9,16 @@ import { AegisError, isAegisError } from '@aegis/protocol';
 import { sha256Digest, type BlobStore } from './blobs.js';
 import { formatReference, parseReference, validateDigest } from './reference.js';
 import {
+  MAX_ARCHIVE_NAME_BYTES,
   MAX_DOCUMENT_BYTES,
+  MAX_LAYERS,
+  asBytes,
+  asCount,
+  exhausted,
+  imageLimits,
+  type ImageLimits,
+} from './limits.js';
+import {
   MEDIA_TYPES,
   checkLayerMediaType,
   hostPlatform,
@@ -32,6 +41,8 @@ export interface ImportOptions {
   name?: string;
   /** Which entry of a multi-platform index to import; defaults to the host's. */
   platform?: Platform;
+  /** Lowers the limits of limits.ts; for tests. */
+  limits?: Partial<ImageLimits>;
 }
 
 /**
@@ -43,7 +54,7 @@ export interface ImportOptions {
  * than buffered, so an archive of any size costs only the memory of its small JSON documents.
  */
 export async function importArchive(tarPath: string, store: BlobStore, options: ImportOptions = {}): Promise<PulledImage[]> {
-  const archive = await Archive.open(tarPath);
+  const archive = await Archive.open(tarPath, imageLimits(options.limits));
   if (archive.meta.has('oci-layout') && archive.meta.has('index.json')) return importOciLayout(archive, store, options);
   if (archive.meta.has('manifest.json')) return importDockerSave(archive, store, options);
   throw new AegisError(
@@ -68,9 +79,10 @@ class Archive {
     private readonly gzipped: boolean,
     readonly entries: Map<string, EntryInfo>,
     readonly meta: Map<string, Buffer>,
+    readonly limits: Readonly<ImageLimits>,
   ) {}
 
-  static async open(file: string): Promise<Archive> {
+  static async open(file: string, limits: Readonly<ImageLimits>): Promise<Archive> {
     const head = Buffer.alloc(2);
     const fh = await fs.open(file, 'r').catch((err: Error) => {
       throw new AegisError('NOT_FOUND', `cannot open archive ${file}: ${err.message}`);
@@ -80,8 +92,17 @@ class Archive {
     } finally {
       await fh.close();
     }
-    const archive = new Archive(file, head[0] === 0x1f && head[1] === 0x8b, new Map(), new Map());
+    const archive = new Archive(file, head[0] === 0x1f && head[1] === 0x8b, new Map(), new Map(), limits);
+    let entries = 0;
     await archive.scan(async (name, header, stream) => {
+      // Every name is held until the import ends, so both their number and their length are bounded.
+      if (++entries > limits.archiveEntries) throw exhausted('the archive', asCount(limits.archiveEntries, 'entries'), 'per archive');
+      if (Buffer.byteLength(name) > MAX_ARCHIVE_NAME_BYTES) {
+        throw new AegisError(
+          'INVALID_ARGUMENT',
+          `${JSON.stringify(name.slice(0, 80))}… in the archive is longer than ${MAX_ARCHIVE_NAME_BYTES} bytes, the limit per name`,
+        );
+      }
       if (header.type === 'symlink' || header.type === 'link') {
         const link = header.linkname ?? '';
         const target = header.type === 'symlink' ? path.posix.join(path.posix.dirname(name), link) : link;
@@ -181,7 +202,7 @@ async function readAll(stream: Readable, max: number, what: string): Promise<Buf
   let total = 0;
   for await (const chunk of stream as AsyncIterable<Buffer>) {
     total += chunk.length;
-    if (total > max) throw new AegisError('INVALID_ARGUMENT', `${what} in the archive exceeds ${max} bytes`);
+    if (total > max) throw exhausted(`${what} in the archive`, asBytes(max), 'per document');
     chunks.push(chunk);
   }
   return Buffer.concat(chunks);
@@ -205,6 +226,17 @@ function canonicalName(name: string | undefined): string | undefined {
     return formatReference(parseReference(name));
   } catch {
     return undefined;
+  }
+}
+
+/**
+ * Refuses an image whose layers, as stored, already exceed what it may unpack to, before any of
+ * them is copied into the store (compressed layers only grow when unpacked).
+ */
+function checkLayerBytes(layers: { size: number }[], image: string, limits: Readonly<ImageLimits>): void {
+  const total = layers.reduce((sum, l) => sum + l.size, 0);
+  if (total > limits.unpackedBytesPerImage) {
+    throw exhausted(`the layers of image ${image} in the archive`, asBytes(limits.unpackedBytesPerImage), 'unpacked per image');
   }
 }
 
@@ -242,8 +274,9 @@ async function importOciLayout(archive: Archive, store: BlobStore, options: Impo
   }
 
   const blobs = new Map<string, { digest: string; size: number }>();
-  for (const { manifest } of found) {
+  for (const { manifest, digest } of found) {
     for (const layer of manifest.layers) checkLayerMediaType(layer);
+    checkLayerBytes(manifest.layers, digest, archive.limits);
     for (const d of [manifest.config, ...manifest.layers]) blobs.set(blobPath(d.digest), { digest: d.digest, size: d.size });
   }
   await archive.ingest(store, blobs);
@@ -302,6 +335,7 @@ function parseDockerManifest(archive: Archive): DockerSaveEntry[] {
     if (typeof e !== 'object' || e === null) throw bad();
     const { Config, RepoTags, Layers } = e as Record<string, unknown>;
     if (typeof Config !== 'string' || !Array.isArray(Layers) || !Layers.every((l) => typeof l === 'string')) throw bad();
+    if (Layers.length > MAX_LAYERS) throw exhausted('an image in manifest.json', asCount(MAX_LAYERS, 'layers'), 'per image');
     if (RepoTags !== undefined && RepoTags !== null && (!Array.isArray(RepoTags) || !RepoTags.every((t) => typeof t === 'string')))
       throw bad();
     return { config: Config, repoTags: (RepoTags as string[] | null | undefined) ?? [], layers: Layers as string[] };
@@ -342,6 +376,11 @@ async function importDockerSave(archive: Archive, store: BlobStore, options: Imp
         `image ${configDigest} in the archive has ${entry.layers.length} layers but ${config.diffIds.length} diff_ids`,
       );
     }
+    checkLayerBytes(
+      entry.layers.map((l) => ({ size: archive.resolve(l)?.size ?? 0 })),
+      configDigest,
+      archive.limits,
+    );
     return { entry, bytes, configDigest, diffIds: config.diffIds };
   });
 

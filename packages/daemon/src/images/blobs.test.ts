@@ -178,7 +178,7 @@ describe('BlobStore', () => {
     const doc = Buffer.from('{"a":1}');
     await store.put(sha256Digest(doc), doc);
     expect((await store.read(sha256Digest(doc), 100)).toString()).toBe('{"a":1}');
-    expect(isAegisError(await rejection(store.read(sha256Digest(doc), 3)), 'INVALID_ARGUMENT')).toBe(true);
+    expect(isAegisError(await rejection(store.read(sha256Digest(doc), 3)), 'RESOURCE_EXHAUSTED')).toBe(true);
     expect(isAegisError(await rejection(store.put(digest, doc)), 'INVALID_ARGUMENT')).toBe(true);
     expect(isAegisError(await rejection(store.read(digest, 100)), 'NOT_FOUND')).toBe(true);
   });

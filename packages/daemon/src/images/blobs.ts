@@ -42,7 +42,8 @@ export class BlobStore {
     } catch {
       throw new AegisError('NOT_FOUND', `blob ${digest} is not in the store`);
     }
-    if (size > maxBytes) throw new AegisError('INVALID_ARGUMENT', `blob ${digest} is ${size} bytes; at most ${maxBytes} are allowed here`);
+    if (size > maxBytes)
+      throw new AegisError('RESOURCE_EXHAUSTED', `blob ${digest} is ${size} bytes; at most ${maxBytes} are allowed here`);
     return fs.readFile(file);
   }
 

@@ -28,7 +28,44 @@ const TYPE_BITS: Record<Kind, number> = {
  * script four times slower on a Debian image.
  */
 export async function writeScript(tree: LayerTree, plan: Plan, work: string): Promise<string> {
-  const lines: string[] = [];
+  const script = path.join(work, 'debugfs.script');
+  const fh = await fs.open(script, 'wx', 0o600);
+  try {
+    await writeCommands(tree, plan, work, new Lines(fh));
+  } finally {
+    await fh.close();
+  }
+  return script;
+}
+
+/**
+ * The script's lines, written out a megabyte at a time: six or more per inode, they took 260 MiB
+ * of heap for 200,000 empty files when the script was built whole.
+ */
+class Lines {
+  private chunk: string[] = [];
+  private length = 0;
+
+  constructor(private readonly fh: fs.FileHandle) {}
+
+  push(...lines: string[]): void {
+    for (const line of lines) {
+      this.chunk.push(line);
+      this.length += line.length + 1;
+    }
+  }
+
+  /** Writes what is buffered once there is enough of it, or all of it with `force`. */
+  async flush(force = false): Promise<void> {
+    if (this.length === 0 || (!force && this.length < 1 << 20)) return;
+    const text = this.chunk.join('\n') + '\n';
+    this.chunk = [];
+    this.length = 0;
+    await this.fh.write(text);
+  }
+}
+
+async function writeCommands(tree: LayerTree, plan: Plan, work: string, lines: Lines): Promise<void> {
   // mke2fs always makes /lost+found; an image that does not have one should not grow one.
   // rmdir must get a bare name: given `/lost+found` it unlinks from the wrong directory.
   if (!tree.root.children!.has('lost+found')) lines.push('cd /', 'rmdir lost+found');
@@ -49,6 +86,7 @@ export async function writeScript(tree: LayerTree, plan: Plan, work: string): Pr
   const xattrDir = path.join(work, 'xattrs');
   const writes: Promise<void>[] = [];
   for (const { path: abs, node } of plan.entries) {
+    await lines.flush();
     const inode = node.inode;
     const special = inode.kind === 'char' || inode.kind === 'block' || inode.kind === 'fifo';
     const first = plan.primary.get(inode)!;
@@ -81,9 +119,7 @@ export async function writeScript(tree: LayerTree, plan: Plan, work: string): Pr
   }
   for (const [inode, count] of specialNames) lines.push(`sif ${quote(plan.primary.get(inode)!)} links_count ${count}`);
   await Promise.all(writes);
-  const script = path.join(work, 'debugfs.script');
-  await fs.writeFile(script, lines.join('\n') + '\n', { mode: 0o600 });
-  return script;
+  await lines.flush(true);
 }
 
 export async function runDebugfs(file: string, script: string, epoch: number, signal: AbortSignal | undefined): Promise<void> {

@@ -6,6 +6,7 @@
 import * as tar from 'tar-stream';
 import { AegisError } from '@aegis/protocol';
 import type { ContentStore } from './content-store.js';
+import { MAX_NAME_BYTES, MAX_PATH_BYTES, asBytes, asCount, exhausted, imageLimits, type ImageLimits } from './limits.js';
 
 export type Kind = 'file' | 'dir' | 'symlink' | 'char' | 'block' | 'fifo';
 
@@ -37,20 +38,42 @@ export interface TreeNode {
   layer: number;
 }
 
-// ext4 and the debugfs script's line buffer (BUFSIZ) bound these; longer names cannot be written.
-const MAX_NAME_BYTES = 255;
-const MAX_PATH_BYTES = 4095;
 const MAX_SYMLINK_HOPS = 40;
 const WHITEOUT = '.wh.';
 const OPAQUE = '.wh..wh..opq';
 // Namespaces the guest kernel can store on ext4; anything else would become an unreadable attribute.
 const XATTR_PREFIXES = ['user.', 'trusted.', 'security.', 'system.posix_acl_access', 'system.posix_acl_default'];
 
+/**
+ * What the tree has taken in, counted as entries stream so that an image over a limit is refused
+ * before the tree holds more than the limit allows (see limits.ts).
+ */
+interface Intake {
+  entries: number;
+  layer: number;
+  layerEntries: number;
+  /** Where the current layer came from, for messages. */
+  where: string;
+  declaredBytes: number;
+  metadataBytes: number;
+}
+
 export class LayerTree {
   readonly root: TreeNode = { inode: newInode('dir', 0o755), children: new Map(), layer: -1 };
+  private readonly limits: Readonly<ImageLimits>;
+  private readonly intake: Intake = { entries: 0, layer: -1, layerEntries: 0, where: '', declaredBytes: 0, metadataBytes: 0 };
 
-  constructor(private readonly store: ContentStore) {
+  constructor(
+    private readonly store: ContentStore,
+    limits: Partial<ImageLimits> = {},
+  ) {
     this.root.inode.names = 1;
+    this.limits = imageLimits(limits);
+  }
+
+  /** Entries taken in over all layers so far. */
+  get entries(): number {
+    return this.intake.entries;
   }
 
   async apply(entry: TarEntry, layer: number, where: string): Promise<void> {
@@ -58,11 +81,15 @@ export class LayerTree {
     const pax = (header.pax ?? undefined) as Record<string, string> | undefined;
     const name = header.name;
     const fail = (code: 'INVALID_ARGUMENT' | 'UNSUPPORTED', why: string): never => {
-      throw new AegisError(code, `${where}: ${JSON.stringify(name)}: ${why}`);
+      throw new AegisError(code, `${where}: ${JSON.stringify(name.slice(0, 200))}: ${why}`);
     };
+    if (this.intake.layer !== layer) Object.assign(this.intake, { layer, layerEntries: 0, where });
+    this.count();
+    if (pax) this.checkPax(pax, where);
     if (pax && Object.keys(pax).some((k) => k.startsWith('GNU.sparse.'))) fail('UNSUPPORTED', 'GNU sparse files are not supported');
     const parts = splitName(name, fail);
     const base = parts.at(-1);
+    if (base !== undefined) this.keep(Buffer.byteLength(base));
 
     if (base !== undefined && base.startsWith(WHITEOUT)) {
       await drain(entry);
@@ -137,10 +164,12 @@ export class LayerTree {
     inode.gid = idFrom(pax?.['gid'], h.gid, fail);
     inode.mtime = timeFrom(pax?.['mtime'], h.mtime);
     inode.xattrs = xattrsFrom(pax);
+    for (const [key, value] of inode.xattrs ?? []) this.keep(key.length + value.length);
     if (kind === 'symlink') {
       inode.target = h.linkname ?? '';
       if (!inode.target || inode.target.includes('\0')) fail('INVALID_ARGUMENT', 'symlink target is empty or holds a NUL');
       if (Buffer.byteLength(inode.target) > MAX_PATH_BYTES) fail('INVALID_ARGUMENT', 'symlink target is too long');
+      this.keep(Buffer.byteLength(inode.target));
     } else if (kind === 'char' || kind === 'block') {
       inode.major = h.devmajor ?? 0;
       inode.minor = h.devminor ?? 0;
@@ -148,6 +177,11 @@ export class LayerTree {
       if (inode.major > 0xffff || inode.minor > 0xffff) fail('UNSUPPORTED', `device number ${inode.major}:${inode.minor} is too large`);
     }
     inode.size = kind === 'file' ? (h.size ?? 0) : 0;
+    // Refused on the size the header declares, before any of it is written out.
+    this.intake.declaredBytes += inode.size;
+    if (this.intake.declaredBytes > this.limits.unpackedBytesPerImage) {
+      throw exhausted('the image unpacked', asBytes(this.limits.unpackedBytesPerImage), 'per image');
+    }
     if (inode.size > 0) inode.blob = await this.store.add(entry, inode.size);
     else await drain(entry);
     return inode;
@@ -190,7 +224,9 @@ export class LayerTree {
       let child = dir.children!.get(part);
       if (!child) {
         if (createIn === undefined) return undefined;
-        // Parents a layer leaves out get what `mkdir -p` would give them.
+        // Parents a layer leaves out get what `mkdir -p` would give them; each costs what an entry does.
+        this.count();
+        this.keep(Buffer.byteLength(part));
         child = { inode: newInode('dir', 0o755), children: new Map(), layer: createIn };
         child.inode.names = 1;
         dir.children!.set(part, child);
@@ -211,8 +247,40 @@ export class LayerTree {
       stack.push(child);
       lengths.push(lengths.at(-1)! + Buffer.byteLength(part) + 1);
       if (lengths.at(-1)! > MAX_PATH_BYTES) fail('INVALID_ARGUMENT', `the path is longer than ${MAX_PATH_BYTES} bytes`);
+      if (stack.length - 1 > this.limits.pathDepth) {
+        fail('INVALID_ARGUMENT', `the path is more than ${this.limits.pathDepth} directories deep, the limit per path`);
+      }
     }
     return { dir: stack.at(-1)!, depth: lengths.at(-1)! };
+  }
+
+  /** One more entry (or implied directory), refused past either limit. */
+  private count(): void {
+    const { intake, limits } = this;
+    if (++intake.layerEntries > limits.entriesPerLayer) {
+      throw exhausted(intake.where, asCount(limits.entriesPerLayer, 'entries'), 'per layer');
+    }
+    if (++intake.entries > limits.entriesPerImage) throw exhausted('the image', asCount(limits.entriesPerImage, 'entries'), 'per image');
+  }
+
+  /** Bytes of names, targets and attributes the tree is about to hold. */
+  private keep(length: number): void {
+    this.intake.metadataBytes += length;
+    if (this.intake.metadataBytes > this.limits.metadataBytesPerImage) {
+      throw exhausted(
+        'the names, symlink targets and extended attributes of the image',
+        asBytes(this.limits.metadataBytesPerImage),
+        'per image',
+      );
+    }
+  }
+
+  private checkPax(pax: Record<string, string>, where: string): void {
+    let length = 0;
+    for (const [key, value] of Object.entries(pax)) length += key.length + value.length;
+    if (length > this.limits.paxHeaderBytesPerEntry) {
+      throw exhausted(`a PAX header in ${where}`, asBytes(this.limits.paxHeaderBytesPerEntry), 'per entry');
+    }
   }
 
   /** Removes everything below `dir` that lower layers wrote, keeping what this layer wrote. */

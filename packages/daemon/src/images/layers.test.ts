@@ -1,14 +1,20 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { promises as fs, existsSync, readFileSync } from 'node:fs';
+import { promises as fs, createWriteStream, existsSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { gzipSync } from 'node:zlib';
+import { pipeline } from 'node:stream/promises';
+import { createGzip, gzipSync } from 'node:zlib';
 import * as tar from 'tar-stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isAegisError } from '@aegis/protocol';
+import { rejection } from '../../../../tests/support/rejection.js';
+import { bombLayer } from '../../../../tests/support/import-bomb.js';
+import { ContentStore } from './content-store.js';
+import { LayerTree } from './layer-tree.js';
 import { buildImageFilesystem, type LayerFile } from './layers.js';
+import type { ImageLimits } from './limits.js';
 
 type Entry = Partial<tar.Header> & { name: string; content?: string | Buffer };
 
@@ -376,6 +382,94 @@ describe('buildImageFilesystem on hostile or unsupported layers', () => {
       buildImageFilesystem([await layer([{ name: 'f', content: 'x' }])], path.join(tmp, 'x.ext4'), { signal: controller.signal }),
       'CANCELLED',
     );
+  });
+});
+
+describe('import bombs (issue 26): limits counted as the layers stream', () => {
+  async function refusal(layers: LayerFile[], limits: Partial<ImageLimits>): Promise<{ code: string; message: string; left: string[] }> {
+    const dir = await fs.mkdtemp(path.join(tmp, 'bomb-'));
+    const err = await buildImageFilesystem(layers, path.join(dir, 'out.ext4'), { limits }).then(
+      () => new Error('built'),
+      (e: Error) => e,
+    );
+    return { code: isAegisError(err) ? err.code : String(err), message: err.message, left: await fs.readdir(dir) };
+  }
+
+  async function bombFile(files: number): Promise<LayerFile> {
+    const file = path.join(tmp, `bomb-${counter++}.tar.gz`);
+    await pipeline(bombLayer(files), createGzip({ level: 1 }), createWriteStream(file));
+    return { path: file, mediaType: TAR_GZIP };
+  }
+
+  it('an import bomb of 200k empty files is refused at the entry limit per layer, leaving nothing behind', async () => {
+    const t0 = Date.now();
+    const r = await refusal([await bombFile(200_000)], { entriesPerLayer: 10_000 });
+    expect(r).toEqual({
+      code: 'RESOURCE_EXHAUSTED',
+      message: expect.stringMatching(/exceeds 10,000 entries, the limit per layer$/),
+      left: [],
+    });
+    // Refused after 10,000 entries, not after reading all 200,000 (which takes seconds).
+    expect(Date.now() - t0).toBeLessThan(5000);
+  });
+
+  it('the tree refuses the entry past the limit, implied parent directories included, so it never holds more', async () => {
+    const tree = new LayerTree(new ContentStore(tmp), { entriesPerLayer: 100, entriesPerImage: 150 });
+    const entry = (name: string) => ({ header: { name, type: 'file' as const, size: 0, mode: 0o644 }, async *[Symbol.asyncIterator]() {} });
+    // 1 implied directory + 99 files: exactly the limit.
+    for (let i = 0; i < 99; i++) await tree.apply(entry(`dir/f${i}`), 0, 'layer 1');
+    expect(tree.entries).toBe(100);
+    const err = await rejection(tree.apply(entry('one-more'), 0, 'layer 1'));
+    expect([isAegisError(err) && err.code, err.message]).toEqual([
+      'RESOURCE_EXHAUSTED',
+      'layer 1 exceeds 100 entries, the limit per layer',
+    ]);
+    // A second layer has its own count, but the image's count goes on.
+    for (let i = 0; i < 50; i++) await tree.apply(entry(`g${i}`), 1, 'layer 2');
+    const perImage = await rejection(tree.apply(entry('too-many'), 1, 'layer 2'));
+    expect(perImage.message).toBe('the image exceeds 150 entries, the limit per image');
+  });
+
+  it('an image over the entry limit per image is refused across its layers', async () => {
+    const r = await refusal([await bombFile(600), await bombFile(600)], { entriesPerImage: 1000 });
+    expect([r.code, r.message, r.left]).toEqual(['RESOURCE_EXHAUSTED', 'the image exceeds 1,000 entries, the limit per image', []]);
+  });
+
+  it('a path more directories deep than the limit is refused as invalid', async () => {
+    const deep = `${Array.from({ length: 300 }, () => 'a').join('/')}/f`;
+    const r = await refusal([await layer([{ name: deep, content: 'x' }])], {});
+    expect(r.code).toBe('INVALID_ARGUMENT');
+    expect(r.message).toMatch(/more than 256 directories deep, the limit per path$/);
+  });
+
+  it('a file bigger than the unpacked limit is refused on its declared size, before it is written', async () => {
+    const r = await refusal([await layer([{ name: 'big', content: Buffer.alloc(3 << 20) }], true)], { unpackedBytesPerImage: 1 << 20 });
+    expect([r.code, r.message, r.left]).toEqual(['RESOURCE_EXHAUSTED', 'the image unpacked exceeds 1 MiB, the limit per image', []]);
+  });
+
+  it('a gzip of zeros (no entries at all) is refused at the unpacked limit rather than inflated to its end', async () => {
+    const file = path.join(tmp, 'zeros.tar.gz');
+    await fs.writeFile(file, gzipSync(Buffer.alloc(8 << 20)));
+    const r = await refusal([{ path: file, mediaType: TAR_GZIP }], { unpackedBytesPerImage: 1 << 20 });
+    expect([r.code, r.message]).toEqual(['RESOURCE_EXHAUSTED', 'the image unpacked exceeds 1 MiB, the limit per image']);
+  });
+
+  it('an oversized PAX header is refused', async () => {
+    const pax = { 'SCHILY.xattr.user.big': 'x'.repeat(4096) };
+    const r = await refusal([await layer([{ name: 'f', content: 'x', pax }])], { paxHeaderBytesPerEntry: 1024 });
+    expect([r.code, r.message]).toEqual([
+      'RESOURCE_EXHAUSTED',
+      expect.stringMatching(/^a PAX header in layer 1 .* exceeds 1 KiB, the limit per entry$/),
+    ]);
+  });
+
+  it('long symlink targets are refused past the metadata budget, whatever the entry count', async () => {
+    const links = Array.from({ length: 10 }, (_, i) => ({ name: `l${i}`, type: 'symlink' as const, linkname: `/${'t'.repeat(2000)}` }));
+    const r = await refusal([await layer(links)], { metadataBytesPerImage: 10_000 });
+    expect([r.code, r.message]).toEqual([
+      'RESOURCE_EXHAUSTED',
+      'the names, symlink targets and extended attributes of the image exceeds 10,000 bytes, the limit per image',
+    ]);
   });
 });
 

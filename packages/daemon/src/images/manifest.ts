@@ -4,6 +4,7 @@
  * we cannot unpack is refused before any layer is fetched.
  */
 import { AegisError } from '@aegis/protocol';
+import { MAX_DOCUMENT_BYTES, MAX_LAYERS, asBytes, asCount, exhausted } from './limits.js';
 import { validateDigest } from './reference.js';
 
 export const MEDIA_TYPES = {
@@ -25,10 +26,6 @@ const SUPPORTED_LAYERS: ReadonlySet<string> = new Set([
   MEDIA_TYPES.dockerLayer,
   MEDIA_TYPES.dockerLayerGzip,
 ]);
-
-/** Manifests and configs are small; anything bigger is hostile or broken, and is never buffered. */
-export const MAX_DOCUMENT_BYTES = 4 * 1024 * 1024;
-const MAX_LAYERS = 1000;
 
 /** The parts of an image config that change how we run it. */
 export interface ImageConfig {
@@ -133,7 +130,7 @@ export function invalid(message: string): AegisError {
 }
 
 export function parseJsonDocument(bytes: Buffer, what: string): Json {
-  if (bytes.length > MAX_DOCUMENT_BYTES) throw invalid(`${what} is ${bytes.length} bytes; at most ${MAX_DOCUMENT_BYTES} are allowed`);
+  if (bytes.length > MAX_DOCUMENT_BYTES) throw exhausted(`${what} (${bytes.length} bytes)`, asBytes(MAX_DOCUMENT_BYTES), 'per document');
   let doc: unknown;
   try {
     doc = JSON.parse(bytes.toString('utf8'));
@@ -213,7 +210,7 @@ export function parseManifestDocument(bytes: Buffer, contentType?: string): Pars
   if (isIndex || (!isManifest && Array.isArray(doc['manifests']))) {
     const list = doc['manifests'];
     if (!Array.isArray(list)) throw invalid('index: manifests must be an array');
-    if (list.length > MAX_LAYERS) throw invalid(`index lists ${list.length} manifests; at most ${MAX_LAYERS} are allowed`);
+    if (list.length > MAX_LAYERS) throw exhausted(`the index's ${list.length} manifests`, asCount(MAX_LAYERS, 'manifests'), 'per index');
     return {
       kind: 'index',
       mediaType: mediaType || MEDIA_TYPES.ociIndex,
@@ -232,7 +229,7 @@ export function parseManifestDocument(bytes: Buffer, contentType?: string): Pars
   }
   const layers = doc['layers'];
   if (!Array.isArray(layers)) throw invalid('manifest: layers must be an array');
-  if (layers.length > MAX_LAYERS) throw invalid(`manifest lists ${layers.length} layers; at most ${MAX_LAYERS} are allowed`);
+  if (layers.length > MAX_LAYERS) throw exhausted(`the manifest's ${layers.length} layers`, asCount(MAX_LAYERS, 'layers'), 'per image');
   return {
     kind: 'manifest',
     mediaType: mediaType || MEDIA_TYPES.ociManifest,

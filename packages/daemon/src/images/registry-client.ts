@@ -7,7 +7,8 @@ import { Readable } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { AegisError } from '@aegis/protocol';
 import type { Credentials } from './credentials.js';
-import { MAX_DOCUMENT_BYTES, MEDIA_TYPES, invalid, isObject, parseJsonDocument } from './manifest.js';
+import { MAX_DOCUMENT_BYTES, asBytes, exhausted } from './limits.js';
+import { MEDIA_TYPES, isObject, parseJsonDocument } from './manifest.js';
 
 const MANIFEST_ACCEPT = [MEDIA_TYPES.ociIndex, MEDIA_TYPES.ociManifest, MEDIA_TYPES.dockerManifestList, MEDIA_TYPES.dockerManifest].join(
   ', ',
@@ -65,14 +66,14 @@ async function readCapped(res: Response, max: number, what: string): Promise<Buf
   const declared = Number(res.headers.get('content-length') ?? NaN);
   if (declared > max) {
     await res.body?.cancel().catch(() => undefined);
-    throw invalid(`${what} is ${declared} bytes; at most ${max} are allowed`);
+    throw exhausted(`${what} (${declared} bytes)`, asBytes(max), 'per document');
   }
   if (!res.body) return Buffer.alloc(0);
   const chunks: Buffer[] = [];
   let total = 0;
   for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
     total += chunk.length;
-    if (total > max) throw invalid(`${what} exceeds ${max} bytes`);
+    if (total > max) throw exhausted(what, asBytes(max), 'per document');
     chunks.push(Buffer.from(chunk));
   }
   return Buffer.concat(chunks);

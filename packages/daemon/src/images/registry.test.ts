@@ -481,7 +481,7 @@ describe('documents', () => {
     ]) {
       expect(() => parseImageConfig(Buffer.from(JSON.stringify(bad)))).toThrow();
     }
-    expect(() => parseImageConfig(Buffer.alloc(5 * 1024 * 1024, 0x20))).toThrow(/at most/);
+    expect(() => parseImageConfig(Buffer.alloc(5 * 1024 * 1024, 0x20))).toThrow(/exceeds 4 MiB, the limit per document/);
   });
 
   it('prefers the exact arm64 variant, and an entry without a variant over a mismatched one', () => {

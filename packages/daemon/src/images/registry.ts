@@ -5,8 +5,8 @@
 import { AegisError } from '@aegis/protocol';
 import { sha256Digest, type BlobStore } from './blobs.js';
 import { loadDockerCredentials, type Credentials } from './credentials.js';
+import { MAX_DOCUMENT_BYTES, asBytes, exhausted, imageLimits, type ImageLimits } from './limits.js';
 import {
-  MAX_DOCUMENT_BYTES,
   checkLayerMediaType,
   hostPlatform,
   parseImageConfig,
@@ -59,6 +59,8 @@ export interface PullOptions {
   signal?: AbortSignal;
   /** Replaces the global fetch; tests use it to watch the wire. */
   fetch?: typeof fetch;
+  /** Lowers the limits of limits.ts; for tests. */
+  limits?: Partial<ImageLimits>;
 }
 
 /**
@@ -105,10 +107,13 @@ export async function pullImage(ref: ImageReference, store: BlobStore, options: 
   for (const layer of manifest.layers) checkLayerMediaType(layer);
   const configDesc = manifest.config;
   if (configDesc.size > MAX_DOCUMENT_BYTES) {
-    throw new AegisError(
-      'INVALID_ARGUMENT',
-      `image config ${configDesc.digest} is ${configDesc.size} bytes; at most ${MAX_DOCUMENT_BYTES} are allowed`,
-    );
+    throw exhausted(`image config ${configDesc.digest} (${configDesc.size} bytes)`, asBytes(MAX_DOCUMENT_BYTES), 'per document');
+  }
+  // Downloads stop at the size a descriptor declares, so this bounds what the pull writes; the
+  // layers only grow when unpacked, where the rest of the limits apply.
+  const unpackedLimit = imageLimits(options.limits).unpackedBytesPerImage;
+  if (manifest.layers.reduce((sum, l) => sum + l.size, 0) > unpackedLimit) {
+    throw exhausted(`the layers of ${formatReference(ref)}`, asBytes(unpackedLimit), 'unpacked per image');
   }
 
   await store.ingest(

@@ -17,6 +17,7 @@ import type { Registry } from '../registry/db.js';
 import { importArchive } from './archive.js';
 import { BlobStore } from './blobs.js';
 import { buildImageFilesystem } from './layers.js';
+import type { ImageLimits } from './limits.js';
 import type { ImageConfig } from './manifest.js';
 import { formatReference, parseReference, validateDigest } from './reference.js';
 import { pullImage, type LayerDescriptor, type PulledImage } from './registry.js';
@@ -57,7 +58,7 @@ export class ImageService {
     home: string,
     private readonly registry: Registry,
     private readonly log: Logger,
-    private readonly options: { insecureRegistries: string[] },
+    private readonly options: { insecureRegistries: string[]; /** For tests: lowers limits.ts's. */ limits?: Partial<ImageLimits> },
   ) {
     this.blobs = new BlobStore(path.join(home, 'images', 'blobs'));
     this.fsDir = path.join(home, 'images', 'fs');
@@ -152,6 +153,7 @@ export class ImageService {
       insecureRegistries: this.options.insecureRegistries,
       onProgress: (p) => emit({ type: 'progress', ...p }),
       ...(signal ? { signal } : {}),
+      ...(this.options.limits ? { limits: this.options.limits } : {}),
     });
     const known = this.fsPathOf(pulled.digest);
     const cached = known !== undefined && existsSync(known);
@@ -166,11 +168,21 @@ export class ImageService {
   async import(tarPath: string, name: string | undefined, signal?: AbortSignal): Promise<ImageView[]> {
     const st = await fs.stat(tarPath).catch(() => undefined);
     if (!st?.isFile()) throw new AegisError('NOT_FOUND', `${tarPath}: no such file (give a path aegisd can read)`);
-    const images = await importArchive(tarPath, this.blobs, name ? { name } : {});
+    const images = await importArchive(tarPath, this.blobs, {
+      ...(name ? { name } : {}),
+      ...(this.options.limits ? { limits: this.options.limits } : {}),
+    });
     const out: ImageView[] = [];
-    for (const img of images) {
-      await this.store(img, img.reference ? [img.reference] : [], () => undefined, signal);
-      out.push(this.view(img.digest));
+    try {
+      for (const img of images) {
+        await this.store(img, img.reference ? [img.reference] : [], () => undefined, signal);
+        out.push(this.view(img.digest));
+      }
+    } catch (err) {
+      // A refused archive (an import bomb, say) leaves nothing behind: unlike a pull's, its blobs
+      // cannot be resumed, and the same file would be refused again.
+      await this.discardUnused(images.filter((img) => !this.registry.getImage(img.digest)));
+      throw err;
     }
     this.log.info(`imported ${images.length} image(s) from ${path.basename(tarPath)}`);
     return out;
@@ -204,9 +216,32 @@ export class ImageService {
     await fs.mkdir(this.fsDir, { recursive: true, mode: 0o700 });
     const t0 = Date.now();
     const layers = img.layers.map((l) => ({ path: this.blobs.path(l.digest), mediaType: l.mediaType }));
-    const built = await buildImageFilesystem(layers, out, signal ? { signal } : {});
+    const built = await buildImageFilesystem(layers, out, {
+      ...(signal ? { signal } : {}),
+      ...(this.options.limits ? { limits: this.options.limits } : {}),
+    });
     this.log.info(`image ${img.digest}: filesystem prepared in ${Date.now() - t0} ms (${built.fileCount} files)`);
     return built.sizeBytes;
+  }
+
+  /** Deletes the blobs of images that were never stored, unless a stored image uses them too. */
+  private async discardUnused(images: PulledImage[]): Promise<void> {
+    const used = this.blobsInUse();
+    for (const img of images) {
+      for (const blob of [img.digest, img.configDigest, ...img.layers.map((l) => l.digest)]) {
+        if (!used.has(blob)) await fs.rm(this.blobs.path(validateDigest(blob)), { force: true });
+      }
+    }
+  }
+
+  /** Every digest a stored image names: its manifest, config, layers and filesystem key. */
+  private blobsInUse(): Set<string> {
+    return new Set(
+      this.registry.listImages().flatMap((r) => {
+        const img = JSON.parse(r.image) as StoredImage;
+        return [r.digest, img.configDigest, img.fsKey, ...img.layers.map((l) => l.digest)];
+      }),
+    );
   }
 
   /**
@@ -229,12 +264,7 @@ export class ImageService {
       return { untagged: [found.reference] };
     }
     this.registry.deleteImage(found.digest);
-    const stillUsed = new Set(
-      this.registry.listImages().flatMap((r) => {
-        const img = JSON.parse(r.image) as StoredImage;
-        return [r.digest, img.configDigest, img.fsKey, ...img.layers.map((l) => l.digest)];
-      }),
-    );
+    const stillUsed = this.blobsInUse();
     if (!stillUsed.has(s.image.fsKey)) await fs.rm(this.fsPath(s.image.fsKey), { force: true });
     for (const blob of [found.digest, s.image.configDigest, ...s.image.layers.map((l) => l.digest)]) {
       if (!stillUsed.has(blob)) await fs.rm(this.blobs.path(validateDigest(blob)), { force: true });
