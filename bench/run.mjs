@@ -162,6 +162,20 @@ async function apiExec(client, ref) {
   return { ms: performance.now() - t0, guest };
 }
 
+/** An exec's stdout as text (throws on a non-zero exit, with its stderr). */
+async function apiExecOutput(client, ref, command) {
+  let out = '';
+  let err = '';
+  let code;
+  for await (const ev of client.exec(ref, { command })) {
+    if (ev.type === 'output' && ev.stream === 'stdout') out += Buffer.from(ev.data, 'base64').toString();
+    if (ev.type === 'output' && ev.stream === 'stderr') err += Buffer.from(ev.data, 'base64').toString();
+    if (ev.type === 'exit') code = ev.exitCode;
+  }
+  if (code !== 0) throw new Error(`exec ${command[0]} exited ${code}: ${err.slice(-300)}`);
+  return out;
+}
+
 function aegisRun(env) {
   return new Promise((resolve, reject) => {
     const t0 = performance.now();
@@ -378,6 +392,100 @@ throughput --expose / raw: ${(tput * 100).toFixed(0)}% (target >= 80%: ${tput >=
     return { throughputMBps: mbps, latencyMs: lat, throughputRatio: tput, latencyRatio: latRatio };
   } finally {
     await d.stop();
+  }
+}
+
+const EGRESS_CLIENT = `
+import socket, sys, time
+host, port, blob_bytes, small_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def get(path):
+    s = socket.create_connection((host, port))
+    s.sendall(b'GET ' + path + b' HTTP/1.0\\r\\n\\r\\n')
+    buf = bytearray(1 << 20); n = 0
+    while True:
+        k = s.recv_into(buf)
+        if k == 0: break
+        n += k
+    s.close()
+    return n
+t0 = time.time(); n = get(b'/blob'); t1 = time.time()
+assert n > blob_bytes, n
+for _ in range(small_n): get(b'/small')
+t2 = time.time()
+print(n / (t1 - t0) / 1e6, small_n / (t2 - t1))
+`;
+
+/**
+ * The egress policy's path (every connection decided and carried by aegisd over the data
+ * channel) against today's unfiltered path (passt), in the same daemon and run: one large
+ * download and sequential connections per second, measured inside each guest, alternating.
+ * The server is the host's own non-loopback address, which the policy refuses unless named.
+ */
+async function benchEgress() {
+  const hostIp = Object.values(os.networkInterfaces())
+    .flat()
+    .find((a) => a && a.family === 'IPv4' && !a.internal)?.address;
+  if (!hostIp) {
+    console.log('\negress: skipped (this host has no non-loopback IPv4 address to serve from)');
+    return undefined;
+  }
+  const blobMiB = 32;
+  const blob = Buffer.alloc(blobMiB << 20, 7);
+  const server = http.createServer((req, res) => res.end(req.url === '/blob' ? blob : 'ok\n'));
+  await new Promise((r) => server.listen(0, hostIp, r));
+  const port = server.address().port;
+  const d = await startDaemon(false);
+  try {
+    const paths = {
+      policy: await d.client.createInstance({
+        handle: 'bench-egress',
+        command: ['sleep', 'infinity'],
+        egress: { allow: [`${hostIp}:${port}`] },
+      }),
+      unfiltered: await d.client.createInstance({ handle: 'bench-passt', command: ['sleep', 'infinity'], network: 'unfiltered' }),
+    };
+    const SMALL = 50;
+    const measure = async (inst) => {
+      const r = await apiExecOutput(d.client, inst.id, [
+        'python3',
+        '-c',
+        EGRESS_CLIENT,
+        hostIp,
+        String(port),
+        String(blobMiB << 20),
+        String(SMALL),
+      ]);
+      const [mbps, cps] = r.trim().split(' ').map(Number);
+      if (!Number.isFinite(mbps) || !Number.isFinite(cps)) throw new Error(`${inst.handle}: ${r}`);
+      return { mbps, cps };
+    };
+    for (const inst of Object.values(paths)) await measure(inst); // warm-up: python's start, the page cache
+    const mbps = { policy: [], unfiltered: [] };
+    const cps = { policy: [], unfiltered: [] };
+    for (let i = 0; i < RUNS; i++) {
+      for (const k of ['unfiltered', 'policy']) {
+        const r = await measure(paths[k]);
+        mbps[k].push(r.mbps);
+        cps[k].push(r.cps);
+      }
+    }
+    const tput = median(mbps.policy) / median(mbps.unfiltered);
+    const rate = median(cps.policy) / median(cps.unfiltered);
+    console.log(`
+egress policy (aegisd carries each connection) vs --network unfiltered (passt), same daemon, client in the guest:`);
+    console.log(`${`${blobMiB} MiB download, unfiltered (passt)`.padEnd(56)} median ${median(mbps.unfiltered).toFixed(1)} MB/s`);
+    console.log(`${`${blobMiB} MiB download, egress policy`.padEnd(56)} median ${median(mbps.policy).toFixed(1)} MB/s`);
+    console.log(`${'connections/s (GET, sequential), unfiltered (passt)'.padEnd(56)} median ${median(cps.unfiltered).toFixed(1)}/s`);
+    console.log(`${'connections/s (GET, sequential), egress policy'.padEnd(56)} median ${median(cps.policy).toFixed(1)}/s`);
+    console.log(
+      `
+throughput policy / unfiltered: ${(tput * 100).toFixed(0)}% (target >= 80%: ${tput >= 0.8 ? 'met' : 'NOT met'}); ` +
+        `connections/s policy / unfiltered: ${(rate * 100).toFixed(0)}% (target >= 80%: ${rate >= 0.8 ? 'met' : 'NOT met'})`,
+    );
+    return { throughputMBps: mbps, connectionsPerS: cps, throughputRatio: tput, connectionRatio: rate };
+  } finally {
+    await d.stop();
+    server.close();
   }
 }
 
@@ -1141,10 +1249,11 @@ async function benchIdle() {
   }
 }
 
-// BENCH_ONLY=expose|images|accel|cli|cp|sdk|volumes|pool|idle runs one section alone (a minute or two; the whole bench takes several).
-if (['expose', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle'].includes(process.env.BENCH_ONLY ?? '')) {
+// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle runs one section alone (a minute or two; the whole bench takes several).
+if (['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle'].includes(process.env.BENCH_ONLY ?? '')) {
   const only = {
     expose: benchExpose,
+    egress: benchEgress,
     images: benchImages,
     accel: benchAccel,
     cli: benchCli,
@@ -1222,6 +1331,7 @@ try {
   );
   const accel = await benchAccel();
   const expose = await benchExpose();
+  const egress = await benchEgress();
   const images = await benchImages();
   const cliStart = await benchCli();
   const cp = await benchCp();
@@ -1242,6 +1352,7 @@ try {
         exec: { cliMs: cli, apiMs: api, guestSpawnMs: direct.spawn, channelRttMs: direct.rtt, ratio: execRatio },
         accel,
         expose,
+        egress,
         images,
         cli: cliStart,
         cp,

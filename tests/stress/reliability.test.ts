@@ -17,6 +17,9 @@
  *   samples), aegisd's RSS under 300 MiB, and its event-loop delay p99 (from `status`, a 10–20 s
  *   window, so each flood first waits for the last one to leave it) under 100 ms — or, when
  *   `status` does not report it, /v1/status latency as a proxy (the table says which).
+ * - egress: a guest opening connections to an allowed loopback server and a denied metadata
+ *   address, and resolving denied names, as fast as it can for the flood's time: each kind
+ *   happened, every refusal was counted, aegisd's RSS, loop delay and the idle exec as above.
  * - images: an import bomb (issue 26), a `docker save` archive of one layer of 750,000 empty files
  *   (1.5× the default limit per layer, ~6 MiB gzipped): refused with RESOURCE_EXHAUSTED at the
  *   limit, nothing stored, aegisd's peak RSS (sampled every 50 ms) at most 256 MiB over its RSS
@@ -36,10 +39,12 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { isAegisError, type ExecEvent, type Status } from '@aegis/client';
+import { isAegisError, type CreateInstanceRequest, type ExecEvent, type Status } from '@aegis/client';
 import { qemuProcessesFor, ROOT, TestDaemon, teardown } from '../integration/fixture.js';
 import { writeDockerSaveBomb } from '../support/import-bomb.js';
 
@@ -374,8 +379,8 @@ async function removeAll(): Promise<void> {
   }
 }
 
-function create(handle: string, command: string[] = ['sleep', '100000'], memoryMiB?: number) {
-  return d.client.createInstance({ handle, command, network: 'none', ...(memoryMiB ? { memoryMiB } : {}) });
+function create(handle: string, command: string[] = ['sleep', '100000'], memoryMiB?: number, extra: Partial<CreateInstanceRequest> = {}) {
+  return d.client.createInstance({ handle, command, network: 'none', ...(memoryMiB ? { memoryMiB } : {}), ...extra });
 }
 
 describe('load', () => {
@@ -478,7 +483,7 @@ describe('floods', () => {
     name: string,
     handle: string,
     run: (id: string) => Promise<Row>,
-    opts: { memoryMiB?: number; command?: string[] } = {},
+    opts: { memoryMiB?: number; command?: string[]; request?: Partial<CreateInstanceRequest> } = {},
   ): Promise<Row[]> {
     try {
       const loopBefore = await quiet();
@@ -486,7 +491,7 @@ describe('floods', () => {
       const watch = new Watch(d, CALM);
       let main: Row;
       try {
-        const inst = await create(handle, opts.command, opts.memoryMiB);
+        const inst = await create(handle, opts.command, opts.memoryMiB, opts.request);
         main = await run(inst.id);
       } finally {
         await watch.stop();
@@ -626,6 +631,55 @@ describe('floods', () => {
     // The bomb's exec ends with its instance (deleted above), if not before.
     await bomb;
     assertRows(mine);
+  });
+
+  it(`an egress flood: connections to allowed and denied destinations and denied names as fast as the guest can, for ${FLOOD_S} s`, async () => {
+    // The one allowed destination is a server of this test's on loopback (named explicitly, so
+    // the policy lets it through); denied ones are refused before anything is dialled.
+    const server = http.createServer((_req, res) => res.end('ok'));
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const port = (server.address() as AddressInfo).port;
+    const script = `
+import socket, sys, time
+port, dur = int(sys.argv[1]), float(sys.argv[2])
+end = time.time() + dur; ok = denied = noname = 0
+while time.time() < end:
+    try:
+        s = socket.create_connection(('127.0.0.1', port), timeout=5); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')
+        if s.recv(100): ok += 1
+        s.close()
+    except OSError: pass
+    try:
+        s = socket.create_connection(('169.254.169.254', 80), timeout=5); s.sendall(b'x')
+        if not s.recv(1): denied += 1
+        s.close()
+    except OSError: denied += 1
+    try: socket.gethostbyname('x%d.flood.test' % noname)
+    except OSError: noname += 1
+print(ok, denied, noname)
+`;
+    try {
+      const mine = await flood(
+        'egress flood',
+        'flood-egress',
+        async (id) => {
+          const r = await runExec(d, id, ['python3', '-c', script, String(port), String(FLOOD_S)], 120_000);
+          const [ok, denied, noname] = r.head.trim().split(' ').map(Number) as [number, number, number];
+          const view = await d.client.instanceEgress(id);
+          const counted = view.counters.reduce((n, c) => n + c.denied, 0);
+          return record(
+            'egress flood',
+            `${ok} allowed, ${denied} refused, ${noname} NXDOMAIN in ${secs(r.ms)}; aegisd counted ${counted} denied`,
+            'each kind > 0, every refusal counted',
+            r.exitCode === 0 && ok > 0 && denied > 0 && noname > 0 && counted >= denied + noname,
+          );
+        },
+        { request: { network: 'user', egress: { allow: [`127.0.0.1:${port}`], deny: ['*.test'] } } },
+      );
+      assertRows(mine);
+    } finally {
+      server.close();
+    }
   });
 
   it('a memory hog in an exec', async () => {

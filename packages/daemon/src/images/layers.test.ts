@@ -402,20 +402,17 @@ describe('import bombs (issue 26): limits counted as the layers stream', () => {
   }
 
   it('an import bomb of 200k empty files is refused at the entry limit per layer, leaving nothing behind', async () => {
-    const t0 = Date.now();
     const r = await refusal([await bombFile(200_000)], { entriesPerLayer: 10_000 });
     expect(r).toEqual({
       code: 'RESOURCE_EXHAUSTED',
       message: expect.stringMatching(/exceeds 10,000 entries, the limit per layer$/),
       left: [],
     });
-    // Refused after 10,000 entries, not after reading all 200,000 (which takes seconds).
-    expect(Date.now() - t0).toBeLessThan(5000);
   });
 
   it('the tree refuses the entry past the limit, implied parent directories included, so it never holds more', async () => {
     const tree = new LayerTree(new ContentStore(tmp), { entriesPerLayer: 100, entriesPerImage: 150 });
-    const entry = (name: string) => ({ header: { name, type: 'file' as const, size: 0, mode: 0o644 }, async *[Symbol.asyncIterator]() {} });
+    const entry = (name: string) => ({ header: { name, type: 'file', size: 0, mode: 0o644 } as tar.Header, async *[Symbol.asyncIterator]() {} });
     // 1 implied directory + 99 files: exactly the limit.
     for (let i = 0; i < 99; i++) await tree.apply(entry(`dir/f${i}`), 0, 'layer 1');
     expect(tree.entries).toBe(100);

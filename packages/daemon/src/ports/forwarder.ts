@@ -106,11 +106,15 @@ export class PortForwarder {
    * The guest may start a connection at any time, so a policy-carrying channel is connected at
    * once and reconnected if it closes while the VM runs (as after an aegisd restart).
    */
-  private keepOpen(): void {
+  private keepOpen(retryMs = 100): void {
     if (this.closed) return;
+    const openedAt = Date.now();
+    // A channel that closes at once again and again (a guest breaking the protocol) is retried
+    // less and less often, up to every 5 s; one that lived is reopened at once.
+    const next = (): number => (Date.now() - openedAt > 5_000 ? 100 : Math.min(retryMs * 2, 5_000));
     this.dataChannel().then(
-      (ch) => ch.onClose(() => setTimeout(() => this.keepOpen(), 100)),
-      () => setTimeout(() => this.keepOpen(), 500),
+      (ch) => ch.onClose(() => setTimeout(() => this.keepOpen(next()), retryMs)),
+      () => setTimeout(() => this.keepOpen(next()), retryMs),
     );
   }
 

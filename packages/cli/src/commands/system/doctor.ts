@@ -120,9 +120,13 @@ export function doctorCommand(): Command {
         // Images are prepared with mke2fs -d and debugfs; qemu-img makes warm instances' disks.
         toolCheck('debugfs', ['-V'], 'warn', '--image cannot prepare images (apt-get install e2fsprogs)'),
         toolCheck('qemu-img', ['--version'], 'missing', 'apt-get install qemu-utils'),
-        userNet
-          ? { name: 'guest network', status: 'ok', detail: 'passt: outbound TCP/UDP and DNS, host loopback unreachable' }
-          : { name: 'guest network', status: 'warn', detail: 'passt not found: guests get --network none only (apt-get install passt)' },
+        {
+          name: 'guest network',
+          status: 'ok',
+          detail:
+            'user (default): TCP and DNS to public addresses, carried by aegisd under the egress policy; ' +
+            (userNet ? 'unfiltered: passt' : 'unfiltered: unavailable (apt-get install passt)'),
+        },
         fileCheck('guest kernel', kernelPath, 'build it with: make kernel'),
         fileCheck('base rootfs', rootfsPath, 'build it with: make base-rootfs'),
         daemonCheck(status instanceof Error ? status : { pid: status.pid, backend: status.backend.name }),
