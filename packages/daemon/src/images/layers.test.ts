@@ -412,7 +412,10 @@ describe('import bombs (issue 26): limits counted as the layers stream', () => {
 
   it('the tree refuses the entry past the limit, implied parent directories included, so it never holds more', async () => {
     const tree = new LayerTree(new ContentStore(tmp), { entriesPerLayer: 100, entriesPerImage: 150 });
-    const entry = (name: string) => ({ header: { name, type: 'file', size: 0, mode: 0o644 } as tar.Header, async *[Symbol.asyncIterator]() {} });
+    const entry = (name: string) => ({
+      header: { name, type: 'file', size: 0, mode: 0o644 } as tar.Header,
+      async *[Symbol.asyncIterator]() {},
+    });
     // 1 implied directory + 99 files: exactly the limit.
     for (let i = 0; i < 99; i++) await tree.apply(entry(`dir/f${i}`), 0, 'layer 1');
     expect(tree.entries).toBe(100);
