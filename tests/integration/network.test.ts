@@ -6,6 +6,7 @@
  * address. Nothing a guest sends leaves the machine; the host-loopback and host-address
  * services it must not reach are real servers of the daemon's namespace.
  */
+import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ROOT, useDaemon } from './fixture.js';
@@ -236,6 +237,53 @@ describe('guest network', () => {
     expect(bad.stderr).toMatch(/egress pattern "not a name"/);
     expect(bad.stderr.trim().split('\n')).toHaveLength(1);
     expect(bad.code).not.toBe(0);
+  });
+
+  it('a secret bound to a host is brokered: the guest holds a placeholder, the host puts the value in requests to that host only', async () => {
+    const d = daemon();
+    const VALUE = 's3cr3t-value-for-example';
+    await d.client.setSecret('TOKEN', VALUE, ['example.test']);
+    expect((await d.client.listSecrets()).find((s) => s.name === 'TOKEN')?.hosts).toEqual(['example.test']);
+    await d.client.createInstance({ command: ['sleep', '600'], handle: 'brokered', secrets: ['TOKEN'] });
+    const sha = (s: string): string => createHash('sha256').update(s).digest('hex');
+    const script = `
+import os, urllib.request
+t = os.environ['TOKEN']
+print('placeholder', t.startswith('aegis-secret-'))
+for url in ['https://example.test:8443/?key=' + t, 'http://example.test:8081/?key=' + t, 'http://second.test:8081/?key=' + t]:
+    r = urllib.request.urlopen(urllib.request.Request(url, headers={'Authorization': 'Bearer ' + t}), timeout=10)
+    print(url.split('?')[0], r.read().decode().strip(), r.headers['x-seen-authorization-sha256'], r.headers['x-seen-url-sha256'])
+`;
+    const r = await d.cli(['exec', 'brokered', '--', 'python3', '-c', script]);
+    expect(r.stderr).toBe('');
+    const env = await d.cli(['exec', 'brokered', '--', 'sh', '-c', 'echo "$TOKEN"']);
+    const placeholder = env.stdout.trim();
+    expect(placeholder).toMatch(/^aegis-secret-[0-9a-f]{48}$/);
+    const lines = r.stdout.trim().split('\n');
+    expect(lines[0]).toBe('placeholder True');
+    // Over HTTPS (terminated by the broker with the instance's CA, which the guest trusts) and HTTP: the value.
+    expect(lines[1]).toBe(`https://example.test:8443/ outside-ok ${sha(`Bearer ${VALUE}`)} ${sha(`/?key=${VALUE}`)}`);
+    expect(lines[2]).toBe(`http://example.test:8081/ outside-ok ${sha(`Bearer ${VALUE}`)} ${sha(`/?key=${VALUE}`)}`);
+    // Anywhere else, the placeholder goes out as it is.
+    expect(lines[3]).toBe(`http://second.test:8081/ second-ok ${sha(`Bearer ${placeholder}`)} ${sha(`/?key=${placeholder}`)}`);
+    // The value is nowhere in the guest: environments, command lines, files.
+    const search = await d.cli([
+      'exec',
+      'brokered',
+      '--',
+      'sh',
+      '-c',
+      `cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | grep -c "${VALUE.slice(0, 12)}"; grep -rls "${VALUE.slice(0, 12)}" /etc /root /tmp /run 2>/dev/null | wc -l`,
+    ]);
+    expect(search.stdout.trim().split('\n')).toEqual(['0', '0']);
+    // Nor in what the daemon shows or logs.
+    expect(JSON.stringify(await d.client.getInstance('brokered'))).not.toContain(VALUE);
+    expect(JSON.stringify(await d.client.instanceEgress('brokered', true))).not.toContain(VALUE);
+    expect(d.log()).not.toContain(VALUE);
+    // Without the egress policy there is nothing to broker with: refused, not handed over.
+    await expect(d.client.createInstance({ command: ['true'], secrets: ['TOKEN'], network: 'unfiltered' })).rejects.toMatchObject({
+      code: 'FAILED_PRECONDITION',
+    });
   });
 
   it('refuses an unknown network mode with a coded error', async () => {

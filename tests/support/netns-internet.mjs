@@ -10,6 +10,7 @@
 // 10.99.0.5 (a public name answering with a private address), meta.test -> 169.254.169.254,
 // lan.test -> 10.99.0.5; NXDOMAIN otherwise. It prints "ready" once everything listens.
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import dgram from 'node:dgram';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
@@ -52,8 +53,10 @@ sh('ip', 'route', 'add', 'default', 'dev', link);
 const listen = (server, port, host) => new Promise((resolve) => server.listen(port, host, resolve));
 const answer = (req, res) => {
   const body = ADDRESSES[req.socket.localAddress.replace(/^::ffff:/, '')] ?? 'unknown';
-  // Echoes what a secret broker would have to rewrite, so tests can see what arrived.
-  res.setHeader('x-seen-authorization', req.headers['authorization'] ?? '');
+  // What a secret broker rewrites, as digests: tests see what arrived without the guest seeing a value.
+  const sha = (s) => createHash('sha256').update(s).digest('hex');
+  res.setHeader('x-seen-authorization-sha256', sha(req.headers['authorization'] ?? ''));
+  res.setHeader('x-seen-url-sha256', sha(req.url ?? ''));
   res.end(`${body}\n`);
 };
 await listen(http.createServer(answer), 8081, '0.0.0.0');

@@ -9,8 +9,9 @@
 //   - HTTP on 127.0.0.1:8082 answering "loopback-secret" (a service on the host's loopback),
 //   - HTTP on 0.0.0.0:8084 answering "host-secret" (a host service on every host address),
 // points /etc/resolv.conf (in its own mount namespace) at the internet's DNS server, makes a
-// test CA and a certificate for the internet's HTTPS server, then runs the daemon command as
-// its child and exits with it, passing on SIGTERM and SIGINT.
+// test CA and a certificate for the internet's HTTPS server (the daemon trusts the CA through
+// AEGIS_EXTRA_CA_CERTS), then runs the daemon command as its child and exits with it, passing
+// on SIGTERM and SIGINT.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -107,7 +108,7 @@ await serve('127.0.0.1', 8082, 'loopback-secret\n');
 await serve('0.0.0.0', 8084, 'host-secret\n');
 
 const [cmd, ...args] = process.argv.slice(2);
-const child = spawn(cmd, args, { stdio: 'inherit', env: { ...process.env, AEGIS_WORLD_CERTS: certs } });
+const child = spawn(cmd, args, { stdio: 'inherit', env: { ...process.env, AEGIS_WORLD_CERTS: certs, AEGIS_EXTRA_CA_CERTS: `${certs}/ca.crt` } });
 for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => child.kill(sig));
 child.on('exit', (code, sig) => {
   internet.kill();

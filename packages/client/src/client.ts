@@ -332,8 +332,9 @@ export class AegisClient {
     return this.call({ method: 'POST', path: p, body });
   }
 
-  setSecret(name: string, value: string): Promise<SecretMeta> {
-    return this.call({ method: 'PUT', path: `/v1/secrets/${encodeURIComponent(name)}`, body: { value } });
+  /** `hosts`: broker it to these hosts only (the guest gets a placeholder); none: the value goes into environments. */
+  setSecret(name: string, value: string, hosts: string[] = []): Promise<SecretMeta> {
+    return this.call({ method: 'PUT', path: `/v1/secrets/${encodeURIComponent(name)}`, body: hosts.length > 0 ? { value, hosts } : { value } });
   }
 
   async listSecrets(): Promise<SecretMeta[]> {

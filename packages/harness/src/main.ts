@@ -27,6 +27,7 @@ import { Channel } from './channel.js';
 import { GuestProcess, OutputGate } from './processes.js';
 import { guestStats, listProcesses } from './ps.js';
 import { startFileService } from './files.js';
+import { trustCa } from './trust.js';
 
 /**
  * After the workload exits, how long we wait for the host's `shutdown` before powering off.
@@ -77,6 +78,8 @@ class Harness {
         return this.stdin(parseParams.stdin(raw));
       case 'fresh':
         return this.freshener.apply(parseParams.fresh(raw));
+      case 'trust':
+        return trustCa(parseParams.trust(raw).caPem).then(() => ({}));
       case 'resize': {
         const p = parseParams.resize(raw);
         this.target(p.execId).resize(p);

@@ -15,7 +15,9 @@
  */
 import { promises as dnsp } from 'node:dns';
 import net from 'node:net';
+import type { Duplex } from 'node:stream';
 import * as dnsPacket from 'dns-packet';
+import { duplexPair } from '../ports/duplex-pair.js';
 import type { EgressConnection, EgressHandler, FirstBytesVerdict, GuestDestination } from '../ports/data-channel.js';
 import { addressMatches, nameMatches, namesExplicitly, parseRules, refusedByDefault, type Rule } from './rules.js';
 import { serverName } from './server-name.js';
@@ -72,6 +74,14 @@ export const EGRESS_LIMITS = {
 
 const RCODE = { NOERROR: 0, SERVFAIL: 2, NXDOMAIN: 3 } as const;
 
+/** What carries the connections to hosts secrets are bound to (egress/broker.ts's SecretBroker). */
+export interface Broker {
+  /** Whether a connection asking for `name` (TLS SNI, HTTP Host) is to be brokered. */
+  brokers(name: string): boolean;
+  /** Serves one guest connection, whose bytes (from the first) arrive on `guest`. */
+  handle(guest: Duplex, dest: GuestDestination, head: Buffer, serverName: string): void;
+}
+
 type Resolve4 = (name: string) => Promise<Array<{ address: string; ttl: number }>>;
 
 export interface EgressOptions {
@@ -89,6 +99,7 @@ export class Egress implements EgressHandler {
   private readonly log: EgressDecision[] = [];
   private readonly counters = new Map<string, EgressCounter>();
   private connecting = 0;
+  private broker: Broker | undefined;
   private readonly resolve4: Resolve4;
   private readonly onDecision: ((d: EgressDecision) => void) | undefined;
 
@@ -107,6 +118,11 @@ export class Egress implements EgressHandler {
       deny: this.denyRules.map((r) => r.text),
       ...(this.privateNamed ? {} : { privateRanges: 'never' as const }),
     };
+  }
+
+  /** The broker for the instance's secrets bound to hosts (none: every connection is spliced). */
+  setBroker(broker: Broker | undefined): void {
+    this.broker = broker;
   }
 
   /** Adds rules while the instance runs; they apply to new connections and queries at once. */
@@ -292,6 +308,10 @@ export class Egress implements EgressHandler {
       bytesOut: 0,
       bytesIn: 0,
     });
+    // An address a brokered host's name answered with: the first bytes decide between the
+    // broker (the name asked for is bound to a secret) and a plain splice.
+    const broker = this.broker;
+    if (broker && names.some((n) => broker.brokers(n))) return this.brokered(broker, dest, entry, checkNames && byName);
     this.connecting++;
     let socket: net.Socket;
     try {
@@ -312,6 +332,38 @@ export class Egress implements EgressHandler {
     const conn: EgressConnection = { socket };
     if (checkNames) conn.inspect = (head, ended) => this.inspect(head, ended, entry, byName);
     return conn;
+  }
+
+  private brokered(broker: Broker, dest: GuestDestination, entry: EgressDecision, byName: boolean): EgressConnection {
+    const [mine, theirs] = duplexPair();
+    let bytesOut = 0;
+    let bytesIn = 0;
+    theirs.on('data', (c: Buffer) => (bytesOut += c.length));
+    mine.on('data', (c: Buffer) => (bytesIn += c.length));
+    theirs.once('close', () => {
+      entry.bytesOut = bytesOut;
+      entry.bytesIn = bytesIn;
+      const c = this.counter(entry.name ?? dest.address, dest.port);
+      c.bytesOut += bytesOut;
+      c.bytesIn += bytesIn;
+    });
+    theirs.pause(); // until the first bytes have decided where it goes
+    return {
+      socket: mine,
+      inspect: (head, ended) => {
+        const verdict = this.inspect(head, ended, entry, byName);
+        if (verdict !== 'ok') return verdict;
+        const found = serverName(head);
+        if (found.kind === 'more') return 'more';
+        const name = found.kind === 'tls' || found.kind === 'http' ? found.name : undefined;
+        if (name !== undefined && broker.brokers(name)) {
+          entry.reason += '; secrets brokered';
+          broker.handle(theirs, dest, Buffer.alloc(0), name);
+        } else spliceTo(theirs, dest);
+        theirs.resume();
+        return 'ok';
+      },
+    };
   }
 
   private inspect(head: Buffer, _ended: boolean, entry: EgressDecision, byName: boolean): FirstBytesVerdict {
@@ -361,6 +413,19 @@ export class Egress implements EgressHandler {
     }
     return c;
   }
+}
+
+/** Carries a guest connection's bytes to `dest` as they are (one that was not to be brokered). */
+function spliceTo(guest: Duplex, dest: GuestDestination): void {
+  openSocket(dest.address, dest.port).then(
+    (up) => {
+      guest.pipe(up);
+      up.pipe(guest);
+      up.once('close', () => guest.destroy());
+      guest.once('close', () => up.destroy());
+    },
+    () => guest.destroy(),
+  );
 }
 
 /** Connects upstream; refused, unreachable and slow destinations all fail within the timeout. */

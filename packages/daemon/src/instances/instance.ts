@@ -19,6 +19,7 @@ import type { Readable } from 'node:stream';
 import { AegisError, type FileRequest, type PsResult } from '@aegis/protocol';
 import type { EgressPolicy, EgressView } from '@aegis/protocol/api';
 import type { Vm } from '@aegis/vmm';
+import { SecretBroker, instanceCa } from '../egress/broker.js';
 import { Egress } from '../egress/egress.js';
 import type { InstanceRow } from '../registry/db.js';
 import { PortForwarder } from '../ports/forwarder.js';
@@ -37,6 +38,18 @@ import { DEFAULT_STOP_TIMEOUT_MS, InstanceOwner, type StartPlan, type FileOpRequ
 const RUN_TIMEOUT_MS = 30_000;
 /** Operations a stop or delete may cut short. */
 const CANCELLABLE = ['start', 'restart'] as const;
+
+/**
+ * Where a workload with brokered secrets finds the broker's CA (harness trust.ts writes both
+ * files, in our root and the image's): a full bundle for OpenSSL, Python and curl, the CA alone
+ * for Node, which adds it to its own.
+ */
+const TRUST_ENV = {
+  SSL_CERT_FILE: '/etc/aegis/ca-bundle.pem',
+  REQUESTS_CA_BUNDLE: '/etc/aegis/ca-bundle.pem',
+  CURL_CA_BUNDLE: '/etc/aegis/ca-bundle.pem',
+  NODE_EXTRA_CA_CERTS: '/etc/aegis/egress-ca.pem',
+};
 
 export class Instance extends InstanceOwner {
   /** The last CPU sample of its VMM, for `stats` (CPU since the previous call). */
@@ -61,7 +74,7 @@ export class Instance extends InstanceOwner {
           row = this.row();
         }
         requireState(row.handle, row.state, ['stopped', 'failed'], 'restart');
-        const secretEnv = this.s.secrets.resolve(row.spec.secrets);
+        const secretEnv = this.s.secrets.environment(row.spec.secrets, this.id, row.network === 'user').env;
         const image = row.image ? this.s.images.resolveDigest(row.image.digest) : undefined;
         if (!this.s.networkModes.includes(row.network)) {
           throw new AegisError('UNSUPPORTED', `the ${this.s.backend.name} backend cannot give this instance its network here`);
@@ -122,9 +135,12 @@ export class Instance extends InstanceOwner {
       }
       signal.throwIfAborted();
       if (this.live) this.serve(this.live, forwarder);
+      // Secrets brokered at egress: the broker holds their values, the guest trusts its CA.
+      const broker = await this.ensureBroker(row);
+      if (broker) await agent.call('trust', { caPem: broker.caPem }, { timeoutMs: 15_000, signal });
       const params = {
         command: row.command,
-        env: plan.env,
+        env: broker ? { ...plan.env, ...TRUST_ENV } : plan.env,
         ...(row.workdir ? { workdir: row.workdir } : {}),
         ...(row.spec.user !== undefined ? { user: row.spec.user } : {}),
         ...(row.spec.stdin ? { stdin: true } : {}),
@@ -223,6 +239,12 @@ export class Instance extends InstanceOwner {
         egress: this.egressFor(this.row()),
       },
     );
+    // A running instance adopted by a restarted aegisd: its broker again (the guest trusts its CA already).
+    if (this.row().state === 'running') {
+      void this.ensureBroker(this.row()).catch((err: unknown) =>
+        this.s.log.warn(`instance ${live.handle}: egress broker: ${(err as Error).message}`),
+      );
+    }
   }
 
   /** Stops the instance; a start in flight is cancelled first (nothing boots afterwards). */
@@ -313,7 +335,8 @@ export class Instance extends InstanceOwner {
           // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
           const image = row.image ? this.s.images.resolveDigest(row.image.digest).config : undefined;
           const workdir = req.workdir ?? image?.workingDir;
-          const secretEnv = this.s.secrets.resolve(row.spec.secrets, { skipMissing: true });
+          const secrets = this.s.secrets.environment(row.spec.secrets, this.id, row.network === 'user', { skipMissing: true });
+          const secretEnv = { ...secrets.env, ...(secrets.brokered.length > 0 ? TRUST_ENV : {}) };
           const params = {
             execId,
             command: req.command,
@@ -401,6 +424,24 @@ export class Instance extends InstanceOwner {
     if (row.network !== 'user') return undefined;
     this.egressState ??= new Egress(row.spec.egress ?? { allow: [], deny: [] });
     return this.egressState;
+  }
+
+  /**
+   * The egress broker of an instance with secrets bound to hosts (made at each start, and again
+   * by a restarted aegisd for a running one: its CA is derived from the instance, not stored);
+   * undefined when it has none.
+   */
+  private async ensureBroker(row: InstanceRow): Promise<{ caPem: string } | undefined> {
+    const egress = this.egressFor(row);
+    if (!egress) return undefined;
+    const { brokered } = this.s.secrets.environment(row.spec.secrets, this.id, true, { skipMissing: true });
+    if (brokered.length === 0) {
+      egress.setBroker(undefined);
+      return undefined;
+    }
+    const ca = await instanceCa(this.s.secrets.instanceSeed(this.id), row.handle);
+    egress.setBroker(new SecretBroker({ ca, secrets: brokered.map(({ placeholder, value, hosts }) => ({ placeholder, value, hosts })) }));
+    return { caPem: ca.certPem };
   }
 
   egress(withLog: boolean): EgressView {

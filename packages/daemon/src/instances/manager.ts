@@ -144,8 +144,10 @@ export class InstanceManager {
     await this.checkArtifacts();
     // Secrets are resolved first: an unknown name fails before anything exists. The values
     // live only in this request's memory and the guest's; the registry never sees them.
-    const secretEnv = this.secrets.resolve(req.secrets ?? []);
-    for (const k of Object.keys(secretEnv)) {
+    const network = req.network ?? this.defaultNetwork();
+    // Checked before anything exists: names known, and a secret bound to hosts only where it can be brokered.
+    const secretNames = Object.keys(this.secrets.environment(req.secrets ?? [], 'admission', network === 'user').env);
+    for (const k of secretNames) {
       if (req.env && Object.hasOwn(req.env, k)) {
         throw new AegisError('INVALID_ARGUMENT', `${k} is given both as an environment variable and as a secret`);
       }
@@ -156,7 +158,6 @@ export class InstanceManager {
         `the ${this.backend.name} backend cannot give a guest network "${req.network}" here (aegis doctor)`,
       );
     }
-    const network = req.network ?? this.defaultNetwork();
     if (req.egress && network !== 'user') {
       throw new AegisError('INVALID_ARGUMENT', `egress rules need the default network (user); this instance's is ${network}`);
     }
@@ -201,6 +202,8 @@ export class InstanceManager {
     const owner = this.ownerOf(row.id);
     owner.armFromRow();
     // Its first operation: nothing can be queued before it. A caller that goes away cancels it.
+    // Values, or the placeholders of secrets brokered at egress (derived from the instance's id).
+    const secretEnv = this.secrets.environment(req.secrets ?? [], row.id, network === 'user').env;
     return owner.start({ forwarder, image, env: { ...imageEnv(image?.config), ...req.env, ...secretEnv }, pooled, shape }, signal);
   }
 

@@ -61,6 +61,8 @@ const MIGRATIONS: string[] = [
    )`,
   // JSON VolumeMount[]: the instance's host directories and named volumes (docker -v).
   `ALTER TABLE instances ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]'`,
+  // JSON string[]: the hosts a brokered secret's value may go to (egress/broker.ts); [] hands it over.
+  `ALTER TABLE secrets ADD COLUMN hosts TEXT NOT NULL DEFAULT '[]'`,
 ];
 
 /** The schema version this build writes (PRAGMA user_version). */
@@ -69,6 +71,8 @@ export const SCHEMA_VERSION = MIGRATIONS.length;
 export interface SecretRow {
   name: string;
   value: Buffer;
+  /** Where a brokered secret's value may go; empty: into the environment as is. */
+  hosts: string[];
   createdAt: number;
   updatedAt: number;
 }
@@ -76,6 +80,7 @@ export interface SecretRow {
 interface RawSecret {
   name: string;
   value: Buffer;
+  hosts: string;
   created_at: number;
   updated_at: number;
 }
@@ -88,7 +93,13 @@ interface RawVolume {
 
 const volumeFromRaw = (r: RawVolume): VolumeRow => ({ name: r.name, sizeMiB: r.size_mib, createdAt: r.created_at });
 
-const secretFromRaw = (r: RawSecret): SecretRow => ({ name: r.name, value: r.value, createdAt: r.created_at, updatedAt: r.updated_at });
+const secretFromRaw = (r: RawSecret): SecretRow => ({
+  name: r.name,
+  value: r.value,
+  hosts: JSON.parse(r.hosts) as string[],
+  createdAt: r.created_at,
+  updatedAt: r.updated_at,
+});
 
 export interface InstanceRow {
   id: string;
@@ -349,13 +360,13 @@ export class Registry {
     return (this.db.prepare('SELECT * FROM instances ORDER BY created_at').all() as RawRow[]).map(fromRaw);
   }
 
-  putSecret(name: string, value: Buffer, now: number): SecretRow {
+  putSecret(name: string, value: Buffer, now: number, hosts: string[] = []): SecretRow {
     this.db
       .prepare(
-        `INSERT INTO secrets (name, value, created_at, updated_at) VALUES (?, ?, ?, ?)
-         ON CONFLICT(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at`,
+        `INSERT INTO secrets (name, value, hosts, created_at, updated_at) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT(name) DO UPDATE SET value = excluded.value, hosts = excluded.hosts, updated_at = excluded.updated_at`,
       )
-      .run(name, value, now, now);
+      .run(name, value, JSON.stringify(hosts), now, now);
     const row = this.getSecret(name);
     if (!row) throw new AegisError('INTERNAL', 'secret vanished after write');
     return row;

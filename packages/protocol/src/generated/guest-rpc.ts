@@ -520,6 +520,34 @@ export const guestRpcSchema = {
         ]
       ]
     },
+    "trust": {
+      "description": "Makes a CA certificate trusted in the guest's roots (ours and the image's) before the workload starts: written to /etc/aegis/egress-ca.pem, appended to the system bundles found (Debian's, RHEL's, Alpine's), and a full bundle written to /etc/aegis/ca-bundle.pem for SSL_CERT_FILE and its kin. The egress broker's per-instance CA (secrets brokered at egress).",
+      "params": {
+        "type": "object",
+        "properties": {
+          "caPem": {
+            "description": "One PEM certificate.",
+            "type": "string",
+            "maxLength": 16384,
+            "pattern": "^-----BEGIN CERTIFICATE-----\\n[A-Za-z0-9+/=\\n]+-----END CERTIFICATE-----\\n?$",
+            "x-message": "caPem must be one PEM certificate"
+          }
+        },
+        "required": [
+          "caPem"
+        ],
+        "additionalProperties": false
+      },
+      "result": {
+        "$ref": "#/$defs/Empty"
+      },
+      "errors": [
+        [
+          "INTERNAL",
+          "a bundle could not be written"
+        ]
+      ]
+    },
     "health": {
       "description": "Whether the harness answers, and its workload.",
       "params": {
@@ -796,6 +824,13 @@ export interface FreshParams {
 }
 export type FreshResult = Record<string, never>;
 
+/** Makes a CA certificate trusted in the guest's roots (ours and the image's) before the workload starts: written to /etc/aegis/egress-ca.pem, appended to the system bundles found (Debian's, RHEL's, Alpine's), and a full bundle written to /etc/aegis/ca-bundle.pem for SSL_CERT_FILE and its kin. The egress broker's per-instance CA (secrets brokered at egress). */
+export interface TrustParams {
+  /** One PEM certificate. */
+  caPem: string;
+}
+export type TrustResult = Record<string, never>;
+
 /** Whether the harness answers, and its workload. */
 export type HealthParams = Record<string, never>;
 export interface HealthResult {
@@ -847,6 +882,7 @@ export interface GuestMethods {
   ps: { params: PsParams; result: PsResult };
   stats: { params: StatsParams; result: StatsResult };
   fresh: { params: FreshParams; result: FreshResult };
+  trust: { params: TrustParams; result: TrustResult };
   health: { params: HealthParams; result: HealthResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }

@@ -917,6 +917,8 @@ export interface components {
         SetSecretRequest: {
             /** @description Put in workloads' environments, so it cannot contain a NUL byte */
             value: string;
+            /** @description Broker the secret: instances get a placeholder in their environment, and aegisd puts the value in place of it only in HTTP(S) requests to these hosts (a name, or `*.suffix`). Empty or absent: the value itself goes into the environment (the weaker mode). */
+            hosts?: string[];
         };
         Secret: {
             name: string;
@@ -924,6 +926,8 @@ export interface components {
             createdAt: string;
             /** Format: date-time */
             updatedAt: string;
+            /** @description The hosts the value is brokered to; absent: handed to the guest as is */
+            hosts?: string[];
         };
         SecretList: {
             secrets: components["schemas"]["Secret"][];

@@ -17,10 +17,16 @@ export function secretCommand(): Command {
     .description('create or replace a secret; VALUE "-" reads it from stdin (keeps it out of shell history)')
     .argument('<KEY>', 'name: letters, digits, _')
     .argument('<VALUE>', 'the value, or - for stdin')
-    .action(async (key: string, value: string) => {
+    .option(
+      '--host <NAME>',
+      'broker it: instances see a placeholder, and aegisd puts the value in its place only in HTTP(S) requests to this host ' +
+        '(a name or *.suffix; repeatable). Without --host the value itself goes into the environment',
+      (v: string, prev: string[] = []) => [...prev, v],
+    )
+    .action(async (key: string, value: string, o: { host?: string[] }) => {
       try {
         const v = value === '-' ? await readStdin() : value;
-        await client().setSecret(key, v);
+        await client().setSecret(key, v, o.host ?? []);
         process.stdout.write(`${key}\n`);
       } catch (err) {
         fail(err);
@@ -39,7 +45,9 @@ export function secretCommand(): Command {
           process.stdout.write(JSON.stringify(list, null, 2) + '\n');
           return;
         }
-        process.stdout.write(table([['NAME', 'CREATED', 'UPDATED'], ...list.map((s) => [s.name, s.createdAt, s.updatedAt])]));
+        process.stdout.write(
+          table([['NAME', 'HOSTS', 'CREATED', 'UPDATED'], ...list.map((s) => [s.name, s.hosts?.join(',') ?? '-', s.createdAt, s.updatedAt])]),
+        );
       } catch (err) {
         fail(err);
       }

@@ -21,7 +21,7 @@ export function secretRoutes(d: DaemonContext): Route[] {
       path: '/v1/secrets/{name}',
       handler: ({ params, body }) => {
         const req = validateBody('SetSecretRequest', body);
-        return Promise.resolve(reply('setSecret', 200, d.secrets.set(name(params), req.value)));
+        return Promise.resolve(reply('setSecret', 200, d.secrets.set(name(params), req.value, req.hosts ?? [])));
       },
     },
     {
