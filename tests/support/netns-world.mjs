@@ -108,7 +108,10 @@ await serve('127.0.0.1', 8082, 'loopback-secret\n');
 await serve('0.0.0.0', 8084, 'host-secret\n');
 
 const [cmd, ...args] = process.argv.slice(2);
-const child = spawn(cmd, args, { stdio: 'inherit', env: { ...process.env, AEGIS_WORLD_CERTS: certs, AEGIS_EXTRA_CA_CERTS: `${certs}/ca.crt` } });
+const child = spawn(cmd, args, {
+  stdio: 'inherit',
+  env: { ...process.env, AEGIS_WORLD_CERTS: certs, AEGIS_EXTRA_CA_CERTS: `${certs}/ca.crt` },
+});
 for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => child.kill(sig));
 child.on('exit', (code, sig) => {
   internet.kill();

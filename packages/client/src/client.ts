@@ -334,7 +334,11 @@ export class AegisClient {
 
   /** `hosts`: broker it to these hosts only (the guest gets a placeholder); none: the value goes into environments. */
   setSecret(name: string, value: string, hosts: string[] = []): Promise<SecretMeta> {
-    return this.call({ method: 'PUT', path: `/v1/secrets/${encodeURIComponent(name)}`, body: hosts.length > 0 ? { value, hosts } : { value } });
+    return this.call({
+      method: 'PUT',
+      path: `/v1/secrets/${encodeURIComponent(name)}`,
+      body: hosts.length > 0 ? { value, hosts } : { value },
+    });
   }
 
   async listSecrets(): Promise<SecretMeta[]> {

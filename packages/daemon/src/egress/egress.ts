@@ -77,9 +77,11 @@ const RCODE = { NOERROR: 0, SERVFAIL: 2, NXDOMAIN: 3 } as const;
 /** What carries the connections to hosts secrets are bound to (egress/broker.ts's SecretBroker). */
 export interface Broker {
   /** Whether a connection asking for `name` (TLS SNI, HTTP Host) is to be brokered. */
-  brokers(name: string): boolean;
+  brokers(name: string, port?: number): boolean;
   /** Serves one guest connection, whose bytes (from the first) arrive on `guest`. */
   handle(guest: Duplex, dest: GuestDestination, head: Buffer, serverName: string): void;
+  /** Ends what it carries (a broker replaced at a restart). */
+  close(): void;
 }
 
 type Resolve4 = (name: string) => Promise<Array<{ address: string; ttl: number }>>;
@@ -122,7 +124,18 @@ export class Egress implements EgressHandler {
 
   /** The broker for the instance's secrets bound to hosts (none: every connection is spliced). */
   setBroker(broker: Broker | undefined): void {
+    if (this.broker !== broker) this.broker?.close();
     this.broker = broker;
+  }
+
+  /**
+   * The addresses the guest's own DNS answers gave `name` (unexpired): where a plain-HTTP
+   * request for a brokered host may go (the broker checks the address the guest dialled).
+   */
+  addressesPinnedTo(name: string): string[] {
+    const n = name.toLowerCase().replace(/\.$/, '');
+    const now = Date.now();
+    return [...this.pins].filter(([, names]) => (names.get(n) ?? 0) >= now).map(([address]) => address);
   }
 
   /** Adds rules while the instance runs; they apply to new connections and queries at once. */
@@ -311,7 +324,7 @@ export class Egress implements EgressHandler {
     // An address a brokered host's name answered with: the first bytes decide between the
     // broker (the name asked for is bound to a secret) and a plain splice.
     const broker = this.broker;
-    if (broker && names.some((n) => broker.brokers(n))) return this.brokered(broker, dest, entry, checkNames && byName);
+    if (broker && names.some((n) => broker.brokers(n, port))) return this.brokered(broker, dest, entry, checkNames && byName);
     this.connecting++;
     let socket: net.Socket;
     try {
@@ -356,11 +369,15 @@ export class Egress implements EgressHandler {
         const found = serverName(head);
         if (found.kind === 'more') return 'more';
         const name = found.kind === 'tls' || found.kind === 'http' ? found.name : undefined;
-        if (name !== undefined && broker.brokers(name)) {
+        if (name !== undefined && broker.brokers(name, dest.port)) {
           entry.reason += '; secrets brokered';
-          broker.handle(theirs, dest, Buffer.alloc(0), name);
-        } else spliceTo(theirs, dest);
-        theirs.resume();
+          bytesOut += head.length;
+          broker.handle(theirs, dest, head, name);
+          theirs.resume();
+          return 'taken';
+        }
+        // Stays paused until the upstream connection is there to take the head (pipe resumes it).
+        spliceTo(theirs, dest);
         return 'ok';
       },
     };

@@ -440,7 +440,14 @@ export class Instance extends InstanceOwner {
       return undefined;
     }
     const ca = await instanceCa(this.s.secrets.instanceSeed(this.id), row.handle);
-    egress.setBroker(new SecretBroker({ ca, secrets: brokered.map(({ placeholder, value, hosts }) => ({ placeholder, value, hosts })) }));
+    egress.setBroker(
+      new SecretBroker({
+        ca,
+        secrets: brokered.map(({ placeholder, value, hosts }) => ({ placeholder, value, hosts })),
+        // Plain HTTP goes only to an address the guest's own answers gave the bound name.
+        addressesOf: (name) => Promise.resolve(egress.addressesPinnedTo(name)),
+      }),
+    );
     return { caPem: ca.certPem };
   }
 

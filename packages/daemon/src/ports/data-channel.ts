@@ -65,10 +65,12 @@ export interface GuestDestination {
 }
 
 /**
- * What a guest connection's first bytes decide: `more` (not enough yet), `ok` (carry it), or a
- * reason to refuse it (a TLS server name or HTTP host the policy does not allow).
+ * What a guest connection's first bytes decide: `more` (not enough yet), `ok` (carry it, those
+ * bytes first), `taken` (carry it, but the inspector took those bytes itself: the secret
+ * broker replays them), or a reason to refuse it (a TLS server name or HTTP host the policy
+ * does not allow).
  */
-export type FirstBytesVerdict = 'more' | 'ok' | { deny: string };
+export type FirstBytesVerdict = 'more' | 'ok' | 'taken' | { deny: string };
 
 /** A guest connection the egress policy let through, connected to where it was headed. */
 export interface EgressConnection {
@@ -397,6 +399,10 @@ export class DataChannel {
     if (verdict === 'more') return;
     c.inspect = undefined;
     c.head = [];
+    if (verdict === 'taken') {
+      c.ackable += head.length;
+      return this.acknowledge(id, c);
+    }
     if (verdict !== 'ok') {
       this.forget(id);
       this.send(id, FrameType.RST);

@@ -83,7 +83,10 @@ export class SecretStore {
     SecretStore.checkName(name);
     for (const rule of parseRules(hosts, 'allow')) {
       if (rule.target.kind === 'address') {
-        throw new AegisError('INVALID_ARGUMENT', `secret host ${JSON.stringify(rule.text)}: a name or *.suffix (TLS is checked against a name)`);
+        throw new AegisError(
+          'INVALID_ARGUMENT',
+          `secret host ${JSON.stringify(rule.text)}: a name or *.suffix (TLS is checked against a name)`,
+        );
       }
     }
     const iv = randomBytes(IV_BYTES);
@@ -131,7 +134,12 @@ export class SecretStore {
    * the broker. Without brokering, a bound secret is refused: handing its value over would be
    * the opposite of what binding it asked for.
    */
-  environment(names: readonly string[], instanceId: string, brokering: boolean, options: { skipMissing?: boolean } = {}): SecretEnvironment {
+  environment(
+    names: readonly string[],
+    instanceId: string,
+    brokering: boolean,
+    options: { skipMissing?: boolean } = {},
+  ): SecretEnvironment {
     const values = this.resolve(names, options);
     const env: Record<string, string> = {};
     const brokered: BrokeredSecret[] = [];

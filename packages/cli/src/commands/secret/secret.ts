@@ -46,7 +46,10 @@ export function secretCommand(): Command {
           return;
         }
         process.stdout.write(
-          table([['NAME', 'HOSTS', 'CREATED', 'UPDATED'], ...list.map((s) => [s.name, s.hosts?.join(',') ?? '-', s.createdAt, s.updatedAt])]),
+          table([
+            ['NAME', 'HOSTS', 'CREATED', 'UPDATED'],
+            ...list.map((s) => [s.name, s.hosts?.join(',') ?? '-', s.createdAt, s.updatedAt]),
+          ]),
         );
       } catch (err) {
         fail(err);
