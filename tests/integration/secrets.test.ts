@@ -50,7 +50,7 @@ describe('secrets', () => {
     expect(set.code).toBe(0);
 
     const list = await d.cli(['secret', 'list']);
-    expect(list.stdout).toMatch(/^API_TOKEN\s+\d{4}-/m);
+    expect(list.stdout).toMatch(/^API_TOKEN\s+-\s+\d{4}-/m);
     expect(list.stdout).not.toContain(value);
 
     // The workload proves it has the value without printing it.
