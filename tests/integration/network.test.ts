@@ -9,6 +9,7 @@
 import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { buildGlibcImage, exportDockerArchive, GLIBC_IMAGE } from '../support/oci-images.js';
 import { ROOT, useDaemon } from './fixture.js';
 
 const world = ['unshare', '--net', '--mount', process.execPath, path.join(ROOT, 'tests/support/netns-world.mjs')];
@@ -284,6 +285,40 @@ for url in ['https://example.test:8443/?key=' + t, 'http://example.test:8081/?ke
     await expect(d.client.createInstance({ command: ['true'], secrets: ['TOKEN'], network: 'unfiltered' })).rejects.toMatchObject({
       code: 'FAILED_PRECONDITION',
     });
+  });
+
+  it("a brokered secret in an OCI image: the image's own CA bundle gains the broker's CA, and its python reaches the host over HTTPS", async () => {
+    const d = daemon();
+    const VALUE = 'image-secret-value';
+    await d.client.setSecret('IMG_TOKEN', VALUE, ['example.test']);
+    const { layoutDir, ref } = await buildGlibcImage();
+    const tar = path.join(d.home, 'python.tar');
+    await exportDockerArchive(layoutDir, ref, tar, 'aegis-test/python-ca:1');
+    expect((await d.cli(['image', 'import', tar])).code).toBe(0);
+    await d.client.createInstance({
+      command: ['sleep', '600'],
+      handle: 'brokered-image',
+      image: 'aegis-test/python-ca:1',
+      secrets: ['IMG_TOKEN'],
+    });
+    const script = `
+import os, urllib.request
+r = urllib.request.urlopen(urllib.request.Request('https://example.test:8443/', headers={'Authorization': 'Bearer ' + os.environ['IMG_TOKEN']}), timeout=10)
+print(r.read().decode().strip(), r.headers['x-seen-authorization-sha256'])
+`;
+    const r = await d.cli(['exec', 'brokered-image', '--', 'python3', '-c', script]);
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim()).toBe(`outside-ok ${createHash('sha256').update(`Bearer ${VALUE}`).digest('hex')}`);
+    // The image's own bundle keeps its certificate and gains the broker's; the full bundle has both.
+    const bundle = await d.cli([
+      'exec',
+      'brokered-image',
+      '--',
+      'sh',
+      '-c',
+      `grep -c 'BEGIN CERTIFICATE' ${GLIBC_IMAGE.caBundle} /etc/aegis/ca-bundle.pem`,
+    ]);
+    expect(bundle.stdout.trim().split('\n')).toEqual([`${GLIBC_IMAGE.caBundle}:2`, '/etc/aegis/ca-bundle.pem:2']);
   });
 
   it('refuses an unknown network mode with a coded error', async () => {

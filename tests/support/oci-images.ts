@@ -77,6 +77,8 @@ export const GLIBC_IMAGE = {
   opaqueNew: 'new.txt',
   /** uid 1000, gid 1000, mode 0640. */
   ownedFile: '/home/app/secret.txt',
+  /** The image's own CA bundle (one self-signed certificate of its own, CN "image's own CA"). */
+  caBundle: '/etc/ssl/certs/ca-certificates.crt',
   /** Symlink to /usr/bin/python3, in the upper layer. */
   symlink: '/usr/local/bin/py',
   /** Hard link in the upper layer to `hardlinkTarget` in the lower layer. */
@@ -131,8 +133,12 @@ export async function buildGlibcImage(cacheDir = testImagesCacheDir(), options: 
       mtime,
       ...extra,
     });
+    const ownCa = await selfSignedPem("image's own CA");
     const upper = await writeLayer(dir, [
       dirEntry('etc/'),
+      dirEntry('etc/ssl/'),
+      dirEntry('etc/ssl/certs/'),
+      file('etc/ssl/certs/ca-certificates.crt', ownCa, mtime),
       file('etc/group', `root:x:0:\nnogroup:x:65534:\n${user.name}:x:${user.gid}:\n`, mtime),
       file(
         'etc/passwd',
@@ -161,6 +167,33 @@ export async function buildGlibcImage(cacheDir = testImagesCacheDir(), options: 
     ];
   });
   return { layoutDir, ref: options.user ? GLIBC_IMAGE.refs.user : GLIBC_IMAGE.refs.root };
+}
+
+/** A throwaway self-signed certificate (PEM), made with openssl. */
+async function selfSignedPem(cn: string): Promise<string> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'aegis-ca-'));
+  try {
+    await execFileP('openssl', [
+      'req',
+      '-x509',
+      '-newkey',
+      'ec',
+      '-pkeyopt',
+      'ec_paramgen_curve:P-256',
+      '-nodes',
+      '-days',
+      '3650',
+      '-subj',
+      `/CN=${cn}`,
+      '-keyout',
+      path.join(dir, 'key.pem'),
+      '-out',
+      path.join(dir, 'cert.pem'),
+    ]);
+    return await fs.readFile(path.join(dir, 'cert.pem'), 'utf8');
+  } finally {
+    await fs.rm(dir, { recursive: true, force: true });
+  }
 }
 
 /** An image with one statically linked busybox and two of its applets as symlinks: no libc, no shell. */
