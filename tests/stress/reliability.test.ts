@@ -17,7 +17,7 @@
  *   samples), aegisd's RSS under 300 MiB, and its event-loop delay p99 (from `status`, a 10–20 s
  *   window, so each flood first waits for the last one to leave it) under 100 ms — or, when
  *   `status` does not report it, /v1/status latency as a proxy (the table says which).
- * - egress: a guest opening connections to an allowed loopback server and a denied metadata
+ * - egress: a guest opening connections to an allowed server on the host's address and a denied metadata
  *   address, and resolving denied names, as fast as it can for the flood's time: each kind
  *   happened, every refusal was counted, aegisd's RSS, loop delay and the idle exec as above.
  * - images: an import bomb (issue 26), a `docker save` archive of one layer of 750,000 empty files
@@ -42,6 +42,7 @@ import { createHash } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { isAegisError, type CreateInstanceRequest, type ExecEvent, type Status } from '@aegis/client';
@@ -634,18 +635,23 @@ describe('floods', () => {
   });
 
   it(`an egress flood: connections to allowed and denied destinations and denied names as fast as the guest can, for ${FLOOD_S} s`, async () => {
-    // The one allowed destination is a server of this test's on loopback (named explicitly, so
-    // the policy lets it through); denied ones are refused before anything is dialled.
+    // The one allowed destination is a server of this test's on the host's own address (named
+    // explicitly, so the policy lets it through; the guest's 127.0.0.1 is its own); denied ones
+    // are refused before anything is dialled.
+    const hostIp = Object.values(os.networkInterfaces())
+      .flat()
+      .find((a) => a && a.family === 'IPv4' && !a.internal)?.address;
+    expect(hostIp, 'this host needs a non-loopback IPv4 address to serve the guest from').toBeDefined();
     const server = http.createServer((_req, res) => res.end('ok'));
-    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    await new Promise<void>((r) => server.listen(0, hostIp, r));
     const port = (server.address() as AddressInfo).port;
     const script = `
 import socket, sys, time
-port, dur = int(sys.argv[1]), float(sys.argv[2])
+host, port, dur = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 end = time.time() + dur; ok = denied = noname = 0
 while time.time() < end:
     try:
-        s = socket.create_connection(('127.0.0.1', port), timeout=5); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')
+        s = socket.create_connection((host, port), timeout=5); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')
         if s.recv(100): ok += 1
         s.close()
     except OSError: pass
@@ -663,7 +669,7 @@ print(ok, denied, noname)
         'egress flood',
         'flood-egress',
         async (id) => {
-          const r = await runExec(d, id, ['python3', '-c', script, String(port), String(FLOOD_S)], 120_000);
+          const r = await runExec(d, id, ['python3', '-c', script, String(hostIp), String(port), String(FLOOD_S)], 120_000);
           const [ok, denied, noname] = r.head.trim().split(' ').map(Number) as [number, number, number];
           const view = await d.client.instanceEgress(id);
           const counted = view.counters.reduce((n, c) => n + c.denied, 0);
@@ -674,7 +680,7 @@ print(ok, denied, noname)
             r.exitCode === 0 && ok > 0 && denied > 0 && noname > 0 && counted >= denied + noname,
           );
         },
-        { request: { network: 'user', egress: { allow: [`127.0.0.1:${port}`], deny: ['*.test'] } } },
+        { request: { network: 'user', egress: { allow: [`${hostIp}:${port}`], deny: ['*.test'] } } },
       );
       assertRows(mine);
     } finally {
