@@ -412,7 +412,13 @@ t0 = time.time(); n = get(b'/blob'); t1 = time.time()
 assert n > blob_bytes, n
 for _ in range(small_n): get(b'/small')
 t2 = time.time()
-print(n / (t1 - t0) / 1e6, small_n / (t2 - t1))
+s = socket.create_connection((host, port), timeout=120)
+s.sendall(b'POST /upload HTTP/1.0\\r\\nContent-Length: %d\\r\\n\\r\\n' % blob_bytes)
+chunk = b'x' * (1 << 20)
+for _ in range(blob_bytes >> 20): s.sendall(chunk)
+while s.recv(65536): pass
+t3 = time.time()
+print(n / (t1 - t0) / 1e6, small_n / (t2 - t1), blob_bytes / (t3 - t2) / 1e6)
 `;
 
 /**
@@ -431,7 +437,11 @@ async function benchEgress() {
   }
   const blobMiB = 32;
   const blob = Buffer.alloc(blobMiB << 20, 7);
-  const server = http.createServer((req, res) => res.end(req.url === '/blob' ? blob : 'ok\n'));
+  const server = http.createServer((req, res) => {
+    if (req.url !== '/upload') return void res.end(req.url === '/blob' ? blob : 'ok\n');
+    req.resume();
+    req.on('end', () => res.end('ok\n'));
+  });
   await new Promise((r) => server.listen(0, hostIp, r));
   const port = server.address().port;
   const d = await startDaemon(false);
@@ -455,35 +465,50 @@ async function benchEgress() {
         String(blobMiB << 20),
         String(SMALL),
       ]);
-      const [mbps, cps] = r.trim().split(' ').map(Number);
-      if (!Number.isFinite(mbps) || !Number.isFinite(cps)) throw new Error(`${inst.handle}: ${r}`);
-      return { mbps, cps };
+      const [mbps, cps, up] = r.trim().split(' ').map(Number);
+      if (!Number.isFinite(mbps) || !Number.isFinite(cps) || !Number.isFinite(up)) throw new Error(`${inst.handle}: ${r}`);
+      return { mbps, cps, up };
     };
     for (const inst of Object.values(paths)) await measure(inst); // warm-up: python's start, the page cache
     const mbps = { policy: [], unfiltered: [] };
     const cps = { policy: [], unfiltered: [] };
+    const up = { policy: [], unfiltered: [] };
     for (let i = 0; i < RUNS; i++) {
       for (const k of ['unfiltered', 'policy']) {
         const r = await measure(paths[k]);
         mbps[k].push(r.mbps);
         cps[k].push(r.cps);
+        up[k].push(r.up);
       }
     }
     const tput = median(mbps.policy) / median(mbps.unfiltered);
     const rate = median(cps.policy) / median(cps.unfiltered);
+    const upRatio = median(up.policy) / median(up.unfiltered);
     console.log(`
 egress policy (aegisd carries each connection) vs --network unfiltered (passt), same daemon, client in the guest:`);
     console.log(`${`${blobMiB} MiB download, unfiltered (passt)`.padEnd(56)} median ${median(mbps.unfiltered).toFixed(1)} MB/s`);
     console.log(`${`${blobMiB} MiB download, egress policy`.padEnd(56)} median ${median(mbps.policy).toFixed(1)} MB/s`);
+    console.log(`${`${blobMiB} MiB upload, unfiltered (passt)`.padEnd(56)} median ${median(up.unfiltered).toFixed(1)} MB/s`);
+    console.log(`${`${blobMiB} MiB upload, egress policy`.padEnd(56)} median ${median(up.policy).toFixed(1)} MB/s`);
     console.log(`${'connections/s (GET, sequential), unfiltered (passt)'.padEnd(56)} median ${median(cps.unfiltered).toFixed(1)}/s`);
     console.log(`${'connections/s (GET, sequential), egress policy'.padEnd(56)} median ${median(cps.policy).toFixed(1)}/s`);
     console.log(
       `
-throughput policy / unfiltered: ${(tput * 100).toFixed(0)}% (target >= 80%: ${tput >= 0.8 ? 'met' : 'NOT met'}); ` +
+download policy / unfiltered: ${(tput * 100).toFixed(0)}% (target >= 80%: ${tput >= 0.8 ? 'met' : 'NOT met'}); ` +
+        `upload: ${(upRatio * 100).toFixed(0)}% (${upRatio >= 0.8 ? 'met' : 'NOT met'}); ` +
         `connections/s policy / unfiltered: ${(rate * 100).toFixed(0)}% (target >= 80%: ${rate >= 0.8 ? 'met' : 'NOT met'})`,
     );
-    return { throughputMBps: mbps, connectionsPerS: cps, throughputRatio: tput, connectionRatio: rate };
+    return {
+      throughputMBps: mbps,
+      uploadMBps: up,
+      connectionsPerS: cps,
+      throughputRatio: tput,
+      uploadRatio: upRatio,
+      connectionRatio: rate,
+    };
   } finally {
+    // VMs outlive their daemon: delete the instances first.
+    for (const h of ['bench-egress', 'bench-passt']) await d.client.deleteInstance(h, { force: true }).catch(() => undefined);
     await d.stop();
     server.close();
   }
