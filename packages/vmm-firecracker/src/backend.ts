@@ -67,7 +67,7 @@ export class FirecrackerBackend implements Backend {
     if (config.network !== 'none') {
       throw new AegisError(
         'UNSUPPORTED',
-        `the Firecracker backend has no ${config.network} networking: Firecracker needs a TAP device, which passt cannot drive without root; start with --network none, or use the QEMU backend`,
+        `the Firecracker backend has no ${config.network} networking: Firecracker needs a TAP device, which passt cannot drive without root; use the default network (the egress policy needs no network device) or --network none, or the QEMU backend`,
       );
     }
     if (config.scratchDiskCloned) {
