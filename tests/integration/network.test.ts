@@ -289,6 +289,46 @@ for url in ['https://example.test:8443/?key=' + t, 'http://example.test:8081/?ke
     });
   });
 
+  it('policy and brokered secrets survive an aegisd crash: the restarted daemon adopts the instance with both', async () => {
+    const d = daemon();
+    const VALUE = 'crash-secret-value';
+    await d.client.setSecret('CRASH_TOKEN', VALUE, ['example.test']);
+    await d.client.createInstance({
+      command: ['sleep', '600'],
+      handle: 'crash-egress',
+      secrets: ['CRASH_TOKEN'],
+      egress: { allow: ['example.test'], deny: [] },
+    });
+    const script = `
+import os, urllib.request
+for url in ['https://example.test:8443/', 'http://second.test:8081/']:
+    try:
+        r = urllib.request.urlopen(urllib.request.Request(url, headers={'Authorization': 'Bearer ' + os.environ['CRASH_TOKEN']}), timeout=10)
+        print(url, r.read().decode().strip(), r.headers['x-seen-authorization-sha256'])
+    except Exception as e:
+        print(url, 'ERROR', type(e).__name__)
+`;
+    const expected = [
+      `https://example.test:8443/ outside-ok ${createHash('sha256').update(`Bearer ${VALUE}`).digest('hex')}`,
+      'http://second.test:8081/ ERROR URLError',
+    ];
+    const before = await d.cli(['exec', 'crash-egress', '--', 'python3', '-c', script]);
+    expect(before.stdout.trim().split('\n')).toEqual(expected);
+    // SIGKILL the daemon (the world starts it again in the same namespaces).
+    const pid = (await d.client.status()).pid;
+    process.kill(pid, 'SIGKILL');
+    for (let i = 0; ; i++) {
+      const now = await d.client.status().catch(() => undefined);
+      if (now && now.pid !== pid) break;
+      if (i > 300) throw new Error('aegisd did not come back');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect((await d.client.getInstance('crash-egress')).state).toBe('running');
+    expect((await d.client.instanceEgress('crash-egress')).allow).toEqual(['example.test']);
+    const after = await d.cli(['exec', 'crash-egress', '--', 'python3', '-c', script]);
+    expect(after.stdout.trim().split('\n')).toEqual(expected);
+  });
+
   it("a brokered secret in an OCI image: the image's own CA bundle gains the broker's CA, and its python reaches the host over HTTPS", async () => {
     const d = daemon();
     const VALUE = 'image-secret-value';

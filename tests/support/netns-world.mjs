@@ -10,8 +10,8 @@
 //   - HTTP on 0.0.0.0:8084 answering "host-secret" (a host service on every host address),
 // points /etc/resolv.conf (in its own mount namespace) at the internet's DNS server, makes a
 // test CA and a certificate for the internet's HTTPS server (the daemon trusts the CA through
-// AEGIS_EXTRA_CA_CERTS), then runs the daemon command as its child and exits with it, passing
-// on SIGTERM and SIGINT.
+// AEGIS_EXTRA_CA_CERTS), then runs the daemon command as its child and exits with it (starting
+// it again after a SIGKILL, as after a crash), passing on SIGTERM and SIGINT.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -107,13 +107,25 @@ function serve(host, port, body) {
 await serve('127.0.0.1', 8082, 'loopback-secret\n');
 await serve('0.0.0.0', 8084, 'host-secret\n');
 
+// A daemon SIGKILLed (a crash, as a test makes one) is started again in the same world; any
+// other end of it ends the world.
 const [cmd, ...args] = process.argv.slice(2);
-const child = spawn(cmd, args, {
-  stdio: 'inherit',
-  env: { ...process.env, AEGIS_WORLD_CERTS: certs, AEGIS_EXTRA_CA_CERTS: `${certs}/ca.crt` },
-});
-for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => child.kill(sig));
-child.on('exit', (code, sig) => {
-  internet.kill();
-  process.exit(code ?? (sig ? 1 : 0));
-});
+let child;
+let stopping = false;
+function run() {
+  child = spawn(cmd, args, {
+    stdio: 'inherit',
+    env: { ...process.env, AEGIS_WORLD_CERTS: certs, AEGIS_EXTRA_CA_CERTS: `${certs}/ca.crt` },
+  });
+  child.on('exit', (code, sig) => {
+    if (sig === 'SIGKILL' && !stopping) return run();
+    internet.kill();
+    process.exit(code ?? (sig ? 1 : 0));
+  });
+}
+for (const sig of ['SIGTERM', 'SIGINT'])
+  process.on(sig, () => {
+    stopping = true;
+    child.kill(sig);
+  });
+run();
