@@ -24,6 +24,10 @@ describe('docker-style CLI', () => {
     const bad = await d.cli(['run', '--rm=garbage', 'echo', 'hi']);
     expect(bad.code).toBe(125);
     expect(bad.stderr).toMatch(/invalid value "garbage" for --rm.*\[INVALID_ARGUMENT\]/);
+    // `--rm false` runs `false` (as docker would) but says so: it reads like a value.
+    const warned = await d.cli(['run', '--rm', 'false', '--network', 'none']);
+    expect(warned.code).toBe(1);
+    expect(warned.stderr).toContain('"false" is the command (write --rm=false for a value)');
     const kept = await d.cli(['run', '--rm=false', '--name', 'kept', '--network', 'none', '--', 'echo', 'kept']);
     expect(kept.stdout).toBe('kept\n');
     expect((await d.client.getInstance('kept')).state).toBe('stopped');
@@ -246,6 +250,43 @@ describe('docker-style CLI', () => {
     expect((await d.cli(['stats', '--no-stream', 'busy'])).stderr).toMatch(
       /cannot measure instance "busy": it is stopped.*\[FAILED_PRECONDITION\]/,
     );
+    // Streaming (the default) a stopped instance ends at once with the error, not every 2 s forever.
+    const streamed = await d.cli(['stats', 'busy'], { timeoutMs: 20_000 });
+    expect(streamed.code).toBe(1);
+    expect(streamed.stderr.trim().split('\n')).toHaveLength(1);
+  });
+
+  it("has Docker's pull, images, restart, pause, unpause, port and version; Docker verbs it lacks get one line saying what to use", async () => {
+    const d = daemon();
+    await d.client.createInstance({ handle: 'verbs', command: ['sleep', '600'], network: 'none', exposes: [{ guestPort: 80 }] });
+    const hostPort = (await d.client.getInstance('verbs')).ports[0]?.hostPort;
+    expect((await d.cli(['port', 'verbs'])).stdout).toBe(`80/tcp -> 127.0.0.1:${hostPort}\n`);
+    expect((await d.cli(['port', 'verbs', '80/tcp'])).stdout).toBe(`127.0.0.1:${hostPort}\n`);
+    const noPort = await d.cli(['port', 'verbs', '81']);
+    expect([noPort.code, noPort.stderr]).toEqual([1, expect.stringMatching(/^aegis: no forwarded port 81 on verbs .*\[NOT_FOUND\]\n$/)]);
+    expect((await d.cli(['pause', 'verbs'])).stdout).toBe('verbs\n');
+    expect((await d.client.getInstance('verbs')).state).toBe('paused');
+    expect((await d.cli(['unpause', 'verbs'])).stdout).toBe('verbs\n');
+    expect((await d.cli(['restart', 'verbs'])).stdout).toBe('verbs\n');
+    expect((await d.client.getInstance('verbs')).state).toBe('running');
+    expect((await d.cli(['images'])).stdout).toMatch(/^REFERENCE/);
+    // `pull` is ours now (it reaches the registry client), not "did you mean kill?".
+    const pull = await d.cli(['pull', 'localhost:1/nothing:here']);
+    expect(pull.code).not.toBe(0);
+    expect(pull.stderr).not.toMatch(/unknown command|did you mean/);
+    const version = await d.cli(['version']);
+    expect(version.stdout).toMatch(/^Client: aegis \d+\.\d+\.\d+\nServer: aegisd \S+ \(backend \w+\)\n$/);
+    for (const [verb, hint] of [
+      ['build', 'aegis image import'],
+      ['login', '~/.docker/config.json'],
+      ['network', '--egress-allow'],
+    ] as const) {
+      const r = await d.cli([verb]);
+      expect([r.code, r.stderr.trim().split('\n').length], verb).toEqual([1, 1]);
+      expect(r.stderr).toContain(hint);
+    }
+    const typo = await d.cli(['restrat', 'verbs']);
+    expect(typo.stderr).toBe("aegis: unknown command 'restrat'; did you mean restart? (aegis --help lists them) [INVALID_ARGUMENT]\n");
   });
 
   it('--json errors are JSON on stdout too (no daemon: UNAVAILABLE)', async () => {

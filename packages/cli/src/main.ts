@@ -12,7 +12,7 @@ import { mcpCommand } from './commands/mcp.js';
 import { logsCommand } from './commands/logs.js';
 import { runCommand } from './commands/run.js';
 import { secretCommand } from './commands/secret/secret.js';
-import { imageCommand } from './commands/image/image.js';
+import { imageCommand, imageListCommand, pullCommand } from './commands/image/image.js';
 import { volumeCommand } from './commands/volume.js';
 import { egressCommand } from './commands/egress.js';
 import { doctorCommand } from './commands/system/doctor.js';
@@ -22,10 +22,13 @@ import {
   dockerStartCommand,
   dockerStopCommand,
   killCommand,
+  portCommand,
   psCommand,
   rmCommand,
   statsCommand,
   topCommand,
+  unknownCommandLine,
+  versionCommand,
   waitCommand,
 } from './commands/docker.js';
 import { ExitSignal, normalizeBoolFlags } from './util.js';
@@ -38,11 +41,11 @@ for (const stream of [process.stdout, process.stderr]) {
   });
 }
 
+const VERSION = '0.1.0';
 const program = new Command('aegis')
   .description('Run untrusted workloads in throwaway microVMs')
-  .version('0.1.0')
-  .enablePositionalOptions()
-  .showHelpAfterError();
+  .version(VERSION)
+  .enablePositionalOptions();
 
 const instance = new Command('instance').description('manage instances (a VM running one command)').enablePositionalOptions();
 for (const c of [
@@ -82,9 +85,23 @@ for (const c of [
   statsCommand(),
   cpCommand(),
   mcpCommand(),
+  // Docker's names for what `image …` and `instance …` do.
+  pullCommand(),
+  imageListCommand('images'),
+  restartCommand(),
+  pauseCommand(),
+  resumeCommand('unpause'),
+  portCommand(),
+  versionCommand(VERSION),
 ]) {
   program.addCommand(c);
 }
+// An unknown command: one line, Docker's verbs pointed to what does their job here.
+program.on('command:*', (operands: string[]) => {
+  const known = program.commands.flatMap((c) => [c.name(), ...c.aliases()]);
+  process.stderr.write(`${unknownCommandLine(operands[0] ?? '', known)}\n`);
+  process.exit(1);
+});
 program.addCommand((await import('./commands/completion.js')).completionCommand());
 
 /**
@@ -93,7 +110,14 @@ program.addCommand((await import('./commands/completion.js')).completionCommand(
  */
 function usageErrors(cmd: Command): void {
   cmd.configureOutput({
-    outputError: (text, write) => write(`aegis: ${text.trim().replace(/^error: /, '')} [INVALID_ARGUMENT]\n`),
+    // Commander's "(Did you mean …?)" comes on a line of its own: one line, always.
+    outputError: (text, write) =>
+      write(
+        `aegis: ${text
+          .trim()
+          .replace(/^error: /, '')
+          .replace(/\s*\n\s*/g, ' ')} [INVALID_ARGUMENT]\n`,
+      ),
   });
   if (cmd.name() === 'run') {
     cmd.exitOverride((err) => {

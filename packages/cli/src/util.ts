@@ -38,11 +38,17 @@ export class ExitSignal extends Error {
 export function normalizeBoolFlags(argv: string[], flags: string[]): string[] {
   const out: string[] = [];
   let passthrough = false;
-  for (const a of argv) {
+  for (const [i, a] of argv.entries()) {
     if (passthrough || a === '--') {
       passthrough = true;
       out.push(a);
       continue;
+    }
+    // `--rm false` is --rm and then the command `false`, as with Docker: say so, since it reads as a value.
+    if (flags.includes(a) && ['true', 'false'].includes(argv[i + 1] ?? '')) {
+      process.stderr.write(
+        `aegis: warning: ${a} takes no separate value: "${argv[i + 1]}" is the command (write ${a}=${argv[i + 1]} for a value)\n`,
+      );
     }
     const eq = a.indexOf('=');
     const flag = eq > 0 ? a.slice(0, eq) : a;

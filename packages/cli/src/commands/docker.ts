@@ -5,6 +5,7 @@
  * `b`), so do they, and they exit non-zero at the end.
  */
 import { Command } from 'commander';
+import { AegisError } from '@aegis/client';
 import { client, eachRef, errorsAsJson, exit, fail, forEach, formatBytes, table } from '../util.js';
 import { listCommand } from './instance/list.js';
 import { deleteCommand, stopCommand } from './instance/lifecycle.js';
@@ -150,7 +151,9 @@ export function statsCommand(): Command {
             if (o.stream && process.stdout.isTTY) process.stdout.write('\x1b[H\x1b[2J');
             process.stdout.write(table(rows));
           }
-          if (!o.stream) {
+          // An instance named that cannot be measured (stopped, gone) ends it at once: a stream
+          // would print the same error every 2 s forever.
+          if (!o.stream || (failed && refs.length > 0)) {
             if (failed) exit(1);
             return;
           }
@@ -160,4 +163,98 @@ export function statsCommand(): Command {
         fail(err);
       }
     });
+}
+
+export function portCommand(): Command {
+  return new Command('port')
+    .description("an instance's forwarded ports (docker port): GUEST/tcp -> HOST_IP:HOST_PORT")
+    .argument('<instance>', 'handle, id or id prefix')
+    .argument('[port]', 'one guest port (80 or 80/tcp): print only where it is reachable')
+    .action(async (ref: string, port: string | undefined) => {
+      try {
+        const i = await client().getInstance(ref);
+        const want = port?.replace(/\/tcp$/i, '');
+        const maps = i.ports.filter((p) => want === undefined || String(p.guestPort) === want);
+        if (port !== undefined && maps.length === 0) {
+          throw new AegisError('NOT_FOUND', `no forwarded port ${port} on ${i.handle} (start it with -p ${want ?? port})`);
+        }
+        const host = (p: (typeof maps)[number]): string => `${p.hostIp.includes(':') ? `[${p.hostIp}]` : p.hostIp}:${p.hostPort}`;
+        process.stdout.write(maps.map((p) => (port !== undefined ? `${host(p)}\n` : `${p.guestPort}/tcp -> ${host(p)}\n`)).join(''));
+      } catch (err) {
+        fail(err);
+      }
+    });
+}
+
+export function versionCommand(version: string): Command {
+  return new Command('version')
+    .description("the CLI's version and the daemon's (docker version)")
+    .option('--json', 'print JSON')
+    .action(async (o: { json?: boolean }) => {
+      const server = await client()
+        .status()
+        .catch(() => undefined);
+      if (o.json) {
+        const out = { client: { version }, server: server ? { version: server.version, backend: server.backend.name } : null };
+        process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
+        return;
+      }
+      process.stdout.write(
+        `Client: aegis ${version}\n` +
+          (server ? `Server: aegisd ${server.version} (backend ${server.backend.name})\n` : 'Server: not running (aegis up)\n'),
+      );
+    });
+}
+
+/**
+ * What a Docker user may type that Aegis has no command for, and what to do instead: one line
+ * instead of a guess at a similar name ("pull? did you mean kill?").
+ */
+export const DOCKER_ELSEWHERE: Readonly<Record<string, string>> = {
+  build: 'aegis builds no images: pull one (aegis pull REF) or import a `docker save` tar (aegis image import FILE)',
+  push: 'aegis keeps images to itself: push with docker or skopeo',
+  login: 'aegis reads registry credentials from ~/.docker/config.json (docker login writes them)',
+  logout: 'aegis reads registry credentials from ~/.docker/config.json (docker logout removes them)',
+  load: 'use aegis image import FILE (a `docker save` or OCI-layout tar)',
+  save: 'aegis exports no images yet',
+  tag: 'name an image when importing it: aegis image import FILE --name REF',
+  rmi: 'use aegis image rm REF',
+  create: 'use aegis instance start (it creates and starts at once)',
+  attach: 'use aegis logs -f H for its output, or aegis exec -it H -- sh',
+  network: 'instances share no networks: each has --network user|none|unfiltered, and --egress-allow / --egress-deny (aegis egress)',
+  compose: 'there is no compose: start each instance with aegis run -d',
+  commit: 'aegis cannot save an instance as an image yet',
+  info: 'use aegis status (and aegis doctor)',
+  events: 'there is no event stream yet',
+  rename: 'handles are fixed: start a new instance with --name',
+  update: 'an instance keeps its shape: aegis instance extend H DURATION changes its deadline',
+  search: 'aegis does not search registries',
+  history: 'use aegis image list --json (layers and sizes)',
+  export: 'use aegis cp H:/ - (a tar of its files on stdout)',
+  system: 'use aegis status and aegis doctor',
+};
+
+/** Levenshtein distance, for "did you mean" among our own command names. */
+function distance(a: string, b: string): number {
+  const row = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    let prev = row[0] as number;
+    row[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      const cur = row[j] as number;
+      row[j] = Math.min(cur + 1, (row[j - 1] as number) + 1, prev + (a[i - 1] === b[j - 1] ? 0 : 1));
+      prev = cur;
+    }
+  }
+  return row[b.length] as number;
+}
+
+/** The one line an unknown command gets: Docker's verb with where it went, or a near name of ours. */
+export function unknownCommandLine(name: string, known: string[]): string {
+  const elsewhere = DOCKER_ELSEWHERE[name];
+  if (elsewhere) return `aegis: no \`${name}\` command: ${elsewhere} [UNSUPPORTED]`;
+  const near = known
+    .filter((k) => distance(k, name) <= Math.min(2, Math.floor(name.length / 2)))
+    .sort((a, b) => distance(a, name) - distance(b, name));
+  return `aegis: unknown command '${name}'${near[0] ? `; did you mean ${near[0]}?` : ''} (aegis --help lists them) [INVALID_ARGUMENT]`;
 }

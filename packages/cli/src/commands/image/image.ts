@@ -80,10 +80,9 @@ export async function ensureImage(ref: string, json: boolean): Promise<void> {
   }
 }
 
-export function imageCommand(): Command {
-  const image = new Command('image').description('OCI images: pull from registries, import archives, list, remove');
-  image
-    .command('pull')
+/** `image pull`, and Docker's top-level `pull`. */
+export function pullCommand(): Command {
+  return new Command('pull')
     .description('pull an image (any reference docker takes) and prepare its filesystem')
     .argument('<REF>', 'e.g. python:3.12, registry.example:5000/team/tools:1.2, name@sha256:...')
     .option('--json', 'progress and result as JSON lines on stdout')
@@ -96,6 +95,29 @@ export function imageCommand(): Command {
         fail(err);
       }
     });
+}
+
+/** `image list`, and Docker's top-level `images`. */
+export function imageListCommand(name: 'list' | 'images' = 'list'): Command {
+  const cmd = new Command(name);
+  if (name === 'list') cmd.alias('ls');
+  return cmd
+    .description('stored images: reference, digest, size, created')
+    .option('--json', 'print JSON')
+    .action(async (o: { json?: boolean }) => {
+      errorsAsJson(o.json);
+      try {
+        const images = await client().listImages();
+        process.stdout.write(o.json ? JSON.stringify(images, null, 2) + '\n' : table(imageRows(images)));
+      } catch (err) {
+        fail(err);
+      }
+    });
+}
+
+export function imageCommand(): Command {
+  const image = new Command('image').description('OCI images: pull from registries, import archives, list, remove');
+  image.addCommand(pullCommand());
   image
     .command('import')
     .description('import a `docker save` or OCI image-layout tar')
@@ -109,20 +131,7 @@ export function imageCommand(): Command {
         fail(err);
       }
     });
-  image
-    .command('list')
-    .alias('ls')
-    .description('stored images: reference, digest, size, created')
-    .option('--json', 'print JSON')
-    .action(async (o: { json?: boolean }) => {
-      errorsAsJson(o.json);
-      try {
-        const images = await client().listImages();
-        process.stdout.write(o.json ? JSON.stringify(images, null, 2) + '\n' : table(imageRows(images)));
-      } catch (err) {
-        fail(err);
-      }
-    });
+  image.addCommand(imageListCommand());
   image
     .command('rm')
     .alias('delete')

@@ -46,8 +46,9 @@ export function pauseCommand(): Command {
     });
 }
 
-export function resumeCommand(): Command {
-  return new Command('resume')
+/** `resume`, and Docker's `unpause`. */
+export function resumeCommand(name: 'resume' | 'unpause' = 'resume'): Command {
+  return new Command(name)
     .description('continue a paused guest')
     .argument('<instance>', 'handle, id or id prefix')
     .action(async (ref: string) => {
