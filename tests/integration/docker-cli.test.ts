@@ -256,6 +256,19 @@ describe('docker-style CLI', () => {
     expect(streamed.stderr.trim().split('\n')).toHaveLength(1);
   });
 
+  it('stop records the status Docker does: 143 when SIGTERM ended the workload, 137 when SIGKILL had to; wait prints it', async () => {
+    const d = daemon();
+    await d.client.createInstance({ handle: 'term', command: ['sleep', '600'], network: 'none' });
+    const ignoring = 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print("ready", flush=True); time.sleep(600)';
+    await d.client.createInstance({ handle: 'stubborn', command: ['python3', '-c', ignoring], network: 'none' });
+    for (let i = 0; i < 100 && !(await d.cli(['logs', 'stubborn'])).stdout.includes('ready'); i++)
+      await new Promise((r) => setTimeout(r, 100));
+    expect((await d.cli(['stop', 'term'])).code).toBe(0);
+    expect((await d.cli(['stop', '-t', '1', 'stubborn'])).code).toBe(0);
+    expect((await d.cli(['wait', 'term', 'stubborn'])).stdout).toBe('143\n137\n');
+    expect((await d.client.getInstance('term')).exitCode).toBe(143);
+  });
+
   it("has Docker's pull, images, restart, pause, unpause, port and version; Docker verbs it lacks get one line saying what to use", async () => {
     const d = daemon();
     await d.client.createInstance({ handle: 'verbs', command: ['sleep', '600'], network: 'none', exposes: [{ guestPort: 80 }] });

@@ -8,6 +8,7 @@ import {
   AegisError,
   GUEST_PROTOCOL_VERSION,
   RpcPeer,
+  exitStatus,
   isGuestMethod,
   parseParams,
   type ExecParams,
@@ -177,13 +178,14 @@ class Harness {
     };
   }
 
-  private async shutdown(p: ShutdownParams): Promise<Record<string, never>> {
+  private async shutdown(p: ShutdownParams): Promise<GuestMethods['shutdown']['result']> {
     this.shuttingDown = true;
     const timeoutMs = p.timeoutMs ?? DEFAULT_STOP_TIMEOUT_MS;
-    await Promise.all([this.workload, ...this.execs.values()].map((proc) => proc?.terminate(timeoutMs)));
-    // Answer first, then go: the reply must reach the host before the VM ends.
+    const [workload] = await Promise.all([this.workload, ...this.execs.values()].map((proc) => proc?.terminate(timeoutMs)));
+    // Answer first, then go: the reply must reach the host before the VM ends. It carries how
+    // the workload ended: its own exit event may still be waiting for its pipes to drain.
     setImmediate(() => void this.powerOff());
-    return {};
+    return workload ? { workloadExitStatus: exitStatus(workload) } : {};
   }
 
   private async powerOff(): Promise<never> {

@@ -286,12 +286,16 @@ export class GuestProcess {
   }
 
   /** SIGTERM to the group, SIGKILL after `timeoutMs`; resolves when the process has exited. */
-  async terminate(timeoutMs: number): Promise<void> {
-    if (this.exited) return;
-    const done = new Promise<void>((r) => this.child.once('exit', () => r()));
+  /** SIGTERM, then SIGKILL after `timeoutMs`; how it ended (undefined: it had ended before). */
+  async terminate(timeoutMs: number): Promise<Pick<ExitEvent, 'exitCode' | 'signal'> | undefined> {
+    if (this.exited) return undefined;
+    const done = new Promise<Pick<ExitEvent, 'exitCode' | 'signal'>>((r) =>
+      this.child.once('exit', (code, signal) => r({ exitCode: code, signal: signal ?? null })),
+    );
     this.signalGroup('SIGTERM');
     const timer = setTimeout(() => this.signalGroup('SIGKILL'), timeoutMs);
-    await done;
+    const ended = await done;
     clearTimeout(timer);
+    return ended;
   }
 }

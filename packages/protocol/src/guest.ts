@@ -72,7 +72,7 @@ export function isGuestEvent(m: string): m is GuestEvent {
 }
 
 /** The shell's exit status for an exit: the code, or 128 + N when killed by signal N. */
-export function exitStatus(ev: ExitEvent): number {
+export function exitStatus(ev: Pick<ExitEvent, 'exitCode' | 'signal'>): number {
   if (ev.exitCode !== null) return ev.exitCode;
   const n = ev.signal === null ? undefined : (osConstants.signals as Record<string, number | undefined>)[ev.signal];
   return n === undefined ? 255 : 128 + n;

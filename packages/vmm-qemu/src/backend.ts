@@ -75,7 +75,10 @@ export class QemuBackend implements Backend {
 
   async create(config: VmConfig): Promise<Vm> {
     if (config.network === 'user' && !(await passtAvailable())) {
-      throw new AegisError('UNSUPPORTED', `--network unfiltered needs passt (${PASST_INSTALL_HINT}); the default network (the egress policy) does not`);
+      throw new AegisError(
+        'UNSUPPORTED',
+        `--network unfiltered needs passt (${PASST_INSTALL_HINT}); the default network (the egress policy) does not`,
+      );
     }
     const kvm = (this.accel.current ?? (await this.accel.decide(await qemuVersion(this.binary())))).kvm;
     const args = await qemuArgs(config, kvm);

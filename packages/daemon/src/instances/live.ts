@@ -268,16 +268,24 @@ export class LiveInstance {
    * then (a frozen VMM, a broken harness) is killed at once, so a stop never takes much more
    * than its deadline; one that answered gets a few seconds to sync its disk and power off.
    */
-  async powerOff(workloadTimeoutMs: number): Promise<void> {
+  /**
+   * Stops the workload (SIGTERM, SIGKILL after `workloadTimeoutMs`) and the VM; resolves with
+   * how the workload ended when this ended it (143, 137, or its own code), as Docker records it.
+   */
+  async powerOff(workloadTimeoutMs: number): Promise<number | undefined> {
     // The VM is ending: its replies must get through, whoever reads slowly.
     this.ending = true;
     this.agent?.resume();
+    let status: number | undefined;
     if (!this.vmGone) {
       const answered = await (
         this.agent?.call('shutdown', { timeoutMs: workloadTimeoutMs }, { timeoutMs: workloadTimeoutMs + ANSWER_GRACE_MS }) ??
         Promise.reject(new AegisError('UNAVAILABLE', 'no agent channel'))
       )
-        .then(() => true)
+        .then((r) => {
+          status = r.workloadExitStatus;
+          return true;
+        })
         .catch((err: unknown) => {
           this.log.warn(`instance ${this.handle}: shutdown request failed: ${escapeForLog((err as Error).message)}`);
           return false;
@@ -289,6 +297,7 @@ export class LiveInstance {
       if (!exited) await this.vm.stop({ timeoutMs: answered ? 2000 : 0 });
     }
     await this.finished;
+    return status;
   }
 
   /** Ends the VM at once (a start that was cancelled or failed). */

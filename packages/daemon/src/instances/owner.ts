@@ -165,7 +165,12 @@ export abstract class InstanceOwner implements LiveEvents {
       live.resumed();
     }
     this.move('stopping', { stateReason: reason }, ['running', 'paused', 'starting']);
-    await live.powerOff(timeoutMs);
+    const status = await live.powerOff(timeoutMs);
+    // The workload ended by this stop: its status as Docker keeps it (`wait` prints 143 or 137),
+    // unless its own exit event got here first.
+    if (status !== undefined && this.s.registry.getInstance(this.id)?.exitCode === null) {
+      this.s.registry.updateInstance(this.id, { exitCode: status });
+    }
     this.vmEnded(live);
   }
 

@@ -606,7 +606,16 @@ export const guestRpcSchema = {
         "additionalProperties": false
       },
       "result": {
-        "$ref": "#/$defs/Empty"
+        "type": "object",
+        "properties": {
+          "workloadExitStatus": {
+            "description": "How the workload ended when this call ended it, as a shell reports it (its code, or 128 + the signal: 143 after SIGTERM, 137 after SIGKILL); absent when it had ended before.",
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 255
+          }
+        },
+        "additionalProperties": false
       },
       "errors": []
     }
@@ -848,7 +857,10 @@ export interface ShutdownParams {
   /** How long the workload gets after SIGTERM before SIGKILL. */
   timeoutMs?: number;
 }
-export type ShutdownResult = Record<string, never>;
+export interface ShutdownResult {
+  /** How the workload ended when this call ended it, as a shell reports it (its code, or 128 + the signal: 143 after SIGTERM, 137 after SIGKILL); absent when it had ended before. */
+  workloadExitStatus?: number;
+}
 
 /** The harness opened the channel. */
 export interface ReadyEvent {
