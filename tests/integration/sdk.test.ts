@@ -87,7 +87,7 @@ void main;
     const d = daemon();
     writeFileSync(
       path.join(project, 'use.mjs'),
-      `import { Sandbox, NotFoundError, CancelledError, TimeoutError } from '@aegis/sdk';
+      `import { Sandbox, NotFoundError, CancelledError, TimeoutError, InvalidArgumentError } from '@aegis/sdk';
 const out = {};
 const sbx = await Sandbox.create({ env: { A: '6' }, ports: [8080], network: 'none' });
 try {
@@ -115,10 +115,18 @@ try {
   out.left = (await sbx.commands.run('for f in /proc/[0-9]*/cmdline; do tr "\\\\0" " " < $f; echo; done')).stdout.includes('sleep 30');
   out.seesItself = (await sbx.commands.run('for f in /proc/[0-9]*/cmdline; do tr "\\\\0" " " < $f; echo; done')).stdout.includes('/aegis/init');
   out.host = sbx.getHost(8080);
+  // What a newcomer trips on: parents made by write, a missing command as exit 127 either way,
+  // options we do not have named, a default life of 5 minutes.
+  await sbx.files.write('/work/deep/a.py', 'print(2)\\n');
+  out.deep = await sbx.files.read('/work/deep/a.py');
+  out.missing = [(await sbx.commands.run(['nosuchcmd'])).exitCode, (await sbx.commands.run('nosuchcmd')).exitCode];
+  try { await sbx.commands.run('true', { background: true }); } catch (e) { out.background = [e instanceof InvalidArgumentError, e.message]; }
+  out.deadlineS = Math.round((sbx.deadline.getTime() - Date.now()) / 1000);
 } finally {
   await sbx[Symbol.asyncDispose]();
 }
 out.gone = await Sandbox.connect(sbx.id).then(() => 'still there', (e) => e.code);
+try { await Sandbox.create({ envs: { A: '1' } }); } catch (e) { out.envs = [e.code, e.message]; }
 const shared = process.env.SHARED_DIR;
 const withVolume = await Sandbox.create({ network: 'none', volumes: [{ type: 'bind', source: shared, target: '/shared' }] });
 try {
@@ -155,6 +163,15 @@ console.log(JSON.stringify(out));
     expect(out['host']).toMatch(/^127\.0\.0\.1:\d+$/);
     expect(out['gone']).toBe('NOT_FOUND');
     expect(out['volume']).toBe('from-host\n');
+    expect(out['deep']).toBe('print(2)\n');
+    expect(out['missing']).toEqual([127, 127]);
+    expect(out['background']).toEqual([
+      true,
+      'commands.run/start: unknown option "background"; use commands.start() (it returns at once with a handle)',
+    ]);
+    expect(out['envs']).toEqual(['INVALID_ARGUMENT', 'Sandbox.create: unknown option "envs"; use env']);
+    expect(out['deadlineS']).toBeGreaterThan(240);
+    expect(out['deadlineS']).toBeLessThanOrEqual(300);
     expect(readFileSync(path.join(shared, 'out.txt'), 'utf8')).toBe('from-guest\n');
     expect(await d.client.listInstances({ all: true })).toEqual([]);
   });

@@ -4,7 +4,7 @@
  */
 import { Readable } from 'node:stream';
 import { AegisClient, defaultSocketPath, type ExecEvent, type FileStat, type Instance } from '@aegis/client';
-import { SandboxError, toSandboxError, wrap } from './errors.js';
+import { InvalidArgumentError, SandboxError, toSandboxError, wrap } from './errors.js';
 
 export interface SandboxOptions {
   /** An OCI image reference (pulled when missing); default: Aegis's base Debian root. */
@@ -34,7 +34,8 @@ export interface SandboxOptions {
   name?: string;
   /**
    * Its life, in ms: at the end the daemon stops and deletes it, whether or not this program
-   * is still there (a crashed agent leaks nothing). 0: none. Default: the daemon's.
+   * is still there (a crashed agent leaks nothing). 0: none. Default: 5 minutes (as E2B's);
+   * `setTimeout` gives it more.
    */
   timeoutMs?: number;
   /**
@@ -52,6 +53,66 @@ export interface SandboxOptions {
   /** The daemon's socket; default `$AEGIS_HOME/aegisd.sock` (`~/.aegis/aegisd.sock`). */
   socketPath?: string;
   signal?: AbortSignal;
+}
+
+/** A sandbox's life when `timeoutMs` is not given (E2B's default). */
+export const DEFAULT_SANDBOX_TIMEOUT_MS = 5 * 60_000;
+
+const SANDBOX_OPTIONS = [
+  'image',
+  'command',
+  'env',
+  'secrets',
+  'ports',
+  'network',
+  'egress',
+  'memoryMiB',
+  'vcpuCount',
+  'name',
+  'timeoutMs',
+  'idlePauseMs',
+  'labels',
+  'volumes',
+  'socketPath',
+  'signal',
+];
+/** Names E2B users (and plain-JS callers) reach for, and ours. */
+const SANDBOX_HINTS: Record<string, string> = {
+  envs: 'env',
+  metadata: 'labels',
+  template: 'image',
+  timeout: 'timeoutMs',
+  memory: 'memoryMiB',
+  cpus: 'vcpuCount',
+  cpuCount: 'vcpuCount',
+};
+const COMMAND_OPTIONS = ['env', 'cwd', 'user', 'stdin', 'onStdout', 'onStderr', 'signal', 'timeoutMs'];
+const COMMAND_HINTS: Record<string, string> = {
+  envs: 'env',
+  background: 'commands.start() (it returns at once with a handle)',
+  timeout: 'timeoutMs',
+  workdir: 'cwd',
+};
+
+/**
+ * Plain JavaScript passes any object: an option we do not know is an error naming the right
+ * one, not silently ignored (`background: true` used to block until the command ended).
+ */
+function checkOptions(where: string, options: object, known: readonly string[], hints: Record<string, string>): void {
+  if (typeof options !== 'object' || options === null) {
+    throw new InvalidArgumentError(
+      'INVALID_ARGUMENT',
+      `${where}: options must be an object${typeof options === 'string' ? ` (for an image, pass { image: ${JSON.stringify(options)} })` : ''}`,
+    );
+  }
+  for (const key of Object.keys(options)) {
+    if (known.includes(key)) continue;
+    const hint = hints[key];
+    throw new InvalidArgumentError(
+      'INVALID_ARGUMENT',
+      `${where}: unknown option "${key}"${hint ? `; use ${hint}` : ` (known: ${known.join(', ')})`}`,
+    );
+  }
 }
 
 export interface CommandOptions {
@@ -129,6 +190,7 @@ export class Commands {
 
   /** Starts a command and returns at once; `wait()` for its result. */
   async start(cmd: string | string[], options: CommandOptions = {}): Promise<CommandHandle> {
+    checkOptions('commands.run/start', options, COMMAND_OPTIONS, COMMAND_HINTS);
     const signal = signals(options);
     const events = this.client.exec(
       this.ref,
@@ -144,8 +206,20 @@ export class Commands {
     const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
     const out = { stdout: '', stderr: '' };
     const iterator = events[Symbol.asyncIterator]();
-    // The first event says it started (or the call fails here, as a start should).
-    const first = await wrap(() => iterator.next());
+    // The first event says it started (or the call fails here, as a start should). A command
+    // that is not there ends as it would under `sh -c`: exit 127 with the reason on stderr, one
+    // outcome whether it was given as a string or as argv (as the CLI's `run` and `exec`).
+    let first: IteratorResult<ExecEvent>;
+    try {
+      first = await wrap(() => iterator.next());
+    } catch (err) {
+      const e = toSandboxError(err);
+      if (e.code !== 'NOT_FOUND' || !e.message.startsWith('command not found')) throw e;
+      const stderr = `${e.message}\n`;
+      options.onStderr?.(stderr);
+      const result: CommandResult = { exitCode: 127, signal: null, stdout: '', stderr };
+      return { id: '', wait: () => Promise.resolve(result), kill: () => Promise.resolve() };
+    }
     if (first.done || first.value.type !== 'started') throw new SandboxError('INTERNAL', 'aegisd ended the exec before it started');
     const id = first.value.execId;
     if (options.stdin !== undefined) {
@@ -201,14 +275,17 @@ export class Files {
   }
 
   /**
-   * Writes a file whole (it replaces the old one once every byte arrived); parents must exist.
-   * `data` may be a stream: any async iterable of bytes, a Node Readable included.
+   * Writes a file whole (it replaces the old one once every byte arrived), making its parent
+   * directories first as E2B does. `data` may be a stream: any async iterable of bytes, a Node
+   * Readable included.
    */
   async write(
     path: string,
     data: string | Uint8Array | AsyncIterable<Uint8Array>,
     options: { mode?: number; signal?: AbortSignal } = {},
   ): Promise<FileInfo> {
+    const parent = path.replace(/\/+$/, '').replace(/\/[^/]*$/, '');
+    if (parent !== '') await wrap(() => this.client.makeDirectory(this.ref, parent, { parents: true }));
     const body = typeof data === 'string' ? Buffer.from(data) : data instanceof Uint8Array ? Buffer.from(data) : Readable.from(data);
     return info(await wrap(() => this.client.writeFile(this.ref, path, body, options)));
   }
@@ -325,6 +402,7 @@ export class Sandbox {
 
   /** Starts a sandbox; resolves once its VM runs. */
   static async create(options: SandboxOptions = {}): Promise<Sandbox> {
+    checkOptions('Sandbox.create', options, SANDBOX_OPTIONS, SANDBOX_HINTS);
     const client = new AegisClient(options.socketPath ?? defaultSocketPath());
     const instance = await wrap(() =>
       client.createInstance(
@@ -339,7 +417,8 @@ export class Sandbox {
           ...(options.egress ? { egress: { allow: options.egress.allow ?? [], deny: options.egress.deny ?? [] } } : {}),
           ...(options.memoryMiB !== undefined ? { memoryMiB: options.memoryMiB } : {}),
           ...(options.vcpuCount !== undefined ? { vcpuCount: options.vcpuCount } : {}),
-          ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
+          // A script that forgets kill() must not leak a VM forever: 5 minutes unless told.
+          timeoutMs: options.timeoutMs ?? DEFAULT_SANDBOX_TIMEOUT_MS,
           ...(options.idlePauseMs !== undefined ? { idlePauseMs: options.idlePauseMs } : {}),
           ...(options.labels ? { labels: options.labels } : {}),
           ...(options.volumes ? { volumes: options.volumes } : {}),
