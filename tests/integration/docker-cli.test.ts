@@ -256,6 +256,21 @@ describe('docker-style CLI', () => {
     expect(streamed.stderr.trim().split('\n')).toHaveLength(1);
   });
 
+  it('instance start NAME after instance stop NAME boots that instance again, never a new one running NAME', async () => {
+    const d = daemon();
+    expect((await d.cli(['instance', 'start', '--name', 'again', '--network', 'none', '--', 'sleep', '600'])).stdout).toBe('again\n');
+    expect((await d.cli(['instance', 'stop', 'again'])).code).toBe(0);
+    const started = await d.cli(['instance', 'start', 'again']);
+    expect([started.stdout, started.code]).toEqual(['again\n', 0]);
+    expect((await d.client.getInstance('again')).state).toBe('running');
+    expect((await d.client.listInstances({ all: true })).map((i) => i.handle)).toEqual(['again']);
+    const ambiguous = await d.cli(['instance', 'start', 'again', 'x']);
+    expect([ambiguous.code, ambiguous.stderr]).toEqual([
+      2,
+      expect.stringMatching(/^aegis: "again" is an instance: aegis start again .* after --.*\n$/),
+    ]);
+  });
+
   it('stop records the status Docker does: 143 when SIGTERM ended the workload, 137 when SIGKILL had to; wait prints it', async () => {
     const d = daemon();
     await d.client.createInstance({ handle: 'term', command: ['sleep', '600'], network: 'none' });

@@ -142,10 +142,33 @@ export async function startDetached(command: string[], o: StartOptions, extra: P
 }
 
 export function startCommand(): Command {
-  return withStartOptions(new Command('start').description('start an instance in the background and print its handle'))
+  return withStartOptions(
+    new Command('start').description(
+      'start an instance in the background and print its handle (or boot a stopped one again: instance start NAME)',
+    ),
+  )
     .option('--json', 'print the instance as JSON')
     .action(async (command: string[], o: StartOptions) => {
       try {
+        // `instance stop web` then `instance start web`: the README's own sequence. Without `--`,
+        // a first word naming an instance means that instance, never a new one running `web`.
+        const first = command[0];
+        if (!process.argv.includes('--') && first !== undefined && o.image === undefined) {
+          const existing = await client()
+            .getInstance(first)
+            .catch(() => undefined);
+          if (existing) {
+            if (command.length > 1) {
+              throw new AegisError(
+                'INVALID_ARGUMENT',
+                `"${first}" is an instance: aegis start ${first} boots it again; to run a command named ${first}, put it after --`,
+              );
+            }
+            const again = existing.state === 'stopped' || existing.state === 'failed' ? await client().restartInstance(first) : existing;
+            process.stdout.write(o.json ? `${JSON.stringify(again, null, 2)}\n` : `${again.handle}\n`);
+            return;
+          }
+        }
         await startDetached(command, o);
       } catch (err) {
         fail(err);
