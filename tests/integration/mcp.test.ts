@@ -53,6 +53,16 @@ describe('aegis mcp', () => {
     ]);
     const run = tools.find((t) => t.name === 'run_command');
     expect(run?.inputSchema).toMatchObject({ type: 'object', required: expect.arrayContaining(['sandbox', 'command']) as unknown });
+    // Standard JSON Schema only (no zod "format": "starts_with"), every parameter described, every tool annotated.
+    expect(JSON.stringify(tools)).not.toContain('starts_with');
+    expect(tools.find((t) => t.name === 'read_file')?.inputSchema.properties?.['path']).toMatchObject({ type: 'string', pattern: '^\\/' });
+    for (const t of tools) {
+      for (const [name, prop] of Object.entries(t.inputSchema.properties ?? {})) {
+        expect((prop as { description?: string }).description, `${t.name}.${name}`).toBeTruthy();
+      }
+      expect(t.annotations?.readOnlyHint, t.name).toBeTypeOf('boolean');
+    }
+    expect(tools.find((t) => t.name === 'delete_sandbox')?.annotations).toMatchObject({ destructiveHint: true, readOnlyHint: false });
 
     const created = await call(client, 'create_sandbox', { env: { WHO: 'agent' }, network: 'none' });
     expect(created.isError).toBeFalsy();
@@ -139,6 +149,18 @@ describe('aegis mcp', () => {
     expect(cfg.mcpServers.aegis.env).toEqual({ AEGIS_HOME: d.home });
     const all = JSON.parse((await d.cli(['mcp', 'install', '--all'])).stdout) as { mcpServers: { aegis: { args: string[] } } };
     expect(all.mcpServers.aegis.args.slice(-2)).toEqual(['mcp', '--all']);
+    // Each client its file and format, said on stderr; VS Code's is `servers` with a type.
+    const cursor = await d.cli(['mcp', 'install', '--client', 'cursor']);
+    expect(cursor.stderr).toMatch(/^aegis: this goes in \/.*\.cursor\/mcp\.json \(under "mcpServers"\)/);
+    const vscode = await d.cli(['mcp', 'install', '--client', 'vscode']);
+    expect(JSON.parse(vscode.stdout)).toMatchObject({ servers: { aegis: { type: 'stdio', command: process.execPath } } });
+    expect(vscode.stderr).toContain('.vscode/mcp.json');
+    const unknown = await d.cli(['mcp', 'install', '--client', 'emacs']);
+    expect([unknown.code, unknown.stdout, unknown.stderr]).toEqual([
+      2,
+      '',
+      expect.stringMatching(/^aegis: unknown MCP client "emacs": use claude, claude-code, cursor, vscode, project \[INVALID_ARGUMENT\]\n$/),
+    ]);
   });
 
   it('survives an oversized and a malformed message: each gets a JSON-RPC error, stderr says why, the next call works', async () => {

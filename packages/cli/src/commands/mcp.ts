@@ -9,7 +9,7 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Command, InvalidArgumentError } from 'commander';
+import { Command } from 'commander';
 import { AegisClient, AegisError, type ExecEvent } from '@aegis/client';
 import { BoundedStdioTransport } from '../mcp-transport.js';
 import { fail } from '../util.js';
@@ -27,11 +27,18 @@ function ok(value: Record<string, unknown>, text?: string): ToolResult {
   return { content: [{ type: 'text', text: text ?? JSON.stringify(value, null, 2) }], structuredContent: value };
 }
 
-/** An error as the agent sees it: the stable code first, then the message. */
+/**
+ * An error as the agent sees it: the stable code first, then the message. The daemon's messages
+ * name CLI commands for a person at a terminal; the model cannot run them, so it is told whose
+ * step that is.
+ */
 function toolError(err: unknown): ToolResult {
   const e = AegisError.from(err);
+  const forUser = /\baegis [a-z]/.test(e.message)
+    ? ' (the `aegis` command named here is for the user of this machine, not a tool of yours: tell them)'
+    : '';
   return {
-    content: [{ type: 'text', text: `${e.code}: ${e.message}` }],
+    content: [{ type: 'text', text: `${e.code}: ${e.message}${forUser}` }],
     isError: true,
     structuredContent: { code: e.code, message: e.message },
   };
@@ -97,6 +104,9 @@ async function serve(options: { all?: boolean }): Promise<void> {
   const scope = new Scope(api, options.all === true);
   const server = new McpServer({ name: 'aegis', version: '0.1.0' });
   const sandbox = z.string().min(1).describe('sandbox id or name (from create_sandbox)');
+  // A pattern, not zod's startsWith (which becomes a non-standard "format" in the JSON Schema).
+  const absolutePath = (what: string): ReturnType<typeof z.string> =>
+    z.string().regex(/^\//, 'an absolute path (starting with /)').describe(what);
   const guarded =
     <A>(fn: (args: A) => Promise<ToolResult>) =>
     async (args: A): Promise<ToolResult> => {
@@ -134,7 +144,7 @@ async function serve(options: { all?: boolean }): Promise<void> {
           .max(256)
           .optional()
           .describe('never reach these destinations (same patterns; wins over egressAllow)'),
-        memoryMiB: z.number().int().min(128).max(65536).optional(),
+        memoryMiB: z.number().int().min(128).max(65536).optional().describe('guest memory in MiB (default 512)'),
         name: z.string().optional().describe('a unique name for it'),
         timeoutSeconds: z
           .number()
@@ -144,6 +154,7 @@ async function serve(options: { all?: boolean }): Promise<void> {
           .optional()
           .describe('stop and delete it this long after creation even if nobody asks (default 3600; 0: never)'),
       },
+      annotations: { title: 'Create a sandbox', readOnlyHint: false, destructiveHint: false, openWorldHint: true },
     },
     guarded(
       async (a: {
@@ -189,8 +200,9 @@ async function serve(options: { all?: boolean }): Promise<void> {
         command: z.string().min(1).describe('shell command line, run with sh -c'),
         timeoutSeconds: z.number().int().min(1).max(3600).optional().describe(`time limit (default ${DEFAULT_COMMAND_TIMEOUT_S})`),
         cwd: z.string().optional().describe('working directory (created if missing)'),
-        env: z.record(z.string(), z.string()).optional(),
+        env: z.record(z.string(), z.string()).optional().describe('environment variables for this command only'),
       },
+      annotations: { title: 'Run a command', readOnlyHint: false, destructiveHint: true, openWorldHint: true },
     },
     guarded(async (a: { sandbox: string; command: string; timeoutSeconds?: number; cwd?: string; env?: Record<string, string> }) => {
       const limitS = a.timeoutSeconds ?? DEFAULT_COMMAND_TIMEOUT_S;
@@ -226,7 +238,8 @@ async function serve(options: { all?: boolean }): Promise<void> {
     'read_file',
     {
       description: `Read a text file from a sandbox (at most ${MAX_FILE_BYTES} bytes are returned; the rest is marked truncated).`,
-      inputSchema: { sandbox, path: z.string().startsWith('/').describe('absolute path in the sandbox') },
+      inputSchema: { sandbox, path: absolutePath('absolute path of the file in the sandbox') },
+      annotations: { title: 'Read a file', readOnlyHint: true, openWorldHint: false },
     },
     guarded(async (a: { sandbox: string; path: string }) => {
       const { data, size } = await api.readFile(await scope.resolve(a.sandbox), a.path);
@@ -249,7 +262,12 @@ async function serve(options: { all?: boolean }): Promise<void> {
     'write_file',
     {
       description: 'Write a text file in a sandbox (replaced whole; parent directories are created).',
-      inputSchema: { sandbox, path: z.string().startsWith('/'), content: z.string() },
+      inputSchema: {
+        sandbox,
+        path: absolutePath('absolute path of the file in the sandbox'),
+        content: z.string().describe('the whole new content (text)'),
+      },
+      annotations: { title: 'Write a file', readOnlyHint: false, destructiveHint: true, idempotentHint: true, openWorldHint: false },
     },
     guarded(async (a: { sandbox: string; path: string; content: string }) => {
       const id = await scope.resolve(a.sandbox);
@@ -262,7 +280,11 @@ async function serve(options: { all?: boolean }): Promise<void> {
 
   server.registerTool(
     'list_files',
-    { description: 'List a directory in a sandbox.', inputSchema: { sandbox, path: z.string().startsWith('/') } },
+    {
+      description: 'List a directory in a sandbox.',
+      inputSchema: { sandbox, path: absolutePath('absolute path of the directory in the sandbox') },
+      annotations: { title: 'List a directory', readOnlyHint: true, openWorldHint: false },
+    },
     guarded(async (a: { sandbox: string; path: string }) => {
       const entries = await api.listFiles(await scope.resolve(a.sandbox), a.path);
       return ok(
@@ -279,6 +301,7 @@ async function serve(options: { all?: boolean }): Promise<void> {
     {
       description: "The sandbox's workload output and that of the commands run in it (last lines).",
       inputSchema: { sandbox, tail: z.number().int().min(1).max(10_000).optional().describe('last N entries (default 200)') },
+      annotations: { title: 'Read logs', readOnlyHint: true, openWorldHint: false },
     },
     guarded(async (a: { sandbox: string; tail?: number }) => {
       const out = new Capped();
@@ -297,6 +320,7 @@ async function serve(options: { all?: boolean }): Promise<void> {
         ? 'Every instance of this Aegis daemon (the server runs with --all).'
         : 'Sandboxes created through MCP that still exist.',
       inputSchema: {},
+      annotations: { title: 'List sandboxes', readOnlyHint: true, openWorldHint: false },
     },
     guarded(async () => {
       const list = await api.listInstances({ all: true, labels: scope.labels() });
@@ -306,7 +330,11 @@ async function serve(options: { all?: boolean }): Promise<void> {
 
   server.registerTool(
     'stop_sandbox',
-    { description: 'Stop a sandbox (its files stay until it is deleted).', inputSchema: { sandbox } },
+    {
+      description: 'Stop a sandbox: its VM ends, and a sandbox made by create_sandbox is then deleted with its files.',
+      inputSchema: { sandbox },
+      annotations: { title: 'Stop a sandbox', readOnlyHint: false, destructiveHint: true, idempotentHint: true, openWorldHint: false },
+    },
     guarded(async (a: { sandbox: string }) => {
       const i = await api.stopInstance(await scope.resolve(a.sandbox), { timeoutMs: 3000 });
       return ok({ id: i.id, state: i.state });
@@ -315,7 +343,11 @@ async function serve(options: { all?: boolean }): Promise<void> {
 
   server.registerTool(
     'delete_sandbox',
-    { description: 'Stop and delete a sandbox and all its files.', inputSchema: { sandbox } },
+    {
+      description: 'Stop and delete a sandbox and all its files.',
+      inputSchema: { sandbox },
+      annotations: { title: 'Delete a sandbox', readOnlyHint: false, destructiveHint: true, idempotentHint: true, openWorldHint: false },
+    },
     guarded(async (a: { sandbox: string }) => {
       await api.deleteInstance(await scope.resolve(a.sandbox), { force: true });
       return ok({ deleted: a.sandbox });
@@ -325,30 +357,41 @@ async function serve(options: { all?: boolean }): Promise<void> {
   await server.connect(new BoundedStdioTransport((v) => JSONRPCMessageSchema.safeParse(v)));
 }
 
-/** What MCP clients read to start us: the CLI as an absolute path, `mcp` as its argument. */
-function snippet(all: boolean): { mcpServers: Record<string, { command: string; args: string[]; env?: Record<string, string> }> } {
+/** How this CLI starts as an MCP server: node, the CLI as an absolute path, `mcp`. */
+function serverEntry(all: boolean): { command: string; args: string[]; env?: Record<string, string> } {
   const entry = process.argv[1] ? path.resolve(process.argv[1]) : 'aegis';
   const env = process.env['AEGIS_HOME'] ? { AEGIS_HOME: process.env['AEGIS_HOME'] } : undefined;
-  return {
-    mcpServers: { aegis: { command: process.execPath, args: ['--', entry, 'mcp', ...(all ? ['--all'] : [])], ...(env ? { env } : {}) } },
-  };
+  return { command: process.execPath, args: ['--', entry, 'mcp', ...(all ? ['--all'] : [])], ...(env ? { env } : {}) };
 }
 
-/** Where each client keeps its MCP configuration. */
-function clientConfigPath(client: string): string {
-  const home = os.homedir();
-  switch (client) {
-    case 'claude':
-      return process.platform === 'darwin'
-        ? path.join(home, 'Library/Application Support/Claude/claude_desktop_config.json')
-        : path.join(home, '.config/Claude/claude_desktop_config.json');
-    case 'cursor':
-      return path.join(home, '.cursor/mcp.json');
-    case 'project':
-      return path.resolve('.mcp.json');
-    default:
-      throw new InvalidArgumentError(`unknown client "${client}": use claude, cursor or project`);
-  }
+interface McpClient {
+  /** Its configuration file. */
+  file: () => string;
+  /** The key its servers live under, and how one entry looks. */
+  key: 'mcpServers' | 'servers';
+  entry: (all: boolean) => Record<string, unknown>;
+}
+
+/** Each client's file and format (VS Code's differs: `servers`, with `type`). */
+const CLIENTS: Record<string, McpClient> = {
+  claude: {
+    file: () =>
+      process.platform === 'darwin'
+        ? path.join(os.homedir(), 'Library/Application Support/Claude/claude_desktop_config.json')
+        : path.join(os.homedir(), '.config/Claude/claude_desktop_config.json'),
+    key: 'mcpServers',
+    entry: serverEntry,
+  },
+  'claude-code': { file: () => path.resolve('.mcp.json'), key: 'mcpServers', entry: serverEntry },
+  cursor: { file: () => path.join(os.homedir(), '.cursor/mcp.json'), key: 'mcpServers', entry: serverEntry },
+  vscode: { file: () => path.resolve('.vscode/mcp.json'), key: 'servers', entry: (all) => ({ type: 'stdio', ...serverEntry(all) }) },
+  project: { file: () => path.resolve('.mcp.json'), key: 'mcpServers', entry: serverEntry },
+};
+
+function mcpClient(name: string): McpClient {
+  const c = CLIENTS[name];
+  if (!c) throw new AegisError('INVALID_ARGUMENT', `unknown MCP client "${name}": use ${Object.keys(CLIENTS).join(', ')}`);
+  return c;
 }
 
 export function mcpCommand(): Command {
@@ -365,20 +408,27 @@ export function mcpCommand(): Command {
   mcp
     .command('install')
     .description('print the MCP client configuration for aegis (or merge it into a client’s file with --write)')
-    .option('--client <name>', 'claude (Claude Desktop), cursor, or project (./.mcp.json)', 'project')
+    .option(
+      '--client <name>',
+      'claude (Claude Desktop), claude-code (./.mcp.json), cursor (~/.cursor/mcp.json), vscode (./.vscode/mcp.json) or project (./.mcp.json)',
+      'project',
+    )
     .option('--write', 'merge it into that client’s configuration file (other servers there are kept)')
     .option('--all', 'the server may use and delete every instance, not only the sandboxes MCP created')
     .action((o: { client: string; write?: boolean; all?: boolean }) => {
       try {
+        const client = mcpClient(o.client);
         // `mcp install --all`: commander hands `--all` to the parent command, whose option it also is.
-        const add = snippet(o.all === true || mcp.opts<{ all?: boolean }>().all === true);
+        const add = { [client.key]: { aegis: client.entry(o.all === true || mcp.opts<{ all?: boolean }>().all === true) } };
+        const file = client.file();
         if (!o.write) {
           process.stdout.write(JSON.stringify(add, null, 2) + '\n');
+          process.stderr.write(`aegis: this goes in ${file} (under "${client.key}"); --write merges it there\n`);
           return;
         }
-        const file = clientConfigPath(o.client);
-        const current = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as { mcpServers?: Record<string, unknown> }) : {};
-        const merged = { ...current, mcpServers: { ...(current.mcpServers ?? {}), ...add.mcpServers } };
+        const current = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>) : {};
+        const servers = (current[client.key] ?? {}) as Record<string, unknown>;
+        const merged = { ...current, [client.key]: { ...servers, ...add[client.key] } };
         mkdirSync(path.dirname(file), { recursive: true });
         writeFileSync(file, JSON.stringify(merged, null, 2) + '\n');
         process.stdout.write(`${file}: aegis added\n`);
