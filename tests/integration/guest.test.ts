@@ -29,8 +29,8 @@ describe('inside the guest', () => {
   });
 
   it('names the guest after the instance handle', async () => {
-    const r = await daemon().cli(['run', '--name', 'my-box', '--', 'uname', '-n']);
-    expect(r.stdout).toBe('my-box\n');
+    const r = await daemon().cli(['run', '--name', 'my-box', '--', 'sh', '-c', 'uname -n; hostname']);
+    expect(r.stdout).toBe('my-box\nmy-box\n'); // `hostname` is there too (a newcomer's first command)
   });
 
   it('runs the workload with the environment and working directory it was given', async () => {
