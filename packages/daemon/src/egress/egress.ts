@@ -17,6 +17,7 @@ import { promises as dnsp } from 'node:dns';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import * as dnsPacket from 'dns-packet';
+import type { ApiSchemas } from '@aegis/protocol/api';
 import { duplexPair } from '../ports/duplex-pair.js';
 import type { EgressConnection, EgressHandler, FirstBytesVerdict, GuestDestination } from '../ports/data-channel.js';
 import { addressMatches, nameMatches, namesExplicitly, parseRules, refusedByDefault, type Rule } from './rules.js';
@@ -29,35 +30,11 @@ export interface EgressSpec {
   privateRanges?: 'named' | 'never';
 }
 
-export interface EgressDecision {
-  timeMs: number;
-  kind: 'dns' | 'connect';
-  name?: string;
-  address?: string;
-  port?: number;
-  allowed: boolean;
-  reason: string;
-  /** Bytes the guest sent and received on an allowed connection (filled in as it closes). */
-  bytesOut?: number;
-  bytesIn?: number;
-}
-
-export interface EgressCounter {
-  destination: string;
-  allowed: number;
-  denied: number;
-  bytesOut: number;
-  bytesIn: number;
-}
-
-export interface EgressView {
-  mode: 'default' | 'allow-list';
-  privateRanges?: 'named' | 'never';
-  allow: string[];
-  deny: string[];
-  counters: EgressCounter[];
-  log?: EgressDecision[];
-}
+/** One decision of the audit trail, a destination's counters, and the policy as the API shows them. */
+export type EgressDecision = ApiSchemas['EgressDecision'];
+export type EgressCounter = ApiSchemas['EgressView']['counters'][number];
+/** The instance's network mode is the instance's to add. */
+export type EgressView = Omit<ApiSchemas['EgressView'], 'network' | 'mode'> & { mode: 'default' | 'allow-list' };
 
 /** Bounds per instance: what a guest can make the host hold or do at once. */
 export const EGRESS_LIMITS = {
