@@ -88,19 +88,31 @@ export function nameMatches(rule: Rule, name: string, port?: number): boolean {
   return false;
 }
 
+/** One BlockList per address rule, made on first use: every connection asks. */
+const ruleLists = new WeakMap<Rule, net.BlockList>();
+
 export function addressMatches(rule: Rule, address: string, port?: number): boolean {
   if (port !== undefined && rule.port !== undefined && rule.port !== port) return false;
   const t = rule.target;
   if (t.kind !== 'address') return false;
   const family = net.isIPv4(address) ? 'ipv4' : 'ipv6';
   if (family !== t.family) return false;
-  const list = new net.BlockList();
-  list.addSubnet(t.network, t.prefix, t.family);
+  let list = ruleLists.get(rule);
+  if (!list) {
+    list = subnet(t.network, t.prefix, t.family);
+    ruleLists.set(rule, list);
+  }
   return list.check(address, family);
 }
 
+function subnet(network: string, prefix: number, family: 'ipv4' | 'ipv6'): net.BlockList {
+  const list = new net.BlockList();
+  list.addSubnet(network, prefix, family);
+  return list;
+}
+
 /** Ranges no guest reaches unless the user names an address in them (or a name that answers with one). */
-const REFUSED: ReadonlyArray<[string, number, 'ipv4' | 'ipv6', string]> = [
+const REFUSED_RANGES: ReadonlyArray<[string, number, 'ipv4' | 'ipv6', string]> = [
   ['0.0.0.0', 8, 'ipv4', '"this network" (0.0.0.0/8)'],
   ['127.0.0.0', 8, 'ipv4', 'loopback'],
   ['10.0.0.0', 8, 'ipv4', 'private (RFC 1918)'],
@@ -116,6 +128,7 @@ const REFUSED: ReadonlyArray<[string, number, 'ipv4' | 'ipv6', string]> = [
   ['fc00::', 7, 'ipv6', 'unique local (fc00::/7)'],
   ['ff00::', 8, 'ipv6', 'multicast'],
 ];
+const REFUSED = REFUSED_RANGES.map(([network, prefix, family, why]) => ({ list: subnet(network, prefix, family), prefix, family, why }));
 
 /**
  * Why `address` is refused by default (a private, loopback, link-local... range, or one of the
@@ -125,12 +138,7 @@ const REFUSED: ReadonlyArray<[string, number, 'ipv4' | 'ipv6', string]> = [
 export function refusedByDefault(address: string): string | undefined {
   const family = net.isIPv4(address) ? 'ipv4' : net.isIPv6(address) ? 'ipv6' : undefined;
   if (!family) return 'not an IP address';
-  for (const [network, prefix, fam, why] of REFUSED) {
-    if (fam !== family) continue;
-    const list = new net.BlockList();
-    list.addSubnet(network, prefix, fam);
-    if (list.check(address, family)) return why;
-  }
+  for (const r of REFUSED) if (r.family === family && r.list.check(address, family)) return r.why;
   // IPv4-mapped IPv6 (::ffff:a.b.c.d) is the IPv4 address in disguise.
   const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
   if (mapped) return refusedByDefault(mapped[1] as string);
@@ -165,11 +173,6 @@ export function namesExplicitly(rule: Rule, address: string): boolean {
 }
 
 function smallestRefusedPrefix(address: string, family: 'ipv4' | 'ipv6'): number {
-  for (const [network, prefix, fam] of REFUSED) {
-    if (fam !== family) continue;
-    const list = new net.BlockList();
-    list.addSubnet(network, prefix, fam);
-    if (list.check(address, family)) return prefix;
-  }
+  for (const r of REFUSED) if (r.family === family && r.list.check(address, family)) return r.prefix;
   return family === 'ipv4' ? 32 : 128;
 }
