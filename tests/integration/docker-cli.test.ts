@@ -315,6 +315,32 @@ describe('docker-style CLI', () => {
     }
     const typo = await d.cli(['restrat', 'verbs']);
     expect(typo.stderr).toBe("aegis: unknown command 'restrat'; did you mean restart? (aegis --help lists them) [INVALID_ARGUMENT]\n");
+
+    // exec -d: started, its id printed, running on after the CLI is gone; output in the log.
+    const bg = await d.cli(['exec', '-d', 'verbs', '--', 'sh', '-c', 'echo detached-out; sleep 2; echo done > /tmp/exec-d']);
+    expect([bg.code, bg.stdout]).toEqual([0, expect.stringMatching(/^[0-9a-f]{12}\n$/)]);
+    const check = await d.cli(['exec', 'verbs', '--', 'sh', '-c', 'while [ ! -e /tmp/exec-d ]; do sleep 0.2; done; cat /tmp/exec-d']);
+    expect(check.stdout).toBe('done\n');
+    expect((await d.cli(['logs', '--execs', 'verbs'])).stdout).toContain('detached-out\n');
+    const dIt = await d.cli(['exec', '-d', '-i', 'verbs', '--', 'cat']);
+    expect([dIt.code, dIt.stderr]).toEqual([
+      2,
+      'aegis: -d runs the command with nobody attached: leave out -i and -t [INVALID_ARGUMENT]\n',
+    ]);
+    // ps --format and inspect -f: Docker's template names and ours.
+    const id = (await d.client.getInstance('verbs')).id;
+    expect((await d.cli(['ps', '--format', '{{.Names}} {{.ID}} {{.State}} {{.handle}}'])).stdout).toBe(
+      `verbs ${id.slice(0, 12)} running verbs\n`,
+    );
+    const tbl = await d.cli(['ps', '--format', 'table {{.Names}}\\t{{.Ports}}']);
+    expect(tbl.stdout).toBe(`NAMES  PORTS\nverbs  127.0.0.1:${hostPort}->80/tcp\n`);
+    expect(
+      (await d.cli(['inspect', '-f', '{{.State.Status}} {{.State.Running}} {{.Id}} {{.Name}} {{json .Config.Cmd}}', 'verbs'])).stdout,
+    ).toBe(`running true ${id} verbs ["sleep","600"]\n`);
+    expect((await d.cli(['inspect', '--format', '{{.state}}/{{.exitCode}}', 'verbs'])).stdout).toBe('running/<nil>\n');
+    expect(JSON.parse((await d.cli(['inspect', '--json', 'verbs'])).stdout)).toMatchObject([{ handle: 'verbs' }]);
+    const badTemplate = await d.cli(['ps', '--format', '{{if .Names}}x{{end}}']);
+    expect([badTemplate.code, badTemplate.stderr]).toEqual([2, expect.stringMatching(/is not supported: supported: .*use --json/)]);
   });
 
   it('--json errors are JSON on stdout too (no daemon: UNAVAILABLE)', async () => {

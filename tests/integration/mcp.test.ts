@@ -46,8 +46,10 @@ describe('aegis mcp', () => {
       'list_files',
       'list_sandboxes',
       'logs',
+      'pause_sandbox',
       'read_file',
       'run_command',
+      'start_sandbox',
       'stop_sandbox',
       'write_file',
     ]);
@@ -95,6 +97,20 @@ describe('aegis mcp', () => {
     expect(noBox.content[0]?.text).toMatch(/^NOT_FOUND: /);
 
     expect((await call(client, 'list_sandboxes', {})).structuredContent).toMatchObject({ sandboxes: [{ id, state: 'running' }] });
+
+    // Parked and started again through MCP (a newcomer's trip: a stopped sandbox could not be
+    // started again): its files and processes are as they were.
+    await call(client, 'run_command', { sandbox: id, command: 'sleep 1000 & echo $! > /tmp/bg.pid' });
+    expect((await call(client, 'pause_sandbox', { sandbox: id })).structuredContent).toMatchObject({ id, state: 'paused' });
+    expect((await call(client, 'list_sandboxes', {})).structuredContent).toMatchObject({ sandboxes: [{ id, state: 'paused' }] });
+    expect((await call(client, 'start_sandbox', { sandbox: id })).structuredContent).toMatchObject({ id, state: 'running' });
+    const again = await call(client, 'run_command', {
+      sandbox: id,
+      command: 'cat /work/notes/a.txt; kill -0 $(cat /tmp/bg.pid) && echo alive',
+    });
+    expect(again.structuredContent).toMatchObject({ exitCode: 0, stdout: 'from the agent\nalive\n' });
+    expect((await call(client, 'start_sandbox', { sandbox: id })).structuredContent).toMatchObject({ state: 'running' }); // idempotent
+
     expect((await call(client, 'delete_sandbox', { sandbox: id })).isError).toBeFalsy();
     expect(await d.client.listInstances({ all: true })).toEqual([]);
   });
@@ -119,6 +135,8 @@ describe('aegis mcp', () => {
         ['list_files', { path: '/' }],
         ['logs', {}],
         ['stop_sandbox', {}],
+        ['pause_sandbox', {}],
+        ['start_sandbox', {}],
         ['delete_sandbox', {}],
       ] as const) {
         const r = await call(client, tool, { sandbox, ...args });
@@ -137,6 +155,11 @@ describe('aegis mcp', () => {
     client = await connect(d.home, ['--all']);
     const all = await call(client, 'run_command', { sandbox: 'users-own', command: 'echo $TOKEN' });
     expect(all.structuredContent).toMatchObject({ exitCode: 0, stdout: 's3cret\n' });
+    // A kept instance that stopped boots again through start_sandbox, its files with it.
+    await call(client, 'write_file', { sandbox: 'users-own', path: '/root/kept.txt', content: 'kept\n' });
+    expect((await call(client, 'stop_sandbox', { sandbox: 'users-own' })).structuredContent).toMatchObject({ state: 'stopped' });
+    expect((await call(client, 'start_sandbox', { sandbox: 'users-own' })).structuredContent).toMatchObject({ state: 'running' });
+    expect((await call(client, 'read_file', { sandbox: 'users-own', path: '/root/kept.txt' })).content[0]?.text).toBe('kept\n');
     await call(client, 'delete_sandbox', { sandbox: agents });
     await d.client.deleteInstance(mine.id, { force: true });
   });

@@ -87,7 +87,7 @@ void main;
     const d = daemon();
     writeFileSync(
       path.join(project, 'use.mjs'),
-      `import { Sandbox, NotFoundError, CancelledError, TimeoutError, InvalidArgumentError } from '@aegis/sdk';
+      `import { Sandbox, NotFoundError, CancelledError, TimeoutError, InvalidArgumentError, CommandExitError, SandboxError } from '@aegis/sdk';
 const out = {};
 const sbx = await Sandbox.create({ env: { A: '6' }, ports: [8080], network: 'none' });
 try {
@@ -120,6 +120,11 @@ try {
   await sbx.files.write('/work/deep/a.py', 'print(2)\\n');
   out.deep = await sbx.files.read('/work/deep/a.py');
   out.missing = [(await sbx.commands.run(['nosuchcmd'])).exitCode, (await sbx.commands.run('nosuchcmd')).exitCode];
+  // E2B users expect a failed command to throw: opt-in here.
+  try { await sbx.commands.run('echo partial; echo why >&2; exit 4', { throwOnError: true }); } catch (e) {
+    out.thrown = [e instanceof CommandExitError, e instanceof SandboxError, e.exitCode, e.stdout, e.stderr, e.message];
+  }
+  out.notThrown = (await sbx.commands.run('true', { throwOnError: true })).exitCode;
   try { await sbx.commands.run('true', { background: true }); } catch (e) { out.background = [e instanceof InvalidArgumentError, e.message]; }
   out.deadlineS = Math.round((sbx.deadline.getTime() - Date.now()) / 1000);
 } finally {
@@ -165,6 +170,8 @@ console.log(JSON.stringify(out));
     expect(out['volume']).toBe('from-host\n');
     expect(out['deep']).toBe('print(2)\n');
     expect(out['missing']).toEqual([127, 127]);
+    expect(out['thrown']).toEqual([true, false, 4, 'partial\n', 'why\n', 'the command exited with 4: why']);
+    expect(out['notThrown']).toBe(0);
     expect(out['background']).toEqual([
       true,
       'commands.run/start: unknown option "background"; use commands.start() (it returns at once with a handle)',

@@ -119,11 +119,13 @@ function usageErrors(cmd: Command): void {
           .replace(/\s*\n\s*/g, ' ')} [INVALID_ARGUMENT]\n`,
       ),
   });
-  if (cmd.name() === 'run') {
-    cmd.exitOverride((err) => {
-      if (err.exitCode !== 0) process.exit(125);
-    });
-  }
+  // A usage error is INVALID_ARGUMENT, which exits 2 wherever it is found (`fail`); `run`
+  // keeps 125 for any error of Aegis, as docker run does.
+  const usageStatus = cmd.name() === 'run' ? 125 : 2;
+  cmd.exitOverride((err) => {
+    // Returning lets commander exit with its own status (0 after --help or --version).
+    if (err.exitCode !== 0) process.exit(usageStatus);
+  });
   for (const sub of cmd.commands) usageErrors(sub);
 }
 usageErrors(program);

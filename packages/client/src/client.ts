@@ -398,6 +398,11 @@ export class AegisClient {
     return this.stream({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/exec`, body: req, ...(signal ? { signal } : {}) });
   }
 
+  /** Starts a command in the background (docker exec -d): its output goes to the instance's log. */
+  execDetached(ref: string, req: Omit<ExecRequest, 'detach' | 'stdin' | 'tty'>): Promise<{ execId: string }> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/exec`, body: { ...req, detach: true } });
+  }
+
   logs(
     ref: string,
     options: { follow?: boolean; tail?: number; sinceMs?: number; execs?: boolean; signal?: AbortSignal } = {},

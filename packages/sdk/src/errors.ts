@@ -44,6 +44,35 @@ export class CancelledError extends SandboxError {
   override name = 'CancelledError';
 }
 
+/**
+ * A command that exited non-zero, thrown only when asked (`throwOnError: true`), as E2B's
+ * `commands.run` throws it. Not a SandboxError: the sandbox did what it was asked, the command
+ * failed, and its result is here whole.
+ */
+export class CommandExitError extends Error {
+  override name = 'CommandExitError';
+  constructor(readonly result: { exitCode: number; signal: string | null; stdout: string; stderr: string }) {
+    super(`the command exited with ${result.exitCode}${result.stderr ? `: ${lastLine(result.stderr)}` : ''}`);
+  }
+  get exitCode(): number {
+    return this.result.exitCode;
+  }
+  get signal(): string | null {
+    return this.result.signal;
+  }
+  get stdout(): string {
+    return this.result.stdout;
+  }
+  get stderr(): string {
+    return this.result.stderr;
+  }
+}
+
+function lastLine(text: string): string {
+  const line = text.trimEnd().split('\n').pop() ?? '';
+  return line.length > 200 ? `${line.slice(0, 197)}...` : line;
+}
+
 const CLASSES: Partial<Record<ErrorCode, typeof SandboxError>> = {
   INVALID_ARGUMENT: InvalidArgumentError,
   NOT_FOUND: NotFoundError,

@@ -19,5 +19,6 @@ export {
   UnavailableError,
   TimeoutError,
   CancelledError,
+  CommandExitError,
   type ErrorCode,
 } from './errors.js';

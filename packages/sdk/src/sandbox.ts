@@ -4,7 +4,7 @@
  */
 import { Readable } from 'node:stream';
 import { AegisClient, defaultSocketPath, type ExecEvent, type FileStat, type Instance } from '@aegis/client';
-import { InvalidArgumentError, SandboxError, toSandboxError, wrap } from './errors.js';
+import { CommandExitError, InvalidArgumentError, SandboxError, toSandboxError, wrap } from './errors.js';
 
 export interface SandboxOptions {
   /** An OCI image reference (pulled when missing); default: Aegis's base Debian root. */
@@ -86,7 +86,7 @@ const SANDBOX_HINTS: Record<string, string> = {
   cpus: 'vcpuCount',
   cpuCount: 'vcpuCount',
 };
-const COMMAND_OPTIONS = ['env', 'cwd', 'user', 'stdin', 'onStdout', 'onStderr', 'signal', 'timeoutMs'];
+const COMMAND_OPTIONS = ['env', 'cwd', 'user', 'stdin', 'onStdout', 'onStderr', 'signal', 'timeoutMs', 'throwOnError'];
 const COMMAND_HINTS: Record<string, string> = {
   envs: 'env',
   background: 'commands.start() (it returns at once with a handle)',
@@ -129,6 +129,11 @@ export interface CommandOptions {
   signal?: AbortSignal;
   /** Kills the command after this long; the call then rejects with TimeoutError. */
   timeoutMs?: number;
+  /**
+   * A non-zero exit rejects with CommandExitError (carrying the whole result), as E2B's
+   * `commands.run` does; default false: it is a result like any other.
+   */
+  throwOnError?: boolean;
 }
 
 export interface CommandResult {
@@ -218,7 +223,9 @@ export class Commands {
       const stderr = `${e.message}\n`;
       options.onStderr?.(stderr);
       const result: CommandResult = { exitCode: 127, signal: null, stdout: '', stderr };
-      return { id: '', wait: () => Promise.resolve(result), kill: () => Promise.resolve() };
+      const ended = options.throwOnError ? Promise.reject(new CommandExitError(result)) : Promise.resolve(result);
+      ended.catch(() => undefined); // observed through wait()
+      return { id: '', wait: () => ended, kill: () => Promise.resolve() };
     }
     if (first.done || first.value.type !== 'started') throw new SandboxError('INTERNAL', 'aegisd ended the exec before it started');
     const id = first.value.execId;
@@ -243,7 +250,9 @@ export class Commands {
       if (!exit) throw new SandboxError('UNAVAILABLE', 'the command ended without an exit status (its sandbox stopped)');
       for (const s of ['stdout', 'stderr'] as const) out[s] += decoders[s].decode();
       const code = exit.exitCode ?? 128 + (SIGNALS[exit.signal ?? ''] ?? 0);
-      return { exitCode: code, signal: exit.signal, stdout: out.stdout, stderr: out.stderr };
+      const result = { exitCode: code, signal: exit.signal, stdout: out.stdout, stderr: out.stderr };
+      if (code !== 0 && options.throwOnError) throw new CommandExitError(result);
+      return result;
     })();
     done.catch(() => undefined); // observed through wait()
     return {

@@ -5,7 +5,8 @@
  * `b`), so do they, and they exit non-zero at the end.
  */
 import { Command } from 'commander';
-import { AegisError } from '@aegis/client';
+import { AegisError, type Instance } from '@aegis/client';
+import { parseTemplate, type Template } from '../format.js';
 import { client, eachRef, errorsAsJson, exit, fail, forEach, formatBytes, table } from '../util.js';
 import { listCommand } from './instance/list.js';
 import { deleteCommand, stopCommand } from './instance/lifecycle.js';
@@ -51,13 +52,44 @@ export function killCommand(): Command {
     });
 }
 
+/** The fields of `docker inspect` that scripts read, under Docker's names, for `-f`. */
+function dockerInspectView(i: Instance): Record<string, unknown> {
+  return {
+    Id: i.id,
+    Name: i.handle,
+    Created: i.createdAt,
+    Path: i.command[0],
+    Args: i.command.slice(1),
+    Image: i.imageDigest ?? i.image,
+    State: {
+      Status: i.state,
+      Running: i.state === 'running',
+      Paused: i.state === 'paused',
+      ExitCode: i.exitCode,
+      StartedAt: i.startedAt,
+      FinishedAt: i.stoppedAt,
+      Error: i.stateReason,
+    },
+    Config: { Image: i.image, Cmd: i.command, Labels: i.labels ?? {}, User: i.user, WorkingDir: i.workdir },
+    HostConfig: { Memory: i.memoryMiB * 1024 * 1024, NanoCpus: i.vcpuCount * 1e9, NetworkMode: i.network },
+  };
+}
+
 export function dockerInspectCommand(): Command {
   return new Command('inspect')
     .description('print instances as JSON (docker inspect)')
     .argument('<instance...>', 'handles, ids or id prefixes')
-    .action(async (refs: string[]) => {
+    .option('--json', 'print JSON (the default, as docker inspect)')
+    .option(
+      '-f, --format <TEMPLATE>',
+      "one line per instance from a Go-template subset: our fields ({{.state}}, {{.exitCode}}, {{json .ports}}) or Docker's ({{.State.Status}}, {{.State.ExitCode}}, {{.Id}}, {{.Name}}, {{.Config.Image}}, {{json .Config.Labels}})",
+      (t: string) => parseTemplate(t),
+    )
+    .action(async (refs: string[], o: { format?: Template }) => {
       const { results, failed } = await eachRef(refs, (ref) => client().getInstance(ref));
-      process.stdout.write(JSON.stringify(results, null, 2) + '\n');
+      const t = o.format;
+      if (t) process.stdout.write(results.map((i) => `${t.render({ ...dockerInspectView(i), ...i })}\n`).join(''));
+      else process.stdout.write(JSON.stringify(results, null, 2) + '\n');
       if (failed) exit(1);
     });
 }

@@ -1,5 +1,5 @@
 import { Command } from 'commander';
-import { exitStatus } from '@aegis/protocol';
+import { AegisError, exitStatus } from '@aegis/protocol';
 import {
   absolutePath,
   checkTty,
@@ -8,6 +8,7 @@ import {
   collectEnvFile,
   commandArgs,
   exit,
+  fail,
   failCommand,
   parseUser,
   writeOutput,
@@ -20,6 +21,7 @@ interface ExecOptions {
   user?: string;
   interactive?: boolean;
   tty?: boolean;
+  detach?: boolean;
 }
 
 export function execCommand(): Command {
@@ -27,6 +29,7 @@ export function execCommand(): Command {
     .description('run a command in a running instance')
     .option('-i, --interactive', 'pass our stdin to the command')
     .option('-t, --tty', 'run the command on a terminal in the guest (with -i: an interactive shell)')
+    .option('-d, --detach', 'run it in the background and print its exec id (output: aegis logs --execs)')
     .option('-e, --env <KEY=VALUE>', 'environment variable (repeatable)', collectEnv)
     .option('--env-file <FILE>', 'read KEY=VALUE lines from a file (repeatable; -e wins)', collectEnvFile)
     .option('-w, --workdir <dir>', 'working directory in the guest (created if missing)', absolutePath)
@@ -36,6 +39,7 @@ export function execCommand(): Command {
     .passThroughOptions()
     .action(async (ref: string, command: string[], o: ExecOptions) => {
       const api = client();
+      if (o.detach) return detached(ref, command, o);
       let code = 1;
       let execId: string | undefined;
       let interrupts = 0;
@@ -81,6 +85,23 @@ export function execCommand(): Command {
       }
       exit(code);
     });
+}
+
+/** docker exec -d: started, its id printed, and nothing waits for it. */
+async function detached(ref: string, command: string[], o: ExecOptions): Promise<void> {
+  if (o.interactive || o.tty) fail(new AegisError('INVALID_ARGUMENT', '-d runs the command with nobody attached: leave out -i and -t'));
+  try {
+    const given = o.env || o.envFile ? { ...o.envFile, ...o.env } : undefined;
+    const { execId } = await client().execDetached(ref, {
+      command: commandArgs(command),
+      ...(given ? { env: given } : {}),
+      ...(o.workdir ? { workdir: o.workdir } : {}),
+      ...(o.user ? { user: o.user } : {}),
+    });
+    process.stdout.write(`${execId}\n`);
+  } catch (err) {
+    failCommand(err, 1);
+  }
 }
 
 type Input = { data?: Buffer; eof?: boolean };

@@ -331,13 +331,51 @@ async function serve(options: { all?: boolean }): Promise<void> {
   server.registerTool(
     'stop_sandbox',
     {
-      description: 'Stop a sandbox: its VM ends, and a sandbox made by create_sandbox is then deleted with its files.',
+      description:
+        'Stop a sandbox: its VM ends, and a sandbox made by create_sandbox is then deleted with its files (to keep one for later, use pause_sandbox).',
       inputSchema: { sandbox },
       annotations: { title: 'Stop a sandbox', readOnlyHint: false, destructiveHint: true, idempotentHint: true, openWorldHint: false },
     },
     guarded(async (a: { sandbox: string }) => {
       const i = await api.stopInstance(await scope.resolve(a.sandbox), { timeoutMs: 3000 });
       return ok({ id: i.id, state: i.state });
+    }),
+  );
+
+  server.registerTool(
+    'pause_sandbox',
+    {
+      description:
+        'Pause a sandbox to use it later: its VM is frozen (no CPU), its processes, memory and files are kept as they are; start_sandbox resumes it. It is still deleted at its time limit.',
+      inputSchema: { sandbox },
+      annotations: { title: 'Pause a sandbox', readOnlyHint: false, destructiveHint: false, idempotentHint: true, openWorldHint: false },
+    },
+    guarded(async (a: { sandbox: string }) => {
+      const id = await scope.resolve(a.sandbox);
+      const i = await api.getInstance(id);
+      const after = i.state === 'paused' && !i.idlePaused ? i : await api.pauseInstance(id);
+      return ok({ id: after.id, name: after.handle, state: after.state });
+    }),
+  );
+
+  server.registerTool(
+    'start_sandbox',
+    {
+      description:
+        'Start a sandbox again: a paused one resumes where it was; a stopped one that was kept boots again with its files (its processes start afresh). One that runs is left as it is.',
+      inputSchema: { sandbox },
+      annotations: { title: 'Start a sandbox', readOnlyHint: false, destructiveHint: false, idempotentHint: true, openWorldHint: false },
+    },
+    guarded(async (a: { sandbox: string }) => {
+      const id = await scope.resolve(a.sandbox);
+      const i = await api.getInstance(id);
+      const after =
+        i.state === 'paused'
+          ? await api.resumeInstance(id)
+          : i.state === 'running' || i.state === 'starting'
+            ? i
+            : await api.restartInstance(id);
+      return ok({ id: after.id, name: after.handle, state: after.state });
     }),
   );
 

@@ -315,6 +315,12 @@ export class Instance extends InstanceOwner {
 
   /** Runs a command in the instance, calling `emit` for each event; resolves after `exit`. */
   async exec(req: ExecRequest, emit: ExecEmitter, signal?: AbortSignal): Promise<void> {
+    if (req.detach && (req.stdin || req.tty)) {
+      throw new AegisError(
+        'INVALID_ARGUMENT',
+        'a detached exec has no client to read its stdin or drive its terminal: leave out stdin and tty',
+      );
+    }
     const execId = randomBytes(6).toString('hex');
     // Admission is an operation of the instance (no stop can slip in between the check and
     // the guest starting the command); the command's output then streams outside the queue.
@@ -328,9 +334,12 @@ export class Instance extends InstanceOwner {
         if (!agent) throw new AegisError('UNAVAILABLE', `agent of instance "${row.handle}" is not connected`);
         const done = live.trackExec(execId, emit);
         done.catch(() => undefined); // observed below; not an unhandled rejection meanwhile
-        // An exec in progress is use, however quiet (`--idle-pause`).
-        const release = this.idle.hold();
-        void done.then(release, release);
+        // An exec in progress is use, however quiet (`--idle-pause`); a detached one is a
+        // background process of the instance, as the workload's own are.
+        if (!req.detach) {
+          const release = this.idle.hold();
+          void done.then(release, release);
+        }
         try {
           // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
           const image = row.image ? this.s.images.resolveDigest(row.image.digest).config : undefined;

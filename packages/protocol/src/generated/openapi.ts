@@ -772,6 +772,8 @@ export interface components {
             tty?: components["schemas"]["TtySize"];
             /** @description Who the process runs as, as Docker's --user: `name`, `uid`, `name:group` or `uid:gid`, resolved in the guest's (or the image's) /etc/passwd and /etc/group. Default: the image's User, else root. */
             user?: string;
+            /** @description Run it in the background, as docker exec -d: the answer is 201 {execId} once it started; its output goes to the instance log (`logs --execs`); it keeps running when this client goes away, and does not keep the instance from idle-pausing. Not with stdin or tty. */
+            detach?: boolean;
         };
         Instance: {
             id: string;
@@ -1174,6 +1176,10 @@ export interface components {
             /** @enum {string} */
             privateRanges?: "named" | "never";
         };
+        ExecStarted: {
+            /** @description For .../execs/{execId}/signal */
+            execId: string;
+        };
     };
     responses: never;
     parameters: never;
@@ -1526,6 +1532,15 @@ export interface operations {
                 };
                 content: {
                     "application/x-ndjson": components["schemas"]["ExecEvent"];
+                };
+            };
+            /** @description Started in the background (`detach`) */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ExecStarted"];
                 };
             };
             /** @description Any failure: `{code, message}` with a stable code */

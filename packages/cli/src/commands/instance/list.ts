@@ -3,6 +3,7 @@ import { formatPorts } from '../../ports.js';
 import { InvalidArgumentError } from 'commander';
 import type { Instance } from '@aegis/client';
 import { age, client, errorsAsJson, fail, shellJoin, table } from '../../util.js';
+import { parseTemplate, type Template } from '../../format.js';
 
 type Filter = (i: Instance) => boolean;
 
@@ -24,6 +25,29 @@ function collectFilter(v: string, previous: Filter[] = []): Filter[] {
   return [...previous, f];
 }
 
+/** Docker's `ps --format` names, beside the instance's own fields. */
+function psRow(
+  i: Instance,
+): Instance & Record<'ID' | 'Names' | 'Image' | 'Command' | 'State' | 'Status' | 'Ports' | 'CreatedAt' | 'RunningFor' | 'Labels', string> {
+  return {
+    ...i,
+    ID: i.id.slice(0, 12),
+    Names: i.handle,
+    Image: i.image ? i.image.replace(/^docker\.io\/(library\/)?/, '') : '-',
+    Command: shellJoin(i.command),
+    State: i.state,
+    Status: i.exitCode !== null && i.state === 'stopped' ? `stopped (${i.exitCode})` : i.idlePaused ? 'paused (idle)' : i.state,
+    Ports: i.state === 'running' || i.state === 'paused' ? formatPorts(i.ports) : '',
+    CreatedAt: i.createdAt,
+    RunningFor: age(i.createdAt),
+    Labels: Object.entries(i.labels ?? {})
+      .map(([k, v]) => `${k}=${v}`)
+      .join(','),
+  };
+}
+
+const DOCKER_HEADERS: Record<string, string> = { NAMES: 'NAMES', ID: 'INSTANCE ID', RUNNINGFOR: 'CREATED', CREATEDAT: 'CREATED AT' };
+
 export function listCommand(name: 'list' | 'ps' = 'list'): Command {
   const c = new Command(name);
   if (name === 'list') c.alias('ls');
@@ -33,7 +57,12 @@ export function listCommand(name: 'list' | 'ps' = 'list'): Command {
     .option('-q, --quiet', 'print ids only')
     .option('-f, --filter <KEY=VALUE>', 'only instances with status=STATE, name=TEXT, id=PREFIX or label=K[=V] (repeatable)', collectFilter)
     .option('--json', 'print JSON')
-    .action(async (o: { all?: boolean; json?: boolean; quiet?: boolean; filter?: Filter[] }) => {
+    .option(
+      '--format <TEMPLATE>',
+      'Go-template subset as docker ps: {{.Names}} {{.ID}} {{.Image}} {{.Status}} {{.Ports}} {{.Command}} {{.RunningFor}} {{.Labels}}, our own fields ({{.handle}}, {{json .egress}}…), "table …" for a header',
+      (t: string) => parseTemplate(t, DOCKER_HEADERS),
+    )
+    .action(async (o: { all?: boolean; json?: boolean; quiet?: boolean; filter?: Filter[]; format?: Template }) => {
       errorsAsJson(o.json);
       try {
         // A status filter other than running looks at every instance, as docker ps does.
@@ -47,13 +76,19 @@ export function listCommand(name: 'list' | 'ps' = 'list'): Command {
           process.stdout.write(JSON.stringify(list, null, 2) + '\n');
           return;
         }
+        if (o.format) {
+          const t = o.format;
+          const lines = list.map((i) => t.render(psRow(i)));
+          // `table`: columns aligned under a header, as Docker's tabwriter does.
+          const out = t.header === undefined ? lines.map((l) => `${l}\n`).join('') : table([t.header, ...lines].map((l) => l.split('\t')));
+          process.stdout.write(out);
+          return;
+        }
         const rows = [['HANDLE', 'ID', 'STATE', 'IMAGE', 'AGE', 'PORTS', 'COMMAND']];
         for (const i of list) {
-          const state = i.exitCode !== null && i.state === 'stopped' ? `stopped (${i.exitCode})` : i.idlePaused ? 'paused (idle)' : i.state;
-          const cmd = shellJoin(i.command);
-          const ports = i.state === 'running' || i.state === 'paused' ? formatPorts(i.ports) : '';
-          const image = i.image ? i.image.replace(/^docker\.io\/(library\/)?/, '') : '-';
-          rows.push([i.handle, i.id.slice(0, 12), state, image, age(i.createdAt), ports, cmd.length > 40 ? `${cmd.slice(0, 37)}...` : cmd]);
+          const r = psRow(i);
+          const cmd = r.Command.length > 40 ? `${r.Command.slice(0, 37)}...` : r.Command;
+          rows.push([r.Names, r.ID, r.Status, r.Image, r.RunningFor, r.Ports, cmd]);
         }
         process.stdout.write(table(rows));
       } catch (err) {

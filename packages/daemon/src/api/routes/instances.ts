@@ -83,9 +83,22 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       path: '/v1/instances/{ref}/exec',
       handler: async ({ params, body, signal, res }) => {
         const req = validateBody('ExecRequest', body);
+        const instance = m.instance(param(params, 'ref'));
+        if (req.detach) {
+          // docker exec -d: answered once it runs; its output goes to the log only, and the
+          // request's end (this client going away) is not the command's.
+          let started: (execId: string) => void = () => undefined;
+          const first = new Promise<string>((resolve) => (started = resolve));
+          const run = instance.exec(req, (ev) => {
+            if (ev.type === 'started') started(ev.execId);
+            return undefined;
+          });
+          run.catch(() => undefined); // after the start, its end is the log's business
+          return reply('execInstance', 201, { execId: await Promise.race([first, run.then(() => first)]) });
+        }
         let write: ((ev: unknown) => Promise<void> | undefined) | undefined;
         // Errors before the exec starts are plain HTTP errors; after, the stream's last event.
-        await m.instance(param(params, 'ref')).exec(
+        await instance.exec(
           req,
           (ev) => {
             write ??= startStream(res);
