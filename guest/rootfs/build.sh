@@ -31,6 +31,12 @@ if [ ! -d "$tree" ]; then
   t="$work/tree"
   # What maintainer scripts would have done.
   [ -e "$t/bin/sh" ] || ln -s dash "$t/bin/sh"
+  # update-alternatives' links (dpkg-deb -x runs no postinst): without them `awk` and
+  # `which` answer 127.
+  for alt in awk:mawk nawk:mawk which:which.debianutils; do
+    name=${alt%%:*} target=${alt#*:}
+    if [ -e "$t/usr/bin/$target" ] && [ ! -e "$t/usr/bin/$name" ]; then ln -s "$target" "$t/usr/bin/$name"; fi
+  done
   cp "$t/usr/share/base-passwd/passwd.master" "$t/etc/passwd"
   cp "$t/usr/share/base-passwd/group.master" "$t/etc/group"
   echo "aegis" > "$t/etc/hostname"
@@ -48,7 +54,7 @@ if [ ! -d "$tree" ]; then
   mkdir -p "$t/aegis"
   tar -xzf "$tgz" -C "$work" package/bin/node
   install -m 0755 "$work/package/bin/node" "$t/aegis/node"
-  ln -sf /aegis/node "$t/usr/local/bin/node"
+  # Node is the agent's runtime, not the workload's: it is not on PATH (/aegis/node only).
   ldconfig -r "$t" 2>/dev/null || true
   chmod 1777 "$t/tmp" "$t/var/tmp"; chmod 700 "$t/root"
   rm -rf "$t/usr/share/doc" "$t/usr/share/man" "$t/usr/share/info" "$t/usr/share/locale"

@@ -1,4 +1,6 @@
 /** What the guest looks like from inside: PID 1's work, as the workload sees it. */
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { useDaemon } from './fixture.js';
 
@@ -36,6 +38,55 @@ describe('inside the guest', () => {
   it('runs the workload with the environment and working directory it was given', async () => {
     const r = await daemon().cli(['run', '-e', 'GREETING=hi there', '-w', '/tmp', '--', 'sh', '-c', 'echo "$GREETING from $(pwd)"']);
     expect(r.stdout).toBe('hi there from /tmp\n');
+  });
+
+  it("hides the agent from the workload: ps shows the workload's own processes, node is not on PATH, awk and which are", async () => {
+    const d = daemon();
+    // The workload traps SIGTERM: a signal for it must reach it, not the helper standing in for it.
+    await d.cli([
+      'run',
+      '-d',
+      '--name',
+      'hygiene',
+      '--network',
+      'none',
+      '--',
+      'sh',
+      '-c',
+      'trap "echo got-term; exit 7" TERM; while :; do sleep 0.2; done',
+    ]);
+    const ps = await d.cli([
+      'exec',
+      'hygiene',
+      '--',
+      'sh',
+      '-c',
+      'ps -e -o pid=,args= | grep -v "ps -e" ; command -v node || echo no-node; which awk; echo x | awk "{print \\"awk-ok\\"}"',
+    ]);
+    const lines = ps.stdout.trim().split('\n');
+    expect(lines.filter((l) => /harness|node /.test(l))).toEqual([]);
+    expect(lines[0]).toMatch(/^\s*1 \/aegis\/init$/); // the namespace's init, which reaps its orphans
+    expect(lines.some((l) => l.includes('trap "echo got-term; exit 7" TERM'))).toBe(true);
+    expect(lines.slice(-3)).toEqual(['no-node', '/usr/bin/awk', 'awk-ok']);
+    // A mount made by the workload is seen by the files API (mounts are shared both ways).
+    // (The base rootfs has no mount(8): mount(2) through python's ctypes.)
+    const mount = [
+      'import ctypes, os',
+      'os.makedirs("/mnt/t", exist_ok=True)',
+      'libc = ctypes.CDLL(None, use_errno=True)',
+      'assert libc.mount(b"none", b"/mnt/t", b"tmpfs", 0, None) == 0, os.strerror(ctypes.get_errno())',
+      'open("/mnt/t/f", "w").write("in-tmpfs\\n")',
+    ].join('\n');
+    expect((await d.cli(['exec', 'hygiene', '--', 'python3', '-c', mount])).code).toBe(0);
+    const out = path.join(d.home, 'from-tmpfs');
+    expect((await d.cli(['cp', 'hygiene:/mnt/t/f', out])).code).toBe(0);
+    expect(readFileSync(out, 'utf8')).toBe('in-tmpfs\n');
+    // The agent's own view (aegis top) still sees everything.
+    expect((await d.cli(['top', 'hygiene'])).stdout).toContain('harness.mjs');
+    expect((await d.cli(['kill', '-s', 'TERM', 'hygiene'])).code).toBe(0);
+    expect((await d.cli(['wait', 'hygiene'])).stdout).toBe('7\n');
+    expect((await d.cli(['logs', 'hygiene'])).stdout).toBe('got-term\n');
+    await d.cli(['rm', 'hygiene']);
   });
 
   it('reports a workload killed by a signal as 128 + the signal number', async () => {

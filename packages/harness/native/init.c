@@ -27,6 +27,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -39,7 +40,9 @@
 #include <termios.h>
 #include <grp.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/reboot.h>
+#include <sys/resource.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -849,6 +852,153 @@ static void setup_cgroups(void) {
   write_text(AGENT_CGROUP "/cgroup.procs", "0");
 }
 
+/* ---- the workload's PID namespace ----------------------------------------------------
+ * The workload and every exec run in a PID namespace of their own, so their `ps` and `top`
+ * show what they started, not the agent (Node) that serves the host, as a container's do.
+ * Its init is a child of ours (pid 1 there): it reaps what is orphaned inside and holds the
+ * namespace open. It has its own mount namespace too, only so /proc there is a procfs of the
+ * new namespace; every other mount is shared both ways with ours, so the files API and `cp`
+ * see what the workload mounts, and the workload sees what we mount later.
+ * This is hygiene, not a boundary: the workload is root in its VM and may look past it. */
+#define WORKLOAD_NS_FILE "/run/aegis/workload-ns"
+
+/* A fresh procfs over `path` in this mount namespace only (its own mount made private first,
+ * so the new one does not propagate back to ours). */
+static void private_proc(const char *path) {
+  struct stat st;
+  if (stat(path, &st) != 0) return;
+  if (mount(NULL, path, NULL, MS_PRIVATE, NULL) != 0) return; /* not a mount point: nothing to replace */
+  if (mount("proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) say("workload ns: proc on %s: %s", path, strerror(errno));
+}
+
+static void workload_ns_init(void) {
+  setsid();
+  prctl(PR_SET_NAME, "aegis-ns-init");
+  if (unshare(CLONE_NEWNS) != 0) say("workload ns: mount namespace: %s", strerror(errno));
+  else {
+    private_proc("/proc");
+    private_proc(IMAGE_ROOT "/proc");
+  }
+  sigset_t set;
+  sigfillset(&set);
+  sigprocmask(SIG_BLOCK, &set, NULL);
+  for (;;) {
+    siginfo_t info;
+    if (sigwaitinfo(&set, &info) < 0) continue;
+    while (waitpid(-1, NULL, WNOHANG) > 0) {
+    }
+  }
+}
+
+/* Made once at boot, before the harness starts (a template's snapshot holds it, so a clone pays
+ * nothing). Without it, processes run in our namespace, as before. */
+static void start_workload_ns(void) {
+  /* Mounts shared, so the namespace's copies stay peers of ours (both ways). */
+  if (mount(NULL, "/", NULL, MS_REC | MS_SHARED, NULL) != 0) say("workload ns: shared mounts: %s", strerror(errno));
+  int p[2];
+  if (pipe2(p, O_CLOEXEC) != 0) return;
+  pid_t holder = fork();
+  if (holder == 0) {
+    /* unshare(CLONE_NEWPID) moves this process's next children, not itself: its one child
+     * is the namespace's init, and this one ends. */
+    pid_t init = -1;
+    if (unshare(CLONE_NEWPID) == 0) init = fork();
+    if (init == 0) {
+      close(p[1]);
+      workload_ns_init();
+    }
+    if (write(p[1], &init, sizeof init) != sizeof init) _exit(1);
+    _exit(0);
+  }
+  close(p[1]);
+  pid_t init = -1;
+  if (holder < 0 || read(p[0], &init, sizeof init) != sizeof init) init = -1;
+  close(p[0]);
+  if (holder > 0) waitpid(holder, NULL, 0);
+  if (init <= 0) {
+    say("workload ns: %s", strerror(errno));
+    return;
+  }
+  mkdir("/run/aegis", 0700);
+  int fd = open(WORKLOAD_NS_FILE, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0 || dprintf(fd, "%d\n", (int)init) < 0) say("workload ns: %s: %s", WORKLOAD_NS_FILE, strerror(errno));
+  if (fd >= 0) close(fd);
+}
+
+/* Joins the workload's namespaces, or says why not (then the caller runs CMD where it is). */
+static int join_workload_ns(void) {
+  char buf[32] = {0}, path[64];
+  int fd = open(WORKLOAD_NS_FILE, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  int pid = n > 0 ? atoi(buf) : 0;
+  if (pid <= 1) return -1;
+  snprintf(path, sizeof path, "/proc/%d/ns/pid", pid);
+  int pidns = open(path, O_RDONLY | O_CLOEXEC);
+  snprintf(path, sizeof path, "/proc/%d/ns/mnt", pid);
+  int mntns = open(path, O_RDONLY | O_CLOEXEC);
+  int ok = -1;
+  if (pidns >= 0 && mntns >= 0) {
+    /* Joining a mount namespace moves the working directory to its root: go back by name. */
+    char cwd[4096];
+    const char *where = getcwd(cwd, sizeof cwd) ? cwd : "/";
+    if (setns(mntns, CLONE_NEWNS) == 0) {
+      if (chdir(where) != 0 && chdir("/") != 0) say("workload ns: chdir: %s", strerror(errno));
+      ok = setns(pidns, CLONE_NEWPID);
+    }
+  }
+  if (pidns >= 0) close(pidns);
+  if (mntns >= 0) close(mntns);
+  return ok;
+}
+
+/* `aegis-init ns -- CMD [ARG...]`: runs CMD in the workload's PID namespace. A namespace is
+ * entered by children only, so CMD is a child, and this process stays as its stand-in for the
+ * harness: it ends as CMD ends (the same status, or the same signal), and writes CMD's pid
+ * (as our namespace numbers it) on fd 4, so the harness signals CMD itself. Signals sent to
+ * the process group reach CMD directly; this process ignores them (SIGKILL aside). */
+static int ns_main(int argc, char **argv) {
+  if (argc < 4 || strcmp(argv[2], "--") != 0) {
+    say("usage: aegis-init ns -- CMD [ARG...]");
+    return 125;
+  }
+  pid_t child = join_workload_ns() == 0 ? fork() : -1;
+  if (child <= 0) {
+    /* No namespace (or no fork): CMD runs here, as before, and is this process. */
+    if (child < 0) dprintf(4, "%d\n", (int)getpid());
+    close(4);
+    execvp(argv[3], argv + 3);
+    int err = errno;
+    fprintf(stderr, "aegis: cannot run %s: %s\n", argv[3], strerror(err));
+    _exit(err == ENOENT ? 127 : 126);
+  }
+  dprintf(4, "%d\n", (int)child);
+  close(4);
+  /* The stand-in holds none of CMD's pipes open: their end is CMD's. */
+  int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+  for (int fd = 0; fd <= 2 && null >= 0; fd++) dup2(null, fd);
+  for (int sig = 1; sig < NSIG; sig++) {
+    if (sig != SIGKILL && sig != SIGSTOP && sig != SIGCHLD) signal(sig, SIG_IGN);
+  }
+  int status = 0;
+  while (waitpid(child, &status, 0) < 0) {
+    if (errno != EINTR) return 125;
+  }
+  if (!WIFSIGNALED(status)) return WEXITSTATUS(status);
+  /* Ended by a signal: end by the same one, so the harness reports it as CMD's. */
+  int sig = WTERMSIG(status);
+  struct rlimit no_core = {0, 0};
+  setrlimit(RLIMIT_CORE, &no_core);
+  signal(sig, SIG_DFL);
+  sigset_t one;
+  sigemptyset(&one);
+  sigaddset(&one, sig);
+  sigprocmask(SIG_UNBLOCK, &one, NULL);
+  kill(getpid(), sig);
+  return 128 + sig;
+}
+
 /* `aegis-init cg DIR -- CMD [ARG...]`: joins the cgroup DIR (made if missing), takes an ordinary OOM score
  * (the harness it comes from is exempt), then runs CMD. Joining before exec means nothing the
  * command forks can be outside the cgroup. */
@@ -879,6 +1029,7 @@ int main(int argc, char **argv) {
   if (argc > 1 && strcmp(argv[1], "fresh") == 0) return fresh_main();
   if (argc > 1 && strcmp(argv[1], "chroot") == 0) return chroot_main(argc, argv);
   if (argc > 1 && strcmp(argv[1], "cg") == 0) return cg_main(argc, argv);
+  if (argc > 1 && strcmp(argv[1], "ns") == 0) return ns_main(argc, argv);
   if (argc > 1 && strcmp(argv[1], "blocking") == 0) return blocking_main(argc, argv);
   if (argc > 1 && strcmp(argv[1], "sendfile") == 0) return sendfile_main();
   if (getpid() != 1) {
@@ -929,6 +1080,7 @@ int main(int argc, char **argv) {
   prepare_image_root(hostname);
   machine_id();
   mount_volumes();
+  start_workload_ns();
 
   mark("filesystems mounted");
   static struct relay relay;

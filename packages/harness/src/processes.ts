@@ -119,8 +119,26 @@ export const BASE_ENV: Record<string, string> = {
   LANG: 'C.UTF-8',
 };
 
+/** The first line of the `ns` helper's fd 4: the command's pid (undefined if it ended first). */
+async function commandPid(report: NodeJS.ReadableStream): Promise<number | undefined> {
+  let text = '';
+  try {
+    for await (const chunk of report as AsyncIterable<Buffer>) {
+      text += chunk.toString('latin1');
+      if (text.includes('\n') || text.length > 32) break;
+    }
+  } catch {
+    // closed early: the command did not start
+  }
+  (report as NodeJS.ReadableStream & { destroy?: () => void }).destroy?.();
+  const pid = Number.parseInt(text, 10);
+  return Number.isSafeInteger(pid) && pid > 1 ? pid : undefined;
+}
+
 export class GuestProcess {
   private exited = false;
+  /** The command's own pid when a helper stands in for it (the `ns` helper); signals go there. */
+  private target: number | undefined;
 
   private constructor(readonly child: ChildProcess) {}
 
@@ -157,11 +175,17 @@ export class GuestProcess {
     // Its own child of the workload cgroup: the CPU is shared fairly between the workload and
     // each exec (a fork bomb in one does not starve the next), under the workload's limits.
     const own = cgroup ? `${cgroup}/${spec.cgroupName ?? 'main'}` : undefined;
-    const [bin = file, ...argv] = own ? [PTY_HELPER, 'cg', own, '--', ...inner] : inner;
+    const chain = own ? [PTY_HELPER, 'cg', own, '--', ...inner] : inner;
+    // In the VM, through the workload's PID namespace (`aegis-init ns`): its processes do not
+    // see this agent. The helper stays as the command's stand-in and says on fd 4 which pid
+    // is the command's.
+    const [bin = file, ...argv] = own ? [PTY_HELPER, 'ns', '--', ...chain] : chain;
+    const stdio: ('pipe' | 'ignore')[] = tty ? ['pipe', 'pipe', 'pipe', 'pipe'] : [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'];
+    if (own) stdio.push(...(tty ? [] : ['ignore' as const]), 'pipe');
     const child = spawn(bin, argv, {
       cwd,
       env: tty ? { TERM: 'xterm', ...env } : env,
-      stdio: tty ? ['pipe', 'pipe', 'pipe', 'pipe'] : [spec.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
+      stdio,
       detached: true,
     });
     const gp = new GuestProcess(child);
@@ -179,7 +203,13 @@ export class GuestProcess {
       });
       child.once('spawn', () => {
         gp.wire(events, gate);
-        resolve(gp);
+        const report = child.stdio[4];
+        if (!report) return resolve(gp);
+        // Resolved once the pid is known, so a signal sent right after the start reaches it.
+        void commandPid(report as NodeJS.ReadableStream).then((pid) => {
+          if (pid !== undefined && pid !== child.pid) gp.target = pid;
+          resolve(gp);
+        });
       });
     });
   }
@@ -266,7 +296,15 @@ export class GuestProcess {
       throw new AegisError('INVALID_ARGUMENT', `unknown signal ${name}`);
     }
     if (this.exited) return;
-    this.child.kill(name as NodeJS.Signals);
+    if (this.target === undefined) {
+      this.child.kill(name as NodeJS.Signals);
+      return;
+    }
+    try {
+      process.kill(this.target, name as NodeJS.Signals);
+    } catch {
+      // it has just ended: its stand-in is about to say so
+    }
   }
 
   /**
