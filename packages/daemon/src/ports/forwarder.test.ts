@@ -63,6 +63,30 @@ describe('PortForwarder listeners', () => {
     await connectThrough(port, connect);
   });
 
+  it('holds a connection made before serve() (the VM still starting) and forwards it once serving, instead of leaving it hanging', async () => {
+    const { forwarder, port } = await listenOne();
+    const client = net.connect(port, '127.0.0.1');
+    client.on('error', () => undefined);
+    cleanups.push(() => client.destroy());
+    await new Promise((r) => client.once('connect', r));
+    const connect = vi.fn(() => new Promise<Duplex>(() => undefined));
+    forwarder.serve(connect);
+    await vi.waitFor(() => expect(connect).toHaveBeenCalledTimes(1));
+  });
+
+  it('resets a connection held before serve() when the start fails (close) rather than leaving it open', async () => {
+    const { forwarder, port } = await listenOne();
+    const client = net.connect(port, '127.0.0.1');
+    const ended = new Promise<string>((resolve) => {
+      client.on('error', (e: NodeJS.ErrnoException) => resolve(e.code ?? 'error'));
+      client.on('close', () => resolve('closed'));
+    });
+    await new Promise((r) => client.once('connect', r));
+    await new Promise((r) => setTimeout(r, 50)); // accepted and held
+    forwarder.close();
+    expect(await ended).toMatch(/ECONNRESET|closed/);
+  });
+
   it('still fails the whole listen with ALREADY_EXISTS when a host port is taken', async () => {
     const { port } = await listenOne();
     await expect(

@@ -27,12 +27,17 @@ export interface ForwardHooks {
   egress?: EgressHandler;
 }
 
+/** Connections held while the VM starts, per instance; more are reset (a client retries). */
+const MAX_EARLY_CONNECTIONS = 128;
+
 export class PortForwarder {
   private connect: (() => Promise<Duplex>) | undefined;
   private channel: Promise<DataChannel> | undefined;
   private closed = false;
   private onError: ((err: Error) => void) | undefined;
   private hooks: ForwardHooks = {};
+  /** Accepted while the VM was still starting: forwarded once it serves (bounded), reset if it never does. */
+  private early: { socket: net.Socket; guestPort: number }[] | undefined = [];
 
   private constructor(
     private readonly servers: net.Server[],
@@ -75,6 +80,9 @@ export class PortForwarder {
         // the listener would turn a transient shortage into a port that is gone until the
         // instance restarts. So it stays up, and the error goes only to whoever asked.
         server.on('error', (err: Error) => forwarder.onError?.(err));
+        // Bound before the VM boots, so a client may connect before there is anything to
+        // forward to: it waits for the start (or is reset if the start fails), never hangs.
+        server.on('connection', (socket: net.Socket) => forwarder.accept(socket, m.guestPort));
         servers.push(server);
         bound.push({ ...m, hostPort: (server.address() as net.AddressInfo).port });
       }
@@ -94,12 +102,17 @@ export class PortForwarder {
     this.connect = connect;
     this.onError = onError;
     this.hooks = hooks;
-    this.servers.forEach((server, i) => {
-      const m = this.mappings[i];
-      if (!m) return;
-      server.on('connection', (socket: net.Socket) => void this.forward(socket, m.guestPort));
-    });
+    const early = this.early ?? [];
+    this.early = undefined;
+    for (const { socket, guestPort } of early) void this.forward(socket, guestPort);
     if (hooks.egress) this.keepOpen();
+  }
+
+  private accept(socket: net.Socket, guestPort: number): void {
+    if (this.closed) socket.destroy();
+    else if (!this.early) void this.forward(socket, guestPort);
+    else if (this.early.length < MAX_EARLY_CONNECTIONS) this.early.push({ socket, guestPort });
+    else socket.resetAndDestroy();
   }
 
   /**
@@ -170,6 +183,8 @@ export class PortForwarder {
     if (this.closed) return;
     this.closed = true;
     for (const s of this.servers) s.close();
+    for (const { socket } of this.early ?? []) socket.resetAndDestroy();
+    this.early = undefined;
     void this.channel?.then(
       (ch) => ch.close(),
       () => undefined,
