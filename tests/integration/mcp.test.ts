@@ -43,12 +43,14 @@ describe('aegis mcp', () => {
     expect(tools.map((t) => t.name).sort()).toEqual([
       'create_sandbox',
       'delete_sandbox',
+      'fork_sandbox',
       'list_files',
       'list_sandboxes',
       'logs',
       'pause_sandbox',
       'read_file',
       'run_command',
+      'snapshot_sandbox',
       'start_sandbox',
       'stop_sandbox',
       'write_file',
@@ -111,6 +113,21 @@ describe('aegis mcp', () => {
     expect(again.structuredContent).toMatchObject({ exitCode: 0, stdout: 'from the agent\nalive\n' });
     expect((await call(client, 'start_sandbox', { sandbox: id })).structuredContent).toMatchObject({ state: 'running' }); // idempotent
 
+    // A copy that carries on (fork), and one started later from a saved point (snapshot): both
+    // the agent's, with the files as they were.
+    const forked = await call(client, 'fork_sandbox', { sandbox: id });
+    const forkId = (forked.structuredContent?.['sandboxes'] as { id: string }[] | undefined)?.[0]?.id ?? '';
+    expect((await call(client, 'read_file', { sandbox: forkId, path: '/work/notes/a.txt' })).content[0]?.text).toBe('from the agent\n');
+    const saved = await call(client, 'snapshot_sandbox', { sandbox: id, name: 'agent-point' });
+    expect(saved.structuredContent).toMatchObject({ snapshot: 'agent-point' });
+    const fromSnap = await call(client, 'create_sandbox', { snapshot: 'agent-point' });
+    const fromId = fromSnap.structuredContent?.['id'] as string;
+    expect((await call(client, 'run_command', { sandbox: fromId, command: 'cat /work/notes/a.txt' })).structuredContent).toMatchObject({
+      stdout: 'from the agent\n',
+    });
+    for (const s of [forkId, fromId]) expect((await call(client, 'delete_sandbox', { sandbox: s })).isError).toBeFalsy();
+    await d.client.deleteSnapshot('agent-point');
+
     expect((await call(client, 'delete_sandbox', { sandbox: id })).isError).toBeFalsy();
     expect(await d.client.listInstances({ all: true })).toEqual([]);
   });
@@ -147,6 +164,11 @@ describe('aegis mcp', () => {
     }
     expect((await call(client, 'list_sandboxes', {})).structuredContent).toMatchObject({ sandboxes: [{ id: agents }] });
     expect((await d.client.getInstance(mine.id)).state).toBe('running');
+    // Nor may it start a copy of the user's instance from a snapshot of it.
+    await d.client.createSnapshot(mine.id, { name: 'users-snap' });
+    const copy = await call(client, 'create_sandbox', { snapshot: 'users-snap' });
+    expect(copy.content[0]?.text).toBe('NOT_FOUND: no snapshot "users-snap" (snapshot_sandbox makes them)');
+    await d.client.deleteSnapshot('users-snap');
     expect((await call(client, 'run_command', { sandbox: 'agents', command: 'echo ok' })).structuredContent).toMatchObject({
       stdout: 'ok\n',
     });

@@ -182,4 +182,51 @@ console.log(JSON.stringify(out));
     expect(readFileSync(path.join(shared, 'out.txt'), 'utf8')).toBe('from-guest\n');
     expect(await d.client.listInstances({ all: true })).toEqual([]);
   });
+  it('snapshot(), fork() and create({ snapshot }): copies that carry on from the same point, each its own', async () => {
+    const d = daemon();
+    writeFileSync(
+      path.join(project, 'fork.mjs'),
+      `import { Sandbox, FailedPreconditionError } from '@aegis/sdk';
+const out = {};
+const sbx = await Sandbox.create({ network: 'none', command: ['sh', '-c', 'i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done'] });
+try {
+  await sbx.files.write('/root/note.txt', 'before\\n');
+  const forks = await sbx.fork(2);
+  out.forks = forks.length;
+  for (const [i, f] of forks.entries()) {
+    await f.files.write('/root/mine.txt', String(i));
+    out['fork' + i] = [(await f.files.read('/root/note.txt')), Number((await f.commands.run('cat /tmp/n')).stdout) > 1, (await f.commands.run('hostname')).stdout.trim() === f.name];
+  }
+  out.isolated = await sbx.files.exists('/root/mine.txt');
+  const snap = await sbx.snapshot({ name: 'sdk-snap' });
+  out.snap = [snap.name, snap.source.name === sbx.name, snap.sizeBytes > 0];
+  const again = await Sandbox.create({ snapshot: 'sdk-snap' });
+  out.again = await again.files.read('/root/note.txt');
+  try { await Sandbox.deleteSnapshot('sdk-snap'); } catch (e) { out.inUse = e instanceof FailedPreconditionError; }
+  await again.kill();
+  for (const f of forks) await f.kill();
+  await Sandbox.deleteSnapshot('sdk-snap');
+  // The forks' own checkpoint goes with the last of them, just after.
+  for (let i = 0; i < 50 && (await Sandbox.listSnapshots()).length > 0; i++) await new Promise((r) => setTimeout(r, 200));
+  out.left = (await Sandbox.listSnapshots()).length;
+} finally {
+  await sbx.kill();
+}
+console.log(JSON.stringify(out));
+`,
+    );
+    const r = await run(process.execPath, ['fork.mjs'], { cwd: project, env: { ...process.env, AEGIS_HOME: d.home }, timeoutMs: 300_000 });
+    expect(r.stderr).toBe('');
+    expect(JSON.parse(r.stdout)).toEqual({
+      forks: 2,
+      fork0: ['before\n', true, true],
+      fork1: ['before\n', true, true],
+      isolated: false,
+      snap: ['sdk-snap', true, true],
+      again: 'before\n',
+      inUse: true,
+      left: 0,
+    });
+    await expect.poll(() => d.client.listInstances({ all: true }), { timeout: 15_000 }).toEqual([]);
+  });
 });

@@ -14,6 +14,7 @@ import { runCommand } from './commands/run.js';
 import { secretCommand } from './commands/secret/secret.js';
 import { imageCommand, imageListCommand, pullCommand } from './commands/image/image.js';
 import { volumeCommand } from './commands/volume.js';
+import { forkCommand, snapshotCommand } from './commands/snapshot.js';
 import { egressCommand } from './commands/egress.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
@@ -69,6 +70,8 @@ for (const c of [
   secretCommand(),
   imageCommand(),
   volumeCommand(),
+  snapshotCommand(),
+  forkCommand(),
   egressCommand(),
   upCommand(),
   downCommand(),

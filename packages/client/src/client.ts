@@ -14,6 +14,8 @@ import type {
   ExecEvent,
   ExecRequest,
   FileStat,
+  ForkRequest,
+  ForkResult,
   Image,
   Instance,
   InstanceStats,
@@ -22,6 +24,7 @@ import type {
   PullEvent,
   RunEvent,
   SecretMeta,
+  SnapshotView,
   Status,
   Volume,
   WaitResult,
@@ -392,6 +395,40 @@ export class AegisClient {
   /** Removes the volume and its data; FAILED_PRECONDITION while any instance names it. */
   removeVolume(name: string): Promise<void> {
     return this.call({ method: 'DELETE', path: `/v1/volumes/${encodeURIComponent(name)}` });
+  }
+
+  /** Checkpoints a running instance (it carries on); start from it with `createInstance({ snapshot })`. */
+  createSnapshot(ref: string, options: { name?: string; signal?: AbortSignal } = {}): Promise<SnapshotView> {
+    return this.call({
+      method: 'POST',
+      path: `/v1/instances/${encodeURIComponent(ref)}/snapshots`,
+      body: options.name !== undefined ? { name: options.name } : {},
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+  }
+
+  /** Checkpoints the instance and starts `count` instances from that point. */
+  forkInstance(ref: string, options: ForkRequest & { signal?: AbortSignal } = {}): Promise<ForkResult> {
+    const { signal, ...body } = options;
+    return this.call({
+      method: 'POST',
+      path: `/v1/instances/${encodeURIComponent(ref)}/fork`,
+      body,
+      ...(signal ? { signal } : {}),
+    });
+  }
+
+  async listSnapshots(): Promise<SnapshotView[]> {
+    return (await this.call<{ snapshots: SnapshotView[] }>({ method: 'GET', path: '/v1/snapshots' })).snapshots;
+  }
+
+  getSnapshot(name: string): Promise<SnapshotView> {
+    return this.call({ method: 'GET', path: `/v1/snapshots/${encodeURIComponent(name)}` });
+  }
+
+  /** FAILED_PRECONDITION while instances started from it exist. */
+  deleteSnapshot(name: string): Promise<void> {
+    return this.call({ method: 'DELETE', path: `/v1/snapshots/${encodeURIComponent(name)}` });
   }
 
   exec(ref: string, req: ExecRequest, signal?: AbortSignal): AsyncGenerator<ExecEvent> {

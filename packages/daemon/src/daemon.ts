@@ -18,6 +18,7 @@ import { instanceRoutes } from './api/routes/instances.js';
 import { fileRoutes } from './api/routes/files.js';
 import { secretRoutes } from './api/routes/secrets.js';
 import { imageRoutes } from './api/routes/images.js';
+import { snapshotRoutes } from './api/routes/snapshots.js';
 import { volumeRoutes } from './api/routes/volumes.js';
 import { VolumeService } from './volumes/service.js';
 import { ImageService } from './images/service.js';
@@ -112,6 +113,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     probe.capabilities?.volumeKinds ?? [],
   );
   await instances.recover();
+  await instances.snapshots.sweep();
   // VMs an earlier daemon started with another backend (AEGIS_BACKEND changed): no instance
   // can own them now (their rows were settled above), and only their backend can find them.
   for (const other of backends.filter((b) => b !== backend)) {
@@ -152,7 +154,15 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     },
   };
   const server: http.Server = createServer(
-    [...systemRoutes(ctx), ...instanceRoutes(ctx), ...fileRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx), ...volumeRoutes(ctx)],
+    [
+      ...systemRoutes(ctx),
+      ...instanceRoutes(ctx),
+      ...fileRoutes(ctx),
+      ...secretRoutes(ctx),
+      ...imageRoutes(ctx),
+      ...volumeRoutes(ctx),
+      ...snapshotRoutes(ctx),
+    ],
     log,
   );
   // The socket is the daemon's whole authority: only its owner may connect.

@@ -40,3 +40,6 @@ export type SecretMeta = ApiSchemas['Secret'];
 export type VolumeMount = ApiSchemas['VolumeMount'];
 /** A named volume: an ext4 file system in a file of the daemon's, attached to VMs as a disk. */
 export type Volume = ApiSchemas['Volume'];
+export type SnapshotView = ApiSchemas['Snapshot'];
+export type ForkResult = ApiSchemas['ForkResult'];
+export type ForkRequest = ApiSchemas['ForkRequest'];

@@ -9,6 +9,7 @@ export {
   type CommandHandle,
   type FileInfo,
   type EgressInfo,
+  type SnapshotInfo,
 } from './sandbox.js';
 export {
   SandboxError,

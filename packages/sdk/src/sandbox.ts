@@ -3,7 +3,7 @@
  * sandbox is. Built on the typed client; everything here is a thin, decoded view of it.
  */
 import { Readable } from 'node:stream';
-import { AegisClient, defaultSocketPath, type ExecEvent, type FileStat, type Instance } from '@aegis/client';
+import { AegisClient, defaultSocketPath, type ExecEvent, type FileStat, type Instance, type SnapshotView } from '@aegis/client';
 import { CommandExitError, InvalidArgumentError, SandboxError, toSandboxError, wrap } from './errors.js';
 
 export interface SandboxOptions {
@@ -50,9 +50,39 @@ export interface SandboxOptions {
    * missing) mounted at `target` before the sandbox starts, as `docker -v`.
    */
   volumes?: { type: 'bind' | 'volume'; source: string; target: string; readOnly?: boolean }[];
+  /**
+   * Resume this snapshot (`sandbox.snapshot()`) instead of starting afresh: its processes carry
+   * on, with a new identity, disk and ports. Its machine is the snapshot's, so `image`,
+   * `command`, `env`, `secrets`, `network`, `memoryMiB`, `vcpuCount` and `volumes` cannot be given.
+   */
+  snapshot?: string;
   /** The daemon's socket; default `$AEGIS_HOME/aegisd.sock` (`~/.aegis/aegisd.sock`). */
   socketPath?: string;
   signal?: AbortSignal;
+}
+
+/** A checkpoint of a sandbox (`sandbox.snapshot()`): start it again with `Sandbox.create({ snapshot })`. */
+export interface SnapshotInfo {
+  name: string;
+  createdAt: Date;
+  /** The sandbox it was taken of. */
+  source: { id: string; name: string };
+  memoryMiB: number;
+  /** Space it takes on the host. */
+  sizeBytes: number;
+  /** Names of sandboxes started from it (it cannot be deleted while there are any). */
+  dependents: string[];
+}
+
+function snapshotInfo(v: SnapshotView): SnapshotInfo {
+  return {
+    name: v.name,
+    createdAt: new Date(v.createdAt),
+    source: { id: v.source.id, name: v.source.handle },
+    memoryMiB: v.memoryMiB,
+    sizeBytes: v.sizeBytes,
+    dependents: v.dependents,
+  };
 }
 
 /** A sandbox's life when `timeoutMs` is not given (E2B's default). */
@@ -73,6 +103,7 @@ const SANDBOX_OPTIONS = [
   'idlePauseMs',
   'labels',
   'volumes',
+  'snapshot',
   'socketPath',
   'signal',
 ];
@@ -416,7 +447,8 @@ export class Sandbox {
     const instance = await wrap(() =>
       client.createInstance(
         {
-          command: options.command ?? ['sleep', 'infinity'],
+          ...(options.snapshot !== undefined ? { snapshot: options.snapshot } : { command: options.command ?? ['sleep', 'infinity'] }),
+          ...(options.snapshot !== undefined && options.command ? { command: options.command } : {}),
           ...(options.image !== undefined ? { image: options.image } : {}),
           ...(options.name !== undefined ? { handle: options.name } : {}),
           ...(options.env ? { env: options.env } : {}),
@@ -477,6 +509,43 @@ export class Sandbox {
       const e = toSandboxError(err);
       if (e.code !== 'NOT_FOUND') throw e;
     }
+  }
+
+  /**
+   * Checkpoints the sandbox (memory, processes, disk) while it keeps running (paused only for
+   * the copy): `Sandbox.create({ snapshot: info.name })` starts it again, any number of times.
+   */
+  async snapshot(options: { name?: string; signal?: AbortSignal } = {}): Promise<SnapshotInfo> {
+    return snapshotInfo(await wrap(() => this.client.createSnapshot(this.instance.id, options)));
+  }
+
+  /**
+   * `count` copies of this sandbox as it is now, each carrying on from this point with its own
+   * identity, disk and ports; this one carries on too. They live `timeoutMs` (default 5
+   * minutes, as `create`) and are throwaway, as sandboxes are.
+   */
+  async fork(count = 1, options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<Sandbox[]> {
+    const r = await wrap(() =>
+      this.client.forkInstance(this.instance.id, {
+        count,
+        timeoutMs: options.timeoutMs ?? DEFAULT_SANDBOX_TIMEOUT_MS,
+        autoRemove: true,
+        ...(options.signal ? { signal: options.signal } : {}),
+      }),
+    );
+    return r.instances.map((i) => new Sandbox(this.client, i));
+  }
+
+  /** Snapshots kept by the daemon. */
+  static async listSnapshots(options: { socketPath?: string } = {}): Promise<SnapshotInfo[]> {
+    const client = new AegisClient(options.socketPath ?? defaultSocketPath());
+    return (await wrap(() => client.listSnapshots())).map(snapshotInfo);
+  }
+
+  /** Deletes a snapshot; FailedPreconditionError while sandboxes started from it exist. */
+  static async deleteSnapshot(name: string, options: { socketPath?: string } = {}): Promise<void> {
+    const client = new AegisClient(options.socketPath ?? defaultSocketPath());
+    await wrap(() => client.deleteSnapshot(name));
   }
 
   /** `await using sbx = await Sandbox.create()`: killed at the end of the block. */

@@ -99,7 +99,7 @@ function shareArgs(v: VmVolume, tag: string): string[] {
 function volumeArgs(config: VmConfig, arch: ArchProfile): { shares: string[]; disks: string[]; kernelArgs: string[] } {
   const volumes = config.volumes ?? [];
   if (volumes.length === 0) return { shares: [], disks: [], kernelArgs: [] };
-  if (config.restoreFrom) throw new AegisError('UNSUPPORTED', 'a VM restored from a snapshot cannot gain volumes; boot it cold');
+  // Restored: the same volumes as when it was saved (the caller's promise), the same devices.
   // root, scratch, rng, the agent's virtio-serial, and the image disk and network device when present.
   const fixed = 4 + (config.imageDiskPath ? 1 : 0) + (config.network === 'user' ? 1 : 0);
   const free = arch.virtioSlots - fixed;

@@ -112,6 +112,20 @@ export class QemuBackend implements Backend {
     }
   }
 
+  async copyDisk(source: string, sourceCloned: boolean, dest: string, signal?: AbortSignal): Promise<void> {
+    try {
+      // Sparse output (-S 4k is the default): only what the guest wrote takes space.
+      await execFileP('qemu-img', ['convert', '-q', '-f', sourceCloned ? 'qcow2' : 'raw', '-O', 'raw', source, dest], {
+        timeout: 600_000,
+        ...(signal ? { signal } : {}),
+      });
+      await fs.chmod(dest, 0o600);
+    } catch (err) {
+      await fs.rm(dest, { force: true });
+      throw new AegisError('UNAVAILABLE', `cannot copy the VM's disk: ${(err as Error).message}`);
+    }
+  }
+
   async strays(dir: string, keep: VmRecord[]): Promise<StrayProcess[]> {
     const kept = keep.map(parseRecord).flatMap((r) => (r ? [{ identity: r, stateDir: r.stateDir }] : []));
     return findStrays(dir, kept, (argv) => {

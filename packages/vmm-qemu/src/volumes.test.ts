@@ -74,13 +74,14 @@ describe('QEMU volumes', () => {
     expect((err as Error).message).toMatch(/at most 2 volumes/);
   });
 
-  it('refuses volumes on a machine restored from a snapshot, and paths that overflow the command line', async () => {
-    const restore = shape({
+  it('gives a machine restored from a snapshot the volumes it was saved with, and refuses paths that overflow the command line', async () => {
+    const restored = await shape({
       ...base,
       restoreFrom: '/t/state',
       volumes: [{ kind: 'disk', hostPath: '/v', guestPath: '/v', readOnly: false }],
     });
-    expect(isAegisError(await restore.catch((e: unknown) => e), 'UNSUPPORTED')).toBe(true);
+    expect(restored.all.some((a) => a.includes('file=/v,'))).toBe(true);
+    expect(restored.append).toContain('aegis_vol0=');
     const long = `/${'x'.repeat(700)}`;
     const volumes = [1, 2, 3].map((i) => ({ kind: 'disk' as const, hostPath: `/v${i}`, guestPath: `${long}${i}`, readOnly: false }));
     const err = await shape({ ...base, volumes }).catch((e: unknown) => e);

@@ -109,7 +109,8 @@ export interface VmConfig {
   /**
    * Resume from a snapshot written by `Vm.saveSnapshot` instead of booting. Every other field
    * must describe the same machine the snapshot was taken of (the scratch disk may be a
-   * `cloneDisk` child of that machine's). UNSUPPORTED where `capabilities.snapshot` is false.
+   * `cloneDisk` child of that machine's, and its volumes the same devices in the same order).
+   * UNSUPPORTED where `capabilities.snapshot` is false.
    */
   restoreFrom?: string;
   memoryMiB: number;
@@ -126,7 +127,7 @@ export interface VmConfig {
    * Volumes to attach, in order. The backend attaches each (kinds in
    * `capabilities.volumeKinds`, else UNSUPPORTED) and tells the guest where to mount it with
    * `aegis_volN=` words on the kernel command line (`volumeKernelArgs`). A machine restored
-   * from a snapshot cannot gain devices: UNSUPPORTED together with `restoreFrom`.
+   * from a snapshot has exactly the volumes it was saved with (it cannot gain devices).
    */
   volumes?: VmVolume[];
 }
@@ -196,6 +197,13 @@ export interface Backend {
    * `capabilities.diskClones` is true.
    */
   cloneDisk?(base: string, file: string, signal?: AbortSignal): Promise<void>;
+  /**
+   * Writes a standalone raw, sparse copy of a VM's disk to `dest` (a `cloneDisk` child included,
+   * its base's blocks read through): what a checkpoint keeps, so that it depends on nothing else.
+   * The disk must not change meanwhile (its VM paused or stopped). Present where
+   * `capabilities.snapshot` is true.
+   */
+  copyDisk?(source: string, sourceCloned: boolean, dest: string, signal?: AbortSignal): Promise<void>;
   /**
    * The processes this backend started (VMMs and their helpers) for VMs whose state directory
    * is under `dir`, except the VMs of the records in `keep` and their helpers: what a restarted

@@ -255,7 +255,9 @@ export const DOCKER_ELSEWHERE: Readonly<Record<string, string>> = {
   attach: 'use aegis logs -f H for its output, or aegis exec -it H -- sh',
   network: 'instances share no networks: each has --network user|none|unfiltered, and --egress-allow / --egress-deny (aegis egress)',
   compose: 'there is no compose: start each instance with aegis run -d',
-  commit: 'aegis cannot save an instance as an image yet',
+  commit:
+    'aegis cannot save an instance as an image; aegis snapshot create saves it whole (memory too) to start again with instance start --snapshot',
+  checkpoint: 'aegis snapshot create H (and aegis instance start --snapshot S, aegis fork H)',
   info: 'use aegis status (and aegis doctor)',
   events: 'there is no event stream yet',
   rename: 'handles are fixed: start a new instance with --name',

@@ -88,6 +88,15 @@ class Scope {
     throw new AegisError('NOT_FOUND', `no sandbox "${ref}" (list_sandboxes shows the ones this server can use)`);
   }
 
+  /** A snapshot this server may start from: one of a sandbox MCP created (with --all, any). */
+  async snapshot(name: string): Promise<void> {
+    if (this.all) return;
+    const s = await this.api.getSnapshot(name).catch(() => undefined);
+    if (!s?.labels || s.labels[MCP_LABEL] !== '1') {
+      throw new AegisError('NOT_FOUND', `no snapshot "${name}" (snapshot_sandbox makes them)`);
+    }
+  }
+
   /** The labels `list_sandboxes` filters on (none with --all). */
   labels(): string[] {
     return this.all ? [] : [MCP_LABEL];
@@ -153,6 +162,14 @@ async function serve(options: { all?: boolean }): Promise<void> {
           .max(86_400)
           .optional()
           .describe('stop and delete it this long after creation even if nobody asks (default 3600; 0: never)'),
+        snapshot: z
+          .string()
+          .min(1)
+          .max(128)
+          .optional()
+          .describe(
+            'start from this snapshot (from snapshot_sandbox) instead: its processes and files carry on; image, env, network, egress and memory are then the snapshot’s',
+          ),
       },
       annotations: { title: 'Create a sandbox', readOnlyHint: false, destructiveHint: false, openWorldHint: true },
     },
@@ -167,7 +184,20 @@ async function serve(options: { all?: boolean }): Promise<void> {
         memoryMiB?: number;
         name?: string;
         timeoutSeconds?: number;
+        snapshot?: string;
       }) => {
+        if (a.snapshot !== undefined) {
+          await scope.snapshot(a.snapshot);
+          const inst = await api.createInstance({
+            snapshot: a.snapshot,
+            labels: { [MCP_LABEL]: '1' },
+            autoRemove: true,
+            timeoutMs: (a.timeoutSeconds ?? DEFAULT_SANDBOX_TIMEOUT_S) * 1000,
+            ...(a.name ? { handle: a.name } : {}),
+          });
+          const ports = Object.fromEntries(inst.ports.map((p) => [String(p.guestPort), `${p.hostIp}:${p.hostPort}`]));
+          return ok({ id: inst.id, name: inst.handle, state: inst.state, ports });
+        }
         const inst = await api.createInstance({
           command: ['sleep', 'infinity'],
           labels: { [MCP_LABEL]: '1' },
@@ -376,6 +406,53 @@ async function serve(options: { all?: boolean }): Promise<void> {
             ? i
             : await api.restartInstance(id);
       return ok({ id: after.id, name: after.handle, state: after.state });
+    }),
+  );
+
+  server.registerTool(
+    'snapshot_sandbox',
+    {
+      description:
+        'Save a running sandbox whole (memory, processes, files) while it keeps running; create_sandbox with `snapshot` starts copies of it later, any number of times.',
+      inputSchema: {
+        sandbox,
+        name: z
+          .string()
+          .regex(/^[a-zA-Z0-9][a-zA-Z0-9_.-]*$/, 'letters, digits, _ . -')
+          .max(128)
+          .optional()
+          .describe('a name for the snapshot (default: generated)'),
+      },
+      annotations: {
+        title: 'Snapshot a sandbox',
+        readOnlyHint: false,
+        destructiveHint: false,
+        idempotentHint: false,
+        openWorldHint: false,
+      },
+    },
+    guarded(async (a: { sandbox: string; name?: string }) => {
+      const s = await api.createSnapshot(await scope.resolve(a.sandbox), a.name !== undefined ? { name: a.name } : {});
+      return ok({ snapshot: s.name, sizeBytes: s.sizeBytes });
+    }),
+  );
+
+  server.registerTool(
+    'fork_sandbox',
+    {
+      description:
+        'Copy a running sandbox as it is now into new sandboxes that carry on from this point (processes, memory, files), each with its own files from then on; the original keeps running. Returns their ids.',
+      inputSchema: { sandbox, count: z.number().int().min(1).max(8).optional().describe('how many copies (default 1)') },
+      annotations: { title: 'Fork a sandbox', readOnlyHint: false, destructiveHint: false, idempotentHint: false, openWorldHint: false },
+    },
+    guarded(async (a: { sandbox: string; count?: number }) => {
+      const r = await api.forkInstance(await scope.resolve(a.sandbox), {
+        count: a.count ?? 1,
+        labels: { [MCP_LABEL]: '1' },
+        autoRemove: true,
+        timeoutMs: DEFAULT_SANDBOX_TIMEOUT_S * 1000,
+      });
+      return ok({ sandboxes: r.instances.map((i) => ({ id: i.id, name: i.handle, state: i.state })) });
     }),
   );
 

@@ -25,6 +25,7 @@ import { imageRoutes } from './routes/images.js';
 import { instanceRoutes } from './routes/instances.js';
 import { secretRoutes } from './routes/secrets.js';
 import { systemRoutes } from './routes/system.js';
+import { snapshotRoutes } from './routes/snapshots.js';
 import { volumeRoutes } from './routes/volumes.js';
 import { createServer } from './server.js';
 
@@ -120,6 +121,51 @@ const VOLUME: ApiSchemas['Volume'] = {
   usedBy: [],
 };
 
+/** A snapshot as the store reads it back (routes/snapshots.ts turns it into the API's view). */
+const SNAPSHOT = {
+  dir: '/snap/s1',
+  state: '/snap/s1/state',
+  disk: '/snap/s1/disk',
+  meta: {
+    format: 1,
+    name: 's1',
+    createdAt: NOW,
+    auto: false,
+    machine: {
+      kernelPath: '/k',
+      rootfsPath: '/r',
+      memoryMiB: 512,
+      vcpuCount: 1,
+      scratchDiskMiB: 4096,
+      network: 'none',
+      kernelArgs: [],
+      volumes: [],
+      ramInFile: false,
+      backend: 'qemu',
+      vmmVersion: 'QEMU 7.2',
+      acceleration: 'tcg',
+    },
+    instance: {
+      id: ROW.id,
+      handle: ROW.handle,
+      command: ROW.command,
+      workdir: null,
+      network: 'user',
+      image: ROW.image,
+      env: {},
+      secrets: [],
+      labels: { team: 'a' },
+      guestPorts: [80],
+      volumes: [],
+      identityOf: ROW.id,
+    },
+    stateBytes: 120_000_000,
+    diskBytes: 4 << 30,
+    diskAllocatedBytes: 2 << 20,
+    stateSha256: 'ab'.repeat(32),
+  },
+};
+
 /** Each NDJSON line of a response, parsed. */
 const lines = (text: string): unknown[] =>
   text
@@ -175,6 +221,7 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
       await emit({ type: 'output', stream: 'stdout', data: 'aGk=' });
       await emit({ type: 'exit', exitCode: 0, signal: null, guestDurationMs: 3, truncated: true });
     },
+    checkpoint: () => Promise.resolve(SNAPSHOT),
     input: () => Promise.resolve(),
     resize: () => Promise.resolve(),
     signal: () => Promise.resolve(),
@@ -206,6 +253,10 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     get: () => toView(STOPPED),
     instance: () => instance,
     userOfImage: () => undefined,
+    snapshots: { list: () => Promise.resolve([SNAPSHOT]), get: () => Promise.resolve(SNAPSHOT) },
+    snapshotDependents: () => ['web2'],
+    deleteSnapshot: () => Promise.resolve(),
+    fork: () => Promise.resolve({ snapshot: 'web-fork-1', instances: [toView({ ...ROW, state: 'running' })] }),
     volumes: {
       list: () => Promise.resolve([VOLUME]),
       create: () => Promise.resolve({ volume: VOLUME, created: true }),
@@ -246,7 +297,15 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     } as unknown as DaemonContext;
     const logger: Logger = { info() {}, warn() {} };
     server = createServer(
-      [...systemRoutes(ctx), ...instanceRoutes(ctx), ...fileRoutes(ctx), ...secretRoutes(ctx), ...imageRoutes(ctx), ...volumeRoutes(ctx)],
+      [
+        ...systemRoutes(ctx),
+        ...instanceRoutes(ctx),
+        ...fileRoutes(ctx),
+        ...secretRoutes(ctx),
+        ...imageRoutes(ctx),
+        ...volumeRoutes(ctx),
+        ...snapshotRoutes(ctx),
+      ],
       logger,
     );
     await new Promise<void>((resolve) => server.listen(socketPath, () => resolve()));
@@ -347,6 +406,11 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     await ok('DELETE', '/v1/images/alpine:3');
     await ok('GET', '/v1/volumes');
     await ok('POST', '/v1/volumes', { name: 'cache' });
+    await ok('POST', '/v1/instances/web/snapshots', { name: 's1' });
+    await ok('POST', '/v1/instances/web/fork', { count: 1, timeoutMs: 60_000, autoRemove: true });
+    await ok('GET', '/v1/snapshots');
+    await ok('GET', '/v1/snapshots/s1');
+    await ok('DELETE', '/v1/snapshots/s1');
     await ok('GET', '/v1/volumes/cache');
     await ok('DELETE', '/v1/volumes/cache');
     expect(failures).toEqual([]);

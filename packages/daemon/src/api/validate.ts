@@ -36,8 +36,8 @@ function quote(v: string): string {
 const EXTRA_CHECKS: { [N in ApiSchemaName]?: (body: ApiSchemas[N]) => void } = {
   CreateInstanceRequest: (body) => {
     // Said here, not as an anyOf in the schema: the API's generated types stay one plain object.
-    if (body.command === undefined && body.image === undefined) {
-      throw new AegisError('INVALID_ARGUMENT', "invalid request: body must have 'command' or 'image' (or both)");
+    if (body.command === undefined && body.image === undefined && body.snapshot === undefined) {
+      throw new AegisError('INVALID_ARGUMENT', "invalid request: body must have 'command' or 'image' (or both), or 'snapshot'");
     }
     for (const [i, e] of (body.exposes ?? []).entries()) {
       // A host name here would be resolved by listen(): a DNS query leaving the machine.

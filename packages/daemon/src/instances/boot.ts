@@ -9,10 +9,11 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError, type FreshParams } from '@aegis/protocol';
 import type { NetworkMode } from '@aegis/protocol/api';
-import type { Backend, NetworkMode as VmNetwork, Vm, VmVolume } from '@aegis/vmm';
+import type { Backend, NetworkMode as VmNetwork, Vm, VmConfig, VmVolume } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { ResolvedImage } from '../images/service.js';
 import { isScratchDisk, makeScratchDisk, SCRATCH_DISK } from './disks.js';
+import { writeMachine, type MachineRecord } from './machine.js';
 import { vmNetwork } from './network.js';
 import { existingDisk } from './spec.js';
 import type { MachineShape, Template, TemplateCache } from './templates.js';
@@ -31,6 +32,12 @@ export interface VmPlan {
   keepDisk?: boolean;
   /** Host directories and named volumes (never with a template: a restored VM cannot gain devices). */
   volumes?: VmVolume[];
+  /**
+   * Resume this checkpoint (its device and RAM state, its disk as a copy-on-write base, the
+   * machine it was taken of) instead of booting; then `fresh`, or only the clock when it is
+   * the same instance waking.
+   */
+  checkpoint?: { state: string; disk: string | undefined; machine: MachineRecord } | undefined;
 }
 
 /** A VM's identity, made fresh for each instance restored from a template (or claimed from the pool). */
@@ -62,7 +69,7 @@ export async function machineShape(
  * connected to. The caller owns the VM from the moment this returns.
  */
 export async function startVm(ctx: { backend: Backend; templates: TemplateCache }, plan: VmPlan, signal: AbortSignal): Promise<Vm> {
-  const { id, handle, dir, shape, template, keepDisk = false, volumes = [] } = plan;
+  const { id, handle, dir, shape, template, keepDisk = false, volumes = [], checkpoint } = plan;
   const vmDir = path.join(dir, 'vm');
   await fs.rm(vmDir, { recursive: true, force: true });
   await fs.mkdir(vmDir, { recursive: true, mode: 0o700 });
@@ -71,17 +78,53 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
   if (!kept) {
     for (const name of await fs.readdir(dir)) if (isScratchDisk(name)) await fs.rm(path.join(dir, name), { force: true });
   }
-  const cloned = kept?.cloned ?? template !== undefined;
+  const base = template?.scratch ?? checkpoint?.disk;
+  const cloned = kept?.cloned ?? base !== undefined;
   const scratch = kept?.path ?? path.join(dir, cloned ? SCRATCH_DISK.clone : SCRATCH_DISK.raw);
-  if (!kept && template) {
+  if (!kept && checkpoint?.disk) {
+    if (!ctx.backend.cloneDisk) throw new AegisError('UNSUPPORTED', `the ${ctx.backend.name} backend cannot clone a snapshot's disk`);
+    await ctx.backend.cloneDisk(checkpoint.disk, scratch, signal);
+  } else if (!kept && template) {
     if (!ctx.backend.cloneDisk) throw new AegisError('UNSUPPORTED', `the ${ctx.backend.name} backend cannot clone a template's disk`);
     // Registered first: the template's directory then outlives every disk made from it.
     await ctx.templates.reference(template, scratch);
     await ctx.backend.cloneDisk(template.scratch, scratch, signal);
   } else if (!kept) await makeScratchDisk(scratch, shape.scratchDiskMiB);
   signal.throwIfAborted();
-  const vm = await ctx.backend.create(
-    {
+  let config: VmConfig;
+  if (checkpoint) {
+    // The machine it was taken of, device for device; RAM comes from the checkpoint's stream
+    // (a file-backed RAM object is mapped from an empty file, so that RAM keeps its name).
+    const m = checkpoint.machine;
+    let snapshotMemory: VmConfig['snapshotMemory'];
+    if (m.ramInFile) {
+      const memory = path.join(vmDir, 'memory');
+      const fh = await fs.open(memory, 'w', 0o600);
+      try {
+        await fh.truncate(m.memoryMiB * 1024 * 1024);
+      } finally {
+        await fh.close();
+      }
+      snapshotMemory = { path: memory, access: 'map' };
+    }
+    config = {
+      id,
+      stateDir: vmDir,
+      kernelPath: m.kernelPath,
+      rootfsPath: m.rootfsPath,
+      scratchDiskPath: scratch,
+      ...(cloned ? { scratchDiskCloned: true } : {}),
+      memoryMiB: m.memoryMiB,
+      vcpuCount: m.vcpuCount,
+      ...(m.imageDiskPath ? { imageDiskPath: m.imageDiskPath } : {}),
+      ...(m.volumes.length > 0 ? { volumes: m.volumes } : {}),
+      network: m.network,
+      kernelArgs: m.kernelArgs,
+      restoreFrom: checkpoint.state,
+      ...(snapshotMemory ? { snapshotMemory } : {}),
+    };
+  } else {
+    config = {
       id,
       stateDir: vmDir,
       kernelPath: shape.kernelPath,
@@ -98,9 +141,22 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
         ? { network: vmNetwork(shape.network).network, kernelArgs: [] }
         : withArgs(vmNetwork(shape.network), `aegis_hostname=${handle}`)),
       ...(template ? { restoreFrom: template.snapshot, snapshotMemory: { path: template.memory, access: 'map' as const } } : {}),
-    },
-    signal,
-  );
+    };
+  }
+  await writeMachine(vmDir, {
+    kernelPath: config.kernelPath,
+    rootfsPath: config.rootfsPath,
+    memoryMiB: config.memoryMiB,
+    vcpuCount: config.vcpuCount,
+    scratchDiskMiB: checkpoint?.machine.scratchDiskMiB ?? shape.scratchDiskMiB,
+    network: config.network,
+    kernelArgs: config.kernelArgs,
+    ...(config.imageDiskPath ? { imageDiskPath: config.imageDiskPath } : {}),
+    volumes: config.volumes ?? [],
+    ramInFile: config.snapshotMemory !== undefined,
+    ...ctx.templates.vmmIdentity(),
+  });
+  const vm = await ctx.backend.create(config, signal);
   signal.throwIfAborted();
   try {
     await vm.start(signal);

@@ -31,6 +31,8 @@ import { LiveInstance, type ExecEmitter } from './live.js';
 import { LogStore } from './logs.js';
 import type { PooledVm } from './pool.js';
 import { existingDisk, imageEnv, type ExecRequest, type InstanceView } from './spec.js';
+import { readMachine } from './machine.js';
+import type { Snapshot } from '../snapshots/store.js';
 import { isLive, requireState, type InstanceState } from './state.js';
 import { measure, type InstanceStats, type ProcessSample } from './stats.js';
 import { DEFAULT_STOP_TIMEOUT_MS, InstanceOwner, type StartPlan, type FileOpRequest } from './owner.js';
@@ -50,6 +52,11 @@ const TRUST_ENV = {
   CURL_CA_BUNDLE: '/etc/aegis/ca-bundle.pem',
   NODE_EXTRA_CA_CERTS: '/etc/aegis/egress-ca.pem',
 };
+
+/** Whose identity the guest holds: secret placeholders and the egress CA (a fork's are its origin's). */
+function identityOf(row: InstanceRow): string {
+  return row.spec.identityOf ?? row.id;
+}
 
 export class Instance extends InstanceOwner {
   /** The last CPU sample of its VMM, for `stats` (CPU since the previous call). */
@@ -74,7 +81,7 @@ export class Instance extends InstanceOwner {
           row = this.row();
         }
         requireState(row.handle, row.state, ['stopped', 'failed'], 'restart');
-        const secretEnv = this.s.secrets.environment(row.spec.secrets, this.id, row.network === 'user').env;
+        const secretEnv = this.s.secrets.environment(row.spec.secrets, identityOf(row), row.network === 'user').env;
         const image = row.image ? this.s.images.resolveDigest(row.image.digest) : undefined;
         if (!this.s.networkModes.includes(row.network)) {
           throw new AegisError('UNSUPPORTED', `the ${this.s.backend.name} backend cannot give this instance its network here`);
@@ -113,10 +120,23 @@ export class Instance extends InstanceOwner {
       // A restart keeps the instance's disk (its writes), so it boots cold on that disk. So does
       // an instance with volumes: a machine restored from a template cannot gain devices.
       const volumes = this.s.volumes.vmVolumes(row.volumes);
-      const template = pooled || keepDisk || volumes.length > 0 ? undefined : this.s.templates.lookup(shape);
+      const checkpoint = keepDisk ? undefined : plan.checkpoint;
+      const template = pooled || keepDisk || checkpoint || volumes.length > 0 ? undefined : this.s.templates.lookup(shape);
       let agent: AgentConnection;
       try {
-        agent = pooled ? await this.fromPool(row, pooled, signal) : await this.boot(row, { shape, template, keepDisk, volumes }, signal);
+        agent = pooled
+          ? await this.fromPool(row, pooled, signal)
+          : await this.boot(
+              row,
+              {
+                shape,
+                template,
+                keepDisk,
+                volumes,
+                ...(checkpoint ? { checkpoint: { state: checkpoint.state, disk: checkpoint.disk, machine: checkpoint.meta.machine } } : {}),
+              },
+              signal,
+            );
       } catch (err) {
         if ((!template && !pooled) || signal.aborted) throw err;
         // A template or pooled VM that fails must not break instances: set it aside, boot cold.
@@ -138,6 +158,11 @@ export class Instance extends InstanceOwner {
       // Secrets brokered at egress: the broker holds their values, the guest trusts its CA.
       const broker = await this.ensureBroker(row);
       if (broker) await agent.call('trust', { caPem: broker.caPem }, { timeoutMs: 15_000, signal });
+      if (checkpoint) {
+        // Its workload carries on where the checkpoint caught it: nothing to run.
+        this.move('running', { startedAt: Date.now() }, ['starting']);
+        return this.view();
+      }
       const params = {
         command: row.command,
         env: broker ? { ...plan.env, ...TRUST_ENV } : plan.env,
@@ -180,18 +205,20 @@ export class Instance extends InstanceOwner {
     const phases: string[] = [];
     const phase = (name: string): void => void phases.push(`${name} ${Date.now() - t0}`);
     const vm = await startVm(this.s, { id: this.id, handle: row.handle, dir: this.dir, ...plan }, signal);
-    phase(plan.template ? 'restored' : 'vmm started');
+    const restored = plan.template !== undefined || plan.checkpoint !== undefined;
+    phase(restored ? 'restored' : 'vmm started');
     this.s.registry.updateInstance(this.id, { vmRecord: vm.record() });
     const live = this.follow(vm, row.handle);
     signal.throwIfAborted();
     const agent = await live.connectAgent(this.s.config.bootTimeoutMs, signal);
     phase('agent ready');
-    if (plan.template) {
+    if (restored) {
       await agent.call('fresh', freshIdentity(row.handle), { timeoutMs: 15_000, signal });
       phase('fresh');
     }
     if (!live.agent) throw new AegisError('UNAVAILABLE', 'agent channel closed during boot');
-    this.s.log.info(`instance ${row.handle} (${this.id}): ${plan.template ? 'warm' : 'cold'} boot, ms: ${phases.join(', ')}`);
+    const how = plan.checkpoint ? 'from a snapshot' : plan.template ? 'warm boot' : 'cold boot';
+    this.s.log.info(`instance ${row.handle} (${this.id}): ${how}, ms: ${phases.join(', ')}`);
     return agent;
   }
 
@@ -245,6 +272,86 @@ export class Instance extends InstanceOwner {
         this.s.log.warn(`instance ${live.handle}: egress broker: ${(err as Error).message}`),
       );
     }
+  }
+
+  /**
+   * A checkpoint of the running machine (`aegis snapshot create`, `fork`): paused only while
+   * its memory and device state are written and its disk copied (one consistent point: the
+   * VMM flushes the disk when it pauses), then it carries on. The copy is the snapshot's own,
+   * so the instance may go on writing and be deleted.
+   */
+  checkpoint(name: string, auto: boolean, signal?: AbortSignal): Promise<Snapshot> {
+    return this.op(
+      'checkpoint',
+      async (queued, opSignal) => {
+        const row = await this.wakeNow(queued, 'checkpoint');
+        requireState(row.handle, row.state, ['running'], 'checkpoint');
+        const live = this.requireLive(row, 'checkpoint');
+        const vm = live.vm;
+        if (!vm.saveSnapshot || !this.s.backend.copyDisk) {
+          throw new AegisError('UNSUPPORTED', `the ${this.s.backend.name} backend cannot checkpoint a running VM`);
+        }
+        const writable = row.volumes.filter((v) => v.type === 'volume' && !v.readOnly);
+        if (writable.length > 0) {
+          throw new AegisError(
+            'FAILED_PRECONDITION',
+            `instance "${row.handle}" has the named volume ${writable.map((v) => v.source).join(', ')} writable: a volume has one writer, and an instance started from a snapshot would be a second; mount it :ro (or use a host directory) to snapshot it`,
+          );
+        }
+        if (row.spec.stdin || row.spec.tty) {
+          throw new AegisError(
+            'FAILED_PRECONDITION',
+            `instance "${row.handle}" has its stdin or a terminal attached to a client; a snapshot of it would have neither`,
+          );
+        }
+        const machine = await readMachine(path.join(this.dir, 'vm'));
+        const disk = await existingDisk(this.dir);
+        if (!disk) throw new AegisError('INTERNAL', `instance "${row.handle}" has no disk`);
+        const copyDisk = this.s.backend.copyDisk.bind(this.s.backend);
+        const work = await this.s.snapshots.begin(name);
+        const t0 = Date.now();
+        try {
+          await vm.saveSnapshot(path.join(work, 'state'), opSignal);
+          try {
+            await copyDisk(disk.path, disk.cloned, path.join(work, 'disk'), opSignal);
+          } finally {
+            // Carries on whatever happened: a failed checkpoint must not leave it frozen.
+            await vm.resume();
+          }
+          const pausedMs = Date.now() - t0;
+          const snap = await this.s.snapshots.commit(work, {
+            name,
+            createdAt: Date.now(),
+            auto,
+            machine,
+            instance: {
+              id: row.id,
+              handle: row.handle,
+              command: row.command,
+              workdir: row.workdir,
+              network: row.network,
+              image: row.image,
+              env: row.spec.env,
+              secrets: row.spec.secrets,
+              ...(row.spec.user !== undefined ? { user: row.spec.user } : {}),
+              ...(row.spec.labels ? { labels: row.spec.labels } : {}),
+              ...(row.spec.egress ? { egress: row.spec.egress } : {}),
+              guestPorts: row.ports.map((p) => p.guestPort),
+              volumes: row.volumes,
+              identityOf: identityOf(row),
+            },
+          });
+          this.s.log.info(
+            `instance ${row.handle} (${this.id}): snapshot ${name}: paused ${pausedMs} ms, state ${snap.meta.stateBytes} B, disk ${snap.meta.diskAllocatedBytes} B`,
+          );
+          return snap;
+        } catch (err) {
+          await this.s.snapshots.abort(work);
+          throw err;
+        }
+      },
+      signal ? { signal } : {},
+    );
   }
 
   /** Stops the instance; a start in flight is cancelled first (nothing boots afterwards). */
@@ -344,7 +451,7 @@ export class Instance extends InstanceOwner {
           // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
           const image = row.image ? this.s.images.resolveDigest(row.image.digest).config : undefined;
           const workdir = req.workdir ?? image?.workingDir;
-          const secrets = this.s.secrets.environment(row.spec.secrets, this.id, row.network === 'user', { skipMissing: true });
+          const secrets = this.s.secrets.environment(row.spec.secrets, identityOf(row), row.network === 'user', { skipMissing: true });
           const secretEnv = { ...secrets.env, ...(secrets.brokered.length > 0 ? TRUST_ENV : {}) };
           const params = {
             execId,
@@ -443,12 +550,12 @@ export class Instance extends InstanceOwner {
   private async ensureBroker(row: InstanceRow): Promise<{ caPem: string } | undefined> {
     const egress = this.egressFor(row);
     if (!egress) return undefined;
-    const { brokered } = this.s.secrets.environment(row.spec.secrets, this.id, true, { skipMissing: true });
+    const { brokered } = this.s.secrets.environment(row.spec.secrets, identityOf(row), true, { skipMissing: true });
     if (brokered.length === 0) {
       egress.setBroker(undefined);
       return undefined;
     }
-    const ca = await instanceCa(this.s.secrets.instanceSeed(this.id), row.handle);
+    const ca = await instanceCa(this.s.secrets.instanceSeed(identityOf(row)), row.handle);
     egress.setBroker(
       new SecretBroker({
         ca,

@@ -32,6 +32,8 @@ import type { InstanceServices } from './owner.js';
 import { endStrays } from './recovery.js';
 import { effectiveCommand, imageEnv, toView, type CreateRequest, type InstanceView } from './spec.js';
 import { isLive } from './state.js';
+import { restoreMismatch } from './machine.js';
+import { SnapshotStore, type SnapshotMeta } from '../snapshots/store.js';
 import { VolumeService } from '../volumes/service.js';
 import { HostMounts } from '../volumes/host-mounts.js';
 import type { VolumeMount } from '../volumes/mounts.js';
@@ -52,6 +54,7 @@ export class InstanceManager {
   private readonly services: InstanceServices;
   private readonly networkModes: readonly NetworkMode[];
   private readonly pool: WarmPool | undefined;
+  readonly snapshots: SnapshotStore;
 
   constructor(
     private readonly config: DaemonConfig,
@@ -69,7 +72,20 @@ export class InstanceManager {
   ) {
     const mounts = new HostMounts(config, volumes, backend.name, volumeKinds);
     this.networkModes = networkModes(backendNetworks);
-    this.services = { config, registry, backend, log, secrets, templates, images, volumes, mounts, networkModes: this.networkModes };
+    this.snapshots = new SnapshotStore(path.join(config.home, 'snapshots'));
+    this.services = {
+      config,
+      registry,
+      backend,
+      log,
+      secrets,
+      templates,
+      images,
+      volumes,
+      mounts,
+      networkModes: this.networkModes,
+      snapshots: this.snapshots,
+    };
     // Pooled VMs are restored from templates: no templates, no pool.
     if (config.poolSize > 0 && templates.enabled) {
       this.pool = new WarmPool({
@@ -94,7 +110,10 @@ export class InstanceManager {
     let owner = this.owners.get(id);
     if (!owner) {
       const made = new Instance(id, this.services);
-      void made.removed.then(() => this.owners.get(id) === made && this.owners.delete(id));
+      void made.removed.then(() => {
+        if (this.owners.get(id) === made) this.owners.delete(id);
+        void this.dropUnusedForkSnapshots();
+      });
       this.owners.set(id, made);
       owner = made;
     }
@@ -141,6 +160,7 @@ export class InstanceManager {
    * bound) before it exists, so a bad request leaves nothing behind; then its owner starts it.
    */
   async create(req: CreateRequest, signal?: AbortSignal): Promise<InstanceView> {
+    if (req.snapshot !== undefined) return this.createFromSnapshot(req, req.snapshot, signal);
     await this.checkArtifacts();
     // Secrets are resolved first: an unknown name fails before anything exists. The values
     // live only in this request's memory and the guest's; the registry never sees them.
@@ -231,8 +251,10 @@ export class InstanceManager {
     mounts: VolumeMount[],
     /** A pooled VM's id, whose files are already in the instance's directory. */
     pooledId?: string,
+    /** Started from this snapshot: its machine and workload are the snapshot's. */
+    from?: SnapshotMeta,
   ): InstanceRow {
-    const command = effectiveCommand(req.command, image?.config);
+    const command = from ? from.instance.command : effectiveCommand(req.command, image?.config);
     const id = pooledId ?? randomBytes(8).toString('hex');
     const handle = req.handle ?? `i-${id.slice(0, 8)}`;
     const timeoutMs = req.timeoutMs ?? this.config.defaultTimeoutMs;
@@ -246,9 +268,9 @@ export class InstanceManager {
       handle,
       state: 'starting',
       command,
-      workdir: req.workdir ?? image?.config.workingDir ?? null,
-      memoryMiB: req.memoryMiB ?? this.config.defaultMemoryMiB,
-      vcpuCount: req.vcpuCount ?? this.config.defaultVcpuCount,
+      workdir: from ? from.instance.workdir : (req.workdir ?? image?.config.workingDir ?? null),
+      memoryMiB: from?.machine.memoryMiB ?? req.memoryMiB ?? this.config.defaultMemoryMiB,
+      vcpuCount: from?.machine.vcpuCount ?? req.vcpuCount ?? this.config.defaultVcpuCount,
       backend: this.backend.name,
       vmRecord: null,
       exitCode: null,
@@ -257,19 +279,26 @@ export class InstanceManager {
       startedAt: null,
       stoppedAt: null,
       ports: forwarder.mappings,
-      network: req.network ?? this.defaultNetwork(),
-      image: image ? { ...(image.reference ? { reference: image.reference } : {}), digest: image.digest } : null,
+      network: from ? (from.instance.network as NetworkMode) : (req.network ?? this.defaultNetwork()),
+      image: from
+        ? from.instance.image
+        : image
+          ? { ...(image.reference ? { reference: image.reference } : {}), digest: image.digest }
+          : null,
       // For a restart. Secrets by name only: their values are looked up again then.
       spec: {
-        env: req.env ?? {},
-        secrets: req.secrets ?? [],
+        env: from?.instance.env ?? req.env ?? {},
+        secrets: from?.instance.secrets ?? req.secrets ?? [],
+        ...(from ? { snapshot: from.name, identityOf: from.instance.identityOf } : {}),
+        ...(from?.instance.user !== undefined ? { user: from.instance.user } : {}),
         ...(req.user !== undefined ? { user: req.user } : {}),
         ...(req.stdin ? { stdin: true } : {}),
         ...(req.tty ? { tty: req.tty } : {}),
-        ...(req.labels ? { labels: req.labels } : {}),
+        ...(req.labels ? { labels: req.labels } : from?.instance.labels ? { labels: from.instance.labels } : {}),
         ...(timeoutMs > 0 ? { timeoutMs, deadlineAtMs: Date.now() + timeoutMs } : {}),
         ...(req.autoRemove ? { autoRemove: true } : {}),
         ...(idlePauseMs > 0 ? { idlePauseMs } : {}),
+        ...(!req.egress && from?.instance.egress ? { egress: from.instance.egress } : {}),
         ...(req.egress && (req.egress.allow?.length || req.egress.deny?.length || req.egress.privateRanges === 'never')
           ? {
               egress: {
@@ -287,6 +316,121 @@ export class InstanceManager {
     this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
     return row;
+  }
+
+  /**
+   * A new instance resuming a snapshot: the snapshot's machine and workload, its own identity,
+   * disk (a copy-on-write child of the snapshot's) and host ports. Everything is checked (the
+   * snapshot's files whole, the VMM the same, its volumes free) before the instance exists.
+   */
+  private async createFromSnapshot(
+    req: CreateRequest,
+    name: string,
+    signal?: AbortSignal,
+    /** Written by this daemon a moment ago (a fork): its checksum need not be read again. */
+    fresh = false,
+  ): Promise<InstanceView> {
+    const fixed = (
+      ['command', 'image', 'env', 'secrets', 'memoryMiB', 'vcpuCount', 'network', 'volumes', 'user', 'workdir', 'stdin', 'tty'] as const
+    ).filter((k) => req[k] !== undefined);
+    if (fixed.length > 0) {
+      throw new AegisError(
+        'INVALID_ARGUMENT',
+        `an instance started from a snapshot is the snapshot's machine, running its processes: ${fixed.join(', ')} cannot be given`,
+      );
+    }
+    const snap = await this.snapshots.get(name);
+    const mismatch = restoreMismatch(snap.meta.machine, this.services.templates.vmmIdentity());
+    if (mismatch) throw new AegisError('FAILED_PRECONDITION', `snapshot "${name}" cannot be restored here: ${mismatch}`);
+    await this.snapshots.verify(snap, { checksum: !fresh });
+    if (req.egress && snap.meta.instance.network !== 'user') {
+      throw new AegisError(
+        'INVALID_ARGUMENT',
+        `egress rules need the default network (user); this snapshot's is ${snap.meta.instance.network}`,
+      );
+    }
+    parseRules(req.egress?.allow ?? [], 'allow');
+    parseRules(req.egress?.deny ?? [], 'deny');
+    const mounts = snap.meta.instance.volumes;
+    await this.services.mounts.recheck(mounts);
+    const forwarder = await PortForwarder.listen(
+      (req.exposes ?? snap.meta.instance.guestPorts.map((guestPort): NonNullable<CreateRequest['exposes']>[number] => ({ guestPort }))).map(
+        (e) => ({ guestPort: e.guestPort, hostPort: e.hostPort ?? 0, hostIp: e.hostIp ?? '127.0.0.1', protocol: 'tcp' as const }),
+      ),
+    );
+    let row: InstanceRow;
+    let image: ResolvedImage | undefined;
+    try {
+      image = snap.meta.instance.image ? this.images.resolveDigest(snap.meta.instance.image.digest) : undefined;
+      row = this.insertRow(req, forwarder, image, mounts, undefined, snap.meta);
+    } catch (err) {
+      forwarder.close();
+      throw err;
+    }
+    const owner = this.ownerOf(row.id);
+    owner.armFromRow();
+    return owner.start({ forwarder, image, env: {}, checkpoint: snap }, signal);
+  }
+
+  /** `aegis fork`: a checkpoint of the instance, then `count` instances from it; all or none. */
+  async fork(
+    ref: string,
+    count: number,
+    options: { names?: string[] | undefined } & Pick<CreateRequest, 'timeoutMs' | 'autoRemove' | 'labels'>,
+    signal?: AbortSignal,
+  ): Promise<{ snapshot: string; instances: InstanceView[] }> {
+    const { names, ...each } = options;
+    if (names && names.length !== count) throw new AegisError('INVALID_ARGUMENT', `${names.length} names for ${count} forks`);
+    const source = this.instance(ref);
+    const handle = source.view().handle;
+    const name = `${handle.slice(0, 80)}-fork-${randomBytes(4).toString('hex')}`;
+    await source.checkpoint(name, true, signal);
+    const made: InstanceView[] = [];
+    try {
+      for (let n = 0; n < count; n++) {
+        const forkHandle = names?.[n] ?? `${handle.slice(0, 100)}-fork-${randomBytes(3).toString('hex')}`;
+        made.push(await this.createFromSnapshot({ ...each, handle: forkHandle }, name, signal, true));
+      }
+    } catch (err) {
+      for (const v of made)
+        await this.instance(v.id)
+          .delete(true)
+          .catch(() => undefined);
+      await this.dropUnusedForkSnapshots();
+      throw err;
+    }
+    return { snapshot: name, instances: made };
+  }
+
+  /** The handles of instances whose disk is a child of snapshot `name`'s. */
+  snapshotDependents(name: string): string[] {
+    return this.registry
+      .listInstances()
+      .filter((r) => r.spec.snapshot === name)
+      .map((r) => r.handle);
+  }
+
+  async deleteSnapshot(name: string): Promise<void> {
+    await this.snapshots.get(name).catch((err: unknown) => {
+      // A damaged one can still be removed; only a missing one is NOT_FOUND.
+      if (AegisError.from(err).code === 'NOT_FOUND') throw err;
+    });
+    const users = this.snapshotDependents(name);
+    if (users.length > 0) {
+      throw new AegisError(
+        'FAILED_PRECONDITION',
+        `snapshot "${name}" is the base of ${users.length === 1 ? 'instance' : 'instances'} ${users.join(', ')}: delete ${users.length === 1 ? 'it' : 'them'} first`,
+      );
+    }
+    await this.snapshots.remove(name);
+  }
+
+  /** A fork's own checkpoint goes with the last instance started from it. */
+  private async dropUnusedForkSnapshots(): Promise<void> {
+    for (const snap of await this.snapshots.list()) {
+      if (!snap.meta.auto || this.snapshotDependents(snap.meta.name).length > 0) continue;
+      await this.snapshots.remove(snap.meta.name).catch(() => undefined);
+    }
   }
 
   /** Builds the warm-boot template for the default machine shape, then fills the pool, in the background. */

@@ -4,6 +4,7 @@
  * idle clock, and `settle`, the one place a throwaway instance is removed. Every state change
  * is a compare-and-set against the state table (state.ts), made from inside the queue.
  */
+import type { Snapshot, SnapshotStore } from '../snapshots/store.js';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError, exitStatus, type ExitEvent, type FileRequest } from '@aegis/protocol';
@@ -40,6 +41,7 @@ export interface InstanceServices {
   mounts: HostMounts;
   /** The network modes an instance can have here (instances/network.ts). */
   networkModes: readonly NetworkMode[];
+  snapshots: SnapshotStore;
 }
 
 /** What a create hands the instance's first start. */
@@ -52,6 +54,8 @@ export interface StartPlan {
   pooled?: PooledVm | undefined;
   /** Worked out already by the create (to look in the pool). */
   shape?: MachineShape | undefined;
+  /** Resume this checkpoint (verified by the create): the workload carries on, nothing is run. */
+  checkpoint?: Snapshot | undefined;
 }
 
 /** A file request as a caller gives it: which root (image or not) is the instance's to say. */

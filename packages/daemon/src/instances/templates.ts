@@ -91,6 +91,12 @@ export class TemplateCache {
     return h.digest('hex').slice(0, 20);
   }
 
+  /** The VMM and accelerator in use: a snapshot restores only under the same (machine.ts). */
+  vmmIdentity(): { backend: string; vmmVersion: string; acceleration: string } {
+    const p = this.probe();
+    return { backend: this.backend.name, vmmVersion: p.version ?? p.detail, acceleration: p.capabilities?.acceleration ?? 'unknown' };
+  }
+
   /** Whether `t` is still the build new instances of its shape get (not replaced, not discarded). */
   isCurrent(t: Template): boolean {
     return this.current(t.key) === t.build;

@@ -148,6 +148,13 @@ export interface InstanceSpec {
   idlePauseMs?: number;
   /** `--egress-allow` / `--egress-deny`, with what `egress allow|deny` added while it ran. */
   egress?: { allow: string[]; deny: string[]; privateRanges?: 'named' | 'never' };
+  /** Started from this snapshot: its disk is a copy-on-write child of the snapshot's. */
+  snapshot?: string;
+  /**
+   * The instance whose identity the guest's memory holds (secret placeholders, the egress CA it
+   * trusts): the first of a line of snapshots and forks. Absent: its own id.
+   */
+  identityOf?: string;
 }
 
 /** The image an instance runs: the digest pins it; the reference is how the user named it. */

@@ -703,6 +703,75 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/instances/{ref}/snapshots": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Checkpoint a running instance: memory, devices and disk at one point; it is paused only for the copy and carries on */
+        post: operations["createSnapshot"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/instances/{ref}/fork": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Checkpoint the instance and start instances from it: each carries on from that point with its own identity, disk and ports; the instance keeps running */
+        post: operations["forkInstance"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/snapshots": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Snapshots */
+        get: operations["listSnapshots"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/snapshots/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One snapshot */
+        get: operations["getSnapshot"];
+        put?: never;
+        post?: never;
+        /** Remove a snapshot; FAILED_PRECONDITION while instances started from it exist */
+        delete: operations["deleteSnapshot"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -720,7 +789,7 @@ export interface components {
         Handle: string;
         /** @enum {string} */
         InstanceState: "starting" | "running" | "paused" | "stopping" | "stopped" | "failed";
-        /** @description A command, an image, or both (a request with neither is INVALID_ARGUMENT: "a command is required"). */
+        /** @description A command, an image, or both; or a snapshot (a request with none is INVALID_ARGUMENT). */
         CreateInstanceRequest: {
             /** @description argv of the workload. Required without `image`. */
             command?: components["schemas"]["Command"];
@@ -757,6 +826,8 @@ export interface components {
             /** @description Idle pause: after this many ms with no exec in progress, no output, no files call and no byte through an exposed port, the instance is paused (no CPU; state `paused`, `idlePaused: true`, the reason in `stateReason`). The next exec, logs follow, files call, new connection to an exposed port or bytes from the host on an open one resumes it first; the caller waits. 0: never; otherwise at least 1000. Default: the daemon's (AEGIS_IDLE_PAUSE, off unless set). Kept across restarts. */
             idlePauseMs?: number;
             egress?: components["schemas"]["EgressPolicy"];
+            /** @description Resume this snapshot as a new instance instead of booting: its processes carry on where they were, with a fresh identity (hostname, machine-id, RNG, clock) and its own copy-on-write disk. The machine is the snapshot's: command, image, env, secrets, memory, vCPUs, network, volumes, user, workdir, stdin and tty cannot be given. `exposes` (default: the snapshot's guest ports, on new host ports), `labels`, `egress`, `handle`, `timeoutMs`, `idlePauseMs` and `autoRemove` can. */
+            snapshot?: string;
         };
         StopRequest: {
             timeoutMs?: number;
@@ -1179,6 +1250,62 @@ export interface components {
         ExecStarted: {
             /** @description For .../execs/{execId}/signal */
             execId: string;
+        };
+        SnapshotName: string;
+        CreateSnapshotRequest: {
+            /** @description Default: <handle>-<time> */
+            name?: components["schemas"]["SnapshotName"];
+        };
+        ForkRequest: {
+            /** @description How many instances (default 1) */
+            count?: number;
+            /** @description Their handles (as many as count); default: <handle>-fork-<n> */
+            names?: components["schemas"]["Handle"][];
+            /** @description Each fork's life (as CreateInstanceRequest's); default: the daemon's */
+            timeoutMs?: number;
+            /** @description Each fork is throwaway (deleted when it stops, as CreateInstanceRequest's) */
+            autoRemove?: boolean;
+            labels?: components["schemas"]["Labels"];
+        };
+        Snapshot: {
+            name: string;
+            /** Format: date-time */
+            createdAt: string;
+            /** @description The instance it was taken of (it may be gone since) */
+            source: {
+                id: string;
+                handle: string;
+            };
+            command?: components["schemas"]["Command"];
+            /** @description The image its instance ran, if any */
+            image?: string;
+            /** @description The guest memory an instance started from it has */
+            memoryMiB: number;
+            vcpuCount: number;
+            network: string;
+            /** @description Device and memory state (memory the guest never touched takes no space) */
+            stateBytes: number;
+            /** @description The disk's size */
+            diskBytes: number;
+            /** @description Space taken on the host (state + the disk's allocated blocks) */
+            sizeBytes: number;
+            /** @description Made by fork: removed with the last instance started from it */
+            auto: boolean;
+            /** @description Handles of instances whose disk is a child of this snapshot's (rm is refused while there are any) */
+            dependents: string[];
+            backend: string;
+            /** @description A snapshot restores only under the same VMM and accelerator */
+            acceleration: string;
+            /** @description The labels of the instance it was taken of (an instance started from it gets them unless it is given its own) */
+            labels?: components["schemas"]["Labels"];
+        };
+        SnapshotList: {
+            snapshots: components["schemas"]["Snapshot"][];
+        };
+        ForkResult: {
+            /** @description The checkpoint the forks share (removed with the last of them) */
+            snapshot: string;
+            instances: components["schemas"]["Instance"][];
         };
     };
     responses: never;
@@ -2688,6 +2815,165 @@ export interface operations {
             header?: never;
             path: {
                 name: components["schemas"]["VolumeName"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Removed */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    createSnapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                ref: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["CreateSnapshotRequest"];
+            };
+        };
+        responses: {
+            /** @description Saved */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Snapshot"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    forkInstance: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                ref: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["ForkRequest"];
+            };
+        };
+        responses: {
+            /** @description Started */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ForkResult"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    listSnapshots: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SnapshotList"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getSnapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["schemas"]["SnapshotName"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Snapshot"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    deleteSnapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: components["schemas"]["SnapshotName"];
             };
             cookie?: never;
         };

@@ -148,8 +148,24 @@ export function startCommand(): Command {
     ),
   )
     .option('--json', 'print the instance as JSON')
-    .action(async (command: string[], o: StartOptions) => {
+    .option('--snapshot <NAME>', 'resume this snapshot as a new instance (its processes carry on; a fresh identity, disk and ports)')
+    .action(async (command: string[], o: StartOptions & { snapshot?: string }) => {
       try {
+        if (o.snapshot !== undefined) {
+          if (commandArgs(command).length > 0) {
+            throw new AegisError(
+              'INVALID_ARGUMENT',
+              'an instance started from a snapshot runs what the snapshot was running: leave out the command',
+            );
+          }
+          // Only what may differ from the snapshot's machine; the daemon refuses the rest by name.
+          const given = createRequest(['true'], o);
+          delete given.command;
+          errorsAsJson(o.json);
+          const inst = await client().createInstance({ ...given, snapshot: o.snapshot });
+          process.stdout.write(o.json ? `${JSON.stringify(inst, null, 2)}\n` : `${inst.handle}\n`);
+          return;
+        }
         // `instance stop web` then `instance start web`: the README's own sequence. Without `--`,
         // a first word naming an instance means that instance, never a new one running `web`.
         const first = command[0];
