@@ -31,6 +31,8 @@
 //   connection through --expose on an idle-paused instance vs. the same on a running one,
 //   interleaved, median of >= 10; and density: N idle-paused instances (BENCH_IDLE_N, default
 //   8), the PSS of each one's VMM and passt, and how many would fit in MemAvailable (extrapolated).
+//   Checkpoints (issue 22): the pause of `snapshot create` and the snapshot's size with 128 and
+//   512 MiB of guest memory touched; a start from a snapshot vs. a cold boot; `fork -n 4`.
 import { execFile, spawn } from 'node:child_process';
 import {
   mkdtempSync,
@@ -1274,8 +1276,80 @@ async function benchIdle() {
   }
 }
 
-// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle runs one section alone (a minute or two; the whole bench takes several).
-if (['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle'].includes(process.env.BENCH_ONLY ?? '')) {
+/**
+ * Checkpoints (issue 22): the time an instance is paused for `snapshot create` and the space the
+ * snapshot takes, with 128 and 512 MiB of guest memory touched; an instance started from a
+ * snapshot vs. a cold boot (create to running, interleaved); and `fork -n 4` in all.
+ */
+async function benchCheckpoint() {
+  const d = await startDaemon(false);
+  const untilReady = async (ref) => {
+    for await (const ev of d.client.exec(ref, { command: ['sh', '-c', 'while [ ! -e /tmp/touched ]; do sleep 0.2; done'] })) void ev;
+  };
+  try {
+    console.log(`\ncheckpoints (1024 MiB guest), median of ${RUNS}:`);
+    const sizes = {};
+    for (const touchMiB of [128, 512]) {
+      const ref = `bench-ckpt-${touchMiB}`;
+      await d.client.createInstance({ handle: ref, command: ['sleep', 'infinity'], network: 'none', memoryMiB: 1024 });
+      // A process that holds N MiB it has written (random bytes: nothing for zero-page elision).
+      const touch = `import os, time\nb = bytearray(os.urandom(${touchMiB} << 20))\nopen('/tmp/touched', 'w').close()\ntime.sleep(1e6)`;
+      await d.client.execDetached(ref, { command: ['python3', '-c', touch] });
+      await untilReady(ref);
+      const ms = [];
+      let size = 0;
+      for (let i = 0; i < RUNS; i++) {
+        const t0 = performance.now();
+        const snap = await d.client.createSnapshot(ref, { name: `${ref}-${i}` });
+        ms.push(performance.now() - t0);
+        size = snap.sizeBytes;
+        await d.client.deleteSnapshot(snap.name);
+      }
+      sizes[touchMiB] = { ms, sizeBytes: size };
+      console.log(
+        `${`snapshot create, ${touchMiB} MiB touched`.padEnd(56)} median ${fmt(median(ms))}  size ${(size / (1 << 20)).toFixed(0)} MiB`,
+      );
+      await d.client.deleteInstance(ref, { force: true });
+    }
+    await d.client.createInstance({ handle: 'bench-src', command: ['sleep', 'infinity'], network: 'none' });
+    await d.client.createSnapshot('bench-src', { name: 'bench-src-snap' });
+    const cold = [];
+    const restored = [];
+    for (let i = 0; i < RUNS; i++) {
+      let t0 = performance.now();
+      await d.client.createInstance({ handle: `bench-cold-${i}`, command: ['sleep', 'infinity'], network: 'none' });
+      cold.push(performance.now() - t0);
+      t0 = performance.now();
+      await d.client.createInstance({ handle: `bench-restored-${i}`, snapshot: 'bench-src-snap' });
+      restored.push(performance.now() - t0);
+      for (const h of [`bench-cold-${i}`, `bench-restored-${i}`]) await d.client.deleteInstance(h, { force: true });
+    }
+    console.log(`${'cold boot (create to running)'.padEnd(56)} median ${fmt(median(cold))}`);
+    console.log(`${'start from a snapshot (create to running)'.padEnd(56)} median ${fmt(median(restored))}`);
+    const speedup = median(cold) / median(restored);
+    console.log(`start from a snapshot is ${speedup.toFixed(1)}x faster than a cold boot`);
+    const forkMs = [];
+    for (let i = 0; i < Math.min(RUNS, 3); i++) {
+      const t0 = performance.now();
+      const r = await d.client.forkInstance('bench-src', { count: 4 });
+      forkMs.push(performance.now() - t0);
+      for (const inst of r.instances) await d.client.deleteInstance(inst.id, { force: true });
+    }
+    console.log(`${'fork -n 4 (checkpoint + 4 starts)'.padEnd(56)} median ${fmt(median(forkMs))} (${forkMs.length} runs)`);
+    await d.client.deleteInstance('bench-src', { force: true });
+    await d.client.deleteSnapshot('bench-src-snap');
+    return { checkpoint: sizes, coldMs: cold, restoredMs: restored, speedup, fork4Ms: forkMs };
+  } finally {
+    await d.stop();
+  }
+}
+
+// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle|checkpoint runs one section alone (a minute or two; the whole bench takes several).
+if (
+  ['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle', 'checkpoint'].includes(
+    process.env.BENCH_ONLY ?? '',
+  )
+) {
   const only = {
     expose: benchExpose,
     egress: benchEgress,
@@ -1287,6 +1361,7 @@ if (['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool
     sdk: benchSdk,
     volumes: benchVolumes,
     idle: benchIdle,
+    checkpoint: benchCheckpoint,
   }[process.env.BENCH_ONLY];
   await only();
   process.exit(0);
@@ -1364,6 +1439,7 @@ try {
   const volumes = await benchVolumes();
   const pool = await benchPool();
   const idle = await benchIdle();
+  const checkpoint = await benchCheckpoint();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -1385,6 +1461,7 @@ try {
         volumes,
         pool,
         idle,
+        checkpoint,
         backend: status.backend,
       },
       null,

@@ -1,7 +1,7 @@
 /**
  * The instance lifecycle under random concurrent operations and daemon crashes, checked
  * against a model. Real instances on one daemon are driven through random sequences of
- * small concurrent batches (create, stop, delete, pause, resume, restart, exec, "SIGKILL
+ * small concurrent batches (create, stop, delete, pause, resume, restart, exec, snapshot, "SIGKILL
  * aegisd, start it again", and "wait"). After every batch:
  *
  *   - every operation succeeded or failed with a code from the registry (ERROR_CODES);
@@ -21,6 +21,7 @@
  * whole property, shrinking included; AEGIS_MODEL_NO_SHRINK=1 reports the first failure as
  * is; AEGIS_MODEL_VERBOSE=1 prints every run's trace.
  */
+import { randomBytes } from 'node:crypto';
 import { statSync, readFileSync } from 'node:fs';
 import fc from 'fast-check';
 import { describe, it } from 'vitest';
@@ -51,7 +52,7 @@ type Op =
   | { kind: 'create'; h: Handle; workload: Workload; delayMs: number }
   | { kind: 'stop'; h: Handle; timeoutMs: number; delayMs: number }
   | { kind: 'delete'; h: Handle; force: boolean; delayMs: number }
-  | { kind: 'pause' | 'resume' | 'restart' | 'exec'; h: Handle; delayMs: number }
+  | { kind: 'pause' | 'resume' | 'restart' | 'exec' | 'snapshot'; h: Handle; delayMs: number }
   | { kind: 'crash'; delayMs: number }
   /** Time passes: what aegisd does on its own (reconnects, timeouts) gets to happen. */
   | { kind: 'wait'; delayMs: number };
@@ -89,6 +90,10 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('resume' as const), h: handleArb, delayMs: delayArb }) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('restart' as const), h: handleArb, delayMs: delayArb }) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('exec' as const), h: handleArb, delayMs: delayArb }) },
+  {
+    weight: Number(env['AEGIS_MODEL_SNAPSHOT_WEIGHT'] ?? 1),
+    arbitrary: fc.record({ kind: fc.constant('snapshot' as const), h: handleArb, delayMs: delayArb }),
+  },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('crash' as const), delayMs: delayArb }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('wait' as const), delayMs: fc.constantFrom(1000, 5000, 16_000) }) },
 );
@@ -176,6 +181,7 @@ function expectedOutcome(op: InstanceOp, s: Seen): string {
       return LIVE.includes(s) && !op.force ? 'FAILED_PRECONDITION' : 'ok';
     case 'pause':
     case 'exec':
+    case 'snapshot':
       return s === 'running' ? 'ok' : 'FAILED_PRECONDITION';
     case 'resume':
       return s === 'paused' ? 'ok' : 'FAILED_PRECONDITION';
@@ -196,6 +202,7 @@ function expectedAfter(op: InstanceOp, s: Seen): Seen {
     case 'pause':
       return 'paused';
     case 'exec':
+    case 'snapshot':
       return s;
   }
 }
@@ -254,6 +261,11 @@ async function perform(d: TestDaemon, op: InstanceOp): Promise<string> {
       return (await c.resumeInstance(op.h)).state;
     case 'restart':
       return (await c.restartInstance(op.h)).state;
+    case 'snapshot': {
+      // A checkpoint leaves its instance as it was (running): the state is read back after.
+      await c.createSnapshot(op.h, { name: `model-${op.h}-${randomBytes(4).toString('hex')}` });
+      return (await c.getInstance(op.h)).state;
+    }
     case 'exec': {
       let exit = 'no exit event';
       for await (const ev of c.exec(op.h, { command: ['true'] })) {
@@ -422,7 +434,7 @@ function judge(batch: Batch, pre: Map<string, Instance>, results: Result[], post
     // UNAVAILABLE. That happens when a stop, delete --force or restart of its instance runs
     // beside it, or a short workload ends: the one UNAVAILABLE allowed with aegisd up.
     const vmEndedUnderExec =
-      op.kind === 'exec' &&
+      (op.kind === 'exec' || op.kind === 'snapshot') &&
       (isShortLived(pre.get(op.h)) ||
         batch.some(
           (o) =>
@@ -502,6 +514,7 @@ async function prepare(d: TestDaemon): Promise<void> {
     await d.start();
   }
   for (const i of await listAll(d)) await d.client.deleteInstance(i.id, { force: true }).catch(() => undefined);
+  for (const snap of await d.client.listSnapshots()) await d.client.deleteSnapshot(snap.name).catch(() => undefined);
   for (const line of await qemuProcessesFor(d.home)) {
     const pid = Number(line.trim().split(/\s+/)[0]);
     if (pid > 0) process.kill(pid, 'SIGKILL');
