@@ -1293,7 +1293,13 @@ async function benchCheckpoint() {
       const ref = `bench-ckpt-${touchMiB}`;
       await d.client.createInstance({ handle: ref, command: ['sleep', 'infinity'], network: 'none', memoryMiB: 1024 });
       // A process that holds N MiB it has written (random bytes: nothing for zero-page elision).
-      const touch = `import os, time\nb = bytearray(os.urandom(${touchMiB} << 20))\nopen('/tmp/touched', 'w').close()\ntime.sleep(1e6)`;
+      const touch = [
+        'import os, time',
+        `b = bytearray(${touchMiB} << 20)`,
+        'for i in range(0, len(b), 1 << 20): b[i:i + (1 << 20)] = os.urandom(1 << 20)',
+        "open('/tmp/touched', 'w').close()",
+        'time.sleep(1e6)',
+      ].join('\n');
       await d.client.execDetached(ref, { command: ['python3', '-c', touch] });
       await untilReady(ref);
       const ms = [];

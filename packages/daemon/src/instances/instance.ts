@@ -311,12 +311,14 @@ export class Instance extends InstanceOwner {
         const work = await this.s.snapshots.begin(name);
         const t0 = Date.now();
         try {
-          await vm.saveSnapshot(path.join(work, 'state'), opSignal);
           try {
+            await vm.saveSnapshot(path.join(work, 'state'), opSignal);
             await copyDisk(disk.path, disk.cloned, path.join(work, 'disk'), opSignal);
           } finally {
             // Carries on whatever happened: a failed checkpoint must not leave it frozen.
-            await vm.resume();
+            await vm.resume().catch((err: unknown) =>
+              this.s.log.warn(`instance ${row.handle}: resume after a checkpoint failed: ${(err as Error).message}`),
+            );
           }
           const pausedMs = Date.now() - t0;
           const snap = await this.s.snapshots.commit(work, {
