@@ -103,8 +103,8 @@ describe('aegis mcp', () => {
     // Parked and started again through MCP (a newcomer's trip: a stopped sandbox could not be
     // started again): its files and processes are as they were.
     await call(client, 'run_command', { sandbox: id, command: 'sleep 1000 & echo $! > /tmp/bg.pid' });
-    expect((await call(client, 'pause_sandbox', { sandbox: id })).structuredContent).toMatchObject({ id, state: 'paused' });
-    expect((await call(client, 'list_sandboxes', {})).structuredContent).toMatchObject({ sandboxes: [{ id, state: 'paused' }] });
+    expect((await call(client, 'pause_sandbox', { sandbox: id })).structuredContent).toMatchObject({ id, state: 'hibernated' });
+    expect((await call(client, 'list_sandboxes', {})).structuredContent).toMatchObject({ sandboxes: [{ id, state: 'hibernated' }] });
     expect((await call(client, 'start_sandbox', { sandbox: id })).structuredContent).toMatchObject({ id, state: 'running' });
     const again = await call(client, 'run_command', {
       sandbox: id,

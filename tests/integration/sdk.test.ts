@@ -198,6 +198,9 @@ try {
     out['fork' + i] = [(await f.files.read('/root/note.txt')), Number((await f.commands.run('cat /tmp/n')).stdout) > 1, (await f.commands.run('hostname')).stdout.trim() === f.name];
   }
   out.isolated = await sbx.files.exists('/root/mine.txt');
+  // Hibernated (durable, no VM) and woken by the next call, where it was; kept, though throwaway.
+  await sbx.hibernate();
+  out.slept = [await sbx.isRunning(), await sbx.files.read('/root/note.txt'), await sbx.isRunning()];
   const snap = await sbx.snapshot({ name: 'sdk-snap' });
   out.snap = [snap.name, snap.source.name === sbx.name, snap.sizeBytes > 0];
   const again = await Sandbox.create({ snapshot: 'sdk-snap' });
@@ -222,6 +225,7 @@ console.log(JSON.stringify(out));
       fork0: ['before\n', true, true],
       fork1: ['before\n', true, true],
       isolated: false,
+      slept: [false, 'before\n', true],
       snap: ['sdk-snap', true, true],
       again: 'before\n',
       inUse: true,

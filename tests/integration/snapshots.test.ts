@@ -5,7 +5,7 @@
 import { chmodSync, truncateSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { useDaemon, type TestDaemon } from './fixture.js';
+import { qemuProcessesFor, useDaemon, type TestDaemon } from './fixture.js';
 
 const daemon = useDaemon();
 
@@ -134,5 +134,63 @@ describe('snapshots and forks', () => {
     expect(missing.stderr).toBe('aegis: no snapshot "nope" (aegis snapshot ls lists them) [NOT_FOUND]\n');
     expect(await d.client.listInstances({ all: true })).toEqual([]);
     expect((await d.cli(['snapshot', 'rm', 'good'])).code).toBe(0);
+  });
+  it('hibernate: no VMM left, ports still bound; woken by exec, by a connection and after aegisd is SIGKILLed; files and a counting process carry on across cycles', async () => {
+    const d = daemon();
+    const cycles = Number(process.env['AEGIS_HIBERNATE_CYCLES'] ?? 6);
+    await d.client.createInstance({
+      handle: 'sleeper',
+      command: ['sh', '-c', 'cd /tmp && echo awake > index.html && python3 -m http.server 8000 & ' + COUNTER[2]],
+      network: 'none',
+      exposes: [{ guestPort: 8000 }],
+    });
+    const { id, ports } = await d.client.getInstance('sleeper');
+    const url = `http://127.0.0.1:${ports[0]?.hostPort ?? 0}/index.html`;
+    await expect
+      .poll(
+        () =>
+          fetch(url).then(
+            (r) => r.text(),
+            () => '',
+          ),
+        { timeout: 60_000 },
+      )
+      .toBe('awake\n');
+    const machineId = await sh(d, 'sleeper', 'cat /etc/machine-id');
+    let last = 0;
+    const sums: string[] = [];
+    for (let i = 0; i < cycles; i++) {
+      const [n, sum] = (await sh(d, 'sleeper', `echo cycle-${i} >> /root/journal; sync; cat /tmp/counter; sha256sum /root/journal`))
+        .trim()
+        .split('\n');
+      expect(Number(n)).toBeGreaterThanOrEqual(last); // never started again
+      last = Number(n);
+      sums.push(sum ?? '');
+      expect((await d.cli(['hibernate', 'sleeper'])).stdout).toBe('sleeper\n');
+      expect((await d.client.getInstance('sleeper')).state).toBe('hibernated');
+      expect((await qemuProcessesFor(d.home)).filter((l) => l.includes(id))).toEqual([]);
+      if (i === cycles - 1) {
+        // aegisd killed while it sleeps: the next one finds it hibernated, its port bound again.
+        await d.kill();
+        await d.start();
+        expect((await d.client.getInstance('sleeper')).state).toBe('hibernated');
+      }
+      // Woken by a connection to its port every other cycle, by an exec otherwise.
+      if (i % 2 === 1) expect(await fetch(url).then((r) => r.text())).toBe('awake\n');
+      const again = (await sh(d, 'sleeper', 'cat /tmp/counter; sha256sum /root/journal; cat /etc/machine-id')).trim().split('\n');
+      expect(Number(again[0])).toBeGreaterThanOrEqual(last);
+      expect(again[1]).toBe(sum);
+      expect(`${again[2] ?? ''}\n`).toBe(machineId); // the same machine, not a clone
+      expect((await d.client.getInstance('sleeper')).state).toBe('running');
+    }
+    expect(await sh(d, 'sleeper', 'cat /root/journal')).toBe(Array.from({ length: cycles }, (_, i) => `cycle-${i}\n`).join(''));
+    expect(await fetch(url).then((r) => r.text())).toBe('awake\n');
+    // Stopped where it lies; a delete of a hibernated one needs --force, as a running one's.
+    await d.client.hibernateInstance('sleeper');
+    const refused = await d.cli(['rm', 'sleeper']);
+    expect(refused.stderr).toMatch(/is hibernated; stop it first or delete with --force \[FAILED_PRECONDITION\]/);
+    expect((await d.client.stopInstance('sleeper')).state).toBe('stopped');
+    expect((await d.cli(['wait', 'sleeper'])).stdout).toBe('137\n');
+    await d.client.deleteInstance('sleeper');
   });
 });

@@ -3,7 +3,15 @@
 /** aegis: the command line over the aegisd API. */
 import { Command } from 'commander';
 import { infoCommand } from './commands/instance/info.js';
-import { deleteCommand, extendCommand, pauseCommand, restartCommand, resumeCommand, stopCommand } from './commands/instance/lifecycle.js';
+import {
+  deleteCommand,
+  extendCommand,
+  pauseCommand,
+  restartCommand,
+  resumeCommand,
+  stopCommand,
+  hibernateCommand,
+} from './commands/instance/lifecycle.js';
 import { listCommand } from './commands/instance/list.js';
 import { startCommand } from './commands/instance/start.js';
 import { execCommand } from './commands/exec.js';
@@ -57,6 +65,7 @@ for (const c of [
   deleteCommand(),
   pauseCommand(),
   resumeCommand(),
+  hibernateCommand(),
   restartCommand(),
   extendCommand(),
 ]) {
@@ -94,6 +103,7 @@ for (const c of [
   restartCommand(),
   pauseCommand(),
   resumeCommand('unpause'),
+  hibernateCommand(),
   portCommand(),
   versionCommand(VERSION),
 ]) {

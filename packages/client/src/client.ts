@@ -167,6 +167,11 @@ export class AegisClient {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/pause` });
   }
 
+  /** Saves the machine to disk and ends its VMM; any use (or `resumeInstance`) wakes it where it was. */
+  hibernateInstance(ref: string): Promise<Instance> {
+    return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/hibernate` });
+  }
+
   resumeInstance(ref: string): Promise<Instance> {
     return this.call({ method: 'POST', path: `/v1/instances/${encodeURIComponent(ref)}/resume` });
   }

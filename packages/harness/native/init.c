@@ -456,8 +456,9 @@ static int fresh_main(void) {
   }
   head[h] = 0;
   long long ms = 0;
-  char hostname[65] = {0};
-  if (sscanf(head, "%lld %64s", &ms, hostname) != 2) {
+  char hostname[65] = {0}, keep[8] = {0};
+  /* A third word `keep`: the same machine waking from hibernation, its identity kept. */
+  if (sscanf(head, "%lld %64s %7s", &ms, hostname, keep) < 2) {
     say("fresh: bad header");
     return 2;
   }
@@ -482,6 +483,7 @@ static int fresh_main(void) {
   close(rnd);
   struct timespec now = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000};
   if (clock_settime(CLOCK_REALTIME, &now) != 0) say("fresh: setting the clock failed: %s", strerror(errno));
+  if (strcmp(keep, "keep") == 0) return 0;
   if (sethostname(hostname, strlen(hostname)) != 0) say("fresh: sethostname failed: %s", strerror(errno));
   image_names(hostname);
   machine_id();

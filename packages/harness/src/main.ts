@@ -220,7 +220,9 @@ class Freshener {
       child.once('close', (code) =>
         code === 0 ? resolve({}) : reject(new AegisError('INTERNAL', err.trim() || `fresh exited with ${code}`)),
       );
-      child.stdin?.end(Buffer.concat([Buffer.from(`${p.timeMs} ${p.hostname}\n`), Buffer.from(p.entropy, 'base64')]));
+      child.stdin?.end(
+        Buffer.concat([Buffer.from(`${p.timeMs} ${p.hostname}${p.keepIdentity ? ' keep' : ''}\n`), Buffer.from(p.entropy, 'base64')]),
+      );
     });
   }
 }

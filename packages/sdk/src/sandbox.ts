@@ -536,6 +536,15 @@ export class Sandbox {
     return r.instances.map((i) => new Sandbox(this.client, i));
   }
 
+  /**
+   * Saves the sandbox to disk and ends its VM: no memory, no process, its ports still bound.
+   * The next command, file call or connection wakes it where it was (the caller waits), also
+   * after the daemon or the host restarted.
+   */
+  async hibernate(): Promise<void> {
+    this.instance = await wrap(() => this.client.hibernateInstance(this.instance.id));
+  }
+
   /** Snapshots kept by the daemon. */
   static async listSnapshots(options: { socketPath?: string } = {}): Promise<SnapshotInfo[]> {
     const client = new AegisClient(options.socketPath ?? defaultSocketPath());

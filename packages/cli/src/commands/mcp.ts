@@ -376,14 +376,14 @@ async function serve(options: { all?: boolean }): Promise<void> {
     'pause_sandbox',
     {
       description:
-        'Pause a sandbox to use it later: its VM is frozen (no CPU), its processes, memory and files are kept as they are; start_sandbox resumes it. It is still deleted at its time limit.',
+        'Pause a sandbox to use it later: it is saved to disk and its VM ends (no CPU, no memory), its processes and files kept as they are; start_sandbox (or any command or file call) resumes it where it was. It is still deleted at its time limit.',
       inputSchema: { sandbox },
       annotations: { title: 'Pause a sandbox', readOnlyHint: false, destructiveHint: false, idempotentHint: true, openWorldHint: false },
     },
     guarded(async (a: { sandbox: string }) => {
       const id = await scope.resolve(a.sandbox);
       const i = await api.getInstance(id);
-      const after = i.state === 'paused' && !i.idlePaused ? i : await api.pauseInstance(id);
+      const after = i.state === 'hibernated' ? i : await api.hibernateInstance(id);
       return ok({ id: after.id, name: after.handle, state: after.state });
     }),
   );
@@ -400,7 +400,7 @@ async function serve(options: { all?: boolean }): Promise<void> {
       const id = await scope.resolve(a.sandbox);
       const i = await api.getInstance(id);
       const after =
-        i.state === 'paused'
+        i.state === 'paused' || i.state === 'hibernated'
           ? await api.resumeInstance(id)
           : i.state === 'running' || i.state === 'starting'
             ? i

@@ -222,6 +222,7 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
       await emit({ type: 'exit', exitCode: 0, signal: null, guestDurationMs: 3, truncated: true });
     },
     checkpoint: () => Promise.resolve(SNAPSHOT),
+    hibernate: () => Promise.resolve(toView({ ...ROW, state: 'hibernated', vmRecord: null })),
     input: () => Promise.resolve(),
     resize: () => Promise.resolve(),
     signal: () => Promise.resolve(),
@@ -372,6 +373,7 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     await ok('POST', '/v1/instances/web/stop', { timeoutMs: 1000 });
     await ok('POST', '/v1/instances/web/pause');
     await ok('POST', '/v1/instances/web/resume');
+    await ok('POST', '/v1/instances/web/hibernate');
     await ok('POST', '/v1/instances/web/restart');
     await ok('POST', '/v1/instances/web/wait');
     await ok('POST', '/v1/instances/web/deadline', { timeoutMs: 60_000 });

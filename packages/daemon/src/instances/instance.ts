@@ -31,9 +31,9 @@ import { LiveInstance, type ExecEmitter } from './live.js';
 import { LogStore } from './logs.js';
 import type { PooledVm } from './pool.js';
 import { existingDisk, imageEnv, type ExecRequest, type InstanceView } from './spec.js';
-import { readMachine } from './machine.js';
+import { readMachine, writeMachine } from './machine.js';
 import type { Snapshot } from '../snapshots/store.js';
-import { isLive, requireState, type InstanceState } from './state.js';
+import { isLive, isUp, requireState, type InstanceState } from './state.js';
 import { measure, type InstanceStats, type ProcessSample } from './stats.js';
 import { DEFAULT_STOP_TIMEOUT_MS, InstanceOwner, type StartPlan, type FileOpRequest } from './owner.js';
 
@@ -76,7 +76,7 @@ export class Instance extends InstanceOwner {
     return this.op(
       'restart',
       async (row, opSignal) => {
-        if (isLive(row.state)) {
+        if (isUp(row.state)) {
           await this.stopNow(row, DEFAULT_STOP_TIMEOUT_MS);
           row = this.row();
         }
@@ -249,19 +249,25 @@ export class Instance extends InstanceOwner {
     return live;
   }
 
-  /** Forwards the exposed ports over the VM's data channel for as long as it runs. */
-  private serve(live: LiveInstance, forwarder: PortForwarder): void {
-    live.forwarder = forwarder;
+  /**
+   * Forwards the exposed ports over the data channel of whichever VM the instance has (a
+   * hibernated one has none until a connection wakes it), for as long as the instance lives.
+   */
+  private serve(live: LiveInstance | undefined, forwarder: PortForwarder): void {
+    if (live) live.forwarder = forwarder;
+    const asleep = (): boolean => this.live?.paused === true || this.row().state === 'hibernated';
+    const handle = this.row().handle;
     forwarder.serve(
-      () => live.vm.connectData(),
-      (err) => this.s.log.warn(`instance ${live.handle}: port listener: ${err.message}`),
+      () =>
+        this.live ? this.live.vm.connectData() : Promise.reject(new AegisError('UNAVAILABLE', `instance ${handle} has no VM running`)),
+      (err) => this.s.log.warn(`instance ${handle}: port listener: ${err.message}`),
       {
-        // A new connection to an idle-paused instance waits for it to wake (paused, as accepted).
-        admit: () => (live.paused ? this.wake('a connection').then(() => undefined) : Promise.resolve()),
+        // A new connection to an idle-paused or hibernated instance waits for it to wake (as accepted).
+        admit: () => (asleep() ? this.wake('a connection').then(() => undefined) : Promise.resolve()),
         // Bytes either way are use; bytes from the host on an open connection wake it (they wait in the channel).
         traffic: (fromHost) => {
           this.idle.touch();
-          if (fromHost && live.paused) void this.wake('a connection').catch(() => undefined);
+          if (fromHost && asleep()) void this.wake('a connection').catch(() => undefined);
         },
         egress: this.egressFor(this.row()),
       },
@@ -269,8 +275,99 @@ export class Instance extends InstanceOwner {
     // A running instance adopted by a restarted aegisd: its broker again (the guest trusts its CA already).
     if (this.row().state === 'running') {
       void this.ensureBroker(this.row()).catch((err: unknown) =>
-        this.s.log.warn(`instance ${live.handle}: egress broker: ${(err as Error).message}`),
+        this.s.log.warn(`instance ${handle}: egress broker: ${(err as Error).message}`),
       );
+    }
+  }
+
+  /**
+   * `aegis hibernate`: the machine saved (memory and devices; its disk is its own and stays as
+   * it is) and its VMM ended, so it costs no memory and no process; its host ports stay bound.
+   * Any use restores it where it was (`restoreHibernated`), also after aegisd or the host restarts.
+   */
+  hibernate(signal?: AbortSignal): Promise<InstanceView> {
+    return this.op(
+      'hibernate',
+      async (queued, opSignal) => {
+        const row = await this.wakeNow(queued, 'hibernate');
+        requireState(row.handle, row.state, ['running'], 'hibernate');
+        const live = this.requireLive(row, 'hibernate');
+        if (!live.vm.saveSnapshot) throw new AegisError('UNSUPPORTED', `the ${this.s.backend.name} backend cannot save a running VM`);
+        if (row.spec.stdin || row.spec.tty) {
+          throw new AegisError(
+            'FAILED_PRECONDITION',
+            `instance "${row.handle}" has its stdin or a terminal attached to a client; hibernation would cut it`,
+          );
+        }
+        const dir = this.hibernationDir;
+        await fs.rm(dir, { recursive: true, force: true });
+        await fs.mkdir(dir, { recursive: true, mode: 0o700 });
+        await writeMachine(dir, await readMachine(path.join(this.dir, 'vm')));
+        const t0 = Date.now();
+        try {
+          await live.vm.saveSnapshot(path.join(dir, 'state'), opSignal);
+        } catch (err) {
+          await live.vm.resume().catch(() => undefined);
+          await fs.rm(dir, { recursive: true, force: true });
+          throw err;
+        }
+        // From here the VM's end is the instance's sleep, not its stop: its ports stay.
+        this.sleepingPorts = live.forwarder;
+        live.forwarder = undefined;
+        live.retired = true;
+        this.mustMove('hibernated', { stateReason: 'hibernated', vmRecord: null });
+        await this.kill(live);
+        const st = await fs.stat(path.join(dir, 'state'));
+        this.s.log.info(`instance ${row.handle} (${this.id}): hibernated in ${Date.now() - t0} ms (${st.size} B)`);
+        return this.view();
+      },
+      signal ? { signal } : {},
+    );
+  }
+
+  protected async restoreHibernated(row: InstanceRow, why: string, signal?: AbortSignal): Promise<InstanceRow> {
+    const t0 = Date.now();
+    const dir = this.hibernationDir;
+    const state = path.join(dir, 'state');
+    let machine;
+    try {
+      machine = await readMachine(dir);
+      await fs.access(state);
+    } catch {
+      await this.discardHibernation();
+      this.mustMove('failed', { stateReason: 'its hibernation files are gone; start it again', stoppedAt: Date.now() });
+      throw new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" cannot wake: its hibernation files are gone`);
+    }
+    const own = signal ?? new AbortController().signal;
+    try {
+      const shape = await machineShape(this.s.config, row.memoryMiB, row.vcpuCount, row.network, undefined);
+      const vm = await startVm(
+        this.s,
+        { id: this.id, handle: row.handle, dir: this.dir, shape, keepDisk: true, checkpoint: { state, disk: undefined, machine } },
+        own,
+      );
+      this.s.registry.updateInstance(this.id, { vmRecord: vm.record() });
+      const live = this.follow(vm, row.handle);
+      const agent = await live.connectAgent(this.s.config.bootTimeoutMs, own);
+      // The same machine: its clock and RNG, not its name or machine-id.
+      await agent.call('fresh', { ...freshIdentity(row.handle), keepIdentity: true }, { timeoutMs: 15_000, signal: own });
+      this.mustMove('running', { stateReason: null });
+      const ports = this.sleepingPorts ?? (await PortForwarder.listen(row.ports));
+      this.sleepingPorts = undefined;
+      live.forwarder = ports;
+      ports.reopen();
+      await fs.rm(dir, { recursive: true, force: true });
+      this.s.log.info(`instance ${row.handle} (${this.id}): woken from hibernation by ${why} in ${Date.now() - t0} ms`);
+      return this.row();
+    } catch (err) {
+      const e = AegisError.from(err);
+      this.s.log.warn(`instance ${row.handle} (${this.id}): waking from hibernation failed: ${e.message}`);
+      if (this.live) await this.kill(this.live);
+      if (this.row().state === 'hibernated') {
+        // A failed wake may be tried again (its files are kept); a broken machine says so.
+        throw new AegisError(e.code === 'CANCELLED' ? 'CANCELLED' : 'UNAVAILABLE', `instance "${row.handle}" could not wake: ${e.message}`);
+      }
+      throw e;
     }
   }
 
@@ -316,9 +413,11 @@ export class Instance extends InstanceOwner {
             await copyDisk(disk.path, disk.cloned, path.join(work, 'disk'), opSignal);
           } finally {
             // Carries on whatever happened: a failed checkpoint must not leave it frozen.
-            await vm.resume().catch((err: unknown) =>
-              this.s.log.warn(`instance ${row.handle}: resume after a checkpoint failed: ${(err as Error).message}`),
-            );
+            await vm
+              .resume()
+              .catch((err: unknown) =>
+                this.s.log.warn(`instance ${row.handle}: resume after a checkpoint failed: ${(err as Error).message}`),
+              );
           }
           const pausedMs = Date.now() - t0;
           const snap = await this.s.snapshots.commit(work, {
@@ -373,11 +472,11 @@ export class Instance extends InstanceOwner {
     const first = this.row();
     const refuse = (row: InstanceRow): AegisError =>
       new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" is ${row.state}; stop it first or delete with --force`);
-    if (isLive(first.state) && !force) throw refuse(first);
+    if (isUp(first.state) && !force) throw refuse(first);
     await this.op(
       'delete',
       async (row) => {
-        if (isLive(row.state)) {
+        if (isUp(row.state)) {
           if (!force) throw refuse(row);
           await this.stopNow(row, 2000);
         }
@@ -412,7 +511,11 @@ export class Instance extends InstanceOwner {
   }
 
   resume(): Promise<InstanceView> {
-    return this.op('resume', async (row) => {
+    return this.op('resume', async (row, signal) => {
+      if (row.state === 'hibernated') {
+        await this.wakeNow(row, 'resume', signal);
+        return this.view();
+      }
       requireState(row.handle, row.state, ['paused'], 'resume');
       const live = this.requireLive(row, 'resume');
       await live.vm.resume();
@@ -615,7 +718,8 @@ export class Instance extends InstanceOwner {
     for (;;) {
       const row = this.s.registry.getInstance(this.id);
       if (!row) throw new AegisError('NOT_FOUND', `instance ${this.id} was deleted while waited for`);
-      if (!isLive(row.state)) {
+      // A hibernated one has not stopped: it waits, as a paused one does.
+      if (!isUp(row.state)) {
         return { state: row.state, exitCode: row.exitCode, ...(row.stateReason ? { stateReason: row.stateReason } : {}) };
       }
       // Woken by the VM's end; the poll covers a start that has no VM yet, and a restart.
@@ -676,6 +780,15 @@ export class Instance extends InstanceOwner {
           }
           if (vm) await this.adopt(row, vm);
         }
+      }
+      if (row.state === 'hibernated') {
+        // No VM to find: its ports are bound again, and any use wakes it.
+        const ports = await PortForwarder.listen(row.ports).catch(async (err: unknown) => {
+          this.s.log.warn(`instance ${row.handle}: ports not restored: ${(err as Error).message}`);
+          return PortForwarder.listen([]);
+        });
+        this.sleepingPorts = ports;
+        this.serve(undefined, ports);
       }
       this.armFromRow();
     });

@@ -31,7 +31,7 @@ import { Instance } from './instance.js';
 import type { InstanceServices } from './owner.js';
 import { endStrays } from './recovery.js';
 import { effectiveCommand, imageEnv, toView, type CreateRequest, type InstanceView } from './spec.js';
-import { isLive } from './state.js';
+import { isLive, isUp } from './state.js';
 import { restoreMismatch } from './machine.js';
 import { SnapshotStore, type SnapshotMeta } from '../snapshots/store.js';
 import { VolumeService } from '../volumes/service.js';
@@ -136,13 +136,13 @@ export class InstanceManager {
 
   /** The handle of a live instance running the image `digest`, if any (`image rm` asks). */
   userOfImage(digest: string): string | undefined {
-    return this.registry.listInstances().find((r) => isLive(r.state) && r.image?.digest === digest)?.handle;
+    return this.registry.listInstances().find((r) => isUp(r.state) && r.image?.digest === digest)?.handle;
   }
 
   list(all: boolean): InstanceView[] {
     return this.registry
       .listInstances()
-      .filter((r) => all || isLive(r.state))
+      .filter((r) => all || isLive(r.state) || r.state === 'hibernated')
       .map(toView);
   }
 

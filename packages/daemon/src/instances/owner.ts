@@ -25,7 +25,7 @@ import type { LiveEvents, LiveInstance } from './live.js';
 import { OpQueue } from './op-queue.js';
 import type { PooledVm } from './pool.js';
 import { toView, type InstanceView } from './spec.js';
-import { canTransition, isLive, requireState, type InstanceState } from './state.js';
+import { canTransition, isLive, isUp, requireState, type InstanceState } from './state.js';
 import type { MachineShape, TemplateCache } from './templates.js';
 
 /** What every instance's owner shares with the others. */
@@ -99,7 +99,7 @@ export abstract class InstanceOwner implements LiveEvents {
   /** Its timers as its row says (a new instance, or one found by a new daemon). */
   armFromRow(): void {
     const row = this.row();
-    if (isLive(row.state) && row.spec.deadlineAtMs !== undefined) this.deadline.arm(row.spec.deadlineAtMs);
+    if (isUp(row.state) && row.spec.deadlineAtMs !== undefined) this.deadline.arm(row.spec.deadlineAtMs);
     // Idle time starts again with a new daemon; an idle-paused one stays paused until used.
     if (row.state === 'running' && row.spec.idlePauseMs) this.idle.arm(row.spec.idlePauseMs);
   }
@@ -128,7 +128,7 @@ export abstract class InstanceOwner implements LiveEvents {
   /** The one place a throwaway instance is removed: once it is down and no VM of its is left. */
   protected async settle(): Promise<void> {
     const row = this.s.registry.getInstance(this.id);
-    if (!row?.spec.autoRemove || isLive(row.state) || this.live) return;
+    if (!row?.spec.autoRemove || isUp(row.state) || this.live) return;
     await this.removeNow().catch((err: unknown) => this.s.log.warn(`instance ${row.handle}: removal failed: ${(err as Error).message}`));
   }
 
@@ -157,6 +157,12 @@ export abstract class InstanceOwner implements LiveEvents {
 
   /** Within an operation: ends the VM, the workload first given `timeoutMs`. */
   protected async stopNow(row: InstanceRow, timeoutMs: number, reason = 'stopped by request'): Promise<void> {
+    if (row.state === 'hibernated') {
+      // No VM to signal: its saved machine is dropped, as a SIGKILL would have ended it.
+      await this.discardHibernation();
+      this.mustMove('stopped', { stateReason: reason, stoppedAt: Date.now(), ...(row.exitCode === null ? { exitCode: 137 } : {}) });
+      return;
+    }
     if (!isLive(row.state)) return; // like docker stop: nothing to do
     const live = this.live;
     if (!live) {
@@ -189,6 +195,8 @@ export abstract class InstanceOwner implements LiveEvents {
     const row = this.s.registry.getInstance(this.id);
     if (!row) return;
     if (this.live) await this.kill(this.live); // never leave a VM without its row
+    this.sleepingPorts?.close();
+    this.sleepingPorts = undefined;
     await fs.rm(this.dir, { recursive: true, force: true });
     this.s.registry.deleteInstance(this.id);
     this.deadline.clear();
@@ -274,7 +282,9 @@ export abstract class InstanceOwner implements LiveEvents {
   /** The workload gets SIGTERM and a short grace, the VM stops; `settle` removes a throwaway one. */
   protected async deadlineReached(): Promise<void> {
     const row = this.s.registry.getInstance(this.id);
-    if (!row || !isLive(row.state) || row.spec.deadlineAtMs === undefined || row.spec.deadlineAtMs > Date.now()) return;
+    if (!row || !isUp(row.state) || row.spec.deadlineAtMs === undefined || row.spec.deadlineAtMs > Date.now()) {
+      return;
+    }
     this.s.log.info(`instance ${row.handle} (${this.id}): deadline reached; stopping it`);
     const reason = `deadline reached (--timeout ${row.spec.timeoutMs ?? 0} ms)`;
     // An exec in flight ends saying why, not as a channel that closed under it.
@@ -314,7 +324,8 @@ export abstract class InstanceOwner implements LiveEvents {
   }
 
   /** Within an operation: resumes an idle-paused instance (`why` woke it); any other row is returned as it is. */
-  protected async wakeNow(row: InstanceRow, why: string): Promise<InstanceRow> {
+  protected async wakeNow(row: InstanceRow, why: string, signal?: AbortSignal): Promise<InstanceRow> {
+    if (row.state === 'hibernated') return this.restoreHibernated(row, why, signal);
     if (!isIdlePaused(row)) return row;
     const live = this.requireLive(row, 'wake');
     const started = Date.now();
@@ -332,8 +343,25 @@ export abstract class InstanceOwner implements LiveEvents {
   async wake(why: string): Promise<InstanceRow> {
     this.idle.touch();
     const row = this.row();
-    if (!isIdlePaused(row)) return row;
-    return this.op('wake', (current) => this.wakeNow(current, why));
+    if (!isIdlePaused(row) && row.state !== 'hibernated') return row;
+    return this.op('wake', (current, signal) => this.wakeNow(current, why, signal));
+  }
+
+  /** Within an operation: the hibernated machine restored and running again where it was (instance.ts). */
+  protected abstract restoreHibernated(row: InstanceRow, why: string, signal?: AbortSignal): Promise<InstanceRow>;
+
+  /** The host ports of a hibernated instance: still bound, a connection wakes it. */
+  protected sleepingPorts: PortForwarder | undefined;
+
+  /** Where a hibernated instance's memory and devices are kept. */
+  protected get hibernationDir(): string {
+    return path.join(this.dir, 'hibernation');
+  }
+
+  protected async discardHibernation(): Promise<void> {
+    this.sleepingPorts?.close();
+    this.sleepingPorts = undefined;
+    await fs.rm(this.hibernationDir, { recursive: true, force: true });
   }
 
   /** Keeps it from pausing for idleness until the returned function is called (an attached `run`). */

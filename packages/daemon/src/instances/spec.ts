@@ -9,7 +9,7 @@ import { AegisError } from '@aegis/protocol';
 import type { ApiSchemas } from '@aegis/protocol/api';
 import type { InstanceRow } from '../registry/db.js';
 import type { ImageConfig } from '../images/manifest.js';
-import { isLive, type InstanceState } from './state.js';
+import { isUp, type InstanceState } from './state.js';
 import { isIdlePaused } from './idle.js';
 import { isScratchDisk, SCRATCH_DISK } from './disks.js';
 
@@ -90,7 +90,7 @@ export function toView(row: InstanceRow): InstanceView {
   if (row.workdir) view.workdir = row.workdir;
   if (row.spec.user !== undefined) view.user = row.spec.user;
   if (row.spec.labels) view.labels = row.spec.labels;
-  if (row.spec.deadlineAtMs !== undefined && isLive(row.state)) view.deadline = new Date(row.spec.deadlineAtMs).toISOString();
+  if (row.spec.deadlineAtMs !== undefined && isUp(row.state)) view.deadline = new Date(row.spec.deadlineAtMs).toISOString();
   if (row.spec.idlePauseMs) view.idlePauseMs = row.spec.idlePauseMs;
   if (row.spec.egress) view.egress = row.spec.egress;
   if (isIdlePaused(row)) view.idlePaused = true;

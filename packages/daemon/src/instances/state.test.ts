@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { AegisError } from '@aegis/protocol';
-import { INSTANCE_STATES, LIVE_STATES, canTransition, isLive, requireState, type InstanceState } from './state.js';
+import { INSTANCE_STATES, LIVE_STATES, canTransition, isLive, isUp, requireState, type InstanceState } from './state.js';
 
 const TERMINAL: readonly InstanceState[] = ['stopped', 'failed'];
 
@@ -14,9 +14,16 @@ function catchError(fn: () => void): unknown {
 }
 
 describe('instance state table', () => {
-  it('lists six distinct states', () => {
+  it('lists seven distinct states', () => {
     expect(new Set(INSTANCE_STATES).size).toBe(INSTANCE_STATES.length);
-    expect([...INSTANCE_STATES].sort()).toEqual(['failed', 'paused', 'running', 'starting', 'stopped', 'stopping']);
+    expect([...INSTANCE_STATES].sort()).toEqual(['failed', 'hibernated', 'paused', 'running', 'starting', 'stopped', 'stopping']);
+  });
+
+  it('hibernates only a running instance, and wakes it to running or ends it where it lies', () => {
+    for (const s of INSTANCE_STATES) expect(canTransition(s, 'hibernated'), `${s} -> hibernated`).toBe(s === 'running');
+    expect(INSTANCE_STATES.filter((to) => canTransition('hibernated', to)).sort()).toEqual(['failed', 'running', 'stopped']);
+    expect(isLive('hibernated')).toBe(false); // no VM process
+    expect(isUp('hibernated')).toBe(true); // but it holds its volumes, image, ports and deadline
   });
 
   it('has an entry for every state, so canTransition never throws', () => {
@@ -99,6 +106,7 @@ describe('requireState', () => {
       ['stopping', /on its way down$/],
       ['stopped', /start it again with aegis start h, or run a new one$/],
       ['failed', /see why with aegis inspect h, then start it again or delete it$/],
+      ['hibernated', /it wakes on use .* or with aegis instance resume h$/],
     ];
     for (const [state, hint] of cases) {
       const err = catchError(() => requireState('h', state, ['running'], 'pause')) as AegisError;

@@ -38,6 +38,7 @@ export class PortForwarder {
   private hooks: ForwardHooks = {};
   /** Accepted while the VM was still starting: forwarded once it serves (bounded), reset if it never does. */
   private early: { socket: net.Socket; guestPort: number }[] | undefined = [];
+  private openGeneration = 0;
 
   private constructor(
     private readonly servers: net.Server[],
@@ -105,7 +106,15 @@ export class PortForwarder {
     const early = this.early ?? [];
     this.early = undefined;
     for (const { socket, guestPort } of early) void this.forward(socket, guestPort);
-    if (hooks.egress) this.keepOpen();
+    if (hooks.egress) this.keepOpen(++this.openGeneration);
+  }
+
+  /**
+   * The VM behind it was replaced (an instance waking from hibernation): a policy-carrying
+   * channel is opened again at once, not at the next retry of the old VM's.
+   */
+  reopen(): void {
+    if (this.hooks.egress) this.keepOpen(++this.openGeneration);
   }
 
   private accept(socket: net.Socket, guestPort: number): void {
@@ -119,15 +128,16 @@ export class PortForwarder {
    * The guest may start a connection at any time, so a policy-carrying channel is connected at
    * once and reconnected if it closes while the VM runs (as after an aegisd restart).
    */
-  private keepOpen(retryMs = 100): void {
-    if (this.closed) return;
+  private keepOpen(generation: number, retryMs = 100): void {
+    // One loop at a time: a newer one (reopen) replaces it.
+    if (this.closed || generation !== this.openGeneration) return;
     const openedAt = Date.now();
     // A channel that closes at once again and again (a guest breaking the protocol) is retried
     // less and less often, up to every 5 s; one that lived is reopened at once.
     const next = (): number => (Date.now() - openedAt > 5_000 ? 100 : Math.min(retryMs * 2, 5_000));
     this.dataChannel().then(
-      (ch) => ch.onClose(() => setTimeout(() => this.keepOpen(next()), retryMs)),
-      () => setTimeout(() => this.keepOpen(next()), retryMs),
+      (ch) => ch.onClose(() => setTimeout(() => this.keepOpen(generation, next()), retryMs)),
+      () => setTimeout(() => this.keepOpen(generation, next()), retryMs),
     );
   }
 

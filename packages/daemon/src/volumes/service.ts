@@ -14,7 +14,7 @@ import type { ApiSchemas } from '@aegis/protocol/api';
 import type { VmVolume } from '@aegis/vmm';
 import type { Logger } from '../log.js';
 import type { InstanceRow, Registry, VolumeRow } from '../registry/db.js';
-import { isLive } from '../instances/state.js';
+import { isUp } from '../instances/state.js';
 import { attachConflict, mountOrder, VOLUME_NAME, type Attachment, type VolumeMount } from './mounts.js';
 
 const execFileP = promisify(execFile);
@@ -162,7 +162,7 @@ export class VolumeService {
       }
       const holders: Attachment[] = this.registry
         .listInstances()
-        .filter((r) => r.id !== exceptId && isLive(r.state))
+        .filter((r) => r.id !== exceptId && isUp(r.state))
         .flatMap((r) =>
           r.volumes.filter((v) => v.type === 'volume' && v.source === m.source).map((v) => ({ handle: r.handle, readOnly: v.readOnly })),
         );

@@ -484,7 +484,7 @@ export const guestRpcSchema = {
       "errors": []
     },
     "fresh": {
-      "description": "Makes a VM restored from a snapshot its own: clock set, hostname set, kernel RNG reseeded.",
+      "description": "Makes a VM restored from a snapshot its own: clock set, hostname set, kernel RNG reseeded (with keepIdentity, a machine waking from hibernation: clock and RNG only).",
       "params": {
         "type": "object",
         "properties": {
@@ -501,6 +501,10 @@ export const guestRpcSchema = {
             "description": "base64, at least 32 bytes, from the host's CSPRNG",
             "type": "string",
             "maxLength": 1024
+          },
+          "keepIdentity": {
+            "description": "The same machine waking from hibernation: the clock and the RNG only; its hostname and machine-id are kept",
+            "type": "boolean"
           }
         },
         "required": [
@@ -824,12 +828,14 @@ export interface StatsResult {
   processes: number;
 }
 
-/** Makes a VM restored from a snapshot its own: clock set, hostname set, kernel RNG reseeded. */
+/** Makes a VM restored from a snapshot its own: clock set, hostname set, kernel RNG reseeded (with keepIdentity, a machine waking from hibernation: clock and RNG only). */
 export interface FreshParams {
   timeMs: number;
   hostname: string;
   /** base64, at least 32 bytes, from the host's CSPRNG */
   entropy: string;
+  /** The same machine waking from hibernation: the clock and the RNG only; its hostname and machine-id are kept */
+  keepIdentity?: boolean;
 }
 export type FreshResult = Record<string, never>;
 

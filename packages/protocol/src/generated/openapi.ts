@@ -155,6 +155,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/instances/{ref}/hibernate": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Save a running instance's memory and devices to disk and end its VMM (no host memory, no process); its ports stay bound and any use wakes it where it was, also after aegisd or the host restarts */
+        post: operations["hibernateInstance"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/instances/{ref}/exec": {
         parameters: {
             query?: never;
@@ -787,8 +804,11 @@ export interface components {
             [key: string]: string;
         };
         Handle: string;
-        /** @enum {string} */
-        InstanceState: "starting" | "running" | "paused" | "stopping" | "stopped" | "failed";
+        /**
+         * @description `hibernated`: its memory, devices and disk saved, no VMM process; it wakes on use (exec, files, logs --follow, a connection to its ports, resume) where it was
+         * @enum {string}
+         */
+        InstanceState: "starting" | "running" | "paused" | "stopping" | "stopped" | "failed" | "hibernated";
         /** @description A command, an image, or both; or a snapshot (a request with none is INVALID_ARGUMENT). */
         CreateInstanceRequest: {
             /** @description argv of the workload. Required without `image`. */
@@ -1617,6 +1637,37 @@ export interface operations {
         requestBody?: never;
         responses: {
             /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Instance"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    hibernateInstance: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                ref: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Hibernated */
             200: {
                 headers: {
                     [name: string]: unknown;

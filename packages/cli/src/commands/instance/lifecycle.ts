@@ -46,10 +46,23 @@ export function pauseCommand(): Command {
     });
 }
 
+export function hibernateCommand(): Command {
+  return new Command('hibernate')
+    .description(
+      'save the machine to disk and end its VM (no memory, no process); its ports stay; any use (exec, cp, logs -f, a connection, resume) wakes it where it was',
+    )
+    .argument('<instance...>', 'handles, ids or id prefixes')
+    .action((refs: string[]) =>
+      forEach(refs, async (ref) => {
+        return (await client().hibernateInstance(ref)).handle;
+      }),
+    );
+}
+
 /** `resume`, and Docker's `unpause`. */
 export function resumeCommand(name: 'resume' | 'unpause' = 'resume'): Command {
   return new Command(name)
-    .description('continue a paused guest')
+    .description('continue a paused guest, or wake a hibernated one')
     .argument('<instance>', 'handle, id or id prefix')
     .action(async (ref: string) => {
       try {

@@ -37,7 +37,7 @@ function psRow(
     Command: shellJoin(i.command),
     State: i.state,
     Status: i.exitCode !== null && i.state === 'stopped' ? `stopped (${i.exitCode})` : i.idlePaused ? 'paused (idle)' : i.state,
-    Ports: i.state === 'running' || i.state === 'paused' ? formatPorts(i.ports) : '',
+    Ports: i.state === 'running' || i.state === 'paused' || i.state === 'hibernated' ? formatPorts(i.ports) : '',
     CreatedAt: i.createdAt,
     RunningFor: age(i.createdAt),
     Labels: Object.entries(i.labels ?? {})

@@ -80,6 +80,11 @@ export function instanceRoutes(d: DaemonContext): Route[] {
     },
     {
       method: 'POST',
+      path: '/v1/instances/{ref}/hibernate',
+      handler: async ({ params, signal }) => reply('hibernateInstance', 200, await m.instance(param(params, 'ref')).hibernate(signal)),
+    },
+    {
+      method: 'POST',
       path: '/v1/instances/{ref}/exec',
       handler: async ({ params, body, signal, res }) => {
         const req = validateBody('ExecRequest', body);
