@@ -156,6 +156,7 @@ for (const c of candidates) {
         pause: expect.any(Boolean),
         snapshot: expect.any(Boolean),
         diskClones: expect.any(Boolean),
+        dataLink: expect.any(Boolean),
         agentTransport: expect.any(String),
         networkModes: expect.arrayContaining(['none']),
       });

@@ -97,11 +97,11 @@ describe('guest network', () => {
     expect((await daemon().cli(['instance', 'info', i.handle])).stdout).toMatch(/Network:\s+none/);
   });
 
-  it('the default network is user-mode, shown in info', async () => {
+  it('the default network is user-mode, shown in info; the data link beside eth0 has no address', async () => {
     const i = await daemon().client.createInstance({ command: ['sleep', '60'] });
     expect(i.network).toBe('user');
-    const r = await daemon().cli(['exec', i.handle, '--', 'sh', '-c', 'ls /sys/class/net; cat /etc/resolv.conf']);
-    expect(r.stdout).toBe('eth0\nlo\nnameserver 10.0.2.3\n');
+    const r = await daemon().cli(['exec', i.handle, '--', 'sh', '-c', 'ls /sys/class/net; cat /etc/resolv.conf; ip -o addr show aegisdl']);
+    expect(r.stdout).toBe('aegisdl\neth0\nlo\nnameserver 10.0.2.3\n');
   });
 
   it('by default: the public internet works; private, metadata, host, loopback and rebinding names are refused fast', async () => {

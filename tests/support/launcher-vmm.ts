@@ -43,6 +43,7 @@ const CAPABILITIES: Capabilities = {
   networkModes: ['none'],
   diskClones: false,
   volumeKinds: [],
+  dataLink: false,
 };
 
 interface LauncherRecord extends ProcessIdentity {

@@ -15,7 +15,20 @@ struct dp_port {
    * to, and the UDP socket DNS queries are; -1 otherwise. */
   int egress_fd;
   int dns_fd;
+  /* The packet link's AF_PACKET socket (datalink.c), or -1: host->guest frames as packets. */
+  int link_fd;
 };
+
+/* The packet link (protocol/data-frames.ts, LINK_*). */
+#define DATALINK_IFNAME "aegisdl"
+#define DATALINK_ETHERTYPE 0x88b5
+#define DATALINK_MTU 65520
+/* The host sends at most this much unacknowledged by our credits (LINK_WINDOW_BYTES)... */
+#define DATALINK_WINDOW (4 * 1024 * 1024)
+/* ...well within what the socket may queue (the kernel counts each packet's whole buffers). */
+#define DATALINK_RCVBUF_BYTES (16 * 1024 * 1024)
+/* datalink.c: the device named by aegis_datalink=MAC, renamed and up, and our socket on it. */
+int datalink_open(const char *mac);
 
 /* Where nftables redirects the guest's outgoing TCP (127.0.0.1; a privileged port no program
  * of the guest's is likely to want). */

@@ -911,7 +911,10 @@ int main(int argc, char **argv) {
   /* aegis_egress=1: no network card; the host carries each connection (egress.c). */
   const char *egress = getenv("aegis_egress");
   int egress_on = net && egress && strcmp(egress, "1") == 0;
-  static struct dp_port data = {.fd = -1, .listen_fd = -1, .egress_fd = -1, .dns_fd = -1};
+  static struct dp_port data = {.fd = -1, .listen_fd = -1, .egress_fd = -1, .dns_fd = -1, .link_fd = -1};
+  /* aegis_datalink=MAC: the data channel's packet link. First: the device may hold eth0's name. */
+  const char *datalink = getenv("aegis_datalink");
+  if (datalink && (data.link_fd = datalink_open(datalink)) < 0) say("data link %s: %s", datalink, strerror(errno));
   if (egress_on && egress_rename_dummy() != 0) say("egress: dummy0 -> eth0: %s", strerror(errno));
   if (net) network_up(net);
   if (egress_on) {

@@ -25,6 +25,14 @@ export const FrameType = {
   CONNECT: 7,
   /** Both ways: a DNS message, a query from the guest or the host's answer (same id). */
   DNS: 8,
+  /**
+   * The packet link (below), connection id 0. host→guest, payload u8 LINK_OFFER: "I can send
+   * you frames as packets; the link's epoch is this u32" (5 bytes); payload u8 LINK_SWITCHED:
+   * "every frame after this one comes as packets". guest→host, payload u32: credit, "you may
+   * send this many more frame bytes as packets" (the first one accepts the offer). A guest
+   * without the link ignores the offer, and the host keeps sending on this channel.
+   */
+  LINK: 9,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
@@ -37,6 +45,28 @@ export const GUEST_IDS = 0x80000000;
 export const DNS_MAX_BYTES = 4096;
 /** Connections one channel carries at once (the guest end, dataplane.c, has as many slots). */
 export const MAX_CONNECTIONS = 1024;
+
+/**
+ * The packet link: host→guest frames carried as Ethernet packets on a network device of their
+ * own (QEMU: virtio-net with a 64 KiB MTU, its `-netdev stream` socket held by aegisd), so the
+ * guest takes ~64 KiB per interrupt and per read instead of a virtio-serial port's 4 KiB
+ * (docs/design.md, "Egress", has the measurements). Guest→host frames stay on the data channel,
+ * which also carries LINK's offer, switch and credits, so the two are ordered by one stream.
+ * A packet: destination and source MAC, LINK_ETHERTYPE, then u32 epoch, u32 sequence number
+ * (from 0), then whole frames, at most LINK_PAYLOAD_BYTES of them. The guest discards a packet
+ * of another epoch (one left from an earlier host), and a gap in the sequence (which only a
+ * full receive buffer makes: the credit window is there to prevent it) ends every connection.
+ */
+export const LINK_ETHERTYPE = 0x88b5; // IEEE 802 "local experimental"
+export const LINK_OFFER = 1;
+export const LINK_SWITCHED = 2;
+/** The device's MTU: what a packet carries after its Ethernet header. */
+export const LINK_MTU = 65520;
+export const LINK_HEADER_BYTES = 8;
+/** Frame bytes per packet; a DATA frame sent as packets carries at most this less HEADER_BYTES. */
+export const LINK_PAYLOAD_BYTES = LINK_MTU - LINK_HEADER_BYTES;
+/** The most frame bytes sent and not yet credited back; the guest's receive buffer is well above it. */
+export const LINK_WINDOW_BYTES = 4 * 1024 * 1024;
 
 export interface Frame {
   connId: number;

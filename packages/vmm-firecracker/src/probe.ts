@@ -39,6 +39,8 @@ function capabilities(): Capabilities {
     diskClones: false,
     // Extra drives, yes; it has no 9p or virtio-fs device to share a host directory with.
     volumeKinds: ['disk'],
+    // vsock carries the data channel; a packet link would need a TAP device (root).
+    dataLink: false,
   };
 }
 

@@ -33,6 +33,8 @@ export function capabilitiesFor(kvm: boolean, passt: boolean): Capabilities {
     // qcow2 children (`qemu-img create -b`): a clone's disk in a few milliseconds.
     diskClones: true,
     volumeKinds: ['disk', 'share'],
+    // A virtio-net device on a `-netdev stream` socket aegisd holds (args.ts).
+    dataLink: true,
   };
 }
 

@@ -221,6 +221,15 @@ export class QemuVm implements Vm {
     return this.connectPort(this.p.data, 'data', signal);
   }
 
+  /** The data link's socket exists only for a VM made with `dataLink` (QEMU listens on it from its start). */
+  async connectDataLink(signal?: AbortSignal): Promise<Duplex | undefined> {
+    const exists = await fs.stat(this.p.dataLink).then(
+      () => true,
+      () => false,
+    );
+    return exists ? this.connectPort(this.p.dataLink, 'data link', signal) : undefined;
+  }
+
   private connectPort(socketPath: string, what: string, signal?: AbortSignal): Promise<Duplex> {
     return connectSocket(socketPath, what, this.id, signal);
   }

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { isAegisError } from '@aegis/protocol';
+import { isAegisError, LINK_MTU } from '@aegis/protocol';
 import type { VmConfig } from '@aegis/vmm';
-import { qemuArgs } from './args.js';
+import { DATA_LINK_MAC, qemuArgs, TCG_CPU } from './args.js';
 
 const base: VmConfig = {
   id: '0123456789abcdef',
@@ -86,5 +86,23 @@ describe('QEMU volumes', () => {
     const err = await shape({ ...base, volumes }).catch((e: unknown) => e);
     expect(isAegisError(err, 'INVALID_ARGUMENT')).toBe(true);
     expect((err as Error).message).toMatch(/command line too long/);
+  });
+
+  it('a data link is a virtio-net device with a 64 KiB MTU on a stream socket QEMU listens on, named to the guest, and takes a slot', async () => {
+    const { devices, append, all } = await shape({ ...base, dataLink: true });
+    expect(devices).toContain(`virtio-net-device,netdev=datalink,mac=${DATA_LINK_MAC},host_mtu=${LINK_MTU}`);
+    expect(all).toContain('stream,id=datalink,server=on,addr.type=unix,addr.path=/tmp/aegis-test/vm/data-link.sock');
+    expect(append.split(' ')).toContain(`aegis_datalink=${DATA_LINK_MAC}`);
+    expect(all.join(' ')).toContain(`-cpu ${TCG_CPU}`);
+    expect((await shape(base)).append).not.toMatch(/aegis_datalink/);
+    if (process.arch !== 'x64') return;
+    const v = (i: number): NonNullable<VmConfig['volumes']>[number] => ({
+      kind: 'disk',
+      hostPath: `/v${i}`,
+      guestPath: `/v${i}`,
+      readOnly: false,
+    });
+    const err = await shape({ ...base, dataLink: true, volumes: [v(1), v(2), v(3), v(4)] }).catch((e: unknown) => e);
+    expect((err as Error).message).toMatch(/at most 3 volumes.*the data link/);
   });
 });

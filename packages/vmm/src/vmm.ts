@@ -35,6 +35,8 @@ export interface Capabilities {
   diskClones: boolean;
   /** The kinds of `VmConfig.volumes` the backend can attach; any other is UNSUPPORTED. */
   volumeKinds: VolumeKind[];
+  /** `VmConfig.dataLink` is honoured: the VM gets a packet link (`Vm.connectDataLink`). */
+  dataLink: boolean;
 }
 
 export type NetworkMode = 'user' | 'none';
@@ -123,6 +125,14 @@ export interface VmConfig {
   /** Extra kernel command-line words (the backend adds its own). */
   kernelArgs: string[];
   /**
+   * Give the data channel a packet link: a network device of its own, no IP on it, whose
+   * other end is `Vm.connectDataLink` (protocol/data-frames.ts, LINK_*), for host→guest bulk
+   * bytes. The backend tells the guest which device with `aegis_datalink=MAC` on the kernel
+   * command line. Ignored where `capabilities.dataLink` is false (the data channel then carries
+   * everything). It takes a device slot like a volume.
+   */
+  dataLink?: boolean;
+  /**
    * Volumes to attach, in order. The backend attaches each (kinds in
    * `capabilities.volumeKinds`, else UNSUPPORTED) and tells the guest where to mount it with
    * `aegis_volN=` words on the kernel command line (`volumeKernelArgs`). A machine restored
@@ -162,6 +172,12 @@ export interface Vm {
    * Same reconnect rules as the agent channel.
    */
   connectData(signal?: AbortSignal): Promise<Duplex>;
+  /**
+   * Opens the packet link of a VM created with `dataLink`: a stream of packets, each a u32
+   * big-endian length and an Ethernet frame (QEMU's `-netdev stream` framing). Resolves
+   * undefined for a VM without one. Same reconnect rules as the data channel.
+   */
+  connectDataLink?(signal?: AbortSignal): Promise<Duplex | undefined>;
   /**
    * Pauses the VM and writes its device state to `file` and its RAM as `snapshotMemory` says
    * (the VM stays paused; the caller usually stops it next). Disks are not copied: they must be

@@ -9,7 +9,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { AegisError, type FreshParams } from '@aegis/protocol';
 import type { NetworkMode } from '@aegis/protocol/api';
-import type { Backend, NetworkMode as VmNetwork, Vm, VmVolume } from '@aegis/vmm';
+import type { Backend, Vm, VmVolume } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
 import type { ResolvedImage } from '../images/service.js';
 import { isScratchDisk, makeScratchDisk, SCRATCH_DISK } from './disks.js';
@@ -95,7 +95,7 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
       // A restored machine must match its template's exactly (its command line included); it
       // gets its name from `fresh`.
       ...(template
-        ? { network: vmNetwork(shape.network).network, kernelArgs: [] }
+        ? { network: vmNetwork(shape.network).network, dataLink: vmNetwork(shape.network).dataLink, kernelArgs: [] }
         : withArgs(vmNetwork(shape.network), `aegis_hostname=${handle}`)),
       ...(template ? { restoreFrom: template.snapshot, snapshotMemory: { path: template.memory, access: 'map' as const } } : {}),
     },
@@ -111,6 +111,6 @@ export async function startVm(ctx: { backend: Backend; templates: TemplateCache 
   return vm;
 }
 
-function withArgs(net: { network: VmNetwork; kernelArgs: string[] }, ...args: string[]): { network: VmNetwork; kernelArgs: string[] } {
-  return { network: net.network, kernelArgs: [...net.kernelArgs, ...args] };
+function withArgs<N extends { kernelArgs: string[] }>(net: N, ...args: string[]): N {
+  return { ...net, kernelArgs: [...net.kernelArgs, ...args] };
 }

@@ -226,7 +226,15 @@ export class Instance extends InstanceOwner {
   private serve(live: LiveInstance, forwarder: PortForwarder): void {
     live.forwarder = forwarder;
     forwarder.serve(
-      () => live.vm.connectData(),
+      async () => {
+        const stream = await live.vm.connectData();
+        // Without its link the channel carries everything: slower to the guest, never wrong.
+        const link = await live.vm.connectDataLink?.().catch((err: unknown) => {
+          this.s.log.warn(`instance ${live.handle}: data link: ${(err as Error).message}`);
+          return undefined;
+        });
+        return { stream, link };
+      },
       (err) => this.s.log.warn(`instance ${live.handle}: port listener: ${err.message}`),
       {
         // A new connection to an idle-paused instance waits for it to wake (paused, as accepted).

@@ -8,9 +8,11 @@
 import type { NetworkMode } from '@aegis/protocol/api';
 import { guestNetKernelArg, type NetworkMode as VmNetwork } from '@aegis/vmm';
 
-export function vmNetwork(mode: NetworkMode): { network: VmNetwork; kernelArgs: string[] } {
-  if (mode === 'user') return { network: 'none', kernelArgs: [guestNetKernelArg(), 'aegis_egress=1'] };
-  return { network: mode === 'unfiltered' ? 'user' : 'none', kernelArgs: ['dummy.numdummies=0'] };
+export function vmNetwork(mode: NetworkMode): { network: VmNetwork; kernelArgs: string[]; dataLink: boolean } {
+  // The egress policy's downloads come over the data channel: it gets its packet link (where
+  // the backend has one), bulk bytes to the guest at a packet, not 4 KiB, per interrupt.
+  if (mode === 'user') return { network: 'none', kernelArgs: [guestNetKernelArg(), 'aegis_egress=1'], dataLink: true };
+  return { network: mode === 'unfiltered' ? 'user' : 'none', kernelArgs: ['dummy.numdummies=0'], dataLink: false };
 }
 
 /** The modes an instance can have on a backend with these (its own user-mode network or not). */

@@ -35,8 +35,8 @@ import type { Logger } from '../log.js';
 import { AgentConnection } from './agent.js';
 import { makeScratchDisk } from './disks.js';
 
-/** Bump when what goes into a template changes. */
-const TEMPLATE_FORMAT = 3;
+/** Bump when what goes into a template changes (4: QEMU's TCG CPU without ERMS, the data link). */
+const TEMPLATE_FORMAT = 4;
 /** A reference younger than this is kept even before its disk exists (it is being made). */
 const REF_GRACE_MS = 60_000;
 const BUILD_DIR = /^([0-9a-f]{20})\.build-(\d+)-/;

@@ -15,12 +15,18 @@ import {
   FrameType,
   GUEST_IDS,
   HEADER_BYTES,
+  LINK_ETHERTYPE,
+  LINK_MTU,
+  LINK_OFFER,
+  LINK_SWITCHED,
+  LINK_WINDOW_BYTES,
   MAX_PAYLOAD,
   WINDOW_BYTES,
   type Frame,
 } from '@aegis/protocol';
 import type { Logger } from '../log.js';
 import { DataChannel, type DataChannelOptions } from './data-channel.js';
+import { duplexPair } from './duplex-pair.js';
 
 interface Rig {
   channel: DataChannel;
@@ -263,7 +269,7 @@ describe('DataChannel', () => {
   });
 
   it('a frame type the guest may not send (unknown, or OPEN) closes the channel with one logged violation', async () => {
-    for (const type of [0, 9, 255, FrameType.OPEN]) {
+    for (const type of [0, 10, 255, FrameType.OPEN]) {
       const r = await rig();
       r.channel.forward(r.accepted, 80);
       await until(() => r.frames.length >= 1, 'OPEN');
@@ -401,5 +407,77 @@ describe("DataChannel: the guest's own connections and DNS (egress)", () => {
     r.guest.write(connectFrame(5, '10.0.0.1', 80));
     await until(() => r.channel.isClosed, 'the channel closed');
     expect(r.logged.join('\n')).toMatch(/malformed CONNECT/);
+  });
+});
+
+describe('DataChannel: the packet link', () => {
+  /** Packets as the VMM's stream socket carries them: u32 length, Ethernet header, epoch, sequence, frames. */
+  function packets(buf: Buffer): { epoch: number; seq: number; frames: Frame[] }[] {
+    const out: { epoch: number; seq: number; frames: Frame[] }[] = [];
+    for (let off = 0; off + 4 <= buf.length;) {
+      const len = buf.readUInt32BE(off);
+      const p = buf.subarray(off + 4, off + 4 + len);
+      off += 4 + len;
+      expect(p.readUInt16BE(12)).toBe(LINK_ETHERTYPE);
+      expect(p.length).toBeLessThanOrEqual(14 + LINK_MTU);
+      out.push({ epoch: p.readUInt32BE(14), seq: p.readUInt32BE(18), frames: new FrameDecoder().push(p.subarray(22)) });
+    }
+    return out;
+  }
+  const credit = (n: number): Buffer => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(n);
+    return encodeFrame(0, FrameType.LINK, b);
+  };
+
+  it('is offered first; once the guest gives credit, frames to it go as numbered packets of whole frames, within the credit', async () => {
+    const [link, vmm] = duplexPair();
+    const onVmm: Buffer[] = [];
+    vmm.on('data', (c: Buffer) => onVmm.push(c));
+    const r = await rig({ link });
+    await until(() => r.frames.length >= 1, 'the offer');
+    const offer = r.frames[0] as Frame;
+    expect(offer).toMatchObject({ connId: 0, type: FrameType.LINK });
+    expect(offer.payload.length).toBe(5);
+    expect(offer.payload[0]).toBe(LINK_OFFER);
+    const epoch = offer.payload.readUInt32BE(1);
+
+    r.channel.forward(r.accepted, 80);
+    await until(() => r.frames.some((f) => f.type === FrameType.OPEN), 'OPEN on the channel (no credit yet)');
+    const id = (r.frames.find((f) => f.type === FrameType.OPEN) as Frame).connId;
+    r.guest.write(encodeFrame(id, FrameType.OPENED));
+    r.guest.write(credit(200_000));
+    await until(() => r.frames.some((f) => f.type === FrameType.LINK && f.payload[0] === LINK_SWITCHED), 'the switch');
+    const onChannel = r.frames.length;
+
+    r.client.write(Buffer.alloc(512 * 1024, 3));
+    await until(() => packets(Buffer.concat(onVmm)).reduce((n, p) => n + dataBytes(p.frames), 0) > 150_000, 'DATA as packets');
+    await new Promise((res) => setTimeout(res, 50));
+    let got = packets(Buffer.concat(onVmm));
+    const sent = (ps: typeof got): number => ps.reduce((n, p) => n + p.frames.reduce((m, f) => m + HEADER_BYTES + f.payload.length, 0), 0);
+    expect(sent(got)).toBeLessThanOrEqual(200_000);
+    expect(got.map((p) => p.seq)).toEqual(got.map((_, i) => i));
+    expect(got.every((p) => p.epoch === epoch)).toBe(true);
+    expect(r.frames.length).toBe(onChannel); // nothing more on the channel itself
+
+    r.guest.write(credit(LINK_WINDOW_BYTES));
+    await until(() => packets(Buffer.concat(onVmm)).reduce((n, p) => n + dataBytes(p.frames), 0) === 512 * 1024, 'the rest');
+    got = packets(Buffer.concat(onVmm));
+    expect(got.map((p) => p.seq)).toEqual(got.map((_, i) => i));
+  });
+
+  it('a LINK frame from the guest of a channel without a link is a protocol violation', async () => {
+    const r = await rig();
+    r.guest.write(credit(1000));
+    await until(() => r.channel.isClosed, 'the channel closed');
+    expect(r.logged.join('\n')).toMatch(/LINK frame that was not asked for/);
+  });
+
+  it('the link ending ends the channel and its connections', async () => {
+    const [link, vmm] = duplexPair();
+    vmm.resume();
+    const r = await rig({ link });
+    vmm.destroy();
+    await until(() => r.channel.isClosed, 'the channel closed');
   });
 });

@@ -22,12 +22,17 @@ import {
   FrameDecoder,
   FrameType,
   GUEST_IDS,
+  HEADER_BYTES,
+  LINK_OFFER,
+  LINK_PAYLOAD_BYTES,
+  LINK_SWITCHED,
   MAX_CONNECTIONS,
   MAX_PAYLOAD,
   WINDOW_BYTES,
   type Frame,
 } from '@aegis/protocol';
 import { stderrLogger, type Logger } from '../log.js';
+import { PacketLink } from './packet-link.js';
 
 /** As patient as a TCP connect: a guest server with a short accept queue leaves SYNs to be retried. */
 const OPEN_TIMEOUT_MS = 75_000;
@@ -50,6 +55,8 @@ function guestFrameLimit(type: number): number {
       return 7;
     case FrameType.DNS:
       return DNS_MAX_BYTES;
+    case FrameType.LINK:
+      return 4;
     default:
       return -1; // OPEN goes host → guest only; anything else is no frame at all
   }
@@ -127,6 +134,11 @@ export interface DataChannelOptions {
   onTraffic?: (fromHost: boolean) => void;
   /** Carries the guest's own connections and DNS; without it every CONNECT is refused. */
   egress?: EgressHandler;
+  /**
+   * The VM's packet link (`Vm.connectDataLink`): offered to the guest, and once it accepts,
+   * every frame to the guest goes that way. Its end ends the channel.
+   */
+  link?: Duplex;
 }
 
 export class DataChannel {
@@ -147,6 +159,9 @@ export class DataChannel {
   private warnedFull = false;
   /** Sum of every connection's `held`. */
   private heldTotal = 0;
+  private readonly link: PacketLink | undefined;
+  /** `offered` until the guest's first credit; then frames to the guest go as packets. */
+  private linkState: 'none' | 'offered' | 'on' = 'none';
 
   constructor(
     private readonly stream: Duplex,
@@ -157,6 +172,17 @@ export class DataChannel {
     this.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
     this.onTraffic = options.onTraffic;
     this.egress = options.egress;
+    if (options.link) {
+      const link = options.link;
+      this.link = new PacketLink(link);
+      link.on('error', () => this.close());
+      link.on('close', () => this.close());
+      const offer = Buffer.alloc(5);
+      offer.writeUInt8(LINK_OFFER, 0);
+      offer.writeUInt32BE(this.link.epoch, 1);
+      this.send(0, FrameType.LINK, offer);
+      this.linkState = 'offered';
+    }
     stream.on('data', (chunk: Buffer) => {
       if (this.closed) return;
       let frames: Frame[];
@@ -248,7 +274,9 @@ export class DataChannel {
     });
     socket.on('data', (chunk: Buffer) => {
       this.onTraffic?.(true);
-      for (let off = 0; off < chunk.length; off += MAX_PAYLOAD) this.send(id, FrameType.DATA, chunk.subarray(off, off + MAX_PAYLOAD));
+      // A packet holds whole frames, so DATA sent as packets is cut to fit one.
+      const max = this.linkState === 'on' ? LINK_PAYLOAD_BYTES - HEADER_BYTES : MAX_PAYLOAD;
+      for (let off = 0; off < chunk.length; off += max) this.send(id, FrameType.DATA, chunk.subarray(off, off + max));
       c.unacked += chunk.length;
       if (c.unacked >= WINDOW_BYTES && !c.paused) {
         c.paused = true;
@@ -276,6 +304,7 @@ export class DataChannel {
     // Types and lengths were checked by the decoder (guestFrameLimit).
     if (f.type === FrameType.CONNECT) return this.onConnect(f.connId, f.payload);
     if (f.type === FrameType.DNS) return this.onDns(f.connId, f.payload);
+    if (f.type === FrameType.LINK) return this.onLink(f.connId, f.payload);
     const c = this.conns.get(f.connId);
     if (!c) {
       // A guest connection still being decided, given up on by the guest.
@@ -372,6 +401,19 @@ export class DataChannel {
         refuse();
       },
     );
+  }
+
+  /** The guest's credit on the packet link; the first accepts the offer, and the frames after it go as packets. */
+  private onLink(id: number, credit: Buffer): void {
+    const link = this.link;
+    if (id !== 0 || credit.length !== 4 || !link)
+      return this.violation(`a LINK frame that was not asked for (id ${id}, ${credit.length} bytes)`);
+    if (this.linkState === 'offered') {
+      // The last frame on the channel: the guest reads packets only after it.
+      this.send(0, FrameType.LINK, Buffer.from([LINK_SWITCHED]));
+      this.linkState = 'on';
+    }
+    link.grant(credit.readUInt32BE(0));
   }
 
   private onDns(id: number, query: Buffer): void {
@@ -492,6 +534,10 @@ export class DataChannel {
 
   private send(id: number, type: FrameType, payload?: Buffer): void {
     if (this.closed) return;
+    if (this.linkState === 'on' && this.link) {
+      const header = frameHeader(id, type, payload?.length ?? 0);
+      return payload && payload.length > 0 ? this.link.send(header, payload) : this.link.send(header);
+    }
     // Header and payload as two writes: bulk DATA is not copied into a frame buffer first.
     this.stream.write(frameHeader(id, type, payload?.length ?? 0));
     if (payload && payload.length > 0) this.stream.write(payload);
@@ -516,5 +562,6 @@ export class DataChannel {
     this.pending.clear();
     for (const fn of this.closeListeners.splice(0)) fn();
     this.stream.destroy();
+    this.link?.close();
   }
 }

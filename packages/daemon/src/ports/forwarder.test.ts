@@ -3,9 +3,8 @@
  * `connect` only records that a connection was accepted and handed on.
  */
 import net from 'node:net';
-import type { Duplex } from 'node:stream';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { PortForwarder } from './forwarder.js';
+import { PortForwarder, type DataStreams } from './forwarder.js';
 
 const cleanups: (() => void)[] = [];
 afterEach(() => {
@@ -40,7 +39,7 @@ async function connectThrough(port: number, connect: ReturnType<typeof vi.fn>): 
 describe('PortForwarder listeners', () => {
   it('survives an error on a listening port (accept failing with EMFILE) instead of crashing the daemon, and keeps accepting', async () => {
     const { forwarder, server, port } = await listenOne();
-    const connect = vi.fn((): Promise<Duplex> => Promise.reject(new Error('no VM in this test')));
+    const connect = vi.fn((): Promise<DataStreams> => Promise.reject(new Error('no VM in this test')));
     const onError = vi.fn();
     forwarder.serve(connect, onError);
 
@@ -57,7 +56,7 @@ describe('PortForwarder listeners', () => {
     const { forwarder, server, port } = await listenOne();
     expect(() => server.emit('error', acceptError())).not.toThrow();
     expect(() => server.emit('error', acceptError())).not.toThrow();
-    const connect = vi.fn((): Promise<Duplex> => Promise.reject(new Error('no VM in this test')));
+    const connect = vi.fn((): Promise<DataStreams> => Promise.reject(new Error('no VM in this test')));
     forwarder.serve(connect);
     expect(() => server.emit('error', acceptError())).not.toThrow();
     await connectThrough(port, connect);

@@ -27,8 +27,14 @@ export interface ForwardHooks {
   egress?: EgressHandler;
 }
 
+/** What `serve`'s `connect` opens: the VM's data channel, and its packet link where the VM has one. */
+export interface DataStreams {
+  stream: Duplex;
+  link?: Duplex | undefined;
+}
+
 export class PortForwarder {
-  private connect: (() => Promise<Duplex>) | undefined;
+  private connect: (() => Promise<DataStreams>) | undefined;
   private channel: Promise<DataChannel> | undefined;
   private closed = false;
   private onError: ((err: Error) => void) | undefined;
@@ -90,7 +96,7 @@ export class PortForwarder {
    * on first use (and again if it closed, e.g. after a daemon restart). `onError` hears about
    * errors of the listeners, which keep listening through them; `hooks` hears about connections.
    */
-  serve(connect: () => Promise<Duplex>, onError?: (err: Error) => void, hooks: ForwardHooks = {}): void {
+  serve(connect: () => Promise<DataStreams>, onError?: (err: Error) => void, hooks: ForwardHooks = {}): void {
     this.connect = connect;
     this.onError = onError;
     this.hooks = hooks;
@@ -147,10 +153,11 @@ export class PortForwarder {
     if (!this.channel) {
       const connect = this.connect;
       if (!connect) return Promise.reject(new AegisError('UNAVAILABLE', 'not serving yet'));
-      const pending = connect().then((stream) => {
+      const pending = connect().then(({ stream, link }) => {
         const ch = new DataChannel(stream, {
           onTraffic: (fromHost) => this.hooks.traffic?.(fromHost),
           ...(this.hooks.egress ? { egress: this.hooks.egress } : {}),
+          ...(link ? { link } : {}),
         });
         stream.once('close', () => {
           if (this.channel === pending) this.channel = undefined;
