@@ -193,4 +193,45 @@ describe('snapshots and forks', () => {
     expect((await d.cli(['wait', 'sleeper'])).stdout).toBe('137\n');
     await d.client.deleteInstance('sleeper');
   });
+  it('--idle-hibernate: an unused instance hibernates by itself (after its idle pause, when it has one); the next exec wakes it', async () => {
+    const d = daemon();
+    const both = await d.cli([
+      'instance',
+      'start',
+      '--name',
+      'napper',
+      '--network',
+      'none',
+      '--idle-pause',
+      '2s',
+      '--idle-hibernate',
+      '6s',
+      '--',
+      'sleep',
+      'infinity',
+    ]);
+    const alone = await d.cli([
+      'instance',
+      'start',
+      '--name',
+      'dozer',
+      '--network',
+      'none',
+      '--idle-hibernate',
+      '3s',
+      '--',
+      'sleep',
+      'infinity',
+    ]);
+    expect([both.code, alone.code]).toEqual([0, 0]);
+    await expect.poll(async () => (await d.client.getInstance('napper')).state, { timeout: 30_000, interval: 250 }).toBe('paused');
+    await expect.poll(async () => (await d.client.getInstance('napper')).state, { timeout: 60_000, interval: 500 }).toBe('hibernated');
+    await expect.poll(async () => (await d.client.getInstance('dozer')).state, { timeout: 60_000, interval: 500 }).toBe('hibernated');
+    expect((await d.client.getInstance('dozer')).stateReason).toBe('unused for 3s');
+    expect(await sh(d, 'dozer', 'echo awake')).toBe('awake\n');
+    expect((await d.client.getInstance('dozer')).state).toBe('running');
+    const bad = await d.cli(['instance', 'start', '--idle-pause', '5s', '--idle-hibernate', '5s', '--', 'true']);
+    expect(bad.stderr).toBe('aegis: idleHibernateMs must be longer than idlePauseMs: paused first, hibernated later [INVALID_ARGUMENT]\n');
+    for (const h of ['napper', 'dozer']) await d.client.deleteInstance(h, { force: true });
+  });
 });

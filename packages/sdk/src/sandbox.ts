@@ -43,6 +43,12 @@ export interface SandboxOptions {
    * cost; the next command, file call or connection wakes it first. 0: never. Default: the daemon's.
    */
   idlePauseMs?: number;
+  /**
+   * Hibernated (memory to disk, no VM) after this many ms unused, counted as `idlePauseMs` is
+   * (and longer than it, when both are given); the next command, file call or connection wakes
+   * it where it was. 0: never (default).
+   */
+  idleHibernateMs?: number;
   /** Key/value tags, to find it again (`aegis ps --filter label=k=v`). */
   labels?: Record<string, string>;
   /**
@@ -101,6 +107,7 @@ const SANDBOX_OPTIONS = [
   'name',
   'timeoutMs',
   'idlePauseMs',
+  'idleHibernateMs',
   'labels',
   'volumes',
   'snapshot',
@@ -461,6 +468,7 @@ export class Sandbox {
           // A script that forgets kill() must not leak a VM forever: 5 minutes unless told.
           timeoutMs: options.timeoutMs ?? DEFAULT_SANDBOX_TIMEOUT_MS,
           ...(options.idlePauseMs !== undefined ? { idlePauseMs: options.idlePauseMs } : {}),
+          ...(options.idleHibernateMs !== undefined ? { idleHibernateMs: options.idleHibernateMs } : {}),
           ...(options.labels ? { labels: options.labels } : {}),
           ...(options.volumes ? { volumes: options.volumes } : {}),
           // A sandbox whose creator went away before it started is removed by the daemon.

@@ -285,10 +285,14 @@ export class Instance extends InstanceOwner {
    * it is) and its VMM ended, so it costs no memory and no process; its host ports stay bound.
    * Any use restores it where it was (`restoreHibernated`), also after aegisd or the host restarts.
    */
-  hibernate(signal?: AbortSignal): Promise<InstanceView> {
+  hibernate(signal?: AbortSignal, reason = 'hibernated by request'): Promise<InstanceView> {
     return this.op(
       'hibernate',
       async (queued, opSignal) => {
+        // An idle hibernation finds it as it left it, or leaves it be (a use came meanwhile).
+        if (reason !== 'hibernated by request' && !(isIdlePaused(queued) || (queued.state === 'running' && this.idle.isIdle()))) {
+          return this.view();
+        }
         const row = await this.wakeNow(queued, 'hibernate');
         requireState(row.handle, row.state, ['running'], 'hibernate');
         const live = this.requireLive(row, 'hibernate');
@@ -315,7 +319,7 @@ export class Instance extends InstanceOwner {
         this.sleepingPorts = live.forwarder;
         live.forwarder = undefined;
         live.retired = true;
-        this.mustMove('hibernated', { stateReason: 'hibernated', vmRecord: null });
+        this.mustMove('hibernated', { stateReason: reason, vmRecord: null });
         await this.kill(live);
         const st = await fs.stat(path.join(dir, 'state'));
         this.s.log.info(`instance ${row.handle} (${this.id}): hibernated in ${Date.now() - t0} ms (${st.size} B)`);

@@ -260,6 +260,11 @@ export class InstanceManager {
     const timeoutMs = req.timeoutMs ?? this.config.defaultTimeoutMs;
     const idlePauseMs = req.idlePauseMs ?? this.config.defaultIdlePauseMs;
     checkIdlePauseMs(idlePauseMs);
+    const idleHibernateMs = req.idleHibernateMs ?? 0;
+    checkIdlePauseMs(idleHibernateMs, 'idleHibernateMs');
+    if (idleHibernateMs > 0 && idlePauseMs > 0 && idleHibernateMs <= idlePauseMs) {
+      throw new AegisError('INVALID_ARGUMENT', 'idleHibernateMs must be longer than idlePauseMs: paused first, hibernated later');
+    }
     if (path.join(path.join(this.config.instancesDir, id), 'vm', 'agent.sock').length > MAX_SOCKET_PATH) {
       throw new AegisError('FAILED_PRECONDITION', `AEGIS_HOME ${this.config.home} is too long for unix socket paths; use a shorter one`);
     }
@@ -298,6 +303,7 @@ export class InstanceManager {
         ...(timeoutMs > 0 ? { timeoutMs, deadlineAtMs: Date.now() + timeoutMs } : {}),
         ...(req.autoRemove ? { autoRemove: true } : {}),
         ...(idlePauseMs > 0 ? { idlePauseMs } : {}),
+        ...(idleHibernateMs > 0 ? { idleHibernateMs } : {}),
         ...(!req.egress && from?.instance.egress ? { egress: from.instance.egress } : {}),
         ...(req.egress && (req.egress.allow?.length || req.egress.deny?.length || req.egress.privateRanges === 'never')
           ? {

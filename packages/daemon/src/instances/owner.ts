@@ -7,7 +7,7 @@
 import type { Snapshot, SnapshotStore } from '../snapshots/store.js';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { AegisError, exitStatus, type ExitEvent, type FileRequest } from '@aegis/protocol';
+import { AegisError, exitStatus, formatDurationMs, type ExitEvent, type FileRequest } from '@aegis/protocol';
 import type { NetworkMode } from '@aegis/protocol/api';
 import type { Backend, VmExit } from '@aegis/vmm';
 import type { DaemonConfig } from '../config.js';
@@ -101,7 +101,10 @@ export abstract class InstanceOwner implements LiveEvents {
     const row = this.row();
     if (isUp(row.state) && row.spec.deadlineAtMs !== undefined) this.deadline.arm(row.spec.deadlineAtMs);
     // Idle time starts again with a new daemon; an idle-paused one stays paused until used.
-    if (row.state === 'running' && row.spec.idlePauseMs) this.idle.arm(row.spec.idlePauseMs);
+    const firstIdleMs = row.spec.idlePauseMs || row.spec.idleHibernateMs;
+    if (row.state === 'running' && firstIdleMs) this.idle.arm(firstIdleMs);
+    // An idle-paused one that is to hibernate later: the rest of that time from now.
+    if (isIdlePaused(row)) this.armIdleHibernate(row);
   }
 
   /**
@@ -139,8 +142,11 @@ export abstract class InstanceOwner implements LiveEvents {
     if (!this.s.registry.transitionInstance(this.id, row.state, { ...patch, state: to })) return false;
     this.s.log.info(`instance ${row.handle} (${this.id}): ${row.state} -> ${to}${patch.stateReason ? ` (${patch.stateReason})` : ''}`);
     // Idle time counts only while it runs: from each start or wake, not across a pause.
-    if (to === 'running' && row.spec.idlePauseMs) this.idle.arm(row.spec.idlePauseMs);
+    const firstIdleMs = row.spec.idlePauseMs || row.spec.idleHibernateMs;
+    if (to === 'running' && firstIdleMs) this.idle.arm(firstIdleMs);
     else if (to !== 'running') this.idle.disarm();
+    clearTimeout(this.hibernateTimer);
+    this.hibernateTimer = undefined;
     return true;
   }
 
@@ -304,6 +310,9 @@ export abstract class InstanceOwner implements LiveEvents {
    * queue, after looking again (a use may have come while this waited).
    */
   protected async idlePause(): Promise<void> {
+    const spec = this.s.registry.getInstance(this.id)?.spec;
+    // Hibernation alone (no idle pause): the first idle time hibernates it.
+    if (spec?.idleHibernateMs && !spec.idlePauseMs) return this.idleHibernate();
     try {
       await this.op('idle-pause', async (row) => {
         const live = this.live;
@@ -315,13 +324,45 @@ export abstract class InstanceOwner implements LiveEvents {
           // The workload exited (or the VM went) meanwhile: that is its state; let it run to its end.
           await live.vm.resume().catch(() => undefined);
           live.resumed();
+          return;
         }
+        this.armIdleHibernate(this.row());
       });
     } catch (err) {
       const e = AegisError.from(err);
       if (e.code !== 'NOT_FOUND') this.s.log.warn(`instance ${this.id}: idle pause failed: ${e.message}`);
     }
   }
+
+  /** Fires once an idle-paused instance has been unused for its idleHibernateMs (cleared by any state change). */
+  private hibernateTimer: NodeJS.Timeout | undefined;
+
+  private armIdleHibernate(row: InstanceRow): void {
+    if (!row.spec.idleHibernateMs || !row.spec.idlePauseMs) return;
+    clearTimeout(this.hibernateTimer);
+    this.hibernateTimer = setTimeout(() => void this.idleHibernate(), row.spec.idleHibernateMs - row.spec.idlePauseMs);
+    this.hibernateTimer.unref();
+  }
+
+  /** `--idle-hibernate`: still unused (running and idle, or idle-paused): hibernated, woken by use. */
+  private async idleHibernate(): Promise<void> {
+    const row = this.s.registry.getInstance(this.id);
+    if (!row?.spec.idleHibernateMs) return;
+    const idle = isIdlePaused(row) || (row.state === 'running' && this.idle.isIdle());
+    if (!idle) {
+      if (row.state === 'running') this.idle.reschedule();
+      return;
+    }
+    try {
+      await this.hibernate(undefined, `unused for ${formatDurationMs(row.spec.idleHibernateMs)}`);
+    } catch (err) {
+      const e = AegisError.from(err);
+      if (e.code !== 'NOT_FOUND') this.s.log.warn(`instance ${this.id}: idle hibernation failed: ${e.message}`);
+    }
+  }
+
+  /** Hibernates it (instance.ts); `reason` is its state reason. */
+  abstract hibernate(signal?: AbortSignal, reason?: string): Promise<InstanceView>;
 
   /** Within an operation: resumes an idle-paused instance (`why` woke it); any other row is returned as it is. */
   protected async wakeNow(row: InstanceRow, why: string, signal?: AbortSignal): Promise<InstanceRow> {

@@ -92,6 +92,7 @@ export function toView(row: InstanceRow): InstanceView {
   if (row.spec.labels) view.labels = row.spec.labels;
   if (row.spec.deadlineAtMs !== undefined && isUp(row.state)) view.deadline = new Date(row.spec.deadlineAtMs).toISOString();
   if (row.spec.idlePauseMs) view.idlePauseMs = row.spec.idlePauseMs;
+  if (row.spec.idleHibernateMs) view.idleHibernateMs = row.spec.idleHibernateMs;
   if (row.spec.egress) view.egress = row.spec.egress;
   if (isIdlePaused(row)) view.idlePaused = true;
   return view;

@@ -146,6 +146,8 @@ export interface InstanceSpec {
   autoRemove?: boolean;
   /** `--idle-pause`: paused after this long unused, woken by the next use (instances/idle.ts). */
   idlePauseMs?: number;
+  /** `--idle-hibernate`: hibernated after this long unused (after its idle pause, when it has one). */
+  idleHibernateMs?: number;
   /** `--egress-allow` / `--egress-deny`, with what `egress allow|deny` added while it ran. */
   egress?: { allow: string[]; deny: string[]; privateRanges?: 'named' | 'never' };
   /** Started from this snapshot: its disk is a copy-on-write child of the snapshot's. */

@@ -845,6 +845,8 @@ export interface components {
             volumes?: components["schemas"]["VolumeMount"][];
             /** @description Idle pause: after this many ms with no exec in progress, no output, no files call and no byte through an exposed port, the instance is paused (no CPU; state `paused`, `idlePaused: true`, the reason in `stateReason`). The next exec, logs follow, files call, new connection to an exposed port or bytes from the host on an open one resumes it first; the caller waits. 0: never; otherwise at least 1000. Default: the daemon's (AEGIS_IDLE_PAUSE, off unless set). Kept across restarts. */
             idlePauseMs?: number;
+            /** @description Idle hibernation: after this many ms unused (as idlePauseMs counts it) the instance is hibernated (memory to disk, no VMM process; state `hibernated`) and woken by the same uses. With idlePauseMs too it must be longer: paused first, hibernated later. 0 or absent: never; otherwise at least 1000. Kept across restarts. */
+            idleHibernateMs?: number;
             egress?: components["schemas"]["EgressPolicy"];
             /** @description Resume this snapshot as a new instance instead of booting: its processes carry on where they were, with a fresh identity (hostname, machine-id, RNG, clock) and its own copy-on-write disk. The machine is the snapshot's: command, image, env, secrets, memory, vCPUs, network, volumes, user, workdir, stdin and tty cannot be given. `exposes` (default: the snapshot's guest ports, on new host ports), `labels`, `egress`, `handle`, `timeoutMs`, `idlePauseMs` and `autoRemove` can. */
             snapshot?: string;
@@ -903,6 +905,8 @@ export interface components {
             volumes: components["schemas"]["VolumeMount"][];
             /** @description Paused after this many ms unused (its idlePauseMs); absent: never */
             idlePauseMs?: number;
+            /** @description Hibernated after this many ms unused (its idleHibernateMs); absent: never */
+            idleHibernateMs?: number;
             /** @description True while it is paused because nobody used it: the next use wakes it. A user's pause has no such mark and is never woken by use */
             idlePaused?: boolean;
             egress?: components["schemas"]["EgressPolicy"];

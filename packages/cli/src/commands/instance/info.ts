@@ -45,6 +45,7 @@ export function infoCommand(): Command {
           ['Started', i.startedAt],
           ['Deadline', i.deadline],
           ['Idle', i.idlePauseMs !== undefined ? `pauses after ${formatMs(i.idlePauseMs)} unused` : undefined],
+          ['Hibernate', i.idleHibernateMs !== undefined ? `after ${formatMs(i.idleHibernateMs)} unused` : undefined],
           ['Stopped', i.stoppedAt],
         ];
         for (const [k, v] of lines) if (v !== undefined && v !== null) process.stdout.write(`${`${k}:`.padEnd(11)}${v}\n`);

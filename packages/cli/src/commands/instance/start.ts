@@ -34,6 +34,7 @@ export interface StartOptions {
   label?: Record<string, string>;
   timeout?: number;
   idlePause?: number;
+  idleHibernate?: number;
   json?: boolean;
   secret?: string[];
   expose?: NonNullable<CreateInstanceRequest['exposes']>;
@@ -102,6 +103,11 @@ export function withStartOptions(cmd: Command): Command {
         "the next exec, logs -f, cp or connection wakes it; 0 for never (default: aegisd's AEGIS_IDLE_PAUSE)",
       parseIdlePause,
     )
+    .option(
+      '--idle-hibernate <duration>',
+      'hibernate it (memory to disk, no VM process) after this long unused, counted as --idle-pause counts (after the pause, when both are given); the same uses wake it; 0 for never',
+      parseIdlePause,
+    )
     .option('-l, --label <KEY=VALUE>', 'a label to find and filter it by (repeatable)', collectLabel)
     .option('-u, --user <NAME|UID[:GROUP|GID]>', "run the workload as this user (default: the image's, else root)", parseUser)
     .option('-m, --memory <size>', 'guest memory: 512m, 1g, or MiB (128m-64g, default 512m)', parseMemory)
@@ -121,6 +127,7 @@ export function createRequest(command: string[], o: StartOptions): CreateInstanc
   if (o.label !== undefined) req.labels = o.label;
   if (o.timeout !== undefined) req.timeoutMs = o.timeout;
   if (o.idlePause !== undefined) req.idlePauseMs = o.idlePause;
+  if (o.idleHibernate !== undefined) req.idleHibernateMs = o.idleHibernate;
   if (o.secret !== undefined) req.secrets = o.secret;
   if (o.expose !== undefined) req.exposes = o.expose;
   if (o.workdir !== undefined) req.workdir = o.workdir;
