@@ -33,6 +33,7 @@ import type { PooledVm } from './pool.js';
 import { existingDisk, imageEnv, type ExecRequest, type InstanceView } from './spec.js';
 import { readMachine, writeMachine } from './machine.js';
 import type { Snapshot } from '../snapshots/store.js';
+import { checkpointRefusal, saveCheckpoint } from '../snapshots/checkpoint.js';
 import { isLive, isUp, requireState, type InstanceState } from './state.js';
 import { measure, type InstanceStats, type ProcessSample } from './stats.js';
 import { DEFAULT_STOP_TIMEOUT_MS, InstanceOwner, type StartPlan, type FileOpRequest } from './owner.js';
@@ -388,72 +389,23 @@ export class Instance extends InstanceOwner {
         const row = await this.wakeNow(queued, 'checkpoint');
         requireState(row.handle, row.state, ['running'], 'checkpoint');
         const live = this.requireLive(row, 'checkpoint');
-        const vm = live.vm;
-        if (!vm.saveSnapshot || !this.s.backend.copyDisk) {
-          throw new AegisError('UNSUPPORTED', `the ${this.s.backend.name} backend cannot checkpoint a running VM`);
-        }
-        const writable = row.volumes.filter((v) => v.type === 'volume' && !v.readOnly);
-        if (writable.length > 0) {
-          throw new AegisError(
-            'FAILED_PRECONDITION',
-            `instance "${row.handle}" has the named volume ${writable.map((v) => v.source).join(', ')} writable: a volume has one writer, and an instance started from a snapshot would be a second; mount it :ro (or use a host directory) to snapshot it`,
-          );
-        }
-        if (row.spec.stdin || row.spec.tty) {
-          throw new AegisError(
-            'FAILED_PRECONDITION',
-            `instance "${row.handle}" has its stdin or a terminal attached to a client; a snapshot of it would have neither`,
-          );
-        }
-        const machine = await readMachine(path.join(this.dir, 'vm'));
+        const refused = checkpointRefusal(row);
+        if (refused) throw refused;
         const disk = await existingDisk(this.dir);
         if (!disk) throw new AegisError('INTERNAL', `instance "${row.handle}" has no disk`);
-        const copyDisk = this.s.backend.copyDisk.bind(this.s.backend);
-        const work = await this.s.snapshots.begin(name);
-        const t0 = Date.now();
-        try {
-          try {
-            await vm.saveSnapshot(path.join(work, 'state'), opSignal);
-            await copyDisk(disk.path, disk.cloned, path.join(work, 'disk'), opSignal);
-          } finally {
-            // Carries on whatever happened: a failed checkpoint must not leave it frozen.
-            await vm
-              .resume()
-              .catch((err: unknown) =>
-                this.s.log.warn(`instance ${row.handle}: resume after a checkpoint failed: ${(err as Error).message}`),
-              );
-          }
-          const pausedMs = Date.now() - t0;
-          const snap = await this.s.snapshots.commit(work, {
-            name,
-            createdAt: Date.now(),
-            auto,
-            machine,
-            instance: {
-              id: row.id,
-              handle: row.handle,
-              command: row.command,
-              workdir: row.workdir,
-              network: row.network,
-              image: row.image,
-              env: row.spec.env,
-              secrets: row.spec.secrets,
-              ...(row.spec.user !== undefined ? { user: row.spec.user } : {}),
-              ...(row.spec.labels ? { labels: row.spec.labels } : {}),
-              ...(row.spec.egress ? { egress: row.spec.egress } : {}),
-              guestPorts: row.ports.map((p) => p.guestPort),
-              volumes: row.volumes,
-              identityOf: identityOf(row),
-            },
-          });
-          this.s.log.info(
-            `instance ${row.handle} (${this.id}): snapshot ${name}: paused ${pausedMs} ms, state ${snap.meta.stateBytes} B, disk ${snap.meta.diskAllocatedBytes} B`,
-          );
-          return snap;
-        } catch (err) {
-          await this.s.snapshots.abort(work);
-          throw err;
-        }
+        return saveCheckpoint({
+          name,
+          auto,
+          row,
+          identityOf: identityOf(row),
+          vm: live.vm,
+          backend: this.s.backend,
+          machine: await readMachine(path.join(this.dir, 'vm')),
+          disk,
+          store: this.s.snapshots,
+          log: this.s.log,
+          signal: opSignal,
+        });
       },
       signal ? { signal } : {},
     );
