@@ -19,8 +19,6 @@ import type { Readable } from 'node:stream';
 import { AegisError, type FileRequest, type PsResult } from '@aegis/protocol';
 import type { EgressPolicy, EgressView } from '@aegis/protocol/api';
 import type { Vm } from '@aegis/vmm';
-import { SecretBroker, instanceCa } from '../egress/broker.js';
-import { Egress } from '../egress/egress.js';
 import type { InstanceRow } from '../registry/db.js';
 import { PortForwarder } from '../ports/forwarder.js';
 import type { AgentConnection } from './agent.js';
@@ -30,8 +28,10 @@ import { isIdlePaused } from './idle.js';
 import { LiveInstance, type ExecEmitter } from './live.js';
 import { LogStore } from './logs.js';
 import type { PooledVm } from './pool.js';
-import { existingDisk, imageEnv, type ExecRequest, type InstanceView } from './spec.js';
-import { readMachine, writeMachine } from './machine.js';
+import { GuestEgress, TRUST_ENV } from './guest-egress.js';
+import { existingDisk, identityOf, imageEnv, type ExecRequest, type InstanceView } from './spec.js';
+import { readMachine } from './machine.js';
+import { readHibernation, removeHibernation, saveHibernation } from './hibernation.js';
 import type { Snapshot } from '../snapshots/store.js';
 import { checkpointRefusal, saveCheckpoint } from '../snapshots/checkpoint.js';
 import { isLive, isUp, requireState, type InstanceState } from './state.js';
@@ -42,26 +42,10 @@ const RUN_TIMEOUT_MS = 30_000;
 /** Operations a stop or delete may cut short. */
 const CANCELLABLE = ['start', 'restart'] as const;
 
-/**
- * Where a workload with brokered secrets finds the broker's CA (harness trust.ts writes both
- * files, in our root and the image's): a full bundle for OpenSSL, Python and curl, the CA alone
- * for Node, which adds it to its own.
- */
-const TRUST_ENV = {
-  SSL_CERT_FILE: '/etc/aegis/ca-bundle.pem',
-  REQUESTS_CA_BUNDLE: '/etc/aegis/ca-bundle.pem',
-  CURL_CA_BUNDLE: '/etc/aegis/ca-bundle.pem',
-  NODE_EXTRA_CA_CERTS: '/etc/aegis/egress-ca.pem',
-};
-
-/** Whose identity the guest holds: secret placeholders and the egress CA (a fork's are its origin's). */
-function identityOf(row: InstanceRow): string {
-  return row.spec.identityOf ?? row.id;
-}
-
 export class Instance extends InstanceOwner {
   /** The last CPU sample of its VMM, for `stats` (CPU since the previous call). */
   private cpuSample: ProcessSample | undefined;
+  private readonly guestEgress = new GuestEgress(this.id, this.s);
 
   /** The create's start: boots the VM and starts the workload (see launch). */
   start(plan: StartPlan, signal?: AbortSignal): Promise<InstanceView> {
@@ -157,7 +141,7 @@ export class Instance extends InstanceOwner {
       signal.throwIfAborted();
       if (this.live) this.serve(this.live, forwarder);
       // Secrets brokered at egress: the broker holds their values, the guest trusts its CA.
-      const broker = await this.ensureBroker(row);
+      const broker = await this.guestEgress.ensureBroker(row);
       if (broker) await agent.call('trust', { caPem: broker.caPem }, { timeoutMs: 15_000, signal });
       if (checkpoint) {
         // Its workload carries on where the checkpoint caught it: nothing to run.
@@ -270,14 +254,14 @@ export class Instance extends InstanceOwner {
           this.idle.touch();
           if (fromHost && asleep()) void this.wake('a connection').catch(() => undefined);
         },
-        egress: this.egressFor(this.row()),
+        egress: this.guestEgress.of(this.row()),
       },
     );
     // A running instance adopted by a restarted aegisd: its broker again (the guest trusts its CA already).
     if (this.row().state === 'running') {
-      void this.ensureBroker(this.row()).catch((err: unknown) =>
-        this.s.log.warn(`instance ${handle}: egress broker: ${(err as Error).message}`),
-      );
+      void this.guestEgress
+        .ensureBroker(this.row())
+        .catch((err: unknown) => this.s.log.warn(`instance ${handle}: egress broker: ${(err as Error).message}`));
     }
   }
 
@@ -286,12 +270,13 @@ export class Instance extends InstanceOwner {
    * it is) and its VMM ended, so it costs no memory and no process; its host ports stay bound.
    * Any use restores it where it was (`restoreHibernated`), also after aegisd or the host restarts.
    */
-  hibernate(signal?: AbortSignal, reason = 'hibernated by request'): Promise<InstanceView> {
+  hibernate(signal?: AbortSignal, idle?: { reason: string }): Promise<InstanceView> {
+    const reason = idle?.reason ?? 'hibernated by request';
     return this.op(
       'hibernate',
       async (queued, opSignal) => {
         // An idle hibernation finds it as it left it, or leaves it be (a use came meanwhile).
-        if (reason !== 'hibernated by request' && !(isIdlePaused(queued) || (queued.state === 'running' && this.idle.isIdle()))) {
+        if (idle && !(isIdlePaused(queued) || (queued.state === 'running' && this.idle.isIdle()))) {
           return this.view();
         }
         const row = await this.wakeNow(queued, 'hibernate');
@@ -304,26 +289,14 @@ export class Instance extends InstanceOwner {
             `instance "${row.handle}" has its stdin or a terminal attached to a client; hibernation would cut it`,
           );
         }
-        const dir = this.hibernationDir;
-        await fs.rm(dir, { recursive: true, force: true });
-        await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-        await writeMachine(dir, await readMachine(path.join(this.dir, 'vm')));
-        const t0 = Date.now();
-        try {
-          await live.vm.saveSnapshot(path.join(dir, 'state'), opSignal);
-        } catch (err) {
-          await live.vm.resume().catch(() => undefined);
-          await fs.rm(dir, { recursive: true, force: true });
-          throw err;
-        }
+        const saved = await saveHibernation(this.dir, live.vm, opSignal);
         // From here the VM's end is the instance's sleep, not its stop: its ports stay.
         this.sleepingPorts = live.forwarder;
         live.forwarder = undefined;
         live.retired = true;
         this.mustMove('hibernated', { stateReason: reason, vmRecord: null });
         await this.kill(live);
-        const st = await fs.stat(path.join(dir, 'state'));
-        this.s.log.info(`instance ${row.handle} (${this.id}): hibernated in ${Date.now() - t0} ms (${st.size} B)`);
+        this.s.log.info(`instance ${row.handle} (${this.id}): hibernated in ${saved.ms} ms (${saved.bytes} B)`);
         return this.view();
       },
       signal ? { signal } : {},
@@ -332,13 +305,8 @@ export class Instance extends InstanceOwner {
 
   protected async restoreHibernated(row: InstanceRow, why: string, signal?: AbortSignal): Promise<InstanceRow> {
     const t0 = Date.now();
-    const dir = this.hibernationDir;
-    const state = path.join(dir, 'state');
-    let machine;
-    try {
-      machine = await readMachine(dir);
-      await fs.access(state);
-    } catch {
+    const saved = await readHibernation(this.dir);
+    if (!saved) {
       await this.discardHibernation();
       this.mustMove('failed', { stateReason: 'its hibernation files are gone; start it again', stoppedAt: Date.now() });
       throw new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" cannot wake: its hibernation files are gone`);
@@ -348,7 +316,14 @@ export class Instance extends InstanceOwner {
       const shape = await machineShape(this.s.config, row.memoryMiB, row.vcpuCount, row.network, undefined);
       const vm = await startVm(
         this.s,
-        { id: this.id, handle: row.handle, dir: this.dir, shape, keepDisk: true, checkpoint: { state, disk: undefined, machine } },
+        {
+          id: this.id,
+          handle: row.handle,
+          dir: this.dir,
+          shape,
+          keepDisk: true,
+          checkpoint: { state: saved.state, disk: undefined, machine: saved.machine },
+        },
         own,
       );
       this.s.registry.updateInstance(this.id, { vmRecord: vm.record() });
@@ -361,7 +336,7 @@ export class Instance extends InstanceOwner {
       this.sleepingPorts = undefined;
       live.forwarder = ports;
       ports.reopen();
-      await fs.rm(dir, { recursive: true, force: true });
+      await removeHibernation(this.dir);
       this.s.log.info(`instance ${row.handle} (${this.id}): woken from hibernation by ${why} in ${Date.now() - t0} ms`);
       return this.row();
     } catch (err) {
@@ -512,8 +487,7 @@ export class Instance extends InstanceOwner {
           // In an image, exec runs as `docker exec` does: the image's env, user and working directory.
           const image = row.image ? this.s.images.resolveDigest(row.image.digest).config : undefined;
           const workdir = req.workdir ?? image?.workingDir;
-          const secrets = this.s.secrets.environment(row.spec.secrets, identityOf(row), row.network === 'user', { skipMissing: true });
-          const secretEnv = { ...secrets.env, ...(secrets.brokered.length > 0 ? TRUST_ENV : {}) };
+          const secretEnv = this.guestEgress.secretEnv(row);
           const params = {
             execId,
             command: req.command,
@@ -594,62 +568,16 @@ export class Instance extends InstanceOwner {
     }
   }
 
-  /** What the instance costs and uses (`docker stats`); the guest's own figures are absent while paused. */
-  /** The guest's egress policy and what it did (a `user`-network instance's; made from its row once). */
-  private egressState: Egress | undefined;
-  private egressFor(row: InstanceRow): Egress | undefined {
-    if (row.network !== 'user') return undefined;
-    this.egressState ??= new Egress(row.spec.egress ?? { allow: [], deny: [] });
-    return this.egressState;
-  }
-
-  /**
-   * The egress broker of an instance with secrets bound to hosts (made at each start, and again
-   * by a restarted aegisd for a running one: its CA is derived from the instance, not stored);
-   * undefined when it has none.
-   */
-  private async ensureBroker(row: InstanceRow): Promise<{ caPem: string } | undefined> {
-    const egress = this.egressFor(row);
-    if (!egress) return undefined;
-    const { brokered } = this.s.secrets.environment(row.spec.secrets, identityOf(row), true, { skipMissing: true });
-    if (brokered.length === 0) {
-      egress.setBroker(undefined);
-      return undefined;
-    }
-    const ca = await instanceCa(this.s.secrets.instanceSeed(identityOf(row)), row.handle);
-    egress.setBroker(
-      new SecretBroker({
-        ca,
-        secrets: brokered.map(({ placeholder, value, hosts }) => ({ placeholder, value, hosts })),
-        // Plain HTTP goes only to an address the guest's own answers gave the bound name.
-        addressesOf: (name) => Promise.resolve(egress.addressesPinnedTo(name)),
-      }),
-    );
-    return { caPem: ca.certPem };
-  }
-
   egress(withLog: boolean): EgressView {
-    const row = this.row();
-    const e = this.egressFor(row);
-    if (!e) return { network: row.network, mode: 'off', allow: [], deny: [], counters: [] };
-    return { network: row.network, ...e.view(withLog) };
+    return this.guestEgress.view(this.row(), withLog);
   }
 
   /** Adds rules (for new connections and queries at once), kept for restarts and a restarted aegisd. */
   updateEgress(change: EgressPolicy): EgressView {
-    const row = this.row();
-    const e = this.egressFor(row);
-    if (!e) {
-      throw new AegisError(
-        'FAILED_PRECONDITION',
-        `instance "${row.handle}" has network ${row.network}: egress rules need the default network (user)`,
-      );
-    }
-    const spec = e.update(change);
-    this.s.registry.setInstanceSpec(this.id, { ...this.row().spec, egress: spec });
-    return this.egress(false);
+    return this.guestEgress.update(this.row(), change);
   }
 
+  /** What the instance costs and uses (`docker stats`); the guest's own figures are absent while paused. */
   async stats(): Promise<InstanceStats> {
     const row = this.row();
     requireState(row.handle, row.state, ['running', 'paused'], 'measure');

@@ -20,6 +20,7 @@ import type { HostMounts } from '../volumes/host-mounts.js';
 import type { VolumeService } from '../volumes/service.js';
 import type { AgentConnection } from './agent.js';
 import { DeadlineTimer } from './deadlines.js';
+import { removeHibernation } from './hibernation.js';
 import { IdleClock, idleReason, isIdlePaused } from './idle.js';
 import type { LiveEvents, LiveInstance } from './live.js';
 import { OpQueue } from './op-queue.js';
@@ -354,15 +355,15 @@ export abstract class InstanceOwner implements LiveEvents {
       return;
     }
     try {
-      await this.hibernate(undefined, `unused for ${formatDurationMs(row.spec.idleHibernateMs)}`);
+      await this.hibernate(undefined, { reason: `unused for ${formatDurationMs(row.spec.idleHibernateMs)}` });
     } catch (err) {
       const e = AegisError.from(err);
       if (e.code !== 'NOT_FOUND') this.s.log.warn(`instance ${this.id}: idle hibernation failed: ${e.message}`);
     }
   }
 
-  /** Hibernates it (instance.ts); `reason` is its state reason. */
-  abstract hibernate(signal?: AbortSignal, reason?: string): Promise<InstanceView>;
+  /** Hibernates it (instance.ts); `idle`: only if it is still unused, with that state reason. */
+  abstract hibernate(signal?: AbortSignal, idle?: { reason: string }): Promise<InstanceView>;
 
   /** Within an operation: resumes an idle-paused instance (`why` woke it); any other row is returned as it is. */
   protected async wakeNow(row: InstanceRow, why: string, signal?: AbortSignal): Promise<InstanceRow> {
@@ -394,15 +395,10 @@ export abstract class InstanceOwner implements LiveEvents {
   /** The host ports of a hibernated instance: still bound, a connection wakes it. */
   protected sleepingPorts: PortForwarder | undefined;
 
-  /** Where a hibernated instance's memory and devices are kept. */
-  protected get hibernationDir(): string {
-    return path.join(this.dir, 'hibernation');
-  }
-
   protected async discardHibernation(): Promise<void> {
     this.sleepingPorts?.close();
     this.sleepingPorts = undefined;
-    await fs.rm(this.hibernationDir, { recursive: true, force: true });
+    await removeHibernation(this.dir);
   }
 
   /** Keeps it from pausing for idleness until the returned function is called (an attached `run`). */

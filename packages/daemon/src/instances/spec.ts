@@ -61,6 +61,11 @@ export function imageEnv(config: ImageConfig | undefined): Record<string, string
   return env;
 }
 
+/** Whose identity the guest holds: secret placeholders and the egress CA (a fork's are its origin's). */
+export function identityOf(row: InstanceRow): string {
+  return row.spec.identityOf ?? row.id;
+}
+
 const iso = (ms: number | null): string | undefined => (ms === null ? undefined : new Date(ms).toISOString());
 
 export function toView(row: InstanceRow): InstanceView {
