@@ -308,6 +308,7 @@ async function startDaemon(warm, extraEnv = {}) {
     env,
     client,
     log: () => readFileSync(logFile, 'utf8'),
+    pid: proc.pid,
     async stop() {
       proc.kill('SIGTERM');
       await new Promise((r) => proc.once('exit', r));
@@ -1276,6 +1277,74 @@ async function benchIdle() {
   }
 }
 
+/** PSS (KiB) of an instance's host processes (VMM and passt); 0 when it has none. */
+function instancePssKiB(home, id) {
+  const { vmm, passt } = processesOf(home, id);
+  return [...vmm, ...passt].reduce((sum, pid) => sum + (smapsRollup(pid)?.Pss ?? 0), 0);
+}
+
+/**
+ * Hibernation beside the cold boots `cold` measured in the same run: an instance with a
+ * process holding 64 MiB hibernated (time, the state file's size), the host memory of its
+ * processes before and after (after: none, nothing but aegisd's bookkeeping), then woken by
+ * `instance resume` (hibernated to running) and by an exec (to the exec's exit).
+ */
+async function benchHibernation(d, cold) {
+  const ref = 'bench-hib';
+  const inst = await d.client.createInstance({ handle: ref, command: ['sleep', 'infinity'], network: 'user' });
+  const hold = ['import time', 'b = bytearray(64 << 20)', 'for i in range(0, len(b), 4096): b[i] = 1', 'time.sleep(1e6)'].join('\n');
+  await d.client.execDetached(ref, { command: ['python3', '-c', hold] });
+  await new Promise((r) => setTimeout(r, 3000));
+  const hibernateMs = [];
+  const resumeMs = [];
+  const execWakeMs = [];
+  const pssRunning = [];
+  const pssAsleep = [];
+  const daemonRss = [];
+  const rssOf = (pid) => Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
+  for (let i = 0; i < RUNS; i++) {
+    for (const wake of ['resume', 'exec']) {
+      pssRunning.push(instancePssKiB(d.home, inst.id));
+      let t0 = performance.now();
+      await d.client.hibernateInstance(ref);
+      hibernateMs.push(performance.now() - t0);
+      pssAsleep.push(instancePssKiB(d.home, inst.id));
+      daemonRss.push(rssOf(d.pid));
+      t0 = performance.now();
+      if (wake === 'resume') {
+        await d.client.resumeInstance(ref);
+        resumeMs.push(performance.now() - t0);
+      } else {
+        await apiExec(d.client, ref);
+        execWakeMs.push(performance.now() - t0);
+      }
+    }
+  }
+  await d.client.deleteInstance(ref, { force: true });
+  const mib = (kib) => `${(kib / 1024).toFixed(1)} MiB`;
+  const ratio = median(cold) / median(resumeMs);
+  console.log(`\nhibernation (512 MiB guest, 64 MiB held by a process, user network), median of ${RUNS}:`);
+  console.log(`${'hibernate (save, VMM ended)'.padEnd(56)} median ${fmt(median(hibernateMs))}`);
+  console.log(`${'wake: instance resume (hibernated to running)'.padEnd(56)} median ${fmt(median(resumeMs))}`);
+  console.log(`${'wake: exec true on a hibernated instance (to its exit)'.padEnd(56)} median ${fmt(median(execWakeMs))}`);
+  console.log(`${'cold boot (create to running, measured above)'.padEnd(56)} median ${fmt(median(cold))}`);
+  console.log(`wake from hibernation is ${ratio.toFixed(1)}x faster than a cold boot (target: >= 3x)`);
+  console.log(
+    `${'host PSS of its VMM + passt: running / hibernated'.padEnd(56)} median ${mib(median(pssRunning))} / ${mib(median(pssAsleep))}` +
+      ` (aegisd RSS meanwhile ${mib(median(daemonRss))})`,
+  );
+  return {
+    hibernateMs,
+    resumeMs,
+    execWakeMs,
+    coldMs: cold,
+    speedup: ratio,
+    pssRunningKiB: pssRunning,
+    pssHibernatedKiB: pssAsleep,
+    daemonRssKiB: daemonRss,
+  };
+}
+
 /**
  * Checkpoints (issue 22): the time an instance is paused for `snapshot create` and the space the
  * snapshot takes, with 128 and 512 MiB of guest memory touched; an instance started from a
@@ -1344,7 +1413,8 @@ async function benchCheckpoint() {
     console.log(`${'fork -n 4 (checkpoint + 4 starts)'.padEnd(56)} median ${fmt(median(forkMs))} (${forkMs.length} runs)`);
     await d.client.deleteInstance('bench-src', { force: true });
     await d.client.deleteSnapshot('bench-src-snap');
-    return { checkpoint: sizes, coldMs: cold, restoredMs: restored, speedup, fork4Ms: forkMs };
+    const hibernation = await benchHibernation(d, cold);
+    return { checkpoint: sizes, coldMs: cold, restoredMs: restored, speedup, fork4Ms: forkMs, hibernation };
   } finally {
     await d.stop();
   }

@@ -262,6 +262,38 @@ for (const c of candidates) {
       }
     });
 
+    const checkpoints = {
+      when: (k: Capabilities) => k.snapshot && backend().copyDisk !== undefined,
+      because: 'capabilities.snapshot is false or the backend has no copyDisk',
+    };
+
+    it("checkpoints a running VM (its state, and copyDisk's standalone copy of its disk) and restores both into another VM", async (ctx) => {
+      if (!allowed(ctx, checkpoints)) return;
+      const source = config();
+      const { vm, agent } = await boot(source);
+      agent.stream.destroy();
+      const state = path.join(source.stateDir, 'checkpoint', 'state');
+      execFileSync('mkdir', ['-p', path.dirname(state)]);
+      try {
+        await vm.saveSnapshot?.(state);
+        await backend().copyDisk?.(source.scratchDiskPath, false, path.join(source.stateDir, 'checkpoint', 'disk'));
+        await vm.resume();
+        expect((await untilHealthy(await vm.connectAgent(), 30_000).then((a) => a.health(10_000))).version).toBe(1);
+      } finally {
+        await vm.stop({ timeoutMs: 1000 });
+      }
+      const target = config();
+      const disk = path.join(target.stateDir, 'disk');
+      execFileSync('cp', ['--sparse=always', path.join(source.stateDir, 'checkpoint', 'disk'), disk]);
+      execFileSync('cmp', [source.scratchDiskPath, disk]);
+      const restored = await boot({ ...target, scratchDiskPath: disk, restoreFrom: state });
+      try {
+        expect((await restored.agent.health(10_000)).version).toBe(1);
+      } finally {
+        await restored.vm.stop({ timeoutMs: 1000 });
+      }
+    });
+
     it('refuses what its capabilities leave out with UNSUPPORTED, before booting anything', async (ctx) => {
       if (!allowed(ctx, lacksSome)) return;
       const k = caps as Capabilities;

@@ -1,8 +1,9 @@
 /**
  * The instance lifecycle under random concurrent operations and daemon crashes, checked
  * against a model. Real instances on one daemon are driven through random sequences of
- * small concurrent batches (create, stop, delete, pause, resume, restart, exec, snapshot, "SIGKILL
- * aegisd, start it again", and "wait"). After every batch:
+ * small concurrent batches (create, stop, delete, pause, resume, restart, exec, snapshot,
+ * hibernate, fork into another handle, "SIGKILL aegisd, start it again", and "wait"). After
+ * every batch:
  *
  *   - every operation succeeded or failed with a code from the registry (ERROR_CODES);
  *     UNAVAILABLE only for a request in flight while the daemon was down, or an exec whose
@@ -52,7 +53,9 @@ type Op =
   | { kind: 'create'; h: Handle; workload: Workload; delayMs: number }
   | { kind: 'stop'; h: Handle; timeoutMs: number; delayMs: number }
   | { kind: 'delete'; h: Handle; force: boolean; delayMs: number }
-  | { kind: 'pause' | 'resume' | 'restart' | 'exec' | 'snapshot'; h: Handle; delayMs: number }
+  | { kind: 'pause' | 'resume' | 'restart' | 'exec' | 'snapshot' | 'hibernate'; h: Handle; delayMs: number }
+  /** `aegis fork h --name to`: a checkpoint of h, and a new instance `to` from it. */
+  | { kind: 'fork'; h: Handle; to: Handle; delayMs: number }
   | { kind: 'crash'; delayMs: number }
   /** Time passes: what aegisd does on its own (reconnects, timeouts) gets to happen. */
   | { kind: 'wait'; delayMs: number };
@@ -60,6 +63,11 @@ type InstanceOp = Exclude<Op, { kind: 'crash' | 'wait' }>;
 
 function isInstanceOp(op: Op): op is InstanceOp {
   return op.kind !== 'crash' && op.kind !== 'wait';
+}
+
+/** The instances an operation touches (a fork: its source and the new one). */
+function handlesOf(op: InstanceOp): Handle[] {
+  return op.kind === 'fork' ? [op.h, op.to] : [op.h];
 }
 type Batch = Op[];
 
@@ -93,6 +101,17 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   {
     weight: Number(env['AEGIS_MODEL_SNAPSHOT_WEIGHT'] ?? 1),
     arbitrary: fc.record({ kind: fc.constant('snapshot' as const), h: handleArb, delayMs: delayArb }),
+  },
+  {
+    weight: Number(env['AEGIS_MODEL_HIBERNATE_WEIGHT'] ?? 2),
+    arbitrary: fc.record({ kind: fc.constant('hibernate' as const), h: handleArb, delayMs: delayArb }),
+  },
+  {
+    weight: Number(env['AEGIS_MODEL_FORK_WEIGHT'] ?? 1),
+    arbitrary: fc
+      .record({ h: handleArb, to: handleArb, delayMs: delayArb })
+      .filter(({ h, to }) => h !== to)
+      .map(({ h, to, delayMs }) => ({ kind: 'fork' as const, h, to, delayMs })),
   },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('crash' as const), delayMs: delayArb }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('wait' as const), delayMs: fc.constantFrom(1000, 5000, 16_000) }) },
@@ -151,6 +170,8 @@ function formatOp(op: Op): string {
       return `${delay}SIGKILL aegisd, start it again`;
     case 'wait':
       return `wait ${op.delayMs / 1000} s`;
+    case 'fork':
+      return `${delay}fork ${op.h} -> ${op.to}`;
     default:
       return `${delay}${op.kind} ${op.h}`;
   }
@@ -169,8 +190,14 @@ const TRANSIENT: readonly Seen[] = ['starting', 'stopping'];
 /** Codes an operation may meet when other operations on its instance run beside it. */
 const CONCURRENT_CODES = ['NOT_FOUND', 'ALREADY_EXISTS', 'FAILED_PRECONDITION', 'CANCELLED'];
 
-function expectedOutcome(op: InstanceOp, s: Seen): string {
+/**
+ * What an operation alone on its instances answers; `s` is its instance's state, `target` a
+ * fork's new handle's. A hibernated instance wakes for whatever needs its machine (exec,
+ * snapshot, fork, hibernate, resume); pause refuses it (nothing runs to pause).
+ */
+function expectedOutcome(op: InstanceOp, s: Seen, target: Seen = 'absent'): string {
   if (s === 'absent') return op.kind === 'create' ? 'ok' : 'NOT_FOUND';
+  const wakes = s === 'running' || s === 'hibernated';
   switch (op.kind) {
     case 'create':
       return 'ALREADY_EXISTS';
@@ -178,13 +205,20 @@ function expectedOutcome(op: InstanceOp, s: Seen): string {
     case 'restart':
       return 'ok';
     case 'delete':
-      return LIVE.includes(s) && !op.force ? 'FAILED_PRECONDITION' : 'ok';
+      return (LIVE.includes(s) || s === 'hibernated') && !op.force ? 'FAILED_PRECONDITION' : 'ok';
     case 'pause':
+      return s === 'running' ? 'ok' : 'FAILED_PRECONDITION';
     case 'exec':
     case 'snapshot':
-      return s === 'running' ? 'ok' : 'FAILED_PRECONDITION';
+    case 'hibernate':
+      return wakes ? 'ok' : 'FAILED_PRECONDITION';
+    case 'fork':
+      // A name taken is refused first, the source left as it was; then the checkpoint (which
+      // wakes a hibernated source), then the new instance.
+      if (target !== 'absent') return 'ALREADY_EXISTS';
+      return wakes ? 'ok' : 'FAILED_PRECONDITION';
     case 'resume':
-      return s === 'paused' ? 'ok' : 'FAILED_PRECONDITION';
+      return s === 'paused' || s === 'hibernated' ? 'ok' : 'FAILED_PRECONDITION';
   }
 }
 
@@ -196,14 +230,17 @@ function expectedAfter(op: InstanceOp, s: Seen): Seen {
     case 'restart':
       return 'running';
     case 'stop':
-      return LIVE.includes(s) ? 'stopped' : s;
+      return LIVE.includes(s) || s === 'hibernated' ? 'stopped' : s;
     case 'delete':
       return 'absent';
     case 'pause':
       return 'paused';
+    case 'hibernate':
+      return 'hibernated';
     case 'exec':
     case 'snapshot':
-      return s;
+    case 'fork':
+      return s === 'hibernated' ? 'running' : s;
   }
 }
 
@@ -261,6 +298,13 @@ async function perform(d: TestDaemon, op: InstanceOp): Promise<string> {
       return (await c.resumeInstance(op.h)).state;
     case 'restart':
       return (await c.restartInstance(op.h)).state;
+    case 'hibernate':
+      return (await c.hibernateInstance(op.h)).state;
+    case 'fork': {
+      // The source's state is read back after (its fork is judged by the listing).
+      await c.forkInstance(op.h, { count: 1, names: [op.to] });
+      return (await c.getInstance(op.h)).state;
+    }
     case 'snapshot': {
       // A checkpoint leaves its instance as it was (running): the state is read back after.
       await c.createSnapshot(op.h, { name: `model-${op.h}-${randomBytes(4).toString('hex')}` });
@@ -433,8 +477,9 @@ function judge(batch: Batch, pre: Map<string, Instance>, results: Result[], post
     // docs/design.md: an exec whose VM goes away under it (its agent channel closes) fails
     // UNAVAILABLE. That happens when a stop, delete --force or restart of its instance runs
     // beside it, or a short workload ends: the one UNAVAILABLE allowed with aegisd up.
+    const needsVm = op.kind === 'exec' || op.kind === 'snapshot' || op.kind === 'hibernate' || op.kind === 'fork';
     const vmEndedUnderExec =
-      (op.kind === 'exec' || op.kind === 'snapshot') &&
+      needsVm &&
       (isShortLived(pre.get(op.h)) ||
         batch.some(
           (o) =>
@@ -452,7 +497,8 @@ function judge(batch: Batch, pre: Map<string, Instance>, results: Result[], post
     if (op.kind === 'exec' && r.outcome === 'ok' && !/^exit /.test(r.detail)) {
       out.push(`${what}: the exec stream ended with neither an exit nor an error`);
     }
-    const solo = !crashed && batch.filter((o) => isInstanceOp(o) && o.h === op.h).length === 1;
+    const mine = handlesOf(op);
+    const solo = !crashed && batch.filter((o) => isInstanceOp(o) && handlesOf(o).some((h) => mine.includes(h))).length === 1;
     if (!solo) {
       if (r.outcome !== 'ok' && !CONCURRENT_CODES.includes(r.outcome) && !(r.outcome === 'UNAVAILABLE' && unavailableOk)) {
         out.push(`${what}: ${r.outcome} is not an answer to an operation racing others on its instance`);
@@ -461,7 +507,8 @@ function judge(batch: Batch, pre: Map<string, Instance>, results: Result[], post
     }
     const before = pre.get(op.h);
     const states = reachable(before);
-    const allowed = new Set(states.map((s) => expectedOutcome(op, s)));
+    const targets = op.kind === 'fork' ? reachable(pre.get(op.to)) : ['absent' as const];
+    const allowed = new Set(states.flatMap((s) => targets.map((t) => expectedOutcome(op, s, t))));
     if (vmEndedUnderExec) allowed.add('UNAVAILABLE');
     if (!allowed.has(r.outcome)) {
       out.push(`${what}: alone on ${op.h}, which was ${states.join('/')}, it should have answered ${[...allowed].join(' or ')}`);
@@ -470,6 +517,19 @@ function judge(batch: Batch, pre: Map<string, Instance>, results: Result[], post
     const after: Seen = post.get(op.h)?.state ?? 'absent';
     if (r.outcome === 'ok' && op.kind === 'delete' && after !== 'absent') {
       out.push(`${what}: deleted, yet ${op.h} is listed afterwards (${after})`);
+    }
+    if (op.kind === 'fork') {
+      // The new instance: there with the source's workload after a fork, untouched after a refusal.
+      const made = post.get(op.to);
+      const was = pre.get(op.to);
+      if (r.outcome === 'ok' && !made) out.push(`${what}: forked, yet ${op.to} is not listed afterwards`);
+      if (r.outcome === 'ok' && made && made.command.join(' ') !== pre.get(op.h)?.command.join(' ')) {
+        out.push(`${what}: ${op.to} runs ${made.command.join(' ')}, not its source's command`);
+      }
+      if (r.outcome === 'ok' && made && !isShortLived(made) && made.state !== 'running') {
+        out.push(`${what}: ${op.to} should be running after the fork, but it is ${made.state}`);
+      }
+      if (r.outcome !== 'ok' && was === undefined && made) out.push(`${what}: refused, yet ${op.to} exists afterwards (${made.state})`);
     }
     const shortCreated = r.outcome === 'ok' && op.kind === 'create' && op.workload !== null;
     if (isShortLived(before) || shortCreated || states.length !== 1) continue;

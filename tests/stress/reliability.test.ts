@@ -26,6 +26,13 @@
  *   before. No VM boots.
  * - mcp: `aegis mcp` fed 12 MiB lines, malformed lines, then concurrent tool calls: every one
  *   answered (-32600, -32700, results) and the server still up.
+ * - checkpoints: on two counting instances, rounds of a hibernation, a fork into two and execs
+ *   at once on each, with the last round's forks stopped or deleted under execs: every answer ok
+ *   or a registry code (never INTERNAL), nothing left starting or stopping, a VMM exactly for
+ *   each running or paused instance, counters carrying on, no snapshot or VMM left at the end.
+ * - hibernation cycles: 50 (× scale) hibernate/wake cycles of one instance, a journal line
+ *   appended and its checksum compared before and after each sleep, a counting process never
+ *   going back, no VMM while it sleeps.
  * - faults: aegisd SIGKILLed and restarted under 2 running instances (both still running and
  *   answering); the VMM SIGKILLed (instance `failed` within 1.5 s); the VMM SIGSTOPped, then
  *   `stop` with a 2 s deadline, or `delete --force`: each back within deadline + 1 s (< 3.5 s).
@@ -64,6 +71,10 @@ const SCRATCH_MIB = 4096;
 /** What the disk fill writes with dd; the rest of the disk is reserved with fallocate first. */
 const FILL_MIB = Math.min(SCRATCH_MIB, 512 * SCALE);
 const FAULT_ROUNDS = SCALE;
+/** Rounds of forks and hibernations racing execs, stops and deletes. */
+const CHECKPOINT_ROUNDS = 2 * SCALE;
+/** Hibernate/wake cycles of one instance (issue 22 asks for 50). */
+const HIBERNATE_CYCLES = 50 * SCALE;
 
 const RSS_BOUND_MIB = 300;
 /** What refusing an import bomb at the default entry limit may add to aegisd's RSS. */
@@ -853,6 +864,154 @@ describe('mcp', () => {
       child.stdin.end();
       child.kill();
     }
+  });
+});
+
+describe('checkpoints', () => {
+  afterAll(removeAll);
+
+  it(`forks and hibernations racing execs, stops and deletes (${CHECKPOINT_ROUNDS} rounds)`, async () => {
+    // Two counting instances; each round races, on each: a hibernation, a fork into two, execs,
+    // and a stop or delete of an earlier fork. Every answer is ok or a code from the registry,
+    // nothing is left starting or stopping, a VMM runs exactly for each running or paused
+    // instance, a woken counter carries on from where it slept, and forks leave nothing behind.
+    const counting = ['sh', '-c', 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done'];
+    await Promise.all(['ck-a', 'ck-b'].map((h) => create(h, counting)));
+    const outcomes = new Map<string, number>();
+    const problems: string[] = [];
+    const took: number[] = [];
+    const count = async (ref: string): Promise<number> => Number((await runExec(d, ref, ['cat', '/tmp/count'], 60_000)).head.trim());
+    // An exec to its end; its error (with the registry code) thrown.
+    const drain = async (ref: string): Promise<void> => {
+      for await (const ev of d.client.exec(ref, { command: ['cat', '/tmp/count'] }, AbortSignal.timeout(60_000))) void ev;
+    };
+    const attempt = async (what: string, f: () => Promise<unknown>): Promise<void> => {
+      const t0 = performance.now();
+      let outcome = 'ok';
+      try {
+        await f();
+      } catch (err) {
+        outcome = isAegisError(err) ? err.code : 'NO_CODE';
+        if (outcome === 'NO_CODE' || outcome === 'INTERNAL') problems.push(`${what}: ${outcome}: ${(err as Error).message.slice(0, 160)}`);
+      }
+      took.push(performance.now() - t0);
+      const key = `${what.split(' ')[0] ?? what} ${outcome}`;
+      outcomes.set(key, (outcomes.get(key) ?? 0) + 1);
+    };
+    let forks: string[] = [];
+    for (let round = 0; round < CHECKPOINT_ROUNDS; round++) {
+      const before = await Promise.all(['ck-a', 'ck-b'].map(count));
+      const older = forks;
+      forks = [];
+      const jobs: Promise<void>[] = [];
+      for (const h of ['ck-a', 'ck-b']) {
+        jobs.push(attempt(`hibernate ${h}`, () => d.client.hibernateInstance(h)));
+        jobs.push(
+          attempt(`fork ${h}`, async () => {
+            const names = [0, 1].map((i) => `${h}-r${round}-${i}`);
+            await d.client.forkInstance(h, { count: 2, names });
+            forks.push(...names);
+          }),
+        );
+        jobs.push(attempt(`exec ${h}`, () => drain(h)));
+      }
+      for (const [i, f] of older.entries()) {
+        jobs.push(
+          attempt(i % 2 === 0 ? `stop ${f}` : `delete ${f}`, () =>
+            i % 2 === 0 ? d.client.stopInstance(f, { timeoutMs: 500 }) : d.client.deleteInstance(f, { force: true }),
+          ),
+        );
+        jobs.push(attempt(`exec ${f}`, () => drain(f)));
+      }
+      await Promise.all(jobs);
+      const list = await d.client.listInstances({ all: true });
+      const stuck = list.filter((i) => i.state === 'starting' || i.state === 'stopping');
+      if (stuck.length > 0) problems.push(`round ${round}: left ${stuck.map((i) => `${i.handle}=${i.state}`).join(', ')}`);
+      const vmms = await qemuProcessesFor(d.home);
+      for (const i of list) {
+        const has = vmms.some((l) => l.includes(i.id));
+        const should = i.state === 'running' || i.state === 'paused';
+        if (has !== should) problems.push(`round ${round}: ${i.handle} is ${i.state} with${has ? '' : 'out'} a VMM`);
+      }
+      const after = await Promise.all(['ck-a', 'ck-b'].map(count));
+      after.forEach((n, i) => {
+        if (!(n >= (before[i] ?? 0))) problems.push(`round ${round}: ck-${'ab'[i]}'s counter went from ${before[i]} to ${n}`);
+      });
+      for (const f of forks) {
+        const n = await count(f);
+        if (!(n > 0)) problems.push(`round ${round}: fork ${f} has no counter`);
+      }
+      for (const f of older) await d.client.deleteInstance(f, { force: true }).catch(() => undefined);
+    }
+    await removeAll();
+    const snapshots = await d.client.listSnapshots();
+    if (snapshots.length > 0) problems.push(`${snapshots.length} snapshots left after every fork was deleted`);
+    const vmmsLeft = (await qemuProcessesFor(d.home)).length;
+    if (vmmsLeft > 0) problems.push(`${vmmsLeft} VMMs left after every instance was deleted`);
+    const summary = [...outcomes.entries()]
+      .sort()
+      .map(([k, n]) => `${k} ${n}`)
+      .join(', ');
+    assertRows([
+      record(
+        'forks + hibernations racing',
+        `${took.length} ops (${summary}), max ${secs(Math.max(...took))}${problems.length ? `; ${problems.slice(0, 3).join('; ')}` : ''}`,
+        'registry codes, settled, 1 VMM each, counters carry on, nothing left',
+        problems.length === 0,
+      ),
+    ]);
+  });
+});
+
+describe('hibernation cycles', () => {
+  afterAll(removeAll);
+
+  it(`${HIBERNATE_CYCLES} hibernate/wake cycles: a file appended and checksummed each cycle, a counting process`, async () => {
+    const inst = await create('cycles', ['sh', '-c', 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done']);
+    const problems: string[] = [];
+    const hibernateMs: number[] = [];
+    const wakeMs: number[] = [];
+    let last = 0;
+    let journal = '';
+    const out = async (script: string): Promise<string[]> => {
+      const r = await runExec(d, 'cycles', ['sh', '-c', script], 60_000);
+      if (r.error || r.exitCode !== 0) throw new Error(`${script}: ${describeExit(r)} ${r.stderr.slice(0, 200)}`);
+      return r.head.trim().split('\n');
+    };
+    for (let i = 0; i < HIBERNATE_CYCLES && problems.length < 5; i++) {
+      journal += `cycle-${i}\n`;
+      const [n, sum] = await out(`echo cycle-${i} >> /root/journal; sync; cat /tmp/count; sha256sum /root/journal | cut -c1-64`);
+      const want = createHash('sha256').update(journal).digest('hex');
+      if (sum !== want) problems.push(`cycle ${i}: the journal's checksum before hibernating is ${sum}, not ${want}`);
+      if (!(Number(n) >= last)) problems.push(`cycle ${i}: the counter went back from ${last} to ${n}`);
+      last = Number(n);
+      let t0 = performance.now();
+      const slept = await d.client.hibernateInstance('cycles');
+      hibernateMs.push(performance.now() - t0);
+      if (slept.state !== 'hibernated') problems.push(`cycle ${i}: hibernate answered ${slept.state}`);
+      if ((await qemuProcessesFor(d.home)).some((l) => l.includes(inst.id))) problems.push(`cycle ${i}: a VMM runs while hibernated`);
+      t0 = performance.now();
+      // Woken by `resume` every third cycle, by the exec itself otherwise.
+      if (i % 3 === 2) await d.client.resumeInstance('cycles');
+      const [n2, sum2] = await out('cat /tmp/count; sha256sum /root/journal | cut -c1-64');
+      wakeMs.push(performance.now() - t0);
+      if (sum2 !== want) problems.push(`cycle ${i}: the journal's checksum after waking is ${sum2}, not ${want}`);
+      if (!(Number(n2) >= last)) problems.push(`cycle ${i}: the counter went back from ${last} to ${n2} across the sleep`);
+      last = Number(n2);
+    }
+    const lines = (await out('cat /root/journal')).length;
+    if (lines !== HIBERNATE_CYCLES && problems.length === 0) problems.push(`the journal has ${lines} lines, not ${HIBERNATE_CYCLES}`);
+    await removeAll();
+    assertRows([
+      record(
+        'hibernate/wake cycles',
+        `${hibernateMs.length} cycles, journal ${lines} lines, counter at ${last}; hibernate p50 ${ms(percentile(hibernateMs, 50))}, ` +
+          `wake + exec p50 ${ms(percentile(wakeMs, 50))} max ${ms(Math.max(...wakeMs))}` +
+          (problems.length ? `; ${problems.slice(0, 3).join('; ')}` : ''),
+        'no line lost, checksums equal, counter monotonic, no VMM asleep',
+        problems.length === 0,
+      ),
+    ]);
   });
 });
 

@@ -625,3 +625,30 @@ describe('FirecrackerVm', () => {
     expect(exit.detail).toMatch(/exit status aegisd cannot read/);
   });
 });
+
+describe('FirecrackerBackend.copyDisk', () => {
+  it("copies a raw disk whole and sparse (a checkpoint's own disk), and refuses a clone it never makes", async () => {
+    const src = path.join(dir, 'scratch.img');
+    const fd = fs.openSync(src, 'w');
+    fs.writeSync(fd, Buffer.from('head'), 0, 4, 0);
+    fs.writeSync(fd, Buffer.alloc(4096, 7), 0, 4096, 64 << 20);
+    fs.ftruncateSync(fd, 128 << 20);
+    fs.closeSync(fd);
+    const dest = path.join(dir, 'disk');
+    await backend().copyDisk(src, false, dest);
+    const st = fs.statSync(dest);
+    expect(st.size).toBe(128 << 20);
+    expect(st.blocks * 512).toBeLessThan(1 << 20);
+    expect(st.mode & 0o777).toBe(0o600);
+    const out = fs.openSync(dest, 'r');
+    const probe = Buffer.alloc(4096);
+    fs.readSync(out, probe, 0, 4096, 64 << 20);
+    fs.closeSync(out);
+    expect(probe.equals(Buffer.alloc(4096, 7))).toBe(true);
+    expect(fs.readFileSync(dest).subarray(0, 4).toString()).toBe('head');
+    expect((await failure(backend().copyDisk(src, true, path.join(dir, 'other')))).code).toBe('UNSUPPORTED');
+    const missing = await failure(backend().copyDisk(path.join(dir, 'nope'), false, path.join(dir, 'third')));
+    expect(missing.code).toBe('UNAVAILABLE');
+    expect(fs.existsSync(path.join(dir, 'third'))).toBe(false);
+  });
+});

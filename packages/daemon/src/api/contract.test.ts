@@ -257,6 +257,7 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     snapshots: { list: () => Promise.resolve([SNAPSHOT]), get: () => Promise.resolve(SNAPSHOT) },
     snapshotDependents: () => ['web2'],
     deleteSnapshot: () => Promise.resolve(),
+    deleteInstance: () => Promise.resolve(),
     fork: () => Promise.resolve({ snapshot: 'web-fork-1', instances: [toView({ ...ROW, state: 'running' })] }),
     volumes: {
       list: () => Promise.resolve([VOLUME]),

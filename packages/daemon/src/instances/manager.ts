@@ -389,6 +389,13 @@ export class InstanceManager {
     if (names && names.length !== count) throw new AegisError('INVALID_ARGUMENT', `${names.length} names for ${count} forks`);
     const source = this.instance(ref);
     const handle = source.view().handle;
+    // A name taken is refused before the checkpoint: a refusal leaves the source as it was.
+    const taken = new Set(this.registry.listInstances().map((r) => r.handle));
+    for (const [i, n] of (names ?? []).entries()) {
+      if (taken.has(n) || names?.indexOf(n) !== i) {
+        throw new AegisError('ALREADY_EXISTS', `an instance named "${n}" already exists; pick another --name or delete it`);
+      }
+    }
     const name = `${handle.slice(0, 80)}-fork-${randomBytes(4).toString('hex')}`;
     await source.checkpoint(name, true, signal);
     const made: InstanceView[] = [];
@@ -406,6 +413,15 @@ export class InstanceManager {
       throw err;
     }
     return { snapshot: name, instances: made };
+  }
+
+  /**
+   * `aegis rm`: the instance removed, and the fork checkpoint it was the last user of with it,
+   * before the answer (a throwaway instance's goes when it is removed, in the background).
+   */
+  async deleteInstance(ref: string, force: boolean): Promise<void> {
+    await this.instance(ref).delete(force);
+    await this.dropUnusedForkSnapshots();
   }
 
   /** The handles of instances whose disk is a child of snapshot `name`'s. */

@@ -3,7 +3,8 @@
  * `$AEGIS_HOME/snapshots/<name>/`:
  *
  *     meta.json   what it is: the machine it needs, the instance it was taken of, sizes, checksum
- *     state       the VMM's device and RAM state (a migration stream)
+ *     state       the VMM's device and RAM state (QEMU: a migration stream; Firecracker: its
+ *                 snapshot file, with the guest RAM beside it in state.mem)
  *     disk        the instance's disk at that moment (raw, sparse): the copy-on-write base of
  *                 every instance started from it, so it is never written again
  *
@@ -51,6 +52,8 @@ export interface SnapshotMeta {
   /** Bytes the disk file takes (it is sparse). */
   diskAllocatedBytes: number;
   stateSha256: string;
+  /** Files the VMM wrote beside `state` (Firecracker's `state.mem`): name → bytes. */
+  stateFiles?: Record<string, number>;
 }
 
 export interface Snapshot {
@@ -96,11 +99,18 @@ export class SnapshotStore {
   /** Checksums and seals what `begin`'s directory holds (`state`, `disk`) and puts it in place. */
   async commit(
     work: string,
-    meta: Omit<SnapshotMeta, 'format' | 'stateBytes' | 'diskBytes' | 'diskAllocatedBytes' | 'stateSha256'>,
+    meta: Omit<SnapshotMeta, 'format' | 'stateBytes' | 'diskBytes' | 'diskAllocatedBytes' | 'stateSha256' | 'stateFiles'>,
   ): Promise<Snapshot> {
     const state = path.join(work, 'state');
     const disk = path.join(work, 'disk');
     const [st, dk] = await Promise.all([fs.stat(state), fs.stat(disk)]);
+    const stateFiles: Record<string, number> = {};
+    for (const name of await fs.readdir(work)) {
+      if (name === 'state' || name === 'disk') continue;
+      const f = path.join(work, name);
+      stateFiles[name] = (await fs.stat(f)).size;
+      await fs.chmod(f, 0o400);
+    }
     const full: SnapshotMeta = {
       format: FORMAT,
       ...meta,
@@ -108,6 +118,7 @@ export class SnapshotStore {
       diskBytes: dk.size,
       diskAllocatedBytes: dk.blocks * 512,
       stateSha256: await sha256(state),
+      ...(Object.keys(stateFiles).length > 0 ? { stateFiles } : {}),
     };
     for (const f of [state, disk]) await fs.chmod(f, 0o400);
     await fs.writeFile(path.join(work, 'meta.json'), JSON.stringify(full, null, 2), { mode: 0o400 });
@@ -166,6 +177,7 @@ export class SnapshotStore {
     for (const [file, bytes] of [
       [s.state, s.meta.stateBytes],
       [s.disk, s.meta.diskBytes],
+      ...Object.entries(s.meta.stateFiles ?? {}).map(([name, n]) => [path.join(s.dir, name), n] as const),
     ] as const) {
       const st = await fs.stat(file).catch(() => undefined);
       if (!st) throw damaged(`${path.basename(file)} is missing`);

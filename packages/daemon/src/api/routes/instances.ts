@@ -51,7 +51,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
       method: 'DELETE',
       path: '/v1/instances/{ref}',
       handler: async ({ params, query }) => {
-        await m.instance(param(params, 'ref')).delete(boolQuery(query, 'force'));
+        await m.deleteInstance(param(params, 'ref'), boolQuery(query, 'force'));
         return { status: 204 };
       },
     },

@@ -25,7 +25,7 @@ function view(s: Snapshot, dependents: string[]): SnapshotView {
     network: meta.instance.network,
     stateBytes: meta.stateBytes,
     diskBytes: meta.diskBytes,
-    sizeBytes: meta.stateBytes + meta.diskAllocatedBytes,
+    sizeBytes: meta.stateBytes + Object.values(meta.stateFiles ?? {}).reduce((a, b) => a + b, 0) + meta.diskAllocatedBytes,
     auto: meta.auto,
     dependents,
     backend: meta.machine.backend,
