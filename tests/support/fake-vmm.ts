@@ -209,6 +209,7 @@ export class FakeBackend implements Backend {
         networkModes: ['none'],
         diskClones: this.snapshots,
         volumeKinds: ['disk', 'share'],
+        cpu: 'fake',
       },
     };
   }

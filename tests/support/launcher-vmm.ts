@@ -43,6 +43,7 @@ const CAPABILITIES: Capabilities = {
   networkModes: ['none'],
   diskClones: false,
   volumeKinds: [],
+  cpu: 'launcher',
 };
 
 interface LauncherRecord extends ProcessIdentity {

@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import {
   KVM_DEVICE,
   accelMode,
+  hostCpuFingerprint,
   kvmDeviceProblem,
   verdictKey,
   verdictGate,
@@ -39,6 +40,8 @@ function capabilities(): Capabilities {
     diskClones: false,
     // Extra drives, yes; it has no 9p or virtio-fs device to share a host directory with.
     volumeKinds: ['disk'],
+    // No CPU template: the guest sees the host's CPU.
+    cpu: hostCpuFingerprint(),
   };
 }
 

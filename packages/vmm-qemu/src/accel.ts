@@ -5,7 +5,7 @@
  */
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { KVM_DEVICE, verdictGate, type VerdictGate, accelMode, kvmDeviceProblem, verdictKey, type Capabilities } from '@aegis/vmm';
+import { hostCpuFingerprint, KVM_DEVICE, verdictGate, type VerdictGate, accelMode, kvmDeviceProblem, verdictKey, type Capabilities } from '@aegis/vmm';
 import { profile } from './args.js';
 import { testKvmBoot } from './kvm-test.js';
 
@@ -33,6 +33,7 @@ export function capabilitiesFor(kvm: boolean, passt: boolean): Capabilities {
     // qcow2 children (`qemu-img create -b`): a clone's disk in a few milliseconds.
     diskClones: true,
     volumeKinds: ['disk', 'share'],
+    cpu: kvm ? hostCpuFingerprint() : profile().tcgCpu,
   };
 }
 

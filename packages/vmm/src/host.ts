@@ -1,4 +1,5 @@
-import { promises as fs } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { promises as fs, readFileSync } from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { AegisError } from '@aegis/protocol';
@@ -22,6 +23,30 @@ export async function fileTail(file: string, maxBytes: number): Promise<string> 
 }
 
 /** Is `pid` alive? (EPERM: it is, but someone else's.) For VMM processes we did not spawn. */
+/**
+ * This host's CPU as a guest given the host CPU (`-cpu host`, Firecracker without a template)
+ * sees it: a digest of the first processor's model and feature flags in /proc/cpuinfo. Two
+ * hosts that differ in one flag differ here.
+ */
+export function hostCpuFingerprint(cpuinfo = readCpuinfo()): string {
+  const first = cpuinfo.split(/\n\s*\n/)[0] ?? '';
+  const keep = first
+    .split('\n')
+    .filter((l) =>
+      /^(vendor_id|cpu family|model|model name|flags|Features|CPU implementer|CPU architecture|CPU variant|CPU part)\s*:/.test(l),
+    )
+    .map((l) => l.replace(/\s+/g, ' ').trim());
+  return `host:${createHash('sha256').update(keep.join('\n')).digest('hex').slice(0, 16)}`;
+}
+
+function readCpuinfo(): string {
+  try {
+    return readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    return '';
+  }
+}
+
 export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);

@@ -1,6 +1,6 @@
 export type * from './vmm.js';
 export { selectBackend, type BackendChoice } from './select.js';
-export { connectSocket, fileTail, processAlive } from './host.js';
+export { connectSocket, fileTail, hostCpuFingerprint, processAlive } from './host.js';
 export {
   KVM_DEVICE,
   accelMode,

@@ -35,6 +35,12 @@ export interface Capabilities {
   diskClones: boolean;
   /** The kinds of `VmConfig.volumes` the backend can attach; any other is UNSUPPORTED. */
   volumeKinds: VolumeKind[];
+  /**
+   * The CPU its guests see, model and features (e.g. QEMU's `max,erms=off` under TCG,
+   * `host:<fingerprint>` under KVM): a saved machine (template, checkpoint, hibernation) is
+   * restored only where this is the same, since a guest keeps using the features it found.
+   */
+  cpu: string;
 }
 
 export type NetworkMode = 'user' | 'none';

@@ -25,6 +25,8 @@ export interface MachineRecord {
   backend: string;
   vmmVersion: string;
   acceleration: string;
+  /** The CPU the guest saw (`Capabilities.cpu`); absent in records of aegis before it was kept. */
+  cpu?: string;
 }
 
 const FILE = 'machine.json';
@@ -47,10 +49,12 @@ export async function readMachine(vmDir: string): Promise<MachineRecord> {
 /** Why `saved` cannot be restored by this daemon, or undefined when it can. */
 export function restoreMismatch(
   saved: MachineRecord,
-  now: Pick<MachineRecord, 'backend' | 'vmmVersion' | 'acceleration'>,
+  now: Pick<MachineRecord, 'backend' | 'vmmVersion' | 'acceleration'> & { cpu: string },
 ): string | undefined {
   if (saved.backend !== now.backend) return `it was saved by the ${saved.backend} backend, this daemon runs ${now.backend}`;
   if (saved.acceleration !== now.acceleration) return `it was saved under ${saved.acceleration}, this daemon runs ${now.acceleration}`;
   if (saved.vmmVersion !== now.vmmVersion) return `it was saved by ${saved.vmmVersion}, this host has ${now.vmmVersion}`;
+  // A guest goes on using the CPU features it found at boot: restored onto fewer, it faults.
+  if (saved.cpu !== now.cpu) return `it was saved on a CPU the guest saw as ${saved.cpu ?? 'unrecorded'}, this host gives ${now.cpu}`;
   return undefined;
 }

@@ -83,18 +83,31 @@ export class TemplateCache {
   /** Names a machine shape: everything that shapes the machine, with the VMM and accelerator. */
   key(shape: MachineShape): string {
     const h = createHash('sha256');
-    // A snapshot taken under TCG does not restore under KVM (nor one backend version's in another).
+    // A snapshot taken under TCG does not restore under KVM (nor one backend version's in another,
+    // nor on a CPU with other features).
     const p = this.probe();
     h.update(
-      JSON.stringify({ f: TEMPLATE_FORMAT, b: this.backend.name, v: p.version ?? p.detail, a: p.capabilities?.acceleration, ...shape }),
+      JSON.stringify({
+        f: TEMPLATE_FORMAT,
+        b: this.backend.name,
+        v: p.version ?? p.detail,
+        a: p.capabilities?.acceleration,
+        c: p.capabilities?.cpu,
+        ...shape,
+      }),
     );
     return h.digest('hex').slice(0, 20);
   }
 
   /** The VMM and accelerator in use: a snapshot restores only under the same (machine.ts). */
-  vmmIdentity(): { backend: string; vmmVersion: string; acceleration: string } {
+  vmmIdentity(): { backend: string; vmmVersion: string; acceleration: string; cpu: string } {
     const p = this.probe();
-    return { backend: this.backend.name, vmmVersion: p.version ?? p.detail, acceleration: p.capabilities?.acceleration ?? 'unknown' };
+    return {
+      backend: this.backend.name,
+      vmmVersion: p.version ?? p.detail,
+      acceleration: p.capabilities?.acceleration ?? 'unknown',
+      cpu: p.capabilities?.cpu ?? 'unknown',
+    };
   }
 
   /** Whether `t` is still the build new instances of its shape get (not replaced, not discarded). */
