@@ -18,6 +18,7 @@ import { execCommand } from './commands/exec.js';
 import { cpCommand } from './commands/cp.js';
 import { mcpCommand } from './commands/mcp.js';
 import { logsCommand } from './commands/logs.js';
+import { eventsCommand } from './commands/events.js';
 import { runCommand } from './commands/run.js';
 import { secretCommand } from './commands/secret/secret.js';
 import { imageCommand, imageListCommand, pullCommand } from './commands/image/image.js';
@@ -76,6 +77,7 @@ for (const c of [
   runCommand(),
   execCommand(),
   logsCommand(),
+  eventsCommand(),
   secretCommand(),
   imageCommand(),
   volumeCommand(),

@@ -19,6 +19,7 @@ import type {
   Image,
   Instance,
   InstanceStats,
+  LifecycleEvent,
   LogEvent,
   ProcessInfo,
   PullEvent,
@@ -461,6 +462,39 @@ export class AegisClient {
       ...(options.signal ? { signal: options.signal } : {}),
     });
   }
+
+  /** Lifecycle events (`aegis events`): stored ones from `sinceMs`/`afterSeq`, then live ones with `follow`. */
+  events(options: EventsOptions = {}): AsyncGenerator<LifecycleEvent> {
+    const q = new URLSearchParams();
+    const ms = (n: number): string => String(Math.max(0, Math.floor(n)));
+    if (options.sinceMs !== undefined) q.set('since', ms(options.sinceMs));
+    if (options.untilMs !== undefined) q.set('until', ms(options.untilMs));
+    if (options.afterSeq !== undefined) q.set('after', ms(options.afterSeq));
+    if (options.follow) q.set('follow', 'true');
+    for (const t of options.types ?? []) q.append('type', t);
+    for (const i of options.instances ?? []) q.append('instance', i);
+    for (const l of options.labels ?? []) q.append('label', l);
+    const qs = q.toString();
+    return this.stream({ method: 'GET', path: `/v1/events${qs ? `?${qs}` : ''}`, ...(options.signal ? { signal: options.signal } : {}) });
+  }
+}
+
+/** Which events `events()` streams; filters of one kind match any of their values, kinds combine. */
+export interface EventsOptions {
+  /** Stored events from this time (ms since the epoch) first. */
+  sinceMs?: number;
+  /** Up to this time; a follow ends there. */
+  untilMs?: number;
+  /** After this sequence number (resuming). */
+  afterSeq?: number;
+  /** Keep streaming new events (until `untilMs`, or the signal). */
+  follow?: boolean;
+  types?: LifecycleEvent['type'][];
+  /** Handles or ids. */
+  instances?: string[];
+  /** `k` or `k=v`. */
+  labels?: string[];
+  signal?: AbortSignal;
 }
 
 function errorFromBody(text: string, status: number): AegisError {

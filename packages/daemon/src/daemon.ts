@@ -25,6 +25,7 @@ import { ImageService } from './images/service.js';
 import { SecretStore } from './secrets/store.js';
 import { TemplateCache } from './instances/templates.js';
 import { systemRoutes } from './api/routes/system.js';
+import { eventRoutes } from './api/routes/events.js';
 import type { Logger } from './log.js';
 import { LoopDelayMonitor } from './lag.js';
 
@@ -156,6 +157,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   const server: http.Server = createServer(
     [
       ...systemRoutes(ctx),
+      ...eventRoutes(instances, instances.events),
       ...instanceRoutes(ctx),
       ...fileRoutes(ctx),
       ...secretRoutes(ctx),

@@ -28,6 +28,7 @@ export type Status = ApiSchemas['Status'];
 export type Stream = 'stdout' | 'stderr';
 export type ExecEvent = ApiSchemas['ExecEvent'];
 export type LogEvent = ApiSchemas['LogEvent'];
+export type LifecycleEvent = ApiSchemas['LifecycleEvent'];
 export type RunEvent = ApiSchemas['RunEvent'];
 export type WaitResult = ApiSchemas['WaitResult'];
 export type InstanceStats = ApiSchemas['InstanceStats'];

@@ -3,7 +3,15 @@
  * sandbox is. Built on the typed client; everything here is a thin, decoded view of it.
  */
 import { Readable } from 'node:stream';
-import { AegisClient, defaultSocketPath, type ExecEvent, type FileStat, type Instance, type SnapshotView } from '@aegis/client';
+import {
+  AegisClient,
+  defaultSocketPath,
+  type ExecEvent,
+  type FileStat,
+  type Instance,
+  type LifecycleEvent,
+  type SnapshotView,
+} from '@aegis/client';
 import { CommandExitError, InvalidArgumentError, SandboxError, toSandboxError, wrap } from './errors.js';
 
 export interface SandboxOptions {
@@ -424,6 +432,46 @@ export class Egress {
   }
 }
 
+/** A lifecycle event (create, start, exit, stop, pause, resume, hibernate, restore, fork, delete…), as `aegis events` shows it. */
+export type SandboxEvent = LifecycleEvent;
+
+export interface EventOptions {
+  /** Stored events from then first (a Date, or ms since the epoch); without it, only new ones. */
+  since?: Date | number;
+  /** Keep waiting for new events (default true); false: only what is stored, then the iteration ends. */
+  follow?: boolean;
+  types?: SandboxEvent['type'][];
+  /** `k` or `k=v`: only sandboxes with that label. */
+  labels?: string[];
+  /** Ends the iteration (a `for await` may also just `break`). */
+  signal?: AbortSignal;
+}
+
+/** The daemon's events as an async iterable, errors as SandboxErrors. */
+async function* eventStream(client: AegisClient, options: EventOptions, instances?: string[]): AsyncGenerator<SandboxEvent> {
+  const since = options.since instanceof Date ? options.since.getTime() : options.since;
+  const follow = options.follow ?? true;
+  if (!follow && since === undefined) return;
+  try {
+    yield* client.events({
+      follow,
+      ...(since !== undefined ? { sinceMs: since } : {}),
+      ...(options.types ? { types: options.types } : {}),
+      ...(options.labels ? { labels: options.labels } : {}),
+      ...(instances ? { instances } : {}),
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+  } catch (err) {
+    if (options.signal?.aborted) return;
+    throw toSandboxError(err);
+  }
+}
+
+/** Every sandbox's lifecycle events (`aegis events`): `for await (const ev of events()) …`. */
+export function events(options: EventOptions & { socketPath?: string } = {}): AsyncGenerator<SandboxEvent> {
+  return eventStream(new AegisClient(options.socketPath ?? defaultSocketPath()), options);
+}
+
 export class Sandbox {
   readonly commands: Commands;
   readonly files: Files;
@@ -551,6 +599,11 @@ export class Sandbox {
    */
   async hibernate(): Promise<void> {
     this.instance = await wrap(() => this.client.hibernateInstance(this.instance.id));
+  }
+
+  /** This sandbox's lifecycle events (from `since`, then live ones unless `follow: false`). */
+  events(options: EventOptions = {}): AsyncGenerator<SandboxEvent> {
+    return eventStream(this.client, options, [this.instance.id]);
   }
 
   /** Snapshots kept by the daemon. */

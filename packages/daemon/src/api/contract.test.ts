@@ -25,6 +25,8 @@ import { imageRoutes } from './routes/images.js';
 import { instanceRoutes } from './routes/instances.js';
 import { secretRoutes } from './routes/secrets.js';
 import { systemRoutes } from './routes/system.js';
+import { eventRoutes } from './routes/events.js';
+import { EventBus } from '../events/bus.js';
 import { snapshotRoutes } from './routes/snapshots.js';
 import { volumeRoutes } from './routes/volumes.js';
 import { createServer } from './server.js';
@@ -79,6 +81,7 @@ const STREAM_EVENTS: Record<string, keyof ApiSchemas> = {
   getLogs: 'LogEvent',
   runInstance: 'RunEvent',
   pullImage: 'PullEvent',
+  streamEvents: 'LifecycleEvent',
 };
 
 const NOW = Date.parse('2026-01-02T03:04:05.000Z');
@@ -286,6 +289,20 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'aegis-contract-test-'));
     socketPath = path.join(dir, 'api.sock');
     registry = new Registry(path.join(dir, 'aegis.db'));
+    // A real bus over the test's registry, with one event of each shape.
+    const events = new EventBus(registry);
+    events.publish({ type: 'create', instanceId: ROW.id, handle: 'web', state: 'starting', labels: { team: 'a' } });
+    events.publish({
+      type: 'stop',
+      instanceId: ROW.id,
+      handle: 'web',
+      state: 'stopped',
+      previousState: 'stopping',
+      exitCode: null,
+      reason: 'r',
+    });
+    events.publish({ type: 'fork', instanceId: ROW.id, handle: 'web', snapshot: 'web-fork-1', forks: ['web-fork-a'] });
+    events.denied({ type: 'egress-denied', instanceId: ROW.id, handle: 'web', destination: '169.254.169.254:80', reason: 'link-local' });
     const ctx = {
       version: 'test',
       config: { home: dir },
@@ -307,6 +324,7 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
         ...imageRoutes(ctx),
         ...volumeRoutes(ctx),
         ...snapshotRoutes(ctx),
+        ...eventRoutes(ctx.instances, events),
       ],
       logger,
     );
@@ -414,6 +432,8 @@ describe('every answer of the daemon matches spec/openapi.json', () => {
     await ok('GET', '/v1/snapshots');
     await ok('GET', '/v1/snapshots/s1');
     await ok('DELETE', '/v1/snapshots/s1');
+    await ok('GET', '/v1/events?since=0&type=create&type=stop&type=fork&type=egress-denied&label=team');
+    await ok('GET', '/v1/events?after=1');
     await ok('GET', '/v1/volumes/cache');
     await ok('DELETE', '/v1/volumes/cache');
     expect(failures).toEqual([]);

@@ -10,6 +10,7 @@ import { SecretBroker, instanceCa } from '../egress/broker.js';
 import { Egress } from '../egress/egress.js';
 import type { InstanceRow, Registry } from '../registry/db.js';
 import type { SecretStore } from '../secrets/store.js';
+import type { EventBus } from '../events/bus.js';
 import { identityOf } from './spec.js';
 
 /**
@@ -29,13 +30,27 @@ export class GuestEgress {
 
   constructor(
     private readonly id: string,
-    private readonly s: { registry: Registry; secrets: SecretStore },
+    private readonly s: { registry: Registry; secrets: SecretStore; events: EventBus },
   ) {}
 
   /** The policy of a `user`-network instance (other networks have no egress to decide). */
   of(row: InstanceRow): Egress | undefined {
     if (row.network !== 'user') return undefined;
-    this.state ??= new Egress(row.spec.egress ?? { allow: [], deny: [] });
+    this.state ??= new Egress(row.spec.egress ?? { allow: [], deny: [] }, {
+      // Refusals are lifecycle events too (`aegis events`), at a bounded rate.
+      onDecision: (d) => {
+        if (d.allowed) return;
+        const destination = d.kind === 'dns' ? `${d.name ?? '?'} (DNS)` : `${d.name ?? d.address ?? '?'}:${d.port ?? '?'}`;
+        this.s.events.denied({
+          type: 'egress-denied',
+          instanceId: this.id,
+          handle: row.handle,
+          ...(row.spec.labels ? { labels: row.spec.labels } : {}),
+          destination,
+          reason: d.reason,
+        });
+      },
+    });
     return this.state;
   }
 

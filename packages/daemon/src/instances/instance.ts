@@ -30,7 +30,7 @@ import { LogStore } from './logs.js';
 import type { PooledVm } from './pool.js';
 import { GuestEgress, TRUST_ENV } from './guest-egress.js';
 import { existingDisk, identityOf, imageEnv, type ExecRequest, type InstanceView } from './spec.js';
-import { readMachine } from './machine.js';
+import { readMachine, restoreMismatch } from './machine.js';
 import { readHibernation, removeHibernation, saveHibernation } from './hibernation.js';
 import type { Snapshot } from '../snapshots/store.js';
 import { checkpointRefusal, saveCheckpoint } from '../snapshots/checkpoint.js';
@@ -311,6 +311,12 @@ export class Instance extends InstanceOwner {
       this.mustMove('failed', { stateReason: 'its hibernation files are gone; start it again', stoppedAt: Date.now() });
       throw new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" cannot wake: its hibernation files are gone`);
     }
+    // Saved under another VMM or CPU (an upgrade, another host): refused, never run; it stays
+    // asleep for a daemon that can restore it, or is stopped.
+    const mismatch = restoreMismatch(saved.machine, this.s.templates.vmmIdentity());
+    if (mismatch) {
+      throw new AegisError('FAILED_PRECONDITION', `instance "${row.handle}" cannot wake here: ${mismatch}; stop it to start it afresh`);
+    }
     const own = signal ?? new AbortController().signal;
     try {
       const shape = await machineShape(this.s.config, row.memoryMiB, row.vcpuCount, row.network, undefined);
@@ -368,7 +374,7 @@ export class Instance extends InstanceOwner {
         if (refused) throw refused;
         const disk = await existingDisk(this.dir);
         if (!disk) throw new AegisError('INTERNAL', `instance "${row.handle}" has no disk`);
-        return saveCheckpoint({
+        const snap = await saveCheckpoint({
           name,
           auto,
           row,
@@ -381,6 +387,9 @@ export class Instance extends InstanceOwner {
           log: this.s.log,
           signal: opSignal,
         });
+        // A fork's own checkpoint is told by its `fork` event (the manager's).
+        if (!auto) this.publish(row, { type: 'snapshot', state: row.state, snapshot: name });
+        return snap;
       },
       signal ? { signal } : {},
     );

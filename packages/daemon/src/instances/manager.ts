@@ -9,6 +9,7 @@
  * execs, power-off), recovery.ts (stray VMMs after a restart), templates.ts and pool.ts (warm
  * boot), volumes/host-mounts.ts (`-v`), stats.ts (`docker stats`).
  */
+import { EventBus } from '../events/bus.js';
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -55,6 +56,8 @@ export class InstanceManager {
   private readonly networkModes: readonly NetworkMode[];
   private readonly pool: WarmPool | undefined;
   readonly snapshots: SnapshotStore;
+  /** Lifecycle events of every instance (`aegis events`). */
+  readonly events: EventBus;
 
   constructor(
     private readonly config: DaemonConfig,
@@ -73,6 +76,7 @@ export class InstanceManager {
     const mounts = new HostMounts(config, volumes, backend.name, volumeKinds);
     this.networkModes = networkModes(backendNetworks);
     this.snapshots = new SnapshotStore(path.join(config.home, 'snapshots'));
+    this.events = new EventBus(registry);
     this.services = {
       config,
       registry,
@@ -85,6 +89,7 @@ export class InstanceManager {
       mounts,
       networkModes: this.networkModes,
       snapshots: this.snapshots,
+      events: this.events,
     };
     // Pooled VMs are restored from templates: no templates, no pool.
     if (config.poolSize > 0 && templates.enabled) {
@@ -321,6 +326,14 @@ export class InstanceManager {
     this.volumes.checkAttach(mounts);
     this.registry.insertInstance(row); // ALREADY_EXISTS for a taken handle, before any work
     this.log.info(`instance ${handle} (${id}): creating`);
+    this.events.publish({
+      type: 'create',
+      instanceId: id,
+      handle,
+      state: row.state,
+      ...(row.spec.labels ? { labels: row.spec.labels } : {}),
+      ...(row.spec.snapshot ? { snapshot: row.spec.snapshot } : {}),
+    });
     return row;
   }
 
@@ -412,6 +425,15 @@ export class InstanceManager {
       await this.dropUnusedForkSnapshots();
       throw err;
     }
+    const after = this.registry.getInstance(source.id);
+    this.events.publish({
+      type: 'fork',
+      instanceId: source.id,
+      handle,
+      ...(after?.spec.labels ? { labels: after.spec.labels } : {}),
+      snapshot: name,
+      forks: made.map((v) => v.handle),
+    });
     return { snapshot: name, instances: made };
   }
 

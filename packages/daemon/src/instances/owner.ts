@@ -19,6 +19,7 @@ import type { PortForwarder } from '../ports/forwarder.js';
 import type { HostMounts } from '../volumes/host-mounts.js';
 import type { VolumeService } from '../volumes/service.js';
 import type { AgentConnection } from './agent.js';
+import type { EventBus, NewEvent } from '../events/bus.js';
 import { DeadlineTimer } from './deadlines.js';
 import { removeHibernation } from './hibernation.js';
 import { IdleClock, idleReason, isIdlePaused } from './idle.js';
@@ -43,6 +44,8 @@ export interface InstanceServices {
   /** The network modes an instance can have here (instances/network.ts). */
   networkModes: readonly NetworkMode[];
   snapshots: SnapshotStore;
+  /** Where lifecycle events go (`aegis events`). */
+  events: EventBus;
 }
 
 /** What a create hands the instance's first start. */
@@ -142,6 +145,18 @@ export abstract class InstanceOwner implements LiveEvents {
     if (!row || (from && !from.includes(row.state)) || !canTransition(row.state, to)) return false;
     if (!this.s.registry.transitionInstance(this.id, row.state, { ...patch, state: to })) return false;
     this.s.log.info(`instance ${row.handle} (${this.id}): ${row.state} -> ${to}${patch.stateReason ? ` (${patch.stateReason})` : ''}`);
+    const type = eventOf(row.state, to);
+    if (type) {
+      const reason = patch.stateReason ?? undefined;
+      const exitCode = patch.exitCode !== undefined ? patch.exitCode : row.exitCode;
+      this.publish(row, {
+        type,
+        state: to,
+        previousState: row.state,
+        ...(reason ? { reason } : {}),
+        ...(to === 'stopped' || to === 'failed' ? { exitCode } : {}),
+      });
+    }
     // Idle time counts only while it runs: from each start or wake, not across a pause.
     const firstIdleMs = row.spec.idlePauseMs || row.spec.idleHibernateMs;
     if (to === 'running' && firstIdleMs) this.idle.arm(firstIdleMs);
@@ -149,6 +164,11 @@ export abstract class InstanceOwner implements LiveEvents {
     clearTimeout(this.hibernateTimer);
     this.hibernateTimer = undefined;
     return true;
+  }
+
+  /** Publishes a lifecycle event of this instance (`aegis events`), with its handle and labels. */
+  protected publish(row: InstanceRow, e: Omit<NewEvent, 'instanceId' | 'handle' | 'labels'>): void {
+    this.s.events.publish({ ...e, instanceId: this.id, handle: row.handle, ...(row.spec.labels ? { labels: row.spec.labels } : {}) });
   }
 
   protected mustMove(to: InstanceState, patch: Patch = {}): void {
@@ -206,6 +226,8 @@ export abstract class InstanceOwner implements LiveEvents {
     this.sleepingPorts = undefined;
     await fs.rm(this.dir, { recursive: true, force: true });
     this.s.registry.deleteInstance(this.id);
+    this.publish(row, { type: 'delete' });
+    this.s.events.forget(this.id);
     this.deadline.clear();
     this.idle.disarm();
     this.queue.close(new AegisError('NOT_FOUND', `instance "${row.handle}" was deleted`));
@@ -218,6 +240,8 @@ export abstract class InstanceOwner implements LiveEvents {
     const code = exitStatus(ev);
     // A fact the guest reported, kept at once whatever is queued; what it means for the state is queued.
     this.s.registry.updateInstance(this.id, { exitCode: code });
+    const row = this.s.registry.getInstance(this.id);
+    if (row) this.publish(row, { type: 'exit', exitCode: code, state: row.state });
     void this.op('workload-exit', async () => {
       if (this.live !== live) return;
       const reason = `workload exited with status ${code}`;
@@ -294,6 +318,7 @@ export abstract class InstanceOwner implements LiveEvents {
     }
     this.s.log.info(`instance ${row.handle} (${this.id}): deadline reached; stopping it`);
     const reason = `deadline reached (--timeout ${row.spec.timeoutMs ?? 0} ms)`;
+    this.publish(row, { type: 'deadline', state: row.state, reason });
     // An exec in flight ends saying why, not as a channel that closed under it.
     this.live?.failExecs(
       new AegisError(
@@ -416,4 +441,22 @@ export abstract class InstanceOwner implements LiveEvents {
 
   /** Stops the instance (instance.ts): what a deadline, and a reattached VM that must end, ask for. */
   abstract stop(timeoutMs?: number, reason?: string): Promise<InstanceView>;
+}
+
+/** The lifecycle event a state change is, if any (starting and stopping are steps, not events). */
+function eventOf(from: InstanceState, to: InstanceState): NewEvent['type'] | undefined {
+  switch (to) {
+    case 'running':
+      return from === 'paused' ? 'resume' : from === 'hibernated' ? 'restore' : 'start';
+    case 'paused':
+      return 'pause';
+    case 'hibernated':
+      return 'hibernate';
+    case 'stopped':
+      return 'stop';
+    case 'failed':
+      return 'fail';
+    default:
+      return undefined;
+  }
 }

@@ -63,6 +63,16 @@ const MIGRATIONS: string[] = [
   `ALTER TABLE instances ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]'`,
   // JSON string[]: the hosts a brokered secret's value may go to (egress/broker.ts); [] hands it over.
   `ALTER TABLE secrets ADD COLUMN hosts TEXT NOT NULL DEFAULT '[]'`,
+  // The lifecycle events `aegis events` streams (events/bus.ts), a bounded history: the whole
+  // event as the API gives it in \`event\` (JSON), what it is filtered by in columns.
+  `CREATE TABLE events (
+     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+     time_ms     INTEGER NOT NULL,
+     type        TEXT NOT NULL,
+     instance_id TEXT,
+     event       TEXT NOT NULL
+   )`,
+  `CREATE INDEX events_time ON events(time_ms)`,
 ];
 
 /** The schema version this build writes (PRAGMA user_version). */
@@ -461,6 +471,26 @@ export class Registry {
       this.db.prepare('DELETE FROM image_refs WHERE digest = ?').run(digest);
       this.db.prepare('DELETE FROM images WHERE digest = ?').run(digest);
     })();
+  }
+
+  /** Stores an event (its JSON without `seq`); returns the sequence number it was given. */
+  insertEvent(timeMs: number, type: string, instanceId: string | undefined, event: string): number {
+    const r = this.db
+      .prepare('INSERT INTO events (time_ms, type, instance_id, event) VALUES (?, ?, ?, ?)')
+      .run(timeMs, type, instanceId ?? null, event);
+    return Number(r.lastInsertRowid);
+  }
+
+  /** Events after sequence number `afterSeq`, from `sinceMs` on, oldest first, at most `limit`. */
+  listEvents(afterSeq: number, sinceMs: number, limit: number): { seq: number; event: string }[] {
+    return this.db
+      .prepare('SELECT seq, event FROM events WHERE seq > ? AND time_ms >= ? ORDER BY seq LIMIT ?')
+      .all(afterSeq, sinceMs, limit) as { seq: number; event: string }[];
+  }
+
+  /** Keeps the newest `keep` events. */
+  pruneEvents(keep: number): void {
+    this.db.prepare('DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?').run(keep);
   }
 
   /** Resolves a handle, a full id, or a unique id prefix (as Docker does). */

@@ -789,6 +789,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Lifecycle events, oldest first: the stored history from `since` (nothing stored before it is sent without `since`), then, with follow, new ones as they happen until `until` or the client goes. Filters combine: every given kind must match (type, instance, label each match any of their values) */
+        get: operations["streamEvents"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -1330,6 +1347,34 @@ export interface components {
             /** @description The checkpoint the forks share (removed with the last of them) */
             snapshot: string;
             instances: components["schemas"]["Instance"][];
+        };
+        /** @description One change in the life of an instance (or of the daemon's snapshots), as `aegis events` shows it. Kept in a bounded history across daemon restarts. */
+        LifecycleEvent: {
+            /** @description Increases by one per event this daemon home recorded; a client resumes after the last it saw */
+            seq: number;
+            /** @description When it happened (ms since the epoch) */
+            timeMs: number;
+            /**
+             * @description create: the instance was made. start: its workload runs (from starting). exit: its workload exited (exitCode). stop / fail: it is down (stopped cleanly, or failed with a reason). pause / resume: paused and running again (reason says when for idleness). hibernate / restore: saved with no VMM, and running again. snapshot: a checkpoint was taken of it. fork: forks were started from it (forks). delete: it was removed. deadline: its timeoutMs was reached. egress-denied: a connection or name it asked for was refused (destination, reason; `suppressed` counts refusals not reported one by one)
+             * @enum {unknown}
+             */
+            type: "create" | "start" | "exit" | "stop" | "fail" | "pause" | "resume" | "hibernate" | "restore" | "snapshot" | "fork" | "delete" | "deadline" | "egress-denied";
+            instanceId?: string;
+            handle?: string;
+            labels?: components["schemas"]["Labels"];
+            /** @description Its state after the change */
+            state?: components["schemas"]["InstanceState"];
+            previousState?: components["schemas"]["InstanceState"];
+            exitCode?: number | null;
+            reason?: string;
+            /** @description snapshot, fork: the checkpoint's name */
+            snapshot?: string;
+            /** @description fork: the handles of the new instances */
+            forks?: string[];
+            /** @description egress-denied: the name or address:port */
+            destination?: string;
+            /** @description egress-denied: refusals of this instance since the last one reported, not reported one by one */
+            suppressed?: number;
         };
     };
     responses: never;
@@ -3040,6 +3085,50 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    streamEvents: {
+        parameters: {
+            query?: {
+                /** @description From this time (ms since the epoch): stored events first */
+                since?: number;
+                /** @description Up to this time (ms since the epoch); a follow ends there */
+                until?: number;
+                /** @description After this sequence number (a client resuming) */
+                after?: number;
+                /** @description Keep streaming new events */
+                follow?: boolean;
+                /** @description Only these types (repeatable) */
+                type?: string[];
+                /** @description Only these instances, by handle or id (repeatable; a deleted one's events match its handle or id too) */
+                instance?: string[];
+                /** @description Only instances with this label: `k` or `k=v` (repeatable) */
+                label?: string[];
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Stream of events; a final `{type:"error"}` line if the stream is cut (a client reading too slowly) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/x-ndjson": components["schemas"]["LifecycleEvent"];
+                };
             };
             /** @description Any failure: `{code, message}` with a stable code */
             default: {
