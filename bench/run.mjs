@@ -1346,6 +1346,55 @@ async function benchHibernation(d, cold) {
 }
 
 /**
+ * Events (issue 24): how long a lifecycle change takes to reach a subscriber of `GET
+ * /v1/events` (the event's own time to its arrival, one clock), over pause/resume cycles of
+ * one instance; and how long a `/metrics` scrape takes with that instance running.
+ */
+async function benchEvents() {
+  const d = await startDaemon(false);
+  try {
+    await d.client.createInstance({ handle: 'bench-ev', command: ['sleep', 'infinity'], network: 'none' });
+    const lags = [];
+    const stop = new globalThis.AbortController();
+    const following = (async () => {
+      try {
+        for await (const ev of d.client.events({ follow: true, instances: ['bench-ev'], signal: stop.signal })) {
+          if (ev.type === 'pause' || ev.type === 'resume') lags.push(Date.now() - ev.timeMs);
+        }
+      } catch {
+        // aborted
+      }
+    })();
+    await new Promise((r) => setTimeout(r, 300));
+    const cycles = Math.max(10, RUNS * 4);
+    for (let i = 0; i < cycles; i++) {
+      await d.client.pauseInstance('bench-ev');
+      await d.client.resumeInstance('bench-ev');
+    }
+    await new Promise((r) => setTimeout(r, 300));
+    stop.abort();
+    await following;
+    const scrapes = [];
+    for (let i = 0; i < RUNS; i++) {
+      const t0 = performance.now();
+      await new Promise((resolve, reject) =>
+        http
+          .get({ socketPath: path.join(d.home, 'aegisd.sock'), path: '/metrics' }, (res) => res.resume().on('end', resolve))
+          .on('error', reject),
+      );
+      scrapes.push(performance.now() - t0);
+    }
+    await d.client.deleteInstance('bench-ev', { force: true });
+    console.log(`\nevents, median of ${lags.length} (pause/resume of one instance):`);
+    console.log(`${'event time to a subscriber receiving it'.padEnd(56)} median ${median(lags).toFixed(1)} ms (target < 50 ms)`);
+    console.log(`${'GET /metrics with one running instance'.padEnd(56)} median ${median(scrapes).toFixed(1)} ms`);
+    return { deliveryMs: lags, metricsScrapeMs: scrapes };
+  } finally {
+    await d.stop();
+  }
+}
+
+/**
  * Checkpoints (issue 22): the time an instance is paused for `snapshot create` and the space the
  * snapshot takes, with 128 and 512 MiB of guest memory touched; an instance started from a
  * snapshot vs. a cold boot (create to running, interleaved); and `fork -n 4` in all.
@@ -1420,9 +1469,9 @@ async function benchCheckpoint() {
   }
 }
 
-// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle|checkpoint runs one section alone (a minute or two; the whole bench takes several).
+// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle|checkpoint|events runs one section alone (a minute or two; the whole bench takes several).
 if (
-  ['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle', 'checkpoint'].includes(
+  ['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle', 'checkpoint', 'events'].includes(
     process.env.BENCH_ONLY ?? '',
   )
 ) {
@@ -1438,6 +1487,7 @@ if (
     volumes: benchVolumes,
     idle: benchIdle,
     checkpoint: benchCheckpoint,
+    events: benchEvents,
   }[process.env.BENCH_ONLY];
   await only();
   process.exit(0);
@@ -1516,6 +1566,7 @@ try {
   const pool = await benchPool();
   const idle = await benchIdle();
   const checkpoint = await benchCheckpoint();
+  const events = await benchEvents();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -1538,6 +1589,7 @@ try {
         pool,
         idle,
         checkpoint,
+        events,
         backend: status.backend,
       },
       null,

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { events, type SandboxEvent } from '@aegis/sdk';
 import { useDaemon } from './fixture.js';
+import { getOnSocket, parseMetrics, valueOf, type Family } from '../support/prometheus.js';
 
 const daemon = useDaemon();
 
@@ -20,7 +21,7 @@ function shape(e: SandboxEvent): string {
   return parts.join(' ');
 }
 
-describe('aegis events', () => {
+describe('aegis events and /metrics', () => {
   it('every lifecycle change of a scenario once, in order, with its fields; the same history after an aegisd SIGKILL (--since)', async () => {
     const d = daemon();
     const t0 = Date.now();
@@ -148,5 +149,58 @@ describe('aegis events', () => {
     const bad = await d.cli(['events', '--filter', 'event=exploded', '--until', '0s']);
     expect(bad.code).not.toBe(0);
     expect(bad.stderr).toMatch(/unknown event type "exploded".*\[INVALID_ARGUMENT\]/);
+  });
+  it('/metrics in Prometheus text: per-instance state, VMM CPU and memory, guest memory, disk, execs, egress and start latency move as instances run; a scrape never wakes one', async () => {
+    const d = daemon();
+    const sock = path.join(d.home, 'aegisd.sock');
+    const scrape = async (): Promise<Map<string, Family>> => {
+      const r = await getOnSocket(sock, '/metrics');
+      expect(r.status).toBe(200);
+      expect(r.type).toMatch(/^text\/plain; version=0\.0\.4/);
+      return parseMetrics(r.body);
+    };
+    const before = await scrape();
+    const execsBefore = valueOf(before, 'aegis_execs_total', { result: 'exited' }) ?? 0;
+    expect(valueOf(before, 'aegisd_event_loop_delay_p99_seconds')).toBeGreaterThanOrEqual(0);
+    const inst = await d.client.createInstance({ handle: 'm1', command: ['sleep', '600'], memoryMiB: 256 });
+    for (let i = 0; i < 3; i++) expect((await d.cli(['exec', 'm1', '--', 'true'])).code).toBe(0);
+    await d.cli(['exec', 'm1', '--', 'python3', '-c', "import urllib.request; urllib.request.urlopen('http://10.99.0.5/', timeout=5)"]);
+    const l = { instance: inst.id, handle: 'm1' };
+    const a = await scrape();
+    expect(valueOf(a, 'aegis_instances', { state: 'running' })).toBe(1);
+    expect(valueOf(a, 'aegis_instance_state', { ...l, state: 'running' })).toBe(1);
+    expect(valueOf(a, 'aegis_execs_total', { result: 'exited' })).toBe(execsBefore + 4);
+    expect(valueOf(a, 'aegis_exec_seconds')).toBe(execsBefore + 4);
+    expect(a.get('aegis_exec_seconds')?.type).toBe('HISTOGRAM');
+    expect(valueOf(a, 'aegis_instance_start_seconds')).toBeGreaterThanOrEqual(1);
+    expect(
+      a
+        .get('aegis_instance_starts_total')
+        ?.metrics.some((s) => Number(s.value) >= 1 && /^(cold|template|pool)$/.test(s.labels?.['kind'] ?? '')),
+    ).toBe(true);
+    const cpu1 = valueOf(a, 'aegis_instance_cpu_seconds_total', l) ?? 0;
+    expect(cpu1).toBeGreaterThan(0);
+    expect(valueOf(a, 'aegis_instance_memory_bytes', { ...l, kind: 'host_pss' })).toBeGreaterThan(16 << 20);
+    const guestTotal = valueOf(a, 'aegis_instance_memory_bytes', { ...l, kind: 'guest_total' }) ?? 0;
+    expect(guestTotal).toBeGreaterThan(150 << 20);
+    expect(guestTotal).toBeLessThanOrEqual(256 << 20);
+    expect(valueOf(a, 'aegis_instance_disk_allocated_bytes', l)).toBeGreaterThan(0);
+    expect(valueOf(a, 'aegis_instance_egress_decisions_total', { ...l, decision: 'denied' })).toBeGreaterThanOrEqual(1);
+    // CPU moves with work; a hibernated instance has no VMM to read, and a scrape leaves it asleep.
+    expect((await d.cli(['exec', 'm1', '--', 'sh', '-c', 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done'])).code).toBe(0);
+    const b = await scrape();
+    expect(valueOf(b, 'aegis_instance_cpu_seconds_total', l)).toBeGreaterThan(cpu1);
+    await d.client.hibernateInstance('m1');
+    const c = await scrape();
+    expect(valueOf(c, 'aegis_instance_state', { ...l, state: 'hibernated' })).toBe(1);
+    expect(valueOf(c, 'aegis_instance_memory_bytes', { ...l, kind: 'host_pss' })).toBeUndefined();
+    expect((await d.client.getInstance('m1')).state).toBe('hibernated');
+    await d.client.resumeInstance('m1');
+    const w = await scrape();
+    expect(valueOf(w, 'aegis_instance_wakes_total', { from: 'hibernation' })).toBe(1);
+    expect(valueOf(w, 'aegis_instance_wake_seconds')).toBeGreaterThanOrEqual(1);
+    await d.client.deleteInstance('m1', { force: true });
+    const gone = await scrape();
+    expect(valueOf(gone, 'aegis_instance_state', l)).toBeUndefined();
   });
 });

@@ -26,6 +26,7 @@ import { SecretStore } from './secrets/store.js';
 import { TemplateCache } from './instances/templates.js';
 import { systemRoutes } from './api/routes/system.js';
 import { eventRoutes } from './api/routes/events.js';
+import { metricsRoutes } from './api/routes/metrics.js';
 import type { Logger } from './log.js';
 import { LoopDelayMonitor } from './lag.js';
 
@@ -125,6 +126,17 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   await templates.collect();
   void instances.warmUp();
 
+  const loopDelay = new LoopDelayMonitor();
+  instances.metrics.attach({
+    rows: () => registry.listInstances(),
+    figures: (id) => instances.figures(id),
+    pool: () => {
+      const p = instances.poolStatus();
+      return p ? { ready: p.ready, target: p.size } : undefined;
+    },
+    loopDelay,
+  });
+
   let resolveClosed!: () => void;
   const closed = new Promise<void>((r) => (resolveClosed = r));
   let stopping = false;
@@ -138,7 +150,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     instances,
     secrets,
     images,
-    loopDelay: new LoopDelayMonitor(),
+    loopDelay,
     async shutdown() {
       if (stopping) return closed;
       stopping = true;
@@ -158,6 +170,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
     [
       ...systemRoutes(ctx),
       ...eventRoutes(instances, instances.events),
+      ...metricsRoutes(instances.metrics),
       ...instanceRoutes(ctx),
       ...fileRoutes(ctx),
       ...secretRoutes(ctx),

@@ -35,7 +35,8 @@ import { readHibernation, removeHibernation, saveHibernation } from './hibernati
 import type { Snapshot } from '../snapshots/store.js';
 import { checkpointRefusal, saveCheckpoint } from '../snapshots/checkpoint.js';
 import { isLive, isUp, requireState, type InstanceState } from './state.js';
-import { measure, type InstanceStats, type ProcessSample } from './stats.js';
+import { allocatedBytes, measure, processMemoryBytes, sampleCpu, type InstanceStats, type ProcessSample } from './stats.js';
+import type { InstanceFigures } from '../metrics.js';
 import { DEFAULT_STOP_TIMEOUT_MS, InstanceOwner, type StartPlan, type FileOpRequest } from './owner.js';
 
 const RUN_TIMEOUT_MS = 30_000;
@@ -98,6 +99,8 @@ export class Instance extends InstanceOwner {
   private async launch(row: InstanceRow, plan: StartPlan, keepDisk: boolean, signal: AbortSignal): Promise<InstanceView> {
     const { handle } = row;
     const { forwarder, image, pooled } = plan;
+    const startedAt = performance.now();
+    let kind = 'cold';
     try {
       signal.throwIfAborted();
       await fs.mkdir(path.join(this.dir, 'vm'), { recursive: true, mode: 0o700 });
@@ -107,6 +110,7 @@ export class Instance extends InstanceOwner {
       const volumes = this.s.volumes.vmVolumes(row.volumes);
       const checkpoint = keepDisk ? undefined : plan.checkpoint;
       const template = pooled || keepDisk || checkpoint || volumes.length > 0 ? undefined : this.s.templates.lookup(shape);
+      kind = pooled ? 'pool' : checkpoint ? 'snapshot' : template ? 'template' : 'cold';
       let agent: AgentConnection;
       try {
         agent = pooled
@@ -128,6 +132,7 @@ export class Instance extends InstanceOwner {
         this.s.log.warn(
           `instance ${handle} (${this.id}): ${pooled ? 'pooled VM' : 'warm boot'} failed (${(err as Error).message}); booting cold`,
         );
+        kind = 'cold';
         const failed = this.live;
         if (failed) {
           failed.retired = true;
@@ -146,6 +151,7 @@ export class Instance extends InstanceOwner {
       if (checkpoint) {
         // Its workload carries on where the checkpoint caught it: nothing to run.
         this.move('running', { startedAt: Date.now() }, ['starting']);
+        this.s.metrics.started(kind, (performance.now() - startedAt) / 1000);
         return this.view();
       }
       const params = {
@@ -159,6 +165,7 @@ export class Instance extends InstanceOwner {
       };
       await agent.call('run', params, { timeoutMs: RUN_TIMEOUT_MS, signal });
       this.move('running', { startedAt: Date.now() }, ['starting']);
+      this.s.metrics.started(kind, (performance.now() - startedAt) / 1000);
       return this.view();
     } catch (err) {
       const cancelled = signal.aborted;
@@ -344,6 +351,7 @@ export class Instance extends InstanceOwner {
       ports.reopen();
       await removeHibernation(this.dir);
       this.s.log.info(`instance ${row.handle} (${this.id}): woken from hibernation by ${why} in ${Date.now() - t0} ms`);
+      this.s.metrics.woke('hibernation', (Date.now() - t0) / 1000);
       return this.row();
     } catch (err) {
       const e = AegisError.from(err);
@@ -474,6 +482,7 @@ export class Instance extends InstanceOwner {
       );
     }
     const execId = randomBytes(6).toString('hex');
+    const execStarted = performance.now();
     // Admission is an operation of the instance (no stop can slip in between the check and
     // the guest starting the command); the command's output then streams outside the queue.
     const { agent, done } = await this.op(
@@ -486,6 +495,11 @@ export class Instance extends InstanceOwner {
         if (!agent) throw new AegisError('UNAVAILABLE', `agent of instance "${row.handle}" is not connected`);
         const done = live.trackExec(execId, emit);
         done.catch(() => undefined); // observed below; not an unhandled rejection meanwhile
+        const took = (): number => (performance.now() - execStarted) / 1000;
+        done.then(
+          () => this.s.metrics.execEnded('exited', took()),
+          () => this.s.metrics.execEnded('error', took()),
+        );
         // An exec in progress is use, however quiet (`--idle-pause`); a detached one is a
         // background process of the instance, as the workload's own are.
         if (!req.detach) {
@@ -597,6 +611,38 @@ export class Instance extends InstanceOwner {
     const { stats, sample } = await measure(row, live.vm.hostPid(), disk?.path, guest, this.cpuSample);
     this.cpuSample = sample;
     return stats;
+  }
+
+  /**
+   * What `/metrics` reads of it: host figures from /proc and its disk file, the guest's own
+   * only while it runs (a scrape must not wake it, nor count as use), its egress counters.
+   */
+  async figures(): Promise<InstanceFigures> {
+    const row = this.row();
+    const live = this.live;
+    const pid = live?.vm.hostPid();
+    const [cpu, memory, disk] = await Promise.all([
+      pid !== undefined ? sampleCpu(pid) : undefined,
+      pid !== undefined ? processMemoryBytes(pid) : undefined,
+      existingDisk(this.dir).then((d) => (d ? allocatedBytes(d.path) : undefined)),
+    ]);
+    const guest =
+      row.state === 'running' && live?.agent && !live.paused
+        ? await live.agent.call('stats', {}, { timeoutMs: 2000 }).catch(() => undefined)
+        : undefined;
+    const egress = this.guestEgress.view(row, false).counters;
+    const sum = (k: 'bytesOut' | 'bytesIn' | 'allowed' | 'denied'): number => egress.reduce((a, c) => a + c[k], 0);
+    return {
+      cpuSeconds: cpu ? cpu.cpuTicks / 100 : undefined,
+      hostMemoryBytes: memory,
+      diskAllocatedBytes: disk,
+      guestMemoryUsedBytes: guest ? (guest.memTotalKiB - guest.memAvailableKiB) * 1024 : undefined,
+      guestMemoryTotalBytes: guest ? guest.memTotalKiB * 1024 : undefined,
+      egressBytesOut: sum('bytesOut'),
+      egressBytesIn: sum('bytesIn'),
+      egressAllowed: sum('allowed'),
+      egressDenied: sum('denied'),
+    };
   }
 
   /** The log store plus whether more output can still come. */

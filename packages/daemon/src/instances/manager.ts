@@ -10,6 +10,7 @@
  * boot), volumes/host-mounts.ts (`-v`), stats.ts (`docker stats`).
  */
 import { EventBus } from '../events/bus.js';
+import { DaemonMetrics, type InstanceFigures } from '../metrics.js';
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
@@ -58,6 +59,8 @@ export class InstanceManager {
   readonly snapshots: SnapshotStore;
   /** Lifecycle events of every instance (`aegis events`). */
   readonly events: EventBus;
+  /** `/metrics`: its histograms are observed by the instances, its figures read from them. */
+  readonly metrics = new DaemonMetrics();
 
   constructor(
     private readonly config: DaemonConfig,
@@ -90,6 +93,7 @@ export class InstanceManager {
       networkModes: this.networkModes,
       snapshots: this.snapshots,
       events: this.events,
+      metrics: this.metrics,
     };
     // Pooled VMs are restored from templates: no templates, no pool.
     if (config.poolSize > 0 && templates.enabled) {
@@ -126,6 +130,12 @@ export class InstanceManager {
   }
 
   /** The warm pool's state (undefined: no pool). */
+  /** What `/metrics` reads of each instance (undefined: it is gone). */
+  async figures(id: string): Promise<InstanceFigures | undefined> {
+    if (!this.registry.getInstance(id)) return undefined;
+    return this.ownerOf(id).figures();
+  }
+
   poolStatus(): PoolStatus | undefined {
     return this.pool?.status();
   }

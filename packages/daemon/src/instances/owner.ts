@@ -20,6 +20,7 @@ import type { HostMounts } from '../volumes/host-mounts.js';
 import type { VolumeService } from '../volumes/service.js';
 import type { AgentConnection } from './agent.js';
 import type { EventBus, NewEvent } from '../events/bus.js';
+import type { DaemonMetrics } from '../metrics.js';
 import { DeadlineTimer } from './deadlines.js';
 import { removeHibernation } from './hibernation.js';
 import { IdleClock, idleReason, isIdlePaused } from './idle.js';
@@ -46,6 +47,8 @@ export interface InstanceServices {
   snapshots: SnapshotStore;
   /** Where lifecycle events go (`aegis events`). */
   events: EventBus;
+  /** Latency histograms of `/metrics` (boots, wakes, execs). */
+  metrics: DaemonMetrics;
 }
 
 /** What a create hands the instance's first start. */
@@ -399,6 +402,7 @@ export abstract class InstanceOwner implements LiveEvents {
     await live.vm.resume();
     this.mustMove('running', { stateReason: null });
     live.resumed();
+    this.s.metrics.woke('idle-pause', (Date.now() - started) / 1000);
     this.s.log.info(`instance ${row.handle} (${this.id}): woken by ${why} in ${Date.now() - started} ms`);
     return this.row();
   }

@@ -806,6 +806,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/metrics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Prometheus text exposition (prom-client): aegis_instances{state}, per instance aegis_instance_state, aegis_instance_cpu_seconds_total, aegis_instance_memory_bytes{kind=host_pss|guest_used|guest_total}, aegis_instance_disk_allocated_bytes, aegis_instance_egress_bytes_total{direction}, aegis_instance_egress_decisions_total{decision}; histograms aegis_instance_start_seconds, aegis_instance_wake_seconds, aegis_exec_seconds with counters by kind beside them (aegis_instance_starts_total{kind}, aegis_instance_wakes_total{from}, aegis_execs_total{result}); aegis_pool_ready/target, aegisd_event_loop_delay_p99_seconds and the process figures (aegisd_*). Reading it never wakes an instance */
+        get: operations["getMetrics"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -3128,6 +3145,35 @@ export interface operations {
                 };
                 content: {
                     "application/x-ndjson": components["schemas"]["LifecycleEvent"];
+                };
+            };
+            /** @description Any failure: `{code, message}` with a stable code */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    getMetrics: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The metrics */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": string;
                 };
             };
             /** @description Any failure: `{code, message}` with a stable code */
