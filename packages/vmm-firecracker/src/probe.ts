@@ -11,6 +11,7 @@ import {
   KVM_DEVICE,
   accelMode,
   hostCpuFingerprint,
+  kvmTestTimeoutMs,
   kvmDeviceProblem,
   verdictKey,
   verdictGate,
@@ -133,11 +134,11 @@ async function probeKvm(name: string, options: FirecrackerOptions, found: string
   if (!cacheDir) return { available: false, detail: `${untested} (no cache directory for the verdict); ${trustIt}` };
   if (!(await isFile(kernelPath))) return { available: false, detail: `${untested}: guest kernel ${kernelPath} is missing` };
   // The binary's path as well as its version: two installs of one version are two VMMs.
-  const key = await verdictKey(found, kernelPath, device);
+  const timeoutMs = options.kvmTestTimeoutMs ?? kvmTestTimeoutMs();
+  const key = await verdictKey(found, kernelPath, device, timeoutMs);
   const gate = verdictGate(cacheDir);
   const known = await gate.cached(name, key);
   if (known) return fromVerdict(found, known);
-  const timeoutMs = options.kvmTestTimeoutMs ?? 5000;
   const settled = gate
     .decide(name, key, () => testBoot({ binary, kernelPath, timeoutMs, ...(options.spawn ? { spawn: options.spawn } : {}) }))
     .then(

@@ -5,7 +5,17 @@
  */
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { hostCpuFingerprint, KVM_DEVICE, verdictGate, type VerdictGate, accelMode, kvmDeviceProblem, verdictKey, type Capabilities } from '@aegis/vmm';
+import {
+  hostCpuFingerprint,
+  kvmTestTimeoutMs,
+  KVM_DEVICE,
+  verdictGate,
+  type VerdictGate,
+  accelMode,
+  kvmDeviceProblem,
+  verdictKey,
+  type Capabilities,
+} from '@aegis/vmm';
 import { profile } from './args.js';
 import { testKvmBoot } from './kvm-test.js';
 
@@ -18,9 +28,6 @@ export interface AccelDecision {
   /** The test boot still running: TCG until it settles. */
   settled?: Promise<AccelDecision>;
 }
-
-/** A working KVM reaches init in well under a second; this leaves room for a loaded host. */
-const KVM_TEST_DEADLINE_MS = 5000;
 
 export function capabilitiesFor(kvm: boolean, passt: boolean): Capabilities {
   return {
@@ -77,7 +84,8 @@ export class AccelChoice {
     else if (!this.gate || !this.options.kernelPath)
       d = { kvm: false, why: `TCG: ${device} present but not tested (no guest kernel to test it with)` };
     else {
-      const key = await verdictKey(version, this.options.kernelPath, device);
+      const deadlineMs = this.options.kvmTestDeadlineMs ?? kvmTestTimeoutMs();
+      const key = await verdictKey(version, this.options.kernelPath, device, deadlineMs);
       const known = await this.gate.cached(this.name, key);
       if (known) d = fromVerdict(device, known.usable, known.detail);
       else {
@@ -90,7 +98,7 @@ export class AccelChoice {
               machine: profile().machine,
               console: profile().console,
               kernelPath,
-              deadlineMs: this.options.kvmTestDeadlineMs ?? KVM_TEST_DEADLINE_MS,
+              deadlineMs,
             }),
           )
           .then(

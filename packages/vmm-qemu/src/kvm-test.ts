@@ -88,7 +88,8 @@ export async function testKvmBoot(o: KvmTestOptions): Promise<AccelVerdict> {
     };
     const fail = (why: string): void => finish({ usable: false, detail: why });
     const check = (): void => {
-      if (REACHED_INIT.test(out)) finish({ usable: true, detail: `the guest kernel booted under KVM in ${Date.now() - started} ms` });
+      if (REACHED_INIT.test(out))
+        finish({ usable: true, detail: `the guest kernel booted under KVM in ${Date.now() - started} ms (deadline ${o.deadlineMs} ms)` });
       else if (KVM_FAILED.test(err)) fail(qemuWords(err));
     };
     child.stdout.on('data', (d: Buffer) => {
@@ -109,7 +110,7 @@ export async function testKvmBoot(o: KvmTestOptions): Promise<AccelVerdict> {
     });
     const timer = setTimeout(() => {
       const printed = out.trim() === '' ? 'no sign of life' : 'the guest kernel did not reach init';
-      fail(`${printed} within ${o.deadlineMs} ms${err ? `: ${qemuWords(err)}` : ''}`);
+      fail(`${printed} within ${o.deadlineMs} ms (AEGIS_KVM_TEST_TIMEOUT_MS)${err ? `: ${qemuWords(err)}` : ''}`);
     }, o.deadlineMs);
     // A KVM internal error stops the VM without ending QEMU: ask QEMU for its run state.
     let asking = false;

@@ -11,11 +11,30 @@ import { createHash } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { AegisError } from '@aegis/protocol';
 
 export const KVM_DEVICE = '/dev/kvm';
 
 /** `AEGIS_ACCEL`: `auto` tests KVM; `kvm` uses it without a test; `tcg` never uses it. */
 export type AccelMode = 'auto' | 'kvm' | 'tcg';
+
+/** How long a KVM test boot may take to reach init, unless AEGIS_KVM_TEST_TIMEOUT_MS says. */
+export const DEFAULT_KVM_TEST_TIMEOUT_MS = 5000;
+
+/**
+ * The KVM test boot's deadline: AEGIS_KVM_TEST_TIMEOUT_MS (500 ms to 10 min), else 5 s. A
+ * working KVM reaches init in well under a second; a nested one (KVM under TCG, or a loaded
+ * cloud VM) can take several, and a verdict of "cannot run the guest" would put it on TCG.
+ */
+export function kvmTestTimeoutMs(env: NodeJS.ProcessEnv = process.env): number {
+  const v = env['AEGIS_KVM_TEST_TIMEOUT_MS'];
+  if (v === undefined || v === '') return DEFAULT_KVM_TEST_TIMEOUT_MS;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 500 || n > 600_000) {
+    throw new AegisError('INVALID_ARGUMENT', `AEGIS_KVM_TEST_TIMEOUT_MS=${v}: give a whole number of milliseconds from 500 to 600000`);
+  }
+  return n;
+}
 
 export function accelMode(env: NodeJS.ProcessEnv = process.env): AccelMode {
   const v = env['AEGIS_ACCEL'];
@@ -50,7 +69,7 @@ export async function kvmDeviceProblem(device = KVM_DEVICE): Promise<string | un
  * The cache key: host kernel release and build, the VMM's version line, the guest kernel
  * (path, size, mtime) and the device node's identity. Any of them changing re-runs the test.
  */
-export async function verdictKey(vmmVersion: string, guestKernel: string, device = KVM_DEVICE): Promise<string> {
+export async function verdictKey(vmmVersion: string, guestKernel: string, device = KVM_DEVICE, deadlineMs?: number): Promise<string> {
   const kst = await fs.stat(guestKernel).catch(() => undefined);
   const dst = await fs.stat(device).catch(() => undefined);
   const parts = {
@@ -58,6 +77,8 @@ export async function verdictKey(vmmVersion: string, guestKernel: string, device
     vmm: vmmVersion,
     guest: `${guestKernel}:${kst?.size ?? 0}:${kst?.mtimeMs ?? 0}`,
     device: `${device}:${dst?.rdev ?? 0}:${dst?.ino ?? 0}`,
+    // Another deadline is another test: a verdict under a short one is not kept for a longer.
+    ...(deadlineMs !== undefined ? { deadlineMs } : {}),
   };
   return createHash('sha256').update(JSON.stringify(parts)).digest('hex').slice(0, 24);
 }

@@ -4,6 +4,8 @@ export { connectSocket, fileTail, hostCpuFingerprint, processAlive } from './hos
 export {
   KVM_DEVICE,
   accelMode,
+  DEFAULT_KVM_TEST_TIMEOUT_MS,
+  kvmTestTimeoutMs,
   kvmDeviceProblem,
   verdictKey,
   VerdictCache,
