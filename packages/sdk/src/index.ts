@@ -5,6 +5,7 @@ export {
   Egress,
   events,
   type SandboxEvent,
+  type SandboxState,
   type EventOptions,
   type SandboxOptions,
   type CommandOptions,

@@ -432,8 +432,50 @@ export class Egress {
   }
 }
 
-/** A lifecycle event (create, start, exit, stop, pause, resume, hibernate, restore, fork, delete…), as `aegis events` shows it. */
-export type SandboxEvent = LifecycleEvent;
+/** A sandbox's state (the daemon's instance states). */
+export type SandboxState = 'starting' | 'running' | 'paused' | 'stopping' | 'stopped' | 'failed' | 'hibernated';
+
+/**
+ * A lifecycle event, as `aegis events` shows it (the daemon's `LifecycleEvent`, written out here:
+ * the SDK's declarations name only its own types; eventStream checks the two agree).
+ */
+export interface SandboxEvent {
+  /** Increases by one per event the daemon recorded. */
+  seq: number;
+  /** When it happened (ms since the epoch). */
+  timeMs: number;
+  type:
+    | 'create'
+    | 'start'
+    | 'exit'
+    | 'stop'
+    | 'fail'
+    | 'pause'
+    | 'resume'
+    | 'hibernate'
+    | 'restore'
+    | 'snapshot'
+    | 'fork'
+    | 'delete'
+    | 'deadline'
+    | 'egress-denied';
+  instanceId?: string;
+  handle?: string;
+  labels?: Record<string, string>;
+  /** Its state after the change. */
+  state?: SandboxState;
+  previousState?: SandboxState;
+  exitCode?: number | null;
+  reason?: string;
+  /** snapshot, fork: the checkpoint's name. */
+  snapshot?: string;
+  /** fork: the new sandboxes' names. */
+  forks?: string[];
+  /** egress-denied: the name or address:port refused. */
+  destination?: string;
+  /** egress-denied: refusals since the last one reported, not reported one by one. */
+  suppressed?: number;
+}
 
 export interface EventOptions {
   /** Stored events from then first (a Date, or ms since the epoch); without it, only new ones. */
@@ -452,15 +494,20 @@ async function* eventStream(client: AegisClient, options: EventOptions, instance
   const since = options.since instanceof Date ? options.since.getTime() : options.since;
   const follow = options.follow ?? true;
   if (!follow && since === undefined) return;
+  // Typed as the daemon's events and yielded as SandboxEvents: the compiler holds the two together.
+  const stream: AsyncIterable<LifecycleEvent> = client.events({
+    follow,
+    ...(since !== undefined ? { sinceMs: since } : {}),
+    ...(options.types ? { types: options.types } : {}),
+    ...(options.labels ? { labels: options.labels } : {}),
+    ...(instances ? { instances } : {}),
+    ...(options.signal ? { signal: options.signal } : {}),
+  });
   try {
-    yield* client.events({
-      follow,
-      ...(since !== undefined ? { sinceMs: since } : {}),
-      ...(options.types ? { types: options.types } : {}),
-      ...(options.labels ? { labels: options.labels } : {}),
-      ...(instances ? { instances } : {}),
-      ...(options.signal ? { signal: options.signal } : {}),
-    });
+    for await (const ev of stream) {
+      const out: SandboxEvent = ev;
+      yield out;
+    }
   } catch (err) {
     if (options.signal?.aborted) return;
     throw toSandboxError(err);
