@@ -31,9 +31,9 @@ if [ ! -d "$tree" ]; then
   t="$work/tree"
   # What maintainer scripts would have done.
   [ -e "$t/bin/sh" ] || ln -s dash "$t/bin/sh"
-  # update-alternatives' links (dpkg-deb -x runs no postinst): without them `awk` and
-  # `which` answer 127.
-  for alt in awk:mawk nawk:mawk which:which.debianutils; do
+  # update-alternatives' links (dpkg-deb -x runs no postinst): without them `awk`, `which`
+  # and `pager` answer 127.
+  for alt in awk:mawk nawk:mawk which:which.debianutils pager:less; do
     name=${alt%%:*} target=${alt#*:}
     if [ -e "$t/usr/bin/$target" ] && [ ! -e "$t/usr/bin/$name" ]; then ln -s "$target" "$t/usr/bin/$name"; fi
   done

@@ -40,7 +40,7 @@ describe('inside the guest', () => {
     expect(r.stdout).toBe('hi there from /tmp\n');
   });
 
-  it("hides the agent from the workload: ps shows the workload's own processes, node is not on PATH, awk and which are", async () => {
+  it("hides the agent from the workload: ps shows the workload's own processes, node is not on PATH, awk, which and pager are", async () => {
     const d = daemon();
     // The workload traps SIGTERM: a signal for it must reach it, not the helper standing in for it.
     await d.cli([
@@ -61,13 +61,13 @@ describe('inside the guest', () => {
       '--',
       'sh',
       '-c',
-      'ps -e -o pid=,args= | grep -v "ps -e" ; command -v node || echo no-node; which awk; echo x | awk "{print \\"awk-ok\\"}"',
+      'ps -e -o pid=,args= | grep -v "ps -e" ; command -v node || echo no-node; which awk; echo x | awk "{print \\"awk-ok\\"}"; which pager; echo pager-ok | pager',
     ]);
     const lines = ps.stdout.trim().split('\n');
     expect(lines.filter((l) => /harness|node /.test(l))).toEqual([]);
     expect(lines[0]).toMatch(/^\s*1 \/aegis\/init$/); // the namespace's init, which reaps its orphans
     expect(lines.some((l) => l.includes('trap "echo got-term; exit 7" TERM'))).toBe(true);
-    expect(lines.slice(-3)).toEqual(['no-node', '/usr/bin/awk', 'awk-ok']);
+    expect(lines.slice(-5)).toEqual(['no-node', '/usr/bin/awk', 'awk-ok', '/usr/bin/pager', 'pager-ok']);
     // A mount made by the workload is seen by the files API (mounts are shared both ways).
     // (The base rootfs has no mount(8): mount(2) through python's ctypes.)
     const mount = [
