@@ -21,6 +21,9 @@ const TYPES: readonly string[] = [
   'egress-denied',
 ] satisfies readonly ApiSchemas['LifecycleEvent']['type'][];
 
+/** Events waiting for a slow follower before it is cut off. */
+const MAX_HELD = 10_000;
+
 /** At most this many values per filter kind: a filter is a short list, not a payload. */
 const MAX_FILTER_VALUES = 64;
 
@@ -69,6 +72,20 @@ export function eventRoutes(m: InstanceManager, bus: EventBus): Route[] {
         let wake: (() => void) | undefined;
         const unsubscribe = follow
           ? bus.subscribe((ev) => {
+              if (held.length >= MAX_HELD) {
+                // A follower that cannot keep up is cut off, saying so, rather than held without bound.
+                if (!res.writableEnded) {
+                  res.end(
+                    JSON.stringify({
+                      type: 'error',
+                      code: 'RESOURCE_EXHAUSTED',
+                      message: 'the client read events too slowly; stream ended',
+                    }) + '\n',
+                  );
+                }
+                wake?.();
+                return;
+              }
               held.push(ev);
               wake?.();
             })
@@ -89,6 +106,9 @@ export function eventRoutes(m: InstanceManager, bus: EventBus): Route[] {
               if (!(open = await send(ev))) break;
             }
           }
+          // One listener for the whole follow (not one per wait): a long follower adds none.
+          const onAbort = (): void => wake?.();
+          signal.addEventListener('abort', onAbort, { once: true });
           const untilTimer = until !== undefined && follow ? setTimeout(() => wake?.(), Math.max(0, until - Date.now()) + 1) : undefined;
           try {
             while (open && follow && !signal.aborted && (until === undefined || Date.now() <= until)) {
@@ -97,14 +117,12 @@ export function eventRoutes(m: InstanceManager, bus: EventBus): Route[] {
                 open = await send(ev);
                 continue;
               }
-              await new Promise<void>((resolve) => {
-                wake = resolve;
-                signal.addEventListener('abort', () => resolve(), { once: true });
-              });
+              await new Promise<void>((resolve) => (wake = resolve));
               wake = undefined;
             }
           } finally {
             clearTimeout(untilTimer);
+            signal.removeEventListener('abort', onAbort);
           }
         } finally {
           unsubscribe?.();
