@@ -275,7 +275,7 @@ export function instanceRoutes(d: DaemonContext): Route[] {
  * Streams a live instance's output from `tail` entries back (all by default) until its VM is
  * gone; resolves with how it ended, or undefined when the client went away first.
  */
-async function follow(
+export async function follow(
   store: LogStore,
   write: (ev: unknown) => Promise<void> | undefined,
   signal: AbortSignal,
@@ -296,7 +296,9 @@ async function follow(
   let onEnd: ((end: LogEnd) => void) | undefined;
   const ended = new Promise<LogEnd>((resolve) => {
     const known = untilExit ? store.exitInfo : store.endInfo;
-    if (known) return resolve(known);
+    // Known as soon as the guest said so, while its last output may still be on its way to
+    // the file: resolved once the store has written it (and announced it to onEntry).
+    if (known) return void store.settled().then(() => resolve(known));
     onEnd = resolve;
     store.on('end', onEnd);
     if (untilExit) store.on('exit', onEnd);
