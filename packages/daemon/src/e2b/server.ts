@@ -9,6 +9,7 @@
 import http from 'node:http';
 import http2 from 'node:http2';
 import net from 'node:net';
+import { Duplex } from 'node:stream';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { connectNodeAdapter } from '@connectrpc/connect-node';
@@ -187,7 +188,10 @@ export async function startE2bEndpoint(d: DaemonContext, addr: string, log: Logg
     socket.once('data', (first: Buffer) => {
       socket.pause();
       socket.unshift(first);
-      (first.subarray(0, 3).toString('latin1') === 'PRI' ? h2 : h1).emit('connection', socket);
+      if (first.subarray(0, 3).toString('latin1') === 'PRI') {
+        // HTTP/2 reads a net.Socket's handle directly, past what was put back: give it a JS stream.
+        h2.emit('connection', Duplex.from({ readable: socket, writable: socket }));
+      } else h1.emit('connection', socket);
       socket.resume();
     });
     socket.on('error', () => socket.destroy());
