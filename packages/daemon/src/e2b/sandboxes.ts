@@ -362,7 +362,8 @@ export function sandboxRoutes(d: DaemonContext, keys: E2bKeys, domain: string): 
       handler: async ({ params, signal }) => {
         const v = find(id0(params));
         if (e2bState(v.state) === 'paused') return { status: 409, body: { code: 409, message: `sandbox ${v.id} is already paused` } };
-        await m.instance(v.id).hibernate(signal, 'paused through the E2B API');
+        // A request's hibernation (a custom reason would make it an idle one, skipped when in use).
+        await m.instance(v.id).hibernate(signal);
         return { status: 204 };
       },
     },
