@@ -232,6 +232,33 @@ describe('the e2b SDK against aegisd', () => {
     }
   });
 
+  it('getHost(port) reaches a server the guest runs, by its <port>-<id>.localhost name or the sandbox headers', async () => {
+    try {
+      await sbx.files.write('/srv/www/hello.txt', 'served from the guest');
+      await sbx.commands.run('python3 -m http.server 8000 --directory /srv/www', { background: true });
+      const host = sbx.getHost(8000);
+      expect(host).toBe(`8000-${sbx.sandboxId}.localhost:${new URL(url).port}`);
+      let answer = { status: 0, body: '' };
+      await until(
+        async () => {
+          answer = await raw('GET', '/hello.txt', { host });
+          return answer.status === 200;
+        },
+        30_000,
+        'the guest server',
+      );
+      expect(answer.body).toBe('served from the guest');
+      const viaHeaders = await fetch(`${url}/hello.txt`, { headers: { 'E2b-Sandbox-Id': sbx.sandboxId, 'E2b-Sandbox-Port': '8000' } });
+      expect(await viaHeaders.text()).toBe('served from the guest');
+      const closed = await raw('GET', '/', { host: `8001-${sbx.sandboxId}.localhost:${new URL(url).port}` });
+      expect(closed.status).toBe(503);
+      expect(closed.body).toContain('port 8001');
+    } catch (e) {
+      failed = true;
+      throw e;
+    }
+  });
+
   it('getInfo, setTimeout and getMetrics describe the sandbox', async () => {
     try {
       const info = await sbx.getInfo();

@@ -92,6 +92,16 @@ export class E2bKeys {
     return createHmac('sha256', this.current()).update(`envd-access:${id}`).digest('hex').slice(0, 48);
   }
 
+  /** The token getHost traffic needs for a sandbox made with `allowPublicTraffic: false`. */
+  trafficToken(id: string): string {
+    return createHmac('sha256', this.current()).update(`traffic-access:${id}`).digest('hex').slice(0, 48);
+  }
+
+  checkTrafficToken(id: string, token: string | undefined): void {
+    if (token !== undefined && token !== '' && same(token, this.trafficToken(id))) return;
+    throw new AegisError('UNAUTHENTICATED', `sandbox ${id} was made with allowPublicTraffic: false: send its e2b-traffic-access-token`);
+  }
+
   /** An envd call is allowed with the sandbox's access token, or with the API key itself. */
   checkAccessToken(id: string, token: string | undefined, apiKey: string | undefined): void {
     if (token !== undefined && token !== '' && same(token, this.accessToken(id))) return;

@@ -18,6 +18,8 @@ export const DEFAULT_TIMEOUT_S = 300;
 /** Labels under this prefix are ours (the template asked for), not the user's metadata. */
 export const LABEL_PREFIX = 'aegis.e2b/';
 export const TEMPLATE_LABEL = `${LABEL_PREFIX}template`;
+/** Set when the sandbox was made with `network.allowPublicTraffic: false` (getHost then needs its traffic token). */
+export const PRIVATE_TRAFFIC_LABEL = `${LABEL_PREFIX}private-traffic`;
 /** E2B's default template: our base rootfs. */
 export const BASE_TEMPLATE = 'base';
 
@@ -77,6 +79,11 @@ export function networkOf(body: Json): Pick<CreateRequest, 'network' | 'egress'>
   return { egress: { allow: denyAll ? allowOut : [], deny } };
 }
 
+function privateTraffic(body: Json): boolean {
+  const net = body['network'];
+  return typeof net === 'object' && net !== null && (net as Json)['allowPublicTraffic'] === false;
+}
+
 /**
  * E2B's create body onto our CreateInstanceRequest. `template` is `base` (our base rootfs), a
  * snapshot's name (`snapshots` says which exist) or an OCI image reference.
@@ -112,7 +119,7 @@ export function createRequestOf(raw: unknown, snapshots: ReadonlySet<string>): C
   const req: Json = {
     ...source,
     ...(env && !('snapshot' in source) ? { env } : {}),
-    labels: { ...metadata, [TEMPLATE_LABEL]: template },
+    labels: { ...metadata, [TEMPLATE_LABEL]: template, ...(privateTraffic(body) ? { [PRIVATE_TRAFFIC_LABEL]: 'true' } : {}) },
     timeoutMs: timeoutS * 1000,
     // E2B's kill at timeout: a throwaway instance is deleted when it stops.
     autoRemove: true,
@@ -158,7 +165,7 @@ export function listedOf(v: InstanceView, diskSizeMB: number): Json {
 }
 
 /** E2B's Sandbox (create and connect answers). */
-export function sandboxOf(v: InstanceView, token: string, domain: string): Json {
+export function sandboxOf(v: InstanceView, token: string, domain: string, trafficToken?: string): Json {
   return {
     templateID: templateOf(v),
     alias: templateOf(v),
@@ -166,7 +173,7 @@ export function sandboxOf(v: InstanceView, token: string, domain: string): Json 
     clientID: 'aegis',
     envdVersion: ENVD_VERSION,
     envdAccessToken: token,
-    trafficAccessToken: null,
+    trafficAccessToken: v.labels?.[PRIVATE_TRAFFIC_LABEL] !== undefined && trafficToken ? trafficToken : null,
     domain,
   };
 }
@@ -290,7 +297,7 @@ export function sandboxRoutes(d: DaemonContext, keys: E2bKeys, domain: string): 
     }
     void signal;
     if (timeout !== undefined) instance.extend(timeout * 1000);
-    return { status, body: sandboxOf(m.get(v.id), keys.accessToken(v.id), domain) };
+    return { status, body: sandboxOf(m.get(v.id), keys.accessToken(v.id), domain, keys.trafficToken(v.id)) };
   };
 
   return [
@@ -300,7 +307,7 @@ export function sandboxRoutes(d: DaemonContext, keys: E2bKeys, domain: string): 
       handler: async ({ body, signal }) => {
         const req = createRequestOf(body, await snapshotNames());
         const v = await m.create(req, signal);
-        return { status: 201, body: sandboxOf(v, keys.accessToken(v.id), domain) };
+        return { status: 201, body: sandboxOf(v, keys.accessToken(v.id), domain, keys.trafficToken(v.id)) };
       },
     },
     { method: 'GET', pattern: /^\/v2\/sandboxes$/, handler: list },
@@ -421,7 +428,10 @@ export function sandboxRoutes(d: DaemonContext, keys: E2bKeys, domain: string): 
         const count = optInt(b['count'], 'count') ?? 1;
         const timeout = optInt(b['timeout'], 'timeout') ?? DEFAULT_TIMEOUT_S;
         const forked = await m.fork(v.id, count, { timeoutMs: timeout * 1000, autoRemove: true }, signal);
-        return { status: 201, body: forked.instances.map((f) => ({ sandbox: sandboxOf(f, keys.accessToken(f.id), domain) })) };
+        return {
+          status: 201,
+          body: forked.instances.map((f) => ({ sandbox: sandboxOf(f, keys.accessToken(f.id), domain, keys.trafficToken(f.id)) })),
+        };
       },
     },
     {

@@ -18,11 +18,13 @@ import type { DaemonContext } from '../daemon.js';
 import type { Logger } from '../log.js';
 import { ADDR_FILE, checkHostAndOrigin, E2bKeys } from './keys.js';
 import { ERROR_CODE_HEADER, envdHttpStatus, restError, asAegis } from './errors.js';
-import { cloudOnly, sandboxRoutes, type RestRoute } from './sandboxes.js';
+import { cloudOnly, PRIVATE_TRAFFIC_LABEL, sandboxRoutes, type RestRoute } from './sandboxes.js';
 import { ENVD_PORT, sandboxInstance, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER } from './context.js';
 import { processService, ProcessTable } from './process.js';
 import { filesystemService } from './filesystem.js';
 import { readFile, writeFiles, type Req, type Res } from './files-http.js';
+import { hostTarget, proxy } from './proxy.js';
+import type { Instance } from '../instances/instance.js';
 import { Process } from './gen/process/process_pb.js';
 import { Filesystem } from './gen/filesystem/filesystem_pb.js';
 
@@ -120,26 +122,37 @@ export async function startE2bEndpoint(d: DaemonContext, addr: string, log: Logg
     );
   };
 
-  const sandboxCall = async (req: Req, res: Res, url: URL, id: string, signal: AbortSignal): Promise<void> => {
-    keys.checkAccessToken(id, header(req, 'x-access-token'), header(req, 'x-api-key'));
-    const portHeader = header(req, SANDBOX_PORT_HEADER);
-    if (portHeader !== undefined && Number(portHeader) !== ENVD_PORT) {
-      throw new AegisError(
-        'UNSUPPORTED',
-        `port ${portHeader} of a sandbox is reached with aegis's port forwarding (aegis run -p), not through this endpoint`,
-      );
-    }
-    // A sandbox E2B cannot use any more answers as E2B's proxy does: 502, which the SDK reports
-    // as the sandbox having ended (TimeoutError).
-    let instance;
+  /** The instance of sandbox `id`, or undefined after answering 502 as E2B's proxy does (the SDK: the sandbox ended). */
+  const reach = (res: Res, id: string): Instance | undefined => {
     try {
-      instance = sandboxInstance(d, id);
+      return sandboxInstance(d, id);
     } catch (err) {
       const e = asAegis(err);
       if (e.code !== 'NOT_FOUND') throw e;
       sendJson(res, 502, { sandboxId: id, code: 502, message: `The sandbox ${id} was not found` }, { [ERROR_CODE_HEADER]: e.code });
-      return;
+      return undefined;
     }
+  };
+
+  /** getHost traffic: public unless the sandbox was made with allowPublicTraffic: false. */
+  const portCall = async (req: Req, res: Res, id: string, port: number, host: string): Promise<void> => {
+    const instance = reach(res, id);
+    if (!instance) return;
+    if (instance.view().labels?.[PRIVATE_TRAFFIC_LABEL] !== undefined) keys.checkTrafficToken(id, header(req, 'e2b-traffic-access-token'));
+    await proxy(instance, port, req, res, host);
+  };
+
+  const sandboxCall = async (req: Req, res: Res, url: URL, id: string, signal: AbortSignal): Promise<void> => {
+    const portHeader = header(req, SANDBOX_PORT_HEADER);
+    if (portHeader !== undefined && portHeader !== '' && Number(portHeader) !== ENVD_PORT) {
+      const port = Number(portHeader);
+      if (!Number.isInteger(port) || port < 1 || port > 65535)
+        throw new AegisError('INVALID_ARGUMENT', `E2b-Sandbox-Port ${portHeader} is not a port`);
+      return portCall(req, res, id, port, `localhost:${port}`);
+    }
+    keys.checkAccessToken(id, header(req, 'x-access-token'), header(req, 'x-api-key'));
+    const instance = reach(res, id);
+    if (!instance) return;
     if (url.pathname === '/health') {
       res.writeHead(204);
       res.end();
@@ -168,7 +181,9 @@ export async function startE2bEndpoint(d: DaemonContext, addr: string, log: Logg
     void (async () => {
       checkHostAndOrigin(hostHeader, header(req, 'origin'), ours);
       const url = new URL(req.url ?? '/', 'http://e2b.invalid');
-      if (id !== undefined && id !== '') await sandboxCall(req, res, url, id, signal);
+      const target = hostTarget(hostHeader);
+      if (target) await portCall(req, res, target.id, target.port, `localhost:${target.port}`);
+      else if (id !== undefined && id !== '') await sandboxCall(req, res, url, id, signal);
       else await rest(req, res, url, signal);
     })().catch((err: unknown) => {
       const { status, code, body } = restError(err);

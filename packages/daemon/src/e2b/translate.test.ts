@@ -23,6 +23,7 @@ import {
   TEMPLATE_LABEL,
 } from './sandboxes.js';
 import { parseAddr } from './server.js';
+import { hostTarget } from './proxy.js';
 import { FileType } from './gen/filesystem/filesystem_pb.js';
 
 const view = (over: Partial<InstanceView> = {}): InstanceView => ({
@@ -235,6 +236,14 @@ describe('the endpoint’s address and credentials', () => {
     expect(parseAddr('[::1]:0')).toEqual({ host: '::1', port: 0 });
     expect(() => parseAddr('0.0.0.0:3000')).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }) as Error);
     expect(() => parseAddr('3000')).toThrow();
+  });
+
+  it('getHost names are <port>-<id>.localhost, with or without our port', () => {
+    expect(hostTarget('3000-abc123.localhost:4000')).toEqual({ port: 3000, id: 'abc123' });
+    expect(hostTarget('3000-abc123.localhost')).toEqual({ port: 3000, id: 'abc123' });
+    expect(hostTarget('localhost:4000')).toBeUndefined();
+    expect(hostTarget('0-abc.localhost')).toBeUndefined();
+    expect(hostTarget('3000-abc.example.com')).toBeUndefined();
   });
 
   it('Host must be loopback on our port (DNS rebinding); Origin must be absent or ours', () => {
