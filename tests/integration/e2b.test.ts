@@ -170,6 +170,11 @@ describe('the e2b SDK against aegisd', () => {
       expect(many.map((e) => e.path)).toEqual(['/tmp/f/sub/b.bin', '/root/relative.txt']);
       expect(Array.from(await sbx.files.read('/tmp/f/sub/b.bin', { format: 'bytes' }))).toEqual([0, 1, 2, 255]);
       expect(await sbx.files.read('/root/relative.txt')).toBe('in home');
+      // Signed URLs (no header: the signature names the sandbox), and an expired one refused.
+      expect(await (await fetch(await sbx.downloadUrl('relative.txt'))).text()).toBe('in home');
+      const expired = await fetch(await sbx.downloadUrl('relative.txt', { useSignatureExpiration: -10 }));
+      expect(expired.status).toBe(401);
+      expect(await expired.json()).toEqual({ code: 401, message: 'signature is already expired' });
 
       const big = new Uint8Array(4 << 20).map((_, i) => i % 251);
       await sbx.files.write('/tmp/f/big', new Blob([big]).stream());
@@ -310,6 +315,8 @@ describe('the e2b SDK against aegisd', () => {
       expect(await s.pause()).toBe(true);
       expect(await s.pause()).toBe(false);
       expect((await s.getInfo()).state).toBe('paused');
+      // As in E2B: unreachable until connect.
+      expect(await s.isRunning()).toBe(false);
       const ps = await daemon.cli(['ps', '--json']);
       expect((JSON.parse(ps.stdout) as Array<{ id: string; state: string }>).find((r) => r.id === s.sandboxId)?.state).toBe('hibernated');
       const back = await Sandbox.connect(s.sandboxId);

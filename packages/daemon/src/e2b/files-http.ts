@@ -66,13 +66,15 @@ export async function writeFiles(instance: Instance, query: URLSearchParams, req
     .catch((err: unknown) => {
       throw new AegisError('INVALID_ARGUMENT', `the multipart body could not be read: ${err instanceof Error ? err.message : String(err)}`);
     });
-  const parts = [...form.values()].flatMap((v) => (typeof v === 'string' ? [] : [v]));
+  // A part is a file (its filename the path) or a plain field (its value the content, for `path`).
+  const parts = [...form.values()];
   if (parts.length === 0) throw new AegisError('INVALID_ARGUMENT', 'the multipart body has no file');
   const out: Written[] = [];
   for (const part of parts) {
-    const name = parts.length === 1 && given ? given : part.name;
+    const own = typeof part === 'string' ? '' : part.name;
+    const name = parts.length === 1 && given ? given : own || given;
     if (!name) throw new AegisError('INVALID_ARGUMENT', 'a part has no filename and no path was given');
-    const bytes = Buffer.from(await part.arrayBuffer());
+    const bytes = typeof part === 'string' ? Buffer.from(part) : Buffer.from(await part.arrayBuffer());
     out.push(await writeOne(instance, guestPath(name, user), Readable.from([bytes]), bytes.length, signal));
   }
   return out;

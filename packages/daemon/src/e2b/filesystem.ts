@@ -55,7 +55,8 @@ export function entryOf(stat: FileStat, full: string): EntryInit {
     owner: owner(stat.uid),
     group: owner(stat.gid),
     modifiedTime: { seconds: BigInt(Math.floor(stat.mtimeMs / 1000)), nanos: (stat.mtimeMs % 1000) * 1_000_000 },
-    ...(stat.linkTarget !== undefined ? { symlinkTarget: stat.linkTarget } : {}),
+    // envd gives the target as an absolute path.
+    ...(stat.linkTarget !== undefined ? { symlinkTarget: path.posix.resolve(path.posix.dirname(full), stat.linkTarget) } : {}),
   };
 }
 
@@ -256,8 +257,13 @@ export function filesystemService(d: DaemonContext): ServiceImpl<typeof Filesyst
       return wrap(async () => {
         const { instance, user } = ctxOf(ctx);
         const p = guestPath(req.path, user);
-        const { data } = await instance.files({ op: 'remove', path: p, recursive: true }, undefined, ctx.signal);
-        data.resume();
+        // As envd: removing what is not there succeeds.
+        await instance
+          .files({ op: 'remove', path: p, recursive: true }, undefined, ctx.signal)
+          .then(({ data }) => data.resume())
+          .catch((err: unknown) => {
+            if (!isAegisError(err, 'NOT_FOUND')) throw err;
+          });
         return {};
       });
     },

@@ -6,7 +6,7 @@
  * request (it looks at the file's mtime). Access tokens are derived from the key and the
  * sandbox id (HMAC), so nothing else is stored and a rotation revokes them all.
  */
-import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
+import { createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { promises as fs, statSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
@@ -35,6 +35,20 @@ export async function writeKey(home: string, key: string): Promise<string> {
   await fs.writeFile(temp, `${key}\n`, { mode: 0o600, flag: 'wx' });
   await fs.rename(temp, file);
   return key;
+}
+
+/**
+ * envd's signed file URLs (`sandbox.downloadUrl` / `uploadUrl`): `v1_` + base64 (unpadded) of
+ * SHA-256 over `path:operation:user:accessToken[:expiration]`, carried in the query. True when
+ * `signature` is that for `token`.
+ */
+export function signatureMatches(
+  q: { path: string; operation: 'read' | 'write'; user: string; signature: string; expiration: string | null },
+  token: string,
+): boolean {
+  const raw = `${q.path}:${q.operation}:${q.user}:${token}${q.expiration !== null ? `:${q.expiration}` : ''}`;
+  const expected = `v1_${createHash('sha256').update(raw).digest('base64').replace(/=+$/, '')}`;
+  return same(expected, q.signature);
 }
 
 function same(a: string, b: string): boolean {

@@ -84,6 +84,15 @@ export class ProcessTable {
     return waits.length > 0 ? Promise.all(waits).then(() => undefined) : undefined;
   }
 
+  /** The process's stream ends with `err` (its sandbox went away): the SDK then asks whether the sandbox lives. */
+  fail(proc: Proc, err: unknown): void {
+    if (proc.ended) return;
+    proc.ended = true;
+    this.procs.delete(proc.pid);
+    for (const c of proc.listeners) c.end(err);
+    proc.listeners.clear();
+  }
+
   finish(proc: Proc, end: EndInit): void {
     if (proc.ended) return;
     proc.ended = true;
@@ -206,17 +215,14 @@ export function processService(d: DaemonContext, table: ProcessTable): ServiceIm
           return undefined;
         };
         // No signal: the process is the sandbox's, not this stream's (envd's rule).
+        // Ended without an exit status: its sandbox stopped under it. Unavailable is what the SDK
+        // reads as "the sandbox is gone" (TimeoutError), as E2B's proxy answers then.
+        const gone = (why: string): ConnectError => new ConnectError(`the sandbox stopped while the command ran: ${why}`, Code.Unavailable);
         instance.exec(execReq, emit).then(
-          () =>
-            table.finish(p, {
-              exitCode: -1,
-              exited: false,
-              status: 'ended',
-              error: 'the command ended without an exit status (its sandbox stopped)',
-            }),
+          () => table.fail(p, gone('no exit status')),
           (err: unknown) => {
             failed(err);
-            table.finish(p, { exitCode: -1, exited: false, status: 'error', error: err instanceof Error ? err.message : String(err) });
+            table.fail(p, gone(err instanceof Error ? err.message : String(err)));
           },
         );
         await begun;

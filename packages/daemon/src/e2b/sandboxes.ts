@@ -135,6 +135,12 @@ export function e2bState(state: InstanceView['state']): 'running' | 'paused' | u
   return undefined;
 }
 
+/** Paused or hibernated by someone's request (not for idleness, which any use wakes). */
+export function pausedByRequest(v: InstanceView): boolean {
+  if (v.state === 'paused') return v.idlePaused !== true;
+  return v.state === 'hibernated' && (v.stateReason === undefined || v.stateReason === 'hibernated by request');
+}
+
 export function metadataOf(v: InstanceView): Record<string, string> {
   return Object.fromEntries(Object.entries(v.labels ?? {}).filter(([k]) => !k.startsWith(LABEL_PREFIX)));
 }
@@ -296,7 +302,10 @@ export function sandboxRoutes(d: DaemonContext, keys: E2bKeys, domain: string): 
       status = 201;
     }
     void signal;
-    if (timeout !== undefined) instance.extend(timeout * 1000);
+    // E2B's connect lengthens a sandbox's life, never shortens it.
+    const current = m.get(v.id).deadline;
+    if (timeout !== undefined && (current === undefined || Date.parse(current) < Date.now() + timeout * 1000))
+      instance.extend(timeout * 1000);
     return { status, body: sandboxOf(m.get(v.id), keys.accessToken(v.id), domain, keys.trafficToken(v.id)) };
   };
 
@@ -388,9 +397,13 @@ export function sandboxRoutes(d: DaemonContext, keys: E2bKeys, domain: string): 
     {
       method: 'GET',
       pattern: /^\/sandboxes\/([^/]+)\/metrics$/,
-      handler: async ({ params }) => {
+      handler: async ({ params, query }) => {
         const v = find(id0(params));
-        if (v.state === 'hibernated') return { status: 200, body: [] };
+        // One sample, of now: none when the range asked for (unix seconds) leaves now out.
+        const nowS = Date.now() / 1000;
+        const start = Number(query.get('start') ?? -Infinity);
+        const end = Number(query.get('end') ?? Infinity);
+        if (v.state === 'hibernated' || nowS < start || nowS > end + 1) return { status: 200, body: [] };
         const s = await m.instance(v.id).stats();
         const now = new Date();
         return {

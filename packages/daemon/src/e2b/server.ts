@@ -16,9 +16,9 @@ import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../daemon.js';
 import type { Logger } from '../log.js';
-import { ADDR_FILE, checkHostAndOrigin, E2bKeys } from './keys.js';
+import { ADDR_FILE, checkHostAndOrigin, E2bKeys, signatureMatches } from './keys.js';
 import { ERROR_CODE_HEADER, envdHttpStatus, restError, asAegis } from './errors.js';
-import { cloudOnly, PRIVATE_TRAFFIC_LABEL, sandboxRoutes, type RestRoute } from './sandboxes.js';
+import { cloudOnly, e2bState, pausedByRequest, PRIVATE_TRAFFIC_LABEL, sandboxRoutes, type RestRoute } from './sandboxes.js';
 import { ENVD_PORT, sandboxInstance, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER } from './context.js';
 import { processService, ProcessTable } from './process.js';
 import { filesystemService } from './filesystem.js';
@@ -124,14 +124,27 @@ export async function startE2bEndpoint(d: DaemonContext, addr: string, log: Logg
 
   /** The instance of sandbox `id`, or undefined after answering 502 as E2B's proxy does (the SDK: the sandbox ended). */
   const reach = (res: Res, id: string): Instance | undefined => {
+    let instance: Instance;
     try {
-      return sandboxInstance(d, id);
+      instance = sandboxInstance(d, id);
     } catch (err) {
       const e = asAegis(err);
       if (e.code !== 'NOT_FOUND') throw e;
-      sendJson(res, 502, { sandboxId: id, code: 502, message: `The sandbox ${id} was not found` }, { [ERROR_CODE_HEADER]: e.code });
+      sendJson(res, 502, { sandboxId: id, code: 502, message: 'The sandbox was not found' }, { [ERROR_CODE_HEADER]: e.code });
       return undefined;
     }
+    // Paused through E2B (or by `aegis pause`/`hibernate`): unreachable until Sandbox.connect(),
+    // as in E2B. One paused for idleness is woken by the call instead (--idle-pause).
+    if (pausedByRequest(instance.view())) {
+      sendJson(
+        res,
+        502,
+        { sandboxId: id, code: 502, message: 'The sandbox is paused: Sandbox.connect() resumes it' },
+        { [ERROR_CODE_HEADER]: 'FAILED_PRECONDITION' },
+      );
+      return undefined;
+    }
+    return instance;
   };
 
   /** getHost traffic: public unless the sandbox was made with allowPublicTraffic: false. */
@@ -151,6 +164,32 @@ export async function startE2bEndpoint(d: DaemonContext, addr: string, log: Logg
       return portCall(req, res, id, port, `localhost:${port}`);
     }
     keys.checkAccessToken(id, header(req, 'x-access-token'), header(req, 'x-api-key'));
+    await envdCall(req, res, url, id, signal);
+  };
+
+  /**
+   * A signed file URL carries no sandbox id (E2B routes it by host name): the sandbox is the one
+   * whose access token made the signature.
+   */
+  const signedFilesCall = async (req: Req, res: Res, url: URL, signal: AbortSignal): Promise<void> => {
+    const q = url.searchParams;
+    const signed = {
+      path: q.get('path') ?? '',
+      operation: req.method === 'POST' ? ('write' as const) : ('read' as const),
+      user: q.get('username') ?? '',
+      signature: q.get('signature') ?? '',
+      expiration: q.get('signature_expiration'),
+    };
+    const match = d.instances.list(false).find((v) => e2bState(v.state) && signatureMatches(signed, keys.accessToken(v.id)));
+    if (!match) throw new AegisError('UNAUTHENTICATED', 'invalid signature');
+    if (signed.expiration !== null && Number(signed.expiration) < Date.now() / 1000) {
+      throw new AegisError('UNAUTHENTICATED', 'signature is already expired');
+    }
+    await envdCall(req, res, url, match.id, signal);
+  };
+
+  /** envd's own endpoints, the caller's right to the sandbox checked. */
+  const envdCall = async (req: Req, res: Res, url: URL, id: string, signal: AbortSignal): Promise<void> => {
     const instance = reach(res, id);
     if (!instance) return;
     if (url.pathname === '/health') {
@@ -184,6 +223,7 @@ export async function startE2bEndpoint(d: DaemonContext, addr: string, log: Logg
       const target = hostTarget(hostHeader);
       if (target) await portCall(req, res, target.id, target.port, `localhost:${target.port}`);
       else if (id !== undefined && id !== '') await sandboxCall(req, res, url, id, signal);
+      else if (url.pathname === '/files' && url.searchParams.has('signature')) await signedFilesCall(req, res, url, signal);
       else await rest(req, res, url, signal);
     })().catch((err: unknown) => {
       const { status, code, body } = restError(err);

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -9,7 +10,7 @@ import { Channel } from './channel.js';
 import { guestPath, homeOf, userOf } from './context.js';
 import { connectError, ERROR_CODE_HEADER, restError } from './errors.js';
 import { entryOf, permissions } from './filesystem.js';
-import { checkHostAndOrigin, E2bKeys, KEY_FILE, loopbackHost } from './keys.js';
+import { checkHostAndOrigin, E2bKeys, KEY_FILE, loopbackHost, signatureMatches } from './keys.js';
 import { endOf } from './process.js';
 import {
   cloudOnly,
@@ -20,6 +21,7 @@ import {
   networkOf,
   page,
   parseMetadataQuery,
+  pausedByRequest,
   TEMPLATE_LABEL,
 } from './sandboxes.js';
 import { parseAddr } from './server.js';
@@ -236,6 +238,25 @@ describe('the endpoint’s address and credentials', () => {
     expect(parseAddr('[::1]:0')).toEqual({ host: '::1', port: 0 });
     expect(() => parseAddr('0.0.0.0:3000')).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }) as Error);
     expect(() => parseAddr('3000')).toThrow();
+  });
+
+  it('signed file URLs verify as the SDK signs them (v1_ + base64 SHA-256 of path:op:user:token[:expiry])', () => {
+    const token = 'tok';
+    const raw = 'hello.txt:read::tok:1700000000';
+    const signature = `v1_${createHash('sha256').update(raw).digest('base64').replace(/=+$/, '')}`;
+    const q = { path: 'hello.txt', operation: 'read' as const, user: '', signature, expiration: '1700000000' };
+    expect(signatureMatches(q, token)).toBe(true);
+    expect(signatureMatches({ ...q, operation: 'write' }, token)).toBe(false);
+    expect(signatureMatches({ ...q, user: 'root' }, token)).toBe(false);
+    expect(signatureMatches(q, 'other')).toBe(false);
+  });
+
+  it('paused or hibernated by request is unreachable for E2B until connect; for idleness it is not', () => {
+    expect(pausedByRequest(view({ state: 'paused' }))).toBe(true);
+    expect(pausedByRequest(view({ state: 'paused', idlePaused: true }))).toBe(false);
+    expect(pausedByRequest(view({ state: 'hibernated', stateReason: 'hibernated by request' }))).toBe(true);
+    expect(pausedByRequest(view({ state: 'hibernated', stateReason: 'hibernated after 1h unused' }))).toBe(false);
+    expect(pausedByRequest(view({ state: 'running' }))).toBe(false);
   });
 
   it('getHost names are <port>-<id>.localhost, with or without our port', () => {
