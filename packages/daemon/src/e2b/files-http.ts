@@ -3,7 +3,7 @@
  * (an `application/octet-stream` body, gzip allowed) or several (`multipart/form-data`, each
  * part's filename its path), creating parent directories as envd does, and answers the
  * written entries. Bytes go through the guest file service (`Instance.files`) unbuffered for
- * octet-stream; a multipart body is parsed whole first.
+ * both encodings (multipart is read as a stream, part by part: multipart.ts).
  */
 import type http from 'node:http';
 import type http2 from 'node:http2';
@@ -15,6 +15,7 @@ import { AegisError } from '@aegis/protocol';
 import type { Instance } from '../instances/instance.js';
 import { guestPath } from './context.js';
 import { makeDirs } from './filesystem.js';
+import { boundaryOf, multipartParts } from './multipart.js';
 
 export type Req = http.IncomingMessage | http2.Http2ServerRequest;
 export type Res = http.ServerResponse | http2.Http2ServerResponse;
@@ -56,26 +57,22 @@ export async function writeFiles(instance: Instance, query: URLSearchParams, req
     const size = !gzip && typeof length === 'string' && /^\d{1,15}$/.test(length) ? Number(length) : undefined;
     return [await writeOne(instance, guestPath(given, user), body, size, signal)];
   }
-  const form = await new Request('http://files.invalid/', {
-    method: 'POST',
-    headers: { 'content-type': type },
-    body: Readable.toWeb(body) as ReadableStream<Uint8Array>,
-    duplex: 'half',
-  } as RequestInit)
-    .formData()
-    .catch((err: unknown) => {
-      throw new AegisError('INVALID_ARGUMENT', `the multipart body could not be read: ${err instanceof Error ? err.message : String(err)}`);
-    });
-  // A part is a file (its filename the path) or a plain field (its value the content, for `path`).
-  const parts = [...form.values()];
-  if (parts.length === 0) throw new AegisError('INVALID_ARGUMENT', 'the multipart body has no file');
+  // Each part streams into its file as it arrives. A part is a file (its filename the path) or a
+  // plain field (its value the content, for `path`).
   const out: Written[] = [];
-  for (const part of parts) {
-    const own = typeof part === 'string' ? '' : part.name;
-    const name = parts.length === 1 && given ? given : own || given;
-    if (!name) throw new AegisError('INVALID_ARGUMENT', 'a part has no filename and no path was given');
-    const bytes = typeof part === 'string' ? Buffer.from(part) : Buffer.from(await part.arrayBuffer());
-    out.push(await writeOne(instance, guestPath(name, user), Readable.from([bytes]), bytes.length, signal));
+  for await (const part of multipartParts(body, boundaryOf(type))) {
+    const name = part.filename || given;
+    if (!name) {
+      part.data.resume();
+      throw new AegisError('INVALID_ARGUMENT', 'a part has no filename and no path was given');
+    }
+    try {
+      out.push(await writeOne(instance, guestPath(name, user), part.data, undefined, signal));
+    } catch (err) {
+      part.data.destroy();
+      throw err;
+    }
   }
+  if (out.length === 0) throw new AegisError('INVALID_ARGUMENT', 'the multipart body has no file');
   return out;
 }
