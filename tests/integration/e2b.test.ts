@@ -8,7 +8,16 @@ import { existsSync, mkdtempSync } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AuthenticationError, CommandExitError, FileNotFoundError, NotFoundError, Sandbox, SandboxError, TimeoutError } from 'e2b';
+import {
+  AuthenticationError,
+  CommandExitError,
+  FileNotFoundError,
+  InvalidArgumentError,
+  NotFoundError,
+  Sandbox,
+  SandboxError,
+  TimeoutError,
+} from 'e2b';
 import { createClient } from '@connectrpc/connect';
 import { createConnectTransport } from '@connectrpc/connect-node';
 import { Process } from '../../packages/daemon/src/e2b/gen/process/process_pb.js';
@@ -206,8 +215,11 @@ describe('the e2b SDK against aegisd', () => {
     }
   });
 
-  it('a missing file raises FileNotFoundError (a NotFoundError), on read, getInfo and list', async () => {
+  it('a missing file raises FileNotFoundError (a NotFoundError), on read, getInfo and list; a bad one InvalidArgumentError', async () => {
     try {
+      // Not a directory (Connect InvalidArgument), and a write onto a directory (envd's HTTP 400).
+      await expect(sbx.files.list('/etc/hostname')).rejects.toBeInstanceOf(InvalidArgumentError);
+      await expect(sbx.files.write('/etc', 'x')).rejects.toBeInstanceOf(InvalidArgumentError);
       for (const call of [() => sbx.files.read('/no/such'), () => sbx.files.getInfo('/no/such'), () => sbx.files.list('/no/such')]) {
         const e = await call().catch((err: unknown) => err);
         expect(e).toBeInstanceOf(FileNotFoundError);
