@@ -377,7 +377,13 @@ describe('the e2b SDK against aegisd', () => {
   it('kill removes the instance; the SDK then reports it not found', async () => {
     const s = await Sandbox.create({ timeoutMs: 120_000 });
     try {
+      // A command in flight when its sandbox is killed: the SDK's TimeoutError, saying so.
+      const running = s.commands.run('sleep 60').catch((e: unknown) => e);
+      await sleep(1500);
       expect(await s.kill()).toBe(true);
+      const cut = await running;
+      expect(cut).toBeInstanceOf(TimeoutError);
+      expect(String(cut)).toContain('killed');
       expect(await Sandbox.kill(s.sandboxId)).toBe(false);
       await expect(Sandbox.getInfo(s.sandboxId)).rejects.toBeInstanceOf(NotFoundError);
       await expect(Sandbox.connect(s.sandboxId)).rejects.toBeInstanceOf(NotFoundError);

@@ -3,7 +3,10 @@
  * before any service runs) as an instance, the user it acts as (envd's `Authorization: Basic
  * user:`), and paths as envd resolves them (relative to that user's home).
  */
+import http2 from 'node:http2';
+import type http from 'node:http';
 import path from 'node:path';
+import { createContextKey } from '@connectrpc/connect';
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../daemon.js';
 import type { Instance } from '../instances/instance.js';
@@ -47,4 +50,19 @@ export function guestPath(p: string, user: string | undefined): string {
   const abs = p.startsWith('~/') || p === '~' ? path.posix.join(homeOf(user), p.slice(1)) : path.posix.resolve(homeOf(user), p);
   if (abs.length > 4096) throw new AegisError('INVALID_ARGUMENT', 'path is longer than 4096 characters');
   return abs;
+}
+
+/** The raw HTTP request under a Connect call (set by the server), for cutting its connection. */
+export const RAW_REQUEST = createContextKey<http.IncomingMessage | http2.Http2ServerRequest | undefined>(undefined, {
+  description: 'the raw HTTP request of an envd call',
+});
+
+/**
+ * Cuts a call's connection (HTTP/2: its stream) without an answer: what a client sees when the
+ * sandbox behind E2B's proxy dies mid-call; the SDK then asks /health and reports the sandbox gone.
+ */
+export function cutConnection(req: http.IncomingMessage | http2.Http2ServerRequest | undefined): void {
+  if (!req) return;
+  if ('stream' in req && req.stream) req.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+  else req.socket.destroy();
 }

@@ -15,7 +15,7 @@ import type { ExecEvent, ExecRequest } from '../instances/spec.js';
 import type { Instance } from '../instances/instance.js';
 import { Channel } from './channel.js';
 import { connectError } from './errors.js';
-import { guestPath, homeOf, sandboxInstance, SANDBOX_ID_HEADER, userOf } from './context.js';
+import { cutConnection, guestPath, homeOf, RAW_REQUEST, sandboxInstance, SANDBOX_ID_HEADER, userOf } from './context.js';
 import {
   Process,
   Signal,
@@ -36,7 +36,8 @@ interface Proc {
   tag: string | undefined;
   tty: boolean;
   config: { cmd: string; args: string[]; envs: Record<string, string>; cwd?: string };
-  listeners: Set<Channel<EventInit>>;
+  /** The streams following it, each with a way to cut its connection. */
+  listeners: Map<Channel<EventInit>, () => void>;
   ended: boolean;
 }
 
@@ -57,7 +58,7 @@ export class ProcessTable {
   private readonly procs = new Map<number, Proc>();
 
   add(p: Omit<Proc, 'pid' | 'listeners' | 'ended' | 'execId'>): Proc {
-    const proc: Proc = { ...p, pid: this.nextPid++, execId: '', listeners: new Set(), ended: false };
+    const proc: Proc = { ...p, pid: this.nextPid++, execId: '', listeners: new Map(), ended: false };
     this.procs.set(proc.pid, proc);
     return proc;
   }
@@ -80,16 +81,22 @@ export class ProcessTable {
 
   /** Sends `ev` to every attached stream; a promise while one of them is behind. */
   broadcast(proc: Proc, ev: EventInit, size: number): Promise<void> | undefined {
-    const waits = [...proc.listeners].map((c) => c.push(ev, size)).filter((w) => w !== undefined);
+    const waits = [...proc.listeners.keys()].map((c) => c.push(ev, size)).filter((w) => w !== undefined);
     return waits.length > 0 ? Promise.all(waits).then(() => undefined) : undefined;
   }
 
-  /** The process's stream ends with `err` (its sandbox went away): the SDK then asks whether the sandbox lives. */
-  fail(proc: Proc, err: unknown): void {
+  /**
+   * Its sandbox went away under it: each stream's connection is cut, as E2B's proxy does when a
+   * sandbox dies, and the SDK then finds the sandbox gone (/health) and says so (TimeoutError).
+   */
+  cut(proc: Proc): void {
     if (proc.ended) return;
     proc.ended = true;
     this.procs.delete(proc.pid);
-    for (const c of proc.listeners) c.end(err);
+    for (const [c, cut] of proc.listeners) {
+      cut();
+      c.end();
+    }
     proc.listeners.clear();
   }
 
@@ -97,7 +104,7 @@ export class ProcessTable {
     if (proc.ended) return;
     proc.ended = true;
     this.procs.delete(proc.pid);
-    for (const c of proc.listeners) {
+    for (const c of proc.listeners.keys()) {
       c.push({ event: { case: 'end', value: end } });
       c.end();
     }
@@ -192,7 +199,7 @@ export function processService(d: DaemonContext, table: ProcessTable): ServiceIm
           tty: tty !== undefined,
           config: { cmd: cfg.cmd, args: [...cfg.args], envs: { ...cfg.envs }, ...(cfg.cwd ? { cwd: cfg.cwd } : {}) },
         });
-        proc.listeners.add(chan);
+        proc.listeners.set(chan, () => cutConnection(ctx.values.get(RAW_REQUEST)));
         const p = proc;
         let started!: () => void;
         let failed!: (err: unknown) => void;
@@ -215,14 +222,12 @@ export function processService(d: DaemonContext, table: ProcessTable): ServiceIm
           return undefined;
         };
         // No signal: the process is the sandbox's, not this stream's (envd's rule).
-        // Ended without an exit status: its sandbox stopped under it. Unavailable is what the SDK
-        // reads as "the sandbox is gone" (TimeoutError), as E2B's proxy answers then.
-        const gone = (why: string): ConnectError => new ConnectError(`the sandbox stopped while the command ran: ${why}`, Code.Unavailable);
+        // Ended without an exit status: its sandbox stopped under it.
         instance.exec(execReq, emit).then(
-          () => table.fail(p, gone('no exit status')),
+          () => table.cut(p),
           (err: unknown) => {
             failed(err);
-            table.fail(p, gone(err instanceof Error ? err.message : String(err)));
+            table.cut(p);
           },
         );
         await begun;
@@ -239,7 +244,7 @@ export function processService(d: DaemonContext, table: ProcessTable): ServiceIm
       try {
         const instance = sandbox(ctx);
         proc = table.find(instance.id, req.process);
-        proc.listeners.add(chan);
+        proc.listeners.set(chan, () => cutConnection(ctx.values.get(RAW_REQUEST)));
       } catch (err) {
         throw connectError(err);
       }

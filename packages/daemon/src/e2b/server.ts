@@ -12,6 +12,7 @@ import net from 'node:net';
 import { Duplex } from 'node:stream';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { createContextValues } from '@connectrpc/connect';
 import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../daemon.js';
@@ -19,7 +20,7 @@ import type { Logger } from '../log.js';
 import { ADDR_FILE, checkHostAndOrigin, E2bKeys, signatureMatches } from './keys.js';
 import { ERROR_CODE_HEADER, envdHttpStatus, restError, asAegis } from './errors.js';
 import { cloudOnly, e2bState, pausedByRequest, PRIVATE_TRAFFIC_LABEL, sandboxRoutes, type RestRoute } from './sandboxes.js';
-import { ENVD_PORT, sandboxInstance, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER } from './context.js';
+import { ENVD_PORT, RAW_REQUEST, sandboxInstance, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER } from './context.js';
 import { processService, ProcessTable } from './process.js';
 import { filesystemService } from './filesystem.js';
 import { readFile, writeFiles, type Req, type Res } from './files-http.js';
@@ -90,6 +91,7 @@ export async function startE2bEndpoint(d: DaemonContext, addr: string, log: Logg
   const keys = await E2bKeys.open(d.config.home);
   const table = new ProcessTable();
   const envd = connectNodeAdapter({
+    contextValues: (req) => createContextValues().set(RAW_REQUEST, req as Req),
     routes: (router) => {
       router.service(Process, processService(d, table));
       router.service(Filesystem, filesystemService(d));
