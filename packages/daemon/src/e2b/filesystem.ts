@@ -179,8 +179,11 @@ export class DirPoller {
       this.emit({ name, type, ...(this.includeEntry && e ? { entry: entryOf(e.stat, e.full) } : {}) });
     for (const [name, e] of now) {
       const old = before.get(name);
-      if (!old || old.seen.type !== e.seen.type) ev(name, EventType.CREATE, e);
-      else if (old.seen.size !== e.seen.size || old.seen.mtimeMs !== e.seen.mtimeMs) ev(name, EventType.WRITE, e);
+      if (!old || old.seen.type !== e.seen.type) {
+        ev(name, EventType.CREATE, e);
+        // A file that appeared with content was written too: inotify (envd's source) says both.
+        if (e.seen.type === 'file' && e.seen.size > 0) ev(name, EventType.WRITE, e);
+      } else if (old.seen.size !== e.seen.size || old.seen.mtimeMs !== e.seen.mtimeMs) ev(name, EventType.WRITE, e);
       else if (old.seen.mode !== e.seen.mode) ev(name, EventType.CHMOD, e);
     }
     for (const name of before.keys()) if (!now.has(name)) ev(name, EventType.REMOVE);
