@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { mkdirSync, openSync, closeSync } from 'node:fs';
+import { existsSync, mkdirSync, openSync, closeSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command } from 'commander';
@@ -31,7 +31,8 @@ export function upCommand(): Command {
         const pid = await running(api);
         if (pid !== undefined) {
           process.stdout.write(`aegisd is already running (pid ${pid})\n`);
-          if (o.e2b !== undefined) process.stdout.write('to serve the E2B API, restart it: aegis down && aegis up --e2b\n');
+          const serving = existsSync(path.join(path.dirname(api.socketPath), 'e2b.addr'));
+          if (o.e2b !== undefined && !serving) process.stdout.write('to serve the E2B API, restart it: aegis down && aegis up --e2b\n');
           return;
         }
         const e2bAddr = o.e2b === undefined ? undefined : o.e2b === true ? DEFAULT_E2B_ADDR : o.e2b;
@@ -49,7 +50,13 @@ export function upCommand(): Command {
           const up = await running(api);
           if (up !== undefined) {
             process.stdout.write(`aegisd started (pid ${up}); log: ${logFile}\n`);
-            if (e2bAddr !== undefined) process.stdout.write('E2B API served; for a shell: eval "$(aegis e2b env)"\n');
+            if (e2bAddr !== undefined) {
+              // The endpoint listens just after the socket: its address file says when (`aegis e2b env` reads it).
+              const addrFile = path.join(home, 'e2b.addr');
+              for (let i = 0; i < 100 && !existsSync(addrFile); i++) await new Promise((r) => setTimeout(r, 50));
+              if (!existsSync(addrFile)) throw new Error(`aegisd did not start the E2B endpoint; see ${logFile}`);
+              process.stdout.write('E2B API served; for a shell: eval "$(aegis e2b env)"\n');
+            }
             return;
           }
           const code = await Promise.race([exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 100))]);
