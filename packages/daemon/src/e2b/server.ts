@@ -16,7 +16,7 @@ import { createContextValues } from '@connectrpc/connect';
 import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../daemon.js';
-import type { Logger } from '../log.js';
+import { escapeForLog, type Logger } from '../log.js';
 import { ADDR_FILE, checkHostAndOrigin, E2bKeys, signatureMatches } from './keys.js';
 import { ERROR_CODE_HEADER, envdHttpStatus, restError, asAegis } from './errors.js';
 import { cloudOnly, e2bState, pausedByRequest, PRIVATE_TRAFFIC_LABEL, sandboxRoutes, type RestRoute } from './sandboxes.js';
@@ -232,7 +232,10 @@ export async function startE2bEndpoint(d: DaemonContext, addr: string, log: Logg
       const sandbox = id !== undefined && id !== '';
       const s = sandbox ? envdHttpStatus(code) : status;
       if (s >= 500 && code !== 'UNSUPPORTED' && code !== 'UNAVAILABLE')
-        log.warn(`e2b: ${req.method ?? ''} ${(req.url ?? '').split('?')[0] ?? ''}: [${code}] ${body.message}`);
+        // The path and message may carry a client's or a guest's text: escaped, one line.
+        log.warn(
+          `e2b: ${escapeForLog(req.method ?? '', 16)} ${escapeForLog((req.url ?? '').split('?')[0] ?? '')}: [${code}] ${escapeForLog(body.message)}`,
+        );
       sendJson(res, s, { ...body, code: s }, { [ERROR_CODE_HEADER]: code });
     });
   };
