@@ -224,6 +224,9 @@ export function page<T extends { createdAt: string; id: string }>(
   return { items: slice, next };
 }
 
+/** Our code beside an E2B answer built here rather than thrown (see errors.ts). */
+const PRECONDITION = { 'x-aegis-error-code': 'FAILED_PRECONDITION' };
+
 function nextHeader(next: string | undefined): Record<string, string> {
   return next ? { 'x-next-token': next } : {};
 }
@@ -377,7 +380,8 @@ export function sandboxRoutes(d: DaemonContext, keys: E2bKeys, domain: string): 
       pattern: /^\/sandboxes\/([^/]+)\/pause$/,
       handler: async ({ params, signal }) => {
         const v = find(id0(params));
-        if (e2bState(v.state) === 'paused') return { status: 409, body: { code: 409, message: `sandbox ${v.id} is already paused` } };
+        if (e2bState(v.state) === 'paused')
+          return { status: 409, body: { code: 409, message: `sandbox ${v.id} is already paused` }, headers: PRECONDITION };
         // A request's hibernation (a custom reason would make it an idle one, skipped when in use).
         await m.instance(v.id).hibernate(signal);
         return { status: 204 };
@@ -389,7 +393,8 @@ export function sandboxRoutes(d: DaemonContext, keys: E2bKeys, domain: string): 
       pattern: /^\/sandboxes\/([^/]+)\/resume$/,
       handler: async (p) => {
         const v = find(id0(p.params));
-        if (e2bState(v.state) !== 'paused') return { status: 409, body: { code: 409, message: `sandbox ${v.id} is not paused` } };
+        if (e2bState(v.state) !== 'paused')
+          return { status: 409, body: { code: 409, message: `sandbox ${v.id} is not paused` }, headers: PRECONDITION };
         const r = await connect(p);
         return { ...r, status: 201 };
       },
