@@ -1412,16 +1412,20 @@ async function benchE2b() {
       rmSync(path.join(work, 'out'), { force: true });
       return wallMs(A, ['cp', `${sbx.sandboxId}:/root/cp.bin`, path.join(work, 'out')], d.env);
     };
-    await sdkWrite();
-    await cpIn();
     const rows = { sdkWrite: [], cpIn: [], sdkRead: [], cpOut: [] };
-    for (let i = 0; i < FILE_RUNS; i++) {
-      rows.cpIn.push(await cpIn());
-      rows.sdkWrite.push(await sdkWrite());
-      rows.cpOut.push(await cpOut());
-      rows.sdkRead.push(await sdkRead());
+    try {
+      await sdkWrite();
+      await cpIn();
+      for (let i = 0; i < FILE_RUNS; i++) {
+        rows.cpIn.push(await cpIn());
+        rows.sdkWrite.push(await sdkWrite());
+        rows.cpOut.push(await cpOut());
+        rows.sdkRead.push(await sdkRead());
+      }
+    } finally {
+      // A daemon's stop leaves VMs running: this one goes first, whatever happened.
+      await sbx.kill();
     }
-    await sbx.kill();
     const rate = (ms) => `${((MIB / ms) * 1000).toFixed(1)} MiB/s`;
     console.log(`\n${MIB} MiB in and out of a sandbox, median of ${FILE_RUNS}:`);
     for (const [name, xs] of [
