@@ -21,6 +21,7 @@ export default tseslint.config(
       'bench/.build/**',
       'packages/sdk/docs/**',
       'packages/protocol/src/generated/**',
+      'packages/daemon/src/e2b/gen/**',
       'tests/support/*.bundle.mjs',
     ],
   },

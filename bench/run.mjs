@@ -48,6 +48,7 @@ import {
   createReadStream,
   statSync,
 } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
@@ -1469,9 +1470,107 @@ async function benchCheckpoint() {
   }
 }
 
-// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle|checkpoint|events runs one section alone (a minute or two; the whole bench takes several).
+/**
+ * E2B's own SDK (`e2b`, the pinned devDependency) against the E2B endpoint, beside the CLI doing
+ * the same work on the same daemon, interleaved: `Sandbox.create()` + `commands.run('true')` +
+ * `kill()` vs `aegis run -- true` (target <= 1.5x), and `files.write` / `files.read` of 64 MiB
+ * (the SDK's default encodings: multipart up, bytes down) vs `aegis cp` in and out of the same
+ * sandbox (target >= 80% of cp's throughput, i.e. at most 1.25x its time).
+ */
+async function benchE2b() {
+  const d = await startDaemon(true, { AEGIS_E2B_ADDR: '127.0.0.1:0' });
+  const work = mkdtempSync('/tmp/aegis-bench-e2b-');
+  try {
+    for (let i = 0; i < 600 && !/template \w+: ready/.test(d.log()); i++) await new Promise((r) => setTimeout(r, 100));
+    const url = readFileSync(path.join(d.home, 'e2b.addr'), 'utf8').trim();
+    process.env.E2B_API_URL = url;
+    process.env.E2B_SANDBOX_URL = url;
+    process.env.E2B_API_KEY = readFileSync(path.join(d.home, 'e2b.key'), 'utf8').trim();
+    const { Sandbox } = await import('e2b');
+    const viaE2b = async () => {
+      const t0 = performance.now();
+      const sbx = await Sandbox.create();
+      await sbx.commands.run('true');
+      await sbx.kill();
+      return performance.now() - t0;
+    };
+    await viaE2b();
+    await aegisRun(d.env);
+    const e2b = [];
+    const cli = [];
+    for (let i = 0; i < RUNS; i++) {
+      cli.push(await aegisRun(d.env));
+      e2b.push(await viaE2b());
+    }
+    const ratio = median(e2b) / median(cli);
+    console.log(`\nE2B SDK vs the CLI, warm daemon, median of ${RUNS}:`);
+    console.log(`${'`aegis run -- true`'.padEnd(56)} median ${fmt(median(cli))}`);
+    console.log(`${"e2b: Sandbox.create + commands.run('true') + kill".padEnd(56)} median ${fmt(median(e2b))}`);
+    console.log(`ratio e2b / aegis run: ${ratio.toFixed(2)}x (target <= 1.50x: ${ratio <= 1.5 ? 'met' : 'NOT met'})`);
+
+    const MIB = Number(process.env.BENCH_E2B_MIB ?? 64);
+    const FILE_RUNS = Math.min(RUNS, Number(process.env.BENCH_E2B_FILE_RUNS ?? 3));
+    const data = randomBytes(MIB << 20);
+    const local = path.join(work, 'blob');
+    writeFileSync(local, data);
+    const sbx = await Sandbox.create({ timeoutMs: 3_600_000 });
+    const A = path.join(ROOT, 'bin/aegis');
+    const sdkWrite = async () => {
+      const t0 = performance.now();
+      await sbx.files.write('/root/sdk.bin', data.buffer.slice(data.byteOffset, data.byteOffset + data.length));
+      return performance.now() - t0;
+    };
+    const sdkRead = async () => {
+      const t0 = performance.now();
+      const got = await sbx.files.read('/root/sdk.bin', { format: 'bytes' });
+      if (got.length !== data.length) throw new Error(`e2b read ${got.length} of ${data.length} bytes`);
+      return performance.now() - t0;
+    };
+    const cpIn = () => wallMs(A, ['cp', local, `${sbx.sandboxId}:/root/cp.bin`], d.env);
+    const cpOut = () => {
+      rmSync(path.join(work, 'out'), { force: true });
+      return wallMs(A, ['cp', `${sbx.sandboxId}:/root/cp.bin`, path.join(work, 'out')], d.env);
+    };
+    const rows = { sdkWrite: [], cpIn: [], sdkRead: [], cpOut: [] };
+    try {
+      await sdkWrite();
+      await cpIn();
+      for (let i = 0; i < FILE_RUNS; i++) {
+        rows.cpIn.push(await cpIn());
+        rows.sdkWrite.push(await sdkWrite());
+        rows.cpOut.push(await cpOut());
+        rows.sdkRead.push(await sdkRead());
+      }
+    } finally {
+      // A daemon's stop leaves VMs running: this one goes first, whatever happened.
+      await sbx.kill();
+    }
+    const rate = (ms) => `${((MIB / ms) * 1000).toFixed(1)} MiB/s`;
+    console.log(`\n${MIB} MiB in and out of a sandbox, median of ${FILE_RUNS}:`);
+    for (const [name, xs] of [
+      ['`aegis cp` in', rows.cpIn],
+      ['e2b files.write (multipart)', rows.sdkWrite],
+      ['`aegis cp` out', rows.cpOut],
+      ["e2b files.read (format 'bytes')", rows.sdkRead],
+    ]) {
+      console.log(`${name.padEnd(56)} median ${fmt(median(xs))}  ${rate(median(xs))}`);
+    }
+    const writeShare = median(rows.cpIn) / median(rows.sdkWrite);
+    const readShare = median(rows.cpOut) / median(rows.sdkRead);
+    console.log(
+      `e2b write / cp in throughput: ${(writeShare * 100).toFixed(0)}% (target >= 80%: ${writeShare >= 0.8 ? 'met' : 'NOT met'})`,
+    );
+    console.log(`e2b read / cp out throughput: ${(readShare * 100).toFixed(0)}% (target >= 80%: ${readShare >= 0.8 ? 'met' : 'NOT met'})`);
+    return { e2bMs: e2b, cliMs: cli, ratio, files: rows, writeShare, readShare };
+  } finally {
+    await d.stop();
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle|checkpoint|events|e2b runs one section alone (a minute or two; the whole bench takes several).
 if (
-  ['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle', 'checkpoint', 'events'].includes(
+  ['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle', 'checkpoint', 'events', 'e2b'].includes(
     process.env.BENCH_ONLY ?? '',
   )
 ) {
@@ -1488,6 +1587,7 @@ if (
     idle: benchIdle,
     checkpoint: benchCheckpoint,
     events: benchEvents,
+    e2b: benchE2b,
   }[process.env.BENCH_ONLY];
   await only();
   process.exit(0);

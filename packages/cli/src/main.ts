@@ -25,6 +25,7 @@ import { imageCommand, imageListCommand, pullCommand } from './commands/image/im
 import { volumeCommand } from './commands/volume.js';
 import { forkCommand, snapshotCommand } from './commands/snapshot.js';
 import { egressCommand } from './commands/egress.js';
+import { e2bCommand } from './commands/e2b.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
 import {
@@ -84,6 +85,7 @@ for (const c of [
   snapshotCommand(),
   forkCommand(),
   egressCommand(),
+  e2bCommand(),
   upCommand(),
   downCommand(),
   statusCommand(),

@@ -34,6 +34,8 @@ export interface DaemonConfig {
   defaultIdlePauseMs: number;
   /** Registries reached over plain http (AEGIS_INSECURE_REGISTRIES, comma-separated host[:port]); loopback always is. */
   insecureRegistries: string[];
+  /** Serve E2B's API on this loopback `HOST:PORT` too (AEGIS_E2B_ADDR, `aegis up --e2b`); off when unset. */
+  e2bAddr: string | undefined;
 }
 
 export function aegisHome(env: NodeJS.ProcessEnv = process.env): string {
@@ -65,6 +67,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
       .split(',')
       .map((h) => h.trim())
       .filter(Boolean),
+    e2bAddr: env['AEGIS_E2B_ADDR'] || undefined,
   };
 }
 

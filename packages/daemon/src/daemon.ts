@@ -29,6 +29,7 @@ import { eventRoutes } from './api/routes/events.js';
 import { metricsRoutes } from './api/routes/metrics.js';
 import type { Logger } from './log.js';
 import { LoopDelayMonitor } from './lag.js';
+import { startE2bEndpoint, type E2bEndpoint } from './e2b/server.js';
 
 export const VERSION = '0.1.0';
 
@@ -140,6 +141,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   let resolveClosed!: () => void;
   const closed = new Promise<void>((r) => (resolveClosed = r));
   let stopping = false;
+  let e2b: E2bEndpoint | undefined;
   const ctx: DaemonContext = {
     version: VERSION,
     config,
@@ -156,6 +158,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
       stopping = true;
       log.info('shutting down (running VMs keep running)');
       ctx.loopDelay.stop();
+      await e2b?.close();
       instances.detachAll();
       // A template build's VMM is ours alone: it must not outlive the daemon. Nor a pooled VM.
       await Promise.all([templates.close(), instances.closePool()]);
@@ -192,5 +195,14 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   }
   await fs.chmod(config.socketPath, 0o600);
   log.info(`aegisd ${VERSION} listening on ${config.socketPath}`);
+  // E2B's API on loopback TCP (issue 23): a translation layer over the same manager.
+  if (config.e2bAddr) {
+    try {
+      e2b = await startE2bEndpoint(ctx, config.e2bAddr, log);
+    } catch (err) {
+      await ctx.shutdown();
+      throw err;
+    }
+  }
   return { ctx, closed };
 }

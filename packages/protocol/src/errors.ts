@@ -13,6 +13,10 @@ export const ERROR_CODES = {
   UNAVAILABLE: { httpStatus: 503, rpcCode: -32006 },
   RESOURCE_EXHAUSTED: { httpStatus: 429, rpcCode: -32007 },
   CANCELLED: { httpStatus: 499, rpcCode: -32008 },
+  /** No credentials, or wrong ones (the E2B endpoint's API key and access tokens). */
+  UNAUTHENTICATED: { httpStatus: 401, rpcCode: -32009 },
+  /** Credentials were fine, the request is refused anyway (a foreign Origin or Host: DNS rebinding). */
+  PERMISSION_DENIED: { httpStatus: 403, rpcCode: -32010 },
   INTERNAL: { httpStatus: 500, rpcCode: -32603 },
   /** Anything a peer sent that is not in this table. Never produced on purpose. */
   UNKNOWN: { httpStatus: 500, rpcCode: -32000 },

@@ -15,7 +15,7 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import type { Readable } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 import { AegisError, type FileRequest, type PsResult } from '@aegis/protocol';
 import type { EgressPolicy, EgressView } from '@aegis/protocol/api';
 import type { Vm } from '@aegis/vmm';
@@ -589,6 +589,19 @@ export class Instance extends InstanceOwner {
       release();
       throw err;
     }
+  }
+
+  /**
+   * A connection of aegisd's own to `guestPort` in the guest (the E2B endpoint's `getHost`),
+   * over the data channel as `--expose` connections go; the instance is woken first, and the
+   * connection counts as use.
+   */
+  async dial(guestPort: number): Promise<Duplex> {
+    const { row, live } = await this.admit('connect to', 'a connection');
+    const forwarder = live.forwarder;
+    if (!forwarder) throw new AegisError('UNAVAILABLE', `instance "${row.handle}" is not serving its data channel yet`);
+    this.idle.touch();
+    return forwarder.open(guestPort);
   }
 
   egress(withLog: boolean): EgressView {

@@ -829,7 +829,7 @@ export interface components {
     schemas: {
         Error: {
             /** @enum {string} */
-            code: "INVALID_ARGUMENT" | "NOT_FOUND" | "ALREADY_EXISTS" | "FAILED_PRECONDITION" | "UNSUPPORTED" | "TIMEOUT" | "UNAVAILABLE" | "RESOURCE_EXHAUSTED" | "CANCELLED" | "INTERNAL" | "UNKNOWN";
+            code: "INVALID_ARGUMENT" | "NOT_FOUND" | "ALREADY_EXISTS" | "FAILED_PRECONDITION" | "UNSUPPORTED" | "TIMEOUT" | "UNAVAILABLE" | "RESOURCE_EXHAUSTED" | "CANCELLED" | "UNAUTHENTICATED" | "PERMISSION_DENIED" | "INTERNAL" | "UNKNOWN";
             message: string;
         };
         /** @description argv; argv[0] is looked up on the guest's PATH */

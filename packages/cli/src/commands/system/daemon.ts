@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { mkdirSync, openSync, closeSync } from 'node:fs';
+import { existsSync, mkdirSync, openSync, closeSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command } from 'commander';
@@ -8,6 +8,9 @@ import { client, errorsAsJson, fail } from '../../util.js';
 
 /** aegisd's entry point in this checkout (the CLI never imports daemon code). */
 const DAEMON_MAIN = fileURLToPath(new URL('../../../../daemon/dist/main.js', import.meta.url));
+
+/** Where `aegis up --e2b` serves E2B's API when no address is given (envd's own port number). */
+const DEFAULT_E2B_ADDR = '127.0.0.1:49983';
 
 async function running(api: AegisClient): Promise<number | undefined> {
   try {
@@ -19,37 +22,51 @@ async function running(api: AegisClient): Promise<number | undefined> {
 }
 
 export function upCommand(): Command {
-  return new Command('up').description('start aegisd in the background').action(async () => {
-    try {
-      const api = client();
-      const pid = await running(api);
-      if (pid !== undefined) {
-        process.stdout.write(`aegisd is already running (pid ${pid})\n`);
-        return;
-      }
-      const home = path.dirname(api.socketPath);
-      mkdirSync(home, { recursive: true, mode: 0o700 });
-      const logFile = path.join(home, 'aegisd.log');
-      const log = openSync(logFile, 'a', 0o600);
-      const child = spawn(process.execPath, [DAEMON_MAIN], { detached: true, stdio: ['ignore', log, log] });
-      closeSync(log);
-      child.unref();
-      const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-      const deadline = Date.now() + 20_000;
-      for (;;) {
-        const up = await running(api);
-        if (up !== undefined) {
-          process.stdout.write(`aegisd started (pid ${up}); log: ${logFile}\n`);
+  return new Command('up')
+    .description('start aegisd in the background')
+    .option('--e2b [ADDR]', `also serve E2B's API on this loopback address (default ${DEFAULT_E2B_ADDR}); then eval "$(aegis e2b env)"`)
+    .action(async (o: { e2b?: string | boolean }) => {
+      try {
+        const api = client();
+        const pid = await running(api);
+        if (pid !== undefined) {
+          process.stdout.write(`aegisd is already running (pid ${pid})\n`);
+          const serving = existsSync(path.join(path.dirname(api.socketPath), 'e2b.addr'));
+          if (o.e2b !== undefined && !serving) process.stdout.write('to serve the E2B API, restart it: aegis down && aegis up --e2b\n');
           return;
         }
-        const code = await Promise.race([exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 100))]);
-        if (code !== undefined) throw new Error(`aegisd exited with status ${code}; see ${logFile}`);
-        if (Date.now() > deadline) throw new Error(`aegisd did not answer within 20 s; see ${logFile}`);
+        const e2bAddr = o.e2b === undefined ? undefined : o.e2b === true ? DEFAULT_E2B_ADDR : o.e2b;
+        const home = path.dirname(api.socketPath);
+        mkdirSync(home, { recursive: true, mode: 0o700 });
+        const logFile = path.join(home, 'aegisd.log');
+        const log = openSync(logFile, 'a', 0o600);
+        const env = e2bAddr !== undefined && typeof e2bAddr === 'string' ? { ...process.env, AEGIS_E2B_ADDR: e2bAddr } : process.env;
+        const child = spawn(process.execPath, [DAEMON_MAIN], { detached: true, stdio: ['ignore', log, log], env });
+        closeSync(log);
+        child.unref();
+        const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+        const deadline = Date.now() + 20_000;
+        for (;;) {
+          const up = await running(api);
+          if (up !== undefined) {
+            process.stdout.write(`aegisd started (pid ${up}); log: ${logFile}\n`);
+            if (e2bAddr !== undefined) {
+              // The endpoint listens just after the socket: its address file says when (`aegis e2b env` reads it).
+              const addrFile = path.join(home, 'e2b.addr');
+              for (let i = 0; i < 100 && !existsSync(addrFile); i++) await new Promise((r) => setTimeout(r, 50));
+              if (!existsSync(addrFile)) throw new Error(`aegisd did not start the E2B endpoint; see ${logFile}`);
+              process.stdout.write('E2B API served; for a shell: eval "$(aegis e2b env)"\n');
+            }
+            return;
+          }
+          const code = await Promise.race([exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 100))]);
+          if (code !== undefined) throw new Error(`aegisd exited with status ${code}; see ${logFile}`);
+          if (Date.now() > deadline) throw new Error(`aegisd did not answer within 20 s; see ${logFile}`);
+        }
+      } catch (err) {
+        fail(err);
       }
-    } catch (err) {
-      fail(err);
-    }
-  });
+    });
 }
 
 export function downCommand(): Command {
