@@ -483,6 +483,15 @@ export class Instance extends InstanceOwner {
     }
     const execId = randomBytes(6).toString('hex');
     const execStarted = performance.now();
+    // The guest's first output (even its exit) can arrive with the answer to `exec`, before
+    // `started` is emitted below: held until then, so every stream begins with `started`.
+    let startedSent = false;
+    const early: Parameters<ExecEmitter>[0][] = [];
+    const gated: ExecEmitter = (ev) => {
+      if (startedSent) return emit(ev); // its promise is the stream's backpressure
+      early.push(ev);
+      return undefined;
+    };
     // Admission is an operation of the instance (no stop can slip in between the check and
     // the guest starting the command); the command's output then streams outside the queue.
     const { agent, done } = await this.op(
@@ -493,7 +502,7 @@ export class Instance extends InstanceOwner {
         const live = this.requireLive(row, 'exec in');
         const agent = live.agent;
         if (!agent) throw new AegisError('UNAVAILABLE', `agent of instance "${row.handle}" is not connected`);
-        const done = live.trackExec(execId, emit);
+        const done = live.trackExec(execId, gated);
         done.catch(() => undefined); // observed below; not an unhandled rejection meanwhile
         const took = (): number => (performance.now() - execStarted) / 1000;
         done.then(
@@ -532,6 +541,9 @@ export class Instance extends InstanceOwner {
       { signal },
     );
     emit({ type: 'started', execId });
+    // In order: what arrives while these are written joins the queue behind them.
+    for (let ev = early.shift(); ev; ev = early.shift()) await emit(ev);
+    startedSent = true;
     const onAbort = (): void => {
       // The caller went away: don't leave its command running unseen, nor what it started.
       void agent.call('signal', { execId, signal: 'SIGKILL', group: true }, { timeoutMs: 5000 }).catch(() => undefined);
