@@ -781,9 +781,9 @@ describe('images', () => {
     const tookMs = performance.now() - t0;
     const left = (await d.client.listImages()).length;
     const stored = dirSizes(path.join(d.home, 'images')).other;
-    // The tree at the limit is ~120 MiB of heap; V8 lets the heap grow to about twice what is live
-    // while tar-stream's per-entry garbage is collected. Growth is bounded, not the absolute figure:
-    // earlier rows leave aegisd at different sizes.
+    // The tree at the limit is ~120 MiB of heap, held by the build's worker thread (its own heap,
+    // capped: images/build-isolated.ts), whose memory counts in aegisd's RSS like any other.
+    // Growth is bounded, not the absolute figure: earlier rows leave aegisd at different sizes.
     const growth = peakRss - rssBefore;
     assertRows([
       record(

@@ -58,7 +58,8 @@ export async function buildImageFilesystem(layers: LayerFile[], outFile: string,
   const workRoot = path.resolve(options.workDir ?? path.dirname(outFile));
   await fs.mkdir(workRoot, { recursive: true });
   const work = await fs.mkdtemp(path.join(workRoot, '.layers-'));
-  const tmpOut = `${outFile}.partial-${path.basename(work)}`;
+  // Inside the work directory, so that whatever a failed build leaves goes with it.
+  const tmpOut = path.join(work, 'filesystem.ext4');
   const store = new ContentStore(path.join(work, 'content'));
   try {
     await fs.mkdir(store.dir, { mode: 0o700 });
@@ -82,7 +83,6 @@ export async function buildImageFilesystem(layers: LayerFile[], outFile: string,
     await fs.rename(tmpOut, outFile);
     return { sizeBytes: (await fs.stat(outFile)).size, fileCount: plan.names };
   } catch (err) {
-    await fs.rm(tmpOut, { force: true });
     if (signal?.aborted) throw new AegisError('CANCELLED', 'building the image filesystem was cancelled', { cause: err });
     throw AegisError.from(err);
   } finally {

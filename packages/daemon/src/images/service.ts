@@ -16,7 +16,7 @@ import type { Logger } from '../log.js';
 import type { Registry } from '../registry/db.js';
 import { importArchive } from './archive.js';
 import { BlobStore } from './blobs.js';
-import { buildImageFilesystem } from './layers.js';
+import { buildIsolated } from './build-isolated.js';
 import type { ImageLimits } from './limits.js';
 import type { ImageConfig } from './manifest.js';
 import { formatReference, parseReference, validateDigest } from './reference.js';
@@ -216,7 +216,7 @@ export class ImageService {
     await fs.mkdir(this.fsDir, { recursive: true, mode: 0o700 });
     const t0 = Date.now();
     const layers = img.layers.map((l) => ({ path: this.blobs.path(l.digest), mediaType: l.mediaType }));
-    const built = await buildImageFilesystem(layers, out, {
+    const built = await buildIsolated(layers, out, {
       ...(signal ? { signal } : {}),
       ...(this.options.limits ? { limits: this.options.limits } : {}),
     });
