@@ -67,7 +67,8 @@ export class TestDaemon {
     const [cmd = process.execPath, ...args] = [...this.launcher, process.execPath, path.join(ROOT, 'packages/daemon/dist/main.js')];
     this.proc = spawn(cmd, args, { env: this.env, stdio: ['ignore', log, log] });
     closeSync(log);
-    const deadline = Date.now() + 20_000;
+    // Raised where everything runs slower than here, as inside the nested-KVM VM (tests/kvm/).
+    const deadline = Date.now() + Number(process.env['AEGIS_TEST_DAEMON_START_MS'] ?? 20_000);
     for (;;) {
       try {
         await this.client.status();
