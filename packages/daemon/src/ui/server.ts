@@ -41,6 +41,8 @@ const STATIC: Record<string, { file: string; type: string }> = {
   '/': { file: 'index.html', type: 'text/html; charset=utf-8' },
   '/app.js': { file: 'app.js', type: 'text/javascript; charset=utf-8' },
   '/app.css': { file: 'app.css', type: 'text/css; charset=utf-8' },
+  '/app.js.map': { file: 'app.js.map', type: 'application/json' },
+  '/app.css.map': { file: 'app.css.map', type: 'application/json' },
 };
 
 /**
