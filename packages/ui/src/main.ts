@@ -32,14 +32,20 @@ let showError: (msg: string) => void = () => undefined;
 const report = (err: unknown): void => showError(err instanceof ApiError ? `[${err.code}] ${err.message}` : String(err));
 
 /**
- * The instances, kept current by the event stream: subscribed first, then listed, so that
- * nothing made in between is missed. A change re-reads that instance; a delete drops it.
+ * The instances, kept current by the event stream. The stream starts a few seconds back
+ * (`since`), so that a change between the list and the subscription is not missed (a replayed
+ * one only re-reads an instance); after a reconnect it resumes after the last event seen
+ * (`after`). A change re-reads that instance; a delete drops it.
  */
+/** How far back the first subscription starts. */
+const REPLAY_MS = 5000;
+
 function useInstances(): { list: Instance[]; live: boolean } {
   const [byId, setById] = useState<Map<string, Instance>>(new Map());
   const [live, setLive] = useState(false);
   useEffect(() => {
     const abort = new AbortController();
+    let lastSeq = 0;
     const refresh = async (id: string): Promise<void> => {
       try {
         const v = await call<Instance>('GET', `/v1/instances/${ref(id)}`);
@@ -56,14 +62,17 @@ function useInstances(): { list: Instance[]; live: boolean } {
     void (async () => {
       for (;;) {
         try {
-          const events = stream<LifecycleEvent | { type: 'error'; message: string }>('/v1/events?follow=true', abort.signal);
+          const from = lastSeq > 0 ? `after=${lastSeq}` : `since=${Date.now() - REPLAY_MS}`;
+          const events = stream<LifecycleEvent | { type: 'error'; message: string }>(`/v1/events?follow=true&${from}`, abort.signal);
           const first = events.next();
           const list = await call<{ instances: Instance[] }>('GET', '/v1/instances?all=true');
           setById(new Map(list.instances.map((i) => [i.id, i])));
           setLive(true);
           for (let ev = await first; !ev.done; ev = await events.next()) {
             const e = ev.value;
-            if (!('instanceId' in e) || e.instanceId === undefined) continue;
+            if (!('seq' in e)) continue;
+            lastSeq = Math.max(lastSeq, e.seq);
+            if (e.instanceId === undefined) continue;
             const id = e.instanceId;
             if (e.type === 'delete')
               setById((m) => {

@@ -171,6 +171,10 @@ export async function startUiServer(d: DaemonContext, addr: string, log: Logger)
       const target = req.url ?? '/';
       if (url.pathname.startsWith('/api/v1/')) return forward(req, res, target.slice('/api'.length));
       if (url.pathname === '/metrics' || url.pathname === '/api/metrics') return forward(req, res, '/metrics');
+      if (url.pathname === '/favicon.ico') {
+        res.writeHead(204, SECURITY_HEADERS).end();
+        return;
+      }
       const entry = req.method === 'GET' ? STATIC[url.pathname] : undefined;
       if (entry) return serveStatic(res, entry);
       throw new AegisError('NOT_FOUND', `no such page: ${url.pathname.slice(0, 200)}`);
