@@ -37,6 +37,25 @@ const report = (err: unknown): void => showError(err instanceof ApiError ? `[${e
  * one only re-reads an instance); after a reconnect it resumes after the last event seen
  * (`after`). A change re-reads that instance; a delete drops it.
  */
+/** An instance as far as a lifecycle event tells it (the state after it; for a new one, what create says). */
+function provisional(known: Instance | undefined, e: LifecycleEvent): Instance {
+  if (known) return { ...known, ...(e.state ? { state: e.state } : {}) };
+  return {
+    id: e.instanceId ?? '',
+    handle: e.handle ?? '',
+    state: e.state ?? 'starting',
+    command: [],
+    createdAt: new Date(e.timeMs).toISOString(),
+    memoryMiB: 0,
+    vcpuCount: 0,
+    exitCode: null,
+    ports: [],
+    network: 'none',
+    volumes: [],
+    ...(e.labels ? { labels: e.labels } : {}),
+  };
+}
+
 /** How far back the first subscription starts. */
 const REPLAY_MS = 5000;
 
@@ -74,6 +93,8 @@ function useInstances(): { list: Instance[]; live: boolean } {
             lastSeq = Math.max(lastSeq, e.seq);
             if (e.instanceId === undefined) continue;
             const id = e.instanceId;
+            // Shown at once from the event itself; the re-read below fills in the rest.
+            if (e.type !== 'delete' && e.state !== undefined) setById((m) => new Map(m).set(id, provisional(m.get(id), e)));
             if (e.type === 'delete')
               setById((m) => {
                 const n = new Map(m);

@@ -112,9 +112,11 @@ export async function startUiServer(d: DaemonContext, addr: string, log: Logger)
   const rules = { subdomains: false, exactOrigin: true };
 
   /** Host and Origin, then the token: throws PERMISSION_DENIED or UNAUTHENTICATED. */
-  const admit = (req: http.IncomingMessage, url: URL): void => {
+  const admit = (req: http.IncomingMessage, rawPath: string, query: URLSearchParams): void => {
     checkHostAndOrigin(header(req, 'host'), header(req, 'origin'), ours, rules);
-    const given = bearerToken(req) ?? cookieToken(req) ?? (url.pathname === '/' ? (url.searchParams.get('token') ?? undefined) : undefined);
+    // On the first page load the URL's token wins over an older cookie; elsewhere it is not read.
+    const fromQuery = rawPath === '/' ? (query.get('token') ?? undefined) : undefined;
+    const given = fromQuery ?? bearerToken(req) ?? cookieToken(req);
     if (given === undefined || given === '') {
       throw new AegisError('UNAUTHENTICATED', 'the dashboard needs its token: open the URL `aegis ui` prints');
     }
@@ -154,9 +156,13 @@ export async function startUiServer(d: DaemonContext, addr: string, log: Logger)
 
   const server = http.createServer((req, res) => {
     void (async () => {
-      const url = new URL(req.url ?? '/', 'http://ui.invalid');
-      admit(req, url);
-      if (url.pathname === '/' && url.searchParams.has('token')) {
+      const target = req.url ?? '/';
+      // Routed by the path as sent (not as URL would normalise `..`): what is forwarded is what was checked.
+      const q = target.indexOf('?');
+      const rawPath = q === -1 ? target : target.slice(0, q);
+      const query = new URLSearchParams(q === -1 ? '' : target.slice(q + 1));
+      admit(req, rawPath, query);
+      if (rawPath === '/' && query.has('token')) {
         // The token becomes a cookie only scripts of this origin's requests carry (HttpOnly:
         // no script reads it; Strict: no other site's link or form sends it), and leaves the URL.
         res.writeHead(303, {
@@ -168,16 +174,15 @@ export async function startUiServer(d: DaemonContext, addr: string, log: Logger)
         res.end();
         return;
       }
-      const target = req.url ?? '/';
-      if (url.pathname.startsWith('/api/v1/')) return forward(req, res, target.slice('/api'.length));
-      if (url.pathname === '/metrics' || url.pathname === '/api/metrics') return forward(req, res, '/metrics');
-      if (url.pathname === '/favicon.ico') {
+      if (rawPath.startsWith('/api/v1/')) return forward(req, res, target.slice('/api'.length));
+      if (rawPath === '/metrics' || rawPath === '/api/metrics') return forward(req, res, '/metrics');
+      if (rawPath === '/favicon.ico') {
         res.writeHead(204, SECURITY_HEADERS).end();
         return;
       }
-      const entry = req.method === 'GET' ? STATIC[url.pathname] : undefined;
+      const entry = req.method === 'GET' && Object.hasOwn(STATIC, rawPath) ? STATIC[rawPath] : undefined;
       if (entry) return serveStatic(res, entry);
-      throw new AegisError('NOT_FOUND', `no such page: ${url.pathname.slice(0, 200)}`);
+      throw new AegisError('NOT_FOUND', `no such page: ${rawPath.slice(0, 200)}`);
     })().catch((err: unknown) => {
       const e = AegisError.from(err);
       if (e.code === 'INTERNAL')
@@ -198,8 +203,9 @@ export async function startUiServer(d: DaemonContext, addr: string, log: Logger)
     };
     try {
       const url = new URL(req.url ?? '/', 'http://ui.invalid');
-      admit(req, url);
-      if (url.pathname !== '/ws/exec') throw new AegisError('NOT_FOUND', `no WebSocket at ${url.pathname.slice(0, 200)}`);
+      const rawPath = (req.url ?? '/').split('?')[0] ?? '';
+      admit(req, rawPath, url.searchParams);
+      if (rawPath !== '/ws/exec') throw new AegisError('NOT_FOUND', `no WebSocket at ${rawPath.slice(0, 200)}`);
       const ref = url.searchParams.get('instance') ?? '';
       if (ref === '') throw new AegisError('INVALID_ARGUMENT', 'say which instance: /ws/exec?instance=REF');
       const size = { rows: Number(url.searchParams.get('rows') ?? 24), cols: Number(url.searchParams.get('cols') ?? 80) };
