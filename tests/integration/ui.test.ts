@@ -219,6 +219,7 @@ describe('the dashboard in Chromium', () => {
         const created = daemon.client.createInstance({
           command: ['sh', '-c', 'i=0; while true; do echo tick-$i; i=$((i+1)); sleep 1; done'],
           labels: { suite: 'ui' },
+          exposes: [{ guestPort: 8000 }],
         });
         // The page's own CSP forbids evaluating strings, so a selector wait (it polls on DOM changes).
         const row = await page.waitForSelector('tr[data-id]', { timeout: 30_000 });
@@ -239,7 +240,9 @@ describe('the dashboard in Chromium', () => {
         // Its state follows too: running once booted, with no reload.
         await page.waitForSelector(`tr[data-id="${shared}"][data-state="running"]`, { timeout: 60_000 });
         expect(await page.textContent(`tr[data-id="${shared}"]`)).toContain('suite=ui');
-        await shot('instances');
+        // Its forwarded port is a link to the host side.
+        const hostPort = view.ports[0]?.hostPort;
+        expect(await page.getAttribute(`tr[data-id="${shared}"] a.port`, 'href')).toBe(`http://127.0.0.1:${hostPort}/`);
       });
     },
     120_000,
@@ -341,11 +344,21 @@ describe('the dashboard in Chromium', () => {
   );
 
   browserIt(
-    'Stop and Delete in the list stop and remove the instance',
+    'the list shows CPU and memory sparklines; Pause, Resume, Stop and Delete there change the instance',
     async () => {
       await onShared(async () => {
         await page.goto(`${base}/#/`);
-        await page.waitForSelector(`tr[data-id="${shared}"][data-state="running"]`, { timeout: 10_000 });
+        const row = `tr[data-id="${shared}"]`;
+        await page.waitForSelector(`${row}[data-state="running"]`, { timeout: 10_000 });
+        // CPU and memory sparklines from /metrics scrapes (CPU needs two of them, 5 s apart).
+        await page.waitForSelector(`${row} td.memory svg`, { timeout: 20_000 });
+        await page.waitForSelector(`${row} td.cpu svg`, { timeout: 20_000 });
+        await shot('instances');
+        await page.click(`${row} button[data-action="pause"]`);
+        await page.waitForSelector(`${row}[data-state="paused"]`, { timeout: 30_000 });
+        expect((await daemon.client.getInstance(shared)).state).toBe('paused');
+        await page.click(`${row} button[data-action="resume"]`);
+        await page.waitForSelector(`${row}[data-state="running"]`, { timeout: 30_000 });
         await page.click(`tr[data-id="${shared}"] button[data-action="stop"]`);
         await page.waitForSelector(`tr[data-id="${shared}"][data-state="stopped"]`, { timeout: 60_000 });
         expect((await daemon.client.getInstance(shared)).state).toBe('stopped');

@@ -14,6 +14,7 @@ import uPlot from 'uplot';
 import type { Image, Instance, LifecycleEvent, LogEvent, Status } from '@aegis/protocol/api';
 import { ApiError, call, decodeBase64, ref, stream } from './api.js';
 import { openTerminal } from './terminal.js';
+import { useSamples, type Samples } from './samples.js';
 
 type Child = ReturnType<typeof html>;
 
@@ -156,8 +157,28 @@ function Actions({ i, after }: { i: Instance; after?: () => void }): Child {
   </span>`;
 }
 
+/** A small line of the last values, and the latest as text. */
+function Sparkline({ values, unit, max }: { values: number[]; unit: string; max?: number }): Child {
+  if (values.length === 0) return html`<span class="dim">—</span>`;
+  const w = 56;
+  const hgt = 20;
+  const top = Math.max(max ?? 0, ...values, 1e-9);
+  const y = (v: number): number => hgt - (v / top) * (hgt - 2) - 1;
+  // One sample is a level line so far.
+  const series = values.length === 1 ? [values[0] ?? 0, values[0] ?? 0] : values;
+  const points = series.map((v, i) => `${(i / (series.length - 1)) * w},${y(v)}`).join(' ');
+  const latest = values[values.length - 1] ?? 0;
+  return html`<span class="spark"
+    ><svg width=${w} height=${hgt} viewBox=${`0 0 ${w} ${hgt}`}>
+      <polyline points=${points} fill="none" stroke="currentColor" stroke-width="1.5" />
+    </svg>
+    <span>${latest.toFixed(latest < 10 ? 1 : 0)} ${unit}</span></span
+  >`;
+}
+
 function InstancesPage(): Child {
   const { list, live } = useInstances();
+  const samples: Map<string, Samples> = useSamples();
   const [filter, setFilter] = useState('');
   const shown = list.filter(
     (i) => filter === '' || `${i.handle} ${i.id} ${i.image ?? ''} ${JSON.stringify(i.labels ?? {})}`.includes(filter),
@@ -180,6 +201,8 @@ function InstancesPage(): Child {
           <th>State</th>
           <th>Image</th>
           <th>Command</th>
+          <th>CPU</th>
+          <th>Memory</th>
           <th>Ports</th>
           <th>Labels</th>
           <th>Created</th>
@@ -196,10 +219,12 @@ function InstancesPage(): Child {
               </td>
               <td><${StateBadge} state=${i.state} /></td>
               <td class="mono">${i.image ?? 'base'}</td>
-              <td class="mono cmd">${i.command.join(' ')}</td>
+              <td><div class="mono cmd" title=${i.command.join(' ')}>${i.command.join(' ')}</div></td>
+              <td class="cpu"><${Sparkline} values=${samples.get(i.id)?.cpuPercent ?? []} unit="%" max=${100} /></td>
+              <td class="memory"><${Sparkline} values=${samples.get(i.id)?.memoryMiB ?? []} unit="MiB" /></td>
               <td><${Ports} i=${i} /></td>
               <td><${Labels} labels=${i.labels} /></td>
-              <td class="dim">${new Date(i.createdAt).toLocaleString()}</td>
+              <td class="dim">${new Date(i.createdAt).toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'short' })}</td>
               <td><${Actions} i=${i} /></td>
             </tr>`,
         )}
