@@ -9,7 +9,7 @@
  * elsewhere; the plain-HTTP refusals run either way.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -190,6 +190,18 @@ describe('the dashboard server refuses what is not the user’s browser', () => 
       expect(await upgrade('/ws/exec?instance=x', { cookie, origin: 'http://evil.example' })).toBe(403);
       expect(await upgrade('/ws/exec?instance=x', { cookie, host: 'evil.example' })).toBe(403);
       expect(await upgrade('/ws/exec?instance=x', { origin: base })).toBe(401);
+    });
+  });
+
+  it('aegis ui --open hands the URL to xdg-open where there is one, and still prints it', async () => {
+    await step(async () => {
+      const bin = mkdtempSync('/tmp/aegis-ui-bin-');
+      const seen = path.join(bin, 'seen');
+      writeFileSync(path.join(bin, 'xdg-open'), `#!/bin/sh\nprintf '%s' "$1" > ${seen}\n`, { mode: 0o755 });
+      const out = await daemon.cli(['ui', '--open'], { env: { PATH: `${bin}:${process.env['PATH'] ?? ''}` } });
+      expect(out.code, out.stderr).toBe(0);
+      expect(out.stdout.trim()).toBe(entry);
+      await until(() => existsSync(seen) && readFileSync(seen, 'utf8') === entry, 10_000, 'xdg-open to be run with the URL');
     });
   });
 

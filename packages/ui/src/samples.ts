@@ -4,6 +4,7 @@
  * and the tab visible — not one `/stats` call per row, so fifty rows cost what one does.
  */
 import { useEffect, useState } from 'preact/hooks';
+import { parseMetrics } from './metrics-text.js';
 
 export const SAMPLE_MS = 5000;
 /** Points kept per instance: the last two and a half minutes. */
@@ -14,25 +15,6 @@ export interface Samples {
   cpuPercent: number[];
   /** The VMM's proportional set size on the host, MiB. */
   memoryMiB: number[];
-}
-
-interface Sample {
-  name: string;
-  labels: Record<string, string>;
-  value: number;
-}
-
-/** The lines of the Prometheus text format this needs: `name{k="v",…} value`. */
-export function parseMetrics(text: string): Sample[] {
-  const out: Sample[] = [];
-  for (const line of text.split('\n')) {
-    const m = /^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
-    if (!m || line.startsWith('#')) continue;
-    const labels: Record<string, string> = {};
-    for (const l of (m[2] ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[l[1] ?? ''] = (l[2] ?? '').replace(/\\(.)/g, '$1');
-    out.push({ name: m[1] ?? '', labels, value: Number(m[3]) });
-  }
-  return out;
 }
 
 export function useSamples(): Map<string, Samples> {
