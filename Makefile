@@ -5,9 +5,9 @@ export AEGIS_HOME
 CACHE := $(AEGIS_HOME)/cache
 HARNESS_BUNDLE := packages/harness/dist/harness.mjs
 
-.PHONY: all deps node_modules aegisd aegis harness sdk kernel base-rootfs demo test check bench clean
+.PHONY: all deps node_modules aegisd aegis harness sdk ui kernel base-rootfs demo test check bench clean
 
-all: deps aegisd aegis harness sdk kernel base-rootfs
+all: deps aegisd aegis harness sdk ui kernel base-rootfs
 
 deps:
 	@scripts/setup.sh
@@ -28,6 +28,10 @@ harness: node_modules
 sdk: node_modules
 	npx tsc -b packages/sdk
 	npm run build -w @aegis/sdk --silent
+# The dashboard's browser bundle (packages/ui/dist), served by aegisd under AEGIS_UI_ADDR.
+ui: node_modules
+	npx tsc -b packages/ui
+	npm run build -w @aegis/ui --silent
 
 kernel: deps
 	@guest/kernel/build.sh "$(CACHE)" >/dev/null

@@ -58,5 +58,10 @@ export default tseslint.config(
   layer(['packages/daemon/**'], ['@aegis/vmm-*', '@aegis/harness', '@aegis/client', '@aegis/cli']),
   layer(['packages/client/**'], ['@aegis/vmm*', '@aegis/daemon', '@aegis/harness', '@aegis/cli']),
   layer(['packages/sdk/**'], ['@aegis/vmm*', '@aegis/daemon', '@aegis/harness', '@aegis/cli', '@aegis/archive']),
+  // The browser bundle: @aegis/protocol's API types only (import type), never Node or aegisd code.
+  layer(
+    ['packages/ui/src/**'],
+    ['@aegis/vmm*', '@aegis/daemon', '@aegis/harness', '@aegis/client', '@aegis/cli', '@aegis/backends', '@aegis/archive', 'node:*'],
+  ),
   layer(['packages/cli/**'], ['@aegis/vmm-*', '@aegis/daemon', '@aegis/harness', '@aegis/daemon/*']),
 );

@@ -14,6 +14,7 @@ esac
 pkgs=("$qemu" qemu-utils erofs-utils e2fsprogs linux-source bc bison flex libelf-dev libssl-dev gcc g++ make
       libc6-dev ccache xz-utils python3 dpkg-dev ca-certificates passt iproute2 util-linux
       tmux # tmux: the tests drive `aegis exec -it` under a real terminal
+      chromium # the dashboard's browser tests (tests/integration/ui.test.ts, through playwright-core)
       docker-registry skopeo umoci) # image tests: a real registry and client; the bench's reference unpacker
 
 if ! command -v apt-get >/dev/null || ! command -v dpkg-query >/dev/null; then

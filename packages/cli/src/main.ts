@@ -26,6 +26,7 @@ import { volumeCommand } from './commands/volume.js';
 import { forkCommand, snapshotCommand } from './commands/snapshot.js';
 import { egressCommand } from './commands/egress.js';
 import { e2bCommand } from './commands/e2b.js';
+import { uiCommand } from './commands/ui.js';
 import { doctorCommand } from './commands/system/doctor.js';
 import { downCommand, statusCommand, upCommand } from './commands/system/daemon.js';
 import {
@@ -86,6 +87,7 @@ for (const c of [
   forkCommand(),
   egressCommand(),
   e2bCommand(),
+  uiCommand(),
   upCommand(),
   downCommand(),
   statusCommand(),

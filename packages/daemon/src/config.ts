@@ -36,6 +36,8 @@ export interface DaemonConfig {
   insecureRegistries: string[];
   /** Serve E2B's API on this loopback `HOST:PORT` too (AEGIS_E2B_ADDR, `aegis up --e2b`); off when unset. */
   e2bAddr: string | undefined;
+  /** Serve the dashboard on this loopback `HOST:PORT` (AEGIS_UI_ADDR, `aegis up --ui`); off when unset. */
+  uiAddr: string | undefined;
 }
 
 export function aegisHome(env: NodeJS.ProcessEnv = process.env): string {
@@ -68,6 +70,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): DaemonConfig {
       .map((h) => h.trim())
       .filter(Boolean),
     e2bAddr: env['AEGIS_E2B_ADDR'] || undefined,
+    uiAddr: env['AEGIS_UI_ADDR'] || undefined,
   };
 }
 

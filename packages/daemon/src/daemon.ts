@@ -30,6 +30,7 @@ import { metricsRoutes } from './api/routes/metrics.js';
 import type { Logger } from './log.js';
 import { LoopDelayMonitor } from './lag.js';
 import { startE2bEndpoint, type E2bEndpoint } from './e2b/server.js';
+import { ADDR_FILE as UI_ADDR_FILE, startUiServer, type UiServer } from './ui/server.js';
 
 export const VERSION = '0.1.0';
 
@@ -142,6 +143,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
   const closed = new Promise<void>((r) => (resolveClosed = r));
   let stopping = false;
   let e2b: E2bEndpoint | undefined;
+  let ui: UiServer | undefined;
   const ctx: DaemonContext = {
     version: VERSION,
     config,
@@ -159,6 +161,7 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
       log.info('shutting down (running VMs keep running)');
       ctx.loopDelay.stop();
       await e2b?.close();
+      await ui?.close();
       instances.detachAll();
       // A template build's VMM is ours alone: it must not outlive the daemon. Nor a pooled VM.
       await Promise.all([templates.close(), instances.closePool()]);
@@ -203,6 +206,18 @@ export async function startDaemon(config: DaemonConfig, log: Logger): Promise<{ 
       await ctx.shutdown();
       throw err;
     }
+  }
+  // The dashboard (issue 24): a browser's view over this same API, on loopback TCP.
+  if (config.uiAddr) {
+    try {
+      ui = await startUiServer(ctx, config.uiAddr, log);
+    } catch (err) {
+      await ctx.shutdown();
+      throw err;
+    }
+  } else {
+    // A killed aegisd that served it left its address: `aegis ui` must not send anyone there.
+    await fs.rm(path.join(config.home, UI_ADDR_FILE), { force: true });
   }
   return { ctx, closed };
 }

@@ -6,10 +6,14 @@
  * request (it looks at the file's mtime). Access tokens are derived from the key and the
  * sandbox id (HMAC), so nothing else is stored and a rotation revokes them all.
  */
-import { createHash, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
-import { promises as fs, statSync, readFileSync } from 'node:fs';
+import { createHash, createHmac, randomBytes } from 'node:crypto';
+import { statSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { AegisError } from '@aegis/protocol';
+import { ensureSecretFile, sameSecret as same, writeSecretFile } from '../http/loopback.js';
+
+// Shared with the dashboard since issue 24 (src/http/loopback.ts); still exported from here.
+export { checkHostAndOrigin, loopbackHost } from '../http/loopback.js';
 
 export const KEY_FILE = 'e2b.key';
 /** Where a serving aegisd writes its E2B address, for `aegis e2b env`. */
@@ -22,19 +26,12 @@ export function newKey(): string {
 
 /** The key in `home`, made (0600) when there is none. */
 export async function ensureKey(home: string): Promise<string> {
-  const file = path.join(home, KEY_FILE);
-  const existing = await fs.readFile(file, 'utf8').catch(() => undefined);
-  if (existing !== undefined && /^e2b_[0-9a-f]{40}$/.test(existing.trim())) return existing.trim();
-  return writeKey(home, newKey());
+  return ensureSecretFile(home, KEY_FILE, /^e2b_[0-9a-f]{40}$/, newKey);
 }
 
 /** Replaces the key (atomically, 0600). */
 export async function writeKey(home: string, key: string): Promise<string> {
-  const file = path.join(home, KEY_FILE);
-  const temp = `${file}.${randomBytes(4).toString('hex')}`;
-  await fs.writeFile(temp, `${key}\n`, { mode: 0o600, flag: 'wx' });
-  await fs.rename(temp, file);
-  return key;
+  return writeSecretFile(home, KEY_FILE, key);
 }
 
 /**
@@ -49,12 +46,6 @@ export function signatureMatches(
   const raw = `${q.path}:${q.operation}:${q.user}:${token}${q.expiration !== null ? `:${q.expiration}` : ''}`;
   const expected = `v1_${createHash('sha256').update(raw).digest('base64').replace(/=+$/, '')}`;
   return same(expected, q.signature);
-}
-
-function same(a: string, b: string): boolean {
-  const x = Buffer.from(a);
-  const y = Buffer.from(b);
-  return x.length === y.length && timingSafeEqual(x, y);
 }
 
 /** The daemon's view of the key file: re-read when it changes. */
@@ -122,40 +113,4 @@ export class E2bKeys {
     if (apiKey !== undefined && apiKey !== '' && same(apiKey, this.current())) return;
     throw new AegisError('UNAUTHENTICATED', `missing or invalid X-Access-Token for sandbox ${id}`);
   }
-}
-
-/**
- * DNS rebinding and cross-site requests: a browser page must not drive the endpoint. A request
- * passes when its Host names loopback (or our own address) and it has no Origin, or an Origin
- * on loopback. Sub-domains of `localhost` are allowed for `getHost` (`<port>-<id>.localhost`).
- */
-export function checkHostAndOrigin(host: string | undefined, origin: string | undefined, ours: { host: string; port: number }): void {
-  if (host === undefined || !loopbackHost(host, ours)) {
-    throw new AegisError(
-      'PERMISSION_DENIED',
-      `Host ${JSON.stringify(host ?? '')} is not this endpoint's loopback address: refused (DNS rebinding)`,
-    );
-  }
-  if (origin !== undefined && origin !== '' && origin !== 'null') {
-    let parsed: URL | undefined;
-    try {
-      parsed = new URL(origin);
-    } catch {
-      parsed = undefined;
-    }
-    if (!parsed || !loopbackHost(parsed.host, ours)) {
-      throw new AegisError('PERMISSION_DENIED', `requests from web origin ${JSON.stringify(origin)} are refused`);
-    }
-  } else if (origin === 'null') {
-    throw new AegisError('PERMISSION_DENIED', 'requests from an opaque web origin are refused');
-  }
-}
-
-/** `host[:port]` names loopback or our address (a name under `.localhost` counts). */
-export function loopbackHost(hostHeader: string, ours: { host: string; port: number }): boolean {
-  const m = /^(\[[0-9a-fA-F:.]+\]|[^:]+)(?::(\d+))?$/.exec(hostHeader.trim());
-  if (!m) return false;
-  const name = (m[1] ?? '').toLowerCase().replace(/^\[|\]$/g, '');
-  if (m[2] !== undefined && Number(m[2]) !== ours.port) return false;
-  return name === 'localhost' || name.endsWith('.localhost') || name === ours.host || /^127(\.\d{1,3}){3}$/.test(name) || name === '::1';
 }

@@ -17,7 +17,8 @@ import { connectNodeAdapter } from '@connectrpc/connect-node';
 import { AegisError } from '@aegis/protocol';
 import type { DaemonContext } from '../daemon.js';
 import { escapeForLog, type Logger } from '../log.js';
-import { ADDR_FILE, checkHostAndOrigin, E2bKeys, signatureMatches } from './keys.js';
+import { ADDR_FILE, E2bKeys, signatureMatches } from './keys.js';
+import { checkHostAndOrigin, parseLoopbackAddr, type LoopbackAddr } from '../http/loopback.js';
 import { ERROR_CODE_HEADER, envdHttpStatus, restError, asAegis } from './errors.js';
 import { cloudOnly, e2bState, pausedByRequest, PRIVATE_TRAFFIC_LABEL, sandboxRoutes, type RestRoute } from './sandboxes.js';
 import { ENVD_PORT, RAW_REQUEST, sandboxInstance, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER } from './context.js';
@@ -33,16 +34,8 @@ import { Filesystem } from './gen/filesystem/filesystem_pb.js';
 const MAX_REST_BODY = 1024 * 1024;
 
 /** `AEGIS_E2B_ADDR` / `aegis up --e2b`: `HOST:PORT` on loopback (port 0: any free one). */
-export function parseAddr(addr: string): { host: string; port: number } {
-  const m = /^(\[[0-9a-fA-F:]+\]|[^:]+):(\d{1,5})$/.exec(addr.trim());
-  if (!m) throw new AegisError('INVALID_ARGUMENT', `E2B address must be HOST:PORT on loopback (e.g. 127.0.0.1:3000), not "${addr}"`);
-  const host = (m[1] ?? '').replace(/^\[|\]$/g, '');
-  const port = Number(m[2]);
-  if (port > 65535) throw new AegisError('INVALID_ARGUMENT', `port ${port} is out of range`);
-  if (!(host === 'localhost' || host === '::1' || /^127(\.\d{1,3}){3}$/.test(host))) {
-    throw new AegisError('INVALID_ARGUMENT', `the E2B endpoint listens on loopback only (127.0.0.1 or ::1), not ${host}`);
-  }
-  return { host: host === 'localhost' ? '127.0.0.1' : host, port };
+export function parseAddr(addr: string): LoopbackAddr {
+  return parseLoopbackAddr(addr, 'E2B endpoint');
 }
 
 function header(req: Req, name: string): string | undefined {

@@ -11,6 +11,14 @@ const DAEMON_MAIN = fileURLToPath(new URL('../../../../daemon/dist/main.js', imp
 
 /** Where `aegis up --e2b` serves E2B's API when no address is given (envd's own port number). */
 const DEFAULT_E2B_ADDR = '127.0.0.1:49983';
+/** Where `aegis up --ui` serves the dashboard when no address is given. */
+const DEFAULT_UI_ADDR = '127.0.0.1:7777';
+
+/** Waits for an address file the daemon writes once a TCP door listens (just after the socket). */
+async function served(file: string, what: string, logFile: string): Promise<void> {
+  for (let i = 0; i < 100 && !existsSync(file); i++) await new Promise((r) => setTimeout(r, 50));
+  if (!existsSync(file)) throw new Error(`aegisd did not start the ${what}; see ${logFile}`);
+}
 
 async function running(api: AegisClient): Promise<number | undefined> {
   try {
@@ -25,7 +33,8 @@ export function upCommand(): Command {
   return new Command('up')
     .description('start aegisd in the background')
     .option('--e2b [ADDR]', `also serve E2B's API on this loopback address (default ${DEFAULT_E2B_ADDR}); then eval "$(aegis e2b env)"`)
-    .action(async (o: { e2b?: string | boolean }) => {
+    .option('--ui [ADDR]', `also serve the dashboard on this loopback address (default ${DEFAULT_UI_ADDR}); then aegis ui`)
+    .action(async (o: { e2b?: string | boolean; ui?: string | boolean }) => {
       try {
         const api = client();
         const pid = await running(api);
@@ -33,6 +42,8 @@ export function upCommand(): Command {
           process.stdout.write(`aegisd is already running (pid ${pid})\n`);
           const serving = existsSync(path.join(path.dirname(api.socketPath), 'e2b.addr'));
           if (o.e2b !== undefined && !serving) process.stdout.write('to serve the E2B API, restart it: aegis down && aegis up --e2b\n');
+          const showing = existsSync(path.join(path.dirname(api.socketPath), 'ui.addr'));
+          if (o.ui !== undefined && !showing) process.stdout.write('to serve the dashboard, restart it: aegis down && aegis up --ui\n');
           return;
         }
         const e2bAddr = o.e2b === undefined ? undefined : o.e2b === true ? DEFAULT_E2B_ADDR : o.e2b;
@@ -40,7 +51,12 @@ export function upCommand(): Command {
         mkdirSync(home, { recursive: true, mode: 0o700 });
         const logFile = path.join(home, 'aegisd.log');
         const log = openSync(logFile, 'a', 0o600);
-        const env = e2bAddr !== undefined && typeof e2bAddr === 'string' ? { ...process.env, AEGIS_E2B_ADDR: e2bAddr } : process.env;
+        const uiAddr = o.ui === undefined ? undefined : o.ui === true ? DEFAULT_UI_ADDR : o.ui;
+        const env = {
+          ...process.env,
+          ...(typeof e2bAddr === 'string' ? { AEGIS_E2B_ADDR: e2bAddr } : {}),
+          ...(typeof uiAddr === 'string' ? { AEGIS_UI_ADDR: uiAddr } : {}),
+        };
         const child = spawn(process.execPath, [DAEMON_MAIN], { detached: true, stdio: ['ignore', log, log], env });
         closeSync(log);
         child.unref();
@@ -52,10 +68,12 @@ export function upCommand(): Command {
             process.stdout.write(`aegisd started (pid ${up}); log: ${logFile}\n`);
             if (e2bAddr !== undefined) {
               // The endpoint listens just after the socket: its address file says when (`aegis e2b env` reads it).
-              const addrFile = path.join(home, 'e2b.addr');
-              for (let i = 0; i < 100 && !existsSync(addrFile); i++) await new Promise((r) => setTimeout(r, 50));
-              if (!existsSync(addrFile)) throw new Error(`aegisd did not start the E2B endpoint; see ${logFile}`);
+              await served(path.join(home, 'e2b.addr'), 'E2B endpoint', logFile);
               process.stdout.write('E2B API served; for a shell: eval "$(aegis e2b env)"\n');
+            }
+            if (uiAddr !== undefined) {
+              await served(path.join(home, 'ui.addr'), 'dashboard', logFile);
+              process.stdout.write('dashboard served; its URL: aegis ui\n');
             }
             return;
           }
