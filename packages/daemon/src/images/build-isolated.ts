@@ -23,6 +23,7 @@ import type { ImageLimits } from './limits.js';
  * The worker's old generation. An image at the entry limit per image (two layers of 498,000 empty
  * files, 997,000 paths) builds under it in 5½ min, aegisd's RSS growing by 679 MiB at the peak
  * (928 MiB uncapped in the daemon's thread); the tree and its staging plan are what is live.
+ * Under 448 the same image is refused, out of memory after 26 s: the cap leaves it some room.
  */
 export const BUILD_HEAP_MIB = 640;
 /** A small young generation: the per-entry garbage of tar parsing dies young, and is collected sooner. */
