@@ -15,6 +15,7 @@ import type { Image, Instance, LifecycleEvent, LogEvent, Status } from '@aegis/p
 import { ApiError, call, decodeBase64, ref, stream } from './api.js';
 import { openTerminal } from './terminal.js';
 import { useSamples, type Samples } from './samples.js';
+import { Egress, Files } from './panels.js';
 
 type Child = ReturnType<typeof html>;
 
@@ -342,39 +343,15 @@ function StatsChart({ id }: { id: string }): Child {
 }
 
 /** Download a guest file by path, or upload one to a path. */
-function Files({ id }: { id: string }): Child {
-  const [file, setFile] = useState('/etc/hostname');
-  const [done, setDone] = useState('');
-  const upload = async (e: Event): Promise<void> => {
-    const f = (e.target as HTMLInputElement).files?.[0];
-    if (!f) return;
-    const dest = file.endsWith('/') ? `${file}${f.name}` : file;
-    const res = await fetch(`/api/v1/instances/${ref(id)}/files?path=${encodeURIComponent(dest)}`, { method: 'PUT', body: f });
-    if (!res.ok) report(new ApiError(((await res.json()) as { code: string }).code, `upload to ${dest} failed`));
-    else setDone(`uploaded ${f.name} (${f.size} bytes) to ${dest}`);
-  };
-  return html`<div class="files toolbar">
-    <input class="path mono" value=${file} onInput=${(e: Event) => setFile((e.target as HTMLInputElement).value)} />
-    <a
-      class="button"
-      href=${`/api/v1/instances/${ref(id)}/files?path=${encodeURIComponent(file)}`}
-      download=${file.split('/').pop() || 'file'}
-      >Download</a
-    >
-    <label class="button">Upload…<input type="file" hidden onChange=${upload} /></label>
-    <span class="dim">${done}</span>
-  </div>`;
-}
-
 function InstancePage({ id }: { id: string }): Child {
   const { list } = useInstances();
   const i = list.find((x) => x.id === id || x.handle === id);
-  const [tab, setTab] = useState<'logs' | 'terminal' | 'stats' | 'files'>('logs');
+  const [tab, setTab] = useState<'logs' | 'terminal' | 'stats' | 'files' | 'egress'>('logs');
   if (!i)
     return html`<section>
       <p class="dim">Instance ${id}: loading, or not there (deleted?). <a href="#/">All instances</a></p>
     </section>`;
-  const tabs = ['logs', 'terminal', 'stats', 'files'] as const;
+  const tabs = ['logs', 'terminal', 'stats', 'files', 'egress'] as const;
   return html`<section data-instance=${i.id}>
     <h1><a href="#/">Instances</a> / ${i.handle} <${StateBadge} state=${i.state} /> <${Actions} i=${i} /></h1>
     <dl class="facts">
@@ -407,7 +384,9 @@ function InstancePage({ id }: { id: string }): Child {
       ${tabs.map((t) => html`<button class=${tab === t ? 'on' : ''} data-tab=${t} onClick=${() => setTab(t)}>${t}</button>`)}
     </nav>
     ${tab === 'logs' ? html`<${Logs} id=${i.id} />` : null} ${tab === 'terminal' ? html`<${TerminalPanel} id=${i.id} />` : null}
-    ${tab === 'stats' ? html`<${StatsChart} id=${i.id} />` : null} ${tab === 'files' ? html`<${Files} id=${i.id} />` : null}
+    ${tab === 'stats' ? html`<${StatsChart} id=${i.id} />` : null}
+    ${tab === 'files' ? html`<${Files} id=${i.id} report=${report} />` : null}
+    ${tab === 'egress' ? html`<${Egress} id=${i.id} report=${report} />` : null}
   </section>`;
 }
 
