@@ -1395,6 +1395,77 @@ async function benchEvents() {
   }
 }
 
+/** aegisd's CPU time so far (user + system), in seconds, from /proc. */
+function processCpuSeconds(pid) {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+/**
+ * The dashboard (issue 24): what an open dashboard listing N instances (50 by default,
+ * BENCH_UI_INSTANCES) costs aegisd's CPU while nothing happens: windows of the same length with
+ * the page closed and open, alternated, each aegisd's CPU seconds over wall seconds. The
+ * instances are paused (`sleep infinity`, then pause); the page keeps its event stream open and
+ * scrapes /metrics (host figures of all 50) for its sparklines every 5 s.
+ */
+async function benchUi() {
+  const { chromium } = await import('playwright-core');
+  const executablePath = process.env.AEGIS_CHROMIUM ?? ['/usr/bin/chromium', '/usr/bin/chromium-browser'].find((p) => existsSync(p));
+  if (!executablePath) throw new Error('no chromium (apt-get install chromium, or set AEGIS_CHROMIUM)');
+  const count = Number(process.env.BENCH_UI_INSTANCES ?? 50);
+  const windowMs = Number(process.env.BENCH_UI_WINDOW_MS ?? 20_000);
+  const d = await startDaemon(true, { AEGIS_UI_ADDR: '127.0.0.1:0' });
+  const browser = await chromium.launch({ executablePath, args: ['--no-sandbox'] });
+  try {
+    // The first instance boots cold and leaves a template; the rest are restored from it. Each
+    // is paused once up: 50 idle guests running under TCG saturate 2 cores (the 43rd's agent
+    // missed its 60 s deadline), which would measure the host's load, not the dashboard.
+    await d.client.createInstance({ handle: 'ui-0', command: ['sleep', 'infinity'], network: 'none' });
+    await d.client.pauseInstance('ui-0');
+    for (let i = 0; i < 600 && !/template \w+: ready/.test(d.log()); i++) await new Promise((r) => setTimeout(r, 100));
+    for (let i = 1; i < count; i++) {
+      await d.client.createInstance({ handle: `ui-${i}`, command: ['sleep', 'infinity'], network: 'none' });
+      await d.client.pauseInstance(`ui-${i}`);
+    }
+    const url = readFileSync(path.join(d.home, 'ui.addr'), 'utf8').trim();
+    const token = readFileSync(path.join(d.home, 'ui.token'), 'utf8').trim();
+    // Settled: the last boots' work done before anything is measured.
+    await new Promise((r) => setTimeout(r, 5000));
+    const measure = async () => {
+      const c0 = processCpuSeconds(d.pid);
+      const t0 = performance.now();
+      await new Promise((r) => setTimeout(r, windowMs));
+      return ((processCpuSeconds(d.pid) - c0) / ((performance.now() - t0) / 1000)) * 100;
+    };
+    const closed = [];
+    const open = [];
+    for (let i = 0; i < RUNS; i++) {
+      closed.push(await measure());
+      const page = await browser.newPage();
+      await page.goto(`${url}/?token=${token}`);
+      // Counted from outside the page: its CSP forbids evaluating strings in it.
+      const rows = page.locator('tr[data-id][data-state="paused"]');
+      for (let t = 0; t < 600 && (await rows.count()) < count; t++) await new Promise((r) => setTimeout(r, 100));
+      if ((await rows.count()) < count) throw new Error(`the dashboard listed ${await rows.count()} of ${count} instances`);
+      open.push(await measure());
+      await page.close();
+    }
+    const added = median(open) - median(closed);
+    console.log(`\ndashboard, ${count} (paused) instances listed, medians of ${RUNS} windows of ${windowMs / 1000} s:`);
+    console.log(`${'aegisd CPU, no dashboard open'.padEnd(56)} median ${median(closed).toFixed(2)} % of a core`);
+    console.log(`${'aegisd CPU, the dashboard open (events + /metrics)'.padEnd(56)} median ${median(open).toFixed(2)} % of a core`);
+    console.log(`${'added by the open dashboard'.padEnd(56)} ${added.toFixed(2)} points (target < 5)`);
+    return { instances: count, closedCpuPercent: closed, openCpuPercent: open };
+  } finally {
+    await browser.close();
+    for (const i of await d.client.listInstances({ all: true }).catch(() => [])) {
+      await d.client.deleteInstance(i.id, { force: true }).catch(() => undefined);
+    }
+    await d.stop();
+  }
+}
+
 /**
  * Checkpoints (issue 22): the time an instance is paused for `snapshot create` and the space the
  * snapshot takes, with 128 and 512 MiB of guest memory touched; an instance started from a
@@ -1568,9 +1639,9 @@ async function benchE2b() {
   }
 }
 
-// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle|checkpoint|events|e2b runs one section alone (a minute or two; the whole bench takes several).
+// BENCH_ONLY=expose|egress|images|accel|cli|cp|sdk|volumes|pool|idle|checkpoint|events|e2b|ui runs one section alone (a minute or two; the whole bench takes several).
 if (
-  ['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle', 'checkpoint', 'events', 'e2b'].includes(
+  ['expose', 'egress', 'images', 'accel', 'cli', 'cp', 'sdk', 'volumes', 'pool', 'idle', 'checkpoint', 'events', 'e2b', 'ui'].includes(
     process.env.BENCH_ONLY ?? '',
   )
 ) {
@@ -1588,6 +1659,7 @@ if (
     checkpoint: benchCheckpoint,
     events: benchEvents,
     e2b: benchE2b,
+    ui: benchUi,
   }[process.env.BENCH_ONLY];
   await only();
   process.exit(0);
@@ -1667,6 +1739,7 @@ try {
   const idle = await benchIdle();
   const checkpoint = await benchCheckpoint();
   const events = await benchEvents();
+  const ui = await benchUi();
   const out = path.join(ROOT, 'bench/results');
   mkdirSync(out, { recursive: true });
   writeFileSync(
@@ -1690,6 +1763,7 @@ try {
         idle,
         checkpoint,
         events,
+        ui,
         backend: status.backend,
       },
       null,
