@@ -138,7 +138,7 @@ function cpio(dirs: string[], files: CpioFile[]): Buffer {
     const fields = [ino++, mode, 0, 0, 1, 0, data.length, 0, 0, 0, 0, Buffer.byteLength(name) + 1, 0];
     const header = '070701' + fields.map((f) => f.toString(16).padStart(8, '0')).join('');
     const pad = (n: number): Buffer => Buffer.alloc((4 - (n % 4)) % 4);
-    const head = Buffer.concat([Buffer.from(header + name + '\0', 'latin1')]);
+    const head = Buffer.from(header + name + '\0', 'latin1');
     out.push(head, pad(head.length), data, pad(data.length));
   };
   for (const d of dirs) entry(d, 0o040755, Buffer.alloc(0));
